@@ -1,1 +1,30 @@
-pub mod x {}
+//! fedstep-core: the numeric heart of fedstep.
+//!
+//! Everything here is synchronous and free of AWS: models are safetensors
+//! files, aggregation streams them tensor by tensor (block by block) so that
+//! memory stays at "one block per client" whatever the model size, and the
+//! pipeline of stages (clipping, zeroing, robust combiners, DP noise, server
+//! optimizers) is configured from TOML. The cloud crate and the CLI call
+//! [`aggregate::aggregate`] and nothing below it.
+
+pub mod aggregate;
+pub mod combine;
+pub mod config;
+pub mod error;
+pub mod float;
+pub mod limits;
+pub mod manifest;
+pub mod measurements;
+pub mod model;
+pub mod quality;
+pub mod stages;
+pub mod statistics;
+pub mod stream;
+pub mod weighting;
+pub mod writer;
+
+pub use aggregate::{aggregate, AggregationOutcome, AggregationRequest};
+pub use config::PipelineConfig;
+pub use error::{AggregateError, ModelError};
+pub use limits::Limits;
+pub use manifest::{UpdateMeta, UpdateSource};

@@ -1,0 +1,357 @@
+//! The combine pass: streams every tensor block by block through the
+//! combiner, DP noise and the server optimizer, and writes the new global
+//! model (and optimizer state) as it goes.
+
+use rand_chacha::ChaCha20Rng;
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use crate::float::{decode_into, elem_bytes, encode_from, role, Acc, TensorRole};
+use crate::model::TensorEntry;
+use crate::stages::dp_noise::add_noise;
+use crate::stages::median::median;
+use crate::stages::{Combiner, ServerOptimizer};
+use crate::statistics::{read_all, NonFinite, StatsError};
+use crate::stream::{blocks, Source};
+use crate::writer::ModelWriter;
+
+const CHUNK: usize = 2048;
+
+/// Everything the pass needs, decided beforehand.
+pub struct CombinePlan<'a> {
+    pub reference: &'a [TensorEntry],
+    /// Where integer/bool tensors are copied from.
+    pub carry_source: &'a Source,
+    pub global: Option<&'a Source>,
+    pub inputs: Vec<&'a Source>,
+    /// Mean combiner: coefficient of each input (normalized weight × scale).
+    pub coefs: Vec<f64>,
+    /// Per-input clip scale (robust combiners apply it to the update).
+    pub scales: Vec<f64>,
+    pub combiner: &'a Combiner,
+    /// Trimmed mean: values dropped at each end.
+    pub trim: usize,
+    pub noise: Option<(ChaCha20Rng, f64)>,
+    pub optimizer: Option<OptimizerIo<'a>>,
+    pub out: &'a ModelWriter,
+    pub block_elems: usize,
+}
+
+pub struct OptimizerIo<'a> {
+    pub optimizer: &'a ServerOptimizer,
+    pub state_in: Option<&'a Source>,
+    pub state_out: &'a ModelWriter,
+}
+
+pub enum CombineError {
+    Input(StatsError),
+    Write(std::io::Error),
+    /// The output went non-finite without any input being so (overflow).
+    Overflow {
+        tensor: String,
+        index: usize,
+    },
+    /// The optimizer state could not be read.
+    State(String),
+}
+
+impl From<StatsError> for CombineError {
+    fn from(e: StatsError) -> Self {
+        CombineError::Input(e)
+    }
+}
+
+/// The dtype optimizer state is kept in for a model tensor.
+pub fn state_dtype(model_dtype: Dtype) -> Dtype {
+    match role(model_dtype) {
+        Some(TensorRole::Float64Acc) => Dtype::F64,
+        _ => Dtype::F32,
+    }
+}
+
+pub fn run(mut plan: CombinePlan<'_>) -> Result<u64, CombineError> {
+    let mut bytes_read = 0u64;
+    let mut raws: Vec<Vec<u8>> = vec![Vec::new(); plan.inputs.len()];
+    let mut scratch = Scratch::default();
+    for t in plan.reference {
+        match role(t.dtype) {
+            Some(TensorRole::Float32Acc) => {
+                bytes_read += float_tensor::<f32>(&mut plan, t, &mut raws, &mut scratch.f32)?
+            }
+            Some(TensorRole::Float64Acc) => {
+                bytes_read += float_tensor::<f64>(&mut plan, t, &mut raws, &mut scratch.f64)?
+            }
+            _ => bytes_read += carry_over(&plan, t)?,
+        }
+    }
+    Ok(bytes_read)
+}
+
+#[derive(Default)]
+struct Scratch {
+    f32: Buffers<f32>,
+    f64: Buffers<f64>,
+}
+
+#[derive(Default)]
+struct Buffers<A> {
+    graw: Vec<u8>,
+    g: Vec<A>,
+    out: Vec<A>,
+    m: Vec<A>,
+    v: Vec<A>,
+    state_raw: Vec<u8>,
+    out_raw: Vec<u8>,
+}
+
+fn carry_over(plan: &CombinePlan<'_>, t: &TensorEntry) -> Result<u64, CombineError> {
+    let eb = elem_bytes(t.dtype);
+    let mut buf = Vec::new();
+    for range in blocks(t.elements(), plan.block_elems) {
+        buf.resize(range.len() * eb, 0);
+        let off = (range.start * eb) as u64;
+        plan.carry_source
+            .read(&t.name, off, &mut buf)
+            .map_err(|e| CombineError::State(format!("copying `{}`: {e}", t.name)))?;
+        plan.out
+            .write_at(&t.name, off, &buf)
+            .map_err(CombineError::Write)?;
+    }
+    Ok(t.byte_len())
+}
+
+fn float_tensor<A: Acc>(
+    plan: &mut CombinePlan<'_>,
+    t: &TensorEntry,
+    raws: &mut [Vec<u8>],
+    b: &mut Buffers<A>,
+) -> Result<u64, CombineError> {
+    let eb = elem_bytes(t.dtype);
+    let n = plan.inputs.len();
+    let scaled = plan.scales.iter().any(|&s| s != 1.0);
+    let global_coef = 1.0 - plan.coefs.iter().sum::<f64>();
+    let robust = matches!(plan.combiner, Combiner::Median | Combiner::TrimmedMean(_));
+    let need_g = plan.global.is_some()
+        && (plan.optimizer.is_some()
+            || (robust && scaled)
+            || (!robust && global_coef.abs() > 1e-12));
+    let mut bytes_read = 0u64;
+    for range in blocks(t.elements(), plan.block_elems) {
+        let len = range.len();
+        let off = (range.start * eb) as u64;
+        read_all(&plan.inputs, &t.name, off, len * eb, raws)?;
+        bytes_read += (len * eb * n) as u64;
+        b.g.resize(len, A::default());
+        if need_g {
+            let g = plan.global.expect("need_g implies a global model");
+            b.graw.resize(len * eb, 0);
+            g.read(&t.name, off, &mut b.graw).map_err(|e| {
+                CombineError::Input(StatsError::Global(format!("reading `{}`: {e}", t.name)))
+            })?;
+            bytes_read += (len * eb) as u64;
+            decode_into(t.dtype, &b.graw, &mut b.g);
+        }
+        b.out.resize(len, A::default());
+        match plan.combiner {
+            Combiner::Mean | Combiner::Krum(_) => {
+                let coefs: Vec<A> = plan.coefs.iter().map(|&c| A::from_f64(c)).collect();
+                let gc = if need_g {
+                    Some((A::from_f64(global_coef), b.g.as_slice()))
+                } else {
+                    None
+                };
+                mean_block(t.dtype, gc, raws, &coefs, &mut b.out);
+                if let Some(j) = b.out.par_iter().position_any(|v| !v.is_finite()) {
+                    return Err(find_culprit::<A>(t, range.start, raws, j));
+                }
+            }
+            Combiner::Median | Combiner::TrimmedMean(_) => {
+                let scales: Vec<A> = plan.scales.iter().map(|&s| A::from_f64(s)).collect();
+                let g = (need_g && scaled).then_some(b.g.as_slice());
+                robust_block(
+                    plan.combiner,
+                    plan.trim,
+                    t,
+                    range.start,
+                    g,
+                    raws,
+                    &scales,
+                    &mut b.out,
+                )?;
+            }
+        }
+        if let Some((rng, sigma)) = plan.noise.as_mut() {
+            add_noise(rng, *sigma, &mut b.out);
+        }
+        if let Some(io) = &plan.optimizer {
+            bytes_read += optimizer_block(io, t, range.start, len, b)?;
+        }
+        b.out_raw.resize(len * eb, 0);
+        encode_from(t.dtype, &b.out, &mut b.out_raw);
+        plan.out
+            .write_at(&t.name, off, &b.out_raw)
+            .map_err(CombineError::Write)?;
+    }
+    Ok(bytes_read)
+}
+
+/// out = c_g · g + Σ c_i · x_i, in parallel over chunks of the block.
+fn mean_block<A: Acc>(
+    dtype: Dtype,
+    global: Option<(A, &[A])>,
+    raws: &[Vec<u8>],
+    coefs: &[A],
+    out: &mut [A],
+) {
+    let eb = elem_bytes(dtype);
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let lo = c * CHUNK;
+        let m = o.len();
+        match global {
+            Some((gc, g)) => {
+                for (oj, gj) in o.iter_mut().zip(&g[lo..lo + m]) {
+                    *oj = gc * *gj;
+                }
+            }
+            None => o.fill(A::default()),
+        }
+        let mut x = [A::default(); CHUNK];
+        let x = &mut x[..m];
+        for (raw, &coef) in raws.iter().zip(coefs) {
+            decode_into(dtype, &raw[lo * eb..(lo + m) * eb], x);
+            for (oj, xj) in o.iter_mut().zip(x.iter()) {
+                *oj += coef * *xj;
+            }
+        }
+    });
+}
+
+/// A non-finite output means some input was non-finite: name it.
+fn find_culprit<A: Acc>(
+    t: &TensorEntry,
+    first: usize,
+    raws: &[Vec<u8>],
+    at: usize,
+) -> CombineError {
+    let eb = elem_bytes(t.dtype);
+    for (i, raw) in raws.iter().enumerate() {
+        let mut vals = vec![A::default(); raw.len() / eb];
+        decode_into(t.dtype, raw, &mut vals);
+        if let Some(j) = vals.iter().position(|v| !v.is_finite()) {
+            return CombineError::Input(StatsError::NonFinite(NonFinite {
+                input: i,
+                tensor: t.name.clone(),
+                index: first + j,
+                value: vals[j].to_f64(),
+            }));
+        }
+    }
+    CombineError::Overflow {
+        tensor: t.name.clone(),
+        index: first + at,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn robust_block<A: Acc>(
+    combiner: &Combiner,
+    trim: usize,
+    t: &TensorEntry,
+    first: usize,
+    global: Option<&[A]>,
+    raws: &[Vec<u8>],
+    scales: &[A],
+    out: &mut [A],
+) -> Result<(), CombineError> {
+    let eb = elem_bytes(t.dtype);
+    let n = raws.len();
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .try_for_each(|(c, o)| {
+            let lo = c * CHUNK;
+            let m = o.len();
+            let mut x = vec![A::default(); n * m];
+            for i in 0..n {
+                let xi = &mut x[i * m..(i + 1) * m];
+                decode_into(t.dtype, &raws[i][lo * eb..(lo + m) * eb], xi);
+                if let Some(j) = xi.iter().position(|v| !v.is_finite()) {
+                    return Err(CombineError::Input(StatsError::NonFinite(NonFinite {
+                        input: i,
+                        tensor: t.name.clone(),
+                        index: first + lo + j,
+                        value: xi[j].to_f64(),
+                    })));
+                }
+            }
+            let mut column = vec![A::default(); n];
+            for (j, oj) in o.iter_mut().enumerate() {
+                for i in 0..n {
+                    let xv = x[i * m + j];
+                    column[i] = match global {
+                        // The clip scale applies to the update, not the model.
+                        Some(g) => g[lo + j] + scales[i] * (xv - g[lo + j]),
+                        None => xv,
+                    };
+                }
+                *oj = match combiner {
+                    Combiner::TrimmedMean(tm) => tm.combine(&mut column, trim),
+                    _ => median(&mut column),
+                };
+            }
+            Ok(())
+        })
+}
+
+fn optimizer_block<A: Acc>(
+    io: &OptimizerIo<'_>,
+    t: &TensorEntry,
+    first: usize,
+    len: usize,
+    b: &mut Buffers<A>,
+) -> Result<u64, CombineError> {
+    let sdt = state_dtype(t.dtype);
+    let seb = elem_bytes(sdt);
+    let off = (first * seb) as u64;
+    let slots = io.optimizer.slots();
+    let mut read = 0u64;
+    for (slot, buf) in [("m", &mut b.m), ("v", &mut b.v)] {
+        buf.clear();
+        if !slots.contains(&slot) {
+            continue;
+        }
+        buf.resize(len, A::default());
+        if let Some(state) = io.state_in {
+            b.state_raw.resize(len * seb, 0);
+            state
+                .read(&format!("{slot}.{}", t.name), off, &mut b.state_raw)
+                .map_err(|e| CombineError::State(e.to_string()))?;
+            decode_into(sdt, &b.state_raw, buf);
+            read += (len * seb) as u64;
+        }
+    }
+    let opt = io.optimizer;
+    let (g, out, m, v) = (&b.g, &mut b.out, &mut b.m, &mut b.v);
+    if v.is_empty() {
+        out.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, (o, mc))| opt.step(&g[c * CHUNK..c * CHUNK + o.len()], o, mc, &mut []));
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, ((o, mc), vc))| opt.step(&g[c * CHUNK..c * CHUNK + o.len()], o, mc, vc));
+    }
+    for (slot, buf) in [("m", &b.m), ("v", &b.v)] {
+        if buf.is_empty() {
+            continue;
+        }
+        b.state_raw.resize(len * seb, 0);
+        encode_from(sdt, buf, &mut b.state_raw);
+        io.state_out
+            .write_at(&format!("{slot}.{}", t.name), off, &b.state_raw)
+            .map_err(CombineError::Write)?;
+    }
+    Ok(read)
+}

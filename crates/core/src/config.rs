@@ -1,0 +1,141 @@
+//! The aggregation pipeline's TOML configuration.
+//!
+//! ```toml
+//! weighting = "quality"        # examples (default) | uniform | quality
+//! llm_type = "auto"            # none (default, type-blind) | auto | <type name>
+//! memory_budget_mb = 64        # block buffers across all inputs
+//!
+//! [limits]                     # bounds on untrusted input (all optional)
+//! max_header_bytes = 16777216
+//! max_tensors = 100000
+//! max_num_examples = 1000000000
+//!
+//! [[stages]]                   # applied in order; see `stages` for each kind
+//! kind = "clip"
+//! max_norm = 10.0
+//! ```
+
+use serde::Deserialize;
+
+use crate::limits::Limits;
+use crate::stages::StageConfig;
+use crate::weighting::{TypeFilter, Weighting};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    #[serde(default)]
+    pub weighting: Weighting,
+    #[serde(default = "default_llm_type")]
+    pub llm_type: String,
+    #[serde(default = "default_budget_mb")]
+    pub memory_budget_mb: u64,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub stages: Vec<StageConfig>,
+}
+
+fn default_llm_type() -> String {
+    "none".into()
+}
+
+fn default_budget_mb() -> u64 {
+    64
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            weighting: Weighting::default(),
+            llm_type: default_llm_type(),
+            memory_budget_mb: default_budget_mb(),
+            limits: Limits::default(),
+            stages: Vec::new(),
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// Parses and checks a pipeline TOML; errors say which key is wrong.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let cfg: PipelineConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    pub fn type_filter(&self) -> TypeFilter {
+        TypeFilter::parse(&self.llm_type)
+    }
+
+    /// Checks everything that can be checked before seeing any update.
+    pub fn check(&self) -> Result<(), String> {
+        if self.llm_type.is_empty() {
+            return Err("llm_type is empty: use \"none\", \"auto\" or a type name".into());
+        }
+        if self.memory_budget_mb == 0 {
+            return Err("memory_budget_mb must be at least 1".into());
+        }
+        if self.limits.max_num_examples == 0 {
+            return Err("limits.max_num_examples must be at least 1".into());
+        }
+        crate::stages::Pipeline::build(&self.stages).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_type_blind_fedavg() {
+        let cfg = PipelineConfig::from_toml("").unwrap();
+        assert_eq!(cfg.weighting, Weighting::Examples);
+        assert_eq!(cfg.type_filter(), TypeFilter::None);
+        assert!(cfg.stages.is_empty());
+    }
+
+    #[test]
+    fn parses_a_full_pipeline() {
+        let cfg = PipelineConfig::from_toml(
+            r#"
+            weighting = "quality"
+            llm_type = "SpikingEvoTextLM"
+            [limits]
+            max_num_examples = 5000
+            [[stages]]
+            kind = "zeroing"
+            max_norm = 100.0
+            [[stages]]
+            kind = "clip"
+            max_norm = 1.0
+            [[stages]]
+            kind = "dp_noise"
+            noise_multiplier = 0.5
+            seed = 7
+            [[stages]]
+            kind = "fedadam"
+            learning_rate = 0.1
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.weighting, Weighting::Quality);
+        assert_eq!(
+            cfg.type_filter(),
+            TypeFilter::Exact("SpikingEvoTextLM".into())
+        );
+        assert_eq!(cfg.limits.max_num_examples, 5000);
+        assert_eq!(cfg.stages.len(), 4);
+    }
+
+    #[test]
+    fn unknown_keys_and_values_are_named() {
+        let err = PipelineConfig::from_toml("weighting = \"best\"").unwrap_err();
+        assert!(err.contains("best"), "{err}");
+        let err = PipelineConfig::from_toml("weightin = \"uniform\"").unwrap_err();
+        assert!(err.contains("weightin"), "{err}");
+        let err =
+            PipelineConfig::from_toml("[[stages]]\nkind = \"clip\"\nmax_nrm = 1.0").unwrap_err();
+        assert!(err.contains("max_nrm"), "{err}");
+    }
+}

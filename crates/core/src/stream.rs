@@ -1,0 +1,86 @@
+//! Block-wise reading of tensors from many files at once.
+//!
+//! Each input is read with positioned reads (`pread`) at its own offsets, a
+//! block of elements at a time, into a buffer that is reused across blocks.
+//! Nothing is memory-mapped: mapped pages would count toward the process's
+//! resident memory, and N mapped models is what streaming must avoid.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::ModelError;
+use crate::limits::Limits;
+use crate::model::{self, ModelHeader, TensorEntry};
+
+/// An open safetensors file whose header has been validated.
+pub struct Source {
+    pub path: PathBuf,
+    pub file: File,
+    pub header: ModelHeader,
+    index: HashMap<String, usize>,
+}
+
+impl Source {
+    pub fn open(path: &Path, limits: &Limits) -> Result<Source, ModelError> {
+        let (file, header) = model::open(path, limits)?;
+        let index = header
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Source {
+            path: path.to_path_buf(),
+            file,
+            header,
+            index,
+        })
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.index.get(name).map(|&i| &self.header.tensors[i])
+    }
+
+    /// Reads `buf.len()` bytes of tensor `name` starting `byte_offset` bytes
+    /// into it. The header was validated, so the range is inside the file
+    /// unless the file changed underneath us — which is an I/O error.
+    pub fn read(&self, name: &str, byte_offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let t = self
+            .entry(name)
+            .ok_or_else(|| std::io::Error::other(format!("tensor `{name}` vanished")))?;
+        if byte_offset + buf.len() as u64 > t.byte_len() {
+            return Err(std::io::Error::other(format!(
+                "read past the end of tensor `{name}`"
+            )));
+        }
+        self.file.read_exact_at(buf, t.start + byte_offset)
+    }
+}
+
+/// Splits `elements` into consecutive blocks of at most `block` elements.
+pub fn blocks(elements: usize, block: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let block = block.max(1);
+    (0..elements.div_ceil(block)).map(move |b| b * block..((b + 1) * block).min(elements))
+}
+
+/// How many elements a block holds so that all buffers fit `budget_bytes`:
+/// one raw block per input plus a handful of accumulator-sized buffers.
+pub fn block_elements(budget_bytes: u64, inputs: usize, max_elem_bytes: usize) -> usize {
+    let per_element = (inputs + 1) * max_elem_bytes + 6 * 8;
+    ((budget_bytes as usize) / per_element).clamp(1024, 1 << 24)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_cover_the_range_exactly() {
+        let b: Vec<_> = blocks(10, 4).collect();
+        assert_eq!(b, vec![0..4, 4..8, 8..10]);
+        assert_eq!(blocks(0, 4).count(), 0);
+        assert_eq!(blocks(4, 4).collect::<Vec<_>>(), vec![0..4]);
+    }
+}

@@ -1,0 +1,232 @@
+//! Streaming safetensors writer.
+//!
+//! The header is known before any value is computed (same names, shapes and
+//! dtypes as the reference model), so we write it first, size the file, and
+//! then fill tensor data with positioned writes in whatever order the
+//! pipeline produces it. The file is written under a temporary name in the
+//! destination directory and renamed on `finish`, so a crash or an error
+//! never leaves a half-written model where a reader expects a whole one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
+
+use crate::float::elem_bytes;
+
+/// One tensor to be written: its name, dtype and shape.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+pub struct ModelWriter {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    /// name → absolute file offset of the tensor's first byte, and its length.
+    places: HashMap<String, (u64, u64)>,
+    len: u64,
+}
+
+impl ModelWriter {
+    /// Creates `dest`'s temporary twin and writes the header.
+    pub fn create(
+        dest: &Path,
+        tensors: &[TensorSpec],
+        metadata: &BTreeMap<String, String>,
+    ) -> std::io::Result<Self> {
+        let mut infos = Vec::with_capacity(tensors.len());
+        let mut offset = 0usize;
+        for t in tensors {
+            let bytes = t.shape.iter().product::<usize>() * elem_bytes(t.dtype);
+            infos.push((
+                t.name.clone(),
+                TensorInfo {
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    data_offsets: (offset, offset + bytes),
+                },
+            ));
+            offset += bytes;
+        }
+        let meta = (!metadata.is_empty()).then(|| {
+            metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        });
+        let header =
+            Metadata::new(meta, infos.clone()).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut json = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        // Pad with spaces to a multiple of 8 so that data starts aligned, as
+        // the reference implementation does; readers may then map it in place.
+        while json.len() % 8 != 0 {
+            json.push(b' ');
+        }
+        let data_start = 8 + json.len() as u64;
+        let dir = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        let tmp = dir.join(format!(".{name}.{}.partial", std::process::id()));
+        let mut file = File::create(&tmp)?;
+        file.write_all(&(json.len() as u64).to_le_bytes())?;
+        file.write_all(&json)?;
+        let len = data_start + offset as u64;
+        file.set_len(len)?;
+        let places = infos
+            .into_iter()
+            .map(|(name, info)| {
+                let (s, e) = info.data_offsets;
+                (name, (data_start + s as u64, (e - s) as u64))
+            })
+            .collect();
+        Ok(ModelWriter {
+            file,
+            tmp,
+            dest: dest.to_path_buf(),
+            places,
+            len,
+        })
+    }
+
+    /// Writes `bytes` into tensor `name` starting `offset` bytes into it.
+    pub fn write_at(&self, name: &str, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let &(start, len) = self
+            .places
+            .get(name)
+            .ok_or_else(|| std::io::Error::other(format!("no tensor `{name}` in this file")))?;
+        if offset + bytes.len() as u64 > len {
+            return Err(std::io::Error::other(format!(
+                "write past the end of tensor `{name}`"
+            )));
+        }
+        self.file.write_all_at(bytes, start + offset)
+    }
+
+    /// Flushes to disk and moves the file into place. Returns its size.
+    pub fn finish(self) -> std::io::Result<u64> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.dest)?;
+        Ok(self.len)
+    }
+}
+
+impl Drop for ModelWriter {
+    fn drop(&mut self) {
+        // After a successful finish the temporary no longer exists; otherwise
+        // remove the partial file.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Writes a small in-memory model in one call: (name, dtype, shape, bytes).
+pub fn write_model(
+    dest: &Path,
+    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+    metadata: &BTreeMap<String, String>,
+) -> std::io::Result<u64> {
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(name, dtype, shape, _)| TensorSpec {
+            name: name.clone(),
+            dtype: *dtype,
+            shape: shape.clone(),
+        })
+        .collect();
+    let w = ModelWriter::create(dest, &specs, metadata)?;
+    for (name, dtype, shape, bytes) in tensors {
+        let expected = shape.iter().product::<usize>() * elem_bytes(*dtype);
+        if bytes.len() != expected {
+            return Err(std::io::Error::other(format!(
+                "tensor `{name}`: {} bytes given, shape {shape:?} of {dtype:?} needs {expected}",
+                bytes.len()
+            )));
+        }
+        w.write_at(name, 0, bytes)?;
+    }
+    w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::float::encode_all_f64;
+    use crate::limits::Limits;
+    use crate::model::{load_dense, open};
+
+    #[test]
+    fn written_files_read_back_with_the_safetensors_crate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        write_model(
+            &path,
+            &[
+                (
+                    "b".into(),
+                    Dtype::F16,
+                    vec![3],
+                    encode_all_f64(Dtype::F16, &[1.0, 2.0, 3.0]),
+                ),
+                (
+                    "a".into(),
+                    Dtype::I64,
+                    vec![2],
+                    7i64.to_le_bytes().repeat(2),
+                ),
+            ],
+            &meta,
+        )
+        .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("b").unwrap().shape(), &[3]);
+        assert_eq!(st.tensor("a").unwrap().dtype(), Dtype::I64);
+        let (_, header) = open(&path, &Limits::default()).unwrap();
+        assert_eq!(header.metadata, meta);
+        assert_eq!((header.header_len + 8) % 8, 0, "data must start aligned");
+        let dense = load_dense(&path, &Limits::default()).unwrap();
+        assert_eq!(dense["b"].values, vec![1.0, 2.0, 3.0]);
+        // No temporary left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn an_unfinished_writer_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let spec = TensorSpec {
+            name: "w".into(),
+            dtype: Dtype::F32,
+            shape: vec![4],
+        };
+        let w = ModelWriter::create(&path, &[spec], &BTreeMap::new()).unwrap();
+        assert!(w.write_at("w", 12, &[0u8; 8]).is_err(), "past the end");
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn rejects_bytes_that_do_not_match_the_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = write_model(
+            &dir.path().join("m.safetensors"),
+            &[("w".into(), Dtype::F32, vec![2], vec![0u8; 4])],
+            &BTreeMap::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`w`"), "{err}");
+    }
+}
