@@ -1,0 +1,186 @@
+import * as fs from 'fs';
+import { Duration } from 'aws-cdk-lib';
+import * as iam from 'aws-cdk-lib/aws-iam';
+import * as lambda from 'aws-cdk-lib/aws-lambda';
+import { SqsDlq } from 'aws-cdk-lib/aws-lambda-event-sources';
+import * as logs from 'aws-cdk-lib/aws-logs';
+import * as sqs from 'aws-cdk-lib/aws-sqs';
+import { RustFunction } from 'cargo-lambda-cdk';
+import { NagSuppressions } from 'cdk-nag';
+import { Construct } from 'constructs';
+import { LambdaArch } from './config';
+import { Ledger } from './ledger';
+import { Messaging } from './messaging';
+import { KEYS, ModelStore } from './model-store';
+
+/** Cargo package and binary of the Lambda (crates/lambda). */
+export const LAMBDA_BINARY = 'fedstep-lambda';
+
+/** Settings of the DynamoDB stream -> Lambda event source mapping. */
+export const STREAM_SETTINGS = {
+  batchSize: 10,
+  /** Bounded retries: a poison record must not block its shard for 24 h. */
+  retryAttempts: 5,
+  /** A record older than this goes to the DLQ instead of being retried. */
+  maxRecordAge: Duration.hours(6),
+};
+
+export interface AggregatorProps {
+  readonly store: ModelStore;
+  readonly ledger: Ledger;
+  readonly messaging: Messaging;
+  /** ARN of the training state machine, known before it exists (see FedstepStack). */
+  readonly stateMachineArn: string;
+  readonly architecture: LambdaArch;
+  readonly memoryMb: number;
+  readonly timeoutMinutes: number;
+  readonly rustLog: string;
+  readonly logRetentionDays: number;
+  /** Cargo.toml of crates/lambda (used unless lambdaAsset is set). */
+  readonly lambdaManifest: string;
+  /** Prebuilt code directory containing `bootstrap`; skips cargo-lambda. */
+  readonly lambdaAsset?: string;
+}
+
+/**
+ * The Rust Lambda (one bootstrap for start_round / record_update / close_round
+ * / finalize, DESIGN.md §3), its least-privilege role, and the `updates`
+ * stream event source with a DLQ.
+ *
+ * The role is written out statement by statement instead of with CDK grant
+ * helpers: several helpers add `Resource: "*"` (DynamoDB's ListStreams,
+ * X-Ray) or wildcard actions (`s3:GetObject*`, `s3:List*`).
+ */
+export class Aggregator extends Construct {
+  readonly function: lambda.Function;
+  readonly role: iam.Role;
+  readonly logGroup: logs.LogGroup;
+  readonly streamDlq: sqs.Queue;
+  readonly streamMapping: lambda.EventSourceMapping;
+
+  constructor(scope: Construct, id: string, props: AggregatorProps) {
+    super(scope, id);
+    const { store, ledger, messaging } = props;
+    const bucketArn = store.bucket.bucketArn;
+
+    this.logGroup = new logs.LogGroup(this, 'Logs', {
+      retention: props.logRetentionDays as logs.RetentionDays,
+    });
+
+    this.role = new iam.Role(this, 'Role', {
+      assumedBy: new iam.ServicePrincipal('lambda.amazonaws.com'),
+      description: 'fedstep aggregator Lambda: round engine and aggregation',
+    });
+    const allow = (sid: string, actions: string[], resources: string[], conditions?: Record<string, unknown>): void => {
+      this.role.addToPrincipalPolicy(new iam.PolicyStatement({ sid, actions, resources, conditions }));
+    };
+    allow('Logs', ['logs:CreateLogStream', 'logs:PutLogEvents'], [this.logGroup.logGroupArn]);
+    allow('ReadModels', ['s3:GetObject', 's3:GetObjectAttributes'], [`${bucketArn}/${KEYS.allJobObjects}`]);
+    allow('WriteModels', ['s3:PutObject', 's3:PutObjectTagging', 's3:AbortMultipartUpload'], [`${bucketArn}/${KEYS.allJobObjects}`]);
+    allow('ListJobs', ['s3:ListBucket'], [bucketArn], { StringLike: { 's3:prefix': [KEYS.allJobObjects] } });
+    allow('RoundsTable',
+      ['dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:UpdateItem', 'dynamodb:Query', 'dynamodb:ConditionCheckItem'],
+      [ledger.rounds.tableArn, ledger.artifactsIndexArn]);
+    allow('UpdatesTable', ['dynamodb:GetItem', 'dynamodb:BatchGetItem', 'dynamodb:Query'], [ledger.updates.tableArn]);
+    // What the event source mapping needs, on exactly this stream (the
+    // Table.grantStreamRead helper would add ListStreams on "*").
+    allow('UpdatesStream',
+      ['dynamodb:DescribeStream', 'dynamodb:GetRecords', 'dynamodb:GetShardIterator', 'dynamodb:ListStreams'],
+      [ledger.updates.tableStreamArn!]);
+    allow('Publish', ['sns:Publish'], [messaging.globalModelReady.topicArn, messaging.trainingComplete.topicArn]);
+    allow('TopicKey', ['kms:GenerateDataKey', 'kms:Decrypt'], [messaging.key.keyArn]);
+    allow('TaskCallbacks', ['states:SendTaskSuccess', 'states:SendTaskFailure', 'states:SendTaskHeartbeat'], [props.stateMachineArn]);
+
+    const common: lambda.FunctionOptions = {
+      description: 'fedstep round engine: start_round, record_update (stream), close_round, finalize',
+      architecture: props.architecture === 'arm64' ? lambda.Architecture.ARM_64 : lambda.Architecture.X86_64,
+      memorySize: props.memoryMb,
+      timeout: Duration.minutes(props.timeoutMinutes),
+      role: this.role,
+      logGroup: this.logGroup,
+      loggingFormat: lambda.LoggingFormat.JSON,
+      environment: {
+        FEDSTEP_BUCKET: store.bucket.bucketName,
+        FEDSTEP_ROUNDS_TABLE: ledger.rounds.tableName,
+        FEDSTEP_UPDATES_TABLE: ledger.updates.tableName,
+        FEDSTEP_TOPIC_ARN: messaging.globalModelReady.topicArn,
+        FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN: messaging.trainingComplete.topicArn,
+        FEDSTEP_STATE_MACHINE_ARN: props.stateMachineArn,
+        RUST_LOG: props.rustLog,
+      },
+    };
+
+    if (props.lambdaAsset !== undefined) {
+      if (!fs.existsSync(props.lambdaAsset) || !fs.statSync(props.lambdaAsset).isDirectory()) {
+        throw new Error(`lambdaAsset ${props.lambdaAsset} is not a directory (expected one containing the "bootstrap" binary)`);
+      }
+      this.function = new lambda.Function(this, 'Function', {
+        ...common,
+        runtime: lambda.Runtime.PROVIDED_AL2023,
+        handler: 'bootstrap',
+        code: lambda.Code.fromAsset(props.lambdaAsset),
+      });
+    } else {
+      if (!fs.existsSync(props.lambdaManifest)) {
+        throw new Error(
+          `Lambda crate manifest ${props.lambdaManifest} not found. Build from a checkout with crates/lambda, ` +
+          'or pass a prebuilt code directory: -c lambdaAsset=path/to/dir-with-bootstrap');
+      }
+      // cargo-lambda-cdk runs `cargo lambda build --release --bin fedstep-lambda`
+      // in the crate's directory at synth time (skipped when the stack is not
+      // in aws:cdk:bundling-stacks). The crate is a workspace member, so cargo
+      // resolves the workspace root (..) and its target/ by itself.
+      this.function = new RustFunction(this, 'Function', {
+        ...common,
+        manifestPath: props.lambdaManifest,
+        binaryName: LAMBDA_BINARY,
+        runtime: 'provided.al2023',
+        bundling: {
+          // Builds locally; requires cargo-lambda + zig on PATH (see README).
+          // The Docker fallback would mount only crates/lambda, which cannot
+          // build a workspace member.
+          environment: { CARGO_TERM_COLOR: 'never' },
+        },
+      });
+    }
+
+    // Records that still fail after the bounded retries (or are too old) are
+    // parked here; the round's deadline (CloseRound) still closes the round.
+    this.streamDlq = new sqs.Queue(this, 'StreamDlq', {
+      encryption: sqs.QueueEncryption.SQS_MANAGED,
+      enforceSSL: true,
+      retentionPeriod: Duration.days(14),
+    });
+    // Justified: this queue is itself a dead-letter destination (the event
+    // source mapping's on-failure destination); a DLQ for a DLQ adds nothing.
+    NagSuppressions.addResourceSuppressions(this.streamDlq, [
+      { id: 'AwsSolutions-SQS3', reason: 'This queue is the on-failure (dead-letter) destination of the updates stream mapping.' },
+    ]);
+
+    this.streamMapping = new lambda.EventSourceMapping(this, 'UpdatesStream', {
+      target: this.function,
+      eventSourceArn: ledger.updates.tableStreamArn!,
+      startingPosition: lambda.StartingPosition.TRIM_HORIZON,
+      batchSize: STREAM_SETTINGS.batchSize,
+      filters: [lambda.FilterCriteria.filter({ eventName: lambda.FilterRule.isEqual('INSERT') })],
+      reportBatchItemFailures: true,
+      bisectBatchOnError: true,
+      retryAttempts: STREAM_SETTINGS.retryAttempts,
+      maxRecordAge: STREAM_SETTINGS.maxRecordAge,
+      onFailure: new SqsDlq(this.streamDlq),
+    });
+    // The mapping validates its permissions on creation.
+    this.streamMapping.node.addDependency(this.role);
+
+    // Justified, and narrowed to two patterns: model objects are addressed by
+    // job and round ids chosen at run time (jobs/{job}/rounds/{r}/...), so the
+    // Lambda's S3 scope is the jobs/ prefix of this one bucket.
+    NagSuppressions.addResourceSuppressions(this.role, [
+      {
+        id: 'AwsSolutions-IAM5',
+        reason: 'Model keys are jobs/{job}/rounds/{r}/... with run-time ids; access is limited to the jobs/ prefix of the model bucket.',
+        appliesTo: [{ regex: '/^Resource::<.*Models[0-9A-F]{8}\\.Arn>\\/jobs\\/\\*$/g' }],
+      },
+    ], true);
+  }
+}

@@ -1,0 +1,307 @@
+import * as fs from 'fs';
+import * as path from 'path';
+
+/**
+ * Deployment settings of one fedstep stack, resolved from CDK context and an
+ * optional JSON config file (see README.md, "Configuration").
+ *
+ * Precedence, highest first:
+ *   1. single context keys:  `cdk deploy -c clients=site-a,site-b -c arch=x86_64`
+ *   2. the config file:      `fedstep.config.json` (or `-c config=path/to/file.json`)
+ *   3. the `fedstep` object in cdk.json's context
+ *   4. the defaults below
+ * Client lists are merged: a client named anywhere is deployed; its settings
+ * (trustedPrincipal, externalId, jobs) come from the highest source that has them.
+ */
+
+/** Infra directory (where cdk.json lives); relative paths resolve from here. */
+export const INFRA_DIR = path.resolve(__dirname, '..');
+
+/** Client ids: also used in S3 keys, IAM patterns and DynamoDB keys. Same rule as scripts/local_deploy.py. */
+export const CLIENT_ID_RE = /^[A-Za-z0-9_-]{1,60}$/;
+/** Job ids used in SNS filter policies. */
+const JOB_ID_RE = /^[A-Za-z0-9_.-]{1,128}$/;
+const ACCOUNT_RE = /^\d{12}$/;
+const PRINCIPAL_ARN_RE = /^arn:aws[a-z-]*:(iam|sts)::\d{12}:[A-Za-z0-9+=,.@_\/-]+$/;
+/** sts:ExternalId: 2-1224 chars from this set (AWS STS AssumeRole). */
+const EXTERNAL_ID_RE = /^[\w+=,.@:\/-]{2,1224}$/;
+
+export type LambdaArch = 'arm64' | 'x86_64';
+
+export interface ClientSettings {
+  /** Client id, e.g. `site-a`. */
+  readonly id: string;
+  /**
+   * Who may assume the client's role: a 12-digit account id or an IAM role/user
+   * ARN. Undefined: the deploying account (its root, i.e. any principal of the
+   * account that IAM allows to call sts:AssumeRole on the role).
+   */
+  readonly trustedPrincipal?: string;
+  /** Required `sts:ExternalId` when assuming the client role. */
+  readonly externalId: string;
+  /** Only deliver `global_model_ready` for these job ids (SNS filter on the `job_id` attribute). Undefined: all jobs. */
+  readonly jobs?: string[];
+}
+
+export interface FedstepSettings {
+  readonly clients: ClientSettings[];
+  readonly architecture: LambdaArch;
+  /** Lambda memory in MB (also buys CPU: 1769 MB = 1 vCPU). */
+  readonly memoryMb: number;
+  /** Lambda timeout in minutes (max 15). */
+  readonly timeoutMinutes: number;
+  readonly rustLog: string;
+  readonly logRetentionDays: number;
+  /** RETAIN the bucket, tables and log bucket on stack deletion (default true). */
+  readonly retainData: boolean;
+  /** Days after which client update objects (jobs/x/rounds/y/updates/) expire. */
+  readonly updateExpirationDays: number;
+  /** Days after which noncurrent versions of update objects expire. */
+  readonly noncurrentExpirationDays: number;
+  /** Cargo.toml of the Lambda crate (absolute). */
+  readonly lambdaManifest: string;
+  /** Prebuilt Lambda code directory (containing `bootstrap`): skips the Rust build. */
+  readonly lambdaAsset?: string;
+  /** Amazon States Language file of the training workflow (absolute). */
+  readonly aslPath: string;
+}
+
+export const DEFAULTS = {
+  architecture: 'arm64' as LambdaArch,
+  memoryMb: 3008,
+  timeoutMinutes: 15,
+  rustLog: 'info',
+  logRetentionDays: 90,
+  retainData: true,
+  updateExpirationDays: 30,
+  noncurrentExpirationDays: 7,
+  lambdaManifest: '../crates/lambda/Cargo.toml',
+  aslPath: '../statemachine/federated_training.asl.json',
+};
+
+/** What CloudWatch Logs accepts as a retention period. */
+const LOG_RETENTION_DAYS = [1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653];
+
+/** Reads a context value (`app.node.tryGetContext`). */
+export type ContextGetter = (key: string) => unknown;
+
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(`fedstep config: ${message}`);
+    this.name = 'ConfigError';
+  }
+}
+
+type Raw = Record<string, unknown>;
+
+/** Resolves the settings from CDK context (and the config file it points at). */
+export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR): FedstepSettings {
+  const fromCdkJson = asObject(ctx('fedstep'), 'context "fedstep"') ?? {};
+  const fromFile = loadConfigFile(ctx('config'), baseDir) ?? {};
+  const single: Raw = {};
+  for (const key of ['clients', 'arch', 'memoryMb', 'timeoutMinutes', 'rustLog', 'logRetentionDays', 'retainData',
+    'updateExpirationDays', 'noncurrentExpirationDays', 'lambdaManifest', 'lambdaAsset', 'asl']) {
+    const v = ctx(key);
+    if (v !== undefined) single[key] = v;
+  }
+  // Prefixed aliases, for cdk.json files shared with other apps.
+  const asset = ctx('fedstep:lambdaAsset');
+  if (asset !== undefined) single.lambdaAsset = asset;
+
+  const layers = [fromCdkJson, fromFile, single]; // lowest first
+  const pick = (key: string): unknown => {
+    for (let i = layers.length - 1; i >= 0; i--) {
+      if (layers[i][key] !== undefined) return layers[i][key];
+    }
+    return undefined;
+  };
+
+  const architecture = parseArch(pick('arch') ?? pick('architecture') ?? DEFAULTS.architecture);
+  const memoryMb = parseInteger(pick('memoryMb') ?? DEFAULTS.memoryMb, 'memoryMb', 128, 10240);
+  const timeoutMinutes = parseInteger(pick('timeoutMinutes') ?? DEFAULTS.timeoutMinutes, 'timeoutMinutes', 1, 15);
+  const rustLog = parseString(pick('rustLog') ?? DEFAULTS.rustLog, 'rustLog');
+  const logRetentionDays = parseInteger(pick('logRetentionDays') ?? DEFAULTS.logRetentionDays, 'logRetentionDays', 1, 3653);
+  if (!LOG_RETENTION_DAYS.includes(logRetentionDays)) {
+    throw new ConfigError(`logRetentionDays ${logRetentionDays} is not one of ${LOG_RETENTION_DAYS.join(', ')}`);
+  }
+  const retainData = parseBool(pick('retainData') ?? DEFAULTS.retainData, 'retainData');
+  const updateExpirationDays = parseInteger(pick('updateExpirationDays') ?? DEFAULTS.updateExpirationDays, 'updateExpirationDays', 1, 36500);
+  const noncurrentExpirationDays = parseInteger(pick('noncurrentExpirationDays') ?? DEFAULTS.noncurrentExpirationDays, 'noncurrentExpirationDays', 1, 36500);
+  const lambdaManifest = path.resolve(baseDir, parseString(pick('lambdaManifest') ?? DEFAULTS.lambdaManifest, 'lambdaManifest'));
+  const assetRaw = pick('lambdaAsset');
+  const lambdaAsset = assetRaw === undefined || assetRaw === '' ? undefined : path.resolve(baseDir, parseString(assetRaw, 'lambdaAsset'));
+  const aslPath = path.resolve(baseDir, parseString(pick('asl') ?? DEFAULTS.aslPath, 'asl'));
+
+  const clients = mergeClients(layers.map((l) => l.clients));
+  return {
+    clients, architecture, memoryMb, timeoutMinutes, rustLog, logRetentionDays, retainData,
+    updateExpirationDays, noncurrentExpirationDays, lambdaManifest, lambdaAsset, aslPath,
+  };
+}
+
+function loadConfigFile(explicit: unknown, baseDir: string): Raw | undefined {
+  let file: string;
+  if (explicit !== undefined && explicit !== '') {
+    file = path.resolve(baseDir, parseString(explicit, 'config'));
+    if (!fs.existsSync(file)) throw new ConfigError(`config file ${file} does not exist`);
+  } else {
+    file = path.join(baseDir, 'fedstep.config.json');
+    if (!fs.existsSync(file)) return undefined;
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (e) {
+    throw new ConfigError(`${file}: ${(e as Error).message}`);
+  }
+  return asObject(parsed, file);
+}
+
+interface PartialClient {
+  trustedPrincipal?: string;
+  externalId?: string;
+  jobs?: string[];
+}
+
+/**
+ * A clients value is one of
+ *   "site-a,site-b"                                  (comma separated ids)
+ *   ["site-a", {"id": "site-b", "jobs": ["j1"]}]     (ids or objects with id)
+ *   {"site-a": {}, "site-b": {"trustedPrincipal": "123456789012", "externalId": "..."}}
+ */
+function mergeClients(values: unknown[]): ClientSettings[] {
+  const order: string[] = [];
+  const merged = new Map<string, PartialClient>();
+  for (const value of values) {
+    for (const [id, settings] of normalizeClients(value)) {
+      if (!merged.has(id)) {
+        order.push(id);
+        merged.set(id, {});
+      }
+      const cur = merged.get(id)!;
+      merged.set(id, { ...cur, ...dropUndefined(settings) });
+    }
+  }
+  return order.map((id) => finishClient(id, merged.get(id)!));
+}
+
+function normalizeClients(value: unknown): Array<[string, PartialClient]> {
+  if (value === undefined || value === null || value === '') return [];
+  if (typeof value === 'string') {
+    const trimmed = value.trim();
+    // `-c clients='["a","b"]'` arrives as a string too.
+    if (trimmed.startsWith('[') || trimmed.startsWith('{')) {
+      try {
+        return normalizeClients(JSON.parse(trimmed));
+      } catch (e) {
+        throw new ConfigError(`clients: ${(e as Error).message}`);
+      }
+    }
+    return trimmed.split(',').map((s) => s.trim()).filter((s) => s.length > 0).map((id) => [checkClientId(id), {}]);
+  }
+  if (Array.isArray(value)) {
+    return value.map((entry): [string, PartialClient] => {
+      if (typeof entry === 'string') return [checkClientId(entry.trim()), {}];
+      const obj = asObject(entry, 'clients[]');
+      if (!obj || typeof obj.id !== 'string') throw new ConfigError('clients[]: an object entry needs a string "id"');
+      return [checkClientId(obj.id), parseClientSettings(obj, obj.id)];
+    });
+  }
+  const obj = asObject(value, 'clients')!;
+  return Object.entries(obj).map(([id, settings]): [string, PartialClient] => {
+    const s = settings === null || settings === undefined ? {} : asObject(settings, `clients.${id}`)!;
+    return [checkClientId(id), parseClientSettings(s, id)];
+  });
+}
+
+function parseClientSettings(obj: Raw, id: string): PartialClient {
+  const known = new Set(['id', 'trustedPrincipal', 'externalId', 'jobs']);
+  for (const key of Object.keys(obj)) {
+    if (!known.has(key)) throw new ConfigError(`client ${id}: unknown setting "${key}" (known: ${[...known].join(', ')})`);
+  }
+  const out: PartialClient = {};
+  if (obj.trustedPrincipal !== undefined) {
+    const p = parseString(obj.trustedPrincipal, `client ${id} trustedPrincipal`);
+    if (!ACCOUNT_RE.test(p) && !PRINCIPAL_ARN_RE.test(p)) {
+      throw new ConfigError(`client ${id}: trustedPrincipal must be a 12-digit account id or an IAM role/user ARN, got "${p}"`);
+    }
+    out.trustedPrincipal = p;
+  }
+  if (obj.externalId !== undefined) {
+    const e = parseString(obj.externalId, `client ${id} externalId`);
+    if (!EXTERNAL_ID_RE.test(e)) throw new ConfigError(`client ${id}: externalId must be 2-1224 characters of [A-Za-z0-9+=,.@:/_-]`);
+    out.externalId = e;
+  }
+  if (obj.jobs !== undefined) {
+    if (!Array.isArray(obj.jobs) || obj.jobs.length === 0) throw new ConfigError(`client ${id}: jobs must be a non-empty list of job ids`);
+    out.jobs = obj.jobs.map((j) => {
+      const job = parseString(j, `client ${id} jobs[]`);
+      if (!JOB_ID_RE.test(job)) throw new ConfigError(`client ${id}: bad job id "${job}"`);
+      return job;
+    });
+    if (out.jobs.length > 150) throw new ConfigError(`client ${id}: at most 150 jobs in an SNS filter policy`);
+  }
+  return out;
+}
+
+function finishClient(id: string, s: PartialClient): ClientSettings {
+  let externalId = s.externalId;
+  if (externalId === undefined) {
+    if (s.trustedPrincipal !== undefined) {
+      // A role another party can assume must be protected against the
+      // confused-deputy problem with an external id only the two parties know.
+      throw new ConfigError(`client ${id}: a trustedPrincipal needs an explicit externalId`);
+    }
+    externalId = `fedstep-${id}`;
+  }
+  return { id, trustedPrincipal: s.trustedPrincipal, externalId, jobs: s.jobs };
+}
+
+function checkClientId(id: string): string {
+  if (!CLIENT_ID_RE.test(id)) {
+    throw new ConfigError(`bad client id "${id}": letters, digits, '-' and '_' only, at most 60 characters`);
+  }
+  return id;
+}
+
+function dropUndefined<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
+
+function asObject(value: unknown, what: string): Raw | undefined {
+  if (value === undefined || value === null) return undefined;
+  if (typeof value === 'string') {
+    try {
+      value = JSON.parse(value);
+    } catch {
+      throw new ConfigError(`${what} must be a JSON object`);
+    }
+  }
+  if (typeof value !== 'object' || Array.isArray(value)) throw new ConfigError(`${what} must be an object`);
+  return value as Raw;
+}
+
+function parseArch(v: unknown): LambdaArch {
+  const s = String(v).toLowerCase().replace('-', '_');
+  if (s === 'arm64' || s === 'aarch64') return 'arm64';
+  if (s === 'x86_64' || s === 'amd64' || s === 'x86') return 'x86_64';
+  throw new ConfigError(`arch must be arm64 or x86_64, got "${String(v)}"`);
+}
+
+function parseInteger(v: unknown, what: string, min: number, max: number): number {
+  const n = typeof v === 'number' ? v : typeof v === 'string' && v.trim() !== '' ? Number(v) : NaN;
+  if (!Number.isInteger(n) || n < min || n > max) throw new ConfigError(`${what} must be an integer in [${min}, ${max}], got "${String(v)}"`);
+  return n;
+}
+
+function parseBool(v: unknown, what: string): boolean {
+  if (typeof v === 'boolean') return v;
+  if (v === 'true' || v === '1' || v === 'yes') return true;
+  if (v === 'false' || v === '0' || v === 'no') return false;
+  throw new ConfigError(`${what} must be true or false, got "${String(v)}"`);
+}
+
+function parseString(v: unknown, what: string): string {
+  if (typeof v !== 'string' || v.length === 0) throw new ConfigError(`${what} must be a non-empty string`);
+  return v;
+}

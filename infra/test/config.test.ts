@@ -1,0 +1,110 @@
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { ConfigError, DEFAULTS, INFRA_DIR, resolveSettings } from '../lib/config';
+
+const ctx = (values: Record<string, unknown>) => (key: string): unknown => values[key];
+/** A base dir without fedstep.config.json, so a developer's local file cannot leak into tests. */
+const base = fs.mkdtempSync(path.join(os.tmpdir(), 'fedstep-config-test-'));
+afterAll(() => fs.rmSync(base, { recursive: true, force: true }));
+
+describe('resolveSettings', () => {
+  test('defaults', () => {
+    const s = resolveSettings(ctx({}), base);
+    expect(s.clients).toEqual([]);
+    expect(s.architecture).toBe('arm64');
+    expect(s.memoryMb).toBe(3008);
+    expect(s.timeoutMinutes).toBe(15);
+    expect(s.rustLog).toBe('info');
+    expect(s.retainData).toBe(true);
+    expect(s.lambdaAsset).toBeUndefined();
+    expect(s.lambdaManifest).toBe(path.resolve(base, DEFAULTS.lambdaManifest));
+    expect(s.aslPath).toBe(path.resolve(base, DEFAULTS.aslPath));
+  });
+
+  test('default paths point at the repository layout', () => {
+    const s = resolveSettings(ctx({}), INFRA_DIR);
+    expect(s.lambdaManifest).toBe(path.resolve(INFRA_DIR, '..', 'crates', 'lambda', 'Cargo.toml'));
+    expect(s.aslPath).toBe(path.resolve(INFRA_DIR, '..', 'statemachine', 'federated_training.asl.json'));
+  });
+
+  test('-c clients=a,b,c (string context) with default external ids', () => {
+    const s = resolveSettings(ctx({ clients: ' site-a, site-b ,site-c,' }), base);
+    expect(s.clients).toEqual([
+      { id: 'site-a', externalId: 'fedstep-site-a', trustedPrincipal: undefined, jobs: undefined },
+      { id: 'site-b', externalId: 'fedstep-site-b', trustedPrincipal: undefined, jobs: undefined },
+      { id: 'site-c', externalId: 'fedstep-site-c', trustedPrincipal: undefined, jobs: undefined },
+    ]);
+  });
+
+  test('string context values are parsed (numbers, booleans, arch aliases)', () => {
+    const s = resolveSettings(ctx({ arch: 'x86-64', memoryMb: '10240', timeoutMinutes: '5', retainData: 'false', logRetentionDays: '30' }), base);
+    expect(s.architecture).toBe('x86_64');
+    expect(s.memoryMb).toBe(10240);
+    expect(s.timeoutMinutes).toBe(5);
+    expect(s.retainData).toBe(false);
+    expect(s.logRetentionDays).toBe(30);
+  });
+
+  test('per-client settings from cdk.json merge with -c clients', () => {
+    const s = resolveSettings(ctx({
+      fedstep: {
+        clients: {
+          'site-b': { trustedPrincipal: '123456789012', externalId: 'b-secret-ish', jobs: ['job-1', 'job-2'] },
+        },
+      },
+      clients: 'site-a,site-b',
+    }), base);
+    expect(s.clients.map((c) => c.id)).toEqual(['site-b', 'site-a']);
+    expect(s.clients[0]).toEqual({ id: 'site-b', trustedPrincipal: '123456789012', externalId: 'b-secret-ish', jobs: ['job-1', 'job-2'] });
+  });
+
+  test('config file (-c config=...) between cdk.json and single keys', () => {
+    const file = path.join(base, 'custom.json');
+    fs.writeFileSync(file, JSON.stringify({
+      arch: 'x86_64',
+      memoryMb: 4096,
+      clients: [
+        'site-a',
+        { id: 'site-c', trustedPrincipal: 'arn:aws:iam::210987654321:role/trainer', externalId: 'ext-c' },
+      ],
+    }));
+    const s = resolveSettings(ctx({ config: 'custom.json', fedstep: { memoryMb: 2048, arch: 'arm64' }, memoryMb: '5120' }), base);
+    expect(s.architecture).toBe('x86_64'); // file beats cdk.json
+    expect(s.memoryMb).toBe(5120); // -c beats file
+    expect(s.clients.map((c) => c.id)).toEqual(['site-a', 'site-c']);
+    expect(s.clients[1].trustedPrincipal).toBe('arn:aws:iam::210987654321:role/trainer');
+  });
+
+  test('fedstep.config.json in the infra dir is picked up automatically', () => {
+    const dir = fs.mkdtempSync(path.join(base, 'auto-'));
+    fs.writeFileSync(path.join(dir, 'fedstep.config.json'), JSON.stringify({ clients: { x: {} } }));
+    expect(resolveSettings(ctx({}), dir).clients.map((c) => c.id)).toEqual(['x']);
+  });
+
+  test('lambdaAsset resolves relative to the infra dir', () => {
+    expect(resolveSettings(ctx({ lambdaAsset: 'build/lambda' }), base).lambdaAsset).toBe(path.join(base, 'build', 'lambda'));
+    expect(resolveSettings(ctx({ 'fedstep:lambdaAsset': '/abs/dir' }), base).lambdaAsset).toBe('/abs/dir');
+  });
+
+  test.each([
+    [{ clients: 'bad id' }, /bad client id/],
+    [{ clients: 'a*' }, /bad client id/],
+    [{ clients: 'a#1' }, /bad client id/],
+    [{ clients: { a: { trustedPrincipal: '123456789012' } } }, /needs an explicit externalId/],
+    [{ clients: { a: { trustedPrincipal: 'someone', externalId: 'xx' } } }, /trustedPrincipal must be/],
+    [{ clients: { a: { externalId: 'x' } } }, /externalId must be/],
+    [{ clients: { a: { jobs: [] } } }, /non-empty list/],
+    [{ clients: { a: { jobs: ['ok', 'not ok'] } } }, /bad job id/],
+    [{ clients: { a: { typo: 1 } } }, /unknown setting "typo"/],
+    [{ arch: 'mips' }, /arch must be/],
+    [{ timeoutMinutes: 16 }, /timeoutMinutes/],
+    [{ memoryMb: 64 }, /memoryMb/],
+    [{ logRetentionDays: 2 }, /logRetentionDays/],
+    [{ retainData: 'maybe' }, /retainData/],
+    [{ config: 'missing.json' }, /does not exist/],
+  ])('rejects %j', (values, message) => {
+    expect(() => resolveSettings(ctx(values), base)).toThrow(ConfigError);
+    expect(() => resolveSettings(ctx(values), base)).toThrow(message);
+  });
+});

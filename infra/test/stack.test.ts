@@ -1,0 +1,498 @@
+import * as fs from 'fs';
+import * as path from 'path';
+import { App, Aspects, Stack } from 'aws-cdk-lib';
+import { Annotations, Match } from 'aws-cdk-lib/assertions';
+import * as sqs from 'aws-cdk-lib/aws-sqs';
+import { RustFunction } from 'cargo-lambda-cdk';
+import { AwsSolutionsChecks } from 'cdk-nag';
+import { STREAM_SETTINGS } from '../lib/aggregator';
+import { resolveSettings } from '../lib/config';
+import { FedstepStack } from '../lib/fedstep-stack';
+import { ARTIFACTS_INDEX } from '../lib/ledger';
+import { UPDATE_TAG } from '../lib/model-store';
+import { aslPlaceholders } from '../lib/training-workflow';
+import {
+  asArray, fakeResolve, getAttArn, Json, logicalId, placeholderAsset, policyDocuments,
+  resourcesOfType, scratchDir, substitute, Synth, synthFedstep, testApp,
+} from './helpers';
+
+const CLIENTS = ['site-a', 'site-b', 'site-c'];
+const CONTEXT = {
+  clients: 'site-a,site-b,site-c',
+  fedstep: {
+    clients: {
+      'site-b': { trustedPrincipal: '123456789012', externalId: 'ext-site-b', jobs: ['job-1', 'job-2'] },
+      'site-c': { trustedPrincipal: 'arn:aws:iam::210987654321:role/onprem-trainer', externalId: 'ext-site-c' },
+    },
+  },
+};
+
+let s: Synth;
+let t: Json; // the template as JSON
+beforeAll(() => {
+  s = synthFedstep(CONTEXT);
+  t = s.template.toJSON();
+});
+afterAll(() => fs.rmSync(scratchDir(), { recursive: true, force: true }));
+
+const ids = () => ({
+  bucket: logicalId(s.stack, s.stack.store.bucket),
+  logBucket: logicalId(s.stack, s.stack.store.accessLogs),
+  rounds: logicalId(s.stack, s.stack.ledger.rounds),
+  updates: logicalId(s.stack, s.stack.ledger.updates),
+  fn: logicalId(s.stack, s.stack.aggregator.function),
+  fnRole: logicalId(s.stack, s.stack.aggregator.role),
+  streamDlq: logicalId(s.stack, s.stack.aggregator.streamDlq),
+  key: logicalId(s.stack, s.stack.messaging.key),
+  topic: logicalId(s.stack, s.stack.messaging.globalModelReady),
+  sm: logicalId(s.stack, s.stack.workflow.stateMachine),
+  smRole: logicalId(s.stack, s.stack.workflow.role),
+  smWildcard: logicalId(s.stack, s.stack.workflow.serviceWildcardPolicy),
+});
+
+/** Statements of all IAM policies attached to a role (identity policies only). */
+function roleStatements(roleId: string): Json[] {
+  const out: Json[] = [];
+  for (const [, p] of resourcesOfType(s.template, 'AWS::IAM::Policy')) {
+    if (asArray<Json>(p.Properties.Roles).some((r) => r.Ref === roleId)) out.push(...asArray(p.Properties.PolicyDocument.Statement));
+  }
+  return out;
+}
+
+const bucketObjects = (bucketId: string, pattern: string): Json => ({ 'Fn::Join': ['', [getAttArn(bucketId), `/${pattern}`]] });
+
+describe('cdk-nag', () => {
+  test('AwsSolutions reports no errors (suppressions are per resource, each with a reason)', () => {
+    const errors = Annotations.fromStack(s.stack).findError('*', Match.stringLikeRegexp('AwsSolutions-.*'));
+    expect(errors.map((e) => `${e.id}: ${String(e.entry.data).split('\n')[0]}`)).toEqual([]);
+  });
+
+  test('the checks are live in this setup (a bare queue fails them)', () => {
+    const app = new App();
+    const bare = new Stack(app, 'Bare');
+    new sqs.Queue(bare, 'Queue');
+    Aspects.of(app).add(new AwsSolutionsChecks());
+    app.synth();
+    expect(Annotations.fromStack(bare).findError('*', Match.stringLikeRegexp('AwsSolutions-SQS4.*')).length).toBe(1);
+  });
+
+  test('no stack-wide suppressions', () => {
+    expect(JSON.stringify(t.Metadata ?? {})).not.toContain('cdk_nag');
+    for (const [id, r] of Object.entries<Json>(t.Resources)) {
+      for (const rule of r.Metadata?.cdk_nag?.rules_to_suppress ?? []) {
+        expect({ id, reason: typeof rule.reason === 'string' && rule.reason.length > 20 }).toEqual({ id, reason: true });
+      }
+    }
+  });
+});
+
+describe('model bucket', () => {
+  test('versioned, SSE, public access blocked, access logs to the log bucket', () => {
+    const b = t.Resources[ids().bucket];
+    expect(b.Properties.VersioningConfiguration).toEqual({ Status: 'Enabled' });
+    expect(b.Properties.BucketEncryption.ServerSideEncryptionConfiguration[0].ServerSideEncryptionByDefault.SSEAlgorithm)
+      .toMatch(/^(AES256|aws:kms)$/);
+    expect(b.Properties.PublicAccessBlockConfiguration).toEqual({
+      BlockPublicAcls: true, BlockPublicPolicy: true, IgnorePublicAcls: true, RestrictPublicBuckets: true,
+    });
+    expect(b.Properties.LoggingConfiguration.DestinationBucketName).toEqual({ Ref: ids().logBucket });
+  });
+
+  test('log bucket: encrypted, public access blocked', () => {
+    const b = t.Resources[ids().logBucket];
+    expect(b.Properties.BucketEncryption.ServerSideEncryptionConfiguration[0].ServerSideEncryptionByDefault.SSEAlgorithm).toBe('AES256');
+    expect(b.Properties.PublicAccessBlockConfiguration.BlockPublicPolicy).toBe(true);
+  });
+
+  test('RETAIN by default', () => {
+    expect(t.Resources[ids().bucket].DeletionPolicy).toBe('Retain');
+    expect(t.Resources[ids().rounds].DeletionPolicy).toBe('Retain');
+    expect(t.Resources[ids().updates].DeletionPolicy).toBe('Retain');
+  });
+
+  test.each(['bucket', 'logBucket'] as const)('%s policy denies non-TLS requests', (which) => {
+    const bucketId = ids()[which];
+    const policies = resourcesOfType(s.template, 'AWS::S3::BucketPolicy').filter(([, p]) => p.Properties.Bucket.Ref === bucketId);
+    expect(policies).toHaveLength(1);
+    expect(policies[0][1].Properties.PolicyDocument.Statement).toEqual(expect.arrayContaining([{
+      Action: 's3:*',
+      Condition: { Bool: { 'aws:SecureTransport': 'false' } },
+      Effect: 'Deny',
+      Principal: { AWS: '*' },
+      Resource: [getAttArn(bucketId), { 'Fn::Join': ['', [getAttArn(bucketId), '/*']] }],
+    }]));
+  });
+
+  test('lifecycle: update objects (tagged by the aggregator) expire, noncurrent versions too', () => {
+    const rules: Json[] = t.Resources[ids().bucket].Properties.LifecycleConfiguration.Rules;
+    const updates = rules.find((r) => r.Id === 'expire-client-updates');
+    expect(updates).toMatchObject({
+      Status: 'Enabled',
+      Prefix: 'jobs/',
+      TagFilters: [{ Key: UPDATE_TAG.key, Value: UPDATE_TAG.value }],
+      ExpirationInDays: 30,
+      NoncurrentVersionExpiration: { NoncurrentDays: 7 },
+    });
+    const noncurrent = rules.find((r) => r.Id === 'expire-noncurrent-versions');
+    expect(noncurrent).toMatchObject({ Status: 'Enabled', Prefix: 'jobs/', NoncurrentVersionExpiration: { NoncurrentDays: 7 } });
+  });
+});
+
+describe('ledger tables', () => {
+  test('rounds: keys, artifact GSI, PITR, encryption, on-demand', () => {
+    const p = t.Resources[ids().rounds].Properties;
+    expect(p.KeySchema).toEqual([{ AttributeName: 'job_id', KeyType: 'HASH' }, { AttributeName: 'round', KeyType: 'RANGE' }]);
+    expect(p.AttributeDefinitions).toEqual(expect.arrayContaining([
+      { AttributeName: 'job_id', AttributeType: 'S' }, { AttributeName: 'round', AttributeType: 'N' },
+      { AttributeName: 'artifact_llm_type', AttributeType: 'S' }, { AttributeName: 'artifact_created_at', AttributeType: 'S' },
+    ]));
+    expect(p.GlobalSecondaryIndexes).toEqual([{
+      IndexName: ARTIFACTS_INDEX,
+      KeySchema: [{ AttributeName: 'artifact_llm_type', KeyType: 'HASH' }, { AttributeName: 'artifact_created_at', KeyType: 'RANGE' }],
+      Projection: { ProjectionType: 'ALL' },
+    }]);
+    expect(p.PointInTimeRecoverySpecification).toEqual({ PointInTimeRecoveryEnabled: true });
+    expect(p.SSESpecification.SSEEnabled).toBe(true);
+    expect(p.BillingMode).toBe('PAY_PER_REQUEST');
+  });
+
+  test('updates: keys, NEW_IMAGE stream, PITR, encryption, on-demand', () => {
+    const p = t.Resources[ids().updates].Properties;
+    expect(p.KeySchema).toEqual([{ AttributeName: 'client_id', KeyType: 'HASH' }, { AttributeName: 'job_round', KeyType: 'RANGE' }]);
+    expect(p.AttributeDefinitions).toEqual([
+      { AttributeName: 'client_id', AttributeType: 'S' }, { AttributeName: 'job_round', AttributeType: 'S' },
+    ]);
+    expect(p.StreamSpecification).toEqual({ StreamViewType: 'NEW_IMAGE' });
+    expect(p.PointInTimeRecoverySpecification).toEqual({ PointInTimeRecoveryEnabled: true });
+    expect(p.SSESpecification.SSEEnabled).toBe(true);
+    expect(p.BillingMode).toBe('PAY_PER_REQUEST');
+  });
+});
+
+describe('messaging', () => {
+  test('topics: KMS-encrypted with the rotated stack key, TLS-only', () => {
+    const topics = resourcesOfType(s.template, 'AWS::SNS::Topic');
+    expect(topics).toHaveLength(2);
+    expect(t.Resources[ids().key].Properties.EnableKeyRotation).toBe(true);
+    for (const [topicId, topic] of topics) {
+      expect(topic.Properties.KmsMasterKeyId).toEqual(getAttArn(ids().key));
+      const policies = resourcesOfType(s.template, 'AWS::SNS::TopicPolicy')
+        .filter(([, p]) => asArray<Json>(p.Properties.Topics).some((x) => x.Ref === topicId));
+      expect(policies).toHaveLength(1);
+      expect(policies[0][1].Properties.PolicyDocument.Statement).toEqual(expect.arrayContaining([
+        expect.objectContaining({ Effect: 'Deny', Condition: { Bool: { 'aws:SecureTransport': 'false' } }, Resource: { Ref: topicId } }),
+      ]));
+    }
+  });
+
+  test('every queue: encrypted, TLS-only; client queues have a DLQ', () => {
+    const queues = resourcesOfType(s.template, 'AWS::SQS::Queue');
+    expect(queues).toHaveLength(1 + 2 * CLIENTS.length);
+    for (const [queueId, q] of queues) {
+      expect(q.Properties.SqsManagedSseEnabled === true || q.Properties.KmsMasterKeyId !== undefined).toBe(true);
+      const policies = resourcesOfType(s.template, 'AWS::SQS::QueuePolicy')
+        .filter(([, p]) => asArray<Json>(p.Properties.Queues).some((x) => x.Ref === queueId));
+      expect(policies).toHaveLength(1);
+      expect(policies[0][1].Properties.PolicyDocument.Statement).toEqual(expect.arrayContaining([
+        expect.objectContaining({ Effect: 'Deny', Condition: { Bool: { 'aws:SecureTransport': 'false' } }, Resource: getAttArn(queueId) }),
+      ]));
+    }
+    for (const client of CLIENTS) {
+      const access = s.stack.clients.get(client)!;
+      const q = t.Resources[logicalId(s.stack, access.queue)];
+      expect(q.Properties.RedrivePolicy).toEqual({
+        deadLetterTargetArn: getAttArn(logicalId(s.stack, access.deadLetterQueue)), maxReceiveCount: 5,
+      });
+    }
+  });
+
+  test('client subscriptions: raw delivery, job_id filter only where configured', () => {
+    const subs = resourcesOfType(s.template, 'AWS::SNS::Subscription');
+    expect(subs).toHaveLength(CLIENTS.length);
+    for (const client of CLIENTS) {
+      const queueId = logicalId(s.stack, s.stack.clients.get(client)!.queue);
+      const [, sub] = subs.find(([, x]) => JSON.stringify(x.Properties.Endpoint) === JSON.stringify(getAttArn(queueId)))!;
+      expect(sub.Properties).toMatchObject({ Protocol: 'sqs', RawMessageDelivery: true, TopicArn: { Ref: ids().topic } });
+      if (client === 'site-b') {
+        expect(sub.Properties.FilterPolicy).toEqual({ job_id: ['job-1', 'job-2'] });
+        expect(sub.Properties.FilterPolicyScope ?? 'MessageAttributes').toBe('MessageAttributes');
+      } else {
+        expect(sub.Properties.FilterPolicy).toBeUndefined();
+      }
+    }
+  });
+});
+
+describe('aggregator Lambda', () => {
+  test('runtime, arch, memory, timeout, JSON logs, environment', () => {
+    const p = t.Resources[ids().fn].Properties;
+    expect(p.Runtime).toBe('provided.al2023');
+    expect(p.Handler).toBe('bootstrap');
+    expect(p.Architectures).toEqual(['arm64']);
+    expect(p.MemorySize).toBe(3008);
+    expect(p.Timeout).toBe(900);
+    expect(p.LoggingConfig.LogFormat).toBe('JSON');
+    const env = p.Environment.Variables;
+    expect(env).toMatchObject({
+      FEDSTEP_BUCKET: { Ref: ids().bucket },
+      FEDSTEP_ROUNDS_TABLE: { Ref: ids().rounds },
+      FEDSTEP_UPDATES_TABLE: { Ref: ids().updates },
+      FEDSTEP_TOPIC_ARN: { Ref: ids().topic },
+      RUST_LOG: 'info',
+    });
+    // Derived from the fixed name (no dependency cycle), and the right one.
+    expect(fakeResolve(env.FEDSTEP_STATE_MACHINE_ARN))
+      .toBe(`arn:aws:states:eu-west-1:111122223333:stateMachine:${t.Resources[ids().sm].Properties.StateMachineName}`);
+  });
+
+  test('the default code path is cargo-lambda-cdk RustFunction (bundling skipped here)', () => {
+    expect(s.stack.aggregator.function).toBeInstanceOf(RustFunction);
+  });
+
+  test('updates stream mapping: INSERT filter, partial batch failures, bisect, bounded retries, DLQ', () => {
+    const mappings = resourcesOfType(s.template, 'AWS::Lambda::EventSourceMapping');
+    expect(mappings).toHaveLength(1);
+    const p = mappings[0][1].Properties;
+    expect(p.EventSourceArn).toEqual({ 'Fn::GetAtt': [ids().updates, 'StreamArn'] });
+    expect(p.FunctionName).toEqual({ Ref: ids().fn });
+    expect(p.FilterCriteria).toEqual({ Filters: [{ Pattern: JSON.stringify({ eventName: ['INSERT'] }) }] });
+    expect(p.FunctionResponseTypes).toEqual(['ReportBatchItemFailures']);
+    expect(p.BisectBatchOnFunctionError).toBe(true);
+    expect(p.MaximumRetryAttempts).toBe(STREAM_SETTINGS.retryAttempts);
+    expect(p.MaximumRetryAttempts).toBeGreaterThanOrEqual(0);
+    expect(p.MaximumRecordAgeInSeconds).toBe(STREAM_SETTINGS.maxRecordAge.toSeconds());
+    expect(p.DestinationConfig).toEqual({ OnFailure: { Destination: getAttArn(ids().streamDlq) } });
+    expect(p.StartingPosition).toBe('TRIM_HORIZON');
+  });
+
+  test('may answer task tokens of exactly this state machine', () => {
+    const stmts = roleStatements(ids().fnRole).filter((st) => asArray<string>(st.Action).some((a) => a.startsWith('states:')));
+    expect(stmts).toHaveLength(1);
+    expect(asArray(stmts[0].Action).sort()).toEqual(['states:SendTaskFailure', 'states:SendTaskHeartbeat', 'states:SendTaskSuccess']);
+    expect(fakeResolve(stmts[0].Resource))
+      .toBe(`arn:aws:states:eu-west-1:111122223333:stateMachine:${t.Resources[ids().sm].Properties.StateMachineName}`);
+  });
+
+  test('reads the stream with exact stream-ARN permissions (no ListStreams on *)', () => {
+    const stmts = roleStatements(ids().fnRole).filter((st) => asArray<string>(st.Action).includes('dynamodb:GetRecords'));
+    expect(stmts).toHaveLength(1);
+    expect(stmts[0].Resource).toEqual({ 'Fn::GetAtt': [ids().updates, 'StreamArn'] });
+    expect(asArray(stmts[0].Action)).toContain('dynamodb:ListStreams');
+  });
+});
+
+describe('state machine', () => {
+  const aslPath = path.resolve(__dirname, '..', '..', 'statemachine', 'federated_training.asl.json');
+
+  test('STANDARD, logging ALL to its log group, X-Ray tracing', () => {
+    const p = t.Resources[ids().sm].Properties;
+    expect(p.StateMachineType).toBe('STANDARD');
+    expect(p.LoggingConfiguration).toEqual({
+      Destinations: [{ CloudWatchLogsLogGroup: { LogGroupArn: getAttArn(logicalId(s.stack, s.stack.workflow.logGroup)) } }],
+      IncludeExecutionData: true,
+      Level: 'ALL',
+    });
+    expect(p.TracingConfiguration).toEqual({ Enabled: true });
+  });
+
+  test('definition comes from statemachine/ with every placeholder substituted', () => {
+    const p = t.Resources[ids().sm].Properties;
+    const subs: Record<string, Json> = p.DefinitionSubstitutions;
+    const lambdaArn = getAttArn(ids().fn);
+    expect(subs.AggregatorFunctionArn).toEqual(lambdaArn);
+    expect(subs.CloseRoundResource).toEqual(lambdaArn);
+    expect(subs.FinalizeResource).toEqual(lambdaArn);
+    expect(fakeResolve(subs.StartRoundResource)).toBe('arn:aws:states:::lambda:invoke.waitForTaskToken');
+
+    // The staged definition is the file in statemachine/, byte for byte...
+    const staged = path.join(s.assembly.directory, `asset.${p.DefinitionS3Location.Key}`);
+    const source = fs.readFileSync(aslPath, 'utf8');
+    expect(fs.readFileSync(staged, 'utf8')).toBe(source);
+    // ...and after CloudFormation's substitution no ${...} is left.
+    expect(Object.keys(subs).sort()).toEqual(expect.arrayContaining(aslPlaceholders(source)));
+    const deployed = substitute(source, subs);
+    // (A literal "${...}" in prose, like the file's Comment, is not a placeholder.)
+    expect(deployed).not.toMatch(/\$\{[A-Za-z0-9_]+\}/);
+    const asl = JSON.parse(deployed);
+    const fnArn = fakeResolve(lambdaArn);
+    const tasks = Object.values<Json>(asl.States).filter((st) => st.Type === 'Task');
+    expect(tasks.length).toBeGreaterThanOrEqual(3);
+    for (const task of tasks) {
+      if (task.Resource === 'arn:aws:states:::lambda:invoke.waitForTaskToken') {
+        expect(task.Parameters.FunctionName).toBe(fnArn);
+      } else {
+        expect(task.Resource).toBe(fnArn);
+      }
+    }
+  });
+
+  test('role may invoke exactly the aggregator; the only "*" is the isolated log-delivery/X-Ray policy', () => {
+    const stmts = roleStatements(ids().smRole);
+    const invoke = stmts.filter((st) => asArray<string>(st.Action).includes('lambda:InvokeFunction'));
+    expect(invoke).toEqual([{ Sid: 'InvokeAggregator', Action: 'lambda:InvokeFunction', Effect: 'Allow', Resource: getAttArn(ids().fn) }]);
+    const wildcard = t.Resources[ids().smWildcard].Properties.PolicyDocument.Statement as Json[];
+    const actions = wildcard.flatMap((st) => asArray<string>(st.Action));
+    expect(actions.every((a) => a.startsWith('logs:') || a.startsWith('xray:'))).toBe(true);
+    expect(actions.some((a) => /^logs:(Get|Put)LogEvents$|^logs:CreateLogStream$/.test(a))).toBe(false);
+    expect(t.Resources[ids().sm].DependsOn).toEqual(expect.arrayContaining([ids().smWildcard]));
+  });
+});
+
+describe('client access', () => {
+  test.each(CLIENTS)('%s: role trust with ExternalId', (client) => {
+    const access = s.stack.clients.get(client)!;
+    const role = t.Resources[logicalId(s.stack, access.role)];
+    const [stmt] = role.Properties.AssumeRolePolicyDocument.Statement;
+    const expected: Record<string, Json> = {
+      'site-a': { AWS: { 'Fn::Join': ['', ['arn:', { Ref: 'AWS::Partition' }, ':iam::', { Ref: 'AWS::AccountId' }, ':root']] } },
+      'site-b': { AWS: { 'Fn::Join': ['', ['arn:', { Ref: 'AWS::Partition' }, ':iam::123456789012:root']] } },
+      'site-c': { AWS: 'arn:aws:iam::210987654321:role/onprem-trainer' },
+    };
+    expect(stmt).toEqual({
+      Action: 'sts:AssumeRole',
+      Effect: 'Allow',
+      Principal: expected[client],
+      Condition: { StringEquals: { 'sts:ExternalId': client === 'site-a' ? 'fedstep-site-a' : `ext-${client}` } },
+    });
+  });
+
+  test.each(CLIENTS)('%s: exactly its queue, its S3 keys, its ledger rows', (client) => {
+    const access = s.stack.clients.get(client)!;
+    const stmts = roleStatements(logicalId(s.stack, access.role));
+    const bucket = ids().bucket;
+    expect(stmts).toEqual([
+      {
+        Sid: 'OwnQueue', Effect: 'Allow',
+        Action: ['sqs:ChangeMessageVisibility', 'sqs:DeleteMessage', 'sqs:GetQueueAttributes', 'sqs:ReceiveMessage'],
+        Resource: getAttArn(logicalId(s.stack, access.queue)),
+      },
+      { Sid: 'ReadGlobalModels', Effect: 'Allow', Action: 's3:GetObject', Resource: bucketObjects(bucket, 'jobs/*/rounds/*/global.safetensors') },
+      {
+        Sid: 'OwnUpdates', Effect: 'Allow',
+        Action: ['s3:AbortMultipartUpload', 's3:GetObject', 's3:PutObject'],
+        Resource: bucketObjects(bucket, `jobs/*/rounds/*/updates/${client}.safetensors`),
+      },
+      {
+        Sid: 'OwnLedgerRows', Effect: 'Allow',
+        Action: ['dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:Query'],
+        Resource: getAttArn(ids().updates),
+        Condition: { 'ForAllValues:StringEquals': { 'dynamodb:LeadingKeys': [client] } },
+      },
+    ]);
+  });
+
+  test('outputs: everything a client.toml needs', () => {
+    const outputs = t.Outputs;
+    for (const key of ['Region', 'ModelBucketName', 'RoundsTableName', 'UpdatesTableName', 'GlobalModelReadyTopicArn', 'StateMachineArn']) {
+      expect(outputs[key]).toBeDefined();
+    }
+    const access = s.stack.clients.get('site-b')!;
+    expect(outputs.ClientSiteBId.Value).toBe('site-b');
+    expect(outputs.ClientSiteBQueueUrl.Value).toEqual({ Ref: logicalId(s.stack, access.queue) });
+    expect(outputs.ClientSiteBRoleArn.Value).toEqual(getAttArn(logicalId(s.stack, access.role)));
+    expect(outputs.ClientSiteBExternalId.Value).toBe('ext-site-b');
+    const config = JSON.stringify(outputs.ClientSiteBConfig.Value);
+    for (const field of ['client_id', 'region', 'bucket', 'updates_table', 'queue_url', 'role_arn', 'external_id']) {
+      expect(config).toContain(field);
+    }
+  });
+});
+
+describe('policies', () => {
+  test('no policy the stack writes has Resource "*", except the two documented cases', () => {
+    const offenders: string[] = [];
+    for (const { where, type, doc } of policyDocuments(s.template)) {
+      for (const st of asArray<Json>(doc.Statement)) {
+        expect(st.NotResource).toBeUndefined();
+        if (!asArray<Json>(st.Resource).some((r) => r === '*')) continue;
+        if (type === 'AWS::KMS::Key') {
+          // Exception 1: in a key policy, Resource "*" means "this key" (the only form KMS accepts).
+          continue;
+        }
+        offenders.push(`${where}:${st.Sid ?? '?'}`);
+      }
+    }
+    // Exception 2: Step Functions log delivery + X-Ray (see TrainingWorkflow).
+    expect(offenders.sort()).toEqual([`${ids().smWildcard}:VendedLogDelivery`, `${ids().smWildcard}:XRayTracing`]);
+  });
+
+  test('no wildcard actions anywhere in identity policies', () => {
+    for (const { where, type, doc } of policyDocuments(s.template)) {
+      if (type !== 'AWS::IAM::Policy') continue;
+      for (const st of asArray<Json>(doc.Statement)) {
+        for (const action of asArray<string>(st.Action)) expect(`${where}: ${action}`).not.toMatch(/\*/);
+      }
+    }
+  });
+
+  test('every role is assumable only by its intended principal', () => {
+    const trust = resourcesOfType(s.template, 'AWS::IAM::Role').map(([, r]) => r.Properties.AssumeRolePolicyDocument.Statement);
+    expect(trust).toHaveLength(2 + CLIENTS.length);
+    for (const stmts of trust) {
+      for (const st of stmts) expect(st.Principal).not.toEqual('*');
+    }
+  });
+});
+
+describe('options', () => {
+  let alt: Synth;
+  beforeAll(() => {
+    alt = synthFedstep({
+      clients: 'solo',
+      arch: 'x86_64',
+      memoryMb: '4096',
+      timeoutMinutes: '10',
+      rustLog: 'fedstep=debug,info',
+      retainData: 'false',
+      lambdaAsset: placeholderAsset(),
+    });
+  });
+
+  test('arch, memory, timeout, RUST_LOG, prebuilt asset, DESTROY', () => {
+    const at = alt.template.toJSON();
+    const fnId = logicalId(alt.stack, alt.stack.aggregator.function);
+    const p = at.Resources[fnId].Properties;
+    expect(p.Architectures).toEqual(['x86_64']);
+    expect(p.MemorySize).toBe(4096);
+    expect(p.Timeout).toBe(600);
+    expect(p.Environment.Variables.RUST_LOG).toBe('fedstep=debug,info');
+    expect(alt.stack.aggregator.function).not.toBeInstanceOf(RustFunction);
+    const hash = String(p.Code.S3Key).replace(/\.zip$/, '');
+    expect(fs.existsSync(path.join(alt.assembly.directory, `asset.${hash}`, 'bootstrap'))).toBe(true);
+    expect(at.Resources[logicalId(alt.stack, alt.stack.store.bucket)].DeletionPolicy).toBe('Delete');
+    expect(Annotations.fromStack(alt.stack).findError('*', Match.stringLikeRegexp('AwsSolutions-.*'))).toEqual([]);
+  });
+
+  test('the real crates/lambda manifest, when present, synthesizes without building', () => {
+    const real = path.resolve(__dirname, '..', '..', 'crates', 'lambda', 'Cargo.toml');
+    if (!fs.existsSync(real)) {
+      console.warn(`skipped: ${real} does not exist yet`);
+      return;
+    }
+    const app = testApp();
+    const settings = resolveSettings((k) => app.node.tryGetContext(k));
+    const stack = new FedstepStack(app, 'Real', { settings });
+    expect(stack.aggregator.function).toBeInstanceOf(RustFunction);
+    app.synth();
+  });
+
+  test('an ASL placeholder without a substitution fails the synth', () => {
+    const asl = path.join(scratchDir(), 'bad.asl.json');
+    fs.writeFileSync(asl, JSON.stringify({ StartAt: 'A', States: { A: { Type: 'Task', Resource: '${Unknown}', End: true } } }));
+    const app = testApp({ lambdaAsset: placeholderAsset(), asl });
+    const settings = resolveSettings((k) => app.node.tryGetContext(k));
+    expect(() => new FedstepStack(app, 'Bad', { settings })).toThrow(/placeholders without a substitution: Unknown/);
+  });
+
+  test('a missing Lambda crate fails with a hint', () => {
+    const app = testApp({ lambdaManifest: path.join(scratchDir(), 'nope', 'Cargo.toml') });
+    const settings = resolveSettings((k) => app.node.tryGetContext(k));
+    expect(() => new FedstepStack(app, 'NoCrate', { settings })).toThrow(/lambdaAsset/);
+  });
+
+  test('client ids that collide in output names are rejected', () => {
+    const app = testApp({ lambdaAsset: placeholderAsset(), clients: 'site-a,site_a' });
+    const settings = resolveSettings((k) => app.node.tryGetContext(k));
+    expect(() => new FedstepStack(app, 'Clash', { settings })).toThrow(/same output name/);
+  });
+});
