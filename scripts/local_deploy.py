@@ -16,12 +16,16 @@ idempotently (a second run changes nothing, a changed ASL is updated):
                                           with RawMessageDelivery
   IAM role         {prefix}-states        for the state machine (not enforced by LocalStack)
   SFN activities   {prefix}-start_round, {prefix}-close_round, {prefix}-finalize
-  State machine    {prefix}-federated_training (STANDARD), from
+  State machine    {prefix}-federated-training (STANDARD), from
                    statemachine/federated_training.asl.json with its
                    placeholders substituted by the activity ARNs
 
 Everything created is printed as JSON and written to .emu/deploy-{prefix}.json
-(or --out). --delete removes what a deploy with the same prefix created.
+(or --out); its "aggregator_env" holds the environment the aggregator gets
+on AWS (same FEDSTEP_* names as infra/lib/aggregator.ts) plus the activity
+and stream ARNs its local mode polls; --print-env prints those as `export`
+lines instead of the JSON. --delete removes what a deploy with the same
+prefix created.
 
 Endpoints come only from the standard variables (AWS_ENDPOINT_URL,
 AWS_ENDPOINT_URL_DYNAMODB, ...), so LocalStack in Docker works the same.
@@ -35,6 +39,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -117,7 +122,7 @@ def names(prefix: str, clients: list[str]) -> dict:
         "queues": {c: f"{prefix}-client-{c}" for c in clients},
         "role": f"{prefix}-states",
         "activities": {a: f"{prefix}-{a}" for a in ACTIVITIES},
-        "state_machine": f"{prefix}-federated_training",
+        "state_machine": f"{prefix}-federated-training",  # same shape as the CDK stack's name
         "aggregator_function": f"{prefix}-aggregator",
     }
 
@@ -402,7 +407,23 @@ def deploy(prefix: str, clients: list[str]) -> dict:
     topics, client_out = deploy_messaging(aws, n["topics"], n["queues"])
     workflow = deploy_workflow(aws, n, account)
     log(f"deployed prefix {prefix!r} in {time.monotonic() - started:.1f}s")
+    aggregator_env = {
+        # The names the CDK stack gives the Lambda (infra/lib/aggregator.ts).
+        "FEDSTEP_BUCKET": n["bucket"],
+        "FEDSTEP_ROUNDS_TABLE": tables["rounds"],
+        "FEDSTEP_UPDATES_TABLE": tables["updates"],
+        "FEDSTEP_TOPIC_ARN": topics["global_model_ready"],
+        "FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN": topics["training_complete"],
+        "FEDSTEP_STATE_MACHINE_ARN": workflow["state_machine"]["arn"],
+        # Emulator only: what fedstep-lambda's local mode polls instead of
+        # being invoked.
+        "FEDSTEP_START_ROUND_ACTIVITY_ARN": workflow["activities"]["start_round"],
+        "FEDSTEP_CLOSE_ROUND_ACTIVITY_ARN": workflow["activities"]["close_round"],
+        "FEDSTEP_FINALIZE_ACTIVITY_ARN": workflow["activities"]["finalize"],
+        "FEDSTEP_UPDATES_STREAM_ARN": tables["updates_stream_arn"],
+    }
     return {
+        "aggregator_env": aggregator_env,
         "prefix": prefix,
         "region": aws.region,
         "account": account,
@@ -427,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated client ids")
     ap.add_argument("--out", help="output JSON path (default .emu/deploy-<prefix>.json)")
     ap.add_argument("--delete", action="store_true", help="remove the deployment of --prefix")
+    ap.add_argument("--print-env", action="store_true",
+                    help="print the aggregator environment as export lines instead of the JSON")
     args = ap.parse_args(argv)
 
     if not os.environ.get("AWS_ENDPOINT_URL"):
@@ -446,7 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2, sort_keys=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
-    print(text)
+    if args.print_env:
+        for key, value in result["aggregator_env"].items():
+            print(f"export {key}={shlex.quote(value)}")
+    else:
+        print(text)
     log(f"wrote {out}")
     return 0
 

@@ -73,3 +73,15 @@ def test_topic_fans_out_raw_to_every_client_queue(aws, deployment):
 def test_bucket_is_versioned(aws, deployment):
     s3 = client("s3", aws)
     assert s3.get_bucket_versioning(Bucket=deployment["bucket"])["Status"] == "Enabled"
+
+
+def test_aggregator_env_points_at_the_deployment(deployment):
+    env = deployment["aggregator_env"]
+    assert env["FEDSTEP_BUCKET"] == deployment["bucket"]
+    assert env["FEDSTEP_ROUNDS_TABLE"] == deployment["tables"]["rounds"]
+    assert env["FEDSTEP_UPDATES_TABLE"] == deployment["tables"]["updates"]
+    assert env["FEDSTEP_TOPIC_ARN"] == deployment["topics"]["global_model_ready"]
+    assert env["FEDSTEP_STATE_MACHINE_ARN"] == deployment["state_machine"]["arn"]
+    for action in ("start_round", "close_round", "finalize"):
+        assert env[f"FEDSTEP_{action.upper()}_ACTIVITY_ARN"] == deployment["activities"][action]
+    assert env["FEDSTEP_UPDATES_STREAM_ARN"] == deployment["tables"]["updates_stream_arn"]
