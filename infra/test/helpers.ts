@@ -53,11 +53,24 @@ export function placeholderAsset(): string {
   return dir;
 }
 
-/** An App with cdk.json's context, bundling skipped, writing to the scratch dir. */
+/**
+ * An App with cdk.json's context, bundling skipped, writing to the scratch dir.
+ *
+ * One flag differs from cdk.json: with `@aws-cdk/core:annotationsInValidationReport`
+ * every error annotation (cdk-nag's included) makes synth throw, which would
+ * fail every test at once instead of letting the cdk-nag test list the
+ * findings. test.sh's `cdk synth` step runs the app with cdk.json's flags, so
+ * an AwsSolutions error fails that step as well.
+ */
 export function testApp(context: Record<string, unknown> = {}): App {
   return new App({
     outdir: fs.mkdtempSync(path.join(scratchDir(), 'cdk.out-')),
-    context: { ...CDK_JSON_CONTEXT, 'aws:cdk:bundling-stacks': [], ...context },
+    context: {
+      ...CDK_JSON_CONTEXT,
+      '@aws-cdk/core:annotationsInValidationReport': false,
+      'aws:cdk:bundling-stacks': [],
+      ...context,
+    },
   });
 }
 
