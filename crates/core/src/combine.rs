@@ -6,13 +6,13 @@ use rand_chacha::ChaCha20Rng;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use crate::float::{decode_into, elem_bytes, encode_from, role, Acc, TensorRole};
+use crate::float::{axpy_from, decode_into, elem_bytes, encode_from, role, Acc, TensorRole};
 use crate::model::TensorEntry;
 use crate::stages::dp_noise::add_noise;
 use crate::stages::median::median;
 use crate::stages::{Combiner, ServerOptimizer};
-use crate::statistics::{read_all, NonFinite, StatsError};
-use crate::stream::{blocks, Source};
+use crate::statistics::{NonFinite, StatsError};
+use crate::stream::{blocks, for_each_block, Block, ReadFailure, Source};
 use crate::writer::ModelWriter;
 
 const CHUNK: usize = 2048;
@@ -71,31 +71,93 @@ pub fn state_dtype(model_dtype: Dtype) -> Dtype {
 
 pub fn run(mut plan: CombinePlan<'_>) -> Result<u64, CombineError> {
     let mut bytes_read = 0u64;
-    let mut raws: Vec<Vec<u8>> = vec![Vec::new(); plan.inputs.len()];
-    let mut scratch = Scratch::default();
-    for t in plan.reference {
-        match role(t.dtype) {
-            Some(TensorRole::Float32Acc) => {
-                bytes_read += float_tensor::<f32>(&mut plan, t, &mut raws, &mut scratch.f32)?
-            }
-            Some(TensorRole::Float64Acc) => {
-                bytes_read += float_tensor::<f64>(&mut plan, t, &mut raws, &mut scratch.f64)?
-            }
-            _ => bytes_read += carry_over(&plan, t)?,
-        }
+    for t in plan.reference.iter().filter(|t| !is_float(t)) {
+        bytes_read += carry_over(&plan, t)?;
     }
-    Ok(bytes_read)
+    let n = plan.inputs.len();
+    let scaled = plan.scales.iter().any(|&s| s != 1.0);
+    let global_coef = 1.0 - plan.coefs.iter().sum::<f64>();
+    let robust = matches!(plan.combiner, Combiner::Median | Combiner::TrimmedMean(_));
+    // Read the global model only when the result depends on it.
+    let need_g = plan.global.is_some()
+        && (plan.optimizer.is_some()
+            || (robust && scaled)
+            || (!robust && global_coef.abs() > 1e-12));
+    let mut sources = plan.inputs.clone();
+    if need_g {
+        sources.extend(plan.global);
+    }
+    let mut ctx = Ctx {
+        global_coef,
+        need_g,
+        scaled,
+        f32: Buffers::default(),
+        f64: Buffers::default(),
+    };
+    let reference = plan.reference;
+    let block_elems = plan.block_elems;
+    let result = for_each_block(reference, is_float, &sources, block_elems, |block| {
+        let Block {
+            tensor,
+            range,
+            raws,
+        } = block;
+        let (xs, g) = raws.split_at(n);
+        let g = g.first().map(Vec::as_slice);
+        bytes_read += raws.iter().map(|r| r.len() as u64).sum::<u64>();
+        bytes_read += match role(tensor.dtype) {
+            Some(TensorRole::Float64Acc) => {
+                let mut b = std::mem::take(&mut ctx.f64);
+                let r = float_block::<f64>(&mut plan, &ctx, tensor, range, xs, g, &mut b);
+                ctx.f64 = b;
+                r?
+            }
+            _ => {
+                let mut b = std::mem::take(&mut ctx.f32);
+                let r = float_block::<f32>(&mut plan, &ctx, tensor, range, xs, g, &mut b);
+                ctx.f32 = b;
+                r?
+            }
+        };
+        Ok(raws)
+    });
+    match result {
+        // A failed read of the extra source is the global model's fault.
+        Err(CombineError::Input(StatsError::Read { input, error })) if input == n => Err(
+            CombineError::Input(StatsError::Global(format!("reading: {error}"))),
+        ),
+        Err(e) => Err(e),
+        Ok(()) => Ok(bytes_read),
+    }
 }
 
-#[derive(Default)]
-struct Scratch {
+fn is_float(t: &TensorEntry) -> bool {
+    matches!(
+        role(t.dtype),
+        Some(TensorRole::Float32Acc | TensorRole::Float64Acc)
+    )
+}
+
+impl From<ReadFailure> for CombineError {
+    fn from(f: ReadFailure) -> Self {
+        CombineError::Input(StatsError::Read {
+            input: f.source,
+            error: f.error,
+        })
+    }
+}
+
+/// Per-pass decisions and reusable buffers.
+struct Ctx {
+    global_coef: f64,
+    need_g: bool,
+    scaled: bool,
     f32: Buffers<f32>,
     f64: Buffers<f64>,
 }
 
 #[derive(Default)]
 struct Buffers<A> {
-    graw: Vec<u8>,
     g: Vec<A>,
     out: Vec<A>,
     m: Vec<A>,
@@ -120,79 +182,63 @@ fn carry_over(plan: &CombinePlan<'_>, t: &TensorEntry) -> Result<u64, CombineErr
     Ok(t.byte_len())
 }
 
-fn float_tensor<A: Acc>(
+/// Combines one block; returns the optimizer-state bytes it read.
+fn float_block<A: Acc>(
     plan: &mut CombinePlan<'_>,
+    ctx: &Ctx,
     t: &TensorEntry,
-    raws: &mut [Vec<u8>],
+    range: std::ops::Range<usize>,
+    raws: &[Vec<u8>],
+    graw: Option<&[u8]>,
     b: &mut Buffers<A>,
 ) -> Result<u64, CombineError> {
     let eb = elem_bytes(t.dtype);
-    let n = plan.inputs.len();
-    let scaled = plan.scales.iter().any(|&s| s != 1.0);
-    let global_coef = 1.0 - plan.coefs.iter().sum::<f64>();
-    let robust = matches!(plan.combiner, Combiner::Median | Combiner::TrimmedMean(_));
-    let need_g = plan.global.is_some()
-        && (plan.optimizer.is_some()
-            || (robust && scaled)
-            || (!robust && global_coef.abs() > 1e-12));
-    let mut bytes_read = 0u64;
-    for range in blocks(t.elements(), plan.block_elems) {
-        let len = range.len();
-        let off = (range.start * eb) as u64;
-        read_all(&plan.inputs, &t.name, off, len * eb, raws)?;
-        bytes_read += (len * eb * n) as u64;
-        b.g.resize(len, A::default());
-        if need_g {
-            let g = plan.global.expect("need_g implies a global model");
-            b.graw.resize(len * eb, 0);
-            g.read(&t.name, off, &mut b.graw).map_err(|e| {
-                CombineError::Input(StatsError::Global(format!("reading `{}`: {e}", t.name)))
-            })?;
-            bytes_read += (len * eb) as u64;
-            decode_into(t.dtype, &b.graw, &mut b.g);
-        }
-        b.out.resize(len, A::default());
-        match plan.combiner {
-            Combiner::Mean | Combiner::Krum(_) => {
-                let coefs: Vec<A> = plan.coefs.iter().map(|&c| A::from_f64(c)).collect();
-                let gc = if need_g {
-                    Some((A::from_f64(global_coef), b.g.as_slice()))
-                } else {
-                    None
-                };
-                mean_block(t.dtype, gc, raws, &coefs, &mut b.out);
-                if let Some(j) = b.out.par_iter().position_any(|v| !v.is_finite()) {
-                    return Err(find_culprit::<A>(t, range.start, raws, j));
-                }
-            }
-            Combiner::Median | Combiner::TrimmedMean(_) => {
-                let scales: Vec<A> = plan.scales.iter().map(|&s| A::from_f64(s)).collect();
-                let g = (need_g && scaled).then_some(b.g.as_slice());
-                robust_block(
-                    plan.combiner,
-                    plan.trim,
-                    t,
-                    range.start,
-                    g,
-                    raws,
-                    &scales,
-                    &mut b.out,
-                )?;
-            }
-        }
-        if let Some((rng, sigma)) = plan.noise.as_mut() {
-            add_noise(rng, *sigma, &mut b.out);
-        }
-        if let Some(io) = &plan.optimizer {
-            bytes_read += optimizer_block(io, t, range.start, len, b)?;
-        }
-        b.out_raw.resize(len * eb, 0);
-        encode_from(t.dtype, &b.out, &mut b.out_raw);
-        plan.out
-            .write_at(&t.name, off, &b.out_raw)
-            .map_err(CombineError::Write)?;
+    let len = range.len();
+    let off = (range.start * eb) as u64;
+    b.g.resize(len, A::default());
+    if let Some(graw) = graw {
+        decode_into(t.dtype, graw, &mut b.g);
     }
-    Ok(bytes_read)
+    b.out.resize(len, A::default());
+    match plan.combiner {
+        Combiner::Mean | Combiner::Krum(_) => {
+            let coefs: Vec<A> = plan.coefs.iter().map(|&c| A::from_f64(c)).collect();
+            let gc = ctx
+                .need_g
+                .then(|| (A::from_f64(ctx.global_coef), b.g.as_slice()));
+            mean_block(t.dtype, gc, raws, &coefs, &mut b.out);
+            if let Some(j) = b.out.par_iter().position_any(|v| !v.is_finite()) {
+                return Err(find_culprit::<A>(t, range.start, raws, j));
+            }
+        }
+        Combiner::Median | Combiner::TrimmedMean(_) => {
+            let scales: Vec<A> = plan.scales.iter().map(|&s| A::from_f64(s)).collect();
+            let g = (ctx.need_g && ctx.scaled).then_some(b.g.as_slice());
+            robust_block(
+                plan.combiner,
+                plan.trim,
+                t,
+                range.start,
+                g,
+                raws,
+                &scales,
+                &mut b.out,
+            )?;
+        }
+    }
+    if let Some((rng, sigma)) = plan.noise.as_mut() {
+        add_noise(rng, *sigma, &mut b.out);
+    }
+    let mut read = 0;
+    if let Some(io) = &plan.optimizer {
+        read = optimizer_block(io, t, range.start, len, b)?;
+    }
+    b.out_raw.resize(len * eb, 0);
+    encode_from(t.dtype, &b.out, &mut b.out_raw);
+    plan.out
+        .write_at(&t.name, off, &b.out_raw)
+        .map_err(CombineError::Write)?;
+    Ok(read)
 }
 
 /// out = c_g · g + Σ c_i · x_i, in parallel over chunks of the block.
@@ -215,13 +261,8 @@ fn mean_block<A: Acc>(
             }
             None => o.fill(A::default()),
         }
-        let mut x = [A::default(); CHUNK];
-        let x = &mut x[..m];
         for (raw, &coef) in raws.iter().zip(coefs) {
-            decode_into(dtype, &raw[lo * eb..(lo + m) * eb], x);
-            for (oj, xj) in o.iter_mut().zip(x.iter()) {
-                *oj += coef * *xj;
-            }
+            axpy_from(dtype, coef, &raw[lo * eb..(lo + m) * eb], o);
         }
     });
 }

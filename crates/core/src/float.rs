@@ -159,6 +159,35 @@ pub fn decode_into<A: Acc>(dtype: Dtype, bytes: &[u8], out: &mut [A]) {
     }
 }
 
+/// `out[j] += coef · x[j]` with `x` decoded from `bytes` on the fly: one
+/// pass over the input instead of decode-then-add.
+pub fn axpy_from<A: Acc>(dtype: Dtype, coef: A, bytes: &[u8], out: &mut [A]) {
+    match dtype {
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o += coef * A::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            }
+        }
+        Dtype::F64 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                let a = [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
+                *o += coef * A::from_f64(f64::from_le_bytes(a));
+            }
+        }
+        Dtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o += coef * A::from_f32(f16::from_le_bytes([c[0], c[1]]).to_f32());
+            }
+        }
+        Dtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o += coef * A::from_f32(bf16::from_le_bytes([c[0], c[1]]).to_f32());
+            }
+        }
+        other => unreachable!("axpy_from called for non-float dtype {other:?}"),
+    }
+}
+
 /// Encodes `values` into `out` (which holds exactly `values.len()` elements).
 pub fn encode_from<A: Acc>(dtype: Dtype, values: &[A], out: &mut [u8]) {
     match dtype {

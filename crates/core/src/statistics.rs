@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::float::{decode_into, elem_bytes, role, Acc, TensorRole};
 use crate::model::TensorEntry;
-use crate::stream::{blocks, Source};
+use crate::stream::{for_each_block, ReadFailure, Source};
 
 /// A value that is not finite, found in input `input` (index into the
 /// inputs given to the pass).
@@ -47,37 +47,35 @@ pub fn run(
 ) -> Result<Statistics, StatsError> {
     let n = inputs.len();
     let mut gram = vec![0f64; n * n];
-    let mut raws: Vec<Vec<u8>> = vec![Vec::new(); n];
-    let mut graw = Vec::new();
     let mut bytes_read = 0u64;
-    for t in reference {
-        let acc64 = match role(t.dtype) {
-            Some(TensorRole::Float32Acc) => false,
-            Some(TensorRole::Float64Acc) => true,
-            _ => continue,
+    let mut sources = inputs.to_vec();
+    sources.extend(global);
+    let is_float = |t: &TensorEntry| {
+        matches!(
+            role(t.dtype),
+            Some(TensorRole::Float32Acc | TensorRole::Float64Acc)
+        )
+    };
+    let result = for_each_block(reference, is_float, &sources, block_elems, |block| {
+        let (xs, g) = block.raws.split_at(n);
+        let g = g.first().map(Vec::as_slice);
+        bytes_read += block.raws.iter().map(|r| r.len() as u64).sum::<u64>();
+        let partial = match role(block.tensor.dtype) {
+            Some(TensorRole::Float64Acc) => {
+                block_gram::<f64>(block.tensor, block.range.start, g, xs, full)?
+            }
+            _ => block_gram::<f32>(block.tensor, block.range.start, g, xs, full)?,
         };
-        let eb = elem_bytes(t.dtype);
-        for range in blocks(t.elements(), block_elems) {
-            let off = (range.start * eb) as u64;
-            let bytes = range.len() * eb;
-            read_all(inputs, &t.name, off, bytes, &mut raws)?;
-            bytes_read += (bytes * n) as u64;
-            if let Some(g) = global {
-                graw.resize(bytes, 0);
-                g.read(&t.name, off, &mut graw)
-                    .map_err(|e| StatsError::Global(format!("reading `{}`: {e}", t.name)))?;
-                bytes_read += bytes as u64;
-            }
-            let g = global.map(|_| graw.as_slice());
-            let partial = if acc64 {
-                block_gram::<f64>(t, range.start, g, &raws, full)?
-            } else {
-                block_gram::<f32>(t, range.start, g, &raws, full)?
-            };
-            for (a, b) in gram.iter_mut().zip(partial) {
-                *a += b;
-            }
+        for (a, b) in gram.iter_mut().zip(partial) {
+            *a += b;
         }
+        Ok(block.raws)
+    });
+    match result {
+        Err(StatsError::Read { input, error }) if input == n => {
+            return Err(StatsError::Global(format!("reading: {error}")))
+        }
+        other => other?,
     }
     let gram = (0..n)
         .map(|i| {
@@ -95,22 +93,13 @@ pub fn run(
     Ok(Statistics { gram, bytes_read })
 }
 
-/// Reads the same byte range of one tensor from every input, in parallel.
-pub(crate) fn read_all(
-    inputs: &[&Source],
-    name: &str,
-    offset: u64,
-    bytes: usize,
-    raws: &mut [Vec<u8>],
-) -> Result<(), StatsError> {
-    raws.par_iter_mut()
-        .zip(inputs.par_iter())
-        .enumerate()
-        .try_for_each(|(i, (buf, src))| {
-            buf.resize(bytes, 0);
-            src.read(name, offset, buf)
-                .map_err(|error| StatsError::Read { input: i, error })
-        })
+impl From<ReadFailure> for StatsError {
+    fn from(f: ReadFailure) -> Self {
+        StatsError::Read {
+            input: f.source,
+            error: f.error,
+        }
+    }
 }
 
 fn block_gram<A: Acc>(

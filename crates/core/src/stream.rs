@@ -59,6 +59,79 @@ impl Source {
     }
 }
 
+/// One block of one tensor, read from every source.
+pub struct Block<'r> {
+    pub tensor: &'r TensorEntry,
+    pub range: std::ops::Range<usize>,
+    /// One buffer per source, same order as the sources given.
+    pub raws: Vec<Vec<u8>>,
+}
+
+/// A read that failed: which source, and why.
+pub struct ReadFailure {
+    pub source: usize,
+    pub error: std::io::Error,
+}
+
+/// Calls `f` on every block of every selected tensor, in order, while a
+/// second thread reads the next block: reading (memory copies out of the
+/// page cache) overlaps with combining instead of alternating with it. Two
+/// buffer sets circulate, so memory stays at two blocks per source.
+pub fn for_each_block<'r, E: From<ReadFailure> + Send>(
+    reference: &'r [TensorEntry],
+    select: impl Fn(&TensorEntry) -> bool,
+    sources: &[&Source],
+    block_elems: usize,
+    mut f: impl FnMut(Block<'r>) -> Result<Vec<Vec<u8>>, E>,
+) -> Result<(), E> {
+    let items: Vec<(&'r TensorEntry, std::ops::Range<usize>)> = reference
+        .iter()
+        .filter(|t| select(t))
+        .flat_map(|t| blocks(t.elements(), block_elems).map(move |r| (t, r)))
+        .collect();
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Block<'r>, ReadFailure>>(1);
+        let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(2);
+        for _ in 0..2 {
+            let _ = empty_tx.send(vec![Vec::new(); sources.len()]);
+        }
+        scope.spawn(move || {
+            for (tensor, range) in items {
+                let Ok(mut raws) = empty_rx.recv() else {
+                    return;
+                };
+                let eb = crate::float::elem_bytes(tensor.dtype);
+                let off = (range.start * eb) as u64;
+                let mut failed = None;
+                for (i, (buf, src)) in raws.iter_mut().zip(sources).enumerate() {
+                    buf.resize(range.len() * eb, 0);
+                    if let Err(error) = src.read(&tensor.name, off, buf) {
+                        failed = Some(ReadFailure { source: i, error });
+                        break;
+                    }
+                }
+                let msg = match failed {
+                    Some(e) => Err(e),
+                    None => Ok(Block {
+                        tensor,
+                        range,
+                        raws,
+                    }),
+                };
+                if full_tx.send(msg).is_err() {
+                    return;
+                }
+            }
+        });
+        for msg in full_rx {
+            let raws = f(msg?)?;
+            // The reader may already be done; then nobody needs the buffers.
+            let _ = empty_tx.send(raws);
+        }
+        Ok(())
+    })
+}
+
 /// Splits `elements` into consecutive blocks of at most `block` elements.
 pub fn blocks(elements: usize, block: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     let block = block.max(1);

@@ -1,0 +1,49 @@
+//! `fedstep`: the operator CLI. Each subcommand lives in its own module and
+//! stays thin: parse arguments, call the library, print.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod aggregate_cmd;
+mod bench;
+mod model_cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "fedstep",
+    version,
+    about = "Serverless federated learning on AWS: operator CLI"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Aggregate client updates (safetensors files) into a new global model.
+    Aggregate(aggregate_cmd::Args),
+    /// Inspect model files.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
+    /// Benchmarks (synthetic data in a temp dir).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Aggregate(args) => aggregate_cmd::run(args),
+        Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fedstep: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

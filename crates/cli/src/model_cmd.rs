@@ -1,0 +1,78 @@
+//! `fedstep model ...`: look inside model files.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use fedstep_core::model;
+use fedstep_core::Limits;
+
+use crate::aggregate_cmd::human_bytes;
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Print a model's tensors (name, dtype, shape, bytes) and header metadata.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: ModelCommand) -> Result<()> {
+    match cmd {
+        ModelCommand::Inspect { file, json } => inspect(file, json),
+    }
+}
+
+fn inspect(file: PathBuf, json: bool) -> Result<()> {
+    let (_, header) =
+        model::open(&file, &Limits::default()).with_context(|| format!("{}", file.display()))?;
+    let params: usize = header.tensors.iter().map(|t| t.elements()).sum();
+    if json {
+        let tensors: Vec<_> = header
+            .tensors
+            .iter()
+            .map(|t| {
+                serde_json::json!({"name": t.name, "dtype": format!("{:?}", t.dtype),
+                                   "shape": t.shape, "bytes": t.byte_len()})
+            })
+            .collect();
+        let v = serde_json::json!({"file": file, "metadata": header.metadata, "tensors": tensors,
+                                   "parameters": params, "bytes": header.file_len});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{}", file.display());
+    for (k, v) in &header.metadata {
+        println!("  metadata {k} = {v}");
+    }
+    let width = header
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "  {:<width$}  {:<5}  {:<20}  {:>12}",
+        "name", "dtype", "shape", "bytes"
+    );
+    for t in &header.tensors {
+        println!(
+            "  {:<width$}  {:<5}  {:<20}  {:>12}",
+            t.name,
+            format!("{:?}", t.dtype),
+            format!("{:?}", t.shape),
+            t.byte_len()
+        );
+    }
+    println!(
+        "  {} tensors · {} parameters · {}",
+        header.tensors.len(),
+        params,
+        human_bytes(header.file_len)
+    );
+    Ok(())
+}
