@@ -65,7 +65,7 @@ fn parse_count(s: &str) -> Result<u64, String> {
     let v: f64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a count like 25M"))?;
-    if !(v >= 1.0) {
+    if v.is_nan() || v < 1.0 {
         return Err(format!("`{s}` must be at least 1"));
     }
     Ok((v * mult as f64) as u64)
