@@ -1,0 +1,177 @@
+//! A federated training job: one TOML file (`examples/job.toml`).
+//!
+//! ```toml
+//! job_id = "digits-001"
+//! rounds = 10                    # at most this many rounds
+//! clients = ["site-a", "site-b", "site-c"]
+//! min_clients = 2                # quorum at the deadline
+//! round_timeout_seconds = 600
+//! initial_model = "init.safetensors"   # uploaded by `fedstep job start`
+//!
+//! [stop]                         # optional early stop, decided in Rust
+//! metric = "accuracy"            # a key of the round's aggregated metrics
+//! target = 0.95                  # stop when metric ≥ target ("min" mode: ≤)
+//! mode = "max"
+//! patience = 3                   # stop after this many rounds without improvement
+//!
+//! [aggregation]                  # fedstep-core's PipelineConfig
+//! weighting = "examples"
+//!
+//! [round_config]                 # passed to clients untouched
+//! local_epochs = 2
+//! ```
+
+use std::collections::BTreeSet;
+
+use fedstep_core::PipelineConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::check_id;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub job_id: String,
+    pub rounds: u32,
+    pub clients: Vec<String>,
+    pub min_clients: u32,
+    pub round_timeout_seconds: u64,
+    /// Local path of the initial model (used by `fedstep job start` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopRule>,
+    /// The aggregation pipeline, as TOML text is parsed by fedstep-core.
+    #[serde(default)]
+    pub aggregation: toml::Table,
+    #[serde(default)]
+    pub round_config: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StopRule {
+    pub metric: String,
+    #[serde(default)]
+    pub target: Option<f64>,
+    #[serde(default)]
+    pub mode: StopMode,
+    #[serde(default)]
+    pub patience: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StopMode {
+    #[default]
+    Max,
+    Min,
+}
+
+impl JobSpec {
+    /// Parses and checks a job file; every contradiction is named.
+    pub fn from_toml(text: &str) -> Result<JobSpec, String> {
+        let job: JobSpec = toml::from_str(text).map_err(|e| e.to_string())?;
+        job.check()?;
+        Ok(job)
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        check_id("job_id", &self.job_id)?;
+        if self.rounds == 0 {
+            return Err("rounds must be at least 1".into());
+        }
+        if self.clients.is_empty() {
+            return Err("clients is empty: a federation needs at least one client".into());
+        }
+        let mut seen = BTreeSet::new();
+        for c in &self.clients {
+            check_id("client id", c)?;
+            if !seen.insert(c) {
+                return Err(format!("client `{c}` is listed twice"));
+            }
+        }
+        if self.min_clients == 0 {
+            return Err("min_clients must be at least 1".into());
+        }
+        if self.min_clients as usize > self.clients.len() {
+            return Err(format!(
+                "min_clients = {} exceeds the {} clients listed",
+                self.min_clients,
+                self.clients.len()
+            ));
+        }
+        if self.round_timeout_seconds == 0 || self.round_timeout_seconds > 365 * 24 * 3600 {
+            return Err("round_timeout_seconds must be between 1 and one year".into());
+        }
+        if let Some(s) = &self.stop {
+            if s.target.is_none() && s.patience.is_none() {
+                return Err("[stop] needs a target, a patience, or both".into());
+            }
+            if s.target.is_some_and(|t| !t.is_finite()) {
+                return Err("[stop] target must be a finite number".into());
+            }
+        }
+        self.pipeline().map(|_| ())
+    }
+
+    pub fn pipeline(&self) -> Result<PipelineConfig, String> {
+        let text = toml::to_string(&self.aggregation).map_err(|e| e.to_string())?;
+        PipelineConfig::from_toml(&text).map_err(|e| format!("[aggregation]: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+job_id = "digits-001"
+rounds = 3
+clients = ["site-a", "site-b", "site-c"]
+min_clients = 2
+round_timeout_seconds = 60
+[aggregation]
+weighting = "uniform"
+[round_config]
+local_epochs = 2
+"#;
+
+    #[test]
+    fn parses_a_job() {
+        let j = JobSpec::from_toml(GOOD).unwrap();
+        assert_eq!(j.clients.len(), 3);
+        assert_eq!(
+            j.pipeline().unwrap().weighting,
+            fedstep_core::weighting::Weighting::Uniform
+        );
+        assert_eq!(j.round_config["local_epochs"], 2);
+    }
+
+    #[test]
+    fn contradictions_are_named() {
+        for (from, to, want) in [
+            (
+                "min_clients = 2",
+                "min_clients = 4",
+                "exceeds the 3 clients",
+            ),
+            ("rounds = 3", "rounds = 0", "rounds must be at least 1"),
+            ("\"site-c\"]", "\"site-a\"]", "listed twice"),
+            ("job_id = \"digits-001\"", "job_id = \"../x\"", "job_id"),
+            (
+                "weighting = \"uniform\"",
+                "weighting = \"best\"",
+                "[aggregation]",
+            ),
+            (
+                "round_timeout_seconds = 60",
+                "round_timeout_seconds = 0",
+                "round_timeout_seconds",
+            ),
+        ] {
+            let err = JobSpec::from_toml(&GOOD.replace(from, to)).unwrap_err();
+            assert!(err.contains(want), "{to}: {err}");
+        }
+    }
+}

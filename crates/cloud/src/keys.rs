@@ -1,0 +1,56 @@
+//! The S3 key layout (DESIGN.md §2). Keys are deterministic so every step is
+//! safe to retry: writing the same object twice writes the same key.
+
+pub fn global_model(job_id: &str, round: u32) -> String {
+    format!("jobs/{job_id}/rounds/{round}/global.safetensors")
+}
+
+pub fn update(job_id: &str, round: u32, client_id: &str) -> String {
+    format!("jobs/{job_id}/rounds/{round}/updates/{client_id}.safetensors")
+}
+
+pub fn server_state(job_id: &str, round: u32) -> String {
+    format!("jobs/{job_id}/rounds/{round}/server_state.safetensors")
+}
+
+/// The `updates` table's sort key: `{job_id}#{round:06}`.
+pub fn job_round(job_id: &str, round: u32) -> String {
+    format!("{job_id}#{round:06}")
+}
+
+/// Ids are used in keys, table keys and queue names: keep them to a safe
+/// alphabet so no id can escape its prefix (`../`, `#`, `/`).
+pub fn check_id(kind: &str, id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !id.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{kind} `{id}` must be 1–64 characters of A–Z a–z 0–9 - _ . and not start with a dot"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_and_id_rules() {
+        assert_eq!(global_model("j", 2), "jobs/j/rounds/2/global.safetensors");
+        assert_eq!(
+            update("j", 2, "site-a"),
+            "jobs/j/rounds/2/updates/site-a.safetensors"
+        );
+        assert_eq!(job_round("j", 7), "j#000007");
+        assert!(check_id("client", "site-a").is_ok());
+        for bad in ["", "../x", "a/b", "a#b", ".hidden", &"x".repeat(65)] {
+            assert!(check_id("client", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! fedstep-cloud: the round protocol of DESIGN.md §3, written once against
+//! small ports so that the same code runs in the Lambda (AWS adapters), in
+//! the emulator worker, and in `fedstep simulate` (local adapters).
+
+pub mod error;
+pub mod job;
+pub mod keys;
+pub mod ports;
+pub mod records;
+
+pub use error::CloudError;
+pub use job::JobSpec;

@@ -1,0 +1,203 @@
+//! The ports the round engine is written against. Each has an AWS adapter
+//! (S3, DynamoDB, SNS, Step Functions, SQS) and a local one (filesystem,
+//! in-process) used by `fedstep simulate` and the fast fault harness.
+//!
+//! Methods return `impl Future + Send` so the engine can run on tokio's
+//! multi-threaded runtime; implementations may simply write `async fn`.
+
+use std::future::Future;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::job::JobSpec;
+use crate::records::{Artifact, Notification, RoundRecord, RoundResult, UpdateRecord};
+
+/// Size and SHA-256 (lowercase hex) of a stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The model registry (S3). Objects move as files: models can be large, so
+/// nothing here holds a whole model in memory.
+pub trait ObjectStore: Send + Sync {
+    /// Uploads `path` to `key` with its SHA-256 checksum; returns it.
+    fn put_file(&self, key: &str, path: &Path) -> impl Future<Output = Result<ObjectInfo>> + Send;
+    /// Downloads `key` to `path` (atomically: a partial download never sits
+    /// at `path`); returns the SHA-256 computed over the bytes received.
+    fn get_file(&self, key: &str, path: &Path) -> impl Future<Output = Result<ObjectInfo>> + Send;
+    /// `None` when the object does not exist.
+    fn head(&self, key: &str) -> impl Future<Output = Result<Option<ObjectInfo>>> + Send;
+}
+
+/// What a conditional `put_update` found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PutUpdate {
+    Created,
+    /// The same row (same checksum) was already there: a retry, a no-op.
+    AlreadyThere,
+    /// A different row exists for this client and round; it stays.
+    Conflict(Box<UpdateRecord>),
+}
+
+/// What `open_round` found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpenRound {
+    Created,
+    /// The round was already OPEN (a retried StartRound): the task token
+    /// was replaced by the new one.
+    TokenReplaced,
+    /// The round already moved on (AGGREGATING, CLOSED or FAILED).
+    AlreadyPast(Box<RoundRecord>),
+}
+
+/// The ledger (DynamoDB): the `rounds` table (written by the aggregator
+/// only; the job header is round 0) and the `updates` table (written by
+/// clients). Every state change is conditional.
+pub trait Ledger: Send + Sync {
+    /// Stores the job header if absent. An existing, different job with the
+    /// same id is `ConditionFailed`.
+    fn put_job(&self, job: &JobSpec) -> impl Future<Output = Result<()>> + Send;
+    fn get_job(&self, job_id: &str) -> impl Future<Output = Result<Option<JobSpec>>> + Send;
+
+    fn open_round(&self, round: &RoundRecord) -> impl Future<Output = Result<OpenRound>> + Send;
+    fn get_round(
+        &self,
+        job_id: &str,
+        round: u32,
+    ) -> impl Future<Output = Result<Option<RoundRecord>>> + Send;
+    /// All rounds of a job, oldest first (job header excluded).
+    fn list_rounds(&self, job_id: &str) -> impl Future<Output = Result<Vec<RoundRecord>>> + Send;
+    /// Set-ADDs `client` to the round's `received`; returns the new row.
+    /// Replays are harmless. `NotFound` if the round does not exist.
+    fn add_received(
+        &self,
+        job_id: &str,
+        round: u32,
+        client: &str,
+    ) -> impl Future<Output = Result<RoundRecord>> + Send;
+    /// Records why a client's update was not used (overwrites that client's entry).
+    fn record_rejection(
+        &self,
+        job_id: &str,
+        round: u32,
+        client: &str,
+        reason: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// OPEN → AGGREGATING, or takes over an AGGREGATING round whose lease
+    /// expired before `now`. Exactly one caller wins; it gets the row.
+    fn claim_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        now: i64,
+        lease_seconds: i64,
+    ) -> impl Future<Output = Result<Option<RoundRecord>>> + Send;
+    /// AGGREGATING (held by `owner`) → CLOSED with the result. False if the
+    /// lease was lost (another owner took over).
+    fn close_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        result: &RoundResult,
+    ) -> impl Future<Output = Result<bool>> + Send;
+    /// → FAILED with a reason, unless the round is CLOSED.
+    fn fail_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        reason: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Conditional put: one row per client per round.
+    fn put_update(&self, update: &UpdateRecord) -> impl Future<Output = Result<PutUpdate>> + Send;
+    fn get_update(
+        &self,
+        client_id: &str,
+        job_id: &str,
+        round: u32,
+    ) -> impl Future<Output = Result<Option<UpdateRecord>>> + Send;
+
+    /// Registers a final model in the artifact registry.
+    fn put_artifact(&self, artifact: &Artifact) -> impl Future<Output = Result<()>> + Send;
+    /// Artifacts, newest first, optionally of one llm_type.
+    fn list_artifacts(
+        &self,
+        llm_type: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<Artifact>>> + Send;
+}
+
+/// The `global_model_ready` / `training_complete` topic (SNS).
+pub trait Notifier: Send + Sync {
+    fn publish(&self, message: &Notification) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// What became of a callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Callback {
+    Delivered,
+    /// TaskTimedOut / InvalidToken: the workflow moved on (the deadline path
+    /// owns the round now). Not an error.
+    WorkflowMovedOn(String),
+}
+
+/// Step Functions task callbacks.
+pub trait TaskCallback: Send + Sync {
+    fn succeed(&self, token: &str, output: &Value)
+        -> impl Future<Output = Result<Callback>> + Send;
+    fn fail(
+        &self,
+        token: &str,
+        error: &str,
+        cause: &str,
+    ) -> impl Future<Output = Result<Callback>> + Send;
+}
+
+/// One message from a client's queue (SQS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueMessage {
+    pub body: String,
+    /// Opaque handle for delete / visibility changes.
+    pub receipt: String,
+    /// How many times it has been delivered (1 = first time).
+    pub receive_count: u32,
+}
+
+/// A client's queue.
+pub trait ClientQueue: Send + Sync {
+    /// Long-polls for up to `wait_seconds`; returns at most `max` messages.
+    fn receive(
+        &self,
+        max: u32,
+        wait_seconds: u32,
+    ) -> impl Future<Output = Result<Vec<QueueMessage>>> + Send;
+    fn delete(&self, receipt: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Keeps a message invisible for `seconds` more (while training).
+    fn extend_visibility(
+        &self,
+        receipt: &str,
+        seconds: u32,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Wall-clock time in Unix seconds; injectable so tests can move deadlines
+/// and leases.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> i64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,163 @@
+//! The rows and messages of the round protocol (DESIGN.md §2–3). Field
+//! names are the DynamoDB attribute names and JSON keys: changing one is a
+//! schema change.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Version of the messages and rows below; readers refuse newer ones.
+pub const SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RoundStatus {
+    /// Accepting updates.
+    Open,
+    /// Claimed by one aggregator (lease in `lease_owner`/`lease_expires_at`).
+    Aggregating,
+    /// The next global model is written; `result` holds the outcome.
+    Closed,
+    /// Gave up (quorum not met, no usable update); `failure` says why.
+    Failed,
+}
+
+/// One row of the `rounds` table (PK `job_id`, SK `round`). Written by the
+/// aggregator only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoundRecord {
+    pub job_id: String,
+    pub round: u32,
+    pub status: RoundStatus,
+    /// Step Functions task token of the StartRound task (never sent to
+    /// clients). A retried StartRound replaces it.
+    #[serde(default)]
+    pub task_token: Option<String>,
+    pub expected_clients: Vec<String>,
+    pub min_clients: u32,
+    /// Unix seconds after which the deadline path (CloseRound) owns the round.
+    pub deadline: i64,
+    /// Clients whose update row has been seen (a set: replays are harmless).
+    #[serde(default)]
+    pub received: BTreeSet<String>,
+    /// client → why its update was not used.
+    #[serde(default)]
+    pub rejections: BTreeMap<String, String>,
+    #[serde(default)]
+    pub lease_owner: Option<String>,
+    #[serde(default)]
+    pub lease_expires_at: Option<i64>,
+    /// The model clients train in this round, and its SHA-256 (hex).
+    pub global_model_key: String,
+    pub global_checksum: String,
+    #[serde(default)]
+    pub result: Option<RoundResult>,
+    #[serde(default)]
+    pub failure: Option<String>,
+}
+
+/// What a round produced: the StartRound callback output and the CloseRound
+/// return value (statemachine/README.md). `continue` is the only field the
+/// state machine reads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoundResult {
+    pub job_id: String,
+    pub round: u32,
+    /// The next round's global model.
+    pub global_model_key: String,
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    #[serde(rename = "continue")]
+    pub continue_training: bool,
+    /// Which path closed the round: "stream" (all clients in) or "deadline".
+    pub closed_by: String,
+    /// Accepted clients and rejected clients with reasons.
+    #[serde(default)]
+    pub accepted: Vec<String>,
+    #[serde(default)]
+    pub rejected: BTreeMap<String, String>,
+}
+
+/// One row of the `updates` table (PK `client_id`, SK `job_round`), written
+/// by a client after its model is in S3. Untrusted: every field is checked
+/// by the aggregator before use.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UpdateRecord {
+    pub client_id: String,
+    /// `{job_id}#{round:06}`.
+    pub job_round: String,
+    pub job_id: String,
+    pub round: u32,
+    pub model_key: String,
+    /// SHA-256 of the model file, lowercase hex.
+    pub checksum: String,
+    /// As claimed; validated by the weighting stage.
+    pub num_examples: Value,
+    #[serde(default)]
+    pub llm_type: Option<String>,
+    #[serde(default)]
+    pub metrics: BTreeMap<String, Value>,
+    pub bytes: u64,
+    /// RFC 3339 time the client finished training.
+    pub trained_at: String,
+    #[serde(default)]
+    pub schema: Option<u32>,
+}
+
+/// Published on the `global_model_ready` topic when a round opens.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GlobalModelReady {
+    pub schema: u32,
+    pub job_id: String,
+    pub round: u32,
+    pub model_key: String,
+    pub checksum: String,
+    /// Unix seconds.
+    pub deadline: i64,
+    #[serde(default)]
+    pub round_config: serde_json::Map<String, Value>,
+}
+
+/// Published when the job ends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainingComplete {
+    pub schema: u32,
+    pub job_id: String,
+    pub final_round: u32,
+    pub final_model_key: String,
+    pub artifact_id: String,
+}
+
+/// Every message on the topic, tagged by `type`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Notification {
+    GlobalModelReady(GlobalModelReady),
+    TrainingComplete(TrainingComplete),
+}
+
+impl Notification {
+    pub fn job_id(&self) -> &str {
+        match self {
+            Notification::GlobalModelReady(m) => &m.job_id,
+            Notification::TrainingComplete(m) => &m.job_id,
+        }
+    }
+}
+
+/// A registered final model ("pull artifact ID" is one query).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Artifact {
+    /// `{job_id}:{round}`.
+    pub artifact_id: String,
+    pub job_id: String,
+    pub round: u32,
+    pub llm_type: String,
+    pub model_key: String,
+    pub checksum: String,
+    /// RFC 3339.
+    pub created_at: String,
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+}
