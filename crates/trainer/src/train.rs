@@ -1,0 +1,152 @@
+//! One client's local training: start from the global weights, run a few
+//! epochs of minibatch SGD on local data, return the new weights.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use candle_nn::{Optimizer, SGD};
+use rand::seq::SliceRandom;
+
+use crate::dataset::Dataset;
+use crate::error::{Result, TrainerError};
+use crate::eval::{check_compatible, evaluate_vars, Eval};
+use crate::model::MlpParams;
+use crate::seed::{rng, Purpose};
+
+/// Hyper-parameters of local training.
+///
+/// The defaults are tuned on the bundled digits with the three default
+/// non-IID clients (`examples/fedavg_digits.rs`, seeds 0..8): 10 FedAvg
+/// rounds reach 0.93-0.97 of centralised accuracy on the same epoch budget
+/// while the {1,2,3} client alone stays at 0.29-0.47 of it. Longer or
+/// hotter local training raises everything but mostly lets the lone client
+/// memorise its 5% share of foreign digits, which erases the contrast the
+/// simulation is meant to show.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Passes over the local data per round.
+    pub local_epochs: usize,
+    pub batch_size: usize,
+    /// Plain SGD step size. SGD without momentum is used because FedAvg
+    /// recreates the optimiser every round, so momentum state would not
+    /// survive anyway.
+    pub learning_rate: f64,
+    /// Base seed for weight init and minibatch order.
+    pub seed: u64,
+    /// Hidden width; used only when creating a fresh model. Training takes
+    /// the architecture from the model it is given.
+    pub hidden: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            local_epochs: 3,
+            batch_size: 32,
+            learning_rate: 0.05,
+            seed: 0,
+            hidden: 64,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects values that would make training a silent no-op or diverge
+    /// immediately.
+    pub fn validate(&self) -> Result<()> {
+        if self.local_epochs == 0 {
+            return Err(TrainerError::Config("local_epochs must be > 0".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(TrainerError::Config("batch_size must be > 0".into()));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(TrainerError::Config(format!(
+                "learning_rate must be a positive number, got {}",
+                self.learning_rate
+            )));
+        }
+        if self.hidden == 0 {
+            return Err(TrainerError::Config("hidden must be > 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What a client reports after a round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOutcome {
+    /// The locally trained model, as safetensors.
+    pub model_bytes: Vec<u8>,
+    /// Samples trained on; the FedAvg weight.
+    pub num_examples: usize,
+    /// `"loss"` and `"accuracy"` of the returned model on the local
+    /// training data (measured after training, not averaged during it, so
+    /// they describe exactly the weights being sent).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Trains the model in `global_model` (safetensors) on `data`.
+///
+/// `round_seed` selects the minibatch order together with `cfg.seed`; give
+/// each round (and each client) a different value so their shuffles differ,
+/// and the same value to reproduce a run bit for bit.
+pub fn train_local(
+    global_model: &[u8],
+    data: &Dataset,
+    cfg: &TrainConfig,
+    round_seed: u64,
+) -> Result<TrainOutcome> {
+    let params = MlpParams::from_safetensors(global_model)?;
+    let (trained, eval) = train_params(&params, data, cfg, round_seed)?;
+    Ok(TrainOutcome {
+        model_bytes: trained.to_safetensors()?,
+        num_examples: data.len(),
+        metrics: BTreeMap::from([
+            ("loss".to_string(), eval.loss),
+            ("accuracy".to_string(), eval.accuracy),
+        ]),
+    })
+}
+
+/// [`train_local`] on decoded parameters, for callers (benchmarks,
+/// centralised baselines) that keep models in memory between rounds.
+/// Returns the trained parameters and their evaluation on `data`.
+pub fn train_params(
+    params: &MlpParams,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    round_seed: u64,
+) -> Result<(MlpParams, Eval)> {
+    cfg.validate()?;
+    let shape = params.shape();
+    check_compatible(shape, data)?;
+    let device = Device::Cpu;
+    let net = params.to_vars(&device)?;
+    let mut sgd = SGD::new(net.vars(), cfg.learning_rate)?;
+    let mut rng = rng(cfg.seed, Purpose::Minibatch, round_seed);
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    let mut batch_x: Vec<f32> = Vec::with_capacity(cfg.batch_size * data.dim());
+    for _ in 0..cfg.local_epochs {
+        order.shuffle(&mut rng);
+        for batch in order.chunks(cfg.batch_size) {
+            batch_x.clear();
+            for &i in batch {
+                batch_x.extend_from_slice(data.row(i));
+            }
+            let x = Tensor::from_slice(&batch_x, (batch.len(), data.dim()), &device)?;
+            let y: Vec<u32> = batch.iter().map(|&i| u32::from(data.labels()[i])).collect();
+            let y = Tensor::from_vec(y, batch.len(), &device)?;
+            let loss = candle_nn::loss::cross_entropy(&net.forward(&x)?, &y)?;
+            sgd.backward_step(&loss)?;
+        }
+    }
+    let eval = evaluate_vars(&net, shape, data)?;
+    let trained = net.to_params().map_err(|e| match e {
+        TrainerError::Model(m) => TrainerError::Model(format!(
+            "training diverged (try a lower learning_rate): {m}"
+        )),
+        other => other,
+    })?;
+    Ok((trained, eval))
+}
