@@ -2,11 +2,13 @@
 //! small ports so that the same code runs in the Lambda (AWS adapters), in
 //! the emulator worker, and in `fedstep simulate` (local adapters).
 
+pub mod engine;
 pub mod error;
 pub mod job;
 pub mod keys;
 pub mod ports;
 pub mod records;
 
+pub use engine::{EngineConfig, RoundEngine, UpdateOutcome};
 pub use error::CloudError;
 pub use job::JobSpec;

@@ -1,0 +1,136 @@
+//! The round engine: the round protocol of DESIGN.md §3, written once over
+//! the ports so the Lambda, the emulator worker and `fedstep simulate` run
+//! the very same code.
+//!
+//! Every step is safe to retry and to run concurrently with itself: state
+//! changes go through the ledger's conditional writes (open, claim with a
+//! lease, close by owner) and object keys are deterministic.
+
+use std::path::PathBuf;
+
+use crate::error::{CloudError, Result};
+use crate::job::JobSpec;
+use crate::ports::{Clock, Ledger, Notifier, ObjectStore, TaskCallback};
+use crate::records::{RoundRecord, RoundResult, UpdateRecord};
+
+/// Where and as whom an engine works.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Scratch space; round files go under `{workdir}/{job}/{round}/` and are
+    /// removed afterwards.
+    pub workdir: PathBuf,
+    /// Lease owner name; unique per engine instance (e.g. a Lambda request id).
+    pub owner: String,
+    /// How long a claim on a round is held before another engine may take
+    /// over. Must exceed the longest aggregation (Lambda: its timeout).
+    pub lease_seconds: i64,
+}
+
+/// What became of one row from the `updates` stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpdateOutcome {
+    /// Counted; the round waits for more.
+    Recorded { received: usize, expected: usize },
+    /// This row completed the round and this engine aggregated it.
+    Aggregated(RoundResult),
+    /// The row breaks a rule (named in the reason); the round goes on.
+    Rejected(String),
+    /// The round is no longer OPEN (or the row is a replay of a counted one).
+    Late(String),
+}
+
+pub struct RoundEngine<S, L, N, C, K>
+where
+    S: ObjectStore,
+    L: Ledger,
+    N: Notifier,
+    C: TaskCallback,
+    K: Clock,
+{
+    store: S,
+    ledger: L,
+    notifier: N,
+    callback: C,
+    clock: K,
+    config: EngineConfig,
+}
+
+impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
+where
+    S: ObjectStore,
+    L: Ledger,
+    N: Notifier,
+    C: TaskCallback,
+    K: Clock,
+{
+    pub fn new(
+        store: S,
+        ledger: L,
+        notifier: N,
+        callback: C,
+        clock: K,
+        config: EngineConfig,
+    ) -> Self {
+        RoundEngine {
+            store,
+            ledger,
+            notifier,
+            callback,
+            clock,
+            config,
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn ledger(&self) -> &L {
+        &self.ledger
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// StartRound task (see the module docs of `start`).
+    pub async fn start_round(
+        &self,
+        job: &JobSpec,
+        round: u32,
+        task_token: &str,
+    ) -> Result<RoundRecord> {
+        let _ = (
+            job,
+            round,
+            task_token,
+            &self.notifier,
+            &self.callback,
+            &self.clock,
+        );
+        Err(CloudError::Other("not implemented yet".into()))
+    }
+
+    /// One INSERT from the `updates` stream.
+    pub async fn on_update(&self, update: &UpdateRecord) -> Result<UpdateOutcome> {
+        let _ = update;
+        Err(CloudError::Other("not implemented yet".into()))
+    }
+
+    /// CloseRound task (deadline path).
+    pub async fn close_round(&self, job_id: &str, round: u32) -> Result<RoundResult> {
+        let _ = (job_id, round);
+        Err(CloudError::Other("not implemented yet".into()))
+    }
+
+    /// Finalize task.
+    pub async fn finalize(
+        &self,
+        job_id: &str,
+        round: u32,
+        result: &RoundResult,
+    ) -> Result<serde_json::Value> {
+        let _ = (job_id, round, result);
+        Err(CloudError::Other("not implemented yet".into()))
+    }
+}
