@@ -15,8 +15,10 @@ pub enum CloudError {
     /// Bad data from outside (a row, a message, a config); not retryable.
     #[error("invalid input: {0}")]
     Invalid(String),
-    /// The round cannot be aggregated: fewer than min_clients updates.
-    #[error("quorum not met: {0}")]
+    /// The round cannot be aggregated: fewer than min_clients updates. The
+    /// text is the whole cause, starting "quorum not met: " (it is what the
+    /// state machine shows as the Cause of error `QuorumNotMet`).
+    #[error("{0}")]
     QuorumNotMet(String),
     #[error("aggregation failed: {0}")]
     Aggregate(#[from] fedstep_core::AggregateError),

@@ -2,12 +2,15 @@
 //! small ports so that the same code runs in the Lambda (AWS adapters), in
 //! the emulator worker, and in `fedstep simulate` (local adapters).
 
+pub mod checksum;
 pub mod engine;
 pub mod error;
 pub mod job;
 pub mod keys;
+pub mod local;
 pub mod ports;
 pub mod records;
+pub mod timefmt;
 
 pub use engine::{EngineConfig, RoundEngine, UpdateOutcome};
 pub use error::CloudError;

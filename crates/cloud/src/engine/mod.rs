@@ -6,12 +6,23 @@
 //! changes go through the ledger's conditional writes (open, claim with a
 //! lease, close by owner) and object keys are deterministic.
 
+mod aggregation;
+mod close;
+mod finalize;
+mod metrics;
+mod start;
+mod stop_rule;
+mod update;
+mod validate;
+mod workdir;
+
 use std::path::PathBuf;
 
-use crate::error::{CloudError, Result};
-use crate::job::JobSpec;
+pub use finalize::UNTYPED;
+pub use update::NO_USABLE_UPDATE;
+
 use crate::ports::{Clock, Ledger, Notifier, ObjectStore, TaskCallback};
-use crate::records::{RoundRecord, RoundResult, UpdateRecord};
+use crate::records::RoundResult;
 
 /// Where and as whom an engine works.
 #[derive(Debug, Clone)]
@@ -91,46 +102,5 @@ where
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
-    }
-
-    /// StartRound task (see the module docs of `start`).
-    pub async fn start_round(
-        &self,
-        job: &JobSpec,
-        round: u32,
-        task_token: &str,
-    ) -> Result<RoundRecord> {
-        let _ = (
-            job,
-            round,
-            task_token,
-            &self.notifier,
-            &self.callback,
-            &self.clock,
-        );
-        Err(CloudError::Other("not implemented yet".into()))
-    }
-
-    /// One INSERT from the `updates` stream.
-    pub async fn on_update(&self, update: &UpdateRecord) -> Result<UpdateOutcome> {
-        let _ = update;
-        Err(CloudError::Other("not implemented yet".into()))
-    }
-
-    /// CloseRound task (deadline path).
-    pub async fn close_round(&self, job_id: &str, round: u32) -> Result<RoundResult> {
-        let _ = (job_id, round);
-        Err(CloudError::Other("not implemented yet".into()))
-    }
-
-    /// Finalize task.
-    pub async fn finalize(
-        &self,
-        job_id: &str,
-        round: u32,
-        result: &RoundResult,
-    ) -> Result<serde_json::Value> {
-        let _ = (job_id, round, result);
-        Err(CloudError::Other("not implemented yet".into()))
     }
 }

@@ -1,0 +1,122 @@
+//! StartRound: open the round row and tell the clients a global model is
+//! ready. The task token stays in the ledger; clients never see it.
+
+use super::close::failure_error;
+use super::update::NO_USABLE_UPDATE;
+use super::RoundEngine;
+use crate::error::{CloudError, Result};
+use crate::job::JobSpec;
+use crate::keys;
+use crate::ports::{Clock, Ledger, Notifier, ObjectStore, OpenRound, TaskCallback};
+use crate::records::{GlobalModelReady, Notification, RoundRecord, RoundStatus, SCHEMA};
+
+impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
+where
+    S: ObjectStore,
+    L: Ledger,
+    N: Notifier,
+    C: TaskCallback,
+    K: Clock,
+{
+    /// StartRound task. `job` comes from the execution input. Writes the job
+    /// header if absent, opens the round row (token, expected clients,
+    /// min_clients, deadline = now + timeout, the global model's key and
+    /// checksum — that model must already be in the store) and publishes
+    /// `global_model_ready`.
+    ///
+    /// Idempotent: a retry (new token) replaces the stored token and
+    /// publishes again (clients dedupe by job and round). If the round is
+    /// already past OPEN: CLOSED → its result is sent with the new token;
+    /// FAILED → the failure is sent; AGGREGATING → nothing (the aggregator
+    /// holds the old token; if its callback is refused, the deadline path
+    /// returns the stored result).
+    pub async fn start_round(
+        &self,
+        job: &JobSpec,
+        round: u32,
+        task_token: &str,
+    ) -> Result<RoundRecord> {
+        job.check()
+            .map_err(|e| CloudError::Invalid(format!("job `{}`: {e}", job.job_id)))?;
+        if round == 0 || round > job.rounds {
+            return Err(CloudError::Invalid(format!(
+                "round {round} is outside 1..={} of job `{}`",
+                job.rounds, job.job_id
+            )));
+        }
+        if task_token.is_empty() {
+            return Err(CloudError::Invalid("the task token is empty".into()));
+        }
+        self.ledger.put_job(job).await?;
+
+        let key = keys::global_model(&job.job_id, round);
+        let Some(global) = self.store.head(&key).await? else {
+            return Err(CloudError::NotFound(format!(
+                "the global model of round {round} of job `{}` is not at `{key}` \
+                 (round 1's is uploaded by `fedstep job start`, round r+1's by round r's aggregation)",
+                job.job_id
+            )));
+        };
+        let timeout = i64::try_from(job.round_timeout_seconds).unwrap_or(i64::MAX);
+        let fresh = RoundRecord {
+            job_id: job.job_id.clone(),
+            round,
+            status: RoundStatus::Open,
+            task_token: Some(task_token.to_string()),
+            expected_clients: job.clients.clone(),
+            min_clients: job.min_clients,
+            deadline: self.clock.now().saturating_add(timeout),
+            received: Default::default(),
+            rejections: Default::default(),
+            lease_owner: None,
+            lease_expires_at: None,
+            global_model_key: key,
+            global_checksum: global.sha256,
+            result: None,
+            failure: None,
+        };
+        match self.ledger.open_round(&fresh).await? {
+            OpenRound::Created | OpenRound::TokenReplaced => {
+                // Publish what is stored (a retry keeps the first deadline).
+                let row = self
+                    .ledger
+                    .get_round(&job.job_id, round)
+                    .await?
+                    .unwrap_or(fresh);
+                let message = Notification::GlobalModelReady(GlobalModelReady {
+                    schema: SCHEMA,
+                    job_id: row.job_id.clone(),
+                    round,
+                    model_key: row.global_model_key.clone(),
+                    checksum: row.global_checksum.clone(),
+                    deadline: row.deadline,
+                    round_config: job.round_config.clone(),
+                });
+                self.notifier.publish(&message).await?;
+                Ok(row)
+            }
+            OpenRound::AlreadyPast(row) => {
+                match (&row.status, &row.result) {
+                    (RoundStatus::Closed, Some(result)) => {
+                        let output = serde_json::to_value(result).map_err(|e| {
+                            CloudError::Other(format!("encoding the round result: {e}"))
+                        })?;
+                        self.callback.succeed(task_token, &output).await?;
+                    }
+                    (RoundStatus::Failed, _) => {
+                        let err = failure_error(&row);
+                        let name = match &err {
+                            CloudError::QuorumNotMet(_) => "QuorumNotMet",
+                            _ => NO_USABLE_UPDATE,
+                        };
+                        self.callback
+                            .fail(task_token, name, &err.to_string())
+                            .await?;
+                    }
+                    _ => {}
+                }
+                Ok(*row)
+            }
+        }
+    }
+}

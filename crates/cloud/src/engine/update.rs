@@ -1,0 +1,169 @@
+//! The stream path: one `updates` row at a time (at-least-once, maybe out of
+//! order, maybe duplicated). Validate, count (a set ADD: replays are
+//! harmless), and when every expected client is accounted for, claim the
+//! round and aggregate; exactly one invocation wins the claim.
+
+use super::aggregation::{participants, Closing};
+use super::validate::{check_against_round, check_ids};
+use super::{RoundEngine, UpdateOutcome};
+use crate::error::Result;
+use crate::job::JobSpec;
+use crate::ports::{Callback, Clock, Ledger, Notifier, ObjectStore, TaskCallback};
+use crate::records::{RoundRecord, RoundStatus, UpdateRecord};
+
+/// Error name sent with `SendTaskFailure` when nothing was usable.
+pub const NO_USABLE_UPDATE: &str = "NoUsableUpdate";
+
+impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
+where
+    S: ObjectStore,
+    L: Ledger,
+    N: Notifier,
+    C: TaskCallback,
+    K: Clock,
+{
+    /// One INSERT from the `updates` stream.
+    ///
+    /// - `Rejected`: the row breaks a rule (the reason names it); recorded
+    ///   in the round's rejections when the round exists. Also returned when
+    ///   this row completed the round but no update at all was usable (the
+    ///   round is then FAILED and the workflow told so).
+    /// - `Late`: the round is past OPEN. A row that was already counted
+    ///   (a replay) is not recorded again; a new one is recorded as late.
+    /// - `Recorded`: counted; `received` counts usable updates so far.
+    /// - `Aggregated`: this row completed the round and this engine closed it.
+    ///
+    /// A rejected expected client counts as "in" for completeness (it has
+    /// one row per round, so it cannot send a better one): the round closes
+    /// early once everyone is received or rejected and the usable updates
+    /// reach min_clients; otherwise the deadline path decides.
+    ///
+    /// `Err` only for infrastructure failures (worth a stream retry).
+    pub async fn on_update(&self, update: &UpdateRecord) -> Result<UpdateOutcome> {
+        if let Err(reason) = check_ids(update) {
+            return Ok(UpdateOutcome::Rejected(reason));
+        }
+        let (job_id, round, client) = (&update.job_id, update.round, &update.client_id);
+        let Some(job) = self.ledger.get_job(job_id).await? else {
+            return Ok(UpdateOutcome::Rejected(format!("job: no job `{job_id}`")));
+        };
+        let Some(row) = self.ledger.get_round(job_id, round).await? else {
+            return Ok(UpdateOutcome::Rejected(format!(
+                "round: job `{job_id}` has no round {round}"
+            )));
+        };
+        if row.status != RoundStatus::Open {
+            return self.on_update_past_open(&job, &row, client).await;
+        }
+        if let Err(reason) = check_against_round(update, &row) {
+            self.ledger
+                .record_rejection(job_id, round, client, &reason)
+                .await?;
+            return Ok(UpdateOutcome::Rejected(reason));
+        }
+        let after = self.ledger.add_received(job_id, round, client).await?;
+        if after.status != RoundStatus::Open && !row.received.contains(client) {
+            // Claimed between our read and our ADD: the claimer's snapshot
+            // did not include this client.
+            let reason = format!(
+                "late: round {round} became {:?} while this update was being counted",
+                after.status
+            );
+            self.ledger
+                .record_rejection(job_id, round, client, &reason)
+                .await?;
+            return Ok(UpdateOutcome::Late(reason));
+        }
+        let usable = participants(&after).len();
+        let expected = after.expected_clients.len();
+        let all_in = after
+            .expected_clients
+            .iter()
+            .all(|c| after.received.contains(c) || after.rejections.contains_key(c));
+        if !all_in || usable < after.min_clients as usize {
+            return Ok(UpdateOutcome::Recorded {
+                received: usable,
+                expected,
+            });
+        }
+        self.claim_and_aggregate(&job, &after).await
+    }
+
+    /// A row for a round that is AGGREGATING, CLOSED or FAILED.
+    async fn on_update_past_open(
+        &self,
+        job: &JobSpec,
+        row: &RoundRecord,
+        client: &str,
+    ) -> Result<UpdateOutcome> {
+        let reason = if row.received.contains(client) {
+            format!(
+                "replay: round {} is {:?} and this update was already counted",
+                row.round, row.status
+            )
+        } else {
+            let reason = format!(
+                "late: round {} is {:?}; updates are no longer accepted",
+                row.round, row.status
+            );
+            self.ledger
+                .record_rejection(&row.job_id, row.round, client, &reason)
+                .await?;
+            reason
+        };
+        // A stream retry after a crashed aggregator lands here: take over
+        // once its lease has run out.
+        let expired = row.lease_expires_at.is_some_and(|e| e < self.clock.now());
+        if row.status == RoundStatus::Aggregating && expired {
+            return self.claim_and_aggregate(job, row).await;
+        }
+        Ok(UpdateOutcome::Late(reason))
+    }
+
+    /// Claims the round (or takes over an expired lease) and, if this
+    /// engine wins, aggregates and calls back the StartRound task.
+    async fn claim_and_aggregate(&self, job: &JobSpec, row: &RoundRecord) -> Result<UpdateOutcome> {
+        let recorded = UpdateOutcome::Recorded {
+            received: participants(row).len(),
+            expected: row.expected_clients.len(),
+        };
+        let Some(claimed) = self
+            .ledger
+            .claim_round(
+                &row.job_id,
+                row.round,
+                &self.config.owner,
+                self.clock.now(),
+                self.config.lease_seconds,
+            )
+            .await?
+        else {
+            // Another invocation won: it aggregates and calls back.
+            return Ok(recorded);
+        };
+        let token = claimed.task_token.clone();
+        match self.aggregate_claimed(job, &claimed, "stream").await? {
+            Closing::Closed(result) => {
+                if let Some(token) = &token {
+                    let output = serde_json::to_value(&result).map_err(|e| {
+                        crate::error::CloudError::Other(format!("encoding the round result: {e}"))
+                    })?;
+                    // WorkflowMovedOn: the deadline path owns the round now
+                    // and will return the stored result itself.
+                    let _: Callback = self.callback.succeed(token, &output).await?;
+                }
+                Ok(UpdateOutcome::Aggregated(result))
+            }
+            Closing::LeaseLost => Ok(recorded),
+            Closing::Failed(reason) => {
+                if let Some(token) = &token {
+                    let _: Callback = self.callback.fail(token, NO_USABLE_UPDATE, &reason).await?;
+                }
+                Ok(UpdateOutcome::Rejected(format!(
+                    "round {} failed: {reason}",
+                    claimed.round
+                )))
+            }
+        }
+    }
+}

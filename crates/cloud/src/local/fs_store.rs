@@ -1,0 +1,158 @@
+//! `ObjectStore` over a directory: key `a/b/c` is file `{root}/a/b/c`.
+//!
+//! Writes go to a temporary file beside the target and are renamed into
+//! place, so a reader never sees half an object (as with S3). Files are
+//! copied synchronously: this adapter serves local runs and tests, where
+//! the runtime has nothing better to do meanwhile.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::checksum::{sha256_file, Sha256Hasher};
+use crate::error::{CloudError, Result};
+use crate::ports::{ObjectInfo, ObjectStore};
+
+#[derive(Debug, Clone)]
+pub struct FsStore {
+    root: PathBuf,
+}
+
+impl FsStore {
+    /// Creates `root` if needed.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)?;
+        Ok(FsStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The file behind a key. Keys are relative paths of plain segments: a
+    /// key cannot reach outside the root (`..`, absolute, empty segments).
+    pub fn path_of(&self, key: &str) -> Result<PathBuf> {
+        let plain = !key.is_empty()
+            && !key.contains('\\')
+            && key
+                .split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+        if !plain {
+            return Err(CloudError::Invalid(format!(
+                "object key `{key}` must be a relative path of plain segments"
+            )));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Copies `from` to `to` through a temporary file in `to`'s directory and
+/// renames it into place; hashes the bytes on the way.
+fn copy_atomic(from: &Path, to: &Path) -> std::io::Result<ObjectInfo> {
+    let dir = to.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut src = File::open(from)?;
+        let mut dst = File::create(&tmp)?;
+        let mut h = Sha256Hasher::default();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut bytes = 0u64;
+        loop {
+            let n = src.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            dst.write_all(&buf[..n])?;
+            bytes += n as u64;
+        }
+        dst.sync_all()?;
+        std::fs::rename(&tmp, to)?;
+        Ok(ObjectInfo {
+            bytes,
+            sha256: h.finish_hex(),
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl ObjectStore for FsStore {
+    async fn put_file(&self, key: &str, path: &Path) -> Result<ObjectInfo> {
+        let dest = self.path_of(key)?;
+        copy_atomic(path, &dest).map_err(|e| {
+            CloudError::Io(std::io::Error::new(
+                e.kind(),
+                format!("uploading {} to `{key}`: {e}", path.display()),
+            ))
+        })
+    }
+
+    async fn get_file(&self, key: &str, path: &Path) -> Result<ObjectInfo> {
+        let src = self.path_of(key)?;
+        if !src.is_file() {
+            return Err(CloudError::NotFound(format!("object `{key}`")));
+        }
+        copy_atomic(&src, path).map_err(|e| {
+            CloudError::Io(std::io::Error::new(
+                e.kind(),
+                format!("downloading `{key}` to {}: {e}", path.display()),
+            ))
+        })
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let p = self.path_of(key)?;
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => Ok(Some(ObjectInfo {
+                bytes: m.len(),
+                sha256: sha256_file(&p)?,
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trips_with_checksums_and_refuses_escaping_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path().join("bucket")).unwrap();
+        let src = dir.path().join("in.bin");
+        std::fs::write(&src, b"abc").unwrap();
+        let put = store.put_file("jobs/j/x.bin", &src).await.unwrap();
+        assert_eq!(put.bytes, 3);
+        assert_eq!(store.head("jobs/j/x.bin").await.unwrap(), Some(put.clone()));
+        let out = dir.path().join("out/x.bin");
+        assert_eq!(store.get_file("jobs/j/x.bin", &out).await.unwrap(), put);
+        assert_eq!(std::fs::read(&out).unwrap(), b"abc");
+        assert_eq!(store.head("jobs/j/none").await.unwrap(), None);
+        assert!(matches!(
+            store.get_file("jobs/j/none", &out).await,
+            Err(CloudError::NotFound(_))
+        ));
+        for bad in ["../x", "/etc/passwd", "a//b", "", "a/./b", "a/"] {
+            assert!(store.head(bad).await.is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! `Ledger` in memory, with the conditional semantics the DynamoDB adapter
+//! implements with condition expressions. Each method takes the one lock
+//! for its whole read-check-write, which is what a conditional write is.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::{CloudError, Result};
+use crate::job::JobSpec;
+use crate::keys;
+use crate::ports::{Ledger, OpenRound, PutUpdate};
+use crate::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
+
+#[derive(Default)]
+struct Tables {
+    jobs: BTreeMap<String, JobSpec>,
+    /// (job_id, round)
+    rounds: BTreeMap<(String, u32), RoundRecord>,
+    /// (client_id, job_round)
+    updates: BTreeMap<(String, String), UpdateRecord>,
+    artifacts: BTreeMap<String, Artifact>,
+}
+
+#[derive(Clone, Default)]
+pub struct MemLedger {
+    tables: Arc<Mutex<Tables>>,
+}
+
+impl MemLedger {
+    pub fn new() -> Self {
+        MemLedger::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        // A panic while holding the lock leaves consistent maps (every
+        // method mutates at most one entry, last): keep going.
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Test hook: overwrite a round row as is (e.g. to fake a crashed
+    /// aggregator's claim).
+    pub fn put_round_raw(&self, row: RoundRecord) {
+        self.lock()
+            .rounds
+            .insert((row.job_id.clone(), row.round), row);
+    }
+}
+
+fn not_found(job_id: &str, round: u32) -> CloudError {
+    CloudError::NotFound(format!("round {round} of job `{job_id}`"))
+}
+
+/// Semantics, matching the DynamoDB adapter:
+/// - `put_job`: put if `attribute_not_exists`; an equal header is a no-op,
+///   a different one `ConditionFailed`.
+/// - `open_round`: absent → Created; OPEN → only `task_token` is replaced
+///   (TokenReplaced; deadline, received etc. stay); otherwise AlreadyPast.
+/// - `add_received`: set ADD under `attribute_exists` (any status: the
+///   engine decides what a late ADD means); NotFound if absent.
+/// - `record_rejection`: map SET of one client under `attribute_exists`.
+/// - `claim_round`: OPEN, or AGGREGATING with `lease_expires_at < now` (a
+///   row without an expiry is not claimable) →
+///   AGGREGATING with the new owner and `now + lease_seconds`. The same
+///   owner does not re-claim its own live lease (two concurrent calls in one
+///   engine must not both win).
+/// - `close_round`: AGGREGATING and `lease_owner = owner` → CLOSED with the
+///   result; true. Otherwise false (also when already CLOSED).
+/// - `fail_round`: any status but CLOSED → FAILED with this reason; CLOSED
+///   → no-op; NotFound if absent.
+/// - `put_update`: put if absent; same checksum → AlreadyThere, else Conflict.
+/// - `put_artifact`: put if absent (a retried Finalize keeps the first).
+/// - `list_artifacts`: newest `created_at` first (ties: artifact_id desc).
+impl Ledger for MemLedger {
+    async fn put_job(&self, job: &JobSpec) -> Result<()> {
+        let mut t = self.lock();
+        match t.jobs.get(&job.job_id) {
+            None => {
+                t.jobs.insert(job.job_id.clone(), job.clone());
+                Ok(())
+            }
+            Some(existing) if existing == job => Ok(()),
+            Some(_) => Err(CloudError::ConditionFailed(format!(
+                "job `{}` exists with a different spec",
+                job.job_id
+            ))),
+        }
+    }
+
+    async fn get_job(&self, job_id: &str) -> Result<Option<JobSpec>> {
+        Ok(self.lock().jobs.get(job_id).cloned())
+    }
+
+    async fn open_round(&self, round: &RoundRecord) -> Result<OpenRound> {
+        let mut t = self.lock();
+        let key = (round.job_id.clone(), round.round);
+        match t.rounds.get_mut(&key) {
+            None => {
+                t.rounds.insert(key, round.clone());
+                Ok(OpenRound::Created)
+            }
+            Some(existing) if existing.status == RoundStatus::Open => {
+                existing.task_token = round.task_token.clone();
+                Ok(OpenRound::TokenReplaced)
+            }
+            Some(existing) => Ok(OpenRound::AlreadyPast(Box::new(existing.clone()))),
+        }
+    }
+
+    async fn get_round(&self, job_id: &str, round: u32) -> Result<Option<RoundRecord>> {
+        Ok(self
+            .lock()
+            .rounds
+            .get(&(job_id.to_string(), round))
+            .cloned())
+    }
+
+    async fn list_rounds(&self, job_id: &str) -> Result<Vec<RoundRecord>> {
+        Ok(self
+            .lock()
+            .rounds
+            .range((job_id.to_string(), 1)..=(job_id.to_string(), u32::MAX))
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    async fn add_received(&self, job_id: &str, round: u32, client: &str) -> Result<RoundRecord> {
+        let mut t = self.lock();
+        let row = t
+            .rounds
+            .get_mut(&(job_id.to_string(), round))
+            .ok_or_else(|| not_found(job_id, round))?;
+        row.received.insert(client.to_string());
+        Ok(row.clone())
+    }
+
+    async fn record_rejection(
+        &self,
+        job_id: &str,
+        round: u32,
+        client: &str,
+        reason: &str,
+    ) -> Result<()> {
+        let mut t = self.lock();
+        let row = t
+            .rounds
+            .get_mut(&(job_id.to_string(), round))
+            .ok_or_else(|| not_found(job_id, round))?;
+        row.rejections
+            .insert(client.to_string(), reason.to_string());
+        Ok(())
+    }
+
+    async fn claim_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        now: i64,
+        lease_seconds: i64,
+    ) -> Result<Option<RoundRecord>> {
+        let mut t = self.lock();
+        let row = t
+            .rounds
+            .get_mut(&(job_id.to_string(), round))
+            .ok_or_else(|| not_found(job_id, round))?;
+        let claimable = match row.status {
+            RoundStatus::Open => true,
+            RoundStatus::Aggregating => row.lease_expires_at.is_some_and(|e| e < now),
+            RoundStatus::Closed | RoundStatus::Failed => false,
+        };
+        if !claimable {
+            return Ok(None);
+        }
+        row.status = RoundStatus::Aggregating;
+        row.lease_owner = Some(owner.to_string());
+        row.lease_expires_at = Some(now.saturating_add(lease_seconds));
+        Ok(Some(row.clone()))
+    }
+
+    async fn close_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        result: &RoundResult,
+    ) -> Result<bool> {
+        let mut t = self.lock();
+        let row = t
+            .rounds
+            .get_mut(&(job_id.to_string(), round))
+            .ok_or_else(|| not_found(job_id, round))?;
+        if row.status == RoundStatus::Aggregating && row.lease_owner.as_deref() == Some(owner) {
+            row.status = RoundStatus::Closed;
+            row.result = Some(result.clone());
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    async fn fail_round(&self, job_id: &str, round: u32, reason: &str) -> Result<()> {
+        let mut t = self.lock();
+        let row = t
+            .rounds
+            .get_mut(&(job_id.to_string(), round))
+            .ok_or_else(|| not_found(job_id, round))?;
+        if row.status != RoundStatus::Closed {
+            row.status = RoundStatus::Failed;
+            row.failure = Some(reason.to_string());
+        }
+        Ok(())
+    }
+
+    async fn put_update(&self, update: &UpdateRecord) -> Result<PutUpdate> {
+        let mut t = self.lock();
+        let key = (update.client_id.clone(), update.job_round.clone());
+        match t.updates.get(&key) {
+            None => {
+                t.updates.insert(key, update.clone());
+                Ok(PutUpdate::Created)
+            }
+            Some(existing) if existing.checksum == update.checksum => Ok(PutUpdate::AlreadyThere),
+            Some(existing) => Ok(PutUpdate::Conflict(Box::new(existing.clone()))),
+        }
+    }
+
+    async fn get_update(
+        &self,
+        client_id: &str,
+        job_id: &str,
+        round: u32,
+    ) -> Result<Option<UpdateRecord>> {
+        Ok(self
+            .lock()
+            .updates
+            .get(&(client_id.to_string(), keys::job_round(job_id, round)))
+            .cloned())
+    }
+
+    async fn put_artifact(&self, artifact: &Artifact) -> Result<()> {
+        self.lock()
+            .artifacts
+            .entry(artifact.artifact_id.clone())
+            .or_insert_with(|| artifact.clone());
+        Ok(())
+    }
+
+    async fn list_artifacts(&self, llm_type: Option<&str>) -> Result<Vec<Artifact>> {
+        let mut v: Vec<Artifact> = self
+            .lock()
+            .artifacts
+            .values()
+            .filter(|a| llm_type.is_none_or(|t| a.llm_type == t))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| b.artifact_id.cmp(&a.artifact_id))
+        });
+        Ok(v)
+    }
+}
