@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod aggregate_cmd;
 mod bench;
 mod model_cmd;
+mod simulate;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +31,9 @@ enum Command {
     /// Benchmarks (synthetic data in a temp dir).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run a whole federation in one process (round engine + local adapters):
+    /// non-IID clients on the bundled digits, baselines, report and plot.
+    Simulate(simulate::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
         Command::Aggregate(args) => aggregate_cmd::run(args),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Simulate(args) => simulate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

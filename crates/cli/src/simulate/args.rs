@@ -1,0 +1,327 @@
+//! `fedstep simulate`'s flags, and their checks: every bad combination is
+//! refused before any data is loaded, with a message naming the flag.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use fedstep_core::PipelineConfig;
+use fedstep_trainer::TrainConfig;
+use serde::Serialize;
+
+use super::classes::{default_groups, parse_groups};
+use super::timestamp;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Number of simulated clients [default: 3, or the number of --classes groups].
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Preferred classes per client: groups separated by `;`, classes by `,`
+    /// [default with 3 clients: "1,2,3;4,5,6;7,8,9,0" (STADLE's demo); with N
+    /// clients the digits 1..9,0 cut into N contiguous groups].
+    #[arg(long)]
+    pub classes: Option<String>,
+    /// Probability that a client takes a sample of one of its classes.
+    #[arg(long, default_value_t = 1.0)]
+    pub sel_prob: f64,
+    /// Probability that a client takes a sample of any other class.
+    #[arg(long, default_value_t = 0.05)]
+    pub def_prob: f64,
+    /// Rounds of federated training.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u32,
+    /// Local epochs per round (the baselines get rounds × local epochs).
+    #[arg(long, default_value_t = TrainConfig::default().local_epochs)]
+    pub local_epochs: usize,
+    /// Local minibatch size.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Local SGD learning rate.
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
+    pub learning_rate: f64,
+    /// Hidden width of the MLP.
+    #[arg(long, default_value_t = TrainConfig::default().hidden)]
+    pub hidden: usize,
+    /// Seed for the split, the initial model and every minibatch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Aggregation pipeline (fedstep-core PipelineConfig TOML, e.g.
+    /// examples/aggregation/median.toml) [default: FedAvg].
+    #[arg(long, value_name = "CONFIG.toml")]
+    pub aggregation: Option<PathBuf>,
+    /// Run directory (model store, report.json, accuracy.svg)
+    /// [default: runs/simulate-<UTC timestamp>].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// The last K clients train on shuffled labels.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub noisy_clients: usize,
+    /// The last K clients send sign-flipped, scaled updates
+    /// (global − s·(local − global)) and claim their usual example count.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub byzantine_clients: usize,
+    /// The scale s of a byzantine update.
+    #[arg(long, default_value_t = 10.0, value_name = "S")]
+    pub byzantine_scale: f64,
+    /// Share of the data held out for the global test set.
+    #[arg(long, default_value_t = 0.25)]
+    pub test_fraction: f64,
+    /// Share of each client's data held out to measure the metrics it
+    /// reports (what `quality` weighting reads).
+    #[arg(long, default_value_t = 0.2)]
+    pub validation_fraction: f64,
+    /// MNIST images (IDX, e.g. train-images-idx3-ubyte) instead of the
+    /// bundled digits.
+    #[arg(long, requires = "mnist_labels", value_name = "FILE")]
+    pub mnist_images: Option<PathBuf>,
+    /// MNIST labels (IDX, e.g. train-labels-idx1-ubyte).
+    #[arg(long, requires = "mnist_images", value_name = "FILE")]
+    pub mnist_labels: Option<PathBuf>,
+}
+
+/// Where the data comes from.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DataSource {
+    /// The UCI digits shipped in fedstep-trainer.
+    Digits,
+    Mnist {
+        images: PathBuf,
+        labels: PathBuf,
+    },
+}
+
+/// The checked, resolved settings of one simulation (also written to
+/// report.json as `config`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub data: DataSource,
+    /// One preferred-class group per client; checked against the dataset
+    /// once it is loaded.
+    pub groups: Vec<Vec<u8>>,
+    /// True when the groups came from the default rule (so they are
+    /// recomputed for the dataset's class count).
+    #[serde(skip)]
+    pub default_groups: bool,
+    pub sel_prob: f64,
+    pub def_prob: f64,
+    pub rounds: u32,
+    pub local_epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub hidden: usize,
+    pub seed: u64,
+    pub noisy_clients: usize,
+    pub byzantine_clients: usize,
+    pub byzantine_scale: f64,
+    pub test_fraction: f64,
+    pub validation_fraction: f64,
+    /// The aggregation file, if any, and its parsed pipeline.
+    pub aggregation_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub aggregation: toml::Table,
+    #[serde(skip)]
+    pub pipeline: PipelineConfig,
+    pub out: PathBuf,
+}
+
+impl Settings {
+    pub fn clients(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn train_config(&self) -> TrainConfig {
+        TrainConfig {
+            local_epochs: self.local_epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            seed: self.seed,
+            hidden: self.hidden,
+        }
+    }
+
+    /// Client k (0-based) trains on shuffled labels.
+    pub fn is_noisy(&self, k: usize) -> bool {
+        k >= self.clients() - self.noisy_clients
+    }
+
+    /// Client k (0-based) sends a sign-flipped, scaled update.
+    pub fn is_byzantine(&self, k: usize) -> bool {
+        k >= self.clients() - self.byzantine_clients
+    }
+}
+
+/// How many clients the defaults use: STADLE's three agents.
+const DEFAULT_CLIENTS: usize = 3;
+/// Digits and MNIST both have ten classes; used for the default groups
+/// before the dataset is loaded (recomputed afterwards).
+const DIGIT_CLASSES: usize = 10;
+
+impl Args {
+    pub fn resolve(self) -> Result<Settings> {
+        let (groups, default) = match (&self.classes, self.clients) {
+            (Some(text), n) => {
+                let groups = parse_groups(text)?;
+                if let Some(n) = n {
+                    if n != groups.len() {
+                        bail!(
+                            "--clients {n} but --classes gives {} groups ({text:?}): \
+                             give one `;`-separated group per client",
+                            groups.len()
+                        );
+                    }
+                }
+                (groups, false)
+            }
+            (None, Some(0)) => bail!("--clients must be at least 1"),
+            (None, n) => (
+                default_groups(n.unwrap_or(DEFAULT_CLIENTS), DIGIT_CLASSES),
+                true,
+            ),
+        };
+        let n = groups.len();
+        if n > 1000 {
+            bail!("--clients {n}: at most 1000 simulated clients");
+        }
+        for (flag, p) in [("--sel-prob", self.sel_prob), ("--def-prob", self.def_prob)] {
+            if !(0.0..=1.0).contains(&p) {
+                bail!("{flag} must be a probability in [0, 1], got {p}");
+            }
+        }
+        if self.rounds == 0 {
+            bail!("--rounds must be at least 1");
+        }
+        if self.noisy_clients + self.byzantine_clients > n {
+            bail!(
+                "--noisy-clients {} + --byzantine-clients {} exceeds the {n} clients \
+                 (each takes the last K clients; they may not overlap)",
+                self.noisy_clients,
+                self.byzantine_clients
+            );
+        }
+        if !(self.byzantine_scale.is_finite() && self.byzantine_scale > 0.0) {
+            bail!(
+                "--byzantine-scale must be a positive number, got {}",
+                self.byzantine_scale
+            );
+        }
+        if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
+            bail!(
+                "--test-fraction must be in (0, 1), got {}",
+                self.test_fraction
+            );
+        }
+        if !(self.validation_fraction > 0.0 && self.validation_fraction <= 0.5) {
+            bail!(
+                "--validation-fraction must be in (0, 0.5], got {}",
+                self.validation_fraction
+            );
+        }
+        let (aggregation, pipeline) = match &self.aggregation {
+            None => (toml::Table::new(), PipelineConfig::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--aggregation {}", path.display()))?;
+                let pipeline = PipelineConfig::from_toml(&text)
+                    .map_err(|e| anyhow::anyhow!("--aggregation {}: {e}", path.display()))?;
+                let table: toml::Table = toml::from_str(&text)
+                    .with_context(|| format!("--aggregation {}", path.display()))?;
+                (table, pipeline)
+            }
+        };
+        let data = match (self.mnist_images, self.mnist_labels) {
+            (Some(images), Some(labels)) => DataSource::Mnist { images, labels },
+            _ => DataSource::Digits,
+        };
+        let settings = Settings {
+            data,
+            groups,
+            default_groups: default,
+            sel_prob: self.sel_prob,
+            def_prob: self.def_prob,
+            rounds: self.rounds,
+            local_epochs: self.local_epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            hidden: self.hidden,
+            seed: self.seed,
+            noisy_clients: self.noisy_clients,
+            byzantine_clients: self.byzantine_clients,
+            byzantine_scale: self.byzantine_scale,
+            test_fraction: self.test_fraction,
+            validation_fraction: self.validation_fraction,
+            aggregation_file: self.aggregation,
+            aggregation,
+            pipeline,
+            out: self
+                .out
+                .unwrap_or_else(|| PathBuf::from("runs").join(timestamp::run_dir_name())),
+        };
+        settings.train_config().validate().map_err(|e| {
+            anyhow::anyhow!("{e} (check --local-epochs, --batch-size, --learning-rate, --hidden)")
+        })?;
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn resolve(flags: &[&str]) -> Result<Settings> {
+        let argv = std::iter::once("simulate").chain(flags.iter().copied());
+        Cli::try_parse_from(argv)?.args.resolve()
+    }
+
+    #[test]
+    fn defaults_are_stadles_demo() {
+        let s = resolve(&[]).unwrap();
+        assert_eq!(
+            s.groups,
+            vec![vec![1, 2, 3], vec![4, 5, 6], vec![7, 8, 9, 0]]
+        );
+        assert_eq!((s.sel_prob, s.def_prob, s.rounds), (1.0, 0.05, 10));
+        assert!(s.out.starts_with("runs"));
+        assert!(!s.is_noisy(2) && !s.is_byzantine(2));
+        let s = resolve(&["--clients", "4", "--noisy-clients", "1"]).unwrap();
+        assert_eq!(s.clients(), 4);
+        assert!(s.is_noisy(3) && !s.is_noisy(2));
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        for (flags, want) in [
+            (&["--classes", "1,2;x"][..], "`x` in group 2"),
+            (
+                &["--clients", "2", "--classes", "1;2;3"][..],
+                "--clients 2 but --classes gives 3 groups",
+            ),
+            (
+                &["--sel-prob", "1.5"][..],
+                "--sel-prob must be a probability",
+            ),
+            (&["--def-prob=-0.1"][..], "--def-prob must be a probability"),
+            (&["--clients", "0"][..], "--clients must be at least 1"),
+            (&["--rounds", "0"][..], "--rounds must be at least 1"),
+            (
+                &["--noisy-clients", "2", "--byzantine-clients", "2"][..],
+                "exceeds the 3 clients",
+            ),
+            (&["--local-epochs", "0"][..], "local_epochs"),
+            (
+                &["--aggregation", "/nonexistent.toml"][..],
+                "--aggregation /nonexistent.toml",
+            ),
+        ] {
+            let err = format!("{:#}", resolve(flags).unwrap_err());
+            assert!(err.contains(want), "{flags:?}: {err}");
+        }
+    }
+}

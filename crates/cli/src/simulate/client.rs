@@ -1,0 +1,167 @@
+//! One simulated client taking part in one round, over the same ports a
+//! real client uses (DESIGN.md §3 step 2): take `global_model_ready` from
+//! its queue, download the global model through the store and verify its
+//! checksum, train with fedstep-trainer, upload to `keys::update`, put its
+//! `updates` row through the ledger, and only then delete the message.
+//!
+//! Why not `fedstep_client::Worker`: the simulator needs clients that
+//! misbehave on purpose (shuffled labels, sign-flipped updates) and that
+//! report metrics from a held-out validation slice, and its own round
+//! progress bar; the worker's per-round spinner would draw over it. The
+//! protocol steps are the same few port calls.
+//!
+//! What a simulated client reports: `llm_type = "SpikingEvoTextLM"` with
+//! `loss` = cross-entropy on its validation slice and `perplexity` =
+//! exp(loss), so `quality` weighting (DESIGN.md §4) gives it
+//! (1/(1+ln ppl) + 1/(1+loss))/2 = 1/(1+loss): a client whose labels are
+//! garbage measures a high loss on its own held-out data and weighs less.
+//! `accuracy`, `train_loss` and `train_accuracy` ride along for the report.
+//! A byzantine client reports the metrics of its honest model (it lies).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use fedstep_cloud::keys;
+use fedstep_cloud::ports::{ClientQueue, Ledger, ObjectStore, PutUpdate};
+use fedstep_cloud::records::{Notification, UpdateRecord, SCHEMA};
+use fedstep_trainer::{evaluate, train_local, TrainConfig};
+use serde_json::Value;
+
+use super::attack::sign_flip;
+use super::data::ClientShare;
+use super::timestamp::rfc3339_now;
+
+/// The model type simulated clients claim (see the module docs).
+pub const LLM_TYPE: &str = "SpikingEvoTextLM";
+
+pub struct SimClient {
+    pub index: usize,
+    pub share: ClientShare,
+    pub cfg: TrainConfig,
+    pub byzantine_scale: f64,
+    /// Scratch directory for this client's downloads and uploads.
+    pub workdir: PathBuf,
+}
+
+/// What one client did in one round: the row it wrote (the driver hands it
+/// to the engine as the DynamoDB stream would) and how long it took.
+pub struct ClientRound {
+    pub record: UpdateRecord,
+    pub seconds: f64,
+}
+
+impl SimClient {
+    /// Takes the next message from `queue` and, for `global_model_ready`
+    /// of `job_id`'s round `round`, takes part in that round.
+    pub async fn take_part<Q, S, L>(
+        self: Arc<Self>,
+        queue: &Q,
+        store: &S,
+        ledger: &L,
+        job_id: &str,
+        round: u32,
+    ) -> Result<ClientRound>
+    where
+        Q: ClientQueue,
+        S: ObjectStore,
+        L: Ledger,
+    {
+        let started = Instant::now();
+        let id = self.share.id.clone();
+        let mut messages = queue.receive(1, 0).await?;
+        let Some(message) = messages.pop() else {
+            bail!("{id}: no global_model_ready on its queue for round {round}");
+        };
+        let ready = match serde_json::from_str::<Notification>(&message.body)
+            .with_context(|| format!("{id}: malformed message {:?}", message.body))?
+        {
+            Notification::GlobalModelReady(m) if m.job_id == job_id && m.round == round => m,
+            other => {
+                bail!("{id}: expected global_model_ready for {job_id} round {round}, got {other:?}")
+            }
+        };
+
+        let dir = self.workdir.join(format!("round-{round}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let global_path = dir.join("global.safetensors");
+        let got = store.get_file(&ready.model_key, &global_path).await?;
+        if got.sha256 != ready.checksum {
+            bail!(
+                "{id}: global model {} has sha256 {} but the message says {}",
+                ready.model_key,
+                got.sha256,
+                ready.checksum
+            );
+        }
+        let global = std::fs::read(&global_path)?;
+
+        let me = Arc::clone(&self);
+        let (model, metrics, num_examples) =
+            tokio::task::spawn_blocking(move || me.train(&global, round))
+                .await
+                .map_err(|e| anyhow!("{id}: training task: {e}"))??;
+
+        let local_path = dir.join("update.safetensors");
+        std::fs::write(&local_path, &model)?;
+        let key = keys::update(job_id, round, &id);
+        let put = store.put_file(&key, &local_path).await?;
+        let record = UpdateRecord {
+            client_id: id.clone(),
+            job_round: keys::job_round(job_id, round),
+            job_id: job_id.to_string(),
+            round,
+            model_key: key,
+            checksum: put.sha256,
+            num_examples: Value::from(num_examples as u64),
+            llm_type: Some(LLM_TYPE.to_string()),
+            metrics: metrics
+                .into_iter()
+                .map(|(k, v)| (k, Value::from(v)))
+                .collect(),
+            bytes: put.bytes,
+            trained_at: rfc3339_now(),
+            schema: Some(SCHEMA),
+        };
+        match ledger.put_update(&record).await? {
+            PutUpdate::Created | PutUpdate::AlreadyThere => {}
+            PutUpdate::Conflict(other) => bail!(
+                "{id}: a different update (sha256 {}) is already recorded for round {round}",
+                other.checksum
+            ),
+        }
+        queue.delete(&message.receipt).await?;
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(ClientRound {
+            record,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Local training (CPU-bound; runs on a blocking thread). Returns the
+    /// model to send, the metrics to report and the claimed example count.
+    fn train(&self, global: &[u8], round: u32) -> Result<(Vec<u8>, BTreeMap<String, f64>, usize)> {
+        // A distinct, reproducible minibatch order per client and round.
+        let round_seed = u64::from(round) * 1000 + self.index as u64;
+        let out = train_local(global, &self.share.train, &self.cfg, round_seed)
+            .with_context(|| format!("{}: local training", self.share.id))?;
+        let val = evaluate(&out.model_bytes, &self.share.validation)?;
+        let mut metrics = BTreeMap::from([
+            ("loss".to_string(), val.loss),
+            // Capped so a diverged client still reports a finite number.
+            ("perplexity".to_string(), val.loss.min(700.0).exp()),
+            ("accuracy".to_string(), val.accuracy),
+        ]);
+        for (k, v) in &out.metrics {
+            metrics.insert(format!("train_{k}"), *v);
+        }
+        let model = if self.share.byzantine {
+            sign_flip(global, &out.model_bytes, self.byzantine_scale)?
+        } else {
+            out.model_bytes
+        };
+        Ok((model, metrics, out.num_examples))
+    }
+}

@@ -1,0 +1,340 @@
+//! The driver: a whole federation in one process on the cloud path's own
+//! round engine and aggregation, over the local adapters.
+//!
+//! Per round it does what Step Functions, SNS/SQS and the DynamoDB stream
+//! do in the cloud: `start_round` (with a fake task token) publishes
+//! `global_model_ready` to every client's queue; the clients run in
+//! parallel (training on blocking threads) and each writes its `updates`
+//! row; the driver reads each new row back from the ledger and hands it to
+//! `on_update`, the last of which aggregates. The result's `continue`
+//! drives the loop; `finalize` ends the job.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use fedstep_cloud::job::JobSpec;
+use fedstep_cloud::keys;
+use fedstep_cloud::local::{FsStore, LocalBus, MemLedger, RecordingCallback};
+use fedstep_cloud::ports::{Ledger, ObjectStore, SystemClock};
+use fedstep_cloud::records::RoundResult;
+use fedstep_cloud::{EngineConfig, RoundEngine, UpdateOutcome};
+use fedstep_trainer::{evaluate, init_model};
+
+use super::args::Settings;
+use super::baselines;
+use super::client::{ClientRound, SimClient};
+use super::data::{self, SimData};
+use super::measurements::{aggregation_summary, client_reports, weights};
+use super::plot::{self, Series};
+use super::progress::RoundBar;
+use super::report::{DatasetReport, Files, Final, Report, RoundReport, CLIENT_REPORTING};
+use super::table;
+
+/// The simulated job's id (keys live under `store/jobs/simulate/`).
+pub const JOB_ID: &str = "simulate";
+
+type Engine = RoundEngine<FsStore, MemLedger, LocalBus, RecordingCallback, SystemClock>;
+
+pub async fn run(mut settings: Settings) -> Result<()> {
+    let started = Instant::now();
+    let out = settings.out.clone();
+    prepare_run_dir(&out)?;
+    let data = Arc::new(data::load(&mut settings)?);
+    println!("{}", table::clients(&data));
+    let cfg = settings.train_config();
+    let n = data.clients.len();
+
+    // The adapters: a filesystem model registry under the run directory,
+    // the in-memory ledger, an in-process topic with one queue per client.
+    let store = FsStore::new(out.join("store"))?;
+    let ledger = MemLedger::new();
+    let bus = LocalBus::new(Arc::new(SystemClock));
+    let callback = RecordingCallback::new();
+    let ids: Vec<String> = data.clients.iter().map(|c| c.id.clone()).collect();
+    let jobs = [JOB_ID.to_string()];
+    let queues: Vec<_> = ids
+        .iter()
+        .map(|id| bus.subscribe(id, Some(&jobs)))
+        .collect();
+    let engine: Arc<Engine> = Arc::new(RoundEngine::new(
+        store.clone(),
+        ledger.clone(),
+        bus.clone(),
+        callback.clone(),
+        SystemClock,
+        EngineConfig {
+            workdir: out.join("engine"),
+            owner: "fedstep-simulate".into(),
+            lease_seconds: 600,
+        },
+    ));
+
+    // Round 1's global model is the initial model (what `fedstep job start` uploads).
+    let init = init_model(data.test.dim(), cfg.hidden, data.test.classes(), cfg.seed)?;
+    let init_path = out.join("init.safetensors");
+    std::fs::write(&init_path, &init)?;
+    store
+        .put_file(&keys::global_model(JOB_ID, 1), &init_path)
+        .await?;
+    let job = JobSpec {
+        job_id: JOB_ID.into(),
+        rounds: settings.rounds,
+        clients: ids.clone(),
+        min_clients: n as u32,
+        round_timeout_seconds: 3600,
+        initial_model: Some(init_path.display().to_string()),
+        stop: None,
+        aggregation: settings.aggregation.clone(),
+        round_config: serde_json::Map::new(),
+    };
+    job.check()
+        .map_err(|e| anyhow::anyhow!("simulated job: {e}"))?;
+    ledger.put_job(&job).await?;
+
+    // The baselines need no engine: train them beside the federation.
+    let baselines = {
+        let (init, data, cfg, rounds) = (
+            init.clone(),
+            Arc::clone(&data),
+            cfg.clone(),
+            settings.rounds,
+        );
+        tokio::task::spawn_blocking(move || {
+            baselines::run(
+                &init,
+                &data.clients[0].train,
+                &data.train,
+                &data.test,
+                &cfg,
+                rounds,
+            )
+        })
+    };
+
+    let clients: Vec<Arc<SimClient>> = data
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(k, share)| {
+            Arc::new(SimClient {
+                index: k,
+                share: share.clone(),
+                cfg: cfg.clone(),
+                byzantine_scale: settings.byzantine_scale,
+                workdir: out.join("clients").join(&share.id),
+            })
+        })
+        .collect();
+
+    let bar = RoundBar::new(settings.rounds);
+    bar.println(&table::header());
+    let mut rounds: Vec<RoundReport> = Vec::new();
+    let mut last: Option<RoundResult> = None;
+    for round in 1..=settings.rounds {
+        let t = Instant::now();
+        bar.message(format!("round {round}: training {n} clients"));
+        engine
+            .start_round(&job, round, &format!("simulate-task-token-{round}"))
+            .await
+            .with_context(|| format!("start_round {round}"))?;
+        let tasks: Vec<_> = clients
+            .iter()
+            .zip(&queues)
+            .map(|(c, q)| {
+                let (c, q, store, ledger) =
+                    (Arc::clone(c), q.clone(), store.clone(), ledger.clone());
+                tokio::spawn(async move { c.take_part(&q, &store, &ledger, JOB_ID, round).await })
+            })
+            .collect();
+
+        // The stream: each new `updates` row, as stored, to on_update (in
+        // client order, so a run is reproducible bit for bit).
+        let mut result = None;
+        let mut engine_rejected = BTreeMap::new();
+        let mut client_rounds: Vec<ClientRound> = Vec::with_capacity(n);
+        for task in tasks {
+            let cr = task.await.context("client task")??;
+            let row = ledger
+                .get_update(&cr.record.client_id, JOB_ID, round)
+                .await?
+                .with_context(|| {
+                    format!("{}'s row is missing from the ledger", cr.record.client_id)
+                })?;
+            match engine.on_update(&row).await? {
+                UpdateOutcome::Aggregated(r) => result = Some(r),
+                UpdateOutcome::Rejected(reason) => {
+                    engine_rejected.insert(row.client_id.clone(), reason);
+                }
+                UpdateOutcome::Recorded { .. } | UpdateOutcome::Late(_) => {}
+            }
+            client_rounds.push(cr);
+        }
+        // Not everyone counted (a row was rejected): the deadline path.
+        let result = match result {
+            Some(r) => r,
+            None => engine
+                .close_round(JOB_ID, round)
+                .await
+                .with_context(|| format!("close_round {round}"))?,
+        };
+
+        bar.message(format!("round {round}: evaluating"));
+        let eval =
+            evaluate_global(&store, &result.global_model_key, &out.join("engine"), &data).await?;
+        let weights = weights(&settings.pipeline, &client_rounds, &result);
+        let report = RoundReport {
+            round,
+            accuracy: eval.accuracy,
+            loss: eval.loss,
+            accepted: result.accepted.clone(),
+            rejected: result.rejected.clone(),
+            clients: client_reports(&client_rounds, &data, &weights, &result, &engine_rejected),
+            aggregation: aggregation_summary(&settings.pipeline, &result),
+            single_agent_accuracy: f64::NAN,
+            centralized_accuracy: f64::NAN,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        bar.println(&table::row(&report));
+        bar.inc();
+        rounds.push(report);
+        let go_on = result.continue_training;
+        last = Some(result);
+        if !go_on {
+            break;
+        }
+    }
+    bar.finish();
+    let last = last.context("no round ran")?;
+    let finalize = engine
+        .finalize(JOB_ID, last.round, &last)
+        .await
+        .context("finalize")?;
+
+    let baselines = baselines.await.context("baseline task")??;
+    for r in &mut rounds {
+        let i = r.round as usize - 1;
+        r.single_agent_accuracy = baselines.single_agent[i].accuracy;
+        r.centralized_accuracy = baselines.centralized[i].accuracy;
+    }
+    let fed = rounds.last().context("no round ran")?;
+    let rounds_run = fed.round;
+    // The baselines get the same epoch budget as the rounds actually run.
+    let single = baselines.single_agent[rounds_run as usize - 1].accuracy;
+    let central = baselines.centralized[rounds_run as usize - 1].accuracy;
+    let final_ = Final {
+        federated_accuracy: fed.accuracy,
+        federated_loss: fed.loss,
+        single_agent_accuracy: single,
+        centralized_accuracy: central,
+        federated_vs_centralized: fed.accuracy / central,
+        single_agent_vs_centralized: single / central,
+        rounds_run,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+
+    let plot_path = out.join("accuracy.svg");
+    let fed_curve: Vec<f64> = rounds.iter().map(|r| r.accuracy).collect();
+    let single_curve: Vec<f64> = baselines.single_agent.iter().map(|p| p.accuracy).collect();
+    let central_curve: Vec<f64> = baselines.centralized.iter().map(|p| p.accuracy).collect();
+    let aggregation_name = aggregation_name(&settings);
+    plot::accuracy_svg(
+        &plot_path,
+        &format!("{} — {n} clients, {aggregation_name}", data.name),
+        &[
+            Series {
+                label: "federated",
+                values: &fed_curve,
+                color: plot::FEDERATED,
+                dashed: false,
+            },
+            Series {
+                label: "single agent (agent-1)",
+                values: &single_curve,
+                color: plot::SINGLE,
+                dashed: false,
+            },
+            Series {
+                label: "centralized",
+                values: &central_curve,
+                color: plot::CENTRAL,
+                dashed: true,
+            },
+        ],
+    )?;
+
+    let report_path = out.join("report.json");
+    let summary = table::summary(&final_, n, &aggregation_name);
+    let report = Report {
+        aggregation: settings.aggregation.clone(),
+        config: settings,
+        client_reporting: CLIENT_REPORTING,
+        dataset: DatasetReport {
+            name: data.name.clone(),
+            train_examples: data.train.len(),
+            test_examples: data.test.len(),
+            features: data.test.dim(),
+            classes: data.test.classes(),
+            clients: data.clients.iter().map(|c| c.summary()).collect(),
+        },
+        rounds,
+        final_,
+        finalize,
+        files: Files {
+            report: report_path.clone(),
+            plot: plot_path.clone(),
+            store: out.join("store"),
+            final_model_key: last.global_model_key.clone(),
+        },
+    };
+    report.write(&report_path)?;
+    println!("\n{summary}");
+    println!("report: {}", report_path.display());
+    println!("plot:   {}", plot_path.display());
+    println!(
+        "models: {}",
+        out.join("store").join(&last.global_model_key).display()
+    );
+    Ok(())
+}
+
+/// A fresh run directory: an old store would mix two runs' models.
+fn prepare_run_dir(out: &Path) -> Result<()> {
+    let store = out.join("store");
+    if store.exists() {
+        bail!(
+            "{} already holds a simulation's model store; pass another --out or remove it",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    Ok(())
+}
+
+/// Downloads the new global model through the store and scores it on the
+/// global test split.
+async fn evaluate_global(
+    store: &FsStore,
+    key: &str,
+    scratch: &Path,
+    data: &SimData,
+) -> Result<fedstep_trainer::Eval> {
+    std::fs::create_dir_all(scratch)?;
+    let path: PathBuf = scratch.join("evaluate.safetensors");
+    store.get_file(key, &path).await?;
+    let bytes = std::fs::read(&path)?;
+    std::fs::remove_file(&path).ok();
+    Ok(evaluate(&bytes, &data.test)?)
+}
+
+/// "FedAvg" or the --aggregation file's name.
+pub fn aggregation_name(settings: &Settings) -> String {
+    settings
+        .aggregation_file
+        .as_ref()
+        .and_then(|p| p.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "FedAvg".into())
+}

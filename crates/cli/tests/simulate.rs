@@ -1,0 +1,110 @@
+//! `fedstep simulate` end to end: a short run on the bundled digits through
+//! the round engine and local adapters; report.json has the documented
+//! shape and the federation learns.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn fedstep() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fedstep"))
+}
+
+#[test]
+fn simulate_writes_a_report_and_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let output = fedstep()
+        .args(["simulate", "--rounds", "3", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("report.json"), "{stdout}");
+    assert!(out.join("accuracy.svg").is_file());
+    let svg = std::fs::read_to_string(out.join("accuracy.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("federated"), "{svg}");
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    for (i, r) in rounds.iter().enumerate() {
+        assert_eq!(r["round"], i as u64 + 1);
+        let acc = r["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+        assert!(r["loss"].as_f64().unwrap().is_finite());
+        assert_eq!(r["accepted"].as_array().unwrap().len(), 3, "{r}");
+        assert!(r["rejected"].as_object().unwrap().is_empty(), "{r}");
+        let clients = r["clients"].as_array().unwrap();
+        assert_eq!(clients.len(), 3);
+        for c in clients {
+            assert!(c["num_examples"].as_u64().unwrap() > 0, "{c}");
+            assert!(c["metrics"]["loss"].as_f64().is_some(), "{c}");
+            assert!(c["metrics"]["accuracy"].as_f64().is_some(), "{c}");
+            assert_eq!(c["status"], "accepted", "{c}");
+        }
+    }
+    let first = rounds[0]["accuracy"].as_f64().unwrap();
+    let last = rounds[2]["accuracy"].as_f64().unwrap();
+    assert!(last > first, "accuracy went from {first} to {last}");
+
+    let f = &report["final"];
+    for key in [
+        "federated_accuracy",
+        "single_agent_accuracy",
+        "centralized_accuracy",
+    ] {
+        let v = f[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("final.{key}: {f}"));
+        assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+    }
+    assert_eq!(f["federated_accuracy"], rounds[2]["accuracy"]);
+    assert_eq!(report["config"]["rounds"], 3);
+    assert_eq!(report["dataset"]["clients"].as_array().unwrap().len(), 3);
+
+    // A second run into the same directory is refused, not mixed in.
+    let again = fedstep()
+        .args(["simulate", "--rounds", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+}
+
+#[test]
+fn bad_flags_fail_with_a_clear_message() {
+    for (flags, want) in [
+        (&["--classes", "1,2,3;4,x"][..], "`x` in group 2"),
+        (
+            &["--clients", "4", "--classes", "1;2;3"][..],
+            "--clients 4 but --classes gives 3 groups",
+        ),
+        (
+            &["--def-prob", "2"][..],
+            "--def-prob must be a probability in [0, 1]",
+        ),
+        (
+            &["--classes", "1,2;12"][..],
+            "class 12 of client 2 does not exist",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = fedstep()
+            .arg("simulate")
+            .args(flags)
+            .arg("--out")
+            .arg(dir.path().join("run"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flags:?}");
+        assert!(stderr.contains(want), "{flags:?}: {stderr}");
+    }
+}

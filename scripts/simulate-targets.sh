@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Runs `fedstep simulate` (release) in the scenarios of issue #4 and fails
+# if a target is missed. Seeds are fixed, so the numbers are reproducible.
+#
+#   1. defaults (3 non-IID agents, FedAvg, 10 rounds):
+#      federated >= 0.9 x centralized, single agent <= 0.5 x centralized
+#   2. 4 clients, the last trained on shuffled labels:
+#      quality weighting beats plain FedAvg
+#   3. 5 clients, the last sending sign-flipped x10 updates:
+#      median, trimmed mean and Krum within 5 points of the clean FedAvg run;
+#      FedAvg more than 5 points below it
+#
+# Usage: scripts/simulate-targets.sh [RUN_ROOT]   (default: runs/targets-<time>)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+root="${1:-runs/targets-$(date -u +%Y%m%d-%H%M%S)}"
+agg=examples/aggregation
+
+cargo build --release -q -p fedstep
+bin=target/release/fedstep
+mkdir -p "$root"
+
+run() { # name, flags...
+  local name=$1
+  shift
+  rm -rf "${root:?}/$name"
+  local t0=$SECONDS
+  if ! "$bin" simulate --out "$root/$name" "$@" >"$root/$name.log" 2>&1; then
+    echo "scenario $name failed; its output:" >&2
+    cat "$root/$name.log" >&2
+    exit 1
+  fi
+  echo "ran $name in $((SECONDS - t0)) s: fedstep simulate $*"
+}
+
+run default
+run noisy-fedavg --clients 4 --noisy-clients 1 --aggregation $agg/fedavg.toml
+run noisy-quality --clients 4 --noisy-clients 1 --aggregation $agg/quality.toml
+run clean5-fedavg --clients 5 --aggregation $agg/fedavg.toml
+for a in fedavg median trimmed_mean krum; do
+  run "byz-$a" --clients 5 --byzantine-clients 1 --aggregation "$agg/$a.toml"
+done
+run fedadam --aggregation $agg/fedadam.toml
+
+python3 - "$root" <<'EOF'
+import json, sys
+
+root = sys.argv[1]
+def final(name):
+    with open(f"{root}/{name}/report.json") as f:
+        return json.load(f)["final"]
+
+rows, failed = [], []
+def check(target, ok, detail):
+    rows.append((target, detail, "ok" if ok else "MISSED"))
+    if not ok:
+        failed.append(target)
+
+d = final("default")
+fed, single, central = d["federated_accuracy"], d["single_agent_accuracy"], d["centralized_accuracy"]
+check("default: federated >= 0.9 x centralized", fed >= 0.9 * central,
+      f"{fed:.4f} vs {central:.4f} ({fed / central:.3f} x)")
+check("default: single agent <= 0.5 x centralized", single <= 0.5 * central,
+      f"{single:.4f} vs {central:.4f} ({single / central:.3f} x)")
+
+nf, nq = final("noisy-fedavg")["federated_accuracy"], final("noisy-quality")["federated_accuracy"]
+check("1 noisy of 4: quality beats FedAvg", nq > nf, f"quality {nq:.4f} vs fedavg {nf:.4f}")
+
+clean = final("clean5-fedavg")["federated_accuracy"]
+for a in ("median", "trimmed_mean", "krum"):
+    acc = final(f"byz-{a}")["federated_accuracy"]
+    check(f"1 byzantine of 5: {a} within 5 points of clean", acc >= clean - 0.05,
+          f"{acc:.4f} vs clean {clean:.4f} ({100 * (acc - clean):+.1f} pts)")
+bf = final("byz-fedavg")["federated_accuracy"]
+check("1 byzantine of 5: FedAvg degrades (> 5 points)", bf < clean - 0.05,
+      f"{bf:.4f} vs clean {clean:.4f} ({100 * (bf - clean):+.1f} pts)")
+
+fa = final("fedadam")
+rows.append(("defaults with FedAdam (no target)", f"{fa['federated_accuracy']:.4f}", "-"))
+
+w = max(len(r[0]) for r in rows)
+v = max(len(r[1]) for r in rows)
+print(f"\n{'target':<{w}}  {'measured':<{v}}  result")
+for t, m, r in rows:
+    print(f"{t:<{w}}  {m:<{v}}  {r}")
+print(f"\nreports under {root}/")
+if failed:
+    print(f"{len(failed)} target(s) missed", file=sys.stderr)
+    sys.exit(1)
+EOF
