@@ -1,0 +1,82 @@
+//! At-least-once delivery and racing aggregators still give exactly one
+//! aggregation and one callback per round.
+
+mod common;
+
+use common::*;
+use fedstep_cloud::ports::Ledger;
+use fedstep_cloud::records::RoundStatus;
+use fedstep_cloud::UpdateOutcome;
+
+#[tokio::test]
+async fn the_same_row_twice_aggregates_once() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = job("dup", 2, &["a", "b", "c"], 2);
+    fed.upload_initial(&job, &[1.0, 2.0]).await;
+    engine.start_round(&job, 1, "t1").await.unwrap();
+
+    let a = fed.submit(&job, 1, "a", &[2.0, 2.0], 1, &[]).await;
+    let b = fed.submit(&job, 1, "b", &[4.0, 4.0], 1, &[]).await;
+    let c = fed.submit(&job, 1, "c", &[6.0, 6.0], 1, &[]).await;
+    engine.on_update(&a).await.unwrap();
+    // An early duplicate is just counted again (a set ADD).
+    let again = engine.on_update(&a).await.unwrap();
+    assert_eq!(
+        again,
+        UpdateOutcome::Recorded {
+            received: 1,
+            expected: 3
+        }
+    );
+    engine.on_update(&b).await.unwrap();
+    assert!(matches!(
+        engine.on_update(&c).await.unwrap(),
+        UpdateOutcome::Aggregated(_)
+    ));
+    // The stream redelivers the last row after the round closed.
+    let UpdateOutcome::Late(reason) = engine.on_update(&c).await.unwrap() else {
+        panic!("a replay after CLOSED is late")
+    };
+    assert!(reason.starts_with("replay"), "{reason}");
+
+    assert_eq!(fed.callback.calls().len(), 1);
+    let row = fed.ledger.get_round("dup", 1).await.unwrap().unwrap();
+    assert!(row.rejections.is_empty(), "a replay is not a rejection");
+    assert_close(&fed.global(&job, 2).await, &[4.0, 4.0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_engines_racing_on_the_last_update() {
+    for attempt in 0..8 {
+        let fed = Fed::new();
+        let (e1, e2) = (fed.engine("engine-1"), fed.engine("engine-2"));
+        let job = job(&format!("race{attempt}"), 2, &["a", "b", "c"], 3);
+        fed.upload_initial(&job, &[0.0]).await;
+        e1.start_round(&job, 1, "t").await.unwrap();
+        let a = fed.submit(&job, 1, "a", &[3.0], 1, &[]).await;
+        let b = fed.submit(&job, 1, "b", &[6.0], 1, &[]).await;
+        let c = fed.submit(&job, 1, "c", &[9.0], 1, &[]).await;
+        e1.on_update(&a).await.unwrap();
+        let (r1, r2, r3) = if attempt % 2 == 0 {
+            // The same last row delivered to two invocations at once.
+            e2.on_update(&b).await.unwrap();
+            let (x, y) = tokio::join!(e1.on_update(&c), e2.on_update(&c));
+            (x.unwrap(), y.unwrap(), UpdateOutcome::Late(String::new()))
+        } else {
+            // The last two rows land in two invocations at once: both may
+            // see the round complete.
+            let (x, y) = tokio::join!(e1.on_update(&b), e2.on_update(&c));
+            (x.unwrap(), y.unwrap(), UpdateOutcome::Late(String::new()))
+        };
+        let aggregated = [&r1, &r2, &r3]
+            .iter()
+            .filter(|o| matches!(o, UpdateOutcome::Aggregated(_)))
+            .count();
+        assert_eq!(aggregated, 1, "attempt {attempt}: {r1:?} {r2:?}");
+        assert_eq!(fed.callback.calls().len(), 1, "attempt {attempt}");
+        let row = fed.ledger.get_round(&job.job_id, 1).await.unwrap().unwrap();
+        assert_eq!(row.status, RoundStatus::Closed);
+        assert_close(&fed.global(&job, 2).await, &[6.0]);
+    }
+}

@@ -1,0 +1,111 @@
+//! Three clients, three rounds, end to end over the local adapters: each
+//! round's global model is the example-weighted average, rows end CLOSED,
+//! the StartRound task is called back exactly once per round, and Finalize
+//! registers the last model.
+
+mod common;
+
+use common::*;
+use fedstep_cloud::ports::Ledger;
+use fedstep_cloud::records::{Notification, RoundStatus};
+use fedstep_cloud::UpdateOutcome;
+
+#[tokio::test]
+async fn three_clients_three_rounds() {
+    let fed = Fed::new();
+    let engine = fed.engine("aggregator-1");
+    let job = job("digits-001", 3, &["site-a", "site-b", "site-c"], 2);
+    fed.upload_initial(&job, &[0.0, 1.0, 2.0, 3.0]).await;
+    let examples = [("site-a", 10u64), ("site-b", 30), ("site-c", 60)];
+
+    let mut last = None;
+    for round in 1..=3u32 {
+        let token = format!("token-{round}");
+        let row = engine.start_round(&job, round, &token).await.unwrap();
+        assert_eq!(row.status, RoundStatus::Open);
+        let global = fed.global(&job, round).await;
+
+        let mut models = Vec::new();
+        for (i, (client, n)) in examples.iter().enumerate() {
+            // Each client moves the model its own way.
+            let local: Vec<f32> = global
+                .iter()
+                .map(|g| g + (i as f32 + 1.0) * 0.5 + round as f32)
+                .collect();
+            let loss = 1.0 / (round as f64 + i as f64);
+            let row = fed
+                .submit(&job, round, client, &local, *n, &[("loss", loss)])
+                .await;
+            let outcome = engine.on_update(&row).await.unwrap();
+            if i < 2 {
+                assert_eq!(
+                    outcome,
+                    UpdateOutcome::Recorded {
+                        received: i + 1,
+                        expected: 3
+                    }
+                );
+            } else {
+                let UpdateOutcome::Aggregated(result) = outcome else {
+                    panic!("the last update should aggregate: {outcome:?}");
+                };
+                assert_eq!(result.round, round);
+                assert_eq!(result.closed_by, "stream");
+                assert_eq!(result.continue_training, round < 3);
+                assert_eq!(result.accepted.len(), 3);
+                assert_eq!(result.metrics["clients_accepted"], 3.0);
+                assert_eq!(result.metrics["clients_rejected"], 0.0);
+                let want_loss = examples
+                    .iter()
+                    .enumerate()
+                    .map(|(j, (_, n))| *n as f64 / 100.0 / (round as f64 + j as f64))
+                    .sum::<f64>();
+                assert!((result.metrics["loss"] - want_loss).abs() < 1e-9);
+                last = Some(result);
+            }
+            models.push((local, *n));
+        }
+        let refs: Vec<(&[f32], u64)> = models.iter().map(|(m, n)| (m.as_slice(), *n)).collect();
+        assert_close(&fed.global(&job, round + 1).await, &weighted_mean(&refs));
+
+        let stored = fed
+            .ledger
+            .get_round(&job.job_id, round)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.status, RoundStatus::Closed);
+        assert_eq!(stored.lease_owner.as_deref(), Some("aggregator-1"));
+        let outputs = fed.callback.succeeded(&token);
+        assert_eq!(outputs.len(), 1, "one callback per round");
+        assert_eq!(fed.callback.calls_for(&token).len(), 1);
+        assert_eq!(outputs[0]["continue"], round < 3);
+    }
+
+    let result = last.unwrap();
+    let fin = engine.finalize(&job.job_id, 3, &result).await.unwrap();
+    assert_eq!(fin["artifact_id"], "digits-001:3");
+    assert_eq!(
+        fin["final_model_key"],
+        "jobs/digits-001/rounds/4/global.safetensors"
+    );
+    // Idempotent: a retried Finalize registers nothing new.
+    engine.finalize(&job.job_id, 3, &result).await.unwrap();
+    let artifacts = fed.ledger.list_artifacts(Some("untyped")).await.unwrap();
+    assert_eq!(artifacts.len(), 1);
+    assert_eq!(artifacts[0].created_at, "2027-01-15T08:00:00Z");
+
+    let published = fed.bus.published();
+    let ready = published
+        .iter()
+        .filter(|n| matches!(n, Notification::GlobalModelReady(_)))
+        .count();
+    assert_eq!(ready, 3);
+    assert!(matches!(
+        published.last(),
+        Some(Notification::TrainingComplete(_))
+    ));
+    // Work files are cleaned up.
+    let left: Vec<_> = std::fs::read_dir(fed.workdir()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -1,0 +1,80 @@
+//! A crashed aggregator holds a claim; once its lease expires the next
+//! engine to see the round takes over and finishes it.
+
+mod common;
+
+use common::*;
+use fedstep_cloud::ports::{Clock, Ledger};
+use fedstep_cloud::records::RoundStatus;
+use fedstep_cloud::UpdateOutcome;
+
+/// Rows for a, b, c in, and the round claimed by an aggregator that died.
+async fn crashed_round(
+    fed: &Fed,
+    job: &fedstep_cloud::JobSpec,
+) -> fedstep_cloud::records::UpdateRecord {
+    let engine = fed.engine("survivor");
+    fed.upload_initial(job, &[0.0]).await;
+    engine.start_round(job, 1, "t1").await.unwrap();
+    for (client, v) in [("a", 1.0f32), ("b", 2.0)] {
+        let row = fed.submit(job, 1, client, &[v], 1, &[]).await;
+        engine.on_update(&row).await.unwrap();
+    }
+    let c = fed.submit(job, 1, "c", &[3.0], 1, &[]).await;
+    // The crashed invocation counted c and claimed the round, then died.
+    fed.ledger.add_received(&job.job_id, 1, "c").await.unwrap();
+    let claim = fed
+        .ledger
+        .claim_round(&job.job_id, 1, "crashed", fed.clock.now(), LEASE)
+        .await
+        .unwrap();
+    assert!(claim.is_some());
+    c
+}
+
+#[tokio::test]
+async fn the_stream_retry_takes_over_after_the_lease() {
+    let fed = Fed::new();
+    let job = job("crash", 2, &["a", "b", "c"], 2);
+    let c = crashed_round(&fed, &job).await;
+    let engine = fed.engine("survivor");
+
+    // The stream retries the batch while the lease is live: nothing to do.
+    assert!(matches!(
+        engine.on_update(&c).await.unwrap(),
+        UpdateOutcome::Late(r) if r.starts_with("replay")
+    ));
+    assert!(fed.callback.calls().is_empty());
+
+    fed.clock.advance(LEASE + 1);
+    let UpdateOutcome::Aggregated(result) = engine.on_update(&c).await.unwrap() else {
+        panic!("the lease expired: take over")
+    };
+    assert_eq!(result.accepted, vec!["a", "b", "c"]);
+    assert_close(&fed.global(&job, 2).await, &[2.0]);
+    let row = fed.ledger.get_round("crash", 1).await.unwrap().unwrap();
+    assert_eq!(row.status, RoundStatus::Closed);
+    assert_eq!(row.lease_owner.as_deref(), Some("survivor"));
+    assert_eq!(fed.callback.succeeded("t1").len(), 1);
+    // The dead aggregator waking up cannot close the round any more.
+    assert!(!fed
+        .ledger
+        .close_round("crash", 1, "crashed", &result)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn the_deadline_path_takes_over_after_the_lease() {
+    let fed = Fed::new();
+    let job = job("crash-deadline", 2, &["a", "b", "c"], 2);
+    crashed_round(&fed, &job).await;
+    fed.clock.advance(LEASE + 1);
+    let result = fed
+        .engine("closer")
+        .close_round("crash-deadline", 1)
+        .await
+        .unwrap();
+    assert_eq!(result.closed_by, "deadline");
+    assert_close(&fed.global(&job, 2).await, &[2.0]);
+}
