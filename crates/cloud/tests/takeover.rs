@@ -78,3 +78,38 @@ async fn the_deadline_path_takes_over_after_the_lease() {
     assert_eq!(result.closed_by, "deadline");
     assert_close(&fed.global(&job, 2).await, &[2.0]);
 }
+
+#[tokio::test]
+async fn a_failed_attempt_gives_up_its_lease_and_the_retry_finishes() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = job("flaky", 2, &["a", "b"], 2);
+    fed.upload_initial(&job, &[0.0]).await;
+    engine.start_round(&job, 1, "t1").await.unwrap();
+    let a = fed.submit(&job, 1, "a", &[2.0], 1, &[]).await;
+    let b = fed.submit(&job, 1, "b", &[4.0], 1, &[]).await;
+    engine.on_update(&a).await.unwrap();
+    // The store loses the global model: the attempt fails mid-way.
+    let global = fed
+        .store
+        .path_of(&fedstep_cloud::keys::global_model("flaky", 1))
+        .unwrap();
+    let saved = std::fs::read(&global).unwrap();
+    std::fs::remove_file(&global).unwrap();
+    assert!(engine.on_update(&b).await.is_err());
+    let row = fed.ledger.get_round("flaky", 1).await.unwrap().unwrap();
+    assert_eq!(row.status, RoundStatus::Aggregating);
+    assert!(
+        row.lease_expires_at.unwrap() < fed.clock.now(),
+        "lease released"
+    );
+
+    // The stream retries the record once the store is back: no waiting.
+    std::fs::write(&global, saved).unwrap();
+    assert!(matches!(
+        engine.on_update(&b).await.unwrap(),
+        UpdateOutcome::Aggregated(_)
+    ));
+    assert_close(&fed.global(&job, 2).await, &[3.0]);
+    assert_eq!(fed.callback.succeeded("t1").len(), 1);
+}

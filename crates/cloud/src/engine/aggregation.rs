@@ -52,8 +52,47 @@ where
     K: Clock,
 {
     /// Aggregates a round this engine has just claimed (`row` is the row
-    /// `claim_round` returned).
+    /// `claim_round` returned). On an error the lease is given up at once,
+    /// so the caller's retry (a stream redelivery, CloseRound) can take the
+    /// round over without waiting for the lease to run out.
     pub(super) async fn aggregate_claimed(
+        &self,
+        job: &JobSpec,
+        row: &RoundRecord,
+        closed_by: &str,
+    ) -> Result<Closing> {
+        let outcome = self.aggregate_claimed_once(job, row, closed_by).await;
+        if outcome.is_err() {
+            self.release_lease(row).await;
+        }
+        outcome
+    }
+
+    /// Makes our lease expired now. The ports have no "release", but a
+    /// claim is allowed over a lease that expired before `now`: claiming
+    /// with `now` just past our own expiry and a lease that ends a second
+    /// ago does it, under the same condition. If someone else took over
+    /// meanwhile, their expiry is later and the claim fails harmlessly.
+    async fn release_lease(&self, row: &RoundRecord) {
+        let Some(ours) = row.lease_expires_at else {
+            return;
+        };
+        let past = self.clock.now().saturating_sub(1);
+        let fake_now = ours.saturating_add(1);
+        // Best effort: if this fails too, the lease simply runs out.
+        let _ = self
+            .ledger
+            .claim_round(
+                &row.job_id,
+                row.round,
+                &self.config.owner,
+                fake_now,
+                past.saturating_sub(fake_now),
+            )
+            .await;
+    }
+
+    async fn aggregate_claimed_once(
         &self,
         job: &JobSpec,
         row: &RoundRecord,
