@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The one test command (README, .ci/run): everything, on a fresh machine.
+#
+#   scripts/test.sh
+#
+# Installs what it needs itself (emulators and numpy from PyPI into venvs
+# under .emu/, npm packages for infra/ with `npm ci`), then runs, in order:
+# formatting and lints, every Rust test (unit, golden, property, and the
+# integration tests against LocalStack + moto), the state machine's contract
+# tests on LocalStack, the CDK app's offline tests, the simulator's accuracy
+# targets, and a benchmark smoke run. Exits non-zero on the first failure.
+#
+# Everything Rust is built once, in the release profile: the README's
+# `cargo run --release -p fedstep -- simulate` then reuses the same build.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+started=$SECONDS
+step() { printf '\n==> %s  (t+%ss)\n' "$*" "$((SECONDS - started))"; }
+die() { printf 'test.sh: error: %s\n' "$*" >&2; exit 1; }
+
+for tool in cargo python3 node npm; do
+  command -v "$tool" >/dev/null || die "$tool is not installed (see README: prerequisites)"
+done
+
+mkdir -p .emu
+# Emulators and numpy install from PyPI while Rust compiles (network and
+# unpacking, not CPU: they overlap well with the build).
+step "installing emulators and tools in the background (log: .emu/install.log)"
+(
+  scripts/emulators.sh install
+  if [[ ! -x .emu/tools/bin/python ]] || ! .emu/tools/bin/python -c 'import numpy' 2>/dev/null; then
+    python3 -m venv .emu/tools
+    .emu/tools/bin/pip install --quiet 'numpy>=1.26,<3'
+  fi
+) >.emu/install.log 2>&1 </dev/null &
+install_pid=$!
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, -D warnings)"
+cargo clippy --workspace --all-targets --release --locked -- -D warnings
+
+step "building tests (release)"
+cargo test --workspace --release --locked --no-run
+
+step "waiting for the emulator install"
+if ! wait "$install_pid"; then
+  tail -n 40 .emu/install.log >&2
+  die "installing the emulators or numpy failed (full log: .emu/install.log)"
+fi
+export FEDSTEP_PYTHON="$ROOT/.emu/tools/bin/python"
+
+step "starting the emulators"
+emu_started=0
+if ! scripts/emulators.sh status >/dev/null 2>&1; then
+  emu_started=1
+fi
+scripts/emulators.sh up
+eval "$(scripts/emulators.sh env)"
+prefix="rt$(date +%s)-$$"
+export FEDSTEP_TEST_DEPLOY="$ROOT/.emu/deploy-$prefix.json"
+cleanup() {
+  local rc=$?
+  scripts/local-deploy.sh --prefix "$prefix" --delete >/dev/null 2>&1 || true
+  if [[ "$emu_started" == 1 && "${FEDSTEP_EMU_KEEP:-0}" != 1 ]]; then
+    scripts/emulators.sh down >/dev/null 2>&1 || true
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+scripts/local-deploy.sh --prefix "$prefix" --out "$FEDSTEP_TEST_DEPLOY" >/dev/null
+
+step "cargo test (workspace, release; emulator tests use prefix $prefix)"
+cargo test --workspace --release --locked
+
+step "state machine contract tests on LocalStack"
+FEDSTEP_EMU_KEEP=1 scripts/test-emulators.sh -q
+
+step "infra: CDK app offline tests"
+infra/test.sh
+
+if [[ -x scripts/simulate-targets.sh ]]; then
+  step "simulator accuracy targets"
+  scripts/simulate-targets.sh
+fi
+
+step "benchmark smoke run (figures are not asserted here: see scripts/bench.sh)"
+target/release/fedstep bench aggregate --clients 4 --params 2M --runs 1
+
+step "all tests passed in $((SECONDS - started))s"
