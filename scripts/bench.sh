@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Aggregation benchmarks (issue #2's targets), outside the test suite:
+#
+#   scripts/bench.sh            # ~1-2 minutes, ~7 GB of temp files at peak
+#
+# 1. 8 clients × 25M f32 params, plain FedAvg, file → file: time vs reading
+#    the inputs once (target ≤ 2×), peak RSS (target ≤ 1.5 × model + 64 MB);
+# 2. the same in bf16;
+# 3. peak RSS as the client count grows 2 → 8 → 64 (target: flat).
+# Figures are ratios within one run: the machine is shared and noisy.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cargo build --release --locked -p fedstep
+bin=target/release/fedstep
+dir="${FEDSTEP_BENCH_DIR:-$(mktemp -d)}"
+trap 'rm -rf "$dir"' EXIT
+
+echo "== 8 clients × 25M f32"
+$bin bench aggregate --clients 8 --params 25M --runs 5 --dir "$dir/a" --json "$dir/a.json"
+rm -rf "$dir/a"
+echo "== 8 clients × 25M bf16"
+$bin bench aggregate --clients 8 --params 25M --dtype bf16 --runs 3 --dir "$dir/b"
+rm -rf "$dir/b"
+echo "== peak RSS as clients grow (25M f32 each)"
+for n in 2 8 64; do
+  $bin bench aggregate --clients "$n" --params 25M --runs 1 --dir "$dir/n$n" | grep -E "bench aggregate|peak RSS|ratio"
+  rm -rf "$dir/n$n"
+done
