@@ -10,6 +10,10 @@
 #      median, trimmed mean and Krum within 5 points of the clean FedAvg run;
 #      FedAvg more than 5 points below it
 #
+# Client layouts are simulate's defaults: STADLE's three profiles {1,2,3},
+# {4,5,6}, {7,8,9,0} repeated in turn (4 clients: the noisy one is like
+# agent 1; 5 clients: the byzantine one is like agent 2).
+#
 # Usage: scripts/simulate-targets.sh [RUN_ROOT]   (default: runs/targets-<time>)
 set -euo pipefail
 
@@ -40,6 +44,10 @@ run noisy-quality --clients 4 --noisy-clients 1 --aggregation $agg/quality.toml
 run clean5-fedavg --clients 5 --aggregation $agg/fedavg.toml
 for a in fedavg median trimmed_mean krum; do
   run "byz-$a" --clients 5 --byzantine-clients 1 --aggregation "$agg/$a.toml"
+done
+# For reference (no target): each robust combiner without the attack.
+for a in median trimmed_mean krum; do
+  run "clean5-$a" --clients 5 --aggregation "$agg/$a.toml"
 done
 run fedadam --aggregation $agg/fedadam.toml
 
@@ -76,6 +84,9 @@ bf = final("byz-fedavg")["federated_accuracy"]
 check("1 byzantine of 5: FedAvg degrades (> 5 points)", bf < clean - 0.05,
       f"{bf:.4f} vs clean {clean:.4f} ({100 * (bf - clean):+.1f} pts)")
 
+for a in ("median", "trimmed_mean", "krum"):
+    acc, own = final(f"byz-{a}")["federated_accuracy"], final(f"clean5-{a}")["federated_accuracy"]
+    rows.append((f"(info) {a}: attacked vs its own clean run", f"{acc:.4f} vs {own:.4f} ({100 * (acc - own):+.1f} pts)", "-"))
 fa = final("fedadam")
 rows.append(("defaults with FedAdam (no target)", f"{fa['federated_accuracy']:.4f}", "-"))
 

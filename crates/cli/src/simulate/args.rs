@@ -17,8 +17,8 @@ pub struct Args {
     #[arg(long)]
     pub clients: Option<usize>,
     /// Preferred classes per client: groups separated by `;`, classes by `,`
-    /// [default with 3 clients: "1,2,3;4,5,6;7,8,9,0" (STADLE's demo); with N
-    /// clients the digits 1..9,0 cut into N contiguous groups].
+    /// [default: "1,2,3;4,5,6;7,8,9,0" (STADLE's demo); more clients repeat
+    /// these three profiles in turn; one or two split the digits].
     #[arg(long)]
     pub classes: Option<String>,
     /// Probability that a client takes a sample of one of its classes.

@@ -38,12 +38,33 @@ pub fn parse_groups(text: &str) -> Result<Vec<Vec<u8>>> {
     Ok(groups)
 }
 
-/// The default preferences for `n` clients over `classes` labels: the
-/// labels in STADLE's order (1, 2, …, classes−1, 0) cut into `n`
-/// contiguous groups, the larger groups last. For three clients over ten
-/// digits this is exactly STADLE's demo: {1,2,3}, {4,5,6}, {7,8,9,0}. With
-/// more clients than labels, client k prefers label k mod `classes`.
+/// The default preferences for `n` clients over `classes` labels.
+///
+/// Three or more clients take STADLE's three demo profiles in turn — the
+/// labels in STADLE's order (1, 2, …, classes−1, 0) cut into three
+/// contiguous groups, {1,2,3}, {4,5,6}, {7,8,9,0} for digits — so client 4
+/// is like client 1, client 5 like client 2, and so on. One or two clients
+/// split the labels between them.
+///
+/// Why repeat profiles rather than cut the labels into `n` disjoint
+/// groups: quality weighting and robust combiners can only outweigh or
+/// outvote a bad client if someone else holds similar data. With disjoint
+/// groups the bad client is the only source of its classes, and every
+/// aggregator that discounts it also discounts those classes (measured:
+/// with `--classes "1,2;3,4;5,6,7;8,9,0" --noisy-clients 1`, quality
+/// weighting loses to FedAvg on three seeds out of three).
 pub fn default_groups(n: usize, classes: usize) -> Vec<Vec<u8>> {
+    if n < 3 {
+        return contiguous(n, classes);
+    }
+    let profiles = contiguous(3, classes);
+    (0..n).map(|k| profiles[k % 3].clone()).collect()
+}
+
+/// The labels in STADLE's order cut into `n` contiguous groups, the larger
+/// groups last; with more groups than labels, group k is label k mod
+/// `classes`.
+fn contiguous(n: usize, classes: usize) -> Vec<Vec<u8>> {
     let order: Vec<u8> = (1..classes)
         .chain(std::iter::once(0))
         .map(|c| c as u8)
@@ -97,14 +118,29 @@ mod tests {
             vec![vec![1, 2, 3], vec![4, 5, 6], vec![7, 8, 9, 0]]
         );
         assert_eq!(
-            default_groups(4, 10),
-            vec![vec![1, 2], vec![3, 4], vec![5, 6, 7], vec![8, 9, 0]]
+            default_groups(5, 10),
+            vec![
+                vec![1, 2, 3],
+                vec![4, 5, 6],
+                vec![7, 8, 9, 0],
+                vec![1, 2, 3],
+                vec![4, 5, 6]
+            ]
         );
-        assert_eq!(default_groups(1, 10).len(), 1);
-        assert_eq!(default_groups(12, 10)[10], vec![1]);
-        for n in 1..=10 {
+        assert_eq!(
+            default_groups(1, 10),
+            vec![vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 0]]
+        );
+        assert_eq!(default_groups(2, 10)[1], vec![6, 7, 8, 9, 0]);
+        assert_eq!(
+            default_groups(4, 3),
+            vec![vec![1], vec![2], vec![0], vec![1]]
+        );
+        assert_eq!(contiguous(12, 10)[10], vec![1]);
+        for n in 1..=12 {
             let mut all: Vec<u8> = default_groups(n, 10).concat();
             all.sort_unstable();
+            all.dedup();
             assert_eq!(all, (0..10).collect::<Vec<u8>>(), "n = {n}");
         }
         assert_eq!(format_group(&[7, 8, 9, 0]), "{7,8,9,0}");
