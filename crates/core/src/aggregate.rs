@@ -260,24 +260,25 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
             .iter()
             .map(|&i| clients[live[i]].raw_weight / total)
             .collect();
+        let buckets = pipeline.bucketing.assign(kept.len(), req.round);
         let trim = match &pipeline.combiner {
             Combiner::TrimmedMean(tm) => {
-                let k = tm.trim_count(kept.len());
-                if 2 * k >= kept.len() {
-                    return Err(AggregateError::NoUsableUpdate(format!(
-                        "trimmed_mean with beta = {} trims every one of {} updates",
-                        tm.beta,
-                        kept.len()
-                    )));
-                }
+                let k = tm.trim_count(buckets.len());
+                // β < 0.5 (checked when the pipeline is built) keeps 2k < n.
+                debug_assert!(2 * k < buckets.len());
                 stages.insert(
                     "trimmed_mean".to_string(),
-                    json!({"beta": tm.beta, "trimmed_each_end": k}),
+                    json!({"beta": tm.beta, "trimmed_each_end": k, "buckets": buckets.len(),
+                           "bucket_size": pipeline.bucketing.size}),
                 );
                 k
             }
             Combiner::Median => {
-                stages.insert("median".to_string(), json!({"updates": kept.len()}));
+                stages.insert(
+                    "median".to_string(),
+                    json!({"updates": kept.len(), "buckets": buckets.len(),
+                           "bucket_size": pipeline.bucketing.size}),
+                );
                 0
             }
             _ => 0,
@@ -322,6 +323,7 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
             scales: kept_scales,
             combiner: &pipeline.combiner,
             trim,
+            buckets,
             noise,
             optimizer: match (&pipeline.optimizer, &state_out) {
                 (Some(optimizer), Some((w, _))) => Some(OptimizerIo {

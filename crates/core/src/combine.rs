@@ -31,6 +31,8 @@ pub struct CombinePlan<'a> {
     pub combiner: &'a Combiner,
     /// Trimmed mean: values dropped at each end.
     pub trim: usize,
+    /// Robust combiners: groups of inputs averaged first (singletons: none).
+    pub buckets: Vec<Vec<usize>>,
     pub noise: Option<(ChaCha20Rng, f64)>,
     pub optimizer: Option<OptimizerIo<'a>>,
     pub out: &'a ModelWriter,
@@ -214,16 +216,12 @@ fn float_block<A: Acc>(
         Combiner::Median | Combiner::TrimmedMean(_) => {
             let scales: Vec<A> = plan.scales.iter().map(|&s| A::from_f64(s)).collect();
             let g = (ctx.need_g && ctx.scaled).then_some(b.g.as_slice());
-            robust_block(
-                plan.combiner,
-                plan.trim,
-                t,
-                range.start,
-                g,
-                raws,
-                &scales,
-                &mut b.out,
-            )?;
+            let rb = Robust {
+                combiner: plan.combiner,
+                trim: plan.trim,
+                buckets: &plan.buckets,
+            };
+            robust_block(&rb, t, range.start, g, raws, &scales, &mut b.out)?;
         }
     }
     if let Some((rng, sigma)) = plan.noise.as_mut() {
@@ -293,10 +291,14 @@ fn find_culprit<A: Acc>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn robust_block<A: Acc>(
-    combiner: &Combiner,
+struct Robust<'a> {
+    combiner: &'a Combiner,
     trim: usize,
+    buckets: &'a [Vec<usize>],
+}
+
+fn robust_block<A: Acc>(
+    rb: &Robust<'_>,
     t: &TensorEntry,
     first: usize,
     global: Option<&[A]>,
@@ -324,18 +326,25 @@ fn robust_block<A: Acc>(
                     })));
                 }
             }
-            let mut column = vec![A::default(); n];
-            for (j, oj) in o.iter_mut().enumerate() {
-                for i in 0..n {
-                    let xv = x[i * m + j];
-                    column[i] = match global {
-                        // The clip scale applies to the update, not the model.
-                        Some(g) => g[lo + j] + scales[i] * (xv - g[lo + j]),
-                        None => xv,
-                    };
+            let value = |i: usize, j: usize| {
+                let xv = x[i * m + j];
+                match global {
+                    // The clip scale applies to the update, not the model.
+                    Some(g) => g[lo + j] + scales[i] * (xv - g[lo + j]),
+                    None => xv,
                 }
-                *oj = match combiner {
-                    Combiner::TrimmedMean(tm) => tm.combine(&mut column, trim),
+            };
+            let mut column = vec![A::default(); rb.buckets.len()];
+            for (j, oj) in o.iter_mut().enumerate() {
+                for (c, bucket) in column.iter_mut().zip(rb.buckets) {
+                    let mut sum = A::default();
+                    for &i in bucket {
+                        sum += value(i, j);
+                    }
+                    *c = sum / A::from_f64(bucket.len() as f64);
+                }
+                *oj = match rb.combiner {
+                    Combiner::TrimmedMean(tm) => tm.combine(&mut column, rb.trim),
                     _ => median(&mut column),
                 };
             }

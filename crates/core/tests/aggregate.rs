@@ -591,3 +591,25 @@ fn many_blocks_give_the_same_answer_as_one() {
         .collect();
     assert_close(&m["w"].values, &expected, 1e-4);
 }
+
+#[test]
+fn bucketing_averages_groups_before_the_median() {
+    let d = Dir::new();
+    let ups: Vec<_> = [1.0, 2.0, 3.0, 100.0]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            update(
+                &d.model(&format!("u{i}.safetensors"), Dtype::F32, &[("w", &[*v])]),
+                UpdateMeta::new(format!("u{i}"), 1),
+            )
+        })
+        .collect();
+    let (_, m) = run(&d, &ups, None, "[[stages]]\nkind = \"median\"").unwrap();
+    assert_close(&m["w"].values, &[2.5], 1e-6);
+    // Two buckets of two: the median of two bucket means is their mean, the
+    // overall mean, whichever way the round's shuffle grouped them.
+    let (o, m) = run(&d, &ups, None, "[[stages]]\nkind = \"median\"\nbucket = 2").unwrap();
+    assert_close(&m["w"].values, &[26.5], 1e-5);
+    assert_eq!(o.measurements.stages["median"]["buckets"], 2);
+}

@@ -15,6 +15,7 @@
 //! A config that lists stages out of phase order is refused rather than
 //! silently reordered, so what runs is what the file says.
 
+pub mod bucketing;
 pub mod clip;
 pub mod dp_noise;
 pub mod krum;
@@ -25,6 +26,7 @@ pub mod zeroing;
 
 use serde::Deserialize;
 
+pub use bucketing::Bucketing;
 pub use clip::Clip;
 pub use dp_noise::DpNoise;
 pub use krum::Krum;
@@ -42,10 +44,19 @@ pub enum StageConfig {
     Zeroing { max_norm: f64 },
     /// Weighted mean (the default combiner; listing it is optional).
     Mean,
-    /// Coordinate-wise median (unweighted).
-    Median,
-    /// Coordinate-wise mean after dropping the ⌊β·n⌋ largest and smallest.
-    TrimmedMean { beta: f64 },
+    /// Coordinate-wise median (unweighted). `bucket` > 1 first averages
+    /// random groups of that many updates (see `bucketing`).
+    Median {
+        #[serde(default = "one")]
+        bucket: usize,
+    },
+    /// Coordinate-wise mean after dropping the ⌊β·n⌋ largest and smallest
+    /// (n = number of buckets when `bucket` > 1).
+    TrimmedMean {
+        beta: f64,
+        #[serde(default = "one")]
+        bucket: usize,
+    },
     /// Krum / Multi-Krum: tolerate `byzantine` bad updates; average the
     /// `select` best-scored (1 = Krum).
     Krum {
@@ -152,6 +163,8 @@ pub struct Pipeline {
     pub combiner: Combiner,
     pub noise: Option<DpNoise>,
     pub optimizer: Option<ServerOptimizer>,
+    /// Groups averaged before a robust combiner (size 1: none).
+    pub bucketing: Bucketing,
 }
 
 impl Pipeline {
@@ -161,6 +174,7 @@ impl Pipeline {
             combiner: Combiner::Mean,
             noise: None,
             optimizer: None,
+            bucketing: Bucketing { size: 1 },
         };
         let mut phase = 0;
         let mut combiner_set = false;
@@ -169,7 +183,7 @@ impl Pipeline {
             let this_phase = match s {
                 StageConfig::Clip { .. } | StageConfig::Zeroing { .. } => 1,
                 StageConfig::Mean
-                | StageConfig::Median
+                | StageConfig::Median { .. }
                 | StageConfig::TrimmedMean { .. }
                 | StageConfig::Krum { .. } => 2,
                 StageConfig::DpNoise { .. } => 3,
@@ -194,9 +208,13 @@ impl Pipeline {
                     .transforms
                     .push(Transform::Zeroing(Zeroing::new(*max_norm).map_err(at)?)),
                 StageConfig::Mean => p.combiner = Combiner::Mean,
-                StageConfig::Median => p.combiner = Combiner::Median,
-                StageConfig::TrimmedMean { beta } => {
-                    p.combiner = Combiner::TrimmedMean(TrimmedMean::new(*beta).map_err(at)?)
+                StageConfig::Median { bucket } => {
+                    p.combiner = Combiner::Median;
+                    p.bucketing = Bucketing::new(*bucket).map_err(at)?;
+                }
+                StageConfig::TrimmedMean { beta, bucket } => {
+                    p.combiner = Combiner::TrimmedMean(TrimmedMean::new(*beta).map_err(at)?);
+                    p.bucketing = Bucketing::new(*bucket).map_err(at)?;
                 }
                 StageConfig::Krum { byzantine, select } => {
                     p.combiner = Combiner::Krum(Krum::new(*byzantine, *select).map_err(at)?)
