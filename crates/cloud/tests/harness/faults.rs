@@ -1,0 +1,351 @@
+//! Fault-injecting wrappers around the local adapters. Each engine gets its
+//! own wrappers (named by the engine's owner) over the one shared store,
+//! ledger and callback recorder; a shared [`Faults`] holds the armed faults,
+//! which engines are down, and what the wrappers saw (closes, global-model
+//! writes) for the invariants.
+//!
+//! A fault fires at the first matching call by any engine and is then
+//! disarmed. `Crash` models a process dying at that point: the call's
+//! effect (if it is an "after" point) stays, the call fails, and every
+//! later call of that engine fails until the driver revives it (a new
+//! Lambda invocation). `Error` fails only that call; the engine goes on
+//! (so it gives its lease up, as on any error).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use fedstep_cloud::error::{CloudError, Result};
+use fedstep_cloud::local::{FsStore, MemLedger, RecordingCallback};
+use fedstep_cloud::ports::{
+    Callback, Ledger, ObjectInfo, ObjectStore, OpenRound, PutUpdate, TaskCallback,
+};
+use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
+use fedstep_cloud::JobSpec;
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Point {
+    /// `claim_round` won (a real claim, not a lease release), then…
+    AfterClaim,
+    /// Round r+1's global model is in the store, then…
+    AfterGlobalWrite,
+    /// Before `close_round` reaches the ledger.
+    BeforeClose,
+    /// Before `SendTaskSuccess` reaches Step Functions: the call is lost.
+    BeforeCallback,
+    /// The StartRound task times out just before the callback arrives
+    /// (the callback then gets WorkflowMovedOn). Never an error.
+    DeadlineBeforeCallback,
+    /// `add_received` lost before it reached the ledger.
+    AddReceivedLost,
+    /// `add_received` applied, then the answer is lost.
+    AddReceivedThenFail,
+    /// Downloading a client's update fails (S3 hiccup).
+    UpdateDownload,
+}
+
+pub const POINTS: [Point; 8] = [
+    Point::AfterClaim,
+    Point::AfterGlobalWrite,
+    Point::BeforeClose,
+    Point::BeforeCallback,
+    Point::DeadlineBeforeCallback,
+    Point::AddReceivedLost,
+    Point::AddReceivedThenFail,
+    Point::UpdateDownload,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    Crash,
+    Error,
+}
+
+/// Deliberately broken ledger semantics, to show the harness catches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mutant {
+    #[default]
+    None,
+    /// `record_rejection` returns Ok and records nothing.
+    DropsRejections,
+    /// `claim_round` ignores live leases and `close_round` ignores the
+    /// status and owner: two aggregators can both close a round.
+    NoConditions,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub armed: Vec<(Point, Mode)>,
+    pub down: BTreeSet<String>,
+    /// (point, mode) → times fired.
+    pub fired: BTreeMap<(Point, Mode), usize>,
+    /// round → successful `close_round` calls.
+    pub closes: BTreeMap<u32, usize>,
+    /// global-model key → SHA-256 of every completed write.
+    pub global_writes: BTreeMap<String, Vec<String>>,
+    pub mutant: Mutant,
+}
+
+#[derive(Clone, Default)]
+pub struct Faults(Arc<Mutex<State>>);
+
+impl Faults {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn arm(&self, point: Point, mode: Mode) {
+        self.lock().armed.push((point, mode));
+    }
+
+    pub fn disarm_all(&self) {
+        self.lock().armed.clear();
+    }
+
+    pub fn revive_all(&self) {
+        self.lock().down.clear();
+    }
+
+    fn alive(&self, owner: &str) -> Result<()> {
+        if self.lock().down.contains(owner) {
+            Err(CloudError::Transient(format!(
+                "injected: engine `{owner}` has crashed"
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Fires the first armed fault at `point`, if any: returns the error
+    /// the call must fail with.
+    fn fire(&self, owner: &str, point: Point) -> Option<CloudError> {
+        let mut s = self.lock();
+        let i = s.armed.iter().position(|(p, _)| *p == point)?;
+        let (_, mode) = s.armed.remove(i);
+        *s.fired.entry((point, mode)).or_default() += 1;
+        if mode == Mode::Crash {
+            s.down.insert(owner.to_string());
+        }
+        Some(CloudError::Transient(format!(
+            "injected {mode:?} at {point:?} in `{owner}`"
+        )))
+    }
+}
+
+#[derive(Clone)]
+pub struct FaultStore {
+    pub inner: FsStore,
+    pub owner: String,
+    pub faults: Faults,
+}
+
+impl ObjectStore for FaultStore {
+    async fn put_file(&self, key: &str, path: &Path) -> Result<ObjectInfo> {
+        self.faults.alive(&self.owner)?;
+        let info = self.inner.put_file(key, path).await?;
+        if key.ends_with("/global.safetensors") {
+            self.faults
+                .lock()
+                .global_writes
+                .entry(key.to_string())
+                .or_default()
+                .push(info.sha256.clone());
+            if let Some(e) = self.faults.fire(&self.owner, Point::AfterGlobalWrite) {
+                return Err(e);
+            }
+        }
+        Ok(info)
+    }
+
+    async fn get_file(&self, key: &str, path: &Path) -> Result<ObjectInfo> {
+        self.faults.alive(&self.owner)?;
+        if key.contains("/updates/") {
+            if let Some(e) = self.faults.fire(&self.owner, Point::UpdateDownload) {
+                return Err(e);
+            }
+        }
+        self.inner.get_file(key, path).await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        self.faults.alive(&self.owner)?;
+        self.inner.head(key).await
+    }
+}
+
+#[derive(Clone)]
+pub struct FaultLedger {
+    pub inner: MemLedger,
+    pub owner: String,
+    pub faults: Faults,
+}
+
+impl Ledger for FaultLedger {
+    async fn put_job(&self, job: &JobSpec) -> Result<()> {
+        self.faults.alive(&self.owner)?;
+        self.inner.put_job(job).await
+    }
+
+    async fn get_job(&self, job_id: &str) -> Result<Option<JobSpec>> {
+        self.faults.alive(&self.owner)?;
+        self.inner.get_job(job_id).await
+    }
+
+    async fn open_round(&self, round: &RoundRecord) -> Result<OpenRound> {
+        self.faults.alive(&self.owner)?;
+        self.inner.open_round(round).await
+    }
+
+    async fn get_round(&self, job_id: &str, round: u32) -> Result<Option<RoundRecord>> {
+        self.faults.alive(&self.owner)?;
+        self.inner.get_round(job_id, round).await
+    }
+
+    async fn list_rounds(&self, job_id: &str) -> Result<Vec<RoundRecord>> {
+        self.faults.alive(&self.owner)?;
+        self.inner.list_rounds(job_id).await
+    }
+
+    async fn add_received(&self, job_id: &str, round: u32, client: &str) -> Result<RoundRecord> {
+        self.faults.alive(&self.owner)?;
+        if let Some(e) = self.faults.fire(&self.owner, Point::AddReceivedLost) {
+            return Err(e);
+        }
+        let row = self.inner.add_received(job_id, round, client).await?;
+        if let Some(e) = self.faults.fire(&self.owner, Point::AddReceivedThenFail) {
+            return Err(e);
+        }
+        Ok(row)
+    }
+
+    async fn record_rejection(
+        &self,
+        job_id: &str,
+        round: u32,
+        client: &str,
+        reason: &str,
+    ) -> Result<()> {
+        self.faults.alive(&self.owner)?;
+        if self.faults.lock().mutant == Mutant::DropsRejections {
+            return Ok(());
+        }
+        self.inner
+            .record_rejection(job_id, round, client, reason)
+            .await
+    }
+
+    async fn claim_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        now: i64,
+        lease_seconds: i64,
+    ) -> Result<Option<RoundRecord>> {
+        self.faults.alive(&self.owner)?;
+        if self.faults.lock().mutant == Mutant::NoConditions {
+            if let Some(mut row) = self.inner.get_round(job_id, round).await? {
+                if row.status == RoundStatus::Aggregating {
+                    row.lease_expires_at = Some(i64::MIN);
+                    self.inner.put_round_raw(row);
+                }
+            }
+        }
+        let claimed = self
+            .inner
+            .claim_round(job_id, round, owner, now, lease_seconds)
+            .await?;
+        // A negative lease is the engine giving its lease up, not a claim.
+        if claimed.is_some() && lease_seconds > 0 {
+            if let Some(e) = self.faults.fire(&self.owner, Point::AfterClaim) {
+                return Err(e);
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn close_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        result: &RoundResult,
+    ) -> Result<bool> {
+        self.faults.alive(&self.owner)?;
+        if let Some(e) = self.faults.fire(&self.owner, Point::BeforeClose) {
+            return Err(e);
+        }
+        if self.faults.lock().mutant == Mutant::NoConditions {
+            if let Some(mut row) = self.inner.get_round(job_id, round).await? {
+                row.status = RoundStatus::Aggregating;
+                row.lease_owner = Some(owner.to_string());
+                self.inner.put_round_raw(row);
+            }
+        }
+        let closed = self.inner.close_round(job_id, round, owner, result).await?;
+        if closed {
+            *self.faults.lock().closes.entry(round).or_default() += 1;
+        }
+        Ok(closed)
+    }
+
+    async fn fail_round(&self, job_id: &str, round: u32, reason: &str) -> Result<()> {
+        self.faults.alive(&self.owner)?;
+        self.inner.fail_round(job_id, round, reason).await
+    }
+
+    async fn put_update(&self, update: &UpdateRecord) -> Result<PutUpdate> {
+        self.faults.alive(&self.owner)?;
+        self.inner.put_update(update).await
+    }
+
+    async fn get_update(
+        &self,
+        client_id: &str,
+        job_id: &str,
+        round: u32,
+    ) -> Result<Option<UpdateRecord>> {
+        self.faults.alive(&self.owner)?;
+        self.inner.get_update(client_id, job_id, round).await
+    }
+
+    async fn put_artifact(&self, artifact: &Artifact) -> Result<()> {
+        self.faults.alive(&self.owner)?;
+        self.inner.put_artifact(artifact).await
+    }
+
+    async fn list_artifacts(&self, llm_type: Option<&str>) -> Result<Vec<Artifact>> {
+        self.faults.alive(&self.owner)?;
+        self.inner.list_artifacts(llm_type).await
+    }
+}
+
+#[derive(Clone)]
+pub struct FaultCallback {
+    pub inner: RecordingCallback,
+    pub owner: String,
+    pub faults: Faults,
+}
+
+impl TaskCallback for FaultCallback {
+    async fn succeed(&self, token: &str, output: &Value) -> Result<Callback> {
+        self.faults.alive(&self.owner)?;
+        if let Some(e) = self.faults.fire(&self.owner, Point::BeforeCallback) {
+            return Err(e);
+        }
+        if self
+            .faults
+            .fire(&self.owner, Point::DeadlineBeforeCallback)
+            .is_some()
+        {
+            self.inner.expire(token);
+        }
+        self.inner.succeed(token, output).await
+    }
+
+    async fn fail(&self, token: &str, error: &str, cause: &str) -> Result<Callback> {
+        self.faults.alive(&self.owner)?;
+        self.inner.fail(token, error, cause).await
+    }
+}
