@@ -1,0 +1,73 @@
+//! The round engine (fedstep-cloud) over the AWS adapters.
+
+use std::path::PathBuf;
+
+use fedstep_aws::{AwsConfig, DynamoLedger, S3Store, SfnCallback, SnsNotifier};
+use fedstep_cloud::engine::{EngineConfig, RoundEngine, UpdateOutcome};
+use fedstep_cloud::ports::SystemClock;
+use fedstep_cloud::records::{RoundRecord, RoundResult, UpdateRecord};
+use fedstep_cloud::{CloudError, JobSpec};
+use serde_json::Value;
+
+use crate::handlers::Aggregator;
+
+pub type AwsEngine = RoundEngine<S3Store, DynamoLedger, SnsNotifier, SfnCallback, SystemClock>;
+
+/// Lease on a claimed round. Longer than Lambda's 900 s maximum run time,
+/// so a live aggregation is never taken over; a crashed one is, after this.
+const DEFAULT_LEASE_SECONDS: i64 = 960;
+
+pub fn build(cfg: &AwsConfig, owner: String, workdir: PathBuf) -> Result<AwsEngine, String> {
+    let lease_seconds = match std::env::var("FEDSTEP_LEASE_SECONDS") {
+        Ok(v) => v
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|s| *s > 0)
+            .ok_or_else(|| format!("FEDSTEP_LEASE_SECONDS={v}: not a positive integer"))?,
+        Err(_) => DEFAULT_LEASE_SECONDS,
+    };
+    let err = |e: CloudError| e.to_string();
+    Ok(RoundEngine::new(
+        S3Store::from_config(cfg).map_err(err)?,
+        DynamoLedger::from_config(cfg).map_err(err)?,
+        SnsNotifier::from_config(cfg).map_err(err)?,
+        SfnCallback::from_config(cfg),
+        SystemClock,
+        EngineConfig {
+            workdir,
+            owner,
+            lease_seconds,
+        },
+    ))
+}
+
+impl Aggregator for AwsEngine {
+    type Outcome = UpdateOutcome;
+
+    async fn start_round(
+        &self,
+        job: &JobSpec,
+        round: u32,
+        task_token: &str,
+    ) -> Result<RoundRecord, CloudError> {
+        RoundEngine::start_round(self, job, round, task_token).await
+    }
+
+    async fn on_update(&self, update: &UpdateRecord) -> Result<UpdateOutcome, CloudError> {
+        RoundEngine::on_update(self, update).await
+    }
+
+    async fn close_round(&self, job_id: &str, round: u32) -> Result<RoundResult, CloudError> {
+        RoundEngine::close_round(self, job_id, round).await
+    }
+
+    async fn finalize(
+        &self,
+        job_id: &str,
+        round: u32,
+        result: &RoundResult,
+    ) -> Result<Value, CloudError> {
+        RoundEngine::finalize(self, job_id, round, result).await
+    }
+}

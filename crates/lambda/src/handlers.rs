@@ -1,0 +1,511 @@
+//! The handlers: thin translations between the events the aggregator gets
+//! (Step Functions task payloads, DynamoDB stream records) and the round
+//! engine in fedstep-cloud. The same functions serve the Lambda runtime and
+//! the emulator worker (local mode), so both run exactly this code.
+
+use std::fmt::Debug;
+use std::future::Future;
+
+use fedstep_cloud::records::{RoundRecord, RoundResult, UpdateRecord};
+use fedstep_cloud::{CloudError, JobSpec};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// What the handlers need from the round engine (fedstep_cloud's
+/// `RoundEngine` implements it; tests use a fake). Kept as a trait so the
+/// event plumbing is tested without AWS.
+pub trait Aggregator: Send + Sync + 'static {
+    /// What `on_update` reports; only logged here.
+    type Outcome: Debug + Send;
+
+    fn start_round(
+        &self,
+        job: &JobSpec,
+        round: u32,
+        task_token: &str,
+    ) -> impl Future<Output = Result<RoundRecord, CloudError>> + Send;
+    fn on_update(
+        &self,
+        update: &UpdateRecord,
+    ) -> impl Future<Output = Result<Self::Outcome, CloudError>> + Send;
+    fn close_round(
+        &self,
+        job_id: &str,
+        round: u32,
+    ) -> impl Future<Output = Result<RoundResult, CloudError>> + Send;
+    fn finalize(
+        &self,
+        job_id: &str,
+        round: u32,
+        result: &RoundResult,
+    ) -> impl Future<Output = Result<Value, CloudError>> + Send;
+}
+
+/// A failed task: `error_type` becomes the Step Functions error name
+/// (Lambda `Diagnostic.error_type`, activity `SendTaskFailure.error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskError {
+    pub error_type: String,
+    pub message: String,
+}
+
+/// The Step Functions error name for close_round's "too few updates"
+/// (statemachine/README.md).
+pub const QUORUM_NOT_MET: &str = "QuorumNotMet";
+
+impl TaskError {
+    fn invalid(message: impl Into<String>) -> TaskError {
+        TaskError {
+            error_type: "InvalidTaskInput".into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<CloudError> for TaskError {
+    fn from(err: CloudError) -> TaskError {
+        let error_type = match &err {
+            CloudError::QuorumNotMet(_) => QUORUM_NOT_MET,
+            CloudError::Invalid(_) => "InvalidInput",
+            CloudError::NotFound(_) => "NotFound",
+            CloudError::ConditionFailed(_) => "ConditionFailed",
+            CloudError::Transient(_) => "Transient",
+            CloudError::Aggregate(_) => "AggregationFailed",
+            CloudError::Io(_) | CloudError::Other(_) => "AggregatorError",
+        };
+        let message = match err {
+            // The cause is the engine's text ("quorum not met: 1 of
+            // min_clients 3 ..."); keep it as is, without a second prefix.
+            CloudError::QuorumNotMet(cause) => cause,
+            other => other.to_string(),
+        };
+        TaskError {
+            error_type: error_type.into(),
+            message,
+        }
+    }
+}
+
+/// The task actions of statemachine/README.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    StartRound,
+    CloseRound,
+    Finalize,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::StartRound => "start_round",
+            Action::CloseRound => "close_round",
+            Action::Finalize => "finalize",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Action> {
+        [Action::StartRound, Action::CloseRound, Action::Finalize]
+            .into_iter()
+            .find(|a| a.name() == name)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct TaskPayload {
+    action: String,
+    job_id: String,
+    round: u32,
+    #[serde(default)]
+    result: Option<Value>,
+    #[serde(default)]
+    context: Value,
+}
+
+/// The action of a task payload, if it is one.
+pub fn task_action(payload: &Value) -> Option<Action> {
+    payload
+        .get("action")
+        .and_then(Value::as_str)
+        .and_then(Action::parse)
+}
+
+/// Runs one task. Returns the task's output (ignored for start_round,
+/// whose result arrives later through the task token).
+pub async fn handle_task<A: Aggregator>(engine: &A, payload: Value) -> Result<Value, TaskError> {
+    let task: TaskPayload = serde_json::from_value(payload)
+        .map_err(|e| TaskError::invalid(format!("task payload: {e}")))?;
+    let action = Action::parse(&task.action)
+        .ok_or_else(|| TaskError::invalid(format!("unknown action `{}`", task.action)))?;
+    tracing::info!(action = action.name(), job_id = %task.job_id, round = task.round, "task");
+    match action {
+        Action::StartRound => {
+            // On AWS the token is in the context object of the
+            // .waitForTaskToken task; the emulator worker puts the
+            // activity's token at the same place.
+            let token = task
+                .context
+                .pointer("/Task/Token")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| TaskError::invalid("start_round without context.Task.Token"))?;
+            let job = job_from_context(&task.context, &task.job_id)?;
+            if task.round == 0 || task.round > job.rounds {
+                return Err(TaskError::invalid(format!(
+                    "round {} outside 1..={} of job `{}`",
+                    task.round, job.rounds, job.job_id
+                )));
+            }
+            let record = engine.start_round(&job, task.round, token).await?;
+            Ok(serde_json::json!({
+                "job_id": record.job_id,
+                "round": record.round,
+                "status": record.status,
+                "deadline": record.deadline,
+            }))
+        }
+        Action::CloseRound => {
+            let result = engine.close_round(&task.job_id, task.round).await?;
+            serde_json::to_value(result).map_err(|e| CloudError::Other(e.to_string()).into())
+        }
+        Action::Finalize => {
+            let raw = task
+                .result
+                .ok_or_else(|| TaskError::invalid("finalize without `result`"))?;
+            let result: RoundResult = serde_json::from_value(raw)
+                .map_err(|e| TaskError::invalid(format!("finalize `result`: {e}")))?;
+            Ok(engine.finalize(&task.job_id, task.round, &result).await?)
+        }
+    }
+}
+
+/// The job is the execution input (written by `fedstep job start`: the
+/// JobSpec JSON, which includes `round_timeout_seconds`).
+fn job_from_context(context: &Value, job_id: &str) -> Result<JobSpec, TaskError> {
+    let input = context
+        .pointer("/Execution/Input")
+        .ok_or_else(|| TaskError::invalid("no context.Execution.Input (the job)"))?;
+    // Some integrations hand the input over as a JSON string.
+    let job: JobSpec = match input {
+        Value::String(text) => serde_json::from_str(text),
+        other => serde_json::from_value(other.clone()),
+    }
+    .map_err(|e| TaskError::invalid(format!("execution input is not a job: {e}")))?;
+    job.check()
+        .map_err(|e| TaskError::invalid(format!("execution input: {e}")))?;
+    if job.job_id != job_id {
+        return Err(TaskError::invalid(format!(
+            "task job_id `{job_id}` differs from the execution input's `{}`",
+            job.job_id
+        )));
+    }
+    Ok(job)
+}
+
+/// One record of a DynamoDB stream batch, decoded as far as it could be.
+#[derive(Debug, Clone)]
+pub struct StreamItem {
+    /// The sequence number: the batch item identifier Lambda retries from.
+    pub id: String,
+    /// INSERT / MODIFY / REMOVE.
+    pub event_name: String,
+    /// The new image as an update row, or why it is not one.
+    pub update: Result<UpdateRecord, String>,
+}
+
+/// Whether a failed update is worth retrying. Transient faults are, and so
+/// are unclassified ones (an SDK error we do not know, a local I/O error):
+/// the stream retries them until the event source's retry limit. Bad data,
+/// a lost condition or a missing round will not change on retry.
+fn retry_worthy(err: &CloudError) -> bool {
+    matches!(
+        err,
+        CloudError::Transient(_) | CloudError::Io(_) | CloudError::Other(_)
+    )
+}
+
+/// Processes a batch in order and returns the ids to report as
+/// `batchItemFailures`. Lambda retries from the lowest failed sequence
+/// number, so after the first retryable failure the rest of the batch is not
+/// processed and is reported too (processing it now would only repeat it).
+pub async fn handle_stream<A: Aggregator>(engine: &A, items: &[StreamItem]) -> Vec<String> {
+    for (i, item) in items.iter().enumerate() {
+        if item.event_name != "INSERT" {
+            // Update rows are written once; MODIFY/REMOVE are not the protocol.
+            tracing::debug!(id = %item.id, event = %item.event_name, "ignored stream record");
+            continue;
+        }
+        let update = match &item.update {
+            Ok(u) => u,
+            Err(why) => {
+                // Retrying cannot make a malformed row decode: log and move on.
+                tracing::warn!(id = %item.id, reason = %why, "rejected an update row that does not decode");
+                continue;
+            }
+        };
+        match engine.on_update(update).await {
+            Ok(outcome) => tracing::info!(
+                id = %item.id,
+                client_id = %update.client_id,
+                job_id = %update.job_id,
+                round = update.round,
+                outcome = ?outcome,
+                "update processed"
+            ),
+            Err(err) if retry_worthy(&err) => {
+                tracing::warn!(id = %item.id, error = %err, remaining = items.len() - i, "update failed; the batch is retried from here");
+                return items[i..].iter().map(|it| it.id.clone()).collect();
+            }
+            Err(err) => tracing::error!(
+                id = %item.id,
+                client_id = %update.client_id,
+                error = %err,
+                "update dropped: not retryable"
+            ),
+        }
+    }
+    Vec::new()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use fedstep_cloud::records::RoundStatus;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// Records the calls; `fail_on` makes on_update fail for that client.
+    #[derive(Default)]
+    pub struct Fake {
+        pub calls: Mutex<Vec<String>>,
+        pub fail_on: Option<(String, fn(String) -> CloudError)>,
+        pub quorum_not_met: bool,
+    }
+
+    pub fn result(job_id: &str, round: u32) -> RoundResult {
+        RoundResult {
+            job_id: job_id.into(),
+            round,
+            global_model_key: fedstep_cloud::keys::global_model(job_id, round + 1),
+            metrics: BTreeMap::new(),
+            continue_training: false,
+            closed_by: "deadline".into(),
+            accepted: vec![],
+            rejected: BTreeMap::new(),
+        }
+    }
+
+    impl Aggregator for Fake {
+        type Outcome = &'static str;
+
+        async fn start_round(
+            &self,
+            job: &JobSpec,
+            round: u32,
+            token: &str,
+        ) -> Result<RoundRecord, CloudError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("start {} {round} {token}", job.job_id));
+            Ok(RoundRecord {
+                job_id: job.job_id.clone(),
+                round,
+                status: RoundStatus::Open,
+                task_token: Some(token.into()),
+                expected_clients: job.clients.clone(),
+                min_clients: job.min_clients,
+                deadline: 0,
+                received: Default::default(),
+                rejections: Default::default(),
+                lease_owner: None,
+                lease_expires_at: None,
+                global_model_key: String::new(),
+                global_checksum: String::new(),
+                result: None,
+                failure: None,
+            })
+        }
+
+        async fn on_update(&self, u: &UpdateRecord) -> Result<&'static str, CloudError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("update {}", u.client_id));
+            match &self.fail_on {
+                Some((client, make)) if *client == u.client_id => Err(make("boom".into())),
+                _ => Ok("recorded"),
+            }
+        }
+
+        async fn close_round(&self, job_id: &str, round: u32) -> Result<RoundResult, CloudError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("close {job_id} {round}"));
+            if self.quorum_not_met {
+                return Err(CloudError::QuorumNotMet(
+                    "quorum not met: 1 of min_clients 3 updates received".into(),
+                ));
+            }
+            Ok(result(job_id, round))
+        }
+
+        async fn finalize(
+            &self,
+            job_id: &str,
+            round: u32,
+            r: &RoundResult,
+        ) -> Result<Value, CloudError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("finalize {job_id} {round} {}", r.global_model_key));
+            Ok(serde_json::json!({"job_id": job_id}))
+        }
+    }
+
+    pub fn job_json() -> Value {
+        serde_json::json!({
+            "job_id": "j1", "rounds": 2, "clients": ["a", "b"], "min_clients": 1,
+            "round_timeout_seconds": 30
+        })
+    }
+
+    fn update(client: &str) -> UpdateRecord {
+        UpdateRecord {
+            client_id: client.into(),
+            job_round: "j1#000001".into(),
+            job_id: "j1".into(),
+            round: 1,
+            model_key: "k".into(),
+            checksum: "c".into(),
+            num_examples: 3.into(),
+            llm_type: None,
+            metrics: BTreeMap::new(),
+            bytes: 1,
+            trained_at: "2026-01-01T00:00:00Z".into(),
+            schema: Some(1),
+        }
+    }
+
+    fn item(seq: &str, client: &str) -> StreamItem {
+        StreamItem {
+            id: seq.into(),
+            event_name: "INSERT".into(),
+            update: Ok(update(client)),
+        }
+    }
+
+    #[tokio::test]
+    async fn start_round_reads_token_and_job_from_context() {
+        let fake = Fake::default();
+        let payload = serde_json::json!({
+            "action": "start_round", "job_id": "j1", "round": 1, "round_timeout_seconds": 30,
+            "context": {"Execution": {"Input": job_json()}, "Task": {"Token": "tok-1"}}
+        });
+        let out = handle_task(&fake, payload).await.unwrap();
+        assert_eq!(out["status"], "OPEN");
+        assert_eq!(fake.calls.lock().unwrap()[0], "start j1 1 tok-1");
+    }
+
+    #[tokio::test]
+    async fn start_round_refuses_bad_input() {
+        let fake = Fake::default();
+        for (payload, want) in [
+            (
+                serde_json::json!({"action": "start_round", "job_id": "j1", "round": 1,
+                "context": {"Execution": {"Input": job_json()}}}),
+                "Task.Token",
+            ),
+            (
+                serde_json::json!({"action": "start_round", "job_id": "other", "round": 1,
+                "context": {"Execution": {"Input": job_json()}, "Task": {"Token": "t"}}}),
+                "differs",
+            ),
+            (
+                serde_json::json!({"action": "start_round", "job_id": "j1", "round": 3,
+                "context": {"Execution": {"Input": job_json()}, "Task": {"Token": "t"}}}),
+                "outside",
+            ),
+            (
+                serde_json::json!({"action": "dance", "job_id": "j1", "round": 1}),
+                "unknown action",
+            ),
+            (
+                serde_json::json!({"action": "close_round", "round": 1}),
+                "job_id",
+            ),
+        ] {
+            let err = handle_task(&fake, payload).await.unwrap_err();
+            assert_eq!(err.error_type, "InvalidTaskInput");
+            assert!(err.message.contains(want), "{}", err.message);
+        }
+        assert!(fake.calls.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn close_round_quorum_not_met_is_named() {
+        let fake = Fake {
+            quorum_not_met: true,
+            ..Fake::default()
+        };
+        let err = handle_task(
+            &fake,
+            serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "context": {}}),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.error_type, QUORUM_NOT_MET);
+        assert_eq!(
+            err.message,
+            "quorum not met: 1 of min_clients 3 updates received"
+        );
+    }
+
+    #[tokio::test]
+    async fn close_and_finalize_return_their_output() {
+        let fake = Fake::default();
+        let out = handle_task(
+            &fake,
+            serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out["continue"], false);
+        let out = handle_task(
+            &fake,
+            serde_json::json!({"action": "finalize", "job_id": "j1", "round": 1, "result": out}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out["job_id"], "j1");
+    }
+
+    #[tokio::test]
+    async fn stream_reports_from_the_first_transient_failure() {
+        let fake = Fake {
+            fail_on: Some(("b".into(), CloudError::Transient)),
+            ..Fake::default()
+        };
+        let mut bad = item("2", "x");
+        bad.update = Err("missing field `checksum`".into());
+        let mut modify = item("3", "y");
+        modify.event_name = "MODIFY".into();
+        let items = vec![item("1", "a"), bad, modify, item("4", "b"), item("5", "c")];
+        let failed = handle_stream(&fake, &items).await;
+        assert_eq!(failed, vec!["4".to_string(), "5".to_string()]);
+        // c was not processed: it is retried with b.
+        assert_eq!(*fake.calls.lock().unwrap(), vec!["update a", "update b"]);
+    }
+
+    #[tokio::test]
+    async fn stream_drops_non_retryable_errors() {
+        let fake = Fake {
+            fail_on: Some(("a".into(), CloudError::Invalid)),
+            ..Fake::default()
+        };
+        let failed = handle_stream(&fake, &[item("1", "a"), item("2", "b")]).await;
+        assert!(failed.is_empty());
+        assert_eq!(fake.calls.lock().unwrap().len(), 2);
+    }
+}

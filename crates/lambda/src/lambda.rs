@@ -1,0 +1,155 @@
+//! The Lambda runtime entry: one bootstrap, the event's shape picks the
+//! handler (a DynamoDB stream batch, or a Step Functions task payload).
+
+use std::sync::Arc;
+
+use aws_lambda_events::event::dynamodb::EventRecord;
+use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use fedstep_cloud::records::UpdateRecord;
+use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
+use serde_json::Value;
+
+use crate::handlers::{handle_stream, handle_task, Aggregator, StreamItem, TaskError};
+
+impl From<TaskError> for Diagnostic {
+    fn from(err: TaskError) -> Diagnostic {
+        // error_type is what Step Functions matches on (e.g. QuorumNotMet).
+        Diagnostic {
+            error_type: err.error_type,
+            error_message: err.message,
+        }
+    }
+}
+
+pub async fn run<A: Aggregator>(engine: Arc<A>) -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let engine = Arc::clone(&engine);
+        async move { dispatch(engine.as_ref(), event.payload).await }
+    }))
+    .await
+}
+
+/// Routes one invocation by the event's shape.
+pub async fn dispatch<A: Aggregator>(engine: &A, event: Value) -> Result<Value, Diagnostic> {
+    if let Some(records) = event.get("Records").and_then(Value::as_array) {
+        let items: Vec<StreamItem> = records.iter().map(stream_item).collect();
+        let failed = handle_stream(engine, &items).await;
+        let mut response = DynamoDbEventResponse::default();
+        for id in failed {
+            let mut failure = DynamoDbBatchItemFailure::default();
+            failure.item_identifier = Some(id);
+            response.batch_item_failures.push(failure);
+        }
+        return serde_json::to_value(response).map_err(|e| Diagnostic {
+            error_type: "AggregatorError".into(),
+            error_message: e.to_string(),
+        });
+    }
+    if event.get("action").is_some() {
+        return handle_task(engine, event).await.map_err(Diagnostic::from);
+    }
+    Err(Diagnostic {
+        error_type: "UnknownEvent".into(),
+        error_message: "neither a DynamoDB stream batch (Records) nor a task payload (action)"
+            .into(),
+    })
+}
+
+/// One stream record, decoded record by record so that one malformed
+/// record is rejected alone instead of failing (and blocking) the batch.
+fn stream_item(raw: &Value) -> StreamItem {
+    let fallback_id = raw
+        .pointer("/dynamodb/SequenceNumber")
+        .or_else(|| raw.get("eventID"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let event_name = raw
+        .get("eventName")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let record: EventRecord = match serde_json::from_value(raw.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            return StreamItem {
+                id: fallback_id,
+                event_name,
+                update: Err(format!("stream record: {e}")),
+            }
+        }
+    };
+    let id = record.change.sequence_number.clone().unwrap_or(fallback_id);
+    let update = serde_dynamo::from_item::<_, UpdateRecord>(record.change.new_image)
+        .map_err(|e| format!("update row: {e}"));
+    StreamItem {
+        id,
+        event_name: record.event_name,
+        update,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handlers::tests::Fake;
+
+    fn record(seq: &str, client: &str, checksum: Option<&str>) -> Value {
+        let mut image = serde_json::json!({
+            "client_id": {"S": client}, "job_round": {"S": "j1#000001"}, "job_id": {"S": "j1"},
+            "round": {"N": "1"}, "model_key": {"S": "k"}, "num_examples": {"N": "10"},
+            "metrics": {"M": {"loss": {"N": "0.5"}}}, "bytes": {"N": "4"},
+            "trained_at": {"S": "2026-01-01T00:00:00Z"}
+        });
+        if let Some(c) = checksum {
+            image["checksum"] = serde_json::json!({"S": c});
+        }
+        serde_json::json!({
+            "eventID": format!("e{seq}"), "eventName": "INSERT", "eventVersion": "1.1",
+            "eventSource": "aws:dynamodb", "awsRegion": "us-east-1",
+            "dynamodb": {"ApproximateCreationDateTime": 1.7e9, "Keys": {}, "NewImage": image,
+                         "SequenceNumber": seq, "SizeBytes": 100, "StreamViewType": "NEW_IMAGE"},
+            "eventSourceARN": "arn:aws:dynamodb:us-east-1:1:table/t/stream/x"
+        })
+    }
+
+    #[tokio::test]
+    async fn stream_batch_reports_failures_by_sequence_number() {
+        let fake = Fake {
+            fail_on: Some(("b".into(), fedstep_cloud::CloudError::Transient)),
+            ..Fake::default()
+        };
+        let event = serde_json::json!({"Records": [
+            record("100", "a", Some("c")),
+            record("101", "bad", None),
+            record("102", "b", Some("c")),
+            record("103", "c", Some("c")),
+        ]});
+        let out = dispatch(&fake, event).await.unwrap();
+        assert_eq!(
+            out,
+            serde_json::json!({"batchItemFailures": [{"itemIdentifier": "102"}, {"itemIdentifier": "103"}]})
+        );
+        assert_eq!(*fake.calls.lock().unwrap(), vec!["update a", "update b"]);
+    }
+
+    #[tokio::test]
+    async fn quorum_not_met_is_a_diagnostic() {
+        let fake = Fake {
+            quorum_not_met: true,
+            ..Fake::default()
+        };
+        let err = dispatch(
+            &fake,
+            serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1}),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.error_type, "QuorumNotMet");
+        assert!(err.error_message.contains("quorum not met"));
+        let err = dispatch(&fake, serde_json::json!({"hello": 1}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.error_type, "UnknownEvent");
+    }
+}
