@@ -127,6 +127,38 @@ async fn rows_for_a_closed_or_failed_round_are_recorded_late() {
     assert!(!row.rejections.contains_key("a"), "{:?}", row.rejections);
 }
 
+/// Regression (found by the fault schedules): a row rejected for a rule
+/// while the round was OPEN, redelivered after the close, used to have its
+/// reason overwritten with "late: …" in the round row.
+#[tokio::test]
+async fn a_rejected_row_redelivered_after_the_close_keeps_its_reason() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = job("keep", 2, &["a", "b", "c"], 2);
+    fed.upload_initial(&job, &[0.0]).await;
+    engine.start_round(&job, 1, "t1").await.unwrap();
+    let mut a = fed.submit(&job, 1, "a", &[1.0], 1, &[]).await;
+    a.job_round = "keep#000002".into();
+    let first = rejected(engine.on_update(&a).await.unwrap());
+    assert!(first.starts_with("job_round:"), "{first}");
+    for (c, v) in [("b", 1.0), ("c", 3.0)] {
+        let r = fed.submit(&job, 1, c, &[v], 1, &[]).await;
+        engine.on_update(&r).await.unwrap();
+    }
+    let row = fed.ledger.get_round("keep", 1).await.unwrap().unwrap();
+    assert_eq!(row.status, RoundStatus::Closed);
+    let UpdateOutcome::Late(reason) = engine.on_update(&a).await.unwrap() else {
+        panic!("a replay after the close is Late")
+    };
+    assert!(
+        reason.starts_with("replay:") && reason.contains("job_round:"),
+        "{reason}"
+    );
+    let row = fed.ledger.get_round("keep", 1).await.unwrap().unwrap();
+    assert_eq!(row.rejections["a"], first);
+    assert_eq!(row.result.unwrap().rejected["a"], first);
+}
+
 #[tokio::test]
 async fn contradictory_jobs_are_refused_before_anything_is_written() {
     let fed = Fed::new();

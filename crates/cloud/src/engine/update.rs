@@ -28,8 +28,9 @@ where
     ///   in the round's rejections when the round exists. Also returned when
     ///   this row completed the round but no update at all was usable (the
     ///   round is then FAILED and the workflow told so).
-    /// - `Late`: the round is past OPEN. A row that was already counted
-    ///   (a replay) is not recorded again; a new one is recorded as late.
+    /// - `Late`: the round is past OPEN. A row that was already counted or
+    ///   rejected (a replay) is not recorded again, so an earlier rejection
+    ///   keeps its reason; a new one is recorded as late.
     /// - `Recorded`: counted; `received` counts usable updates so far.
     /// - `Aggregated`: this row completed the round and this engine closed it.
     ///
@@ -99,6 +100,13 @@ where
         let reason = if row.received.contains(client) {
             format!(
                 "replay: round {} is {:?} and this update was already counted",
+                row.round, row.status
+            )
+        } else if let Some(earlier) = row.rejections.get(client) {
+            // Already rejected for a rule while the round was OPEN: keep
+            // that specific reason rather than overwrite it with "late".
+            format!(
+                "replay: round {} is {:?} and this update was already rejected ({earlier})",
                 row.round, row.status
             )
         } else {

@@ -946,6 +946,16 @@ impl Sim {
             }
         }
 
+        // A reason recorded by the time the round closed is never replaced
+        // (a replay after the close must not turn `job_round: …` into `late: …`).
+        for (c, at_close) in &stored.rejected {
+            ensure!(
+                row.rejections.get(c) == Some(at_close),
+                "round {round}: `{c}` was rejected with `{at_close}` at the close, the row now says {:?}",
+                row.rejections.get(c)
+            );
+        }
+
         // The new global model is the weighted mean of the accepted updates.
         let got = self.read_global(round + 1).await?;
         let total: f64 = stored
