@@ -130,62 +130,46 @@ impl Acc for f64 {
     }
 }
 
-/// Decodes `out.len()` elements of `bytes` (the dtype match is hoisted out
-/// of the loop: this is the aggregation hot path).
-pub fn decode_into<A: Acc>(dtype: Dtype, bytes: &[u8], out: &mut [A]) {
+/// Calls `f(&mut out[j], x[j])` with `x` decoded from little-endian `bytes`
+/// on the fly. The dtype match is hoisted out of the loop and `f` is
+/// inlined, so each dtype gets its own tight loop: this is the aggregation
+/// hot path.
+#[inline(always)]
+fn zip_decoded<A: Acc>(dtype: Dtype, bytes: &[u8], out: &mut [A], f: impl Fn(&mut A, A)) {
     match dtype {
         Dtype::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = A::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                f(o, A::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
             }
         }
         Dtype::F64 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
                 let a = [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
-                *o = A::from_f64(f64::from_le_bytes(a));
+                f(o, A::from_f64(f64::from_le_bytes(a)));
             }
         }
         Dtype::F16 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = A::from_f32(f16::from_le_bytes([c[0], c[1]]).to_f32());
+                f(o, A::from_f32(f16::from_le_bytes([c[0], c[1]]).to_f32()));
             }
         }
         Dtype::BF16 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = A::from_f32(bf16::from_le_bytes([c[0], c[1]]).to_f32());
+                f(o, A::from_f32(bf16::from_le_bytes([c[0], c[1]]).to_f32()));
             }
         }
-        other => unreachable!("decode_into called for non-float dtype {other:?}"),
+        other => unreachable!("float decode called for non-float dtype {other:?}"),
     }
 }
 
-/// `out[j] += coef · x[j]` with `x` decoded from `bytes` on the fly: one
-/// pass over the input instead of decode-then-add.
+/// Decodes `out.len()` elements of `bytes`.
+pub fn decode_into<A: Acc>(dtype: Dtype, bytes: &[u8], out: &mut [A]) {
+    zip_decoded(dtype, bytes, out, |o, x| *o = x);
+}
+
+/// `out[j] += coef · x[j]`: one pass over the input instead of decode-then-add.
 pub fn axpy_from<A: Acc>(dtype: Dtype, coef: A, bytes: &[u8], out: &mut [A]) {
-    match dtype {
-        Dtype::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o += coef * A::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-            }
-        }
-        Dtype::F64 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-                let a = [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
-                *o += coef * A::from_f64(f64::from_le_bytes(a));
-            }
-        }
-        Dtype::F16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o += coef * A::from_f32(f16::from_le_bytes([c[0], c[1]]).to_f32());
-            }
-        }
-        Dtype::BF16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o += coef * A::from_f32(bf16::from_le_bytes([c[0], c[1]]).to_f32());
-            }
-        }
-        other => unreachable!("axpy_from called for non-float dtype {other:?}"),
-    }
+    zip_decoded(dtype, bytes, out, |o, x| *o += coef * x);
 }
 
 /// Encodes `values` into `out` (which holds exactly `values.len()` elements).

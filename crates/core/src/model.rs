@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -61,11 +60,22 @@ impl ModelHeader {
 /// Reads and validates the header of `file` within `limits`.
 pub fn read_header(file: &File, limits: &Limits) -> Result<ModelHeader, ModelError> {
     let file_len = file.metadata()?.len();
+    let mut prefix = [0u8; 8];
+    if file_len >= 8 {
+        file.read_exact_at(&mut prefix, 0)?;
+    }
+    let header_len = declared_header_len(prefix, file_len, limits)?;
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8)?;
+    parse_header(&header, file_len, limits)
+}
+
+/// Checks the 8-byte length prefix against the limit and the file size
+/// before anything is allocated for the header.
+fn declared_header_len(prefix: [u8; 8], file_len: u64, limits: &Limits) -> Result<u64, ModelError> {
     if file_len < 8 {
         return Err(ModelError::TooShort { len: file_len });
     }
-    let mut prefix = [0u8; 8];
-    file.read_exact_at(&mut prefix, 0)?;
     let header_len = u64::from_le_bytes(prefix);
     if header_len > limits.max_header_bytes {
         return Err(ModelError::HeaderTooLarge {
@@ -79,9 +89,7 @@ pub fn read_header(file: &File, limits: &Limits) -> Result<ModelHeader, ModelErr
             file_len,
         });
     }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut header, 8)?;
-    parse_header(&header, file_len, limits)
+    Ok(header_len)
 }
 
 fn parse_header(header: &[u8], file_len: u64, limits: &Limits) -> Result<ModelHeader, ModelError> {
@@ -235,23 +243,10 @@ pub fn load_dense(
 /// hand, e.g. a trainer), then parses its header.
 pub fn header_from_bytes(bytes: &[u8], limits: &Limits) -> Result<ModelHeader, ModelError> {
     let file_len = bytes.len() as u64;
-    if file_len < 8 {
-        return Err(ModelError::TooShort { len: file_len });
-    }
     let mut prefix = [0u8; 8];
-    (&bytes[..8]).read_exact(&mut prefix)?;
-    let header_len = u64::from_le_bytes(prefix);
-    if header_len > limits.max_header_bytes {
-        return Err(ModelError::HeaderTooLarge {
-            declared: header_len,
-            limit: limits.max_header_bytes,
-        });
+    if let Some(p) = bytes.get(..8) {
+        prefix.copy_from_slice(p);
     }
-    if header_len > file_len - 8 {
-        return Err(ModelError::HeaderBeyondFile {
-            declared: header_len,
-            file_len,
-        });
-    }
+    let header_len = declared_header_len(prefix, file_len, limits)?;
     parse_header(&bytes[8..8 + header_len as usize], file_len, limits)
 }

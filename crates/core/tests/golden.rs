@@ -7,19 +7,15 @@ mod common;
 use std::path::PathBuf;
 
 use common::{assert_close, run, run_with_state, update, Dir};
-use fedstep_core::manifest::UpdateMeta;
+use fedstep_core::manifest::{UpdateMeta, UpdateSource};
 use serde_json::Value;
 
-fn golden() -> (PathBuf, Value) {
+/// The golden directory, its expected.json, and its five updates.
+fn golden() -> (PathBuf, Value, Vec<UpdateSource>) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let text = std::fs::read_to_string(dir.join("expected.json")).unwrap();
-    (dir, serde_json::from_str(&text).unwrap())
-}
-
-#[test]
-fn every_case_matches_numpy() {
-    let (dir, g) = golden();
-    let updates: Vec<_> = g["clients"]
+    let g: Value = serde_json::from_str(&text).unwrap();
+    let updates = g["clients"]
         .as_array()
         .unwrap()
         .iter()
@@ -28,6 +24,12 @@ fn every_case_matches_numpy() {
             update(&dir.join(format!("{}.safetensors", meta.client_id)), meta)
         })
         .collect();
+    (dir, g, updates)
+}
+
+#[test]
+fn every_case_matches_numpy() {
+    let (dir, g, updates) = golden();
     let cases = g["cases"].as_object().unwrap();
     assert_eq!(cases.len(), 12, "every case is checked");
     for (name, case) in cases {
@@ -61,16 +63,7 @@ fn every_case_matches_numpy() {
 
 #[test]
 fn krum_chooses_what_numpy_chose() {
-    let (dir, g) = golden();
-    let updates: Vec<_> = g["clients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            let meta: UpdateMeta = serde_json::from_value(c.clone()).unwrap();
-            update(&dir.join(format!("{}.safetensors", meta.client_id)), meta)
-        })
-        .collect();
+    let (_, g, updates) = golden();
     let out = Dir::new();
     let (o, _) = run(
         &out,
