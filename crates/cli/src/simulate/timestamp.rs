@@ -9,7 +9,10 @@ use fedstep_cloud::timefmt::rfc3339_utc;
 pub fn run_dir_name() -> String {
     // 2026-11-21T23:45:01Z → 20261121-234501
     let t = rfc3339_utc(SystemClock.now());
-    let compact: String = t.trim_end_matches('Z').replace(['-', ':'], "").replace('T', "-");
+    let compact: String = t
+        .trim_end_matches('Z')
+        .replace(['-', ':'], "")
+        .replace('T', "-");
     format!("simulate-{compact}")
 }
 
