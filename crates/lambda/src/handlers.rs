@@ -273,11 +273,14 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
+    /// Builds the error a failing on_update returns.
+    pub type MakeError = fn(String) -> CloudError;
+
     /// Records the calls; `fail_on` makes on_update fail for that client.
     #[derive(Default)]
     pub struct Fake {
         pub calls: Mutex<Vec<String>>,
-        pub fail_on: Option<(String, fn(String) -> CloudError)>,
+        pub fail_on: Option<(String, MakeError)>,
         pub quorum_not_met: bool,
     }
 
