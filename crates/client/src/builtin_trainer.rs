@@ -1,0 +1,155 @@
+//! The built-in trainer: fedstep-trainer's candle MLP on a local dataset
+//! (the bundled digits, a digits CSV, or MNIST IDX files), optionally cut
+//! down to a non-IID class share like a `fedstep simulate` client.
+
+use std::sync::Arc;
+
+use fedstep_trainer::{
+    bundled_digits, load_digits_csv, load_mnist_idx, partition, train_local, ClientSpec, Dataset,
+    TrainConfig,
+};
+use serde_json::{Map, Value};
+
+use crate::config::{BuiltinConfig, DatasetKind};
+use crate::trainer::{TrainError, TrainReport, TrainRequest, Trainer};
+
+pub struct BuiltinTrainer {
+    data: Arc<Dataset>,
+    cfg: TrainConfig,
+}
+
+impl BuiltinTrainer {
+    pub fn from_config(c: &BuiltinConfig) -> Result<BuiltinTrainer, TrainError> {
+        let err = |e: fedstep_trainer::TrainerError| TrainError(format!("dataset: {e}"));
+        let full = match (c.dataset, &c.digits_csv) {
+            (DatasetKind::Digits, None) => bundled_digits().map_err(err)?,
+            (DatasetKind::Digits, Some(p)) => load_digits_csv(p).map_err(err)?,
+            (DatasetKind::Mnist, _) => match (&c.mnist_images, &c.mnist_labels) {
+                (Some(i), Some(l)) => load_mnist_idx(i, l).map_err(err)?,
+                _ => {
+                    return Err(TrainError(
+                        "mnist needs mnist_images and mnist_labels".into(),
+                    ))
+                }
+            },
+        };
+        let data = match &c.classes {
+            None => full,
+            Some(classes) => {
+                let spec = ClientSpec {
+                    classes: classes.clone(),
+                    sel_prob: c.sel_prob,
+                    def_prob: c.def_prob,
+                };
+                partition(&full, &[spec], c.seed)
+                    .map_err(err)?
+                    .pop()
+                    .ok_or_else(|| TrainError("partition returned no share".into()))?
+            }
+        };
+        if data.is_empty() {
+            return Err(TrainError(
+                "the configured class share is empty: raise sel_prob/def_prob or pick other classes"
+                    .into(),
+            ));
+        }
+        let cfg = TrainConfig {
+            local_epochs: c.local_epochs,
+            batch_size: c.batch_size,
+            learning_rate: c.learning_rate,
+            seed: c.seed,
+            ..TrainConfig::default()
+        };
+        cfg.validate().map_err(|e| TrainError(e.to_string()))?;
+        Ok(BuiltinTrainer {
+            data: Arc::new(data),
+            cfg,
+        })
+    }
+
+    pub fn examples(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// The job's `[round_config]` may set `local_epochs`, `batch_size` and
+/// `learning_rate` for everyone; other keys are for other trainers.
+fn with_round_config(
+    mut cfg: TrainConfig,
+    rc: &Map<String, Value>,
+) -> Result<TrainConfig, TrainError> {
+    let positive_int = |key: &str| -> Result<Option<usize>, TrainError> {
+        match rc.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n >= 1)
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    TrainError(format!(
+                        "round_config.{key} = {v} is not a positive integer"
+                    ))
+                }),
+        }
+    };
+    if let Some(n) = positive_int("local_epochs")? {
+        cfg.local_epochs = n;
+    }
+    if let Some(n) = positive_int("batch_size")? {
+        cfg.batch_size = n;
+    }
+    if let Some(v) = rc.get("learning_rate") {
+        cfg.learning_rate = v
+            .as_f64()
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| {
+                TrainError(format!(
+                    "round_config.learning_rate = {v} is not a positive number"
+                ))
+            })?;
+    }
+    Ok(cfg)
+}
+
+impl Trainer for BuiltinTrainer {
+    async fn train(&self, req: TrainRequest) -> Result<TrainReport, TrainError> {
+        let cfg = with_round_config(self.cfg.clone(), &req.round_config)?;
+        let global = tokio::fs::read(&req.global_model)
+            .await
+            .map_err(|e| TrainError(format!("{}: {e}", req.global_model.display())))?;
+        let data = Arc::clone(&self.data);
+        let round = u64::from(req.round);
+        // candle training is CPU-bound: keep it off the async workers so the
+        // visibility heartbeat keeps ticking.
+        let outcome = tokio::task::spawn_blocking(move || train_local(&global, &data, &cfg, round))
+            .await
+            .map_err(|e| TrainError(format!("training task: {e}")))?
+            .map_err(|e| TrainError(format!("built-in trainer: {e}")))?;
+        tokio::fs::write(&req.output_model, &outcome.model_bytes)
+            .await
+            .map_err(|e| TrainError(format!("{}: {e}", req.output_model.display())))?;
+        Ok(TrainReport {
+            num_examples: outcome.num_examples as u64,
+            llm_type: None,
+            metrics: outcome.metrics,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn round_config_overrides_are_type_checked() {
+        let base = TrainConfig::default();
+        let rc = json!({"local_epochs": 3, "learning_rate": 0.05, "other": "x"});
+        let cfg = with_round_config(base.clone(), rc.as_object().unwrap()).unwrap();
+        assert_eq!((cfg.local_epochs, cfg.learning_rate), (3, 0.05));
+        let rc = json!({"local_epochs": "three"});
+        let err = with_round_config(base, rc.as_object().unwrap()).unwrap_err();
+        assert!(err.0.contains("local_epochs"), "{err}");
+    }
+}

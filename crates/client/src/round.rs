@@ -1,0 +1,153 @@
+//! Taking part in one round (DESIGN.md §3 step 2): skip if our row is
+//! already there, download and verify the global model, train, check the
+//! output, upload it to our key, and write our `updates` row. Every step is
+//! safe to repeat: the key is deterministic and the row is a conditional
+//! put, so a crash between any two steps only means doing some of them
+//! again on redelivery.
+
+use std::path::Path;
+
+use fedstep_cloud::keys;
+use fedstep_cloud::ports::{ClientQueue, Ledger, ObjectStore, PutUpdate};
+use fedstep_cloud::records::{GlobalModelReady, UpdateRecord, SCHEMA};
+use fedstep_core::model;
+use serde_json::Value;
+
+use crate::error::ClientError;
+use crate::output_check::check_output;
+use crate::progress::Progress;
+use crate::retry::retry;
+use crate::timestamp::rfc3339_utc;
+use crate::trainer::{TrainRequest, Trainer};
+use crate::worker::Worker;
+
+/// How a round ended for this client. Every variant means "the message can
+/// be deleted"; failures are errors.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoundOutcome {
+    /// Our model is uploaded and our row written.
+    Submitted { checksum: String, bytes: u64 },
+    /// Our row was already there before we started: the round is done.
+    AlreadyDone,
+    /// We trained again, but the identical row was already there (a retry
+    /// after a crash between the row and the delete): a no-op.
+    AlreadyThere,
+    /// A different row exists for us in this round; it stays.
+    Conflict { existing_checksum: String },
+}
+
+impl<Q, S, L, T> Worker<Q, S, L, T>
+where
+    Q: ClientQueue + 'static,
+    S: ObjectStore,
+    L: Ledger,
+    T: Trainer,
+{
+    pub(crate) async fn take_part(
+        &self,
+        m: &GlobalModelReady,
+    ) -> Result<RoundOutcome, ClientError> {
+        let me = self.opts.client_id.as_str();
+        let b = &self.opts.backoff;
+        let existing = retry("get_update", b, || {
+            self.ledger.get_update(me, &m.job_id, m.round)
+        })
+        .await?;
+        if existing.is_some() {
+            return Ok(RoundOutcome::AlreadyDone);
+        }
+
+        std::fs::create_dir_all(&self.opts.workdir).map_err(ClientError::io(&self.opts.workdir))?;
+        // A fresh directory per attempt, removed when this function returns
+        // or is dropped (abandoned): nothing stale is ever re-read.
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}-r{}-", m.job_id, m.round))
+            .tempdir_in(&self.opts.workdir)
+            .map_err(ClientError::io(&self.opts.workdir))?;
+        let global = dir.path().join("global.safetensors");
+        let output = dir.path().join("update.safetensors");
+        let metrics_out = dir.path().join("metrics.json");
+        let progress = Progress::new(format!("{} round {}", m.job_id, m.round));
+
+        progress.stage("downloading the global model");
+        let got = retry("download global model", b, || {
+            self.store.get_file(&m.model_key, &global)
+        })
+        .await?;
+        if got.sha256 != m.checksum {
+            return Err(ClientError::Checksum {
+                key: m.model_key.clone(),
+                expected: m.checksum.clone(),
+                actual: got.sha256,
+            });
+        }
+        let global_header = open_global(&global, &m.model_key, &self.opts.limits)?;
+
+        progress.stage("training");
+        let report = self
+            .trainer
+            .train(TrainRequest {
+                job_id: m.job_id.clone(),
+                round: m.round,
+                global_model: global.clone(),
+                output_model: output.clone(),
+                metrics_out,
+                round_config: m.round_config.clone(),
+            })
+            .await?;
+        check_output(&global_header, &output, &report, &self.opts.limits)
+            .map_err(ClientError::Output)?;
+
+        progress.stage("uploading the local model");
+        let key = keys::update(&m.job_id, m.round, me);
+        let put = retry("upload local model", b, || {
+            self.store.put_file(&key, &output)
+        })
+        .await?;
+
+        progress.stage("recording the update");
+        let record = UpdateRecord {
+            client_id: me.to_string(),
+            job_round: keys::job_round(&m.job_id, m.round),
+            job_id: m.job_id.clone(),
+            round: m.round,
+            model_key: key,
+            checksum: put.sha256.clone(),
+            num_examples: Value::from(report.num_examples),
+            llm_type: report.llm_type,
+            metrics: report
+                .metrics
+                .into_iter()
+                .map(|(k, v)| (k, Value::from(v)))
+                .collect(),
+            bytes: put.bytes,
+            trained_at: rfc3339_utc(self.clock.now()),
+            schema: Some(SCHEMA),
+        };
+        Ok(
+            match retry("put_update", b, || self.ledger.put_update(&record)).await? {
+                PutUpdate::Created => RoundOutcome::Submitted {
+                    checksum: put.sha256,
+                    bytes: put.bytes,
+                },
+                PutUpdate::AlreadyThere => RoundOutcome::AlreadyThere,
+                PutUpdate::Conflict(other) => RoundOutcome::Conflict {
+                    existing_checksum: other.checksum,
+                },
+            },
+        )
+    }
+}
+
+fn open_global(
+    path: &Path,
+    key: &str,
+    limits: &fedstep_core::Limits,
+) -> Result<model::ModelHeader, ClientError> {
+    model::open(path, limits)
+        .map(|(_, header)| header)
+        .map_err(|e| ClientError::BadGlobalModel {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+}
