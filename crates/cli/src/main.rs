@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 
 mod aggregate_cmd;
 mod bench;
+mod job_cmd;
 mod model_cmd;
+mod model_store_cmd;
 mod simulate;
 
 #[derive(Parser)]
@@ -25,7 +27,10 @@ struct Cli {
 enum Command {
     /// Aggregate client updates (safetensors files) into a new global model.
     Aggregate(aggregate_cmd::Args),
-    /// Inspect model files.
+    /// Start a training job on the deployed state machine and follow it.
+    #[command(subcommand)]
+    Job(job_cmd::JobCommand),
+    /// Inspect model files; list and pull registered models.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
     /// Benchmarks (synthetic data in a temp dir).
@@ -40,6 +45,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Aggregate(args) => aggregate_cmd::run(args),
+        Command::Job(cmd) => job_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Simulate(args) => simulate::run(args),

@@ -18,11 +18,17 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List registered models (artifacts), newest first.
+    List(crate::model_store_cmd::ListArgs),
+    /// Download a registered model, verifying its SHA-256.
+    Pull(crate::model_store_cmd::PullArgs),
 }
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Inspect { file, json } => inspect(file, json),
+        ModelCommand::List(args) => crate::model_store_cmd::list(args),
+        ModelCommand::Pull(args) => crate::model_store_cmd::pull(args),
     }
 }
 
