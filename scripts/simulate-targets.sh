@@ -20,14 +20,23 @@
 # printed for reference (no target), so the limitation stays visible.
 #
 # Usage: scripts/simulate-targets.sh [RUN_ROOT]   (default: runs/targets-<time>)
+#
+# FEDSTEP_BIN names an already-built `fedstep` (scripts/test.sh passes the one
+# its workspace test build made: building `-p fedstep` alone would resolve a
+# different feature set and recompile part of the tree).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 root="${1:-runs/targets-$(date -u +%Y%m%d-%H%M%S)}"
 agg=examples/aggregation
 
-cargo build --release -q -p fedstep
-bin=target/release/fedstep
+if [[ -n "${FEDSTEP_BIN:-}" ]]; then
+  bin=$FEDSTEP_BIN
+  [[ -x "$bin" ]] || { echo "FEDSTEP_BIN=$bin is not an executable" >&2; exit 1; }
+else
+  cargo build --release -q -p fedstep
+  bin=target/release/fedstep
+fi
 mkdir -p "$root"
 
 run() { # name, flags...

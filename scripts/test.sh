@@ -19,6 +19,10 @@ cd "$ROOT"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Binaries built by the workspace test build below (honours CARGO_TARGET_DIR).
+bin_dir="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+export FEDSTEP_BIN_DIR="$bin_dir"
+
 started=$SECONDS
 step() { printf '\n==> %s  (t+%ss)\n' "$*" "$((SECONDS - started))"; }
 die() { printf 'test.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -87,10 +91,10 @@ infra/test.sh
 
 if [[ -x scripts/simulate-targets.sh ]]; then
   step "simulator accuracy targets"
-  scripts/simulate-targets.sh
+  FEDSTEP_BIN="$bin_dir/fedstep" scripts/simulate-targets.sh
 fi
 
 step "benchmark smoke run (figures are not asserted here: see scripts/bench.sh)"
-target/release/fedstep bench aggregate --clients 4 --params 2M --runs 1
+"$bin_dir/fedstep" bench aggregate --clients 4 --params 2M --runs 1
 
 step "all tests passed in $((SECONDS - started))s"
