@@ -13,7 +13,7 @@ idempotently (a second run changes nothing, a changed ASL is updated):
                                           stream NEW_IMAGE
   SNS topics       {prefix}-global_model_ready, {prefix}-training_complete
   SQS queues       {prefix}-client-{id}   one per client, subscribed to global_model_ready
-                                          with RawMessageDelivery
+                                          and training_complete, with RawMessageDelivery
   IAM role         {prefix}-states        for the state machine (not enforced by LocalStack)
   SFN activities   {prefix}-start_round, {prefix}-close_round, {prefix}-finalize
   State machine    {prefix}-federated-training (STANDARD), from
@@ -229,17 +229,41 @@ def deploy_tables(aws: Aws, rounds: str, updates: str) -> dict:
 
 # --- SNS + SQS ----------------------------------------------------------------
 
+def existing_sqs_subscriptions(sns, topic_arn: str) -> dict[str, str]:
+    """queue ARN -> subscription ARN for the topic's SQS subscriptions."""
+    found = {}
+    for page in sns.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=topic_arn):
+        for sub in page["Subscriptions"]:
+            if sub["Protocol"] == "sqs":
+                found[sub["Endpoint"]] = sub["SubscriptionArn"]
+    return found
+
+
+def subscribe_raw(sns, topic_arn: str, queue_arn: str, existing: dict[str, str]) -> str:
+    """Subscribe queue_arn to topic_arn (once) with RawMessageDelivery."""
+    sub_arn = existing.get(queue_arn)
+    if not sub_arn:
+        sub_arn = sns.subscribe(
+            TopicArn=topic_arn,
+            Protocol="sqs",
+            Endpoint=queue_arn,
+            Attributes={"RawMessageDelivery": "true"},
+            ReturnSubscriptionArn=True,
+        )["SubscriptionArn"]
+    sns.set_subscription_attributes(
+        SubscriptionArn=sub_arn, AttributeName="RawMessageDelivery", AttributeValue="true"
+    )
+    return sub_arn
+
+
 def deploy_messaging(aws: Aws, topic_names: dict, queue_names: dict) -> tuple[dict, dict]:
+    """Topics, one queue per client, and each queue subscribed to BOTH topics:
+    global_model_ready (train) and training_complete (a client with
+    exit_on_complete stops when its job ends)."""
     sns = aws.client("sns")
     sqs = aws.client("sqs")
     topics = {key: sns.create_topic(Name=name)["TopicArn"] for key, name in topic_names.items()}
-    topic_arn = topics["global_model_ready"]
-    existing = {}
-    paginator = sns.get_paginator("list_subscriptions_by_topic")
-    for page in paginator.paginate(TopicArn=topic_arn):
-        for sub in page["Subscriptions"]:
-            if sub["Protocol"] == "sqs":
-                existing[sub["Endpoint"]] = sub["SubscriptionArn"]
+    existing = {key: existing_sqs_subscriptions(sns, arn) for key, arn in topics.items()}
 
     clients = {}
     for client_id, qname in queue_names.items():
@@ -254,27 +278,18 @@ def deploy_messaging(aws: Aws, topic_names: dict, queue_names: dict) -> tuple[di
                 "Principal": {"Service": "sns.amazonaws.com"},
                 "Action": "sqs:SendMessage",
                 "Resource": qarn,
-                "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}},
+                "Condition": {"ArnEquals": {"aws:SourceArn": list(topics.values())}},
             }],
         }
         sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(policy)})
-        sub_arn = existing.get(qarn)
-        if not sub_arn:
-            sub_arn = sns.subscribe(
-                TopicArn=topic_arn,
-                Protocol="sqs",
-                Endpoint=qarn,
-                Attributes={"RawMessageDelivery": "true"},
-                ReturnSubscriptionArn=True,
-            )["SubscriptionArn"]
-        sns.set_subscription_attributes(
-            SubscriptionArn=sub_arn, AttributeName="RawMessageDelivery", AttributeValue="true"
-        )
+        subs = {key: subscribe_raw(sns, arn, qarn, existing[key]) for key, arn in topics.items()}
         clients[client_id] = {
             "queue_name": qname,
             "queue_url": url,
             "queue_arn": qarn,
-            "subscription_arn": sub_arn,
+            # global_model_ready's, kept under its old key for readers of the JSON.
+            "subscription_arn": subs["global_model_ready"],
+            "subscriptions": subs,
         }
     return topics, clients
 
