@@ -32,7 +32,6 @@ pub mod output_check;
 pub mod progress;
 pub mod retry;
 pub mod round;
-pub mod timestamp;
 pub mod trainer;
 pub mod worker;
 

@@ -17,7 +17,7 @@ use crate::error::ClientError;
 use crate::output_check::check_output;
 use crate::progress::Progress;
 use crate::retry::retry;
-use crate::timestamp::rfc3339_utc;
+use fedstep_cloud::timefmt::rfc3339_utc;
 use crate::trainer::{TrainRequest, Trainer};
 use crate::worker::Worker;
 
@@ -101,7 +101,7 @@ where
         progress.stage("uploading the local model");
         let key = keys::update(&m.job_id, m.round, me);
         let put = retry("upload local model", b, || {
-            self.store.put_file(&key, &output)
+            self.store.put_update_file(&key, &output)
         })
         .await?;
 
