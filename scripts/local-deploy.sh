@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Deploy fedstep's resources onto the emulators (idempotent).
 #
-#   scripts/local-deploy.sh [--prefix NAME] [--clients a,b,c] [--out FILE] [--delete]
+#   scripts/local-deploy.sh [--prefix NAME] [--clients a,b,c] [--out FILE]
+#                           [--client-configs DIR] [--print-env] [--delete]
 #
 # Defaults: prefix $FEDSTEP_PREFIX or "fedstep", clients $FEDSTEP_CLIENTS or
 # "site-a,site-b,site-c", output .emu/deploy-<prefix>.json. Prints the

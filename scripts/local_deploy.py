@@ -24,8 +24,10 @@ Everything created is printed as JSON and written to .emu/deploy-{prefix}.json
 (or --out); its "aggregator_env" holds the environment the aggregator gets
 on AWS (same FEDSTEP_* names as infra/lib/aggregator.ts) plus the activity
 and stream ARNs its local mode polls; --print-env prints those as `export`
-lines instead of the JSON. --delete removes what a deploy with the same
-prefix created.
+lines (plus FEDSTEP_S3_FORCE_PATH_STYLE=1, which `fedstep job|model` need on
+the emulators) instead of the JSON. --client-configs DIR also writes a
+ready DIR/<client>.toml per client. --delete removes what a deploy with the
+same prefix created.
 
 Endpoints come only from the standard variables (AWS_ENDPOINT_URL,
 AWS_ENDPOINT_URL_DYNAMODB, ...), so LocalStack in Docker works the same.
@@ -395,6 +397,41 @@ def delete_all(aws: Aws, n: dict) -> None:
         s3.delete_bucket(Bucket=bucket)
 
 
+# --- client configs -------------------------------------------------------------
+
+CLIENT_EXAMPLE = ROOT / "examples" / "client.toml"
+
+
+def client_configs(result: dict, out_dir: Path) -> list[Path]:
+    """One client.toml per client, from examples/client.toml with this
+    deployment's queue, bucket and table filled in, path-style S3 on, and a
+    non-IID share of the digits each (the classes dealt round-robin)."""
+    example = CLIENT_EXAMPLE.read_text()
+    clients = sorted(result["clients"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, client_id in enumerate(clients):
+        classes = [c for c in range(10) if c % len(clients) == i] or [i % 10]
+        values = {
+            "client_id": json.dumps(client_id),
+            "queue_url": json.dumps(result["clients"][client_id]["queue_url"]),
+            "bucket": json.dumps(result["bucket"]),
+            "updates_table": json.dumps(result["tables"]["updates"]),
+            "s3_force_path_style": "true",
+            "classes": json.dumps(classes),
+            "seed": str(i + 1),
+        }
+        text = example
+        for key, value in values.items():
+            text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text, count=1)
+            if n != 1:
+                raise SystemExit(f"{CLIENT_EXAMPLE}: no `{key} = ...` line to fill in")
+        path = out_dir / f"{client_id}.toml"
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
 # --- main ---------------------------------------------------------------------
 
 def parse_clients(raw: str) -> list[str]:
@@ -463,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated client ids")
     ap.add_argument("--out", help="output JSON path (default .emu/deploy-<prefix>.json)")
     ap.add_argument("--delete", action="store_true", help="remove the deployment of --prefix")
+    ap.add_argument("--client-configs", metavar="DIR",
+                    help="also write DIR/<client>.toml for each client (from examples/client.toml)")
     ap.add_argument("--print-env", action="store_true",
                     help="print the aggregator environment as export lines instead of the JSON")
     args = ap.parse_args(argv)
@@ -484,9 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2, sort_keys=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
+    if args.client_configs:
+        for path in client_configs(result, Path(args.client_configs)):
+            log(f"wrote {path}")
     if args.print_env:
         for key, value in result["aggregator_env"].items():
             print(f"export {key}={shlex.quote(value)}")
+        # The emulators serve no bucket.host names: `fedstep job|model`
+        # need path-style S3 URLs here (AWS works with either).
+        print("export FEDSTEP_S3_FORCE_PATH_STYLE=1")
     else:
         print(text)
     log(f"wrote {out}")
