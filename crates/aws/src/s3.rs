@@ -21,6 +21,13 @@ use crate::error::{code, sdk_error};
 /// checksums, so it cannot answer "what is this file's SHA-256"; this can.
 pub const SHA256_METADATA: &str = "fedstep-sha256";
 
+/// Object tag (URL-query form, as S3's `x-amz-tagging` takes it) set on
+/// client updates. The bucket's lifecycle rule expires objects under `jobs/`
+/// carrying it (infra/lib/model-store.ts `UPDATE_TAG`; infra's tests check
+/// the two agree). Putting an object with tags needs `s3:PutObjectTagging`
+/// besides `s3:PutObject`, which the client roles have on their own keys.
+pub const UPDATE_TAGGING: &str = "fedstep-kind=update";
+
 /// Files at least this large go up as a multipart upload.
 pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
 /// Part size of a multipart upload (S3: 5 MiB ≤ part ≤ 5 GiB, ≤ 10 000 parts).
@@ -64,7 +71,33 @@ impl S3Store {
         &self.bucket
     }
 
-    async fn put_single(&self, key: &str, path: &Path, digest: &FileDigest) -> Result<()> {
+    /// Uploads `path` to `key`, single-part or multipart by size, with the
+    /// given object tags (S3 sets them atomically with the object).
+    async fn put_tagged(
+        &self,
+        key: &str,
+        path: &Path,
+        tagging: Option<&str>,
+    ) -> Result<ObjectInfo> {
+        let digest = digest_file(path, self.part_size).await?;
+        if digest.bytes >= self.multipart_threshold && digest.parts.len() > 1 {
+            self.put_multipart(key, path, &digest, tagging).await?;
+        } else {
+            self.put_single(key, path, &digest, tagging).await?;
+        }
+        Ok(ObjectInfo {
+            bytes: digest.bytes,
+            sha256: hex(&digest.sha256),
+        })
+    }
+
+    async fn put_single(
+        &self,
+        key: &str,
+        path: &Path,
+        digest: &FileDigest,
+        tagging: Option<&str>,
+    ) -> Result<()> {
         let body = ByteStream::from_path(path)
             .await
             .map_err(|e| CloudError::Io(std::io::Error::other(e)))?;
@@ -79,13 +112,20 @@ impl S3Store {
             .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .checksum_sha256(base64::encode(digest.sha256))
             .metadata(SHA256_METADATA, hex(&digest.sha256))
+            .set_tagging(tagging.map(str::to_string))
             .send()
             .await
             .map_err(|e| sdk_error(&format!("S3 PutObject {key}"), e))?;
         Ok(())
     }
 
-    async fn put_multipart(&self, key: &str, path: &Path, digest: &FileDigest) -> Result<()> {
+    async fn put_multipart(
+        &self,
+        key: &str,
+        path: &Path,
+        digest: &FileDigest,
+        tagging: Option<&str>,
+    ) -> Result<()> {
         let created = self
             .client
             .create_multipart_upload()
@@ -93,6 +133,7 @@ impl S3Store {
             .key(key)
             .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .metadata(SHA256_METADATA, hex(&digest.sha256))
+            .set_tagging(tagging.map(str::to_string))
             .send()
             .await
             .map_err(|e| sdk_error(&format!("S3 CreateMultipartUpload {key}"), e))?;
@@ -245,17 +286,23 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 impl ObjectStore for S3Store {
-    async fn put_file(&self, key: &str, path: &Path) -> Result<ObjectInfo> {
-        let digest = digest_file(path, self.part_size).await?;
-        if digest.bytes >= self.multipart_threshold && digest.parts.len() > 1 {
-            self.put_multipart(key, path, &digest).await?;
-        } else {
-            self.put_single(key, path, &digest).await?;
-        }
-        Ok(ObjectInfo {
-            bytes: digest.bytes,
-            sha256: hex(&digest.sha256),
-        })
+    // The inner future is returned as is (no `async` wrapper): the engine's
+    // futures are deeply nested already, and every level counts against
+    // rustc's query depth limit when fedstep-lambda computes their layout.
+    fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+    ) -> impl std::future::Future<Output = Result<ObjectInfo>> + Send {
+        self.put_tagged(key, path, None)
+    }
+
+    fn put_update_file(
+        &self,
+        key: &str,
+        path: &Path,
+    ) -> impl std::future::Future<Output = Result<ObjectInfo>> + Send {
+        self.put_tagged(key, path, Some(UPDATE_TAGGING))
     }
 
     async fn get_file(&self, key: &str, path: &Path) -> Result<ObjectInfo> {

@@ -31,6 +31,19 @@ pub trait ObjectStore: Send + Sync {
     fn get_file(&self, key: &str, path: &Path) -> impl Future<Output = Result<ObjectInfo>> + Send;
     /// `None` when the object does not exist.
     fn head(&self, key: &str) -> impl Future<Output = Result<Option<ObjectInfo>>> + Send;
+    /// Uploads a client's update (a local model) like `put_file`, marked as
+    /// an update so the deployment can expire it: on S3 the object is
+    /// tagged `fedstep-kind=update`, which the bucket's lifecycle rule
+    /// selects (infra/lib/model-store.ts). Global models and server state
+    /// go through `put_file` and are kept. Stores without object tags (a
+    /// directory) keep this default.
+    fn put_update_file(
+        &self,
+        key: &str,
+        path: &Path,
+    ) -> impl Future<Output = Result<ObjectInfo>> + Send {
+        self.put_file(key, path)
+    }
 }
 
 /// What a conditional `put_update` found.

@@ -3,7 +3,9 @@
 //! Writes go to a temporary file beside the target and are renamed into
 //! place, so a reader never sees half an object (as with S3). Files are
 //! copied synchronously: this adapter serves local runs and tests, where
-//! the runtime has nothing better to do meanwhile.
+//! the runtime has nothing better to do meanwhile. Updates use the port's
+//! default `put_update_file` (a plain put): local runs have no lifecycle
+//! rule to mark them for.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -143,6 +145,10 @@ mod tests {
         let put = store.put_file("jobs/j/x.bin", &src).await.unwrap();
         assert_eq!(put.bytes, 3);
         assert_eq!(store.head("jobs/j/x.bin").await.unwrap(), Some(put.clone()));
+        // An update is an ordinary file here (a directory has no object tags).
+        let update = store.put_update_file("jobs/j/u.bin", &src).await.unwrap();
+        assert_eq!(update, put);
+        assert_eq!(store.head("jobs/j/u.bin").await.unwrap(), Some(put.clone()));
         let out = dir.path().join("out/x.bin");
         assert_eq!(store.get_file("jobs/j/x.bin", &out).await.unwrap(), put);
         assert_eq!(std::fs::read(&out).unwrap(), b"abc");
