@@ -16,14 +16,19 @@ export interface ClientAccessProps {
   readonly client: ClientSettings;
   readonly store: ModelStore;
   readonly ledger: Ledger;
+  /** `global_model_ready`: a round is open, train. */
   readonly topic: sns.ITopic;
+  /** `training_complete`: a job ended (a client with `exit_on_complete` stops). */
+  readonly trainingComplete: sns.ITopic;
 }
 
 /**
  * Everything one federation client gets: its queue on `global_model_ready`
- * (with a DLQ) and an IAM role it assumes, allowed exactly:
+ * and `training_complete` (with a DLQ) and an IAM role it assumes, allowed
+ * exactly:
  * - SQS: receive/delete/extend visibility on its own queue;
- * - S3: read global models; write (and read back) only its own update key;
+ * - S3: read global models; write (and read back) only its own update key,
+ *   tagged `fedstep-kind=update` so the bucket's lifecycle rule expires it;
  * - DynamoDB: PutItem/GetItem/Query on `updates` rows whose partition key is
  *   its client id (dynamodb:LeadingKeys).
  * No KMS permission is needed: the queue is SSE-SQS, the bucket SSE-S3 and
@@ -52,12 +57,17 @@ export class ClientAccess extends Construct {
       retentionPeriod: Duration.days(4),
       deadLetterQueue: { queue: this.deadLetterQueue, maxReceiveCount: CLIENT_MAX_RECEIVE_COUNT },
     });
-    props.topic.addSubscription(new subs.SqsSubscription(this.queue, {
-      rawMessageDelivery: true,
-      filterPolicy: client.jobs
-        ? { job_id: sns.SubscriptionFilter.stringFilter({ allowlist: client.jobs }) }
-        : undefined,
-    }));
+    // Both topics, raw delivery, the same job filter: the client tells the
+    // two kinds apart by the body's `type` (exit_on_complete needs the
+    // second one; a client without it just deletes those messages).
+    for (const topic of [props.topic, props.trainingComplete]) {
+      topic.addSubscription(new subs.SqsSubscription(this.queue, {
+        rawMessageDelivery: true,
+        filterPolicy: client.jobs
+          ? { job_id: sns.SubscriptionFilter.stringFilter({ allowlist: client.jobs }) }
+          : undefined,
+      }));
+    }
 
     this.role = new iam.Role(this, 'Role', {
       description: `fedstep client ${client.id}`,
@@ -79,9 +89,11 @@ export class ClientAccess extends Construct {
         }),
         new iam.PolicyStatement({
           // Read-back of its own upload: a retried client compares checksums
-          // (HeadObject) instead of uploading again.
+          // (HeadObject) instead of uploading again. PutObjectTagging: the
+          // upload carries the fedstep-kind=update tag (PutObject and
+          // CreateMultipartUpload with tags need it).
           sid: 'OwnUpdates',
-          actions: ['s3:PutObject', 's3:AbortMultipartUpload', 's3:GetObject'],
+          actions: ['s3:PutObject', 's3:PutObjectTagging', 's3:AbortMultipartUpload', 's3:GetObject'],
           resources: [`${bucketArn}/${KEYS.clientUpdate(client.id)}`],
         }),
         new iam.PolicyStatement({

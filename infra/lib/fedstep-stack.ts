@@ -78,6 +78,7 @@ export class FedstepStack extends Stack {
         store: this.store,
         ledger: this.ledger,
         topic: this.messaging.globalModelReady,
+        trainingComplete: this.messaging.trainingComplete,
       });
       this.clients.set(client.id, access);
 

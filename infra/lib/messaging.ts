@@ -7,8 +7,9 @@ import { Construct } from 'constructs';
  * SNS topics and their customer managed KMS key.
  * - `global_model_ready`: published by the Lambda when a round opens; every
  *   client's SQS queue subscribes to it (see ClientAccess).
- * - `training_complete`: published by the Lambda's finalize step; not
- *   subscribed by the stack (operators subscribe e-mail/chat/queues to it).
+ * - `training_complete`: published by the Lambda's finalize step; every
+ *   client's queue subscribes to it too (`exit_on_complete`), and operators
+ *   may add their own subscriptions (e-mail, chat, queues).
  *
  * The key encrypts only the topics. Publishers (the Lambda) need
  * kms:GenerateDataKey + kms:Decrypt on it; SNS delivers to the SSE-SQS client

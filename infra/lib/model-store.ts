@@ -23,12 +23,13 @@ export const KEYS = {
  *
  * S3 lifecycle filters match a literal key prefix, not a pattern, so a rule
  * cannot select `jobs/*\/rounds/*\/updates/` by key. The expiry rule therefore
- * selects prefix `jobs/` AND this tag. The aggregator Lambda sets the tag on
- * every update object of a round once the round is CLOSED (it may write
- * jobs/*, which includes s3:PutObjectTagging), so clients need no tagging
- * permission, and an update is never expired before its round was aggregated.
- * Untagged objects (global models, server state, updates of open rounds) are
- * kept; their old versions expire with the noncurrent-version rule.
+ * selects prefix `jobs/` AND this tag. The client sets the tag when it
+ * uploads its update (crates/aws/src/s3.rs `UPDATE_TAGGING`, in the same
+ * PutObject/CreateMultipartUpload request; its role has s3:PutObjectTagging
+ * on its own update keys only), so the expiry counts from the upload:
+ * `updateExpirationDays` must exceed any round's timeout. Untagged objects
+ * (global models, server state) are kept; their old versions expire with the
+ * noncurrent-version rule.
  */
 export const UPDATE_TAG = { key: 'fedstep-kind', value: 'update' };
 

@@ -45,6 +45,7 @@ const ids = () => ({
   streamDlq: logicalId(s.stack, s.stack.aggregator.streamDlq),
   key: logicalId(s.stack, s.stack.messaging.key),
   topic: logicalId(s.stack, s.stack.messaging.globalModelReady),
+  completeTopic: logicalId(s.stack, s.stack.messaging.trainingComplete),
   sm: logicalId(s.stack, s.stack.workflow.stateMachine),
   smRole: logicalId(s.stack, s.stack.workflow.role),
   smWildcard: logicalId(s.stack, s.stack.workflow.serviceWildcardPolicy),
@@ -123,7 +124,7 @@ describe('model bucket', () => {
     }]));
   });
 
-  test('lifecycle: update objects (tagged by the aggregator) expire, noncurrent versions too', () => {
+  test('lifecycle: update objects (tagged by the client at upload) expire, noncurrent versions too', () => {
     const rules: Json[] = t.Resources[ids().bucket].Properties.LifecycleConfiguration.Rules;
     const updates = rules.find((r) => r.Id === 'expire-client-updates');
     expect(updates).toMatchObject({
@@ -133,6 +134,9 @@ describe('model bucket', () => {
       ExpirationInDays: 30,
       NoncurrentVersionExpiration: { NoncurrentDays: 7 },
     });
+    // The tag the client's S3 adapter sets is this one (crates/aws/src/s3.rs).
+    const s3rs = fs.readFileSync(path.resolve(__dirname, '..', '..', 'crates', 'aws', 'src', 's3.rs'), 'utf8');
+    expect(s3rs).toContain(`pub const UPDATE_TAGGING: &str = "${UPDATE_TAG.key}=${UPDATE_TAG.value}";`);
     const noncurrent = rules.find((r) => r.Id === 'expire-noncurrent-versions');
     expect(noncurrent).toMatchObject({ Status: 'Enabled', Prefix: 'jobs/', NoncurrentVersionExpiration: { NoncurrentDays: 7 } });
   });
@@ -206,19 +210,33 @@ describe('messaging', () => {
     }
   });
 
-  test('client subscriptions: raw delivery, job_id filter only where configured', () => {
+  test('client subscriptions: both topics (exit_on_complete), raw delivery, job_id filter only where configured', () => {
     const subs = resourcesOfType(s.template, 'AWS::SNS::Subscription');
-    expect(subs).toHaveLength(CLIENTS.length);
+    expect(subs).toHaveLength(2 * CLIENTS.length);
     for (const client of CLIENTS) {
       const queueId = logicalId(s.stack, s.stack.clients.get(client)!.queue);
-      const [, sub] = subs.find(([, x]) => JSON.stringify(x.Properties.Endpoint) === JSON.stringify(getAttArn(queueId)))!;
-      expect(sub.Properties).toMatchObject({ Protocol: 'sqs', RawMessageDelivery: true, TopicArn: { Ref: ids().topic } });
-      if (client === 'site-b') {
-        expect(sub.Properties.FilterPolicy).toEqual({ job_id: ['job-1', 'job-2'] });
-        expect(sub.Properties.FilterPolicyScope ?? 'MessageAttributes').toBe('MessageAttributes');
-      } else {
-        expect(sub.Properties.FilterPolicy).toBeUndefined();
+      const mine = subs.filter(([, x]) => JSON.stringify(x.Properties.Endpoint) === JSON.stringify(getAttArn(queueId)));
+      expect(mine.map(([, x]) => x.Properties.TopicArn.Ref).sort()).toEqual([ids().topic, ids().completeTopic].sort());
+      for (const [, sub] of mine) {
+        expect(sub.Properties).toMatchObject({ Protocol: 'sqs', RawMessageDelivery: true });
+        if (client === 'site-b') {
+          expect(sub.Properties.FilterPolicy).toEqual({ job_id: ['job-1', 'job-2'] });
+          expect(sub.Properties.FilterPolicyScope ?? 'MessageAttributes').toBe('MessageAttributes');
+        } else {
+          expect(sub.Properties.FilterPolicy).toBeUndefined();
+        }
       }
+    }
+  });
+
+  test('each client queue lets exactly the two topics send to it', () => {
+    for (const client of CLIENTS) {
+      const queueId = logicalId(s.stack, s.stack.clients.get(client)!.queue);
+      const policies = resourcesOfType(s.template, 'AWS::SQS::QueuePolicy')
+        .filter(([, p]) => asArray<Json>(p.Properties.Queues).some((x) => x.Ref === queueId));
+      const sends = asArray<Json>(policies[0][1].Properties.PolicyDocument.Statement).filter((st) => st.Action === 'sqs:SendMessage');
+      expect(sends.map((st) => st.Condition.ArnEquals['aws:SourceArn'].Ref).sort()).toEqual([ids().topic, ids().completeTopic].sort());
+      for (const st of sends) expect(st.Principal).toEqual({ Service: 'sns.amazonaws.com' });
     }
   });
 });
@@ -368,8 +386,9 @@ describe('client access', () => {
       },
       { Sid: 'ReadGlobalModels', Effect: 'Allow', Action: 's3:GetObject', Resource: bucketObjects(bucket, 'jobs/*/rounds/*/global.safetensors') },
       {
+        // PutObjectTagging: updates are uploaded tagged fedstep-kind=update (lifecycle expiry).
         Sid: 'OwnUpdates', Effect: 'Allow',
-        Action: ['s3:AbortMultipartUpload', 's3:GetObject', 's3:PutObject'],
+        Action: ['s3:AbortMultipartUpload', 's3:GetObject', 's3:PutObject', 's3:PutObjectTagging'],
         Resource: bucketObjects(bucket, `jobs/*/rounds/*/updates/${client}.safetensors`),
       },
       {
