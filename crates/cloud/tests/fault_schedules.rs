@@ -47,7 +47,7 @@ fn fault_schedules() {
     let mut failed = Vec::new();
     for &seed in &seeds {
         match run_schedule(&rt, seed, Mutant::None) {
-            Ok(t) => add(&mut total, &t),
+            Ok(t) => total.add(&t),
             Err(why) => {
                 eprintln!("fault schedule seed {seed} FAILED: {why}");
                 failed.push(seed);
@@ -105,23 +105,6 @@ fn fault_schedules() {
                 total.fired
             );
         }
-    }
-}
-
-fn add(total: &mut Tally, t: &Tally) {
-    total.rounds += t.rounds;
-    total.deliveries += t.deliveries;
-    total.duplicate_deliveries += t.duplicate_deliveries;
-    total.races += t.races;
-    total.close_races += t.close_races;
-    total.failed_deliveries += t.failed_deliveries;
-    total.client_crashes += t.client_crashes;
-    total.late_records += t.late_records;
-    total.rejected += t.rejected;
-    total.deadline_closes += t.deadline_closes;
-    total.start_retries += t.start_retries;
-    for (k, v) in &t.fired {
-        *total.fired.entry(k.clone()).or_default() += v;
     }
 }
 

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fedstep_cloud::error::{CloudError, Result};
-use fedstep_cloud::local::{FsStore, MemLedger, RecordingCallback};
+use fedstep_cloud::local::RecordingCallback;
 use fedstep_cloud::ports::{
     Callback, Ledger, ObjectInfo, ObjectStore, OpenRound, PutUpdate, TaskCallback,
 };
@@ -134,13 +134,13 @@ impl Faults {
 }
 
 #[derive(Clone)]
-pub struct FaultStore {
-    pub inner: FsStore,
+pub struct FaultStore<S> {
+    pub inner: S,
     pub owner: String,
     pub faults: Faults,
 }
 
-impl ObjectStore for FaultStore {
+impl<S: ObjectStore + Clone> ObjectStore for FaultStore<S> {
     async fn put_file(&self, key: &str, path: &Path) -> Result<ObjectInfo> {
         self.faults.alive(&self.owner)?;
         let info = self.inner.put_file(key, path).await?;
@@ -174,14 +174,29 @@ impl ObjectStore for FaultStore {
     }
 }
 
+/// Writes a round row unconditionally: only the in-memory ledger offers
+/// it, and only the `NoConditions` mutant uses it.
+pub type RawPut = Arc<dyn Fn(RoundRecord) + Send + Sync>;
+
 #[derive(Clone)]
-pub struct FaultLedger {
-    pub inner: MemLedger,
+pub struct FaultLedger<L> {
+    pub inner: L,
     pub owner: String,
     pub faults: Faults,
+    pub raw_put: Option<RawPut>,
 }
 
-impl Ledger for FaultLedger {
+impl<L> FaultLedger<L> {
+    fn put_round_raw(&self, row: RoundRecord) -> Result<()> {
+        let put = self.raw_put.as_ref().ok_or_else(|| {
+            CloudError::Other("the NoConditions mutant needs a ledger with raw writes".into())
+        })?;
+        put(row);
+        Ok(())
+    }
+}
+
+impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
     async fn put_job(&self, job: &JobSpec) -> Result<()> {
         self.faults.alive(&self.owner)?;
         self.inner.put_job(job).await
@@ -248,7 +263,7 @@ impl Ledger for FaultLedger {
             if let Some(mut row) = self.inner.get_round(job_id, round).await? {
                 if row.status == RoundStatus::Aggregating {
                     row.lease_expires_at = Some(i64::MIN);
-                    self.inner.put_round_raw(row);
+                    self.put_round_raw(row)?;
                 }
             }
         }
@@ -280,7 +295,7 @@ impl Ledger for FaultLedger {
             if let Some(mut row) = self.inner.get_round(job_id, round).await? {
                 row.status = RoundStatus::Aggregating;
                 row.lease_owner = Some(owner.to_string());
-                self.inner.put_round_raw(row);
+                self.put_round_raw(row)?;
             }
         }
         let closed = self.inner.close_round(job_id, round, owner, result).await?;

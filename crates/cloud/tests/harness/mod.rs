@@ -23,17 +23,15 @@
 
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod faults;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use fedstep_cloud::local::{
-    CallbackCall, FsStore, LocalBus, LocalQueue, ManualClock, MemLedger, RecordingCallback,
-};
+use fedstep_cloud::local::{CallbackCall, ManualClock, RecordingCallback};
 use fedstep_cloud::ports::{ClientQueue, Clock, Ledger, ObjectStore, PutUpdate};
 use fedstep_cloud::records::{Notification, RoundResult, RoundStatus, UpdateRecord, SCHEMA};
 use fedstep_cloud::{keys, EngineConfig, JobSpec, RoundEngine, UpdateOutcome};
@@ -43,15 +41,20 @@ use rand_chacha::ChaCha8Rng;
 use safetensors::Dtype;
 use serde_json::Value;
 
+use backend::{Backend, Local, Recorded};
 use faults::{FaultCallback, FaultLedger, FaultStore, Faults, Mode, Mutant, Point, POINTS};
 
-pub type Engine = RoundEngine<FaultStore, FaultLedger, LocalBus, FaultCallback, ManualClock>;
+pub type Engine<B> = RoundEngine<
+    FaultStore<<B as Backend>::Store>,
+    FaultLedger<<B as Backend>::Ledger>,
+    Recorded<<B as Backend>::Notifier>,
+    FaultCallback,
+    ManualClock,
+>;
 
 /// Lease of an aggregation claim, in (manual-clock) seconds.
 pub const LEASE: i64 = 5;
 pub const ROUND_TIMEOUT: i64 = 600;
-/// SQS visibility timeout of the client queues.
-const VISIBILITY: i64 = 30;
 const WIDTH: usize = 4;
 
 /// What a client does in a round.
@@ -154,19 +157,43 @@ pub struct Tally {
     pub fired: BTreeMap<String, usize>,
 }
 
-pub struct Sim {
+impl Tally {
+    /// Sums another schedule's counts into this one.
+    pub fn add(&mut self, t: &Tally) {
+        self.rounds += t.rounds;
+        self.deliveries += t.deliveries;
+        self.duplicate_deliveries += t.duplicate_deliveries;
+        self.races += t.races;
+        self.close_races += t.close_races;
+        self.failed_deliveries += t.failed_deliveries;
+        self.client_crashes += t.client_crashes;
+        self.late_records += t.late_records;
+        self.rejected += t.rejected;
+        self.deadline_closes += t.deadline_closes;
+        self.start_retries += t.start_retries;
+        for (k, v) in &t.fired {
+            *self.fired.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
+pub struct Sim<B: Backend> {
     pub seed: u64,
     rng: ChaCha8Rng,
     _dir: tempfile::TempDir,
     files: PathBuf,
-    store: FsStore,
-    ledger: MemLedger,
-    bus: LocalBus,
+    backend: B,
+    store: B::Store,
+    ledger: B::Ledger,
+    bus: Recorded<B::Notifier>,
     callback: RecordingCallback,
     clock: ManualClock,
     pub faults: Faults,
-    engines: Vec<Engine>,
-    queues: BTreeMap<String, LocalQueue>,
+    engines: Vec<Engine<B>>,
+    /// Filled by `run` (subscribing may need the network).
+    queues: BTreeMap<String, B::Queue>,
+    /// A crashed client's message still in flight: its receipt.
+    in_flight: BTreeMap<String, String>,
     job: JobSpec,
     pub log: Vec<String>,
     pub tally: Tally,
@@ -185,14 +212,22 @@ fn infra<T>(what: &str, r: fedstep_cloud::error::Result<T>) -> Result<T, String>
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-impl Sim {
-    pub fn new(seed: u64, mutant: Mutant) -> Sim {
+impl<B: Backend> Sim<B> {
+    /// `backend` builds the schedule's adapters from its clock and its
+    /// temporary directory.
+    pub fn new(
+        seed: u64,
+        mutant: Mutant,
+        backend: impl FnOnce(&ManualClock, &std::path::Path) -> B,
+    ) -> Sim<B> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = ManualClock::new(1_800_000_000);
-        let store = FsStore::new(dir.path().join("bucket")).expect("store");
-        let ledger = MemLedger::new();
-        let bus = LocalBus::with_visibility(Arc::new(clock.clone()), VISIBILITY);
+        let backend = backend(&clock, dir.path());
+        let store = backend.store();
+        let ledger = backend.ledger();
+        let bus = Recorded::new(backend.notifier());
+        let raw_put = backend.raw_put();
         let callback = RecordingCallback::new();
         let faults = Faults::default();
         faults.lock().mutant = mutant;
@@ -201,8 +236,9 @@ impl Sim {
         let clients: Vec<String> = (0..n_clients).map(|i| format!("site-{i}")).collect();
         let rounds = rng.random_range(2..=3u32);
         let job = JobSpec::from_toml(&format!(
-            "job_id = \"fault-{seed}\"\nrounds = {rounds}\nclients = [{}]\nmin_clients = 2\n\
+            "job_id = \"{}\"\nrounds = {rounds}\nclients = [{}]\nmin_clients = 2\n\
              round_timeout_seconds = {ROUND_TIMEOUT}\n[aggregation]\nweighting = \"examples\"\n",
+            backend.job_id(seed),
             clients
                 .iter()
                 .map(|c| format!("\"{c}\""))
@@ -223,6 +259,7 @@ impl Sim {
                         inner: ledger.clone(),
                         owner: owner.clone(),
                         faults: faults.clone(),
+                        raw_put: raw_put.clone(),
                     },
                     bus.clone(),
                     FaultCallback {
@@ -239,15 +276,6 @@ impl Sim {
                 )
             })
             .collect();
-        let queues = clients
-            .iter()
-            .map(|c| {
-                (
-                    c.clone(),
-                    bus.subscribe(c, Some(std::slice::from_ref(&job.job_id))),
-                )
-            })
-            .collect();
         let files = dir.path().join("files");
         std::fs::create_dir_all(&files).expect("files dir");
         Sim {
@@ -255,6 +283,7 @@ impl Sim {
             rng,
             _dir: dir,
             files,
+            backend,
             store,
             ledger,
             bus,
@@ -262,7 +291,8 @@ impl Sim {
             clock,
             faults,
             engines,
-            queues,
+            queues: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
             job,
             log: Vec::new(),
             tally: Tally::default(),
@@ -299,6 +329,10 @@ impl Sim {
 
     /// The whole job; `Ok` when every invariant held.
     pub async fn run(&mut self) -> Result<(), String> {
+        self.queues = self
+            .backend
+            .subscribe(&self.job.clients, &self.job.job_id)
+            .await?;
         let init: Vec<f32> = (0..WIDTH)
             .map(|_| self.rng.random_range(-1.0..1.0f32))
             .collect();
@@ -510,12 +544,19 @@ impl Sim {
         pending: &mut Vec<Pending>,
     ) -> Result<(), String> {
         let queue = self.queues[client].clone();
-        let mut got = infra("receive", queue.receive(1, 0).await)?;
+        let wait = self.backend.receive_wait_seconds();
+        let mut got = infra("receive", queue.receive(1, wait).await)?;
         if got.is_empty() {
-            // Its last message is in flight after a crash: wait out the
-            // visibility timeout.
-            self.clock.advance(VISIBILITY + 1);
-            got = infra("receive", queue.receive(1, 0).await)?;
+            // Its last message is in flight after a crash: the visibility
+            // timeout passes.
+            let receipt = self.in_flight.get(client).cloned();
+            self.backend
+                .lapse_visibility(&queue, receipt.as_deref())
+                .await?;
+            got = infra("receive", queue.receive(1, wait).await)?;
+        }
+        if !got.is_empty() {
+            self.in_flight.remove(client);
         }
         let Some(m) = got.into_iter().next() else {
             return Err(format!(
@@ -572,6 +613,7 @@ impl Sim {
                 infra("upload", self.store.put_file(&key, &file).await)?;
             }
             self.tally.client_crashes += 1;
+            self.in_flight.insert(client.to_string(), m.receipt.clone());
             self.note(format!("{client}: crashes mid-training"));
             return Ok(());
         }
@@ -623,11 +665,12 @@ impl Sim {
             (other, _) => {
                 return Err(format!(
                     "round {round}: `{client}` attempt {attempt}: put_update gave {other:?}"
-                ))
+                ));
             }
         }
         if kind == Kind::CrashAfterRow && attempt == 0 {
             self.tally.client_crashes += 1;
+            self.in_flight.insert(client.to_string(), m.receipt.clone());
             self.note(format!("{client}: crashes after writing its row"));
             return Ok(());
         }
@@ -1024,7 +1067,11 @@ impl Sim {
             out == again,
             "a retried Finalize answered {again} after {out}"
         );
-        let artifacts = infra("artifacts", self.ledger.list_artifacts(None).await)?;
+        // The registry may be shared (the emulators): this job's entries only.
+        let artifacts: Vec<_> = infra("artifacts", self.ledger.list_artifacts(None).await)?
+            .into_iter()
+            .filter(|a| a.job_id == job_id)
+            .collect();
         let want = format!("{job_id}:{}", self.job.rounds);
         ensure!(
             artifacts.len() == 1 && artifacts[0].artifact_id == want,
@@ -1059,9 +1106,22 @@ pub fn run_schedule(
     seed: u64,
     mutant: Mutant,
 ) -> Result<Tally, String> {
+    run_schedule_on(rt, seed, mutant, Local::new)
+}
+
+/// [`run_schedule`] over the adapters `backend` builds.
+pub fn run_schedule_on<B: Backend>(
+    rt: &tokio::runtime::Runtime,
+    seed: u64,
+    mutant: Mutant,
+    backend: impl FnOnce(&ManualClock, &std::path::Path) -> B,
+) -> Result<Tally, String> {
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut sim = Sim::new(seed, mutant);
-        let r = rt.block_on(sim.run());
+        let mut sim = Sim::new(seed, mutant, backend);
+        let mut r = rt.block_on(sim.run());
+        if let Err(e) = rt.block_on(sim.backend.teardown()) {
+            r = r.and(Err(format!("teardown: {e}")));
+        }
         (r, sim.log, sim.tally)
     }));
     match caught {
