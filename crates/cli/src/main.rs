@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod aggregate_cmd;
 mod bench;
+mod infra_cmd;
 mod job_cmd;
 mod model_cmd;
 mod model_store_cmd;
@@ -30,6 +31,9 @@ enum Command {
     /// Start a training job on the deployed state machine and follow it.
     #[command(subcommand)]
     Job(job_cmd::JobCommand),
+    /// Deployment helpers: a client.toml from the CDK stack's outputs.
+    #[command(subcommand)]
+    Infra(infra_cmd::InfraCommand),
     /// Inspect model files; list and pull registered models.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Aggregate(args) => aggregate_cmd::run(args),
         Command::Job(cmd) => job_cmd::run(cmd),
+        Command::Infra(cmd) => infra_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Simulate(args) => simulate::run(args),
