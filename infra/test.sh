@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Offline checks of the CDK app: no AWS credentials, no network beyond npm, no Rust build.
+# Offline checks of the CDK app: no AWS credentials, no network beyond npm and
+# (once) PyPI for the Lambda build tools.
 #
-#   infra/test.sh            npm ci (only when node_modules is stale), tsc, jest, cdk synth
-#   FEDSTEP_INFRA_SYNTH=0    skip the `cdk synth` smoke test (saves ~20 s)
+#   infra/test.sh            npm ci (only when node_modules is stale), tsc, jest,
+#                            cdk synth with the real cargo-lambda build (synth-with-lambda.sh)
+#   FEDSTEP_INFRA_LAMBDA=0   synthesize without building the Lambda (skipBuild) instead
+#   FEDSTEP_INFRA_SYNTH=0    no `cdk synth` at all
+# Neither shortcut is allowed under CI=true.
 #
 # Called by scripts/test.sh; exits non-zero on the first failure.
 set -euo pipefail
@@ -17,6 +21,14 @@ timed() {
   "$@"
   printf '   (%ss)\n' "$((SECONDS - start))"
 }
+
+case "${CI:-}" in
+  true|1|yes|TRUE|True)
+    if [[ "${FEDSTEP_INFRA_SYNTH:-1}" == "0" || "${FEDSTEP_INFRA_LAMBDA:-1}" == "0" ]]; then
+      echo "infra/test.sh: CI=true: the cdk synth with the real Lambda build cannot be skipped" >&2
+      exit 1
+    fi ;;
+esac
 
 # --- dependencies: npm ci unless node_modules matches package-lock.json -----------
 stamp=node_modules/.fedstep-lock.sha256
@@ -35,9 +47,12 @@ timed npx --no-install tsc --noEmit
 step "jest"
 timed npx --no-install jest --ci
 
-# --- cdk synth smoke test: the real entry point (bin/fedstep.ts) through the CLI ---
-if [[ "${FEDSTEP_INFRA_SYNTH:-1}" != "0" ]]; then
-  step "cdk synth (offline, Rust build skipped)"
+# --- cdk synth: the real entry point (bin/fedstep.ts) through the CLI -------------
+if [[ "${FEDSTEP_INFRA_SYNTH:-1}" != "0" && "${FEDSTEP_INFRA_LAMBDA:-1}" != "0" ]]; then
+  step "cdk synth with the real cargo-lambda build"
+  timed ./synth-with-lambda.sh
+elif [[ "${FEDSTEP_INFRA_SYNTH:-1}" != "0" ]]; then
+  step "cdk synth (Rust build skipped)"
   out="$(mktemp -d)"
   trap 'rm -rf "$out"' EXIT
   args=(-c skipBuild=true -c clients=site-a,site-b,site-c)
