@@ -22,6 +22,7 @@ use crate::float::{elem_bytes, role, TensorRole};
 use crate::manifest::{UpdateMeta, UpdateSource};
 use crate::measurements::{ClientMeasurement, ClientStatus, Measurements};
 use crate::model::{check_compatible, TensorEntry};
+use crate::personalization::{check_masked_compatible, Personalization};
 use crate::stages::{krum, Combiner, Pipeline, Transform};
 use crate::statistics::{self, StatsError};
 use crate::stream::{block_elements, Source};
@@ -65,6 +66,14 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
     let cfg = req.config;
     cfg.check().map_err(AggregateError::Config)?;
     let pipeline = Pipeline::build(&cfg.stages).map_err(AggregateError::Config)?;
+    let fedselect = cfg.personalization == Personalization::Fedselect;
+    if fedselect && req.global.is_none() {
+        return Err(AggregateError::Config(
+            "personalization = \"fedselect\" needs the global model: an element no client \
+             shared keeps its global value, and personal elements are checked against it"
+                .into(),
+        ));
+    }
     if pipeline.needs_global() && req.global.is_none() {
         return Err(AggregateError::Config(
             "clip, zeroing and server optimizers work on updates (local − global): \
@@ -132,7 +141,12 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
     };
     for c in clients.iter_mut().filter(|c| c.out.is_none()) {
         let s = c.source.as_ref().expect("open sources for live clients");
-        if let Err(err) = check_compatible(&reference_header, &s.header) {
+        let checked = if fedselect {
+            check_masked_compatible(&reference_header, &s.header).map(|_| ())
+        } else {
+            check_compatible(&reference_header, &s.header).map_err(|e| e.to_string())
+        };
+        if let Err(err) = checked {
             c.out = Some((
                 ClientStatus::Rejected,
                 format!("model {}: {err}", s.path.display()),
@@ -335,10 +349,34 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
             },
             out: &out,
             block_elems,
+            masked_weights: fedselect.then(|| weights.clone()),
         };
         passes += 1;
         match combine::run(plan) {
-            Ok(read) => bytes_read += read,
+            Ok(done) => {
+                bytes_read += done.bytes_read;
+                if let Some(tally) = done.tally {
+                    let float_elements: u64 = reference
+                        .iter()
+                        .filter(|t| is_float(t))
+                        .map(|t| t.elements() as u64)
+                        .sum();
+                    let shared: serde_json::Map<String, serde_json::Value> = kept
+                        .iter()
+                        .zip(&tally.shared)
+                        .map(|(&i, &n)| {
+                            let id = clients[live[i]].meta.client_id.clone();
+                            (id, json!(n as f64 / float_elements.max(1) as f64))
+                        })
+                        .collect();
+                    stages.insert(
+                        "fedselect".to_string(),
+                        json!({"float_elements": float_elements,
+                               "shared_fraction": shared,
+                               "shared_by_nobody": tally.shared_by_nobody}),
+                    );
+                }
+            }
             Err(CombineError::Input(e)) => {
                 let kept_live: Vec<usize> = kept.iter().map(|&i| live[i]).collect();
                 reject_for(e, &kept_live, &mut clients, req.global)?;
@@ -465,6 +503,7 @@ fn reject_for(
         StatsError::Read { input, error } => {
             (live[input], format!("reading the model failed: {error}"))
         }
+        StatsError::Invalid { input, reason } => (live[input], reason),
         StatsError::Global(reason) => {
             return Err(AggregateError::Global {
                 path: global.unwrap_or(Path::new("-")).to_path_buf(),

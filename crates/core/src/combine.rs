@@ -8,11 +8,12 @@ use safetensors::Dtype;
 
 use crate::float::{axpy_from, decode_into, elem_bytes, encode_from, role, Acc, TensorRole};
 use crate::model::TensorEntry;
+use crate::personalization::masked_mean::{masked_mean_block, MaskedBlock, Tally};
 use crate::stages::dp_noise::add_noise;
 use crate::stages::median::median;
 use crate::stages::{Combiner, ServerOptimizer};
 use crate::statistics::{NonFinite, StatsError};
-use crate::stream::{blocks, for_each_block, Block, ReadFailure, Source};
+use crate::stream::{blocks, for_each_block_of, Block, Lane, ReadFailure, Source};
 use crate::writer::ModelWriter;
 
 const CHUNK: usize = 2048;
@@ -37,6 +38,16 @@ pub struct CombinePlan<'a> {
     pub optimizer: Option<OptimizerIo<'a>>,
     pub out: &'a ModelWriter,
     pub block_elems: usize,
+    /// FedSelect: each input's normalized weight, for the per-element
+    /// denominators of the masked mean (None: the plain combiners).
+    pub masked_weights: Option<Vec<f64>>,
+}
+
+/// What the pass did.
+pub struct CombineOutput {
+    pub bytes_read: u64,
+    /// FedSelect: what the masks said.
+    pub tally: Option<Tally>,
 }
 
 pub struct OptimizerIo<'a> {
@@ -71,7 +82,7 @@ pub fn state_dtype(model_dtype: Dtype) -> Dtype {
     }
 }
 
-pub fn run(mut plan: CombinePlan<'_>) -> Result<u64, CombineError> {
+pub fn run(mut plan: CombinePlan<'_>) -> Result<CombineOutput, CombineError> {
     let mut bytes_read = 0u64;
     for t in plan.reference.iter().filter(|t| !is_float(t)) {
         bytes_read += carry_over(&plan, t)?;
@@ -80,15 +91,24 @@ pub fn run(mut plan: CombinePlan<'_>) -> Result<u64, CombineError> {
     let scaled = plan.scales.iter().any(|&s| s != 1.0);
     let global_coef = 1.0 - plan.coefs.iter().sum::<f64>();
     let robust = matches!(plan.combiner, Combiner::Median | Combiner::TrimmedMean(_));
-    // Read the global model only when the result depends on it.
+    let masked = plan.masked_weights.is_some();
+    // Read the global model only when the result depends on it (the masked
+    // mean always does: it is the value of elements nobody shared).
     let need_g = plan.global.is_some()
-        && (plan.optimizer.is_some()
+        && (masked
+            || plan.optimizer.is_some()
             || (robust && scaled)
             || (!robust && global_coef.abs() > 1e-12));
-    let mut sources = plan.inputs.clone();
+    // Buffers per block: the inputs' values, the global model's, then (the
+    // masked mean) each input's mask for the same range.
+    let mut lanes: Vec<Lane<'_>> = plan.inputs.iter().map(|&s| Lane::Values(s)).collect();
     if need_g {
-        sources.extend(plan.global);
+        lanes.extend(plan.global.map(Lane::Values));
     }
+    if masked {
+        lanes.extend(plan.inputs.iter().map(|&s| Lane::Mask(s)));
+    }
+    let mut tally = masked.then(|| Tally::new(n));
     let mut ctx = Ctx {
         global_coef,
         need_g,
@@ -98,25 +118,30 @@ pub fn run(mut plan: CombinePlan<'_>) -> Result<u64, CombineError> {
     };
     let reference = plan.reference;
     let block_elems = plan.block_elems;
-    let result = for_each_block(reference, is_float, &sources, block_elems, |block| {
+    let result = for_each_block_of(reference, is_float, &lanes, block_elems, |block| {
         let Block {
             tensor,
             range,
             raws,
         } = block;
-        let (xs, g) = raws.split_at(n);
+        let (xs, rest) = raws.split_at(n);
+        let (g, masks) = rest.split_at(usize::from(need_g));
         let g = g.first().map(Vec::as_slice);
+        let masks = MaskBlocks {
+            raws: masks,
+            tally: tally.as_mut(),
+        };
         bytes_read += raws.iter().map(|r| r.len() as u64).sum::<u64>();
         bytes_read += match role(tensor.dtype) {
             Some(TensorRole::Float64Acc) => {
                 let mut b = std::mem::take(&mut ctx.f64);
-                let r = float_block::<f64>(&mut plan, &ctx, tensor, range, xs, g, &mut b);
+                let r = float_block::<f64>(&mut plan, &ctx, tensor, range, xs, g, masks, &mut b);
                 ctx.f64 = b;
                 r?
             }
             _ => {
                 let mut b = std::mem::take(&mut ctx.f32);
-                let r = float_block::<f32>(&mut plan, &ctx, tensor, range, xs, g, &mut b);
+                let r = float_block::<f32>(&mut plan, &ctx, tensor, range, xs, g, masks, &mut b);
                 ctx.f32 = b;
                 r?
             }
@@ -124,13 +149,27 @@ pub fn run(mut plan: CombinePlan<'_>) -> Result<u64, CombineError> {
         Ok(raws)
     });
     match result {
-        // A failed read of the extra source is the global model's fault.
-        Err(CombineError::Input(StatsError::Read { input, error })) if input == n => Err(
+        // A failed read of the global model's lane is the global model's fault.
+        Err(CombineError::Input(StatsError::Read { input, error })) if need_g && input == n => Err(
             CombineError::Input(StatsError::Global(format!("reading: {error}"))),
         ),
+        // A failed read of a mask lane is its input's fault.
+        Err(CombineError::Input(StatsError::Read { input, error })) if input > n => {
+            Err(CombineError::Input(StatsError::Read {
+                input: input - n - usize::from(need_g),
+                error,
+            }))
+        }
         Err(e) => Err(e),
-        Ok(()) => Ok(bytes_read),
+        Ok(()) => Ok(CombineOutput { bytes_read, tally }),
     }
+}
+
+/// The mask buffers of a block (empty without FedSelect) and where to
+/// count what they said.
+struct MaskBlocks<'b> {
+    raws: &'b [Vec<u8>],
+    tally: Option<&'b mut Tally>,
 }
 
 fn is_float(t: &TensorEntry) -> bool {
@@ -185,6 +224,7 @@ fn carry_over(plan: &CombinePlan<'_>, t: &TensorEntry) -> Result<u64, CombineErr
 }
 
 /// Combines one block; returns the optimizer-state bytes it read.
+#[allow(clippy::too_many_arguments)]
 fn float_block<A: Acc>(
     plan: &mut CombinePlan<'_>,
     ctx: &Ctx,
@@ -192,6 +232,7 @@ fn float_block<A: Acc>(
     range: std::ops::Range<usize>,
     raws: &[Vec<u8>],
     graw: Option<&[u8]>,
+    masks: MaskBlocks<'_>,
     b: &mut Buffers<A>,
 ) -> Result<u64, CombineError> {
     let eb = elem_bytes(t.dtype);
@@ -203,6 +244,35 @@ fn float_block<A: Acc>(
     }
     b.out.resize(len, A::default());
     match plan.combiner {
+        Combiner::Mean if plan.masked_weights.is_some() => {
+            let weights: Vec<A> = plan
+                .masked_weights
+                .iter()
+                .flatten()
+                .map(|&w| A::from_f64(w))
+                .collect();
+            let coefs: Vec<A> = plan.coefs.iter().map(|&c| A::from_f64(c)).collect();
+            let block = MaskedBlock {
+                dtype: t.dtype,
+                tensor: &t.name,
+                first: range.start,
+                global: &b.g,
+                values: raws,
+                masks: masks.raws,
+                coefs: &coefs,
+                weights: &weights,
+            };
+            let counted = masked_mean_block(&block, &mut b.out)?;
+            if let Some(tally) = masks.tally {
+                tally.add(&counted);
+            }
+            if let Some(j) = b.out.iter().position(|v| !v.is_finite()) {
+                return Err(CombineError::Overflow {
+                    tensor: t.name.clone(),
+                    index: range.start + j,
+                });
+            }
+        }
         Combiner::Mean | Combiner::Krum(_) => {
             let coefs: Vec<A> = plan.coefs.iter().map(|&c| A::from_f64(c)).collect();
             let gc = ctx

@@ -4,6 +4,9 @@
 //! weighting = "quality"        # examples (default) | uniform | quality
 //! llm_type = "auto"            # none (default, type-blind) | auto | <type name>
 //! memory_budget_mb = 8         # block buffers across all inputs (cache-sized)
+//! personalization = "none"     # none (default) | fedselect (masked updates,
+//!                              # see `personalization`; needs a global model;
+//!                              # refuses median/trimmed_mean/krum/dp_noise)
 //!
 //! [limits]                     # bounds on untrusted input (all optional)
 //! max_header_bytes = 16777216
@@ -18,6 +21,7 @@
 use serde::Deserialize;
 
 use crate::limits::Limits;
+use crate::personalization::Personalization;
 use crate::stages::StageConfig;
 use crate::weighting::{TypeFilter, Weighting};
 
@@ -32,6 +36,9 @@ pub struct PipelineConfig {
     pub memory_budget_mb: u64,
     #[serde(default)]
     pub limits: Limits,
+    /// `fedselect`: updates may keep elements personal (masked mean).
+    #[serde(default)]
+    pub personalization: Personalization,
     #[serde(default)]
     pub stages: Vec<StageConfig>,
 }
@@ -54,6 +61,7 @@ impl Default for PipelineConfig {
             llm_type: default_llm_type(),
             memory_budget_mb: default_budget_mb(),
             limits: Limits::default(),
+            personalization: Personalization::None,
             stages: Vec::new(),
         }
     }
@@ -82,7 +90,11 @@ impl PipelineConfig {
         if self.limits.max_num_examples == 0 {
             return Err("limits.max_num_examples must be at least 1".into());
         }
-        crate::stages::Pipeline::build(&self.stages).map(|_| ())
+        let pipeline = crate::stages::Pipeline::build(&self.stages)?;
+        if self.personalization == Personalization::Fedselect {
+            crate::personalization::check_pipeline(&pipeline)?;
+        }
+        Ok(())
     }
 }
 

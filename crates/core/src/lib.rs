@@ -5,7 +5,8 @@
 //! memory stays at "one block per client" whatever the model size, and the
 //! pipeline of stages (clipping, zeroing, robust combiners, DP noise, server
 //! optimizers) is configured from TOML. The cloud crate and the CLI call
-//! [`aggregate::aggregate`] and nothing below it.
+//! [`aggregate::aggregate`] and nothing below it; clients that personalize
+//! (FedSelect) call [`personalization`]'s `split_update` and `merge_personal`.
 
 pub mod aggregate;
 pub mod combine;
@@ -16,6 +17,7 @@ pub mod limits;
 pub mod manifest;
 pub mod measurements;
 pub mod model;
+pub mod personalization;
 pub mod quality;
 pub mod stages;
 pub mod statistics;

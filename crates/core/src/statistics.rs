@@ -19,6 +19,7 @@ pub struct NonFinite {
     pub value: f64,
 }
 
+#[derive(Debug)]
 pub enum StatsError {
     NonFinite(NonFinite),
     /// Reading input `input` failed.
@@ -28,6 +29,12 @@ pub enum StatsError {
     },
     /// The global model could not be read or holds a non-finite value.
     Global(String),
+    /// Input `input` broke a rule on its values (e.g. a FedSelect mask);
+    /// `reason` names the tensor, the element and the rule.
+    Invalid {
+        input: usize,
+        reason: String,
+    },
 }
 
 pub struct Statistics {

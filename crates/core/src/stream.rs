@@ -82,8 +82,32 @@ pub fn for_each_block<'r, E: From<ReadFailure> + Send>(
     select: impl Fn(&TensorEntry) -> bool,
     sources: &[&Source],
     block_elems: usize,
+    f: impl FnMut(Block<'r>) -> Result<Vec<Vec<u8>>, E>,
+) -> Result<(), E> {
+    let lanes: Vec<Lane<'_>> = sources.iter().map(|s| Lane::Values(s)).collect();
+    for_each_block_of(reference, select, &lanes, block_elems, f)
+}
+
+/// What one buffer of a block holds.
+#[derive(Clone, Copy)]
+pub enum Lane<'s> {
+    /// The block of the tensor itself.
+    Values(&'s Source),
+    /// The same element range of the tensor's FedSelect mask (one byte per
+    /// element), or an empty buffer when the source has no mask for it.
+    Mask(&'s Source),
+}
+
+/// [`for_each_block`] over lanes: a block's buffers follow `lanes`, so a
+/// mask arrives with its values (same element range, same read-ahead).
+pub fn for_each_block_of<'r, E: From<ReadFailure> + Send>(
+    reference: &'r [TensorEntry],
+    select: impl Fn(&TensorEntry) -> bool,
+    lanes: &[Lane<'_>],
+    block_elems: usize,
     mut f: impl FnMut(Block<'r>) -> Result<Vec<Vec<u8>>, E>,
 ) -> Result<(), E> {
+    let sources = lanes;
     let items: Vec<(&'r TensorEntry, std::ops::Range<usize>)> = reference
         .iter()
         .filter(|t| select(t))
@@ -103,9 +127,24 @@ pub fn for_each_block<'r, E: From<ReadFailure> + Send>(
                 let eb = crate::float::elem_bytes(tensor.dtype);
                 let off = (range.start * eb) as u64;
                 let mut failed = None;
-                for (i, (buf, src)) in raws.iter_mut().zip(sources).enumerate() {
-                    buf.resize(range.len() * eb, 0);
-                    if let Err(error) = src.read(&tensor.name, off, buf) {
+                for (i, (buf, lane)) in raws.iter_mut().zip(sources).enumerate() {
+                    let read = match lane {
+                        Lane::Values(src) => {
+                            buf.resize(range.len() * eb, 0);
+                            src.read(&tensor.name, off, buf)
+                        }
+                        Lane::Mask(src) => {
+                            let name = crate::personalization::mask_name(&tensor.name);
+                            if src.entry(&name).is_some() {
+                                buf.resize(range.len(), 0);
+                                src.read(&name, range.start as u64, buf)
+                            } else {
+                                buf.clear();
+                                Ok(())
+                            }
+                        }
+                    };
+                    if let Err(error) = read {
                         failed = Some(ReadFailure { source: i, error });
                         break;
                     }
