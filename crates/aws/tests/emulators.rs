@@ -149,6 +149,84 @@ async fn s3_multipart_upload_of_a_large_file() {
     assert_eq!(got.bytes, len as u64);
 }
 
+/// The object's tags as (key, value) pairs, read back with GetObjectTagging.
+async fn tags_of(env: &common::TestEnv, bucket: &str, key: &str) -> Vec<(String, String)> {
+    let out = env
+        .s3
+        .get_object_tagging()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    out.tag_set()
+        .iter()
+        .map(|t| (t.key().to_string(), t.value().to_string()))
+        .collect()
+}
+
+/// Client updates carry the tag the bucket's lifecycle rule expires
+/// (infra: `fedstep-kind=update`), single-part and multipart; global
+/// models (put_file) carry none and are kept.
+#[tokio::test]
+async fn s3_update_uploads_are_tagged_for_expiry() {
+    let Some(env) = common::env().await else {
+        return;
+    };
+    let want = vec![("fedstep-kind".to_string(), "update".to_string())];
+    let dir = tempfile::tempdir().unwrap();
+    let job = unique("tag");
+
+    let store = env.store();
+    let bucket = store.bucket().to_string();
+    let (small, small_sha) = write_file(dir.path(), "small.safetensors", 100_000, 3);
+    let key = format!("jobs/{job}/rounds/1/updates/site-a.safetensors");
+    let put = store.put_update_file(&key, &small).await.unwrap();
+    assert_eq!(put.sha256, small_sha);
+    assert_eq!(
+        tags_of(&env, &bucket, &key).await,
+        want,
+        "single-part update"
+    );
+    assert_eq!(store.head(&key).await.unwrap(), Some(put));
+
+    // Multipart (5 MiB parts): the tags go with CreateMultipartUpload.
+    let mp_store = env.store().with_multipart(5 * 1024 * 1024, 5 * 1024 * 1024);
+    let len = 11 * 1024 * 1024 + 7;
+    let (big, big_sha) = write_file(dir.path(), "big.safetensors", len, 5);
+    let mp_key = format!("jobs/{job}/rounds/1/updates/site-b.safetensors");
+    let put = mp_store.put_update_file(&mp_key, &big).await.unwrap();
+    assert_eq!(put.sha256, big_sha);
+    let head = env
+        .s3
+        .head_object()
+        .bucket(&bucket)
+        .key(&mp_key)
+        .send()
+        .await
+        .unwrap();
+    let etag = head
+        .e_tag()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string();
+    assert!(etag.ends_with("-3"), "ETag {etag} is not a 3-part upload's");
+    assert_eq!(
+        tags_of(&env, &bucket, &mp_key).await,
+        want,
+        "multipart update"
+    );
+
+    // A global model is not an update: no tag, so the rule keeps it.
+    let global = format!("jobs/{job}/rounds/2/global.safetensors");
+    store.put_file(&global, &small).await.unwrap();
+    assert_eq!(
+        tags_of(&env, &bucket, &global).await,
+        vec![],
+        "global model"
+    );
+}
+
 fn job(job_id: &str) -> JobSpec {
     JobSpec::from_toml(&format!(
         "job_id = \"{job_id}\"\nrounds = 3\nclients = [\"a\", \"b\", \"c\"]\nmin_clients = 2\nround_timeout_seconds = 60\n[aggregation]\nweighting = \"examples\"\n[round_config]\nlocal_epochs = 1\n"
