@@ -201,16 +201,7 @@ fn job_from_context(context: &Value, job_id: &str) -> Result<JobSpec, TaskError>
     Ok(job)
 }
 
-/// One record of a DynamoDB stream batch, decoded as far as it could be.
-#[derive(Debug, Clone)]
-pub struct StreamItem {
-    /// The sequence number: the batch item identifier Lambda retries from.
-    pub id: String,
-    /// INSERT / MODIFY / REMOVE.
-    pub event_name: String,
-    /// The new image as an update row, or why it is not one.
-    pub update: Result<UpdateRecord, String>,
-}
+pub use crate::stream_record::StreamItem;
 
 /// Whether a failed update is worth retrying. Transient faults are, and so
 /// are unclassified ones (an SDK error we do not know, a local I/O error):

@@ -3,13 +3,12 @@
 
 use std::sync::Arc;
 
-use aws_lambda_events::event::dynamodb::EventRecord;
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use fedstep_cloud::records::UpdateRecord;
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::Value;
 
-use crate::handlers::{handle_stream, handle_task, Aggregator, StreamItem, TaskError};
+use crate::handlers::{handle_stream, handle_task, Aggregator, TaskError};
+use crate::stream_record::{self, StreamItem};
 
 impl From<TaskError> for Diagnostic {
     fn from(err: TaskError) -> Diagnostic {
@@ -32,7 +31,7 @@ pub async fn run<A: Aggregator>(engine: Arc<A>) -> Result<(), lambda_runtime::Er
 /// Routes one invocation by the event's shape.
 pub async fn dispatch<A: Aggregator>(engine: &A, event: Value) -> Result<Value, Diagnostic> {
     if let Some(records) = event.get("Records").and_then(Value::as_array) {
-        let items: Vec<StreamItem> = records.iter().map(stream_item).collect();
+        let items: Vec<StreamItem> = records.iter().map(stream_record::decode).collect();
         let failed = handle_stream(engine, &items).await;
         let mut response = DynamoDbEventResponse::default();
         for id in failed {
@@ -53,40 +52,6 @@ pub async fn dispatch<A: Aggregator>(engine: &A, event: Value) -> Result<Value, 
         error_message: "neither a DynamoDB stream batch (Records) nor a task payload (action)"
             .into(),
     })
-}
-
-/// One stream record, decoded record by record so that one malformed
-/// record is rejected alone instead of failing (and blocking) the batch.
-fn stream_item(raw: &Value) -> StreamItem {
-    let fallback_id = raw
-        .pointer("/dynamodb/SequenceNumber")
-        .or_else(|| raw.get("eventID"))
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let event_name = raw
-        .get("eventName")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let record: EventRecord = match serde_json::from_value(raw.clone()) {
-        Ok(r) => r,
-        Err(e) => {
-            return StreamItem {
-                id: fallback_id,
-                event_name,
-                update: Err(format!("stream record: {e}")),
-            }
-        }
-    };
-    let id = record.change.sequence_number.clone().unwrap_or(fallback_id);
-    let update = serde_dynamo::from_item::<_, UpdateRecord>(record.change.new_image)
-        .map_err(|e| format!("update row: {e}"));
-    StreamItem {
-        id,
-        event_name: record.event_name,
-        update,
-    }
 }
 
 #[cfg(test)]

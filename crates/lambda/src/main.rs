@@ -8,11 +8,10 @@
 //!   handlers, fed by polling Step Functions activities and the DynamoDB
 //!   stream, for the emulators (where Lambdas cannot run).
 
-mod engine;
-mod handlers;
-mod lambda;
-mod local;
-mod logging;
+// The Lambda runtime's service future, built from the library's generic
+// handlers, nests deeper than rustc's default layout query limit (128)
+// once it crosses the crate boundary; this is rustc's own suggested fix.
+#![recursion_limit = "256"]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +20,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fedstep_aws::{AwsConfig, Settings};
+use fedstep_lambda::{engine, lambda, local, logging};
 use serde_json::Value;
 
 #[derive(Parser)]
