@@ -36,7 +36,11 @@ for t in "${targets[@]}"; do
     log="${TMPDIR:-/tmp}/fuzz-$t.log"
     echo "== $t: ${seconds}s (log: $log)"
     rc=0
-    cargo fuzz run "$t" "corpus/$t" -- \
+    # corpus/<t> (untracked) collects what libFuzzer finds; seeds/<t>
+    # (tracked) holds hand-written inputs it would take long to find.
+    seeds=()
+    if [ -d "seeds/$t" ]; then seeds=("seeds/$t"); fi
+    cargo fuzz run "$t" "corpus/$t" "${seeds[@]}" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536 >"$log" 2>&1 || rc=$?
     grep -E '^(Done [0-9]+ runs|SUMMARY|==[0-9]+==ERROR)' "$log" || tail -5 "$log"
     if [ "$rc" -ne 0 ]; then

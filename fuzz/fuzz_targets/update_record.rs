@@ -1,15 +1,22 @@
-//! The stream-record path: bytes → `UpdateRecord` (what the Lambda gets
-//! from a DynamoDB NEW_IMAGE once decoded) → `RoundEngine::on_update`
-//! against an OPEN round in the in-memory ledger. No I/O: the round expects
-//! three clients and a single row can never complete it, so the engine only
-//! validates and counts. Must never panic; any outcome is fine, but a
-//! `Recorded` row must really be a well-formed row of an expected client.
+//! The stream-record path: bytes → the Lambda's own stream-record decoder
+//! (`crates/lambda/src/stream_record.rs`: a DynamoDB stream record, its
+//! NEW_IMAGE → `UpdateRecord`) → `RoundEngine::on_update` against an OPEN
+//! round in the in-memory ledger. No I/O: the round expects three clients
+//! and a single row can never complete it, so the engine only validates and
+//! counts. Must never panic; any outcome is fine, but a `Recorded` row must
+//! really be a well-formed row of an expected client.
 //!
-//! Retarget later: the Lambda's own stream-image decoder (crates/lambda,
-//! `StreamItem` from a `serde_dynamo::Item`) once it is public and landed.
+//! The decoder's source file is compiled here directly: depending on
+//! fedstep-lambda would build the AWS SDK and the Lambda runtime under the
+//! sanitizer for one function. Seeds that are real stream records:
+//! fuzz/seeds/update_record/ (tracked; scripts/fuzz.sh adds it to the corpus).
 #![no_main]
 
 use std::sync::OnceLock;
+
+#[allow(dead_code)]
+#[path = "../../crates/lambda/src/stream_record.rs"]
+mod stream_record;
 
 use fedstep_cloud::local::{FsStore, LocalBus, ManualClock, MemLedger, RecordingCallback};
 use fedstep_cloud::ports::Ledger;
@@ -46,8 +53,16 @@ fn fixed() -> &'static Fixed {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(update) = serde_json::from_slice::<UpdateRecord>(data) else {
+    let Ok(raw) = serde_json::from_slice::<serde_json::Value>(data) else {
         return;
+    };
+    let item = stream_record::decode(&raw);
+    let update = match item.update {
+        Ok(update) => update,
+        Err(why) => {
+            assert!(!why.is_empty());
+            return;
+        }
     };
     // What a decoded row re-encodes to must decode to the same row.
     let again: UpdateRecord = serde_json::from_str(&serde_json::to_string(&update).unwrap()).unwrap();
