@@ -170,3 +170,106 @@ fn model_inspect_refuses_bombs_and_garbage_naming_file_and_rule() {
         .status
         .success());
 }
+
+/// `fedstep job start` with AWS pointed at a closed port: a job file that
+/// contradicts itself must be refused before any call (an AWS call would
+/// fail differently, naming the endpoint or a connection).
+fn job_start(dir: &Path, job_toml: &str) -> Output {
+    let model = model(dir, "init.safetensors", &[1.0, 2.0]);
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "{job_toml}\ninitial_model = \"{}\"\n",
+            model.file_name().unwrap().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_fedstep"))
+        .args(["job", "start", "--config", job.to_str().unwrap()])
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env(
+            "FEDSTEP_STATE_MACHINE_ARN",
+            "arn:aws:states:us-east-1:000000000000:stateMachine:none",
+        )
+        .env("FEDSTEP_BUCKET", "none")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn job_start_refuses_contradictory_jobs_before_any_aws_call() {
+    let ok = "job_id = \"j1\"\nrounds = 3\nclients = [\"a\", \"b\"]\nmin_clients = 2\nround_timeout_seconds = 60";
+    for (what, job, rule) in [
+        (
+            "min_clients > clients",
+            ok.replace("min_clients = 2", "min_clients = 3"),
+            "min_clients = 3 exceeds the 2 clients listed",
+        ),
+        (
+            "zero rounds",
+            ok.replace("rounds = 3", "rounds = 0"),
+            "rounds must be at least 1",
+        ),
+        (
+            "zero min_clients",
+            ok.replace("min_clients = 2", "min_clients = 0"),
+            "min_clients must be at least 1",
+        ),
+        (
+            "no clients",
+            ok.replace("clients = [\"a\", \"b\"]", "clients = []"),
+            "clients is empty",
+        ),
+        (
+            "a client twice",
+            ok.replace("[\"a\", \"b\"]", "[\"a\", \"a\"]"),
+            "client `a` is listed twice",
+        ),
+        (
+            "zero timeout",
+            ok.replace("round_timeout_seconds = 60", "round_timeout_seconds = 0"),
+            "round_timeout_seconds must be between 1 and one year",
+        ),
+        (
+            "negative rounds",
+            ok.replace("rounds = 3", "rounds = -1"),
+            "rounds",
+        ),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let o = job_start(d.path(), &job);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{what}: accepted; stderr:\n{stderr}");
+        assert_eq!(o.status.code(), Some(1), "{what}: {stderr}");
+        assert!(
+            stderr.contains(rule),
+            "{what}: stderr should name `{rule}`:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("job.toml"),
+            "{what}: stderr should name the file:\n{stderr}"
+        );
+        for aws in ["127.0.0.1:9", "dispatch", "connect", "StartExecution", "S3"] {
+            assert!(
+                !stderr.contains(aws),
+                "{what}: failed at an AWS call (`{aws}`), not at the check:\n{stderr}"
+            );
+        }
+    }
+
+    // The control: the same job without the contradiction gets past the
+    // checks and fails at the (unreachable) AWS endpoint instead.
+    let d = tempfile::tempdir().unwrap();
+    let o = job_start(d.path(), ok);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("must be") && !stderr.contains("exceeds"),
+        "the control job was refused by a check:\n{stderr}"
+    );
+}
