@@ -1,4 +1,4 @@
-//! `fedstep model ...`: look inside model files.
+//! `fedstep model ...`: create, look inside, list and pull model files.
 
 use std::path::PathBuf;
 
@@ -18,18 +18,66 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a fresh built-in-trainer model (the MLP fedstep-client's built-in
+    /// trainer trains), to use as a job's `initial_model`.
+    Init {
+        /// Output safetensors file.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// The dataset the clients train on: sets the input width (digits:
+        /// 64 pixels, mnist: 784) and the 10 classes.
+        #[arg(long, value_enum, default_value_t = InitDataset::Digits)]
+        dataset: InitDataset,
+        /// Hidden layer width.
+        #[arg(long, default_value_t = fedstep_trainer::TrainConfig::default().hidden)]
+        hidden: usize,
+        /// Seed of the random initial weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// List registered models (artifacts), newest first.
     List(crate::model_store_cmd::ListArgs),
     /// Download a registered model, verifying its SHA-256.
     Pull(crate::model_store_cmd::PullArgs),
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum InitDataset {
+    Digits,
+    Mnist,
+}
+
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
+        ModelCommand::Init {
+            out,
+            dataset,
+            hidden,
+            seed,
+        } => init(&out, dataset, hidden, seed),
         ModelCommand::Inspect { file, json } => inspect(file, json),
         ModelCommand::List(args) => crate::model_store_cmd::list(args),
         ModelCommand::Pull(args) => crate::model_store_cmd::pull(args),
     }
+}
+
+fn init(out: &std::path::Path, dataset: InitDataset, hidden: usize, seed: u64) -> Result<()> {
+    let input = match dataset {
+        InitDataset::Digits => 64,
+        InitDataset::Mnist => 28 * 28,
+    };
+    if hidden == 0 {
+        anyhow::bail!("--hidden must be at least 1");
+    }
+    let bytes =
+        fedstep_trainer::init_model(input, hidden, 10, seed).context("initialising the model")?;
+    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote {} ({input}-{hidden}-10 MLP, {})",
+        out.display(),
+        human_bytes(bytes.len() as u64)
+    );
+    Ok(())
 }
 
 fn inspect(file: PathBuf, json: bool) -> Result<()> {

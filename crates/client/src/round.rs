@@ -17,9 +17,9 @@ use crate::error::ClientError;
 use crate::output_check::check_output;
 use crate::progress::Progress;
 use crate::retry::retry;
-use fedstep_cloud::timefmt::rfc3339_utc;
 use crate::trainer::{TrainRequest, Trainer};
 use crate::worker::Worker;
+use fedstep_cloud::timefmt::rfc3339_utc;
 
 /// How a round ended for this client. Every variant means "the message can
 /// be deleted"; failures are errors.

@@ -277,6 +277,12 @@ where
             Notification::GlobalModelReady(g) => g,
         };
         let (job_id, round) = (g.job_id.clone(), g.round);
+        // Logged on receipt (not only when done): operators and the e2e
+        // latency figure need to see when the announcement arrived.
+        tracing::info!(
+            "{}: {job_id} round {round}: global model announced",
+            self.opts.client_id
+        );
         if self.clock.now() > g.deadline {
             return Outcome::DeadlinePassed { job_id, round };
         }

@@ -1,0 +1,175 @@
+//! Issue #3, scenario (d): a client whose trainer is an external program
+//! (examples/external_trainer.py, Python + numpy) takes part in a round
+//! with two built-in clients; its update is accepted and averaged in.
+//!
+//! The Python comes from FEDSTEP_PYTHON (scripts/test.sh sets it to a venv
+//! with numpy), else .emu/tools/bin/python, else python3. Without numpy the
+//! test fails under CI=true and skips otherwise, like the emulators.
+
+use std::time::{Duration, Instant};
+
+use fedstep_cloud::keys;
+use fedstep_cloud::ports::{Ledger, ObjectStore};
+use fedstep_cloud::records::RoundStatus;
+use fedstep_e2e::client_config::{ClientSetup, Trainer};
+use fedstep_e2e::{emulators, execution, fedavg, launch, Binaries, Deployment};
+
+fn python_with_numpy() -> Option<String> {
+    let root = fedstep_e2e::repo_root();
+    let candidates = [
+        std::env::var("FEDSTEP_PYTHON").ok(),
+        Some(root.join(".emu/tools/bin/python").display().to_string()),
+        Some("python3".to_string()),
+    ];
+    for py in candidates.into_iter().flatten() {
+        let ok = std::process::Command::new(&py)
+            .args(["-c", "import numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Some(py);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_trainer_joins_two_builtin_clients() {
+    let bins = Binaries::find();
+    let Some(python) = python_with_numpy() else {
+        let _: Option<()> = emulators::unavailable(
+            "no python with numpy (set FEDSTEP_PYTHON; scripts/test.sh installs .emu/tools)",
+        );
+        return;
+    };
+    let clients = ["site-a", "site-b", "site-py"];
+    let Some(d) = Deployment::create("d", &clients).await else {
+        return;
+    };
+    let mut worker = launch::worker(&d, &bins, "worker-d");
+    let setups = [
+        ClientSetup {
+            client_id: "site-a".into(),
+            exit_on_complete: true,
+            trainer: Trainer::Builtin {
+                classes: vec![0, 1, 2, 3],
+                seed: 1,
+            },
+        },
+        ClientSetup {
+            client_id: "site-b".into(),
+            exit_on_complete: true,
+            trainer: Trainer::Builtin {
+                classes: vec![4, 5, 6],
+                seed: 2,
+            },
+        },
+        ClientSetup {
+            client_id: "site-py".into(),
+            exit_on_complete: true,
+            trainer: Trainer::External {
+                command: vec![
+                    python,
+                    "examples/external_trainer.py".into(),
+                    "--classes".into(),
+                    "7,8,9".into(),
+                    "--seed".into(),
+                    "3".into(),
+                ],
+            },
+        },
+    ];
+    let mut procs: Vec<_> = setups
+        .iter()
+        .map(|s| launch::client(&d, &bins, s))
+        .collect();
+
+    let job_id = fedstep_e2e::unique("mixed");
+    let job = launch::job_file(
+        &d,
+        &bins,
+        &job_id,
+        "rounds = 1\nclients = [\"site-a\", \"site-b\", \"site-py\"]\nmin_clients = 3\n\
+         round_timeout_seconds = 120\n[aggregation]\nweighting = \"examples\"\n[round_config]\nlocal_epochs = 1\n",
+    );
+    let t0 = Instant::now();
+    launch::fedstep(&d, &bins, &["job", "start", "--config", &job]);
+    let logs = || {
+        let mut all = vec![&worker];
+        all.extend(procs.iter());
+        launch::logs(&all)
+    };
+    let done = execution::wait_until_done(
+        &d.sfn,
+        &d.execution_arn(&job_id),
+        Duration::from_secs(180),
+        logs,
+    )
+    .await;
+    eprintln!("mixed round: {:?} in {:.1?}", done.status(), t0.elapsed());
+    assert_eq!(
+        done.status().as_str(),
+        "SUCCEEDED",
+        "cause {:?}\n{}",
+        done.cause(),
+        logs()
+    );
+
+    let ledger = d.ledger();
+    let round = ledger.get_round(&job_id, 1).await.unwrap().unwrap();
+    assert_eq!(round.status, RoundStatus::Closed);
+    let result = round.result.unwrap();
+    let mut accepted = result.accepted.clone();
+    accepted.sort();
+    assert_eq!(accepted, clients, "rejected: {:?}", result.rejected);
+
+    let py_row = ledger
+        .get_update("site-py", &job_id, 1)
+        .await
+        .unwrap()
+        .expect("site-py's row");
+    eprintln!(
+        "external trainer's row: num_examples {} metrics {:?}",
+        py_row.num_examples, py_row.metrics
+    );
+    assert!(py_row.num_examples.as_u64().is_some_and(|n| n > 0));
+
+    let store = d.store();
+    let global = d.path("global.safetensors");
+    store
+        .get_file(&keys::global_model(&job_id, 2), &global)
+        .await
+        .unwrap();
+    let mut weighted = Vec::new();
+    for c in clients {
+        let row = ledger
+            .get_update(c, &job_id, 1)
+            .await
+            .unwrap()
+            .expect("a row");
+        let path = d.path(&format!("{c}.safetensors"));
+        store.get_file(&row.model_key, &path).await.unwrap();
+        weighted.push((
+            row.num_examples.as_f64().unwrap(),
+            std::fs::read(&path).unwrap(),
+        ));
+    }
+    let deviation = fedavg::max_deviation(&std::fs::read(&global).unwrap(), &weighted);
+    assert!(deviation <= 2e-6, "deviation {deviation:e}");
+
+    for p in procs.iter_mut() {
+        let status = p.wait_for_exit(Duration::from_secs(60)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} did not exit 0: {status:?}\n{}",
+            p.name,
+            p.log_tail(30)
+        );
+    }
+    let status = worker.terminate(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "worker exit {status}\n{}",
+        worker.log_tail(30)
+    );
+}

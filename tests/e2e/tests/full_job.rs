@@ -1,0 +1,235 @@
+//! Issue #3, scenario (a) and the latency figure (e): three built-in
+//! clients, three rounds, everything as real processes: the emulator worker,
+//! three `fedstep-client run` (exit_on_complete), `fedstep job start` with
+//! examples/job.toml. The execution succeeds; each round's next global model
+//! is the example-weighted mean of the three uploads, recomputed here from
+//! the files and rows; the ledger shows CLOSED rounds; the clients exit 0
+//! on training_complete.
+
+use std::time::{Duration, Instant};
+
+use fedstep_cloud::keys;
+use fedstep_cloud::ports::{Ledger, ObjectStore};
+use fedstep_cloud::records::RoundStatus;
+use fedstep_e2e::client_config::{ClientSetup, Trainer};
+use fedstep_e2e::{execution, fedavg, launch, log_times, Binaries, Deployment};
+
+const CLIENTS: [&str; 3] = ["site-a", "site-b", "site-c"];
+/// Relative tolerance of the FedAvg check. The aggregator accumulates in
+/// f32 (unit roundoff 6e-8): three products and two additions of O(1)
+/// values stay within a few ulps, ~5e-7 relative; 2e-6 leaves headroom yet
+/// is far below what a wrong weighting produces (checked below).
+const TOLERANCE: f64 = 2e-6;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
+    let bins = Binaries::find();
+    let Some(d) = Deployment::create("a", &CLIENTS).await else {
+        return;
+    };
+    let mut worker = launch::worker(&d, &bins, "worker-a");
+    let classes: [Vec<u8>; 3] = [vec![0, 1, 2, 3], vec![4, 5, 6], vec![7, 8, 9]];
+    let mut clients: Vec<_> = CLIENTS
+        .iter()
+        .zip(classes)
+        .enumerate()
+        .map(|(i, (id, classes))| {
+            launch::client(
+                &d,
+                &bins,
+                &ClientSetup {
+                    client_id: id.to_string(),
+                    exit_on_complete: true,
+                    trainer: Trainer::Builtin {
+                        classes,
+                        seed: i as u64 + 1,
+                    },
+                },
+            )
+        })
+        .collect();
+
+    let job_id = fedstep_e2e::unique("digits");
+    let job = launch::example_job_file(&d, &bins, &job_id);
+    let t0 = Instant::now();
+    let started = launch::fedstep(&d, &bins, &["job", "start", "--config", &job]);
+    assert!(
+        started.contains(&format!("started job {job_id}")),
+        "{started}"
+    );
+
+    let arn = d.execution_arn(&job_id);
+    let logs = || {
+        let mut all = vec![&worker];
+        all.extend(clients.iter());
+        launch::logs(&all)
+    };
+    let done = execution::wait_until_done(&d.sfn, &arn, Duration::from_secs(300), logs).await;
+    eprintln!("3 rounds: {:?} in {:.1?}", done.status(), t0.elapsed());
+    assert_eq!(
+        done.status().as_str(),
+        "SUCCEEDED",
+        "error {:?} cause {:?}\n{}",
+        done.error(),
+        done.cause(),
+        logs()
+    );
+
+    // exit_on_complete: every client leaves with status 0 on training_complete.
+    for c in clients.iter_mut() {
+        let status = c.wait_for_exit(Duration::from_secs(60)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "client {} did not exit 0 after the job completed: {status:?}\n{}",
+            c.name,
+            c.log_tail(30)
+        );
+        assert!(
+            c.log_text()
+                .contains(&format!("job {job_id} is complete; exiting")),
+            "{}",
+            c.log_tail(30)
+        );
+    }
+
+    // The ledger: three CLOSED rounds, every client accepted in each.
+    let ledger = d.ledger();
+    let rounds = ledger.list_rounds(&job_id).await.unwrap();
+    assert_eq!(rounds.len(), 3, "{rounds:?}");
+    for r in &rounds {
+        assert_eq!(r.status, RoundStatus::Closed, "round {}: {r:?}", r.round);
+        let result = r.result.as_ref().expect("a closed round has a result");
+        assert_eq!(result.closed_by, "stream", "round {}", r.round);
+        let mut accepted = result.accepted.clone();
+        accepted.sort();
+        assert_eq!(accepted, CLIENTS, "round {}", r.round);
+        assert!(
+            result.rejected.is_empty(),
+            "round {}: {:?}",
+            r.round,
+            result.rejected
+        );
+    }
+
+    // Each next global model = Σ num_examples·update / Σ num_examples.
+    let store = d.store();
+    let read = |key: String| {
+        let path = d.path(&key.replace('/', "_"));
+        let store = &store;
+        async move {
+            let info = store
+                .get_file(&key, &path)
+                .await
+                .unwrap_or_else(|e| panic!("{key}: {e}"));
+            (std::fs::read(&path).unwrap(), info.sha256)
+        }
+    };
+    for round in 1..=3u32 {
+        let (global, _) = read(keys::global_model(&job_id, round + 1)).await;
+        let mut weighted = Vec::new();
+        for c in CLIENTS {
+            let row = ledger
+                .get_update(c, &job_id, round)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("no updates row for {c} round {round}"));
+            let (bytes, sha) = read(row.model_key.clone()).await;
+            assert_eq!(
+                sha, row.checksum,
+                "{c} round {round}: the row's checksum is the object's"
+            );
+            let n = row
+                .num_examples
+                .as_f64()
+                .unwrap_or_else(|| panic!("{c}: num_examples {:?}", row.num_examples));
+            weighted.push((n, bytes));
+        }
+        let deviation = fedavg::max_deviation(&global, &weighted);
+        let uniform: Vec<(f64, Vec<u8>)> = weighted.iter().map(|(_, b)| (1.0, b.clone())).collect();
+        let if_uniform = fedavg::max_deviation(&global, &uniform);
+        let counts: Vec<f64> = weighted.iter().map(|(n, _)| *n).collect();
+        eprintln!(
+            "round {round}: num_examples {counts:?}; max relative deviation from the weighted mean {deviation:.2e} \
+             (from the unweighted mean {if_uniform:.2e})"
+        );
+        assert!(
+            deviation <= TOLERANCE,
+            "round {round}: global model deviates by {deviation:e}"
+        );
+        assert!(
+            if_uniform > 100.0 * TOLERANCE,
+            "round {round}: the check cannot tell the weighting apart ({if_uniform:e})"
+        );
+    }
+
+    // Every StartRound was answered exactly once, by the stream path.
+    let events = execution::events_by_state(&d.sfn, &arn).await;
+    assert_eq!(
+        execution::count(&events, "StartRound", "ActivitySucceeded"),
+        3,
+        "{events:?}"
+    );
+    assert_eq!(
+        execution::count(&events, "CloseRound", "ActivityScheduled"),
+        0,
+        "{events:?}"
+    );
+
+    // The operator's view agrees.
+    let status = launch::fedstep(&d, &bins, &["job", "status", &job_id, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["execution"]["status"], "SUCCEEDED", "{status}");
+
+    // (e) Latency: the last updates row of round r → every client has round
+    // r+1's announcement. Row time: the last client's "update submitted" log
+    // line (written just after its PutItem and DeleteMessage, so the figure
+    // errs low by one DeleteMessage); receipt: each client's "announced" line.
+    let texts: Vec<String> = clients.iter().map(|c| c.log_text()).collect();
+    let at = |text: &String, what: String| {
+        log_times::first_line_time(text, &what).unwrap_or_else(|| panic!("no log line `{what}`"))
+    };
+    for round in 1..=2u32 {
+        let last_row = texts
+            .iter()
+            .map(|t| at(t, format!("{job_id} round {round}: update submitted")))
+            .max()
+            .unwrap();
+        let all_received = texts
+            .iter()
+            .map(|t| {
+                at(
+                    t,
+                    format!("{job_id} round {}: global model announced", round + 1),
+                )
+            })
+            .max()
+            .unwrap();
+        let latency = log_times::seconds_between(last_row, all_received);
+        eprintln!("LATENCY round {round} -> {}: last updates row to every client holding the next round's message: {latency:.3} s", round + 1);
+        assert!(
+            (0.0..60.0).contains(&latency),
+            "latency {latency} s is not plausible"
+        );
+    }
+    let last_row = texts
+        .iter()
+        .map(|t| at(t, format!("{job_id} round 3: update submitted")))
+        .max()
+        .unwrap();
+    let all_done = texts
+        .iter()
+        .map(|t| at(t, format!("job {job_id} is complete")))
+        .max()
+        .unwrap();
+    eprintln!(
+        "LATENCY round 3 -> training_complete at every client: {:.3} s",
+        log_times::seconds_between(last_row, all_done)
+    );
+
+    let status = worker.terminate(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "worker exit {status}\n{}",
+        worker.log_tail(30)
+    );
+}
