@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use fedstep_core::personalization::{Personalization, Ramp};
 use fedstep_core::PipelineConfig;
 use fedstep_trainer::TrainConfig;
 use serde::Serialize;
@@ -70,6 +71,22 @@ pub struct Args {
     /// reports (what `quality` weighting reads).
     #[arg(long, default_value_t = 0.2)]
     pub validation_fraction: f64,
+    /// Personalized FL: `fedselect` (Tamirisa et al., 2024) — each client
+    /// keeps the elements its training moved most local, uploads the rest
+    /// with masks, and the server averages each element over the clients
+    /// that shared it (adds `personalization = "fedselect"` to the
+    /// pipeline). Reports global / personalized / local-only accuracy per
+    /// client on its own test distribution.
+    #[arg(long, value_enum, default_value = "none")]
+    pub personalization: PersonalizationFlag,
+    /// With --personalization fedselect: the share of every float tensor
+    /// each client keeps personal once the ramp is done, in [0, 1).
+    #[arg(long, default_value_t = 0.2, value_name = "F")]
+    pub personal_fraction: f64,
+    /// With --personalization fedselect: rounds over which the personal
+    /// share grows linearly from 0 to --personal-fraction (0: at once).
+    #[arg(long, default_value_t = 3, value_name = "R")]
+    pub personal_ramp: u32,
     /// MNIST images (IDX, e.g. train-images-idx3-ubyte) instead of the
     /// bundled digits.
     #[arg(long, requires = "mnist_labels", value_name = "FILE")]
@@ -77,6 +94,22 @@ pub struct Args {
     /// MNIST labels (IDX, e.g. train-labels-idx1-ubyte).
     #[arg(long, requires = "mnist_images", value_name = "FILE")]
     pub mnist_labels: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersonalizationFlag {
+    None,
+    Fedselect,
+}
+
+/// FedSelect's client-side settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct PersonalSettings {
+    pub method: &'static str,
+    pub personal_fraction: f64,
+    pub ramp_rounds: u32,
+    #[serde(skip)]
+    pub ramp: Ramp,
 }
 
 /// Where the data comes from.
@@ -122,6 +155,8 @@ pub struct Settings {
     pub aggregation: toml::Table,
     #[serde(skip)]
     pub pipeline: PipelineConfig,
+    /// --personalization fedselect.
+    pub personalization: Option<PersonalSettings>,
     pub out: PathBuf,
 }
 
@@ -217,7 +252,7 @@ impl Args {
                 self.validation_fraction
             );
         }
-        let (aggregation, pipeline) = match &self.aggregation {
+        let (mut aggregation, mut pipeline) = match &self.aggregation {
             None => (toml::Table::new(), PipelineConfig::default()),
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -227,6 +262,34 @@ impl Args {
                 let table: toml::Table = toml::from_str(&text)
                     .with_context(|| format!("--aggregation {}", path.display()))?;
                 (table, pipeline)
+            }
+        };
+        let personalization = match self.personalization {
+            PersonalizationFlag::None => {
+                if pipeline.personalization == Personalization::Fedselect {
+                    bail!(
+                        "the --aggregation pipeline says personalization = \"fedselect\": \
+                         pass --personalization fedselect so the clients send masked updates"
+                    );
+                }
+                None
+            }
+            PersonalizationFlag::Fedselect => {
+                let ramp = Ramp::new(self.personal_fraction, self.personal_ramp)
+                    .map_err(|e| anyhow::anyhow!("--personal-fraction: {e}"))?;
+                // The job's pipeline must average masked updates; the
+                // stages it refuses are refused here, naming the flag.
+                aggregation.insert("personalization".into(), "fedselect".into());
+                pipeline.personalization = Personalization::Fedselect;
+                pipeline.check().map_err(|e| {
+                    anyhow::anyhow!("--personalization fedselect with this --aggregation: {e}")
+                })?;
+                Some(PersonalSettings {
+                    method: "fedselect",
+                    personal_fraction: self.personal_fraction,
+                    ramp_rounds: self.personal_ramp,
+                    ramp,
+                })
             }
         };
         let data = match (self.mnist_images, self.mnist_labels) {
@@ -253,6 +316,7 @@ impl Args {
             aggregation_file: self.aggregation,
             aggregation,
             pipeline,
+            personalization,
             out: self
                 .out
                 .unwrap_or_else(|| PathBuf::from("runs").join(timestamp::run_dir_name())),
@@ -293,6 +357,12 @@ mod tests {
         let s = resolve(&["--clients", "4", "--noisy-clients", "1"]).unwrap();
         assert_eq!(s.clients(), 4);
         assert!(s.is_noisy(3) && !s.is_noisy(2));
+        assert!(s.personalization.is_none());
+        let s = resolve(&["--personalization", "fedselect"]).unwrap();
+        let p = s.personalization.unwrap();
+        assert_eq!((p.personal_fraction, p.ramp_rounds), (0.2, 3));
+        assert_eq!(s.pipeline.personalization, Personalization::Fedselect);
+        assert_eq!(s.aggregation["personalization"].as_str(), Some("fedselect"));
     }
 
     #[test]
@@ -318,6 +388,19 @@ mod tests {
             (
                 &["--aggregation", "/nonexistent.toml"][..],
                 "--aggregation /nonexistent.toml",
+            ),
+            (
+                &["--personalization", "fedselect", "--personal-fraction", "1"][..],
+                "--personal-fraction: personal fraction must be in [0, 1)",
+            ),
+            (
+                &[
+                    "--personalization",
+                    "fedselect",
+                    "--aggregation",
+                    "../../examples/aggregation/median.toml",
+                ][..],
+                "does not combine with `median`",
             ),
         ] {
             let err = format!("{:#}", resolve(flags).unwrap_err());

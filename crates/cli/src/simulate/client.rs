@@ -17,9 +17,15 @@
 //! garbage measures a high loss on its own held-out data and weighs less.
 //! `accuracy`, `train_loss` and `train_accuracy` ride along for the report.
 //! A byzantine client reports the metrics of its honest model (it lies).
+//!
+//! With FedSelect (`personal`), a client trains from the global model
+//! merged with its personal values, splits the result with fedstep-core's
+//! `split_update`, uploads the masked file through the same key and row,
+//! and keeps `personal.safetensors` in its work directory across rounds.
+//! The metrics it reports are its personalized model's.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,6 +33,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{ClientQueue, Ledger, ObjectStore, PutUpdate};
 use fedstep_cloud::records::{Notification, UpdateRecord, SCHEMA};
+use fedstep_core::personalization::{merge_personal, split_update, Ramp};
+use fedstep_core::Limits;
 use fedstep_trainer::{evaluate, train_local, TrainConfig};
 use serde_json::Value;
 
@@ -42,7 +50,10 @@ pub struct SimClient {
     pub share: ClientShare,
     pub cfg: TrainConfig,
     pub byzantine_scale: f64,
-    /// Scratch directory for this client's downloads and uploads.
+    /// FedSelect's schedule, when the client personalizes.
+    pub personal: Option<Ramp>,
+    /// This client's directory: per-round scratch and, with FedSelect, its
+    /// personal file (which never leaves it).
     pub workdir: PathBuf,
 }
 
@@ -96,16 +107,13 @@ impl SimClient {
                 ready.checksum
             );
         }
-        let global = std::fs::read(&global_path)?;
-
         let me = Arc::clone(&self);
-        let (model, metrics, num_examples) =
-            tokio::task::spawn_blocking(move || me.train(&global, round))
+        let scratch = dir.clone();
+        let (local_path, metrics, num_examples) =
+            tokio::task::spawn_blocking(move || me.train(&global_path, &scratch, round))
                 .await
                 .map_err(|e| anyhow!("{id}: training task: {e}"))??;
 
-        let local_path = dir.join("update.safetensors");
-        std::fs::write(&local_path, &model)?;
         let key = keys::update(job_id, round, &id);
         let put = store.put_file(&key, &local_path).await?;
         let record = UpdateRecord {
@@ -140,13 +148,38 @@ impl SimClient {
         })
     }
 
-    /// Local training (CPU-bound; runs on a blocking thread). Returns the
-    /// model to send, the metrics to report and the claimed example count.
-    fn train(&self, global: &[u8], round: u32) -> Result<(Vec<u8>, BTreeMap<String, f64>, usize)> {
+    /// This client's personal file (FedSelect).
+    pub fn personal_path(&self) -> PathBuf {
+        self.workdir.join("personal.safetensors")
+    }
+
+    /// Local training (CPU-bound; runs on a blocking thread). Writes the
+    /// file to send into `dir`; returns its path, the metrics to report and
+    /// the claimed example count.
+    fn train(
+        &self,
+        global_path: &Path,
+        dir: &Path,
+        round: u32,
+    ) -> Result<(PathBuf, BTreeMap<String, f64>, usize)> {
+        let id = &self.share.id;
+        let limits = Limits::default();
+        let personal = self.personal_path();
+        let global = std::fs::read(global_path)?;
+        // FedSelect: start from the global model with the personal values
+        // put back (none yet in the first round).
+        let start = if self.personal.is_some() && personal.exists() {
+            let merged = dir.join("merged.safetensors");
+            merge_personal(global_path, &personal, &merged, &limits)
+                .with_context(|| format!("{id}: merging its personal values"))?;
+            std::fs::read(&merged)?
+        } else {
+            global.clone()
+        };
         // A distinct, reproducible minibatch order per client and round.
         let round_seed = u64::from(round) * 1000 + self.index as u64;
-        let out = train_local(global, &self.share.train, &self.cfg, round_seed)
-            .with_context(|| format!("{}: local training", self.share.id))?;
+        let out = train_local(&start, &self.share.train, &self.cfg, round_seed)
+            .with_context(|| format!("{id}: local training"))?;
         let val = evaluate(&out.model_bytes, &self.share.validation)?;
         let mut metrics = BTreeMap::from([
             ("loss".to_string(), val.loss),
@@ -157,11 +190,37 @@ impl SimClient {
         for (k, v) in &out.metrics {
             metrics.insert(format!("train_{k}"), *v);
         }
-        let model = if self.share.byzantine {
-            sign_flip(global, &out.model_bytes, self.byzantine_scale)?
-        } else {
-            out.model_bytes
-        };
-        Ok((model, metrics, out.num_examples))
+        let upload = dir.join("update.safetensors");
+        match (&self.personal, self.share.byzantine) {
+            (_, true) => std::fs::write(
+                &upload,
+                sign_flip(&global, &out.model_bytes, self.byzantine_scale)?,
+            )?,
+            (None, false) => std::fs::write(&upload, &out.model_bytes)?,
+            (Some(ramp), false) => {
+                let local = dir.join("local.safetensors");
+                std::fs::write(&local, &out.model_bytes)?;
+                let next = dir.join("personal.safetensors");
+                let previous = personal.exists().then_some(personal.as_path());
+                let fraction = ramp.fraction(round);
+                let split = split_update(
+                    global_path,
+                    &local,
+                    fraction,
+                    previous,
+                    &upload,
+                    &next,
+                    &limits,
+                )
+                .with_context(|| format!("{id}: splitting its update"))?;
+                std::fs::rename(&next, &personal)
+                    .with_context(|| format!("{id}: keeping {}", personal.display()))?;
+                metrics.insert(
+                    "personal_fraction".to_string(),
+                    split.personal_elements as f64 / split.float_elements.max(1) as f64,
+                );
+            }
+        }
+        Ok((upload, metrics, out.num_examples))
     }
 }

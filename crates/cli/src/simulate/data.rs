@@ -23,6 +23,10 @@ pub struct ClientShare {
     /// Held out from its own share: the metrics it reports are measured
     /// here, so a client with bad labels reports bad numbers.
     pub validation: Dataset,
+    /// The client's own test distribution: the same sel_prob/def_prob rule
+    /// applied to the held-out global test split (personalized models are
+    /// judged here). Never trained on.
+    pub test: Dataset,
     pub noisy: bool,
     pub byzantine: bool,
 }
@@ -44,6 +48,8 @@ pub struct ShareSummary {
     pub classes: Vec<u8>,
     pub train_examples: usize,
     pub validation_examples: usize,
+    /// Size of the client's own test distribution.
+    pub test_examples: usize,
     pub class_counts: Vec<usize>,
     pub noisy: bool,
     pub byzantine: bool,
@@ -56,6 +62,7 @@ impl ClientShare {
             classes: self.spec.classes.clone(),
             train_examples: self.train.len(),
             validation_examples: self.validation.len(),
+            test_examples: self.test.len(),
             class_counts: self.train.class_counts(),
             noisy: self.noisy,
             byzantine: self.byzantine,
@@ -137,6 +144,7 @@ pub fn load(settings: &mut Settings) -> Result<SimData> {
             spec: c.spec,
             train,
             validation,
+            test: c.test,
             noisy,
             byzantine: settings.is_byzantine(k),
         });

@@ -8,7 +8,8 @@
 //! [`data`] (dataset, split, client shares) · [`client`] (one client's
 //! round over the ports) · [`attack`] (byzantine updates) · [`runner`]
 //! (the engine driver) · [`baselines`] · [`measurements`] (per-client
-//! report rows) · [`report`] (report.json) · [`table`] · [`plot`] ·
+//! report rows) · [`personal`] (FedSelect's per-client yardstick) ·
+//! [`report`] (report.json) · [`table`] · [`plot`] ·
 //! [`progress`] · [`timestamp`].
 
 mod args;
@@ -18,6 +19,7 @@ mod classes;
 mod client;
 mod data;
 mod measurements;
+mod personal;
 mod plot;
 mod progress;
 mod report;

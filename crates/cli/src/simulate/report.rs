@@ -8,6 +8,8 @@
 //!              "clients": [{"client_id", "num_examples", "metrics", "weight", ...}],
 //!              "aggregation": {...}, "single_agent_accuracy": .., "centralized_accuracy": ..}],
 //!  "final": {"federated_accuracy", "single_agent_accuracy", "centralized_accuracy", ...},
+//!  "personalization": {"global_accuracy", "personalized_accuracy", "local_accuracy",
+//!                      "clients": [..]}   (only with --personalization fedselect),
 //!  "files": {...}}
 //! ```
 
@@ -20,6 +22,7 @@ use serde_json::Value;
 
 use super::args::Settings;
 use super::data::ShareSummary;
+use super::personal::PersonalizationReport;
 
 /// One client in one round, as the client reported it and as the
 /// aggregation treated it.
@@ -108,6 +111,10 @@ pub struct Report {
     pub rounds: Vec<RoundReport>,
     #[serde(rename = "final")]
     pub final_: Final,
+    /// --personalization fedselect: per-client accuracy on each client's
+    /// own test distribution (global / personalized / local only), means.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub personalization: Option<PersonalizationReport>,
     /// The engine's finalize output.
     pub finalize: Value,
     pub files: Files,

@@ -28,6 +28,7 @@ use super::baselines;
 use super::client::{ClientRound, SimClient};
 use super::data::{self, SimData};
 use super::measurements::{aggregation_summary, client_reports, weights};
+use super::personal;
 use super::plot::{self, Series};
 use super::progress::RoundBar;
 use super::report::{DatasetReport, Files, Final, Report, RoundReport, CLIENT_REPORTING};
@@ -114,6 +115,17 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         })
     };
 
+    // FedSelect's yardstick: each client trained alone, beside the federation.
+    let local_only = settings.personalization.is_some().then(|| {
+        let (init, data, cfg, rounds) = (
+            init.clone(),
+            Arc::clone(&data),
+            cfg.clone(),
+            settings.rounds,
+        );
+        tokio::task::spawn_blocking(move || personal::local_only(&init, &data, &cfg, rounds))
+    });
+
     let clients: Vec<Arc<SimClient>> = data
         .clients
         .iter()
@@ -124,6 +136,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
                 share: share.clone(),
                 cfg: cfg.clone(),
                 byzantine_scale: settings.byzantine_scale,
+                personal: settings.personalization.as_ref().map(|p| p.ramp),
                 workdir: out.join("clients").join(&share.id),
             })
         })
@@ -235,6 +248,27 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         seconds: started.elapsed().as_secs_f64(),
     };
 
+    let personalization = match local_only {
+        Some(task) => {
+            let curves = task.await.context("local-only task")??;
+            let scratch = out.join("engine");
+            std::fs::create_dir_all(&scratch)?;
+            let global_path = scratch.join("final-global.safetensors");
+            store.get_file(&last.global_model_key, &global_path).await?;
+            let r = personal::evaluate_clients(
+                &global_path,
+                &clients,
+                &data,
+                &curves,
+                rounds_run,
+                &scratch,
+            )?;
+            println!("\n{}", personal::table(&r));
+            Some(r)
+        }
+        None => None,
+    };
+
     let plot_path = out.join("accuracy.svg");
     let fed_curve: Vec<f64> = rounds.iter().map(|r| r.accuracy).collect();
     let single_curve: Vec<f64> = baselines.single_agent.iter().map(|p| p.accuracy).collect();
@@ -281,6 +315,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         },
         rounds,
         final_,
+        personalization,
         finalize,
         files: Files {
             report: report_path.clone(),
