@@ -42,6 +42,33 @@ pub struct ClientConfig {
     #[serde(default = "default_workdir")]
     pub workdir: PathBuf,
     pub trainer: TrainerConfig,
+    /// FedSelect personalization (issue #7). Absent: upload whole models.
+    #[serde(default)]
+    pub personalization: Option<PersonalizationConfig>,
+}
+
+/// `[personalization]`: keep the elements local training moved most.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PersonalizationConfig {
+    pub mode: PersonalizationMode,
+    /// Share of every float tensor kept personal once the ramp is done, in [0, 1).
+    pub personal_fraction: f64,
+    /// Rounds over which the share grows linearly from 0 (0: from round 1).
+    #[serde(default = "default_ramp")]
+    pub ramp_rounds: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PersonalizationMode {
+    /// FedSelect (Tamirisa et al., 2024); the job's pipeline must say
+    /// `personalization = "fedselect"`, or the aggregator rejects the masks.
+    Fedselect,
+}
+
+fn default_ramp() -> u32 {
+    3
 }
 
 fn default_visibility() -> u32 {
@@ -145,6 +172,10 @@ impl ClientConfig {
 
     pub fn check(&self) -> Result<(), String> {
         check_id("client_id", &self.client_id)?;
+        if let Some(p) = &self.personalization {
+            fedstep_core::personalization::schedule::check_fraction(p.personal_fraction)
+                .map_err(|e| format!("personalization.personal_fraction: {e}"))?;
+        }
         for j in self.jobs.iter().flatten() {
             check_id("jobs entry", j)?;
         }

@@ -28,6 +28,9 @@ pub enum ClientError {
     /// The trainer ran but handed back something unusable.
     #[error("trainer output rejected: {0}")]
     Output(String),
+    /// Merging or splitting for FedSelect failed (names the file and rule).
+    #[error("personalization: {0}")]
+    Personalization(String),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

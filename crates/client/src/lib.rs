@@ -29,6 +29,7 @@ pub mod external_trainer;
 pub mod heartbeat;
 pub mod message;
 pub mod output_check;
+pub mod personalize;
 pub mod progress;
 pub mod retry;
 pub mod round;

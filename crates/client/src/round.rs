@@ -83,13 +83,20 @@ where
         }
         let global_header = open_global(&global, &m.model_key, &self.opts.limits)?;
 
+        // FedSelect: train from the global model with our personal values.
+        let personal = self.opts.personalization.as_ref();
+        let start = match personal {
+            Some(p) => p.start_from(&m.job_id, &global, dir.path(), &self.opts.limits)?,
+            None => global.clone(),
+        };
+
         progress.stage("training");
         let report = self
             .trainer
             .train(TrainRequest {
                 job_id: m.job_id.clone(),
                 round: m.round,
-                global_model: global.clone(),
+                global_model: start,
                 output_model: output.clone(),
                 metrics_out,
                 round_config: m.round_config.clone(),
@@ -98,10 +105,27 @@ where
         check_output(&global_header, &output, &report, &self.opts.limits)
             .map_err(ClientError::Output)?;
 
+        // FedSelect: upload the shared values and masks; the personal
+        // values stay here (kept once our row is in).
+        let (upload, pending) = match personal {
+            Some(p) => {
+                let (upload, pending) = p.split(
+                    &m.job_id,
+                    m.round,
+                    &global,
+                    &output,
+                    dir.path(),
+                    &self.opts.limits,
+                )?;
+                (upload, Some(pending))
+            }
+            None => (output.clone(), None),
+        };
+
         progress.stage("uploading the local model");
         let key = keys::update(&m.job_id, m.round, me);
         let put = retry("upload local model", b, || {
-            self.store.put_update_file(&key, &output)
+            self.store.put_update_file(&key, &upload)
         })
         .await?;
 
@@ -124,18 +148,24 @@ where
             trained_at: rfc3339_utc(self.clock.now()),
             schema: Some(SCHEMA),
         };
-        Ok(
-            match retry("put_update", b, || self.ledger.put_update(&record)).await? {
-                PutUpdate::Created => RoundOutcome::Submitted {
-                    checksum: put.sha256,
-                    bytes: put.bytes,
-                },
-                PutUpdate::AlreadyThere => RoundOutcome::AlreadyThere,
-                PutUpdate::Conflict(other) => RoundOutcome::Conflict {
-                    existing_checksum: other.checksum,
-                },
+        let outcome = match retry("put_update", b, || self.ledger.put_update(&record)).await? {
+            PutUpdate::Created => RoundOutcome::Submitted {
+                checksum: put.sha256,
+                bytes: put.bytes,
             },
-        )
+            PutUpdate::AlreadyThere => RoundOutcome::AlreadyThere,
+            PutUpdate::Conflict(other) => RoundOutcome::Conflict {
+                existing_checksum: other.checksum,
+            },
+        };
+        // The personal values that go with the row the server has: ours
+        // unless another row (a different checksum) got there first.
+        if let (Some(p), Some(pending)) = (personal, pending) {
+            if !matches!(outcome, RoundOutcome::Conflict { .. }) {
+                p.keep(pending)?;
+            }
+        }
+        Ok(outcome)
     }
 }
 

@@ -46,6 +46,8 @@ pub struct WorkerOptions {
     /// After a failed attempt the message reappears after this many seconds,
     /// doubled per delivery, capped at 15 minutes.
     pub failure_retry_seconds: u32,
+    /// FedSelect: keep part of every tensor local (None: share everything).
+    pub personalization: Option<crate::personalize::Personalizer>,
 }
 
 impl WorkerOptions {
@@ -63,6 +65,10 @@ impl WorkerOptions {
             limits: Limits::default(),
             backoff: Backoff::default(),
             failure_retry_seconds: 30,
+            personalization: c.personalization.as_ref().map(|p| {
+                crate::personalize::Personalizer::new(p, &c.workdir)
+                    .expect("checked when the config was loaded")
+            }),
         }
     }
 

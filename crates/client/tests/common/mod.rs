@@ -379,6 +379,7 @@ pub fn options(workdir: &Path) -> WorkerOptions {
             attempts: 5,
         },
         failure_retry_seconds: 30,
+        personalization: None,
     }
 }
 
