@@ -212,3 +212,43 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+impl Deployment {
+    /// What a FedAvg check needs from round `round` of `job_id`: the next
+    /// global model's bytes and, per client, (num_examples, upload bytes),
+    /// downloaded from S3 through the rows the clients wrote.
+    pub async fn round_inputs(
+        &self,
+        job_id: &str,
+        round: u32,
+        clients: &[&str],
+    ) -> (Vec<u8>, Vec<(f64, Vec<u8>)>) {
+        use fedstep_cloud::keys;
+        use fedstep_cloud::ports::{Ledger, ObjectStore};
+        let (store, ledger) = (self.store(), self.ledger());
+        let global = self.path(&format!("{job_id}-global{}.safetensors", round + 1));
+        store
+            .get_file(&keys::global_model(job_id, round + 1), &global)
+            .await
+            .unwrap_or_else(|e| panic!("{job_id} round {}: global model: {e}", round + 1));
+        let mut weighted = Vec::new();
+        for c in clients {
+            let row = ledger
+                .get_update(c, job_id, round)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("no updates row for {c} round {round}"));
+            let path = self.path(&format!("{job_id}-{c}-r{round}.safetensors"));
+            store
+                .get_file(&row.model_key, &path)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", row.model_key));
+            let n = row
+                .num_examples
+                .as_f64()
+                .unwrap_or_else(|| panic!("{c}: num_examples {:?}", row.num_examples));
+            weighted.push((n, std::fs::read(&path).unwrap()));
+        }
+        (std::fs::read(&global).unwrap(), weighted)
+    }
+}

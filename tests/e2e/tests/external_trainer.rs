@@ -8,8 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use fedstep_cloud::keys;
-use fedstep_cloud::ports::{Ledger, ObjectStore};
+use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::RoundStatus;
 use fedstep_e2e::client_config::{ClientSetup, Trainer};
 use fedstep_e2e::{emulators, execution, fedavg, launch, Binaries, Deployment};
@@ -134,27 +133,8 @@ async fn an_external_trainer_joins_two_builtin_clients() {
     );
     assert!(py_row.num_examples.as_u64().is_some_and(|n| n > 0));
 
-    let store = d.store();
-    let global = d.path("global.safetensors");
-    store
-        .get_file(&keys::global_model(&job_id, 2), &global)
-        .await
-        .unwrap();
-    let mut weighted = Vec::new();
-    for c in clients {
-        let row = ledger
-            .get_update(c, &job_id, 1)
-            .await
-            .unwrap()
-            .expect("a row");
-        let path = d.path(&format!("{c}.safetensors"));
-        store.get_file(&row.model_key, &path).await.unwrap();
-        weighted.push((
-            row.num_examples.as_f64().unwrap(),
-            std::fs::read(&path).unwrap(),
-        ));
-    }
-    let deviation = fedavg::max_deviation(&std::fs::read(&global).unwrap(), &weighted);
+    let (global, weighted) = d.round_inputs(&job_id, 1, &clients).await;
+    let deviation = fedavg::max_deviation(&global, &weighted);
     assert!(deviation <= 2e-6, "deviation {deviation:e}");
 
     for p in procs.iter_mut() {

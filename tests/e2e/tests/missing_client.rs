@@ -6,8 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use fedstep_cloud::keys;
-use fedstep_cloud::ports::{Ledger, ObjectStore};
+use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::RoundStatus;
 use fedstep_e2e::client_config::{ClientSetup, Trainer};
 use fedstep_e2e::{execution, fedavg, launch, Binaries, Deployment};
@@ -151,27 +150,8 @@ async fn a_silent_client_closes_the_round_at_the_deadline_or_fails_the_quorum() 
     );
 
     // The deadline path aggregates the same way: the two uploads' weighted mean.
-    let store = d.store();
-    let global = d.path("global2.safetensors");
-    store
-        .get_file(&keys::global_model(&quorum2, 2), &global)
-        .await
-        .unwrap();
-    let mut weighted = Vec::new();
-    for c in ["site-a", "site-b"] {
-        let row = ledger
-            .get_update(c, &quorum2, 1)
-            .await
-            .unwrap()
-            .expect("a row");
-        let path = d.path(&format!("{c}.safetensors"));
-        store.get_file(&row.model_key, &path).await.unwrap();
-        weighted.push((
-            row.num_examples.as_f64().unwrap(),
-            std::fs::read(&path).unwrap(),
-        ));
-    }
-    let deviation = fedavg::max_deviation(&std::fs::read(&global).unwrap(), &weighted);
+    let (global, weighted) = d.round_inputs(&quorum2, 1, &["site-a", "site-b"]).await;
+    let deviation = fedavg::max_deviation(&global, &weighted);
     assert!(deviation <= 2e-6, "deviation {deviation:e}");
     assert!(ledger
         .get_update("site-c", &quorum2, 1)
