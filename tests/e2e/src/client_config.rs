@@ -13,16 +13,33 @@ pub enum Trainer {
     External { command: Vec<String> },
 }
 
+/// FedSelect on the client (`[personalization] mode = "fedselect"`); the
+/// job's `[aggregation]` must say `personalization = "fedselect"`.
+pub struct Personalize {
+    /// Share of every float tensor kept personal once ramped up, in [0, 1).
+    pub personal_fraction: f64,
+    /// Rounds over which the share grows linearly from 0 (0: from round 1).
+    pub ramp_rounds: u32,
+}
+
 pub struct ClientSetup {
     pub client_id: String,
     pub exit_on_complete: bool,
     pub trainer: Trainer,
+    /// `None`: the client uploads whole models.
+    pub personalization: Option<Personalize>,
+}
+
+/// The client's `workdir` (scratch space; FedSelect's personal files live
+/// in its `personal/`).
+pub fn workdir(d: &Deployment, client_id: &str) -> PathBuf {
+    d.path(&format!("work-{client_id}"))
 }
 
 /// Writes `<client>.toml` into the deployment's scratch dir; returns its path.
 pub fn write(d: &Deployment, c: &ClientSetup) -> PathBuf {
     let toml_str = |s: &str| serde_json::to_string(s).expect("a JSON string is a TOML string");
-    let workdir = d.path(&format!("work-{}", c.client_id));
+    let workdir = workdir(d, &c.client_id);
     let mut text = format!(
         "client_id = {}\nqueue_url = {}\nbucket = {}\nupdates_table = {}\n\
          s3_force_path_style = true\nvisibility_timeout_seconds = 60\nwait_seconds = 10\n\
@@ -48,6 +65,13 @@ pub fn write(d: &Deployment, c: &ClientSetup) -> PathBuf {
                 argv.join(", ")
             );
         }
+    }
+    if let Some(p) = &c.personalization {
+        // `{:?}` prints an f64 with its decimal point (0.2, never 0), a TOML float.
+        text += &format!(
+            "[personalization]\nmode = \"fedselect\"\npersonal_fraction = {:?}\nramp_rounds = {}\n",
+            p.personal_fraction, p.ramp_rounds
+        );
     }
     let path = d.path(&format!("{}.toml", c.client_id));
     std::fs::write(&path, text).expect("writing a client.toml");

@@ -54,6 +54,7 @@ async fn an_external_trainer_joins_two_builtin_clients() {
                 classes: vec![0, 1, 2, 3],
                 seed: 1,
             },
+            personalization: None,
         },
         ClientSetup {
             client_id: "site-b".into(),
@@ -62,6 +63,7 @@ async fn an_external_trainer_joins_two_builtin_clients() {
                 classes: vec![4, 5, 6],
                 seed: 2,
             },
+            personalization: None,
         },
         ClientSetup {
             client_id: "site-py".into(),
@@ -76,6 +78,7 @@ async fn an_external_trainer_joins_two_builtin_clients() {
                     "3".into(),
                 ],
             },
+            personalization: None,
         },
     ];
     let mut procs: Vec<_> = setups

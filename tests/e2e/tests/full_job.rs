@@ -44,6 +44,7 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
                         classes,
                         seed: i as u64 + 1,
                     },
+                    personalization: None,
                 },
             )
         })

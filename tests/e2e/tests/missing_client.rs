@@ -38,6 +38,7 @@ async fn a_silent_client_closes_the_round_at_the_deadline_or_fails_the_quorum() 
                     classes,
                     seed: i as u64 + 1,
                 },
+                personalization: None,
             },
         )
     })
