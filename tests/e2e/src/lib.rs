@@ -21,6 +21,7 @@ pub mod execution;
 pub mod fedavg;
 pub mod launch;
 pub mod log_times;
+pub mod masked_fedavg;
 pub mod process;
 
 pub use binaries::Binaries;
