@@ -8,7 +8,7 @@ use common::*;
 use fedstep_core::float::encode_all_f64;
 use fedstep_core::measurements::ClientStatus;
 use fedstep_core::model::load_dense;
-use fedstep_core::personalization::{merge_personal, read_masked, split_update};
+use fedstep_core::personalization::{merge_personal, read_masked, split_update, PersonalFractions};
 use fedstep_core::{AggregateError, Limits, UpdateMeta};
 use safetensors::Dtype;
 
@@ -345,7 +345,7 @@ fn split_then_merge_keeps_personal_values_and_takes_the_rest_from_the_global() {
         ],
     );
     let (up, keep) = (d.path("up.safetensors"), d.path("keep.safetensors"));
-    let s = split_update(&g1, &local, 0.4, None, &up, &keep, &lim).unwrap();
+    let s = split_update(&g1, &local, &uniform(0.4), None, &up, &keep, &lim).unwrap();
     // w: floor(0.4 × 5) = 2 personal, the largest |Δ|: elements 1 and 3;
     // b: floor(0.4 × 1) = 0.
     assert_eq!((s.float_elements, s.personal_elements), (6, 2));
@@ -393,10 +393,47 @@ fn split_then_merge_keeps_personal_values_and_takes_the_rest_from_the_global() {
         ],
     );
     let (up2, keep2) = (d.path("up2.safetensors"), d.path("keep2.safetensors"));
-    split_update(&g2, &local2, 0.6, Some(&keep), &up2, &keep2, &lim).unwrap();
+    split_update(&g2, &local2, &uniform(0.6), Some(&keep), &up2, &keep2, &lim).unwrap();
     assert_eq!(
         read_masked(&up2, &lim).unwrap().masks["w"],
         vec![0, 0, 1, 0, 1]
+    );
+}
+
+#[test]
+fn each_tensor_splits_at_its_own_fraction() {
+    let d = Dir::new();
+    let lim = Limits::default();
+    let g = d.raw(
+        "g.safetensors",
+        vec![f32s("w", &[0.0; 4]), f32s("b", &[0.0; 4]), step(1)],
+    );
+    let local = d.raw(
+        "local.safetensors",
+        vec![
+            f32s("w", &[4.0, 3.0, 2.0, 1.0]),
+            f32s("b", &[1.0, -4.0, 3.0, 2.0]),
+            step(2),
+        ],
+    );
+    // w shares everything; b keeps floor(0.5 × 4) = 2 personal: the
+    // largest |Δ| (elements 1 and 2).
+    let f = PersonalFractions::new(0.0, [("b".to_string(), 0.5)].into()).unwrap();
+    let (up, keep) = (d.path("up.safetensors"), d.path("keep.safetensors"));
+    let s = split_update(&g, &local, &f, None, &up, &keep, &lim).unwrap();
+    assert_eq!((s.float_elements, s.personal_elements), (8, 2));
+    let u = read_masked(&up, &lim).unwrap();
+    assert_eq!(u.masks["w"], vec![1, 1, 1, 1]);
+    assert_eq!(u.masks["b"], vec![1, 0, 0, 1]);
+    assert_close(&u.tensors["b"].values, &[1.0, 0.0, 0.0, 2.0], 0.0);
+    // An override on a tensor that is not a float tensor names it too.
+    let on_int = PersonalFractions::new(0.0, [("step".to_string(), 0.5)].into()).unwrap();
+    let err = split_update(&g, &local, &on_int, None, &up, &keep, &lim)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`step`") && err.contains("float tensors: b, w"),
+        "{err}"
     );
 }
 
@@ -407,17 +444,21 @@ fn split_and_merge_refuse_mismatched_files_by_name() {
     let g = d.raw("g.safetensors", vec![f32s("w", &[0.0; 3])]);
     let other = d.raw("other.safetensors", vec![f32s("w", &[0.0; 4])]);
     let (up, keep) = (d.path("up.safetensors"), d.path("keep.safetensors"));
-    let err = split_update(&g, &other, 0.2, None, &up, &keep, &lim)
+    let err = split_update(&g, &other, &uniform(0.2), None, &up, &keep, &lim)
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("other.safetensors") && err.contains("`w`"),
         "{err}"
     );
-    let err = split_update(&g, &g, 1.0, None, &up, &keep, &lim)
+    let typo = PersonalFractions::new(0.2, [("w2".to_string(), 0.5)].into()).unwrap();
+    let err = split_update(&g, &g, &typo, None, &up, &keep, &lim)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("personal fraction"), "{err}");
+    assert!(
+        err.contains("g.safetensors") && err.contains("`w2`") && err.contains("float tensors: w"),
+        "{err}"
+    );
     let bad = d.raw(
         "bad.safetensors",
         vec![f32s("w", &[0.0; 3]), mask("w", &[1, 0, 9])],
@@ -429,4 +470,8 @@ fn split_and_merge_refuse_mismatched_files_by_name() {
         err.contains("bad.safetensors") && err.contains("holds 9"),
         "{err}"
     );
+}
+
+fn uniform(fraction: f64) -> PersonalFractions {
+    PersonalFractions::uniform(fraction).unwrap()
 }

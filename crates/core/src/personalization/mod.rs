@@ -9,7 +9,7 @@
 //!    values put back (no personal file yet in round 1: train the global).
 //! 2. Local training, from the merged model.
 //! 3. [`split_update`]: per float tensor, [`compute_mask`] picks the top
-//!    [`Ramp::fraction`] of elements by |local − global| (the personal set
+//!    [`Ramp::at`] fraction of elements by |local − global| (the personal set
 //!    only grows, as in the paper); writes the **upload** (shared values;
 //!    personal elements hold the global value) and the **personal file**
 //!    (personal values; shared elements hold 0), both in the
@@ -24,6 +24,7 @@
 //! [`check_pipeline`]'s documentation.
 
 pub mod format;
+pub mod fractions;
 pub mod layout;
 pub mod mask;
 pub mod masked_mean;
@@ -34,6 +35,7 @@ pub mod split;
 use serde::Deserialize;
 
 pub use format::{read_masked, MaskedModel};
+pub use fractions::PersonalFractions;
 pub use layout::{check_masked_compatible, MaskedLayout};
 pub use mask::compute_mask;
 pub use merge::{merge_personal, MergeSummary};

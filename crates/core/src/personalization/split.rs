@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::format::{read_masked, write_masked};
+use super::fractions::PersonalFractions;
 use super::layout::is_float;
 use super::mask::compute_mask;
 use super::PersonalizationError;
@@ -26,7 +27,8 @@ pub struct SplitSummary {
 /// - `global`: the model of this round, as the server sent it;
 /// - `local`: the model after local training (started from the merge of
 ///   `global` and `previous`);
-/// - `fraction`: the personal share this round ([`Ramp::fraction`]);
+/// - `fractions`: each float tensor's personal share this round
+///   ([`Ramp::at`]); an override naming no float tensor is an error;
 /// - `previous`: last round's personal file, if any: its personal elements
 ///   stay personal.
 ///
@@ -35,11 +37,11 @@ pub struct SplitSummary {
 /// plus masks); see [the format](super::format). Non-float tensors go to
 /// both files with their local value and no mask.
 ///
-/// [`Ramp::fraction`]: super::Ramp::fraction
+/// [`Ramp::at`]: super::Ramp::at
 pub fn split_update(
     global: &Path,
     local: &Path,
-    fraction: f64,
+    fractions: &PersonalFractions,
     previous: Option<&Path>,
     upload: &Path,
     personal: &Path,
@@ -54,6 +56,16 @@ pub fn split_update(
     let g = load(global)?;
     let l = load(local)?;
     same_layout(global, &g, local, &l)?;
+    let float_names = l
+        .iter()
+        .filter(|(_, t)| is_float(t.dtype))
+        .map(|(n, _)| n.as_str());
+    fractions
+        .check_names(float_names)
+        .map_err(|reason| PersonalizationError::Invalid {
+            path: local.to_path_buf(),
+            reason,
+        })?;
     let prev = match previous {
         Some(p) => {
             let m = read_masked(p, limits)?;
@@ -77,12 +89,13 @@ pub fn split_update(
             continue;
         }
         let before = prev.as_ref().and_then(|p| p.get(name)).map(Vec::as_slice);
-        let mask = compute_mask(&lt.values, &gt.values, fraction, before).map_err(|reason| {
-            PersonalizationError::Invalid {
-                path: local.to_path_buf(),
-                reason: format!("tensor `{name}`: {reason}"),
-            }
-        })?;
+        let mask =
+            compute_mask(&lt.values, &gt.values, fractions.of(name), before).map_err(|reason| {
+                PersonalizationError::Invalid {
+                    path: local.to_path_buf(),
+                    reason: format!("tensor `{name}`: {reason}"),
+                }
+            })?;
         let eb = elem_bytes(lt.dtype);
         let mut up_raw = lt.raw.clone();
         let mut keep_raw = vec![0u8; lt.raw.len()];
