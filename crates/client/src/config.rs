@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use fedstep_cloud::keys::check_id;
+use fedstep_core::personalization::PersonalFractions;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -54,9 +55,24 @@ pub struct PersonalizationConfig {
     pub mode: PersonalizationMode,
     /// Share of every float tensor kept personal once the ramp is done, in [0, 1).
     pub personal_fraction: f64,
+    /// Per-tensor overrides of `personal_fraction`, by tensor name, each in
+    /// [0, 1). A name that is not a float tensor of the job's model fails
+    /// the round's split with an error naming it.
+    #[serde(default)]
+    pub tensor_fractions: std::collections::BTreeMap<String, f64>,
     /// Rounds over which the share grows linearly from 0 (0: from round 1).
     #[serde(default = "default_ramp")]
     pub ramp_rounds: u32,
+}
+
+impl PersonalizationConfig {
+    /// The checked fractions; errors name the key.
+    pub fn fractions(&self) -> Result<PersonalFractions, String> {
+        fedstep_core::personalization::schedule::check_fraction(self.personal_fraction)
+            .map_err(|e| format!("personalization.personal_fraction: {e}"))?;
+        PersonalFractions::new(self.personal_fraction, self.tensor_fractions.clone())
+            .map_err(|e| format!("personalization.tensor_fractions: {e}"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -173,8 +189,7 @@ impl ClientConfig {
     pub fn check(&self) -> Result<(), String> {
         check_id("client_id", &self.client_id)?;
         if let Some(p) = &self.personalization {
-            fedstep_core::personalization::schedule::check_fraction(p.personal_fraction)
-                .map_err(|e| format!("personalization.personal_fraction: {e}"))?;
+            p.fractions()?;
         }
         for j in self.jobs.iter().flatten() {
             check_id("jobs entry", j)?;
@@ -273,6 +288,30 @@ updates_table = "fedstep-updates"
         let text = include_str!("../../../examples/client.toml");
         let cfg = ClientConfig::from_toml(text).unwrap();
         assert!(matches!(cfg.trainer, TrainerConfig::Builtin(_)));
+    }
+
+    #[test]
+    fn personalization_fractions_are_checked_by_key() {
+        let t = "[trainer]\nkind = \"builtin\"\ndataset = \"digits\"\n[personalization]\nmode = \"fedselect\"\n";
+        let c = parse(&format!(
+            "{t}personal_fraction = 0.0\n[personalization.tensor_fractions]\n\"fc2.bias\" = 0.5\n"
+        ))
+        .unwrap();
+        let f = c.personalization.unwrap().fractions().unwrap();
+        assert_eq!((f.of("fc2.bias"), f.of("fc1.weight")), (0.5, 0.0));
+        let err = parse(&format!("{t}personal_fraction = 1.0\n")).unwrap_err();
+        assert!(
+            err.starts_with("personalization.personal_fraction: "),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{t}personal_fraction = 0.1\n[personalization.tensor_fractions]\n\"fc2.bias\" = -1\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.starts_with("personalization.tensor_fractions: tensor `fc2.bias`: "),
+            "{err}"
+        );
     }
 
     #[test]

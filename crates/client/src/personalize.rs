@@ -33,8 +33,7 @@ pub struct PendingPersonal {
 impl Personalizer {
     pub fn new(cfg: &PersonalizationConfig, workdir: &Path) -> Result<Personalizer, String> {
         Ok(Personalizer {
-            ramp: Ramp::new(cfg.personal_fraction, cfg.ramp_rounds)
-                .map_err(|e| format!("personalization.personal_fraction: {e}"))?,
+            ramp: Ramp::new(cfg.fractions()?, cfg.ramp_rounds),
             dir: workdir.join("personal"),
         })
     }
@@ -80,7 +79,7 @@ impl Personalizer {
         split_update(
             global,
             trained,
-            self.ramp.fraction(round),
+            &self.ramp.at(round),
             previous.is_file().then_some(previous.as_path()),
             &upload,
             &personal,
@@ -141,6 +140,7 @@ mod tests {
             &PersonalizationConfig {
                 mode: crate::config::PersonalizationMode::Fedselect,
                 personal_fraction: 0.25,
+                tensor_fractions: BTreeMap::new(),
                 ramp_rounds: 0,
             },
             work.path(),
@@ -183,6 +183,7 @@ mod tests {
             &PersonalizationConfig {
                 mode: crate::config::PersonalizationMode::Fedselect,
                 personal_fraction: 0.2,
+                tensor_fractions: BTreeMap::new(),
                 ramp_rounds: 3,
             },
             work.path(),
