@@ -1,12 +1,14 @@
 //! `fedstep simulate`'s flags, and their checks: every bad combination is
 //! refused before any data is loaded, with a message naming the flag.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use fedstep_core::personalization::{Personalization, Ramp};
+use fedstep_core::personalization::schedule::check_fraction;
+use fedstep_core::personalization::{PersonalFractions, Personalization, Ramp};
 use fedstep_core::PipelineConfig;
-use fedstep_trainer::TrainConfig;
+use fedstep_trainer::{TrainConfig, TENSOR_NAMES};
 use serde::Serialize;
 
 use super::classes::{default_groups, parse_groups};
@@ -83,6 +85,12 @@ pub struct Args {
     /// each client keeps personal once the ramp is done, in [0, 1).
     #[arg(long, default_value_t = 0.2, value_name = "F")]
     pub personal_fraction: f64,
+    /// With --personalization fedselect: the share of one tensor, by name
+    /// (`fc2.bias=0.5`), overriding --personal-fraction; repeatable.
+    /// `--personal-fraction 0 --personal-tensor fc2.bias=0.5` keeps only
+    /// each client's label prior personal.
+    #[arg(long = "personal-tensor", value_name = "NAME=F", value_parser = parse_tensor_fraction)]
+    pub personal_tensors: Vec<(String, f64)>,
     /// With --personalization fedselect: rounds over which the personal
     /// share grows linearly from 0 to --personal-fraction (0: at once).
     #[arg(long, default_value_t = 3, value_name = "R")]
@@ -107,6 +115,8 @@ pub enum PersonalizationFlag {
 pub struct PersonalSettings {
     pub method: &'static str,
     pub personal_fraction: f64,
+    /// --personal-tensor overrides.
+    pub tensor_fractions: BTreeMap<String, f64>,
     pub ramp_rounds: u32,
     #[serde(skip)]
     pub ramp: Ramp,
@@ -275,8 +285,15 @@ impl Args {
                 None
             }
             PersonalizationFlag::Fedselect => {
-                let ramp = Ramp::new(self.personal_fraction, self.personal_ramp)
+                check_fraction(self.personal_fraction)
                     .map_err(|e| anyhow::anyhow!("--personal-fraction: {e}"))?;
+                let tensor_fractions: BTreeMap<String, f64> =
+                    self.personal_tensors.iter().cloned().collect();
+                let fractions =
+                    PersonalFractions::new(self.personal_fraction, tensor_fractions.clone())
+                        .and_then(|f| f.check_names(TENSOR_NAMES).map(|()| f))
+                        .map_err(|e| anyhow::anyhow!("--personal-tensor: {e}"))?;
+                let ramp = Ramp::new(fractions, self.personal_ramp);
                 // The job's pipeline must average masked updates; the
                 // stages it refuses are refused here, naming the flag.
                 aggregation.insert("personalization".into(), "fedselect".into());
@@ -287,6 +304,7 @@ impl Args {
                 Some(PersonalSettings {
                     method: "fedselect",
                     personal_fraction: self.personal_fraction,
+                    tensor_fractions,
                     ramp_rounds: self.personal_ramp,
                     ramp,
                 })
@@ -328,6 +346,18 @@ impl Args {
     }
 }
 
+/// `NAME=F` of --personal-tensor (the range is checked with the rest).
+fn parse_tensor_fraction(text: &str) -> Result<(String, f64), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=FRACTION (e.g. fc2.bias=0.5), got `{text}`"))?;
+    let fraction = value
+        .trim()
+        .parse::<f64>()
+        .map_err(|e| format!("`{value}` in `{text}` is not a number: {e}"))?;
+    Ok((name.trim().to_string(), fraction))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +391,17 @@ mod tests {
         let s = resolve(&["--personalization", "fedselect"]).unwrap();
         let p = s.personalization.unwrap();
         assert_eq!((p.personal_fraction, p.ramp_rounds), (0.2, 3));
+        let s = resolve(&[
+            "--personalization",
+            "fedselect",
+            "--personal-fraction",
+            "0",
+            "--personal-tensor",
+            "fc2.bias=0.5",
+        ])
+        .unwrap();
+        let f = s.personalization.unwrap().ramp.targets().clone();
+        assert_eq!((f.of("fc2.bias"), f.of("fc2.weight")), (0.5, 0.0));
         assert_eq!(s.pipeline.personalization, Personalization::Fedselect);
         assert_eq!(s.aggregation["personalization"].as_str(), Some("fedselect"));
     }
@@ -392,6 +433,33 @@ mod tests {
             (
                 &["--personalization", "fedselect", "--personal-fraction", "1"][..],
                 "--personal-fraction: personal fraction must be in [0, 1)",
+            ),
+            (
+                &[
+                    "--personalization",
+                    "fedselect",
+                    "--personal-tensor",
+                    "fc3.bias=0.5",
+                ][..],
+                "--personal-tensor: a personal fraction is set for tensor `fc3.bias`",
+            ),
+            (
+                &[
+                    "--personalization",
+                    "fedselect",
+                    "--personal-tensor",
+                    "fc2.bias=1",
+                ][..],
+                "--personal-tensor: tensor `fc2.bias`: personal fraction must be in [0, 1)",
+            ),
+            (
+                &[
+                    "--personalization",
+                    "fedselect",
+                    "--personal-tensor",
+                    "fc2.bias",
+                ][..],
+                "expected NAME=FRACTION",
             ),
             (
                 &[

@@ -202,11 +202,10 @@ impl SimClient {
                 std::fs::write(&local, &out.model_bytes)?;
                 let next = dir.join("personal.safetensors");
                 let previous = personal.exists().then_some(personal.as_path());
-                let fraction = ramp.fraction(round);
                 let split = split_update(
                     global_path,
                     &local,
-                    fraction,
+                    &ramp.at(round),
                     previous,
                     &upload,
                     &next,

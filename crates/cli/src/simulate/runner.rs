@@ -136,7 +136,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
                 share: share.clone(),
                 cfg: cfg.clone(),
                 byzantine_scale: settings.byzantine_scale,
-                personal: settings.personalization.as_ref().map(|p| p.ramp),
+                personal: settings.personalization.as_ref().map(|p| p.ramp.clone()),
                 workdir: out.join("clients").join(&share.id),
             })
         })
