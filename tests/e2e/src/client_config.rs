@@ -20,6 +20,8 @@ pub struct Personalize {
     pub personal_fraction: f64,
     /// Rounds over which the share grows linearly from 0 (0: from round 1).
     pub ramp_rounds: u32,
+    /// `[personalization.tensor_fractions]`: per-tensor overrides.
+    pub tensor_fractions: Vec<(String, f64)>,
 }
 
 pub struct ClientSetup {
@@ -72,6 +74,12 @@ pub fn write(d: &Deployment, c: &ClientSetup) -> PathBuf {
             "[personalization]\nmode = \"fedselect\"\npersonal_fraction = {:?}\nramp_rounds = {}\n",
             p.personal_fraction, p.ramp_rounds
         );
+        if !p.tensor_fractions.is_empty() {
+            text += "[personalization.tensor_fractions]\n";
+            for (name, f) in &p.tensor_fractions {
+                text += &format!("{} = {f:?}\n", toml_str(name));
+            }
+        }
     }
     let path = d.path(&format!("{}.toml", c.client_id));
     std::fs::write(&path, text).expect("writing a client.toml");

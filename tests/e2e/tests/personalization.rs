@@ -2,11 +2,14 @@
 //! real processes (the emulator worker, three `fedstep-client run`, `fedstep
 //! job start`) on a job whose `[aggregation]` says `personalization =
 //! "fedselect"`. site-a keeps 20% of every float tensor personal from round
-//! 1 (ramp_rounds 1); site-b and site-c upload whole models.
+//! 1 (ramp_rounds 1), except `fc2.bias`, set to 50% in its client.toml's
+//! `[personalization.tensor_fractions]`; site-b and site-c upload whole
+//! models.
 //!
 //! Checked from what the binaries left in S3, DynamoDB and site-a's workdir:
 //! the job succeeds with every round CLOSED and all three accepted; site-a's
-//! uploads carry a mask per float tensor with floor(0.2·n) personal elements,
+//! uploads carry a mask per float tensor with floor(f·n) personal elements
+//! (f = 0.2, or 0.5 for fc2.bias),
 //! holding that round's global value bit for bit (nothing personal is sent),
 //! and the personal set never shrinks; b's and c's uploads carry no mask;
 //! each next global model is the masked, example-weighted mean recomputed
@@ -28,6 +31,8 @@ use fedstep_e2e::{execution, launch, Binaries, Deployment};
 const CLIENTS: [&str; 3] = ["site-a", "site-b", "site-c"];
 const PERSONALIZING: &str = "site-a";
 const PERSONAL_FRACTION: f64 = 0.2;
+/// site-a's per-tensor override.
+const OVERRIDE: (&str, f64) = ("fc2.bias", 0.5);
 const ROUNDS: u32 = 3;
 /// As full_job.rs: the aggregator accumulates in f32 (a few ulps over three
 /// inputs, ~5e-7 relative); 2e-6 is far below what a wrong mask or
@@ -66,6 +71,7 @@ async fn one_fedselect_client_among_plain_ones() {
                     personalization: (*id == PERSONALIZING).then_some(Personalize {
                         personal_fraction: PERSONAL_FRACTION,
                         ramp_rounds: 1,
+                        tensor_fractions: vec![(OVERRIDE.0.to_string(), OVERRIDE.1)],
                     }),
                 },
             )
@@ -174,7 +180,7 @@ async fn one_fedselect_client_among_plain_ones() {
             })
             .collect();
 
-        // site-a: a mask per float tensor, floor(0.2·n) personal elements,
+        // site-a: a mask per float tensor, floor(f·n) personal elements,
         // each holding this round's global value exactly.
         let a = &uploads[0].1;
         assert_eq!(
@@ -187,11 +193,16 @@ async fn one_fedselect_client_among_plain_ones() {
         for (name, (_, values)) in &a.tensors {
             let personal = a.personal(name);
             let n = values.len();
-            let want = personal_count(n, PERSONAL_FRACTION);
+            let fraction = if name == OVERRIDE.0 {
+                OVERRIDE.1
+            } else {
+                PERSONAL_FRACTION
+            };
+            let want = personal_count(n, fraction);
             assert_eq!(
                 personal.len(),
                 want,
-                "round {round}: {name} has {} of {n} elements personal, expected floor({PERSONAL_FRACTION} × {n}) = {want}",
+                "round {round}: {name} has {} of {n} elements personal, expected floor({fraction} × {n}) = {want}",
                 personal.len()
             );
             let g = &global.tensors[name].1;
