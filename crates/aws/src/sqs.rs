@@ -51,6 +51,8 @@ impl ClientQueue for SqsQueue {
                 // Without a receipt handle a message can be neither deleted
                 // nor extended; SQS always sends one, so this only drops junk.
                 Some(QueueMessage {
+                    // SQS always sends one; "?" keeps a log line readable if not.
+                    message_id: m.message_id.unwrap_or_else(|| "?".to_string()),
                     body: m.body.unwrap_or_default(),
                     receipt: m.receipt_handle?,
                     receive_count,

@@ -259,7 +259,7 @@ where
                 tracing::warn!("could not postpone the failed message: {e}");
             }
         }
-        log(&outcome, &self.opts.client_id);
+        log(&outcome, &self.opts.client_id, &m.message_id);
         outcome
     }
 
@@ -349,7 +349,9 @@ where
     }
 }
 
-fn log(o: &Outcome, me: &str) {
+/// `id` (the queue's message id) is named wherever the message stays on
+/// the queue or is dropped for a reason an operator should look into.
+fn log(o: &Outcome, me: &str, id: &str) {
     match o {
         Outcome::Submitted { job_id, round, checksum } => {
             tracing::info!("{me}: {job_id} round {round}: update submitted (sha256 {checksum})")
@@ -357,8 +359,8 @@ fn log(o: &Outcome, me: &str) {
         Outcome::AlreadyDone { job_id, round } => {
             tracing::info!("{me}: {job_id} round {round}: already submitted; message dropped")
         }
-        Outcome::Rejected { reason } => tracing::warn!("{me}: malformed message deleted: {reason}"),
-        Outcome::Deferred { reason } => tracing::error!("{me}: message left on the queue: {reason}"),
+        Outcome::Rejected { reason } => tracing::warn!("{me}: malformed message {id} deleted: {reason}"),
+        Outcome::Deferred { reason } => tracing::error!("{me}: message {id} left on the queue: {reason}"),
         Outcome::NotOurJob { job_id } => {
             tracing::info!("{me}: message for job {job_id}, which this client does not take part in; deleted")
         }
@@ -367,12 +369,75 @@ fn log(o: &Outcome, me: &str) {
         }
         Outcome::Conflict { job_id, round, existing_checksum } => tracing::error!(
             "{me}: {job_id} round {round}: CONFLICT: a different update (sha256 {existing_checksum}) \
-             is already recorded for this client; it stays and ours is dropped. \
+             is already recorded for this client; it stays and ours (message {id}) is dropped. \
              Is another process consuming this client's queue?"
         ),
         Outcome::JobComplete { job_id } => tracing::info!("{me}: job {job_id} is complete"),
         Outcome::Failed { reason, retry_in_seconds } => {
-            tracing::error!("{me}: {reason}; the message will be retried in {retry_in_seconds} s")
+            tracing::error!("{me}: {reason}; message {id} will be retried in {retry_in_seconds} s")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::{log, Outcome};
+
+    /// The formatted log lines, captured.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+        type Writer = Capture;
+        fn make_writer(&'a self) -> Capture {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn messages_dropped_or_kept_for_a_reason_are_named_by_id() {
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(capture.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for o in [
+                Outcome::Rejected {
+                    reason: "not JSON".into(),
+                },
+                Outcome::Deferred {
+                    reason: "schema 9".into(),
+                },
+                Outcome::Failed {
+                    reason: "download".into(),
+                    retry_in_seconds: 30,
+                },
+            ] {
+                log(&o, "site-a", "5fea7756-0ea4-451a-a703-a558b933e274");
+            }
+        });
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        for line in lines {
+            assert!(
+                line.contains("message 5fea7756-0ea4-451a-a703-a558b933e274"),
+                "{line}"
+            );
         }
     }
 }

@@ -174,6 +174,10 @@ pub trait TaskCallback: Send + Sync {
 /// One message from a client's queue (SQS).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueMessage {
+    /// The queue's id for the message (SQS MessageId), stable across
+    /// deliveries unlike the receipt: what a log line names so an operator
+    /// can find the message.
+    pub message_id: String,
     pub body: String,
     /// Opaque handle for delete / visibility changes.
     pub receipt: String,

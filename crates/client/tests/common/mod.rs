@@ -96,7 +96,11 @@ impl ClientQueue for MemQueue {
                 let now = Instant::now();
                 let mut entries = self.entries.lock().unwrap();
                 let mut out = Vec::new();
-                for e in entries.iter_mut().filter(|e| e.visible_at <= now) {
+                for (i, e) in entries
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(_, e)| e.visible_at <= now)
+                {
                     if out.len() as u32 >= max {
                         break;
                     }
@@ -105,6 +109,7 @@ impl ClientQueue for MemQueue {
                     e.receive_count += 1;
                     e.visible_at = now + self.default_visibility;
                     out.push(QueueMessage {
+                        message_id: format!("m{i}"),
                         body: e.body.clone(),
                         receipt,
                         receive_count: e.receive_count,

@@ -191,6 +191,7 @@ impl LocalQueue {
                 let receipt = format!("{}-{}-{}", self.client, m.id, m.receive_count);
                 m.receipt = Some(receipt.clone());
                 out.push(QueueMessage {
+                    message_id: format!("{}-{}", self.client, m.id),
                     body: m.body.clone(),
                     receipt,
                     receive_count: m.receive_count,
