@@ -7,6 +7,10 @@
 //! and never leaves the machine. It is replaced only after the round's
 //! `updates` row is written, so a crash or a rejected attempt never leaves
 //! a personal file that disagrees with what the server has.
+//!
+//! When the job completes, the final global model with the personal values
+//! put back is this client's model to serve:
+//! `<workdir>/personal/<job_id>.personalized.safetensors`.
 
 use std::path::{Path, PathBuf};
 
@@ -41,6 +45,34 @@ impl Personalizer {
     /// Where this job's personal values are kept.
     pub fn personal_file(&self, job_id: &str) -> PathBuf {
         self.dir.join(format!("{job_id}.safetensors"))
+    }
+
+    /// Where the job's final personalized model is written.
+    pub fn personalized_file(&self, job_id: &str) -> PathBuf {
+        self.dir.join(format!("{job_id}.personalized.safetensors"))
+    }
+
+    /// Whether we kept personal values for this job (took part with them).
+    pub fn has_personal(&self, job_id: &str) -> bool {
+        self.personal_file(job_id).is_file()
+    }
+
+    /// Merges the job's final global model with our personal values into
+    /// [`Self::personalized_file`] (whole or absent: written beside it,
+    /// then renamed). The merge checks that both files have the same
+    /// tensors, so a final model of another architecture is refused.
+    pub fn finish(
+        &self,
+        job_id: &str,
+        final_global: &Path,
+        limits: &Limits,
+    ) -> Result<PathBuf, ClientError> {
+        let target = self.personalized_file(job_id);
+        let tmp = self.dir.join(format!(".{job_id}.personalized.tmp"));
+        merge_personal(final_global, &self.personal_file(job_id), &tmp, limits)
+            .map_err(|e| ClientError::Personalization(e.to_string()))?;
+        std::fs::rename(&tmp, &target).map_err(ClientError::io(&target))?;
+        Ok(target)
     }
 
     /// The model to train from: the global model with our personal values
@@ -173,6 +205,20 @@ mod tests {
             .start_from("j", &global2, scratch.path(), &limits)
             .unwrap();
         assert_eq!(values(&start), vec![1.0, 1.0, 5.0, 1.0]);
+
+        // The job ends: the final model with our personal value is ours to serve.
+        let last = scratch.path().join("final.safetensors");
+        f32_model(&last, &[2.0, 2.0, 2.0, 2.0]);
+        let served = p.finish("j", &last, &limits).unwrap();
+        assert_eq!(served, p.personalized_file("j"));
+        assert_eq!(values(&served), vec![2.0, 2.0, 5.0, 2.0]);
+        // A final model of another shape is refused by name.
+        f32_model(&last, &[2.0; 3]);
+        let err = p.finish("j", &last, &limits).unwrap_err().to_string();
+        assert!(
+            err.contains("final.safetensors") && err.contains("`w` is F32 [4]"),
+            "{err}"
+        );
     }
 
     #[test]

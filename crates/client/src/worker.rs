@@ -8,7 +8,7 @@
 //! | for a job we are not in                | log                             | yes      |
 //! | `global_model_ready`, deadline passed  | log                             | yes      |
 //! | `global_model_ready`                   | [`take_part`](crate::round)     | on success, already-done, conflict |
-//! | `training_complete` for our job        | exit if `exit_on_complete`      | yes      |
+//! | `training_complete` for our job        | FedSelect: write the personalized final model; exit if `exit_on_complete` | yes (kept on a failed write) |
 //!
 //! A failed attempt leaves the message on the queue and pushes its next
 //! delivery back with a growing delay, so a broken trainer does not spin.
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedstep_cloud::ports::{ClientQueue, Clock, Ledger, ObjectStore, QueueMessage, SystemClock};
-use fedstep_cloud::records::Notification;
+use fedstep_cloud::records::{Notification, TrainingComplete};
 use fedstep_core::Limits;
 use tokio::sync::watch;
 
@@ -113,6 +113,8 @@ pub enum Outcome {
     },
     JobComplete {
         job_id: String,
+        /// FedSelect: the final global model with our personal values.
+        personalized: Option<PathBuf>,
     },
     /// Left on the queue for a later attempt.
     Failed {
@@ -217,7 +219,7 @@ where
                         return Ok(RunEnd::Shutdown);
                     }
                 };
-                if let Outcome::JobComplete { job_id } = outcome {
+                if let Outcome::JobComplete { job_id, .. } = outcome {
                     if self.opts.exit_on_complete {
                         return Ok(RunEnd::JobComplete(job_id));
                     }
@@ -279,7 +281,32 @@ where
             };
         }
         let g = match note {
-            Notification::TrainingComplete(t) => return Outcome::JobComplete { job_id: t.job_id },
+            Notification::TrainingComplete(t) => {
+                let personalized = match &self.opts.personalization {
+                    Some(p) if p.has_personal(&t.job_id) => {
+                        match self.write_personalized(p, &t).await {
+                            Ok(path) => Some(path),
+                            // Kept on the queue: the personalized model is
+                            // this client's result, not to be lost to a
+                            // passing outage.
+                            Err(e) => {
+                                return Outcome::Failed {
+                                    reason: format!(
+                                        "{}: writing the personalized final model: {e}",
+                                        t.job_id
+                                    ),
+                                    retry_in_seconds: self.failure_delay(m.receive_count),
+                                }
+                            }
+                        }
+                    }
+                    _ => None,
+                };
+                return Outcome::JobComplete {
+                    job_id: t.job_id,
+                    personalized,
+                };
+            }
             Notification::GlobalModelReady(g) => g,
         };
         let (job_id, round) = (g.job_id.clone(), g.round);
@@ -317,6 +344,27 @@ where
                 retry_in_seconds: self.failure_delay(m.receive_count),
             },
         }
+    }
+
+    /// Downloads the job's final model and merges our personal values in.
+    /// `training_complete` carries no checksum; the merge checks the file
+    /// is a model with our tensors.
+    async fn write_personalized(
+        &self,
+        p: &crate::personalize::Personalizer,
+        t: &TrainingComplete,
+    ) -> Result<PathBuf, ClientError> {
+        let workdir = &self.opts.workdir;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}-final-", t.job_id))
+            .tempdir_in(workdir)
+            .map_err(ClientError::io(workdir))?;
+        let last = dir.path().join("final.safetensors");
+        retry("download the final model", &self.opts.backoff, || {
+            self.store.get_file(&t.final_model_key, &last)
+        })
+        .await?;
+        p.finish(&t.job_id, &last, &self.opts.limits)
     }
 
     fn failure_delay(&self, receive_count: u32) -> u32 {
@@ -372,7 +420,13 @@ fn log(o: &Outcome, me: &str, id: &str) {
              is already recorded for this client; it stays and ours (message {id}) is dropped. \
              Is another process consuming this client's queue?"
         ),
-        Outcome::JobComplete { job_id } => tracing::info!("{me}: job {job_id} is complete"),
+        Outcome::JobComplete { job_id, personalized: None } => {
+            tracing::info!("{me}: job {job_id} is complete")
+        }
+        Outcome::JobComplete { job_id, personalized: Some(path) } => tracing::info!(
+            "{me}: job {job_id} is complete; personalized model: {}",
+            path.display()
+        ),
         Outcome::Failed { reason, retry_in_seconds } => {
             tracing::error!("{me}: {reason}; message {id} will be retried in {retry_in_seconds} s")
         }
