@@ -16,7 +16,9 @@
 //! here in f64 (site-a's personal elements averaged over b and c only), and
 //! the plain mean or another weighting would not pass the same check;
 //! site-a's personal file holds its last upload's masks and values that
-//! differ from what it uploaded at the personal elements.
+//! differ from what it uploaded at the personal elements, and the model it
+//! wrote on training_complete is the final global model with those
+//! personal values put back.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -147,6 +149,7 @@ async fn one_fedselect_client_among_plain_ones() {
     let store = d.store();
     let mut previous_personal: Option<Vec<(String, BTreeSet<usize>)>> = None;
     let mut last_upload: Option<MaskedFile> = None;
+    let mut final_global: Option<MaskedFile> = None;
     for round in 1..=ROUNDS {
         // This round's global model (round 1: the initial model job start put there).
         let path = d.path(&format!("{job_id}-global{round}.safetensors"));
@@ -282,6 +285,7 @@ async fn one_fedselect_client_among_plain_ones() {
             "round {round}: the check cannot tell the weighting apart ({if_uniform:e})"
         );
         last_upload = Some(uploads.into_iter().next().unwrap().1);
+        final_global = Some(next);
     }
 
     // site-a's personal file: the masks of its last upload, personal values
@@ -323,6 +327,37 @@ async fn one_fedselect_client_among_plain_ones() {
         "site-a's personal file: personal values differing from the upload: {}",
         differing.join(", ")
     );
+
+    // On training_complete site-a wrote the model it serves: the final
+    // global model with its personal values put back, bit for bit.
+    let final_global = final_global.expect("at least one round");
+    let served_path = client_config::workdir(&d, PERSONALIZING)
+        .join("personal")
+        .join(format!("{job_id}.personalized.safetensors"));
+    let bytes = std::fs::read(&served_path)
+        .unwrap_or_else(|e| panic!("site-a's personalized model {}: {e}", served_path.display()));
+    let served = masked_fedavg::read("site-a's personalized model", &bytes);
+    assert!(served.masks.is_empty(), "a served model carries no masks");
+    assert_eq!(
+        served.tensors.keys().collect::<Vec<_>>(),
+        final_global.tensors.keys().collect::<Vec<_>>()
+    );
+    for (name, (_, values)) in &served.tensors {
+        let from_global = &final_global.tensors[name].1;
+        let personal = &kept.tensors[name].1;
+        for (j, v) in values.iter().enumerate() {
+            let (want, source) = if kept.shared(name, j) {
+                (from_global[j], "the final global model")
+            } else {
+                (personal[j], "the personal file")
+            };
+            assert_eq!(
+                v.to_bits(),
+                want.to_bits(),
+                "{name}[{j}]: the personalized model holds {v}, {source} {want}"
+            );
+        }
+    }
 
     let status = worker.terminate(Duration::from_secs(30)).await;
     assert!(
