@@ -214,6 +214,37 @@ pub fn tail(path: &Path, lines: usize) -> String {
 }
 
 impl Deployment {
+    /// The job's round rows, after checking there are `rounds` of them,
+    /// each CLOSED by `closed_by` with every one of `clients` accepted and
+    /// nobody rejected.
+    pub async fn closed_rounds(
+        &self,
+        job_id: &str,
+        rounds: u32,
+        clients: &[&str],
+        closed_by: &str,
+    ) -> Vec<fedstep_cloud::records::RoundRecord> {
+        use fedstep_cloud::ports::Ledger;
+        use fedstep_cloud::records::RoundStatus;
+        let rows = self.ledger().list_rounds(job_id).await.unwrap();
+        assert_eq!(rows.len(), rounds as usize, "{rows:?}");
+        for r in &rows {
+            assert_eq!(r.status, RoundStatus::Closed, "round {}: {r:?}", r.round);
+            let result = r.result.as_ref().expect("a closed round has a result");
+            assert_eq!(result.closed_by, closed_by, "round {}", r.round);
+            let mut accepted = result.accepted.clone();
+            accepted.sort();
+            assert_eq!(accepted, clients, "round {}", r.round);
+            assert!(
+                result.rejected.is_empty(),
+                "round {}: {:?}",
+                r.round,
+                result.rejected
+            );
+        }
+        rows
+    }
+
     /// What a FedAvg check needs from round `round` of `job_id`: the next
     /// global model's bytes and, per client, (num_examples, upload bytes),
     /// downloaded from S3 through the rows the clients wrote.

@@ -40,6 +40,19 @@ pub async fn wait_until_done(
     }
 }
 
+/// Panics unless the execution SUCCEEDED, showing its error, its cause
+/// and `context()` (process logs).
+pub fn assert_succeeded(done: &DescribeExecutionOutput, context: impl Fn() -> String) {
+    assert_eq!(
+        done.status().as_str(),
+        "SUCCEEDED",
+        "error {:?} cause {:?}\n{}",
+        done.error(),
+        done.cause(),
+        context()
+    );
+}
+
 /// Per state name, how many events of each type happened while the
 /// execution was in it (e.g. `StartRound` → {ActivitySucceeded: 1}).
 pub async fn events_by_state(sfn: &Client, arn: &str) -> BTreeMap<String, BTreeMap<String, usize>> {

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::client_config::{self, ClientSetup};
+use crate::client_config::{self, ClientSetup, Personalize, Trainer};
 use crate::{Binaries, Deployment, Process};
 
 /// `fedstep-lambda local --deploy <json>`: the aggregator of the deployment.
@@ -33,6 +33,37 @@ pub fn client(d: &Deployment, bins: &Binaries, setup: &ClientSetup) -> Process {
         cmd,
         &d.path(&format!("client-{}.log", setup.client_id)),
     )
+}
+
+/// Three built-in-trainer clients with `exit_on_complete`, mostly digits
+/// 0–3, 4–6 and 7–9 (non-IID, every class covered), seeds 1, 2, 3;
+/// `personalize` gives each client's `[personalization]`, if any.
+pub fn digits_clients(
+    d: &Deployment,
+    bins: &Binaries,
+    ids: &[&str; 3],
+    personalize: impl Fn(&str) -> Option<Personalize>,
+) -> Vec<Process> {
+    let classes: [Vec<u8>; 3] = [vec![0, 1, 2, 3], vec![4, 5, 6], vec![7, 8, 9]];
+    ids.iter()
+        .zip(classes)
+        .enumerate()
+        .map(|(i, (id, classes))| {
+            client(
+                d,
+                bins,
+                &ClientSetup {
+                    client_id: id.to_string(),
+                    exit_on_complete: true,
+                    trainer: Trainer::Builtin {
+                        classes,
+                        seed: i as u64 + 1,
+                    },
+                    personalization: personalize(id),
+                },
+            )
+        })
+        .collect()
 }
 
 /// Runs `fedstep <args>` to completion with the deployment's environment;

@@ -52,6 +52,18 @@ impl Process {
         }
     }
 
+    /// Panics (showing the log's tail) unless the process exits 0 within
+    /// `limit`: what a client with `exit_on_complete` does when its job ends.
+    pub async fn expect_exit_zero(&mut self, limit: Duration) {
+        let status = self.wait_for_exit(limit).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} did not exit 0: {status:?}\n{}",
+            self.name,
+            self.log_tail(30)
+        );
+    }
+
     /// SIGTERM and the exit status (SIGKILL if it takes more than `limit`).
     pub async fn terminate(&mut self, limit: Duration) -> ExitStatus {
         if let Some(s) = self.try_status() {

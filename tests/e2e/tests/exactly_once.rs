@@ -112,13 +112,7 @@ async fn duplicates_and_racing_handlers_aggregate_and_call_back_once() {
     let arn = d.execution_arn(&job_id);
     let done =
         execution::wait_until_done(&d.sfn, &arn, Duration::from_secs(120), || logs(&w1, &w2)).await;
-    assert_eq!(
-        done.status().as_str(),
-        "SUCCEEDED",
-        "cause {:?}\n{}",
-        done.cause(),
-        logs(&w1, &w2)
-    );
+    execution::assert_succeeded(&done, || logs(&w1, &w2));
 
     // Replay: a fresh worker reads the whole stream again after the close.
     let mut w3 = launch::worker(&d, &bins, "worker-c3");

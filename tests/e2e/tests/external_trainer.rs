@@ -109,13 +109,7 @@ async fn an_external_trainer_joins_two_builtin_clients() {
     )
     .await;
     eprintln!("mixed round: {:?} in {:.1?}", done.status(), t0.elapsed());
-    assert_eq!(
-        done.status().as_str(),
-        "SUCCEEDED",
-        "cause {:?}\n{}",
-        done.cause(),
-        logs()
-    );
+    execution::assert_succeeded(&done, logs);
 
     let ledger = d.ledger();
     let round = ledger.get_round(&job_id, 1).await.unwrap().unwrap();
@@ -141,13 +135,7 @@ async fn an_external_trainer_joins_two_builtin_clients() {
     assert!(deviation <= 2e-6, "deviation {deviation:e}");
 
     for p in procs.iter_mut() {
-        let status = p.wait_for_exit(Duration::from_secs(60)).await;
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "{} did not exit 0: {status:?}\n{}",
-            p.name,
-            p.log_tail(30)
-        );
+        p.expect_exit_zero(Duration::from_secs(60)).await;
     }
     let status = worker.terminate(Duration::from_secs(30)).await;
     assert!(

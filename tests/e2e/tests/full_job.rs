@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, ObjectStore};
-use fedstep_cloud::records::RoundStatus;
-use fedstep_e2e::client_config::{ClientSetup, Trainer};
 use fedstep_e2e::{execution, fedavg, launch, log_times, Binaries, Deployment};
 
 const CLIENTS: [&str; 3] = ["site-a", "site-b", "site-c"];
@@ -28,27 +26,7 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
         return;
     };
     let mut worker = launch::worker(&d, &bins, "worker-a");
-    let classes: [Vec<u8>; 3] = [vec![0, 1, 2, 3], vec![4, 5, 6], vec![7, 8, 9]];
-    let mut clients: Vec<_> = CLIENTS
-        .iter()
-        .zip(classes)
-        .enumerate()
-        .map(|(i, (id, classes))| {
-            launch::client(
-                &d,
-                &bins,
-                &ClientSetup {
-                    client_id: id.to_string(),
-                    exit_on_complete: true,
-                    trainer: Trainer::Builtin {
-                        classes,
-                        seed: i as u64 + 1,
-                    },
-                    personalization: None,
-                },
-            )
-        })
-        .collect();
+    let mut clients = launch::digits_clients(&d, &bins, &CLIENTS, |_| None);
 
     let job_id = fedstep_e2e::unique("digits");
     let job = launch::example_job_file(&d, &bins, &job_id);
@@ -67,24 +45,11 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
     };
     let done = execution::wait_until_done(&d.sfn, &arn, Duration::from_secs(300), logs).await;
     eprintln!("3 rounds: {:?} in {:.1?}", done.status(), t0.elapsed());
-    assert_eq!(
-        done.status().as_str(),
-        "SUCCEEDED",
-        "error {:?} cause {:?}\n{}",
-        done.error(),
-        done.cause(),
-        logs()
-    );
+    execution::assert_succeeded(&done, logs);
 
     // exit_on_complete: every client leaves with status 0 on training_complete.
     for c in clients.iter_mut() {
-        let status = c.wait_for_exit(Duration::from_secs(60)).await;
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "client {} did not exit 0 after the job completed: {status:?}\n{}",
-            c.name,
-            c.log_tail(30)
-        );
+        c.expect_exit_zero(Duration::from_secs(60)).await;
         assert!(
             c.log_text()
                 .contains(&format!("job {job_id} is complete; exiting")),
@@ -94,23 +59,8 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
     }
 
     // The ledger: three CLOSED rounds, every client accepted in each.
+    d.closed_rounds(&job_id, 3, &CLIENTS, "stream").await;
     let ledger = d.ledger();
-    let rounds = ledger.list_rounds(&job_id).await.unwrap();
-    assert_eq!(rounds.len(), 3, "{rounds:?}");
-    for r in &rounds {
-        assert_eq!(r.status, RoundStatus::Closed, "round {}: {r:?}", r.round);
-        let result = r.result.as_ref().expect("a closed round has a result");
-        assert_eq!(result.closed_by, "stream", "round {}", r.round);
-        let mut accepted = result.accepted.clone();
-        accepted.sort();
-        assert_eq!(accepted, CLIENTS, "round {}", r.round);
-        assert!(
-            result.rejected.is_empty(),
-            "round {}: {:?}",
-            r.round,
-            result.rejected
-        );
-    }
 
     // Each next global model = Σ num_examples·update / Σ num_examples.
     let store = d.store();

@@ -111,14 +111,7 @@ async fn a_silent_client_closes_the_round_at_the_deadline_or_fails_the_quorum() 
         done.status(),
         t0.elapsed()
     );
-    assert_eq!(
-        done.status().as_str(),
-        "SUCCEEDED",
-        "error {:?} cause {:?}\n{}",
-        done.error(),
-        done.cause(),
-        logs()
-    );
+    execution::assert_succeeded(&done, logs);
     let elapsed = t0.elapsed();
     assert!(
         elapsed >= Duration::from_secs(19),

@@ -24,9 +24,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use fedstep_cloud::keys;
-use fedstep_cloud::ports::{Ledger, ObjectStore};
-use fedstep_cloud::records::RoundStatus;
-use fedstep_e2e::client_config::{self, ClientSetup, Personalize, Trainer};
+use fedstep_cloud::ports::ObjectStore;
+use fedstep_e2e::client_config::{self, Personalize};
 use fedstep_e2e::masked_fedavg::{self, MaskedFile};
 use fedstep_e2e::{execution, launch, Binaries, Deployment};
 
@@ -54,31 +53,13 @@ async fn one_fedselect_client_among_plain_ones() {
         return;
     };
     let mut worker = launch::worker(&d, &bins, "worker-p");
-    let classes: [Vec<u8>; 3] = [vec![0, 1, 2, 3], vec![4, 5, 6], vec![7, 8, 9]];
-    let mut clients: Vec<_> = CLIENTS
-        .iter()
-        .zip(classes)
-        .enumerate()
-        .map(|(i, (id, classes))| {
-            launch::client(
-                &d,
-                &bins,
-                &ClientSetup {
-                    client_id: id.to_string(),
-                    exit_on_complete: true,
-                    trainer: Trainer::Builtin {
-                        classes,
-                        seed: i as u64 + 1,
-                    },
-                    personalization: (*id == PERSONALIZING).then_some(Personalize {
-                        personal_fraction: PERSONAL_FRACTION,
-                        ramp_rounds: 1,
-                        tensor_fractions: vec![(OVERRIDE.0.to_string(), OVERRIDE.1)],
-                    }),
-                },
-            )
+    let mut clients = launch::digits_clients(&d, &bins, &CLIENTS, |id| {
+        (id == PERSONALIZING).then(|| Personalize {
+            personal_fraction: PERSONAL_FRACTION,
+            ramp_rounds: 1,
+            tensor_fractions: vec![(OVERRIDE.0.to_string(), OVERRIDE.1)],
         })
-        .collect();
+    });
 
     let job_id = fedstep_e2e::unique("fedselect");
     let job = launch::job_file(
@@ -110,41 +91,13 @@ async fn one_fedselect_client_among_plain_ones() {
         done.status(),
         t0.elapsed()
     );
-    assert_eq!(
-        done.status().as_str(),
-        "SUCCEEDED",
-        "error {:?} cause {:?}\n{}",
-        done.error(),
-        done.cause(),
-        logs()
-    );
+    execution::assert_succeeded(&done, logs);
     for c in clients.iter_mut() {
-        let status = c.wait_for_exit(Duration::from_secs(60)).await;
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "client {} did not exit 0 after the job completed: {status:?}\n{}",
-            c.name,
-            c.log_tail(30)
-        );
+        c.expect_exit_zero(Duration::from_secs(60)).await;
     }
 
     // The ledger: every round CLOSED by the stream, all three accepted.
-    let ledger = d.ledger();
-    let rounds = ledger.list_rounds(&job_id).await.unwrap();
-    assert_eq!(rounds.len(), ROUNDS as usize, "{rounds:?}");
-    for r in &rounds {
-        assert_eq!(r.status, RoundStatus::Closed, "round {}: {r:?}", r.round);
-        let result = r.result.as_ref().expect("a closed round has a result");
-        let mut accepted = result.accepted.clone();
-        accepted.sort();
-        assert_eq!(accepted, CLIENTS, "round {}", r.round);
-        assert!(
-            result.rejected.is_empty(),
-            "round {}: {:?}",
-            r.round,
-            result.rejected
-        );
-    }
+    d.closed_rounds(&job_id, ROUNDS, &CLIENTS, "stream").await;
 
     let store = d.store();
     let mut previous_personal: Option<Vec<(String, BTreeSet<usize>)>> = None;
