@@ -119,6 +119,7 @@ pub fn masked_mean_block<A: Acc>(
                     Some(mk) => {
                         check_mask(b, i, lo, mk, &x, g)?;
                         let (zero, one) = (A::default(), A::from_f64(1.0));
+                        let mut shared = 0u64;
                         for j in 0..m {
                             // A personal element holds the global value
                             // (checked above), so its term is 0 anyway;
@@ -126,8 +127,10 @@ pub fn masked_mean_block<A: Acc>(
                             let s = if mk[j] == 1 { one } else { zero };
                             num[j] += ci * (x[j] - g[j]);
                             den[j] += s * wi;
+                            // Checked to be 0 or 1: the sum counts the sharers.
+                            shared += u64::from(mk[j]);
                         }
-                        mk.iter().filter(|&&v| v == 1).count() as u64
+                        shared
                     }
                 };
                 tally.shared[i] += shared;
