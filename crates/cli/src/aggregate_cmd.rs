@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use fedstep_core::manifest::parse_manifest;
 use fedstep_core::measurements::ClientStatus;
-use fedstep_core::{aggregate, AggregationRequest, PipelineConfig};
+use fedstep_core::{
+    aggregate, AggregationRequest, FileTarget, Input, OutputTarget, PipelineConfig,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -54,13 +56,14 @@ pub fn run(args: Args) -> Result<()> {
     if args.state_in.is_some() && args.state_out.is_none() {
         bail!("--state-in needs --state-out: the optimizer's new state must go somewhere");
     }
+    let state_out = args.state_out.as_ref().map(FileTarget::new);
     let outcome = aggregate(&AggregationRequest {
         updates: &updates,
-        global: args.global.as_deref(),
+        global: args.global.clone().map(Input::file),
         config: &config,
-        out: &args.out,
-        state_in: args.state_in.as_deref(),
-        state_out: args.state_out.as_deref(),
+        out: &FileTarget::new(&args.out),
+        state_in: args.state_in.clone().map(Input::file),
+        state_out: state_out.as_ref().map(|t| t as &dyn OutputTarget),
         round: args.round,
     })?;
     let m = &outcome.measurements;

@@ -20,12 +20,27 @@ use crate::aggregate_cmd::human_bytes;
 pub enum BenchCommand {
     /// Aggregation throughput, peak memory, and the read-once baseline.
     Aggregate(AggregateBench),
+    /// One round's aggregation against S3 (the running emulators): in
+    /// place (streamed) and staged on disk, beside reading every input once.
+    Round(crate::bench_round::RoundBench),
+    /// The measured child of `bench round`.
+    #[command(hide = true)]
+    RoundWorker(crate::bench_round::RoundWorker),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum BenchDtype {
     F32,
     Bf16,
+}
+
+impl BenchDtype {
+    pub fn dtype(self) -> Dtype {
+        match self {
+            BenchDtype::F32 => Dtype::F32,
+            BenchDtype::Bf16 => Dtype::BF16,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -55,7 +70,7 @@ pub struct AggregateBench {
     json: Option<PathBuf>,
 }
 
-fn parse_count(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_count(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.chars().last() {
         Some('k' | 'K') => (&s[..s.len() - 1], 1_000),
         Some('m' | 'M') => (&s[..s.len() - 1], 1_000_000),
@@ -74,6 +89,8 @@ fn parse_count(s: &str) -> Result<u64, String> {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Aggregate(b) => aggregate_bench(b),
+        BenchCommand::Round(b) => crate::bench_round::run(b),
+        BenchCommand::RoundWorker(w) => crate::bench_round::worker(w),
     }
 }
 
@@ -92,10 +109,7 @@ fn aggregate_bench(b: AggregateBench) -> Result<()> {
             tmp.path().to_path_buf()
         }
     };
-    let dtype = match b.dtype {
-        BenchDtype::F32 => Dtype::F32,
-        BenchDtype::Bf16 => Dtype::BF16,
-    };
+    let dtype = b.dtype.dtype();
     let t0 = Instant::now();
     let specs = layout(b.params, dtype);
     let mut inputs = Vec::new();
@@ -190,7 +204,7 @@ fn aggregate_bench(b: AggregateBench) -> Result<()> {
 
 /// Splits `params` into tensors of at most 4M elements, as real models
 /// spread their weights over many tensors.
-fn layout(params: u64, dtype: Dtype) -> Vec<TensorSpec> {
+pub(crate) fn layout(params: u64, dtype: Dtype) -> Vec<TensorSpec> {
     const MAX: u64 = 4 << 20;
     let mut specs = Vec::new();
     let mut left = params;
@@ -210,8 +224,12 @@ fn layout(params: u64, dtype: Dtype) -> Vec<TensorSpec> {
 
 /// Writes a model of pseudo-random values in 1M-element pieces (so the
 /// generator itself never holds a model in memory).
-fn generate(path: &Path, specs: &[TensorSpec], seed: u64) -> Result<()> {
-    let w = ModelWriter::create(path, specs, &Default::default())?;
+pub(crate) fn generate(path: &Path, specs: &[TensorSpec], seed: u64) -> Result<()> {
+    let w = ModelWriter::create(
+        &fedstep_core::FileTarget::new(path),
+        specs,
+        &Default::default(),
+    )?;
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut values = Vec::new();
     let mut bytes = Vec::new();

@@ -10,14 +10,14 @@
 //! Bad input is rare, so the common path reads every input exactly once.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::time::Instant;
 
 use serde_json::json;
 
+use crate::bytes::{is_unavailable, Input, OutputTarget};
 use crate::combine::{self, state_dtype, CombineError, CombinePlan, OptimizerIo};
 use crate::config::PipelineConfig;
-use crate::error::AggregateError;
+use crate::error::{AggregateError, ModelError};
 use crate::float::{elem_bytes, role, TensorRole};
 use crate::manifest::{UpdateMeta, UpdateSource};
 use crate::measurements::{ClientMeasurement, ClientStatus, Measurements};
@@ -34,13 +34,13 @@ pub struct AggregationRequest<'a> {
     /// The model the clients trained from. Needed by clipping, zeroing and
     /// server optimizers; without it the updates' own tensors are the
     /// reference and integer tensors come from the first accepted update.
-    pub global: Option<&'a Path>,
+    pub global: Option<Input>,
     pub config: &'a PipelineConfig,
-    pub out: &'a Path,
+    pub out: &'a dyn OutputTarget,
     /// Server-optimizer state from the previous round (none: start at 0).
-    pub state_in: Option<&'a Path>,
+    pub state_in: Option<Input>,
     /// Where to write the optimizer's new state (required with an optimizer).
-    pub state_out: Option<&'a Path>,
+    pub state_out: Option<&'a dyn OutputTarget>,
     /// The round number: keys the DP noise stream so rounds never share noise.
     pub round: u64,
 }
@@ -87,13 +87,13 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
         ));
     }
     let limits = &cfg.limits;
-    let global = match req.global {
-        Some(p) => Some(
-            Source::open(p, limits).map_err(|source| AggregateError::Global {
-                path: p.to_path_buf(),
+    let global = match &req.global {
+        Some(input) => Some(Source::new(input.clone(), limits).map_err(|source| {
+            unavailable(&source, input).unwrap_or_else(|| AggregateError::Global {
+                name: input.source().describe(),
                 source,
-            })?,
-        ),
+            })
+        })?),
         None => None,
     };
 
@@ -116,12 +116,15 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
             source: None,
         };
         if c.out.is_none() {
-            match Source::open(&u.path, limits) {
+            match Source::new(u.input.clone(), limits) {
                 Ok(s) => c.source = Some(s),
                 Err(err) => {
+                    if let Some(e) = unavailable(&err, &u.input) {
+                        return Err(e);
+                    }
                     c.out = Some((
                         ClientStatus::Rejected,
-                        format!("model {}: {err}", u.path.display()),
+                        format!("model {}: {err}", u.input.source().describe()),
                     ))
                 }
             }
@@ -147,17 +150,14 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
             check_compatible(&reference_header, &s.header).map_err(|e| e.to_string())
         };
         if let Err(err) = checked {
-            c.out = Some((
-                ClientStatus::Rejected,
-                format!("model {}: {err}", s.path.display()),
-            ));
+            c.out = Some((ClientStatus::Rejected, format!("model {}: {err}", s.name)));
             c.source = None;
         }
     }
 
-    let state_in = match (req.state_in, &pipeline.optimizer) {
-        (Some(p), Some(opt)) => Some(open_state(
-            p,
+    let state_in = match (&req.state_in, &pipeline.optimizer) {
+        (Some(input), Some(opt)) => Some(open_state(
+            input,
             &reference,
             opt.kind.name(),
             opt.slots(),
@@ -209,7 +209,7 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
                 match statistics::run(&reference, global.as_ref(), &inputs, full, block_elems) {
                     Ok(s) => s,
                     Err(e) => {
-                        reject_for(e, &live, &mut clients, req.global)?;
+                        reject_for(e, &live, &mut clients, req.global.as_ref())?;
                         continue;
                     }
                 };
@@ -314,7 +314,7 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
 
         let out = ModelWriter::create(req.out, &specs, &metadata).map_err(|source| {
             AggregateError::Output {
-                path: req.out.to_path_buf(),
+                name: req.out.describe(),
                 source,
             }
         })?;
@@ -379,34 +379,37 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
             }
             Err(CombineError::Input(e)) => {
                 let kept_live: Vec<usize> = kept.iter().map(|&i| live[i]).collect();
-                reject_for(e, &kept_live, &mut clients, req.global)?;
+                reject_for(e, &kept_live, &mut clients, req.global.as_ref())?;
                 continue;
             }
             Err(CombineError::Write(source)) => {
                 return Err(AggregateError::Output {
-                    path: req.out.to_path_buf(),
+                    name: req.out.describe(),
                     source,
                 })
             }
             Err(CombineError::Overflow { tensor, index }) => {
                 return Err(AggregateError::NoUsableUpdate(format!(
-                    "the combined value of `{tensor}` element {index} overflowed although every input is finite"
+                    "the new global model's `{tensor}` element {index} is not finite although every input is: \
+                     the combination, the noise, the server optimizer or the tensor's dtype overflowed; \
+                     nothing was written"
                 )))
             }
             Err(CombineError::State(reason)) => {
                 return Err(AggregateError::ServerState {
-                    path: req.state_in.unwrap_or(Path::new("-")).to_path_buf(),
+                    name: req
+                        .state_in
+                        .as_ref()
+                        .map_or("-".into(), |i| i.source().describe()),
                     reason,
                 })
             }
         }
-        let bytes_written = out.finish().map_err(|source| AggregateError::Output {
-            path: req.out.to_path_buf(),
-            source,
-        })?;
+        // The state first: a model whose state is missing would restart the
+        // optimizer's moments at zero on the next round.
         if let Some((w, step)) = state_out {
             w.finish().map_err(|source| AggregateError::Output {
-                path: req.state_out.expect("state_out").to_path_buf(),
+                name: req.state_out.map_or("-".into(), |t| t.describe()),
                 source,
             })?;
             if let Some(opt) = &pipeline.optimizer {
@@ -416,6 +419,10 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
                 );
             }
         }
+        let bytes_written = out.finish().map_err(|source| AggregateError::Output {
+            name: req.out.describe(),
+            source,
+        })?;
 
         // Final per-client record.
         let mut weight_of: HashMap<usize, f64> = HashMap::new();
@@ -485,12 +492,13 @@ fn plan_target(llm_type: &str, metas: &[UpdateMeta], cfg: &PipelineConfig) -> Op
 }
 
 /// Turns a streaming failure into a rejection of the client it names, or a
-/// fatal error when the global model is at fault.
+/// fatal error when the global model is at fault or the read failed for
+/// the system's reasons.
 fn reject_for(
     e: StatsError,
     live: &[usize],
     clients: &mut [Client],
-    global: Option<&Path>,
+    global: Option<&Input>,
 ) -> Result<(), AggregateError> {
     let (i, reason) = match e {
         StatsError::NonFinite(nf) => (
@@ -501,25 +509,45 @@ fn reject_for(
             ),
         ),
         StatsError::Read { input, error } => {
+            if is_unavailable(&error) {
+                return Err(AggregateError::Unavailable {
+                    name: clients[live[input]]
+                        .source
+                        .as_ref()
+                        .map_or_else(String::new, |s| s.name.clone()),
+                    reason: error.to_string(),
+                });
+            }
             (live[input], format!("reading the model failed: {error}"))
         }
         StatsError::Invalid { input, reason } => (live[input], reason),
         StatsError::Global(reason) => {
             return Err(AggregateError::Global {
-                path: global.unwrap_or(Path::new("-")).to_path_buf(),
-                source: crate::error::ModelError::InvalidHeader(reason),
+                name: global.map_or("-".into(), |g| g.source().describe()),
+                source: ModelError::InvalidHeader(reason),
             })
         }
     };
     let c = &mut clients[i];
-    let path = c
+    let name = c
         .source
         .as_ref()
-        .map(|s| s.path.display().to_string())
+        .map(|s| s.name.clone())
         .unwrap_or_default();
-    c.out = Some((ClientStatus::Rejected, format!("model {path}: {reason}")));
+    c.out = Some((ClientStatus::Rejected, format!("model {name}: {reason}")));
     c.source = None;
     Ok(())
+}
+
+/// The system-side failure a header read hit, if that is what it was.
+fn unavailable(err: &ModelError, input: &Input) -> Option<AggregateError> {
+    match err {
+        ModelError::Io(e) if is_unavailable(e) => Some(AggregateError::Unavailable {
+            name: input.source().describe(),
+            reason: e.to_string(),
+        }),
+        _ => None,
+    }
 }
 
 fn no_usable(clients: &[Client]) -> AggregateError {
@@ -569,17 +597,18 @@ fn majority_layout(clients: &[Client]) -> Option<Vec<TensorEntry>> {
 
 /// Opens and checks the previous optimizer state against the model layout.
 fn open_state(
-    path: &Path,
+    input: &Input,
     reference: &[TensorEntry],
     optimizer: &str,
     slots: &[&str],
     limits: &crate::limits::Limits,
 ) -> Result<Source, AggregateError> {
     let bad = |reason: String| AggregateError::ServerState {
-        path: path.to_path_buf(),
+        name: input.source().describe(),
         reason,
     };
-    let s = Source::open(path, limits).map_err(|e| bad(e.to_string()))?;
+    let s = Source::new(input.clone(), limits)
+        .map_err(|e| unavailable(&e, input).unwrap_or_else(|| bad(e.to_string())))?;
     match s.header.metadata.get("fedstep.optimizer") {
         Some(o) if o == optimizer => {}
         Some(o) => {
@@ -622,7 +651,7 @@ fn is_float(t: &TensorEntry) -> bool {
 }
 
 fn create_state(
-    path: &Path,
+    target: &dyn OutputTarget,
     reference: &[TensorEntry],
     opt: &crate::stages::ServerOptimizer,
     previous: Option<&Source>,
@@ -646,10 +675,11 @@ fn create_state(
         ("fedstep.optimizer".to_string(), opt.kind.name().to_string()),
         ("fedstep.step".to_string(), step.to_string()),
     ]);
-    let w =
-        ModelWriter::create(path, &specs, &metadata).map_err(|source| AggregateError::Output {
-            path: path.to_path_buf(),
+    let w = ModelWriter::create(target, &specs, &metadata).map_err(|source| {
+        AggregateError::Output {
+            name: target.describe(),
             source,
-        })?;
+        }
+    })?;
     Ok((w, step))
 }

@@ -6,7 +6,9 @@ use rand_chacha::ChaCha20Rng;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use crate::float::{axpy_from, decode_into, elem_bytes, encode_from, role, Acc, TensorRole};
+use crate::float::{
+    axpy_from, decode_into, elem_bytes, encode_from, first_non_finite, role, Acc, TensorRole,
+};
 use crate::model::TensorEntry;
 use crate::personalization::masked_mean::{masked_mean_block, MaskedBlock, Tally};
 use crate::stages::dp_noise::add_noise;
@@ -84,9 +86,6 @@ pub fn state_dtype(model_dtype: Dtype) -> Dtype {
 
 pub fn run(mut plan: CombinePlan<'_>) -> Result<CombineOutput, CombineError> {
     let mut bytes_read = 0u64;
-    for t in plan.reference.iter().filter(|t| !is_float(t)) {
-        bytes_read += carry_over(&plan, t)?;
-    }
     let n = plan.inputs.len();
     let scaled = plan.scales.iter().any(|&s| s != 1.0);
     let global_coef = 1.0 - plan.coefs.iter().sum::<f64>();
@@ -118,7 +117,8 @@ pub fn run(mut plan: CombinePlan<'_>) -> Result<CombineOutput, CombineError> {
     };
     let reference = plan.reference;
     let block_elems = plan.block_elems;
-    let result = for_each_block_of(reference, is_float, &lanes, block_elems, |block| {
+    let (carry_source, out) = (plan.carry_source, plan.out);
+    let mut combine_block = |block: Block<'_>| -> Result<Vec<Vec<u8>>, CombineError> {
         let Block {
             tensor,
             range,
@@ -147,7 +147,25 @@ pub fn run(mut plan: CombinePlan<'_>) -> Result<CombineOutput, CombineError> {
             }
         };
         Ok(raws)
-    });
+    };
+    // Tensors are produced in file order (a run of float tensors streamed
+    // block by block, then the next run of carried-over ones, ...), so an
+    // output uploaded in parts holds only the part being filled.
+    let mut result = Ok(());
+    let mut carried = 0u64;
+    for run in runs(reference) {
+        if is_float(&run[0]) {
+            result = for_each_block_of(run, |_| true, &lanes, block_elems, &mut combine_block);
+            if result.is_err() {
+                break;
+            }
+        } else {
+            for t in run {
+                carried += carry_over(carry_source, out, block_elems, t)?;
+            }
+        }
+    }
+    bytes_read += carried;
     match result {
         // A failed read of the global model's lane is the global model's fault.
         Err(CombineError::Input(StatsError::Read { input, error })) if need_g && input == n => Err(
@@ -207,20 +225,30 @@ struct Buffers<A> {
     out_raw: Vec<u8>,
 }
 
-fn carry_over(plan: &CombinePlan<'_>, t: &TensorEntry) -> Result<u64, CombineError> {
+fn carry_over(
+    source: &Source,
+    out: &ModelWriter,
+    block_elems: usize,
+    t: &TensorEntry,
+) -> Result<u64, CombineError> {
     let eb = elem_bytes(t.dtype);
     let mut buf = Vec::new();
-    for range in blocks(t.elements(), plan.block_elems) {
+    for range in blocks(t.elements(), block_elems) {
         buf.resize(range.len() * eb, 0);
         let off = (range.start * eb) as u64;
-        plan.carry_source
+        source
             .read(&t.name, off, &mut buf)
             .map_err(|e| CombineError::State(format!("copying `{}`: {e}", t.name)))?;
-        plan.out
-            .write_at(&t.name, off, &buf)
+        out.write_at(&t.name, off, &buf)
             .map_err(CombineError::Write)?;
     }
     Ok(t.byte_len())
+}
+
+/// Consecutive tensors of the same kind (averaged or carried over), in
+/// order; never empty.
+fn runs(tensors: &[TensorEntry]) -> impl Iterator<Item = &[TensorEntry]> {
+    tensors.chunk_by(|a, b| is_float(a) == is_float(b))
 }
 
 /// Combines one block; returns the optimizer-state bytes it read.
@@ -303,6 +331,15 @@ fn float_block<A: Acc>(
     }
     b.out_raw.resize(len * eb, 0);
     encode_from(t.dtype, &b.out, &mut b.out_raw);
+    // The last word on finiteness, after every stage: noise, the server
+    // optimizer and the output dtype can each overflow where the mean did
+    // not, and a non-finite value must never reach the next global model.
+    if let Some(j) = first_non_finite(t.dtype, &b.out_raw) {
+        return Err(CombineError::Overflow {
+            tensor: t.name.clone(),
+            index: range.start + j,
+        });
+    }
     plan.out
         .write_at(&t.name, off, &b.out_raw)
         .map_err(CombineError::Write)?;

@@ -2,8 +2,6 @@
 //! where there is one, and the rule that was broken, because these errors are
 //! shown to operators who must fix a client, not read a backtrace.
 
-use std::path::PathBuf;
-
 /// Something is wrong with one safetensors file. Display names the problem;
 /// callers add which client or path it came from.
 #[derive(Debug, thiserror::Error)]
@@ -57,20 +55,19 @@ pub enum ModelError {
 pub enum AggregateError {
     #[error("configuration: {0}")]
     Config(String),
-    #[error("global model {path}: {source}")]
-    Global { path: PathBuf, source: ModelError },
-    #[error("server state {path}: {reason}")]
-    ServerState { path: PathBuf, reason: String },
+    #[error("global model {name}: {source}")]
+    Global { name: String, source: ModelError },
+    #[error("server state {name}: {reason}")]
+    ServerState { name: String, reason: String },
     #[error("no usable update: {0}")]
     NoUsableUpdate(String),
-    #[error("writing {path}: {source}")]
+    #[error("writing {name}: {source}")]
     Output {
-        path: PathBuf,
+        name: String,
         source: std::io::Error,
     },
-    #[error("reading {path}: {source}")]
-    Input {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// A read failed for the system's reasons (see [`crate::bytes::Unavailable`]):
+    /// no input is blamed, the whole aggregation is worth retrying.
+    #[error("reading {name}: {reason}")]
+    Unavailable { name: String, reason: String },
 }

@@ -199,6 +199,28 @@ pub fn encode_from<A: Acc>(dtype: Dtype, values: &[A], out: &mut [u8]) {
     }
 }
 
+/// The first element of an encoded float buffer that is not finite: an Inf
+/// or NaN, including a value that was finite in the accumulator and
+/// overflowed the tensor's narrower dtype when encoded (above 65504 in F16).
+pub fn first_non_finite(dtype: Dtype, raw: &[u8]) -> Option<usize> {
+    let all_ones = |mask: u16| {
+        raw.chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & mask == mask)
+    };
+    match dtype {
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        Dtype::F64 => raw
+            .chunks_exact(8)
+            .position(|c| !f64::from_le_bytes(c.try_into().expect("8-byte chunk")).is_finite()),
+        // An all-ones exponent is Inf or NaN in both half formats.
+        Dtype::F16 => all_ones(0x7C00),
+        Dtype::BF16 => all_ones(0x7F80),
+        other => unreachable!("first_non_finite called for non-float dtype {other:?}"),
+    }
+}
+
 /// Decodes a whole little-endian float buffer into f64 (for tests, small
 /// models and the simulator; the aggregation hot path decodes in place).
 pub fn decode_all_f64(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
@@ -217,6 +239,24 @@ pub fn encode_all_f64(dtype: Dtype, values: &[f64]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_outputs_are_found_after_encoding() {
+        assert_eq!(
+            first_non_finite(Dtype::F32, &encode_all_f64(Dtype::F32, &[1.0, 2.0])),
+            None
+        );
+        let f16 = encode_all_f64(Dtype::F16, &[1.0, 65504.0, 70000.0]);
+        assert_eq!(
+            first_non_finite(Dtype::F16, &f16),
+            Some(2),
+            "70000 overflows F16"
+        );
+        let bf16 = encode_all_f64(Dtype::BF16, &[f64::NAN, 1.0]);
+        assert_eq!(first_non_finite(Dtype::BF16, &bf16), Some(0));
+        let f64s = encode_all_f64(Dtype::F64, &[0.0, f64::NEG_INFINITY]);
+        assert_eq!(first_non_finite(Dtype::F64, &f64s), Some(1));
+    }
 
     #[test]
     fn round_trips_every_float_dtype() {

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::bytes::Input;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UpdateMeta {
     pub client_id: String,
@@ -39,11 +41,21 @@ impl UpdateMeta {
     }
 }
 
-/// An update on local disk with its claims.
-#[derive(Debug, Clone, PartialEq)]
+/// An update's bytes (a local file, an S3 object) with its claims.
+#[derive(Debug, Clone)]
 pub struct UpdateSource {
-    pub path: PathBuf,
+    pub input: Input,
     pub meta: UpdateMeta,
+}
+
+impl UpdateSource {
+    /// An update in a local file.
+    pub fn file(path: impl Into<PathBuf>, meta: UpdateMeta) -> UpdateSource {
+        UpdateSource {
+            input: Input::file(path),
+            meta,
+        }
+    }
 }
 
 /// `ROUND.json` for `fedstep aggregate`:
@@ -97,15 +109,15 @@ pub fn parse_manifest(text: &str, base_dir: &Path) -> Result<Vec<UpdateSource>, 
                 "updates[{i}]: client_id `{client_id}` appears twice (one update per client per round)"
             ));
         }
-        out.push(UpdateSource {
+        out.push(UpdateSource::file(
             path,
-            meta: UpdateMeta {
+            UpdateMeta {
                 client_id,
                 num_examples: e.num_examples,
                 llm_type: e.llm_type,
                 metrics: e.metrics,
             },
-        });
+        ));
     }
     Ok(out)
 }
@@ -122,7 +134,7 @@ mod tests {
             {"path": "/abs/b.safetensors", "num_examples": 80}
         ]}"#;
         let u = parse_manifest(text, Path::new("/round")).unwrap();
-        assert_eq!(u[0].path, PathBuf::from("/round/a.safetensors"));
+        assert_eq!(u[0].input.source().describe(), "/round/a.safetensors");
         assert_eq!(u[0].meta.client_id, "site-a");
         assert_eq!(u[0].meta.metrics["loss"], Value::from(0.1));
         assert_eq!(u[1].meta.client_id, "b");

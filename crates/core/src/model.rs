@@ -15,6 +15,7 @@ use std::path::Path;
 use safetensors::tensor::Metadata;
 use safetensors::Dtype;
 
+use crate::bytes::ByteSource;
 use crate::error::ModelError;
 use crate::float::{self, role};
 use crate::limits::Limits;
@@ -60,13 +61,28 @@ impl ModelHeader {
 /// Reads and validates the header of `file` within `limits`.
 pub fn read_header(file: &File, limits: &Limits) -> Result<ModelHeader, ModelError> {
     let file_len = file.metadata()?.len();
+    read_header_with(file_len, |buf, off| file.read_exact_at(buf, off), limits)
+}
+
+/// Reads and validates the header of any byte source (an S3 object read
+/// with ranged GETs reads only the prefix and the header here).
+pub fn read_header_from(src: &dyn ByteSource, limits: &Limits) -> Result<ModelHeader, ModelError> {
+    let file_len = src.len()?;
+    read_header_with(file_len, |buf, off| src.read_exact_at(buf, off), limits)
+}
+
+fn read_header_with(
+    file_len: u64,
+    read_at: impl Fn(&mut [u8], u64) -> std::io::Result<()>,
+    limits: &Limits,
+) -> Result<ModelHeader, ModelError> {
     let mut prefix = [0u8; 8];
     if file_len >= 8 {
-        file.read_exact_at(&mut prefix, 0)?;
+        read_at(&mut prefix, 0)?;
     }
     let header_len = declared_header_len(prefix, file_len, limits)?;
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut header, 8)?;
+    read_at(&mut header, 8)?;
     parse_header(&header, file_len, limits)
 }
 

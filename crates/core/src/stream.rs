@@ -1,30 +1,31 @@
 //! Block-wise reading of tensors from many files at once.
 //!
-//! Each input is read with positioned reads (`pread`) at its own offsets, a
-//! block of elements at a time, into a buffer that is reused across blocks.
-//! Nothing is memory-mapped: mapped pages would count toward the process's
-//! resident memory, and N mapped models is what streaming must avoid.
+//! Each input is read with positioned reads at its own offsets (a file's
+//! `pread`, an S3 object's ranged GET: see `bytes.rs`), a block of elements
+//! at a time, into a buffer that is reused across blocks.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use crate::bytes::Input;
 use crate::error::ModelError;
 use crate::limits::Limits;
 use crate::model::{self, ModelHeader, TensorEntry};
 
-/// An open safetensors file whose header has been validated.
+/// An input whose header has been read and validated.
 pub struct Source {
-    pub path: PathBuf,
-    pub file: File,
+    /// What to call it in messages (a path, an object key).
+    pub name: String,
+    pub input: Input,
     pub header: ModelHeader,
     index: HashMap<String, usize>,
 }
 
 impl Source {
-    pub fn open(path: &Path, limits: &Limits) -> Result<Source, ModelError> {
-        let (file, header) = model::open(path, limits)?;
+    /// Reads and validates `input`'s header (only the prefix and the header
+    /// are read).
+    pub fn new(input: Input, limits: &Limits) -> Result<Source, ModelError> {
+        let header = model::read_header_from(input.source(), limits)?;
         let index = header
             .tensors
             .iter()
@@ -32,11 +33,16 @@ impl Source {
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
         Ok(Source {
-            path: path.to_path_buf(),
-            file,
+            name: input.source().describe(),
+            input,
             header,
             index,
         })
+    }
+
+    /// A local file.
+    pub fn open(path: &Path, limits: &Limits) -> Result<Source, ModelError> {
+        Source::new(Input::file(path), limits)
     }
 
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
@@ -44,8 +50,8 @@ impl Source {
     }
 
     /// Reads `buf.len()` bytes of tensor `name` starting `byte_offset` bytes
-    /// into it. The header was validated, so the range is inside the file
-    /// unless the file changed underneath us — which is an I/O error.
+    /// into it. The header was validated, so the range is inside the input
+    /// unless it changed underneath us — which is an I/O error.
     pub fn read(&self, name: &str, byte_offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let t = self
             .entry(name)
@@ -55,7 +61,9 @@ impl Source {
                 "read past the end of tensor `{name}`"
             )));
         }
-        self.file.read_exact_at(buf, t.start + byte_offset)
+        self.input
+            .source()
+            .read_exact_at(buf, t.start + byte_offset)
     }
 }
 

@@ -1,21 +1,20 @@
 //! Streaming safetensors writer.
 //!
 //! The header is known before any value is computed (same names, shapes and
-//! dtypes as the reference model), so we write it first, size the file, and
-//! then fill tensor data with positioned writes in whatever order the
-//! pipeline produces it. The file is written under a temporary name in the
-//! destination directory and renamed on `finish`, so a crash or an error
-//! never leaves a half-written model where a reader expects a whole one.
+//! dtypes as the reference model), so it is written first and the tensor
+//! data follows with positioned writes. Where the bytes go is an
+//! [`OutputTarget`]: a local file (written under a temporary name and
+//! renamed on `finish`) or an upload in parts; either way a crash or an
+//! error never leaves a half-written model where a reader expects a whole
+//! one.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
+use crate::bytes::{ByteSink, FileTarget, OutputTarget};
 use crate::float::elem_bytes;
 
 /// One tensor to be written: its name, dtype and shape.
@@ -27,18 +26,17 @@ pub struct TensorSpec {
 }
 
 pub struct ModelWriter {
-    file: File,
-    tmp: PathBuf,
-    dest: PathBuf,
-    /// name → absolute file offset of the tensor's first byte, and its length.
+    sink: Box<dyn ByteSink>,
+    /// name → absolute offset of the tensor's first byte, and its length.
     places: HashMap<String, (u64, u64)>,
     len: u64,
 }
 
 impl ModelWriter {
-    /// Creates `dest`'s temporary twin and writes the header.
+    /// Starts an output at `target` and writes the header. Tensor data is
+    /// laid out in the order of `tensors`.
     pub fn create(
-        dest: &Path,
+        target: &dyn OutputTarget,
         tensors: &[TensorSpec],
         metadata: &BTreeMap<String, String>,
     ) -> std::io::Result<Self> {
@@ -71,20 +69,12 @@ impl ModelWriter {
             json.push(b' ');
         }
         let data_start = 8 + json.len() as u64;
-        let dir = dest
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into());
-        let tmp = dir.join(format!(".{name}.{}.partial", std::process::id()));
-        let mut file = File::create(&tmp)?;
-        file.write_all(&(json.len() as u64).to_le_bytes())?;
-        file.write_all(&json)?;
         let len = data_start + offset as u64;
-        file.set_len(len)?;
+        let sink = target.create(len)?;
+        let mut head = Vec::with_capacity(data_start as usize);
+        head.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        head.extend_from_slice(&json);
+        sink.write_at(0, &head)?;
         let places = infos
             .into_iter()
             .map(|(name, info)| {
@@ -92,13 +82,7 @@ impl ModelWriter {
                 (name, (data_start + s as u64, (e - s) as u64))
             })
             .collect();
-        Ok(ModelWriter {
-            file,
-            tmp,
-            dest: dest.to_path_buf(),
-            places,
-            len,
-        })
+        Ok(ModelWriter { sink, places, len })
     }
 
     /// Writes `bytes` into tensor `name` starting `offset` bytes into it.
@@ -112,22 +96,13 @@ impl ModelWriter {
                 "write past the end of tensor `{name}`"
             )));
         }
-        self.file.write_all_at(bytes, start + offset)
+        self.sink.write_at(start + offset, bytes)
     }
 
-    /// Flushes to disk and moves the file into place. Returns its size.
+    /// Makes the output visible at its destination. Returns its size.
     pub fn finish(self) -> std::io::Result<u64> {
-        self.file.sync_all()?;
-        std::fs::rename(&self.tmp, &self.dest)?;
+        self.sink.finish()?;
         Ok(self.len)
-    }
-}
-
-impl Drop for ModelWriter {
-    fn drop(&mut self) {
-        // After a successful finish the temporary no longer exists; otherwise
-        // remove the partial file.
-        let _ = std::fs::remove_file(&self.tmp);
     }
 }
 
@@ -145,7 +120,7 @@ pub fn write_model(
             shape: shape.clone(),
         })
         .collect();
-    let w = ModelWriter::create(dest, &specs, metadata)?;
+    let w = ModelWriter::create(&FileTarget::new(dest), &specs, metadata)?;
     for (name, dtype, shape, bytes) in tensors {
         let expected = shape.iter().product::<usize>() * elem_bytes(*dtype);
         if bytes.len() != expected {
@@ -212,7 +187,7 @@ mod tests {
             dtype: Dtype::F32,
             shape: vec![4],
         };
-        let w = ModelWriter::create(&path, &[spec], &BTreeMap::new()).unwrap();
+        let w = ModelWriter::create(&FileTarget::new(&path), &[spec], &BTreeMap::new()).unwrap();
         assert!(w.write_at("w", 12, &[0u8; 8]).is_err(), "past the end");
         drop(w);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

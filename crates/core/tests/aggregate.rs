@@ -437,14 +437,18 @@ fn robust_combiners_resist_an_outlier() {
     // Krum (select 1) returns one honest update exactly.
     let (_, m) = run(&d, &ups, None, "[[stages]]\nkind = \"krum\"\nbyzantine = 1").unwrap();
     assert!(vals[..4].contains(&m["w"].values[0]), "{:?}", m["w"].values);
-    let err = run(
+    // Four updates cannot hold one Byzantine among them (2f + 3 = 5): the
+    // round still closes, with the lowered tolerance recorded.
+    let (o, _) = run(
         &d,
         &ups[..4],
         None,
         "[[stages]]\nkind = \"krum\"\nbyzantine = 1",
     )
-    .unwrap_err();
-    assert!(err.to_string().contains("at least 5"), "{err}");
+    .unwrap();
+    let why = o.measurements.stages["krum"]["degraded"].as_str().unwrap();
+    assert!(why.contains("2·1 + 3 = 5"), "{why}");
+    assert_eq!(o.measurements.accepted, 1);
 }
 
 #[test]
@@ -528,6 +532,30 @@ fn server_optimizer_state_persists_across_rounds() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("written by `fedavgm`"), "{err}");
+}
+
+#[test]
+fn a_server_optimizer_that_overflows_the_dtype_writes_no_model() {
+    // The mean of finite F16 inputs is finite (60000), but FedAvgM with
+    // learning rate 2 steps to 120000, past F16's 65504: the model must not
+    // be written with an Inf in it.
+    let d = Dir::new();
+    let g = d.model("g.safetensors", Dtype::F16, &[("w", &[0.0, 1.0])]);
+    let a = d.model("a.safetensors", Dtype::F16, &[("w", &[60000.0, 1.0])]);
+    let ups = [update(&a, UpdateMeta::new("a", 1))];
+    let cfg = "[[stages]]\nkind = \"fedavgm\"\nlearning_rate = 2.0\nmomentum = 0.0";
+    let s = d.path("state.safetensors");
+    let err = run_with_state(&d, &ups, Some(&g), cfg, None, Some(&s), 1).unwrap_err();
+    assert!(matches!(err, AggregateError::NoUsableUpdate(_)), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("`w` element 0 is not finite"), "{msg}");
+    assert!(!d.path("out-1.safetensors").exists(), "nothing was written");
+    // The same step in F32 is representable and goes through.
+    let g = d.model("g32.safetensors", Dtype::F32, &[("w", &[0.0, 1.0])]);
+    let a = d.model("a32.safetensors", Dtype::F32, &[("w", &[60000.0, 1.0])]);
+    let ups = [update(&a, UpdateMeta::new("a", 1))];
+    let (_, m) = run_with_state(&d, &ups, Some(&g), cfg, None, Some(&s), 1).unwrap();
+    assert_close(&m["w"].values, &[120000.0, 1.0], 1e-3);
 }
 
 #[test]

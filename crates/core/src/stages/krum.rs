@@ -23,22 +23,42 @@ impl Krum {
     /// Chooses updates given pairwise squared distances `dist[i][j]` among
     /// the `n` candidates. Returns the chosen indices (into `dist`) and
     /// measurements.
+    ///
+    /// Krum tolerates f Byzantine updates among n ≥ 2f + 3. Job validation
+    /// requires that many clients, but rejections at run time can leave
+    /// fewer: then the round still closes, with the tolerance lowered to
+    /// the largest f that n supports (and `select` to at most n − f), and
+    /// the measurements say so under `degraded`. Below 3 updates Krum can
+    /// tell none apart: all are kept.
     pub fn choose(&self, dist: &[Vec<f64>]) -> Result<(Vec<usize>, Value), String> {
         let n = dist.len();
-        let f = self.byzantine;
-        if n < 2 * f + 3 {
-            return Err(format!(
-                "krum with byzantine = {f} needs at least {} valid updates, got {n}",
-                2 * f + 3
-            ));
+        if n == 0 {
+            return Err("krum: no valid update to choose from".into());
         }
-        if self.select > n - f {
-            return Err(format!(
-                "krum: select = {} exceeds n − byzantine = {}",
-                self.select,
-                n - f
+        let wanted = self.byzantine;
+        let (f, select, degraded) = if n >= 2 * wanted + 3 {
+            (wanted, self.select.min(n - wanted), None)
+        } else if n >= 3 {
+            let f = (n - 3) / 2;
+            (
+                f,
+                self.select.min(n - f),
+                Some(format!(
+                    "only {n} valid updates, below the 2·{wanted} + 3 = {} that byzantine = {wanted} needs: \
+                     tolerating {f} instead",
+                    2 * wanted + 3
+                )),
+            )
+        } else {
+            let all: Vec<usize> = (0..n).collect();
+            let why = format!(
+                "only {n} valid update(s): Krum needs 3 to tell one apart, so all are kept"
+            );
+            return Ok((
+                all.clone(),
+                json!({"byzantine": wanted, "select": n, "selected": all, "degraded": why}),
             ));
-        }
+        };
         let neighbours = n - f - 2;
         let scores: Vec<f64> = (0..n)
             .map(|i| {
@@ -50,14 +70,17 @@ impl Krum {
         let mut order: Vec<usize> = (0..n).collect();
         // Ties go to the lower index so the choice is deterministic.
         order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
-        let mut chosen = order[..self.select].to_vec();
+        let mut chosen = order[..select].to_vec();
         chosen.sort_unstable();
-        let m = json!({
+        let mut m = json!({
             "byzantine": f,
-            "select": self.select,
+            "select": select,
             "scores": scores,
             "selected": chosen,
         });
+        if let Some(why) = degraded {
+            m["degraded"] = json!(why);
+        }
         Ok((chosen, m))
     }
 }
@@ -112,9 +135,33 @@ mod tests {
     }
 
     #[test]
-    fn refuses_too_few_updates() {
-        let d = vec![vec![0.0; 4]; 4];
-        let err = Krum::new(1, 1).unwrap().choose(&d).unwrap_err();
-        assert!(err.contains("at least 5"), "{err}");
+    fn too_few_updates_degrade_the_tolerance_with_a_reason() {
+        // Four points, byzantine = 1 needs five: tolerate 0 (n − 2 = 2
+        // neighbours), still pick the most central one.
+        let pts = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [50.0, 50.0]];
+        let d = distances_from_gram(&gram(&pts), &[1.0; 4]);
+        let (chosen, m) = Krum::new(1, 3).unwrap().choose(&d).unwrap();
+        assert_eq!(chosen, vec![0, 1, 2], "select 3 ≤ n − 0 = 4");
+        assert_eq!(m["byzantine"], 0);
+        let why = m["degraded"].as_str().unwrap();
+        assert!(why.contains("2·1 + 3 = 5"), "{why}");
+        let (chosen, m) = Krum::new(1, 1).unwrap().choose(&d).unwrap();
+        assert_ne!(chosen, vec![3], "the outlier is never the pick");
+        assert!(m["degraded"].is_string());
+        // Enough updates: nothing degraded.
+        let five = distances_from_gram(
+            &gram(&[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [9.0, 9.0]]),
+            &[1.0; 5],
+        );
+        let (_, m) = Krum::new(1, 1).unwrap().choose(&five).unwrap();
+        assert!(m.get("degraded").is_none());
+        // Two updates cannot be told apart: both kept; none is an error.
+        let (chosen, m) = Krum::new(2, 1)
+            .unwrap()
+            .choose(&vec![vec![0.0; 2]; 2])
+            .unwrap();
+        assert_eq!(chosen, vec![0, 1]);
+        assert!(m["degraded"].as_str().unwrap().contains("only 2"));
+        assert!(Krum::new(1, 1).unwrap().choose(&[]).is_err());
     }
 }

@@ -9,7 +9,7 @@ use fedstep_core::float::encode_all_f64;
 use fedstep_core::model::{load_dense, DenseTensor};
 use fedstep_core::writer::write_model;
 use fedstep_core::{aggregate, AggregationOutcome, AggregationRequest, Limits, PipelineConfig};
-use fedstep_core::{AggregateError, UpdateMeta, UpdateSource};
+use fedstep_core::{AggregateError, FileTarget, Input, OutputTarget, UpdateMeta, UpdateSource};
 use safetensors::Dtype;
 
 pub struct Dir {
@@ -53,10 +53,7 @@ impl Dir {
 }
 
 pub fn update(path: &Path, meta: UpdateMeta) -> UpdateSource {
-    UpdateSource {
-        path: path.to_path_buf(),
-        meta,
-    }
+    UpdateSource::file(path, meta)
 }
 
 pub fn run(
@@ -79,13 +76,14 @@ pub fn run_with_state(
 ) -> Result<(AggregationOutcome, BTreeMap<String, DenseTensor>), AggregateError> {
     let cfg = PipelineConfig::from_toml(config).unwrap();
     let out = dir.path(&format!("out-{round}.safetensors"));
+    let state_out = state_out.map(FileTarget::new);
     let outcome = aggregate(&AggregationRequest {
         updates,
-        global,
+        global: global.map(Input::file),
         config: &cfg,
-        out: &out,
-        state_in,
-        state_out,
+        out: &FileTarget::new(&out),
+        state_in: state_in.map(Input::file),
+        state_out: state_out.as_ref().map(|t| t as &dyn OutputTarget),
         round,
     })?;
     let model = load_dense(&out, &Limits::default()).unwrap();
