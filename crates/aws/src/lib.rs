@@ -17,6 +17,8 @@ mod config;
 mod dynamo;
 mod error;
 mod s3;
+mod s3_reader;
+mod s3_writer;
 mod sfn;
 mod sns;
 mod sqs;

@@ -2,24 +2,36 @@
 //! nothing holds a whole model in memory.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use aws_sdk_s3::operation::head_object::HeadObjectError;
 use aws_sdk_s3::primitives::{ByteStream, Length};
-use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart, StorageClass,
+};
 use aws_smithy_types::base64;
 use fedstep_cloud::error::Result;
-use fedstep_cloud::ports::{ObjectInfo, ObjectStore};
+use fedstep_cloud::ports::{
+    ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter, StreamingStore,
+};
 use fedstep_cloud::CloudError;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{required, AwsConfig};
 use crate::error::{code, sdk_error};
+use crate::s3_reader::S3Reader;
+use crate::s3_writer::S3Writer;
 
 /// Object metadata key holding the whole object's SHA-256 (lowercase hex).
 /// S3's own checksum of a multipart object is a checksum of the part
 /// checksums, so it cannot answer "what is this file's SHA-256"; this can.
 pub const SHA256_METADATA: &str = "fedstep-sha256";
+
+/// Object tag holding the whole object's SHA-256 where the metadata cannot:
+/// an object the aggregator streamed up in parts learns its hash only after
+/// the last byte (`s3_writer.rs`); `head` reads it when the metadata has none.
+pub const SHA256_TAG: &str = "fedstep-sha256";
 
 /// Object tag (URL-query form, as S3's `x-amz-tagging` takes it) set on
 /// client updates. The bucket's lifecycle rule expires objects under `jobs/`
@@ -69,6 +81,28 @@ impl S3Store {
 
     pub fn bucket(&self) -> &str {
         &self.bucket
+    }
+
+    /// The `fedstep-sha256` tag of a streamed object; empty when it has
+    /// none. Empty matches no checksum, so an update uploaded without one
+    /// is rejected by the validator with a clear reason.
+    async fn sha256_tag(&self, key: &str, version: Option<&str>) -> Result<String> {
+        let tags = self
+            .client
+            .get_object_tagging()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("S3 GetObjectTagging {key}"), e))?;
+        Ok(tags
+            .tag_set()
+            .iter()
+            .find(|t| t.key() == SHA256_TAG)
+            .map(|t| t.value().to_ascii_lowercase())
+            .filter(|v| fedstep_cloud::checksum::is_sha256_hex(v))
+            .unwrap_or_default())
     }
 
     /// Uploads `path` to `key`, single-part or multipart by size, with the
@@ -384,10 +418,94 @@ impl ObjectStore for S3Store {
                 .filter(|raw| raw.len() == 32)
                 .map(|raw| hex(&raw))
         };
-        // Empty when unknown: it matches no checksum, so an update uploaded
-        // without one is rejected by the validator with a clear reason.
-        let sha256 = from_metadata.or_else(from_checksum).unwrap_or_default();
+        let sha256 = match from_metadata.or_else(from_checksum) {
+            Some(sha) => sha,
+            None => self.sha256_tag(key, out.version_id()).await?,
+        };
         Ok(Some(ObjectInfo { bytes, sha256 }))
+    }
+}
+
+impl StreamingStore for S3Store {
+    async fn stat(&self, key: &str) -> Result<Option<ObjectStat>> {
+        let out = match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if matches!(e.as_service_error(), Some(HeadObjectError::NotFound(_))) => {
+                return Ok(None)
+            }
+            Err(e) => {
+                return match sdk_error(&format!("S3 HeadObject {key}"), e) {
+                    // A HEAD the object itself refuses (customer-provided
+                    // encryption answers 400, a key policy 403): the object
+                    // is there and cannot be read, which is its owner's doing.
+                    CloudError::Other(reason) => Ok(Some(ObjectStat {
+                        bytes: 0,
+                        pin: None,
+                        unreadable: Some(reason),
+                    })),
+                    transient => Err(transient),
+                };
+            }
+        };
+        let archived = matches!(
+            out.storage_class(),
+            Some(StorageClass::Glacier | StorageClass::DeepArchive)
+        ) && !out
+            .restore()
+            .is_some_and(|r| r.contains("ongoing-request=\"false\""));
+        let unreadable = if archived {
+            Some(format!(
+                "stored in the archived class {:?} (not restored)",
+                out.storage_class().map(|c| c.as_str()).unwrap_or_default()
+            ))
+        } else {
+            out.sse_customer_algorithm()
+                .map(|a| format!("encrypted with a customer-provided key ({a})"))
+        };
+        let pin = match (out.version_id(), out.e_tag()) {
+            (Some(v), _) if v != "null" => Some(format!("v:{v}")),
+            (_, Some(e)) => Some(format!("e:{e}")),
+            _ => None,
+        };
+        Ok(Some(ObjectStat {
+            bytes: out.content_length().unwrap_or(0).max(0) as u64,
+            pin,
+            unreadable,
+        }))
+    }
+
+    fn reader(
+        &self,
+        key: &str,
+        stat: &ObjectStat,
+        read_ahead: u64,
+    ) -> Result<Arc<dyn ObjectReader>> {
+        Ok(Arc::new(S3Reader::new(
+            self.client.clone(),
+            self.bucket.clone(),
+            key.to_string(),
+            stat,
+            read_ahead,
+        )?))
+    }
+
+    fn writer(&self, key: &str) -> Result<Arc<dyn ObjectWriter>> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| CloudError::Other(format!("S3 writer outside a Tokio runtime: {e}")))?;
+        Ok(Arc::new(S3Writer {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            handle,
+            staged: Default::default(),
+        }))
     }
 }
 

@@ -46,7 +46,7 @@ async fn two_clients_two_rounds_through_the_engine() {
         RecordingCallback::new(),
         clock.clone(),
         EngineConfig {
-            workdir: dir.path().join("engine"),
+            read_ahead_bytes: fedstep_cloud::DEFAULT_READ_AHEAD_BYTES,
             owner: "aggregator".into(),
             lease_seconds: 60,
         },

@@ -12,6 +12,6 @@ pub mod ports;
 pub mod records;
 pub mod timefmt;
 
-pub use engine::{EngineConfig, RoundEngine, UpdateOutcome};
+pub use engine::{EngineConfig, RoundEngine, UpdateOutcome, DEFAULT_READ_AHEAD_BYTES};
 pub use error::CloudError;
 pub use job::JobSpec;

@@ -7,6 +7,9 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::Arc;
+
+use fedstep_core::{ByteSource, OutputTarget};
 
 use serde_json::Value;
 
@@ -19,6 +22,61 @@ use crate::records::{Artifact, Notification, RoundRecord, RoundResult, UpdateRec
 pub struct ObjectInfo {
     pub bytes: u64,
     pub sha256: String,
+}
+
+/// What a HEAD tells about a stored object before any byte of it is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectStat {
+    pub bytes: u64,
+    /// What every later read is pinned to (S3: the version id, else the
+    /// ETag), so an object replaced after this stat fails the read instead
+    /// of mixing two objects. `None`: the store cannot pin (a directory).
+    pub pin: Option<String>,
+    /// Why the object cannot be read although it exists (an archived
+    /// storage class, a customer-provided encryption key); `None` when it
+    /// can.
+    pub unreadable: Option<String>,
+}
+
+/// An object the aggregation reads in place (ranged reads), pinned to one
+/// [`ObjectStat`]. Its reads are blocking: the numeric core calls them from
+/// its own threads, never from the async runtime.
+pub trait ObjectReader: ByteSource {
+    /// SHA-256 (lowercase hex) of the whole object. Bytes that were read in
+    /// order were hashed on the way, so this reads only what was skipped
+    /// (nothing, when the aggregation read the object front to back).
+    /// Blocking.
+    fn sha256(&self) -> std::io::Result<String>;
+}
+
+/// An object the aggregation writes as it produces it (S3: a multipart
+/// upload, one part at a time), without a local copy. A finished attempt
+/// is staged, not visible: the engine commits it only after every input it
+/// read was proven to be what its row committed to, so a model computed
+/// from a bad input never appears at its key, not even briefly.
+pub trait ObjectWriter: OutputTarget + Send {
+    /// Makes the last finished attempt visible at its key and returns its
+    /// size and SHA-256 (empty when it was written out of order and so
+    /// not hashed); `None` when no attempt finished. Blocking.
+    fn commit(&self) -> std::io::Result<Option<ObjectInfo>>;
+}
+
+/// The model registry as the aggregator uses it: objects read and written
+/// in place, streamed, never staged on local disk (clients and the CLI
+/// move whole files through [`ObjectStore`]).
+pub trait StreamingStore: ObjectStore {
+    /// HEAD: `None` when the object does not exist.
+    fn stat(&self, key: &str) -> impl Future<Output = Result<Option<ObjectStat>>> + Send;
+    /// Opens `key` for ranged reads pinned to `stat`, with up to
+    /// `read_ahead` bytes fetched ahead of the reader. Nothing is read yet.
+    fn reader(
+        &self,
+        key: &str,
+        stat: &ObjectStat,
+        read_ahead: u64,
+    ) -> Result<Arc<dyn ObjectReader>>;
+    /// An output at `key`, visible once an attempt finishes.
+    fn writer(&self, key: &str) -> Result<Arc<dyn ObjectWriter>>;
 }
 
 /// The model registry (S3). Objects move as files: models can be large, so

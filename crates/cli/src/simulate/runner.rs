@@ -67,7 +67,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         callback.clone(),
         SystemClock,
         EngineConfig {
-            workdir: out.join("engine"),
+            read_ahead_bytes: fedstep_cloud::DEFAULT_READ_AHEAD_BYTES,
             owner: "fedstep-simulate".into(),
             lease_seconds: 600,
         },

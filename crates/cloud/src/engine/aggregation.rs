@@ -1,25 +1,30 @@
 //! The aggregation of a claimed round, shared by the stream path (all
-//! clients in) and the deadline path (CloseRound): fetch and verify the
-//! inputs, run the numeric core, write round r+1's global model and server
-//! state, and close the round under the lease.
+//! clients in) and the deadline path (CloseRound): check every input
+//! against its row before reading a byte of it, run the numeric core over
+//! the objects in place (ranged reads, nothing staged on local disk), write
+//! round r+1's global model and server state straight to the store, and
+//! close the round under the lease.
 //!
-//! Safe to run again after a crash at any point: inputs are re-fetched, the
+//! Safe to run again after a crash at any point: inputs are read again, the
 //! outputs go to deterministic keys (a retry rewrites the same objects) and
 //! only the conditional close makes the outcome visible.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use fedstep_core::measurements::ClientStatus;
-use fedstep_core::{AggregateError, AggregationRequest, UpdateMeta, UpdateSource};
+use fedstep_core::measurements::{ClientStatus, Measurements};
+use fedstep_core::{
+    AggregateError, AggregationRequest, Input, OutputTarget, UpdateMeta, UpdateSource,
+};
 
 use super::validate::check_against_round;
-use super::workdir::WorkDir;
 use super::{metrics, stop_rule, RoundEngine};
 use crate::error::{CloudError, Result};
 use crate::job::JobSpec;
 use crate::keys;
-use crate::ports::{Clock, Ledger, Notifier, ObjectStore, TaskCallback};
+use crate::ports::{
+    Clock, Ledger, Notifier, ObjectReader, ObjectWriter, StreamingStore, TaskCallback,
+};
 use crate::records::{RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 
 /// How an aggregation attempt ended.
@@ -43,9 +48,16 @@ pub(super) fn participants(row: &RoundRecord) -> Vec<String> {
         .collect()
 }
 
+/// One update that passed the checks before reading: its row and the
+/// pinned object the core will read.
+struct Checked {
+    row: UpdateRecord,
+    reader: Arc<dyn ObjectReader>,
+}
+
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
 where
-    S: ObjectStore,
+    S: StreamingStore,
     L: Ledger,
     N: Notifier,
     C: TaskCallback,
@@ -99,84 +111,181 @@ where
         closed_by: &str,
     ) -> Result<Closing> {
         let (job_id, round) = (row.job_id.as_str(), row.round);
-        let work = WorkDir::create(&self.config.workdir, job_id, round, &self.config.owner)?;
-
-        let global = work.path().join("global.safetensors");
-        let got = self.store.get_file(&row.global_model_key, &global).await?;
-        if !got.sha256.eq_ignore_ascii_case(&row.global_checksum) {
-            // Not the clients' fault and not fixable by retrying: say so.
-            return Err(CloudError::Invalid(format!(
-                "global model `{}` hashes to {} but round {round} of job `{job_id}` was opened with {}",
-                row.global_model_key, got.sha256, row.global_checksum
-            )));
-        }
+        let global_key = &row.global_model_key;
+        let global_stat = self.store.stat(global_key).await?.ok_or_else(|| {
+            CloudError::NotFound(format!(
+                "the global model of round {round} of job `{job_id}` is gone from `{global_key}`"
+            ))
+        })?;
 
         let mut rejected = row.rejections.clone();
-        let mut sources = Vec::new();
-        let mut rows = BTreeMap::new();
-        for client in participants(row) {
-            match self.fetch_update(row, &client, work.path()).await? {
-                Ok((source, update)) => {
-                    sources.push(source);
-                    rows.insert(client, update);
+        let mut inputs: BTreeMap<String, Checked> = BTreeMap::new();
+        let candidates = participants(row);
+        // Split the read-ahead budget between the inputs, the global model
+        // and the optimizer state.
+        let read_ahead = self.config.read_ahead_bytes / (candidates.len() as u64 + 2);
+        for client in candidates {
+            match self.check_update(row, &client, read_ahead).await? {
+                Ok(checked) => {
+                    inputs.insert(client, checked);
                 }
                 Err(reason) => {
-                    self.ledger
-                        .record_rejection(job_id, round, &client, &reason)
+                    self.reject(job_id, round, &client, &reason, &mut rejected)
                         .await?;
-                    rejected.insert(client, reason);
                 }
             }
         }
-        if sources.is_empty() {
-            let detail: Vec<String> = rejected.iter().map(|(c, r)| format!("{c}: {r}")).collect();
-            return self
-                .fail(
-                    job_id,
-                    round,
-                    format!("no usable update: {}", detail.join("; ")),
-                )
-                .await;
-        }
-
+        let global = self.store.reader(global_key, &global_stat, read_ahead)?;
         let state_key = keys::server_state(job_id, round);
-        let state_in = match self.store.head(&state_key).await? {
-            Some(_) => {
-                let p = work.path().join("state_in.safetensors");
-                self.store.get_file(&state_key, &p).await?;
-                Some(p)
-            }
+        let state_in = match self.store.stat(&state_key).await? {
+            Some(stat) => Some(self.store.reader(&state_key, &stat, read_ahead)?),
             None => None,
         };
+        let out = self.store.writer(&keys::global_model(job_id, round + 1))?;
+        let state_out = self.store.writer(&keys::server_state(job_id, round + 1))?;
         let config = job.pipeline().map_err(CloudError::Invalid)?;
-        let out = work.path().join("next_global.safetensors");
-        let state_out = work.path().join("state_out.safetensors");
-        let outcome = {
-            let (out, state_out, global) = (out.clone(), state_out.clone(), global.clone());
-            // The numeric core is synchronous and CPU-bound: keep it off the
-            // async workers.
-            tokio::task::spawn_blocking(move || {
-                fedstep_core::aggregate(&AggregationRequest {
-                    updates: &sources,
-                    global: Some(&global),
-                    config: &config,
-                    out: &out,
-                    state_in: state_in.as_deref(),
-                    state_out: Some(&state_out),
-                    round: u64::from(round),
+
+        // Aggregate; then prove every accepted input hashes to what its row
+        // committed to. Reads were pinned to the object the stat saw, so a
+        // mismatch means the client committed to other bytes than it
+        // uploaded: it is rejected and the aggregation runs again without
+        // it. The outputs are staged until then, and committed only once
+        // every input is proven.
+        let measurements = loop {
+            if inputs.is_empty() {
+                let detail: Vec<String> =
+                    rejected.iter().map(|(c, r)| format!("{c}: {r}")).collect();
+                return self
+                    .fail(
+                        job_id,
+                        round,
+                        format!("no usable update: {}", detail.join("; ")),
+                    )
+                    .await;
+            }
+            let sources: Vec<UpdateSource> = inputs
+                .iter()
+                .map(|(client, c)| UpdateSource {
+                    input: Input::new(c.reader.clone()),
+                    meta: UpdateMeta {
+                        client_id: client.clone(),
+                        num_examples: c.row.num_examples.clone(),
+                        llm_type: c.row.llm_type.clone(),
+                        metrics: c.row.metrics.clone(),
+                    },
                 })
+                .collect();
+            let run = Run {
+                sources,
+                global: global.clone(),
+                state_in: state_in.clone(),
+                out: out.clone(),
+                state_out: state_out.clone(),
+                config: config.clone(),
+                round: u64::from(round),
+            };
+            // The numeric core is synchronous and CPU-bound, and its reads
+            // block on the store: keep it off the async workers.
+            let outcome = tokio::task::spawn_blocking(move || run.aggregate())
+                .await
+                .map_err(|e| CloudError::Other(format!("the aggregation task panicked: {e}")))?;
+            let measurements = match outcome {
+                Ok(m) => m,
+                Err(AggregateError::NoUsableUpdate(reason)) => {
+                    return self
+                        .fail(job_id, round, format!("no usable update: {reason}"))
+                        .await
+                }
+                Err(AggregateError::Unavailable { name, reason }) => {
+                    return Err(CloudError::Transient(format!("reading `{name}`: {reason}")))
+                }
+                // The store refused a write: the system's failure, retried.
+                Err(AggregateError::Output { name, source }) => {
+                    return Err(CloudError::Transient(format!("writing `{name}`: {source}")))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let accepted: Vec<(String, Arc<dyn ObjectReader>, String)> = measurements
+                .clients
+                .iter()
+                .filter(|c| c.status == ClientStatus::Accepted)
+                .filter_map(|c| {
+                    let i = inputs.get(&c.client_id)?;
+                    Some((
+                        c.client_id.clone(),
+                        i.reader.clone(),
+                        i.row.checksum.clone(),
+                    ))
+                })
+                .collect();
+            let global_for_hash = global.clone();
+            let hashes = tokio::task::spawn_blocking(move || {
+                let global = global_for_hash.sha256();
+                let updates: Vec<(String, String, std::io::Result<String>)> = accepted
+                    .into_iter()
+                    .map(|(client, reader, want)| (client, want, reader.sha256()))
+                    .collect();
+                (global, updates)
             })
             .await
-            .map_err(|e| CloudError::Other(format!("the aggregation task panicked: {e}")))?
-        };
-        let measurements = match outcome {
-            Ok(o) => o.measurements,
-            Err(AggregateError::NoUsableUpdate(reason)) => {
-                return self
-                    .fail(job_id, round, format!("no usable update: {reason}"))
-                    .await
+            .map_err(|e| CloudError::Other(format!("the checksum task panicked: {e}")))?;
+            let global_sha = hashes.0.map_err(|e| {
+                CloudError::Transient(format!("hashing the global model `{global_key}`: {e}"))
+            })?;
+            if !global_sha.eq_ignore_ascii_case(&row.global_checksum) {
+                // Not the clients' fault and not fixable by retrying: say so.
+                return Err(CloudError::Invalid(format!(
+                    "global model `{global_key}` hashes to {global_sha} but round {round} of job `{job_id}` was opened with {}",
+                    row.global_checksum
+                )));
             }
-            Err(e) => return Err(e.into()),
+            let mut mismatched = Vec::new();
+            for (client, want, got) in hashes.1 {
+                let reason = match got {
+                    Ok(sha) if sha.eq_ignore_ascii_case(&want) => continue,
+                    Ok(sha) => format!(
+                        "checksum: the row says {want} but the object at `{}` hashes to {sha}",
+                        inputs[&client].row.model_key
+                    ),
+                    Err(e) if fedstep_core::bytes::is_unavailable(&e) => {
+                        return Err(CloudError::Transient(format!(
+                            "hashing `{}`: {e}",
+                            inputs[&client].row.model_key
+                        )))
+                    }
+                    Err(e) => format!("model: reading it to verify its checksum failed: {e}"),
+                };
+                mismatched.push((client, reason));
+            }
+            if mismatched.is_empty() {
+                // Every input is proven: only now may the outputs appear
+                // at their keys (the state first: a model whose state is
+                // missing would restart the optimizer's moments).
+                let (o, so) = (out.clone(), state_out.clone());
+                let committed = tokio::task::spawn_blocking(move || {
+                    so.commit()?;
+                    o.commit()
+                })
+                .await
+                .map_err(|e| CloudError::Other(format!("the commit task panicked: {e}")))?
+                .map_err(|e| {
+                    CloudError::Transient(format!("committing round {}'s outputs: {e}", round + 1))
+                })?;
+                match committed {
+                    Some(info) if !info.sha256.is_empty() => break measurements,
+                    _ => {
+                        return Err(CloudError::Other(format!(
+                            "the aggregation left no hashed model to commit at `{}`",
+                            keys::global_model(job_id, round + 1)
+                        )))
+                    }
+                }
+            }
+            for (client, reason) in mismatched {
+                inputs.remove(&client);
+                self.reject(job_id, round, &client, &reason, &mut rejected)
+                    .await?;
+            }
         };
         for c in measurements
             .clients
@@ -188,20 +297,13 @@ where
                 status_name(c.status),
                 c.reason.as_deref().unwrap_or("no reason given")
             );
-            self.ledger
-                .record_rejection(job_id, round, &c.client_id, &reason)
+            self.reject(job_id, round, &c.client_id, &reason, &mut rejected)
                 .await?;
-            rejected.insert(c.client_id.clone(), reason);
         }
 
         let next_key = keys::global_model(job_id, round + 1);
-        self.store.put_file(&next_key, &out).await?;
-        if state_out.is_file() {
-            self.store
-                .put_file(&keys::server_state(job_id, round + 1), &state_out)
-                .await?;
-        }
-
+        let rows: BTreeMap<String, UpdateRecord> =
+            inputs.into_iter().map(|(c, i)| (c, i.row)).collect();
         let metrics = metrics::round_metrics(&measurements, &rows, rejected.len());
         let history = self.stop_history(job, round).await?;
         let result = RoundResult {
@@ -230,52 +332,67 @@ where
         })
     }
 
-    /// Downloads one client's update and checks it against its row. The
+    /// Records a rejection in the ledger and in this attempt's map.
+    async fn reject(
+        &self,
+        job_id: &str,
+        round: u32,
+        client: &str,
+        reason: &str,
+        rejected: &mut BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.ledger
+            .record_rejection(job_id, round, client, reason)
+            .await?;
+        rejected.insert(client.to_string(), reason.to_string());
+        Ok(())
+    }
+
+    /// Checks one client's row and object before any byte of the object is
+    /// read: the row as counted, the object's existence, size (equal to
+    /// what the row says) and readability; then pins the read to it. The
     /// inner `Err` is a rejection of that client; the outer one a failure
     /// of the attempt (e.g. the store is unreachable: worth retrying).
-    async fn fetch_update(
+    async fn check_update(
         &self,
         row: &RoundRecord,
         client: &str,
-        work: &Path,
-    ) -> Result<Result<(UpdateSource, UpdateRecord), String>> {
-        let Some(update) = self
-            .ledger
-            .get_update(client, &row.job_id, row.round)
-            .await?
-        else {
-            return Ok(Err(format!(
-                "row: no update row for `{client}` in round {} although it was counted",
-                row.round
-            )));
+        read_ahead: u64,
+    ) -> Result<std::result::Result<Checked, String>> {
+        let update = match self.ledger.get_update(client, &row.job_id, row.round).await {
+            Ok(Some(update)) => update,
+            Ok(None) => {
+                return Ok(Err(format!(
+                    "row: no update row for `{client}` in round {} although it was counted",
+                    row.round
+                )))
+            }
+            // The row is the client's own writing: one that no longer
+            // decodes (rewritten after it was counted) is its fault.
+            Err(CloudError::Invalid(reason)) => return Ok(Err(format!("row: {reason}"))),
+            Err(e) => return Err(e),
         };
         if let Err(reason) = check_against_round(&update, row) {
             return Ok(Err(reason));
         }
-        let path: PathBuf = work.join("updates").join(format!("{client}.safetensors"));
-        let got = match self.store.get_file(&update.model_key, &path).await {
-            Ok(info) => info,
-            Err(CloudError::NotFound(_)) => {
-                return Ok(Err(format!("model: no object at `{}`", update.model_key)))
-            }
-            Err(e) => return Err(e),
+        let key = &update.model_key;
+        let Some(stat) = self.store.stat(key).await? else {
+            return Ok(Err(format!("model: no object at `{key}`")));
         };
-        if !got.sha256.eq_ignore_ascii_case(&update.checksum) {
+        if let Some(why) = &stat.unreadable {
+            return Ok(Err(format!("model: `{key}` cannot be read: {why}")));
+        }
+        if stat.bytes != update.bytes {
             return Ok(Err(format!(
-                "checksum: the row says {} but the object at `{}` hashes to {}",
-                update.checksum, update.model_key, got.sha256
+                "model: the row says {} bytes but the object at `{key}` holds {}",
+                update.bytes, stat.bytes
             )));
         }
-        let source = UpdateSource {
-            path,
-            meta: UpdateMeta {
-                client_id: client.to_string(),
-                num_examples: update.num_examples.clone(),
-                llm_type: update.llm_type.clone(),
-                metrics: update.metrics.clone(),
-            },
-        };
-        Ok(Ok((source, update)))
+        let reader = self.store.reader(key, &stat, read_ahead)?;
+        Ok(Ok(Checked {
+            row: update,
+            reader,
+        }))
     }
 
     async fn fail(&self, job_id: &str, round: u32, reason: String) -> Result<Closing> {
@@ -296,6 +413,34 @@ where
             .filter_map(|r| r.result.as_ref()?.metrics.get(&stop.metric).copied())
             .filter(|v| v.is_finite())
             .collect())
+    }
+}
+
+/// One call of the numeric core, owned, so it can move to a blocking thread.
+struct Run {
+    sources: Vec<UpdateSource>,
+    global: Arc<dyn ObjectReader>,
+    state_in: Option<Arc<dyn ObjectReader>>,
+    out: Arc<dyn ObjectWriter>,
+    state_out: Arc<dyn ObjectWriter>,
+    config: fedstep_core::PipelineConfig,
+    round: u64,
+}
+
+impl Run {
+    fn aggregate(self) -> std::result::Result<Measurements, AggregateError> {
+        let out: &dyn OutputTarget = self.out.as_ref();
+        let state_out: &dyn OutputTarget = self.state_out.as_ref();
+        fedstep_core::aggregate(&AggregationRequest {
+            updates: &self.sources,
+            global: Some(Input::new(self.global)),
+            config: &self.config,
+            out,
+            state_in: self.state_in.map(|r| Input::new(r)),
+            state_out: Some(state_out),
+            round: self.round,
+        })
+        .map(|o| o.measurements)
     }
 }
 

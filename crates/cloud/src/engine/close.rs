@@ -9,7 +9,7 @@ use fedstep_core::AggregateError;
 use super::aggregation::{participants, Closing};
 use super::RoundEngine;
 use crate::error::{CloudError, Result};
-use crate::ports::{Clock, Ledger, Notifier, ObjectStore, TaskCallback};
+use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
 use crate::records::{RoundRecord, RoundResult, RoundStatus};
 
 /// How often to look again while another engine holds the round.
@@ -17,7 +17,7 @@ const POLL: Duration = Duration::from_millis(250);
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
 where
-    S: ObjectStore,
+    S: StreamingStore,
     L: Ledger,
     N: Notifier,
     C: TaskCallback,

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::RoundEngine;
 use crate::error::{CloudError, Result};
 use crate::job::JobSpec;
-use crate::ports::{Clock, Ledger, Notifier, ObjectStore, TaskCallback};
+use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
 use crate::records::{Artifact, Notification, RoundResult, RoundStatus, TrainingComplete, SCHEMA};
 use crate::timefmt::rfc3339_utc;
 
@@ -16,7 +16,7 @@ pub const UNTYPED: &str = "untyped";
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
 where
-    S: ObjectStore,
+    S: StreamingStore,
     L: Ledger,
     N: Notifier,
     C: TaskCallback,

@@ -14,22 +14,27 @@ mod start;
 mod stop_rule;
 mod update;
 mod validate;
-mod workdir;
-
-use std::path::PathBuf;
 
 pub use finalize::UNTYPED;
 pub use update::NO_USABLE_UPDATE;
 
-use crate::ports::{Clock, Ledger, Notifier, ObjectStore, TaskCallback};
+use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
 use crate::records::RoundResult;
+
+/// The default read-ahead budget: 128 MiB, well inside the smallest
+/// Lambda memory that holds the aggregator, and a few windows of several
+/// MiB per input for up to a dozen inputs (ranged GETs of that size run
+/// near S3's per-connection throughput).
+pub const DEFAULT_READ_AHEAD_BYTES: u64 = 128 << 20;
 
 /// Where and as whom an engine works.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Scratch space; round files go under `{workdir}/{job}/{round}/` and are
-    /// removed afterwards.
-    pub workdir: PathBuf,
+    /// How many bytes the aggregation may fetch ahead of its readers, over
+    /// all inputs together (the engine needs no scratch directory: inputs
+    /// are read in place and outputs written straight to the store). See
+    /// [`DEFAULT_READ_AHEAD_BYTES`].
+    pub read_ahead_bytes: u64,
     /// Lease owner name; unique per engine instance (e.g. a Lambda request id).
     pub owner: String,
     /// How long a claim on a round is held before another engine may take
@@ -52,7 +57,7 @@ pub enum UpdateOutcome {
 
 pub struct RoundEngine<S, L, N, C, K>
 where
-    S: ObjectStore,
+    S: StreamingStore,
     L: Ledger,
     N: Notifier,
     C: TaskCallback,
@@ -68,7 +73,7 @@ where
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
 where
-    S: ObjectStore,
+    S: StreamingStore,
     L: Ledger,
     N: Notifier,
     C: TaskCallback,

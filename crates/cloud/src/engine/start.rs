@@ -7,12 +7,12 @@ use super::RoundEngine;
 use crate::error::{CloudError, Result};
 use crate::job::JobSpec;
 use crate::keys;
-use crate::ports::{Clock, Ledger, Notifier, ObjectStore, OpenRound, TaskCallback};
+use crate::ports::{Clock, Ledger, Notifier, OpenRound, StreamingStore, TaskCallback};
 use crate::records::{GlobalModelReady, Notification, RoundRecord, RoundStatus, SCHEMA};
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
 where
-    S: ObjectStore,
+    S: StreamingStore,
     L: Ledger,
     N: Notifier,
     C: TaskCallback,

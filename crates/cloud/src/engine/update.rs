@@ -8,7 +8,7 @@ use super::validate::{check_against_round, check_ids};
 use super::{RoundEngine, UpdateOutcome};
 use crate::error::Result;
 use crate::job::JobSpec;
-use crate::ports::{Callback, Clock, Ledger, Notifier, ObjectStore, TaskCallback};
+use crate::ports::{Callback, Clock, Ledger, Notifier, StreamingStore, TaskCallback};
 use crate::records::{RoundRecord, RoundStatus, UpdateRecord};
 
 /// Error name sent with `SendTaskFailure` when nothing was usable.
@@ -16,7 +16,7 @@ pub const NO_USABLE_UPDATE: &str = "NoUsableUpdate";
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
 where
-    S: ObjectStore,
+    S: StreamingStore,
     L: Ledger,
     N: Notifier,
     C: TaskCallback,

@@ -12,9 +12,14 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+
+use super::fs_objects::{FsReader, FsWriter};
 use crate::checksum::{sha256_file, Sha256Hasher};
 use crate::error::{CloudError, Result};
-use crate::ports::{ObjectInfo, ObjectStore};
+use crate::ports::{
+    ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter, StreamingStore,
+};
 
 #[derive(Debug, Clone)]
 pub struct FsStore {
@@ -132,6 +137,43 @@ impl ObjectStore for FsStore {
     }
 }
 
+impl StreamingStore for FsStore {
+    async fn stat(&self, key: &str) -> Result<Option<ObjectStat>> {
+        let p = self.path_of(key)?;
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => Ok(Some(ObjectStat {
+                bytes: m.len(),
+                pin: None,
+                unreadable: None,
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn reader(
+        &self,
+        key: &str,
+        stat: &ObjectStat,
+        _read_ahead: u64,
+    ) -> Result<Arc<dyn ObjectReader>> {
+        Ok(Arc::new(FsReader {
+            key: key.to_string(),
+            path: self.path_of(key)?,
+            bytes: stat.bytes,
+        }))
+    }
+
+    fn writer(&self, key: &str) -> Result<Arc<dyn ObjectWriter>> {
+        Ok(Arc::new(FsWriter {
+            dest: self.path_of(key)?,
+            key: key.to_string(),
+            staged: Default::default(),
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +202,61 @@ mod tests {
         for bad in ["../x", "/etc/passwd", "a//b", "", "a/./b", "a/"] {
             assert!(store.head(bad).await.is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn reads_in_place_and_writes_whole_objects_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path().join("bucket")).unwrap();
+        let src = dir.path().join("in.bin");
+        std::fs::write(&src, b"abcdef").unwrap();
+        let put = store.put_file("jobs/j/x.bin", &src).await.unwrap();
+        let stat = store.stat("jobs/j/x.bin").await.unwrap().unwrap();
+        assert_eq!((stat.bytes, stat.unreadable.as_deref()), (6, None));
+        let r = store.reader("jobs/j/x.bin", &stat, 0).unwrap();
+        let mut buf = [0u8; 3];
+        r.read_exact_at(&mut buf, 2).unwrap();
+        assert_eq!(&buf, b"cde");
+        assert_eq!(r.sha256().unwrap(), put.sha256);
+        // Changed underneath the reader: refused, not mixed.
+        std::fs::write(store.path_of("jobs/j/x.bin").unwrap(), b"abcdefgh").unwrap();
+        assert!(r.read_exact_at(&mut buf, 0).is_err());
+        assert_eq!(store.stat("jobs/j/none").await.unwrap(), None);
+
+        let w = store.writer("jobs/j/out/y.bin").unwrap();
+        let sink = w.create(4).unwrap();
+        sink.write_at(0, b"wxyz").unwrap();
+        assert_eq!(
+            store.head("jobs/j/out/y.bin").await.unwrap(),
+            None,
+            "not while written"
+        );
+        sink.finish().unwrap();
+        assert_eq!(
+            store.head("jobs/j/out/y.bin").await.unwrap(),
+            None,
+            "not before commit"
+        );
+        let info = w.commit().unwrap().unwrap();
+        assert_eq!(store.head("jobs/j/out/y.bin").await.unwrap(), Some(info));
+        assert_eq!(w.commit().unwrap(), None, "committed once");
+        drop(w.create(4).unwrap());
+        let staged = w.create(4).unwrap();
+        staged.write_at(0, b"zzzz").unwrap();
+        staged.finish().unwrap();
+        drop(w);
+        let names: Vec<_> = std::fs::read_dir(store.path_of("jobs/j/out").unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("y.bin")],
+            "no partial or uncommitted attempt left"
+        );
+        assert_eq!(
+            std::fs::read(store.path_of("jobs/j/out/y.bin").unwrap()).unwrap(),
+            b"wxyz"
+        );
     }
 }

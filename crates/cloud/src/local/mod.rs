@@ -2,6 +2,7 @@
 //! harness run on. Each is a cheap `Clone` handle over shared state, so
 //! several engines (racing aggregators) can share one store and one ledger.
 
+mod fs_objects;
 mod fs_store;
 mod local_bus;
 mod manual_clock;

@@ -40,10 +40,6 @@ impl Fed {
         }
     }
 
-    pub fn workdir(&self) -> PathBuf {
-        self.dir.path().join("work")
-    }
-
     pub fn engine(&self, owner: &str) -> Engine {
         RoundEngine::new(
             self.store.clone(),
@@ -52,7 +48,7 @@ impl Fed {
             self.callback.clone(),
             self.clock.clone(),
             EngineConfig {
-                workdir: self.workdir(),
+                read_ahead_bytes: fedstep_cloud::DEFAULT_READ_AHEAD_BYTES,
                 owner: owner.into(),
                 lease_seconds: LEASE,
             },

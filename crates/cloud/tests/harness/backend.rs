@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use fedstep_cloud::error::Result as CloudResult;
 use fedstep_cloud::local::{FsStore, LocalBus, LocalQueue, ManualClock, MemLedger};
-use fedstep_cloud::ports::{ClientQueue, Ledger, Notifier, ObjectStore};
+use fedstep_cloud::ports::{ClientQueue, Ledger, Notifier, StreamingStore};
 use fedstep_cloud::records::Notification;
 
 use super::faults::RawPut;
@@ -22,7 +22,7 @@ use super::faults::RawPut;
 pub const VISIBILITY: i64 = 30;
 
 pub trait Backend {
-    type Store: ObjectStore + Clone + 'static;
+    type Store: StreamingStore + Clone + 'static;
     type Ledger: Ledger + Clone + 'static;
     type Notifier: Notifier + Clone + 'static;
     type Queue: ClientQueue + Clone + 'static;

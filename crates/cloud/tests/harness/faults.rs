@@ -18,10 +18,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use fedstep_cloud::error::{CloudError, Result};
 use fedstep_cloud::local::RecordingCallback;
 use fedstep_cloud::ports::{
-    Callback, Ledger, ObjectInfo, ObjectStore, OpenRound, PutUpdate, TaskCallback,
+    Callback, Ledger, ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter, OpenRound,
+    PutUpdate, StreamingStore, TaskCallback,
 };
 use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 use fedstep_cloud::JobSpec;
+use fedstep_core::bytes::Unavailable;
+use fedstep_core::{ByteSink, ByteSource, OutputTarget};
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -171,6 +174,138 @@ impl<S: ObjectStore + Clone> ObjectStore for FaultStore<S> {
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         self.faults.alive(&self.owner)?;
         self.inner.head(key).await
+    }
+}
+
+impl<S: StreamingStore + Clone> StreamingStore for FaultStore<S> {
+    async fn stat(&self, key: &str) -> Result<Option<ObjectStat>> {
+        self.faults.alive(&self.owner)?;
+        self.inner.stat(key).await
+    }
+
+    fn reader(
+        &self,
+        key: &str,
+        stat: &ObjectStat,
+        read_ahead: u64,
+    ) -> Result<Arc<dyn ObjectReader>> {
+        self.faults.alive(&self.owner)?;
+        Ok(Arc::new(FaultReader {
+            inner: self.inner.reader(key, stat, read_ahead)?,
+            update: key.contains("/updates/"),
+            owner: self.owner.clone(),
+            faults: self.faults.clone(),
+        }))
+    }
+
+    fn writer(&self, key: &str) -> Result<Arc<dyn ObjectWriter>> {
+        self.faults.alive(&self.owner)?;
+        Ok(Arc::new(FaultWriter {
+            inner: self.inner.writer(key)?,
+            global: key
+                .ends_with("/global.safetensors")
+                .then(|| key.to_string()),
+            owner: self.owner.clone(),
+            faults: self.faults.clone(),
+        }))
+    }
+}
+
+/// An engine-side failure as a read or write error: what the store's
+/// adapters say when the service is unreachable.
+fn as_io(e: CloudError) -> std::io::Error {
+    std::io::Error::other(Unavailable(e.to_string()))
+}
+
+/// Reads of a client's update can hit `UpdateDownload` (an S3 hiccup).
+struct FaultReader {
+    inner: Arc<dyn ObjectReader>,
+    update: bool,
+    owner: String,
+    faults: Faults,
+}
+
+impl ByteSource for FaultReader {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.faults.alive(&self.owner).map_err(as_io)?;
+        if self.update {
+            if let Some(e) = self.faults.fire(&self.owner, Point::UpdateDownload) {
+                return Err(as_io(e));
+            }
+        }
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+impl ObjectReader for FaultReader {
+    fn sha256(&self) -> std::io::Result<String> {
+        self.faults.alive(&self.owner).map_err(as_io)?;
+        self.inner.sha256()
+    }
+}
+
+/// A committed global model is recorded for the invariants, then
+/// `AfterGlobalWrite` can fire.
+struct FaultWriter {
+    inner: Arc<dyn ObjectWriter>,
+    global: Option<String>,
+    owner: String,
+    faults: Faults,
+}
+
+impl OutputTarget for FaultWriter {
+    fn create(&self, len: u64) -> std::io::Result<Box<dyn ByteSink>> {
+        self.faults.alive(&self.owner).map_err(as_io)?;
+        Ok(Box::new(FaultSink {
+            inner: self.inner.create(len)?,
+            owner: self.owner.clone(),
+            faults: self.faults.clone(),
+        }))
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+impl ObjectWriter for FaultWriter {
+    fn commit(&self) -> std::io::Result<Option<ObjectInfo>> {
+        self.faults.alive(&self.owner).map_err(as_io)?;
+        let info = self.inner.commit()?;
+        if let (Some(key), Some(info)) = (&self.global, &info) {
+            self.faults
+                .lock()
+                .global_writes
+                .entry(key.clone())
+                .or_default()
+                .push(info.sha256.clone());
+            if let Some(e) = self.faults.fire(&self.owner, Point::AfterGlobalWrite) {
+                return Err(as_io(e));
+            }
+        }
+        Ok(info)
+    }
+}
+
+struct FaultSink {
+    inner: Box<dyn ByteSink>,
+    owner: String,
+    faults: Faults,
+}
+
+impl ByteSink for FaultSink {
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.faults.alive(&self.owner).map_err(as_io)?;
+        self.inner.write_at(offset, bytes)
+    }
+    fn finish(self: Box<Self>) -> std::io::Result<()> {
+        self.faults.alive(&self.owner).map_err(as_io)?;
+        self.inner.finish()
     }
 }
 

@@ -269,7 +269,7 @@ impl<B: Backend> Sim<B> {
                     },
                     clock.clone(),
                     EngineConfig {
-                        workdir: dir.path().join("work"),
+                        read_ahead_bytes: fedstep_cloud::DEFAULT_READ_AHEAD_BYTES,
                         owner,
                         lease_seconds: LEASE,
                     },

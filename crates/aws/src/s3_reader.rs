@@ -1,0 +1,305 @@
+//! An S3 object read in place by the aggregation: positioned reads served
+//! from ranged GETs of fixed windows, fetched concurrently ahead of the
+//! reader within a byte budget, every GET pinned to the version (or ETag)
+//! the aggregator's HEAD saw. Nothing touches local disk.
+//!
+//! The numeric core reads each input front to back (tensors in file
+//! order, blocks in order), so the windows after the one being read are
+//! the ones it needs next; a read elsewhere drops the read-ahead and starts
+//! again there. Bytes consumed in order are hashed on the way, so checking
+//! the object's SHA-256 afterwards costs no second download.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
+
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use bytes::Bytes;
+use fedstep_cloud::ports::{ObjectReader, ObjectStat};
+use fedstep_cloud::CloudError;
+use fedstep_core::bytes::Unavailable;
+use fedstep_core::ByteSource;
+use sha2::{Digest, Sha256};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+use crate::error::sdk_error;
+use crate::s3::hex;
+
+/// Windows fetched ahead of the one being read (itself included).
+const DEPTH: u64 = 4;
+const MIN_WINDOW: u64 = 256 << 10;
+const MAX_WINDOW: u64 = 16 << 20;
+
+/// What every GET of one reader is conditioned on.
+#[derive(Debug, Clone)]
+enum Pin {
+    Version(String),
+    ETag(String),
+    None,
+}
+
+pub(crate) struct S3Reader {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    key: String,
+    len: u64,
+    pin: Pin,
+    window: u64,
+    handle: Handle,
+    state: Mutex<State>,
+    sha256: OnceLock<String>,
+}
+
+type Fetch = JoinHandle<std::io::Result<Bytes>>;
+
+#[derive(Default)]
+struct State {
+    /// Window index → its bytes, or the GET still under way.
+    windows: BTreeMap<u64, Window>,
+    hasher: Sha256,
+    /// Bytes `[0, hashed)` went through `hasher`, in order.
+    hashed: u64,
+}
+
+enum Window {
+    Pending(Fetch),
+    Ready(Bytes),
+}
+
+impl S3Reader {
+    /// `stat.pin` is `v:<version id>` or `e:<etag>` (see `S3Store::stat`).
+    /// Must be called inside the Tokio runtime that will run the GETs.
+    pub(crate) fn new(
+        client: aws_sdk_s3::Client,
+        bucket: String,
+        key: String,
+        stat: &ObjectStat,
+        read_ahead: u64,
+    ) -> Result<S3Reader, CloudError> {
+        let handle = Handle::try_current()
+            .map_err(|e| CloudError::Other(format!("S3 reader outside a Tokio runtime: {e}")))?;
+        let pin = match stat.pin.as_deref() {
+            Some(p) if p.starts_with("v:") => Pin::Version(p[2..].to_string()),
+            Some(p) if p.starts_with("e:") => Pin::ETag(p[2..].to_string()),
+            _ => Pin::None,
+        };
+        Ok(S3Reader {
+            client,
+            bucket,
+            key,
+            len: stat.bytes,
+            pin,
+            window: (read_ahead / DEPTH).clamp(MIN_WINDOW, MAX_WINDOW),
+            handle,
+            state: Mutex::new(State::default()),
+            sha256: OnceLock::new(),
+        })
+    }
+
+    fn windows(&self) -> u64 {
+        self.len.div_ceil(self.window)
+    }
+
+    /// Starts the ranged GET of window `w`.
+    fn fetch(&self, w: u64) -> Fetch {
+        let start = w * self.window;
+        let end = (start + self.window).min(self.len);
+        self.handle
+            .spawn(get_range(self.request(), self.key.clone(), start, end))
+    }
+
+    fn request(&self) -> aws_sdk_s3::operation::get_object::builders::GetObjectFluentBuilder {
+        let req = self.client.get_object().bucket(&self.bucket).key(&self.key);
+        match &self.pin {
+            Pin::Version(v) => req.version_id(v),
+            Pin::ETag(e) => req.if_match(e),
+            Pin::None => req,
+        }
+    }
+
+    /// The bytes of window `w`, keeping windows `w..w+DEPTH` requested and
+    /// dropping every other one.
+    fn window_bytes(&self, w: u64) -> std::io::Result<Bytes> {
+        let pending = {
+            let mut st = self.lock();
+            let keep = w..(w + DEPTH).min(self.windows());
+            let stale: Vec<u64> = st
+                .windows
+                .keys()
+                .copied()
+                .filter(|i| !keep.contains(i))
+                .collect();
+            for i in stale {
+                if let Some(Window::Pending(job)) = st.windows.remove(&i) {
+                    job.abort();
+                }
+            }
+            for i in keep {
+                if !st.windows.contains_key(&i) {
+                    let job = self.fetch(i);
+                    st.windows.insert(i, Window::Pending(job));
+                }
+            }
+            match st.windows.remove(&w) {
+                Some(Window::Ready(b)) => {
+                    st.windows.insert(w, Window::Ready(b.clone()));
+                    return Ok(b);
+                }
+                Some(Window::Pending(job)) => job,
+                None => unreachable!("window {w} was requested above"),
+            }
+        };
+        // Wait without holding the lock.
+        let bytes = self
+            .handle
+            .block_on(pending)
+            .map_err(|e| std::io::Error::other(Unavailable(format!("S3 GET task: {e}"))))??;
+        let mut st = self.lock();
+        if w * self.window == st.hashed {
+            st.hasher.update(&bytes);
+            st.hashed += bytes.len() as u64;
+        }
+        st.windows.insert(w, Window::Ready(bytes.clone()));
+        Ok(bytes)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ByteSource for S3Reader {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.len)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        if end > self.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "read of {}..{end} past the end of {} bytes",
+                    offset, self.len
+                ),
+            ));
+        }
+        let mut pos = offset;
+        while pos < end {
+            let w = pos / self.window;
+            let bytes = self.window_bytes(w)?;
+            let from = (pos - w * self.window) as usize;
+            let take = ((end - pos) as usize).min(bytes.len() - from);
+            let at = (pos - offset) as usize;
+            buf[at..at + take].copy_from_slice(&bytes[from..from + take]);
+            pos += take as u64;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.key.clone()
+    }
+}
+
+impl ObjectReader for S3Reader {
+    fn sha256(&self) -> std::io::Result<String> {
+        if let Some(done) = self.sha256.get() {
+            return Ok(done.clone());
+        }
+        let mut st = self.lock();
+        // Whatever the aggregation did not read in order: fetched now,
+        // window by window, outside the read-ahead.
+        while st.hashed < self.len {
+            let start = st.hashed;
+            let end = (start + self.window).min(self.len);
+            let bytes =
+                self.handle
+                    .block_on(get_range(self.request(), self.key.clone(), start, end))?;
+            st.hasher.update(&bytes);
+            st.hashed = end;
+        }
+        let hex = hex(&st.hasher.clone().finalize());
+        Ok(self.sha256.get_or_init(|| hex).clone())
+    }
+}
+
+/// One ranged GET, as a read: the object's own problems (it changed since
+/// the HEAD, vanished, is archived, is encrypted with a key we cannot use,
+/// access denied) are plain errors, which reject its owner; the service
+/// being busy or unreachable after the SDK's retries is [`Unavailable`].
+async fn get_range(
+    req: aws_sdk_s3::operation::get_object::builders::GetObjectFluentBuilder,
+    key: String,
+    start: u64,
+    end: u64,
+) -> std::io::Result<Bytes> {
+    let want = end - start;
+    let out = req
+        .range(format!("bytes={start}-{}", end.saturating_sub(1)))
+        .send()
+        .await
+        .map_err(|e| {
+            let code = e.code().map(str::to_string);
+            let mapped = sdk_error(&format!("S3 GetObject {key} bytes {start}-{end}"), e);
+            read_error(code.as_deref(), mapped)
+        })?;
+    let body = out.body.collect().await.map_err(|e| {
+        std::io::Error::other(Unavailable(format!(
+            "S3 GetObject {key}: reading the body: {e}"
+        )))
+    })?;
+    let bytes = body.into_bytes();
+    if bytes.len() as u64 != want {
+        return Err(std::io::Error::other(format!(
+            "S3 GetObject {key}: asked for {want} bytes at {start}, got {} (the object changed?)",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Which side a failed GET is on (see [`get_range`]).
+fn read_error(code: Option<&str>, err: CloudError) -> std::io::Error {
+    match (code, err) {
+        (Some("PreconditionFailed"), e) => {
+            std::io::Error::other(format!("the object changed after it was checked ({e})"))
+        }
+        (_, CloudError::Transient(msg)) => std::io::Error::other(Unavailable(msg)),
+        (_, e) => std::io::Error::other(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_services_are_the_systems_and_object_errors_the_clients() {
+        let busy = read_error(
+            Some("SlowDown"),
+            CloudError::Transient("S3 GetObject k: SlowDown (HTTP 503)".into()),
+        );
+        assert!(fedstep_core::bytes::is_unavailable(&busy));
+        for (code, err) in [
+            (
+                "PreconditionFailed",
+                CloudError::Other("412 PreconditionFailed".into()),
+            ),
+            ("AccessDenied", CloudError::Other("403 AccessDenied".into())),
+            (
+                "InvalidObjectState",
+                CloudError::Other("403 InvalidObjectState".into()),
+            ),
+            ("NoSuchVersion", CloudError::Other("404".into())),
+        ] {
+            let e = read_error(Some(code), err);
+            assert!(!fedstep_core::bytes::is_unavailable(&e), "{code}");
+        }
+        assert!(
+            read_error(Some("PreconditionFailed"), CloudError::Other("x".into()))
+                .to_string()
+                .contains("changed after it was checked")
+        );
+    }
+}

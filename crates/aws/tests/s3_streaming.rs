@@ -1,0 +1,236 @@
+//! The aggregator's in-place S3 I/O against the emulators: ranged,
+//! pinned, read-ahead reads (`StreamingStore::reader`) and outputs
+//! uploaded in parts as they are produced (`StreamingStore::writer`).
+//! Setup: see common/mod.rs.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::unique;
+use fedstep_aws::aws_sdk_s3::primitives::ByteStream;
+use fedstep_aws::aws_sdk_s3::types::StorageClass;
+use fedstep_cloud::ports::{ObjectStore, ObjectWriter, StreamingStore};
+use fedstep_core::bytes::is_unavailable;
+use sha2::{Digest, Sha256};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reproducible, incompressible bytes.
+fn content(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn put(env: &common::TestEnv, key: &str, bytes: &[u8]) {
+    env.s3
+        .put_object()
+        .bucket(env.store().bucket())
+        .key(key)
+        .body(ByteStream::from(bytes.to_vec()))
+        .send()
+        .await
+        .unwrap();
+}
+
+/// Runs blocking reader/writer calls where the aggregation runs them.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_serves_positioned_reads_from_ranged_gets_and_hashes_on_the_way() {
+    let Some(env) = common::env().await else {
+        return;
+    };
+    let store = env.store();
+    let key = format!("jobs/{}/rounds/1/updates/site-a.safetensors", unique("rd"));
+    // Several 256 KiB windows (the smallest) and a ragged end.
+    let data = content(1_300_017, 3);
+    put(&env, &key, &data).await;
+    let stat = store.stat(&key).await.unwrap().expect("the object");
+    assert_eq!(stat.bytes, data.len() as u64);
+    assert!(stat.pin.is_some(), "reads are pinned: {stat:?}");
+    assert_eq!(stat.unreadable, None);
+
+    // Front to back, in blocks that straddle windows: the hash comes free.
+    let reader = store.reader(&key, &stat, 1 << 20).unwrap();
+    let expect = data.clone();
+    let r = reader.clone();
+    let (got, sha) = blocking(move || {
+        let mut got = vec![0u8; expect.len()];
+        for (i, chunk) in got.chunks_mut(100_003).enumerate() {
+            r.read_exact_at(chunk, (i * 100_003) as u64).unwrap();
+        }
+        (got, r.sha256().unwrap())
+    })
+    .await;
+    assert!(got == data, "the bytes read back differ");
+    assert_eq!(sha, hex(&Sha256::digest(&data)));
+
+    // Out of order (a tensor layout unlike the reference's): still right,
+    // and the hash reads what was skipped.
+    let reader = store.reader(&key, &stat, 1 << 20).unwrap();
+    let expect = data.clone();
+    let sha = blocking(move || {
+        let mut buf = vec![0u8; 5000];
+        for off in [900_000u64, 10, 1_295_017, 400_000] {
+            reader.read_exact_at(&mut buf, off).unwrap();
+            assert_eq!(buf, expect[off as usize..off as usize + 5000], "at {off}");
+        }
+        let mut past = vec![0u8; 10];
+        let err = reader.read_exact_at(&mut past, 1_300_010).unwrap_err();
+        assert!(!is_unavailable(&err), "past the end is the input's problem");
+        reader.sha256().unwrap()
+    })
+    .await;
+    assert_eq!(sha, hex(&Sha256::digest(&data)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_replaced_after_its_stat_never_mixes_into_a_read() {
+    let Some(env) = common::env().await else {
+        return;
+    };
+    let store = env.store();
+    let key = format!("jobs/{}/rounds/1/updates/site-b.safetensors", unique("pin"));
+    let first = content(600_000, 5);
+    put(&env, &key, &first).await;
+    let stat = store.stat(&key).await.unwrap().unwrap();
+    let reader = store.reader(&key, &stat, 1 << 20).unwrap();
+    // The client overwrites its object between our HEAD and our reads.
+    let second = content(600_000, 6);
+    put(&env, &key, &second).await;
+    let result = blocking(move || {
+        let mut buf = vec![0u8; 600_000];
+        reader.read_exact_at(&mut buf, 0).map(|_| buf)
+    })
+    .await;
+    match result {
+        // Versioned bucket: the read is pinned to the version we checked.
+        Ok(buf) => assert!(buf == first, "read bytes of the replacement"),
+        // ETag pin: the read is refused, as the object's (its owner's) fault.
+        Err(e) => {
+            assert!(!is_unavailable(&e), "{e}");
+            assert!(e.to_string().contains("changed"), "{e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_objects_are_reported_unreadable_before_any_read() {
+    let Some(env) = common::env().await else {
+        return;
+    };
+    let store = env.store();
+    let key = format!(
+        "jobs/{}/rounds/1/updates/site-c.safetensors",
+        unique("arch")
+    );
+    env.s3
+        .put_object()
+        .bucket(store.bucket())
+        .key(&key)
+        .storage_class(StorageClass::Glacier)
+        .body(ByteStream::from(content(1000, 7)))
+        .send()
+        .await
+        .unwrap();
+    let stat = store.stat(&key).await.unwrap().expect("it exists");
+    let why = stat.unreadable.expect("a GLACIER object cannot be read");
+    assert!(why.contains("archived"), "{why}");
+    assert_eq!(store.stat(&format!("{key}.none")).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_uploads_parts_as_they_fill_and_tags_the_hash() {
+    let Some(env) = common::env().await else {
+        return;
+    };
+    let store = env.store();
+    let key = format!("jobs/{}/rounds/2/global.safetensors", unique("wr"));
+    // Three 8 MiB parts, the last one short.
+    let data = content(20 * (1 << 20) + 123, 9);
+    let writer: Arc<dyn ObjectWriter> = store.writer(&key).unwrap();
+    let (w, d) = (writer.clone(), data.clone());
+    blocking(move || {
+        let sink = w.create(d.len() as u64).unwrap();
+        for (i, chunk) in d.chunks(1_000_003).enumerate() {
+            sink.write_at((i * 1_000_003) as u64, chunk).unwrap();
+        }
+        sink.finish().unwrap();
+    })
+    .await;
+    // Finished is not visible: the engine commits after proving its inputs.
+    assert_eq!(store.head(&key).await.unwrap(), None);
+    let w = writer.clone();
+    let written = blocking(move || w.commit())
+        .await
+        .unwrap()
+        .expect("finished");
+    let sha = hex(&Sha256::digest(&data));
+    assert_eq!(
+        (written.bytes, written.sha256.as_str()),
+        (data.len() as u64, sha.as_str())
+    );
+    // head() finds the hash in the tag (a multipart object's metadata
+    // could not hold it), and the bytes are the ones written.
+    let head = store.head(&key).await.unwrap().unwrap();
+    assert_eq!(head.sha256, sha);
+    let dir = tempfile::tempdir().unwrap();
+    let got = store.get_file(&key, &dir.path().join("g")).await.unwrap();
+    assert_eq!(got.sha256, sha);
+
+    // Written out of order (two regions filled side by side): the same
+    // bytes arrive, without a hash.
+    let key2 = format!("{key}.state");
+    let writer = store.writer(&key2).unwrap();
+    let (w, d) = (writer.clone(), data.clone());
+    blocking(move || {
+        let sink = w.create(d.len() as u64).unwrap();
+        let half = d.len() / 2;
+        for start in (0..d.len() - half).step_by(700_001) {
+            if start < half {
+                let end = (start + 700_001).min(half);
+                sink.write_at(start as u64, &d[start..end]).unwrap();
+            }
+            let (s2, e2) = (half + start, (half + start + 700_001).min(d.len()));
+            sink.write_at(s2 as u64, &d[s2..e2]).unwrap();
+        }
+        sink.finish().unwrap();
+    })
+    .await;
+    let w = writer.clone();
+    assert_eq!(
+        blocking(move || w.commit()).await.unwrap().unwrap().sha256,
+        ""
+    );
+    let got = store.get_file(&key2, &dir.path().join("s")).await.unwrap();
+    assert_eq!(got.sha256, sha);
+
+    // An attempt dropped before `finish` leaves no object.
+    let key3 = format!("{key}.abandoned");
+    let writer = store.writer(&key3).unwrap();
+    blocking(move || {
+        let sink = writer.create(10 << 20).unwrap();
+        sink.write_at(0, &[1u8; 9 << 20]).unwrap();
+        let short = writer.create(4).unwrap();
+        short.write_at(0, b"ab").unwrap();
+        assert!(short.finish().is_err(), "2 of 4 bytes written");
+        // Finished but never committed: dropping the writer abandons it.
+        let staged = writer.create(3).unwrap();
+        staged.write_at(0, b"abc").unwrap();
+        staged.finish().unwrap();
+    })
+    .await;
+    assert_eq!(store.head(&key3).await.unwrap(), None);
+}
