@@ -1,12 +1,10 @@
 //! The round engine (fedstep-cloud) over the AWS adapters.
 
-use std::path::PathBuf;
-
 use fedstep_aws::{AwsConfig, DynamoLedger, S3Store, SfnCallback, SnsNotifier};
 use fedstep_cloud::engine::{EngineConfig, RoundEngine, UpdateOutcome};
 use fedstep_cloud::ports::SystemClock;
 use fedstep_cloud::records::{RoundRecord, RoundResult, UpdateRecord};
-use fedstep_cloud::{CloudError, JobSpec};
+use fedstep_cloud::{CloudError, JobSpec, DEFAULT_READ_AHEAD_BYTES};
 use serde_json::Value;
 
 use crate::handlers::Aggregator;
@@ -17,7 +15,7 @@ pub type AwsEngine = RoundEngine<S3Store, DynamoLedger, SnsNotifier, SfnCallback
 /// so a live aggregation is never taken over; a crashed one is, after this.
 const DEFAULT_LEASE_SECONDS: i64 = 960;
 
-pub fn build(cfg: &AwsConfig, owner: String, workdir: PathBuf) -> Result<AwsEngine, String> {
+pub fn build(cfg: &AwsConfig, owner: String) -> Result<AwsEngine, String> {
     let lease_seconds = match std::env::var("FEDSTEP_LEASE_SECONDS") {
         Ok(v) => v
             .trim()
@@ -35,7 +33,7 @@ pub fn build(cfg: &AwsConfig, owner: String, workdir: PathBuf) -> Result<AwsEngi
         SfnCallback::from_config(cfg),
         SystemClock,
         EngineConfig {
-            workdir,
+            read_ahead_bytes: DEFAULT_READ_AHEAD_BYTES,
             owner,
             lease_seconds,
         },

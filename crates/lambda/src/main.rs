@@ -100,7 +100,7 @@ fn run_lambda() -> Result<(), String> {
             std::env::var("AWS_LAMBDA_LOG_STREAM_NAME").unwrap_or_else(|_| "unknown".into()),
             std::process::id()
         );
-        let engine = engine::build(&cfg, owner, PathBuf::from("/tmp/fedstep"))?;
+        let engine = engine::build(&cfg, owner)?;
         lambda::run(Arc::new(engine))
             .await
             .map_err(|e| e.to_string())
@@ -153,8 +153,7 @@ fn run_local(
                 .await;
         let cfg = AwsConfig::new(sdk, settings);
         let owner = format!("local:{}:{}", opts.worker_name, std::process::id());
-        let workdir = std::env::temp_dir().join(format!("fedstep-lambda-{}", std::process::id()));
-        let engine = Arc::new(engine::build(&cfg, owner, workdir)?);
+        let engine = Arc::new(engine::build(&cfg, owner)?);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;

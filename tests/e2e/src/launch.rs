@@ -7,15 +7,43 @@ use crate::{Binaries, Deployment, Process};
 
 /// `fedstep-lambda local --deploy <json>`: the aggregator of the deployment.
 /// Every worker takes activity tasks and reads the whole stream itself.
+///
+/// The aggregator needs no scratch space: the worker runs with `TMPDIR`
+/// pointing at a directory that does not exist and with its working
+/// directory in an empty one ([`worker_scratch`]) that scenarios check is
+/// still empty at the end.
 pub fn worker(d: &Deployment, bins: &Binaries, name: &str) -> Process {
+    let cwd = worker_scratch(d, name);
+    std::fs::create_dir_all(&cwd).expect("the worker's working directory");
     let mut cmd = Command::new(&bins.lambda);
     cmd.arg("local")
         .arg("--deploy")
         .arg(&d.json_path)
         .args(["--worker-name", name])
+        .current_dir(&cwd)
         .envs(&d.aws_env)
+        .env("TMPDIR", d.path(&format!("{name}-no-tmp-here")))
         .env("RUST_LOG", "info");
     Process::spawn(name, cmd, &d.path(&format!("{name}.log")))
+}
+
+/// The working directory a worker runs in; nothing should appear there.
+pub fn worker_scratch(d: &Deployment, name: &str) -> std::path::PathBuf {
+    d.path(&format!("{name}-cwd"))
+}
+
+/// Panics if a worker left anything in its working directory or created
+/// its `TMPDIR`: the aggregation reads and writes the store in place.
+pub fn assert_worker_wrote_nothing(d: &Deployment, name: &str) {
+    let left: Vec<_> = std::fs::read_dir(worker_scratch(d, name))
+        .expect("the worker's working directory")
+        .map(|e| e.map(|e| e.path()))
+        .collect();
+    assert!(left.is_empty(), "worker {name} wrote {left:?}");
+    assert!(
+        !d.path(&format!("{name}-no-tmp-here")).exists(),
+        "worker {name} created its TMPDIR"
+    );
 }
 
 /// `fedstep-client run --config <client>.toml`.

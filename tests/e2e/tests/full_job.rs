@@ -58,6 +58,9 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
         );
     }
 
+    // The aggregator streamed from and to S3: it wrote no local file.
+    launch::assert_worker_wrote_nothing(&d, "worker-a");
+
     // The ledger: three CLOSED rounds, every client accepted in each.
     d.closed_rounds(&job_id, 3, &CLIENTS, "stream").await;
     let ledger = d.ledger();
@@ -76,7 +79,19 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
         }
     };
     for round in 1..=3u32 {
-        let (global, _) = read(keys::global_model(&job_id, round + 1)).await;
+        let key = keys::global_model(&job_id, round + 1);
+        let (global, sha) = read(key.clone()).await;
+        // Uploaded in parts as it was produced: its SHA-256 (what the next
+        // round announces to the clients) is the object tag the stream set.
+        let head = store
+            .head(&key)
+            .await
+            .unwrap()
+            .expect("the next global model");
+        assert_eq!(
+            head.sha256, sha,
+            "round {round}: the stored SHA-256 of `{key}`"
+        );
         let mut weighted = Vec::new();
         for c in CLIENTS {
             let row = ledger
