@@ -6,6 +6,7 @@
 use super::aggregation::{participants, Closing};
 use super::validate::{check_against_round, check_ids};
 use super::{RoundEngine, UpdateOutcome};
+use crate::bounded;
 use crate::error::Result;
 use crate::job::JobSpec;
 use crate::ports::{Callback, Clock, Ledger, Notifier, ObjectStore, TaskCallback};
@@ -105,10 +106,10 @@ where
         } else if let Some(earlier) = row.rejections.get(client) {
             // Already rejected for a rule while the round was OPEN: keep
             // that specific reason rather than overwrite it with "late".
-            format!(
+            bounded::reason(&format!(
                 "replay: round {} is {:?} and this update was already rejected ({earlier})",
                 row.round, row.status
-            )
+            ))
         } else {
             let reason = format!(
                 "late: round {} is {:?}; updates are no longer accepted",
@@ -167,10 +168,10 @@ where
                 if let Some(token) = &token {
                     let _: Callback = self.callback.fail(token, NO_USABLE_UPDATE, &reason).await?;
                 }
-                Ok(UpdateOutcome::Rejected(format!(
+                Ok(UpdateOutcome::Rejected(bounded::reason(&format!(
                     "round {} failed: {reason}",
                     claimed.round
-                )))
+                ))))
             }
         }
     }
