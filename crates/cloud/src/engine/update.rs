@@ -4,7 +4,7 @@
 //! round and aggregate; exactly one invocation wins the claim.
 
 use super::aggregation::{participants, Closing};
-use super::validate::{check_against_round, check_ids};
+use super::validate::{check_against_round, check_expected, check_ids};
 use super::{RoundEngine, UpdateOutcome};
 use crate::bounded;
 use crate::error::Result;
@@ -26,9 +26,12 @@ where
     /// One INSERT from the `updates` stream.
     ///
     /// - `Rejected`: the row breaks a rule (the reason names it); recorded
-    ///   in the round's rejections when the round exists. Also returned when
-    ///   this row completed the round but no update at all was usable (the
-    ///   round is then FAILED and the workflow told so).
+    ///   in the round's rejections when the round exists and the row's
+    ///   client is one of its expected clients. A row from any other client
+    ///   is only reported (logged by the caller), never written into the
+    ///   round it names. Also returned when this row completed the round but
+    ///   no update at all was usable (the round is then FAILED and the
+    ///   workflow told so).
     /// - `Late`: the round is past OPEN. A row that was already counted or
     ///   rejected (a replay) is not recorded again, so an earlier rejection
     ///   keeps its reason; a new one is recorded as late.
@@ -54,6 +57,11 @@ where
                 "round: job `{job_id}` has no round {round}"
             )));
         };
+        if let Err(reason) = check_expected(update, &row) {
+            // Whatever the round's state: a client cannot write into the
+            // item of a round it is not part of, not even a rejection.
+            return Ok(UpdateOutcome::Rejected(reason));
+        }
         if row.status != RoundStatus::Open {
             return self.on_update_past_open(&job, &row, client).await;
         }
@@ -91,7 +99,8 @@ where
         self.claim_and_aggregate(&job, &after).await
     }
 
-    /// A row for a round that is AGGREGATING, CLOSED or FAILED.
+    /// A row of an expected client for a round that is AGGREGATING, CLOSED
+    /// or FAILED.
     async fn on_update_past_open(
         &self,
         job: &JobSpec,
