@@ -7,6 +7,7 @@
 //! lease, close by owner) and object keys are deterministic.
 
 mod aggregation;
+mod answered;
 mod close;
 mod finalize;
 mod metrics;
@@ -23,6 +24,7 @@ pub use update::NO_USABLE_UPDATE;
 
 use crate::ports::{Clock, Ledger, Notifier, ObjectStore, TaskCallback};
 use crate::records::RoundResult;
+use answered::Answered;
 
 /// Where and as whom an engine works.
 #[derive(Debug, Clone)]
@@ -64,6 +66,8 @@ where
     callback: C,
     clock: K,
     config: EngineConfig,
+    /// Task tokens this engine already had an answer on.
+    answered: Answered,
 }
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
@@ -89,6 +93,7 @@ where
             callback,
             clock,
             config,
+            answered: Answered::default(),
         }
     }
 

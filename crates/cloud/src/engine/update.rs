@@ -7,10 +7,10 @@ use super::aggregation::{participants, Closing};
 use super::validate::{check_against_round, check_expected, check_ids};
 use super::{RoundEngine, UpdateOutcome};
 use crate::bounded;
-use crate::error::Result;
+use crate::error::{CloudError, Result};
 use crate::job::JobSpec;
 use crate::ports::{Callback, Clock, Ledger, Notifier, ObjectStore, TaskCallback};
-use crate::records::{RoundRecord, RoundStatus, UpdateRecord};
+use crate::records::{RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 
 /// Error name sent with `SendTaskFailure` when nothing was usable.
 pub const NO_USABLE_UPDATE: &str = "NoUsableUpdate";
@@ -34,7 +34,9 @@ where
     ///   workflow told so).
     /// - `Late`: the round is past OPEN. A row that was already counted or
     ///   rejected (a replay) is not recorded again, so an earlier rejection
-    ///   keeps its reason; a new one is recorded as late.
+    ///   keeps its reason; a new one is recorded as late. If the stream path
+    ///   closed the round, the stored result is sent to its task token
+    ///   again unless this engine already did (see `resend_result`).
     /// - `Recorded`: counted; `received` counts usable updates so far.
     /// - `Aggregated`: this row completed the round and this engine closed it.
     ///
@@ -135,7 +137,49 @@ where
         if row.status == RoundStatus::Aggregating && expired {
             return self.claim_and_aggregate(job, row).await;
         }
+        if let (RoundStatus::Closed, Some(token), Some(result)) =
+            (row.status, &row.task_token, &row.result)
+        {
+            self.resend_result(row, token, result).await?;
+        }
         Ok(UpdateOutcome::Late(reason))
+    }
+
+    /// The stream path closed this round, but its aggregator may have died
+    /// (or had its `SendTaskSuccess` fail) after the CLOSED write and
+    /// before the callback; the stream then redelivers the row that
+    /// completed the round, and it lands here. Sending the stored result to
+    /// the stored token finishes the StartRound task now instead of at its
+    /// deadline (where CloseRound would return the same stored result).
+    ///
+    /// "Once" is Step Functions' own guarantee, not ours: a task token
+    /// accepts one answer, and a call on an answered or timed-out token is
+    /// refused (TaskTimedOut / InvalidToken), which the callback port
+    /// reports as `WorkflowMovedOn`, not an error. No ledger flag could do
+    /// better (an aggregator can die between sending and recording that it
+    /// sent) and one would need a write per round. So a replay re-sends
+    /// unless:
+    /// - the deadline path closed the round: CloseRound runs only after the
+    ///   StartRound task timed out, so that token is dead and the result
+    ///   was CloseRound's own output;
+    /// - this engine already had an answer on this token (it closed the
+    ///   round and called back, or re-sent before): the common replay
+    ///   right after a close costs nothing.
+    ///
+    /// A re-send that fails is an `Err`, so the stream retries the row.
+    async fn resend_result(
+        &self,
+        row: &RoundRecord,
+        token: &str,
+        result: &RoundResult,
+    ) -> Result<()> {
+        if result.closed_by != "stream" || self.answered.contains(&row.job_id, row.round, token) {
+            return Ok(());
+        }
+        let output = encode(result)?;
+        let _: Callback = self.callback.succeed(token, &output).await?;
+        self.answered.insert(&row.job_id, row.round, token);
+        Ok(())
     }
 
     /// Claims the round (or takes over an expired lease) and, if this
@@ -163,12 +207,11 @@ where
         match self.aggregate_claimed(job, &claimed, "stream").await? {
             Closing::Closed(result) => {
                 if let Some(token) = &token {
-                    let output = serde_json::to_value(&result).map_err(|e| {
-                        crate::error::CloudError::Other(format!("encoding the round result: {e}"))
-                    })?;
+                    let output = encode(&result)?;
                     // WorkflowMovedOn: the deadline path owns the round now
                     // and will return the stored result itself.
                     let _: Callback = self.callback.succeed(token, &output).await?;
+                    self.answered.insert(&claimed.job_id, claimed.round, token);
                 }
                 Ok(UpdateOutcome::Aggregated(result))
             }
@@ -184,4 +227,10 @@ where
             }
         }
     }
+}
+
+/// The round result as the task output.
+fn encode(result: &RoundResult) -> Result<serde_json::Value> {
+    serde_json::to_value(result)
+        .map_err(|e| CloudError::Other(format!("encoding the round result: {e}")))
 }
