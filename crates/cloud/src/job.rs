@@ -23,6 +23,7 @@
 
 use std::collections::BTreeSet;
 
+use fedstep_core::stages::StageConfig;
 use fedstep_core::PipelineConfig;
 use serde::{Deserialize, Serialize};
 
@@ -112,7 +113,29 @@ impl JobSpec {
                 return Err("[stop] target must be a finite number".into());
             }
         }
-        self.pipeline().map(|_| ())
+        let pipeline = self.pipeline()?;
+        self.check_krum(&pipeline)
+    }
+
+    /// Krum scores each update by its distances to its n − f − 2 nearest
+    /// others, which needs n ≥ 2f + 3 updates. The deadline path aggregates
+    /// with as few as min_clients, so a smaller quorum would let a round
+    /// open that cannot be aggregated when it closes at its quorum.
+    fn check_krum(&self, pipeline: &PipelineConfig) -> Result<(), String> {
+        for (i, stage) in pipeline.stages.iter().enumerate() {
+            let StageConfig::Krum { byzantine, .. } = stage else {
+                continue;
+            };
+            let need = byzantine.saturating_mul(2).saturating_add(3);
+            if (self.min_clients as usize) < need {
+                return Err(format!(
+                    "min_clients = {} is too small for [aggregation] stages[{i}] (krum, byzantine = {byzantine}): \
+                     krum needs n ≥ 2·byzantine + 3 = {need} updates, so min_clients must be at least {need}",
+                    self.min_clients
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn pipeline(&self) -> Result<PipelineConfig, String> {
@@ -172,6 +195,39 @@ local_epochs = 2
         ] {
             let err = JobSpec::from_toml(&GOOD.replace(from, to)).unwrap_err();
             assert!(err.contains(want), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn krum_needs_min_clients_of_at_least_2f_plus_3() {
+        let with = |min_clients: u32, byzantine: u32| {
+            JobSpec::from_toml(
+                &GOOD
+                    .replace(
+                        "[\"site-a\", \"site-b\", \"site-c\"]",
+                        "[\"a\", \"b\", \"c\", \"d\", \"e\", \"f\", \"g\"]",
+                    )
+                    .replace("min_clients = 2", &format!("min_clients = {min_clients}"))
+                    .replace(
+                        "[round_config]",
+                        &format!("[[aggregation.stages]]\nkind = \"krum\"\nbyzantine = {byzantine}\n[round_config]"),
+                    ),
+            )
+        };
+        for (min_clients, byzantine, need) in [(4, 1, 5), (2, 0, 3), (6, 2, 7)] {
+            let err = with(min_clients, byzantine).unwrap_err();
+            for want in [
+                format!("min_clients = {min_clients}"),
+                format!("byzantine = {byzantine}"),
+                format!("2·byzantine + 3 = {need}"),
+                "stages[0]".to_string(),
+            ] {
+                assert!(err.contains(&want), "{want}: {err}");
+            }
+        }
+        for (min_clients, byzantine) in [(5, 1), (3, 0), (7, 2)] {
+            let job = with(min_clients, byzantine).unwrap();
+            assert_eq!(job.pipeline().unwrap().stages.len(), 1);
         }
     }
 }

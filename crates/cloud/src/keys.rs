@@ -30,8 +30,10 @@ pub fn check_id(kind: &str, id: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
+        // `id` may be anything a client wrote: quote it bounded.
         Err(format!(
-            "{kind} `{id}` must be 1–64 characters of A–Z a–z 0–9 - _ . and not start with a dot"
+            "{kind} `{}` must be 1–64 characters of A–Z a–z 0–9 - _ . and not start with a dot",
+            crate::bounded::quote(id)
         ))
     }
 }

@@ -56,7 +56,7 @@ fn fault_schedules() {
     }
     println!(
         "coverage: {} rounds, {} deliveries ({} extra duplicates, {} races, {} failed and redelivered), \
-         {} CloseRounds ({} racing), {} StartRound retries, {} client crashes, {} late records, {} rejections",
+         {} CloseRounds ({} racing), {} StartRound retries, {} client crashes, {} late records, {} rejections, {} callbacks re-sent by a replay",
         total.rounds,
         total.deliveries,
         total.duplicate_deliveries,
@@ -67,7 +67,8 @@ fn fault_schedules() {
         total.start_retries,
         total.client_crashes,
         total.late_records,
-        total.rejected
+        total.rejected,
+        total.resent_callbacks
     );
     println!("faults fired: {:?}", total.fired);
     println!(
@@ -89,6 +90,7 @@ fn fault_schedules() {
             ("failed deliveries", total.failed_deliveries),
             ("client crashes", total.client_crashes),
             ("late records", total.late_records),
+            ("callbacks re-sent by a replay", total.resent_callbacks),
             ("rejections", total.rejected),
             ("deadline closes", total.deadline_closes),
             ("StartRound retries", total.start_retries),

@@ -1,5 +1,6 @@
 //! Bad rows are rejected with a reason naming the rule, recorded in the
-//! round, and the round goes on with the others.
+//! round (when the client is one of the round's), and the round goes on
+//! with the others.
 
 mod common;
 
@@ -54,7 +55,14 @@ async fn bad_rows_are_rejected_and_the_round_goes_on() {
 
     let row = fed.ledger.get_round("rules", 1).await.unwrap().unwrap();
     assert!(row.rejections["a"].starts_with("model_key:"));
-    assert!(row.rejections["mallory"].starts_with("client:"));
+    // Issue #13: a client that is not in the round writes nothing into
+    // its item, not even its rejection (it is only reported and logged).
+    assert!(
+        !row.rejections.contains_key("mallory"),
+        "{:?}",
+        row.rejections
+    );
+    assert!(!row.received.contains("mallory"));
     assert!(row.rejections["b"].starts_with("checksum:"));
     assert_eq!(row.status, fedstep_cloud::records::RoundStatus::Open);
 }

@@ -19,6 +19,7 @@ use fedstep_core::{
 
 use super::validate::check_against_round;
 use super::{metrics, stop_rule, RoundEngine};
+use crate::bounded;
 use crate::error::{CloudError, Result};
 use crate::job::JobSpec;
 use crate::keys;
@@ -332,7 +333,10 @@ where
         })
     }
 
-    /// Records a rejection in the ledger and in this attempt's map.
+    /// Records a rejection in the ledger and in this attempt's map, bounded:
+    /// the reason may quote what the client sent (tensor names, S3's words
+    /// about its object), and every byte of it is stored twice in the round
+    /// item and returned in the task result.
     async fn reject(
         &self,
         job_id: &str,
@@ -341,10 +345,11 @@ where
         reason: &str,
         rejected: &mut BTreeMap<String, String>,
     ) -> Result<()> {
+        let reason = bounded::reason(reason);
         self.ledger
-            .record_rejection(job_id, round, client, reason)
+            .record_rejection(job_id, round, client, &reason)
             .await?;
-        rejected.insert(client.to_string(), reason.to_string());
+        rejected.insert(client.to_string(), reason);
         Ok(())
     }
 
@@ -395,7 +400,10 @@ where
         }))
     }
 
+    /// FAILED with `reason`, bounded: it joins every client's reason, and
+    /// travels in the round item and as the task failure's cause.
     async fn fail(&self, job_id: &str, round: u32, reason: String) -> Result<Closing> {
+        let reason = bounded::failure(&reason);
         self.ledger.fail_round(job_id, round, &reason).await?;
         Ok(Closing::Failed(reason))
     }

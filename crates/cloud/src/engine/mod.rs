@@ -7,6 +7,7 @@
 //! lease, close by owner) and object keys are deterministic.
 
 mod aggregation;
+mod answered;
 mod close;
 mod finalize;
 mod metrics;
@@ -20,6 +21,7 @@ pub use update::NO_USABLE_UPDATE;
 
 use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
 use crate::records::RoundResult;
+use answered::Answered;
 
 /// The default read-ahead budget: 128 MiB, well inside the smallest
 /// Lambda memory that holds the aggregator, and a few windows of several
@@ -69,6 +71,8 @@ where
     callback: C,
     clock: K,
     config: EngineConfig,
+    /// Task tokens this engine already had an answer on.
+    answered: Answered,
 }
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
@@ -94,6 +98,7 @@ where
             callback,
             clock,
             config,
+            answered: Answered::default(),
         }
     }
 

@@ -6,7 +6,11 @@ use std::collections::BTreeMap;
 use crate::job::{JobSpec, StopMode};
 
 /// `history`: the stop metric's value in each earlier round that reported
-/// it, oldest first. `metrics`: this round's aggregated metrics.
+/// it, oldest first. `metrics`: this round's aggregated metrics, where the
+/// stop metric's plain name holds the median of the accepted clients'
+/// reports (`metrics::round_metrics`): one client reporting an absurd value
+/// can neither end the job early nor hold it back, as long as the others
+/// are more than half of the reporters.
 pub(super) fn should_continue(
     job: &JobSpec,
     round: u32,

@@ -4,12 +4,13 @@
 //! round and aggregate; exactly one invocation wins the claim.
 
 use super::aggregation::{participants, Closing};
-use super::validate::{check_against_round, check_ids};
+use super::validate::{check_against_round, check_expected, check_ids};
 use super::{RoundEngine, UpdateOutcome};
-use crate::error::Result;
+use crate::bounded;
+use crate::error::{CloudError, Result};
 use crate::job::JobSpec;
 use crate::ports::{Callback, Clock, Ledger, Notifier, StreamingStore, TaskCallback};
-use crate::records::{RoundRecord, RoundStatus, UpdateRecord};
+use crate::records::{RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 
 /// Error name sent with `SendTaskFailure` when nothing was usable.
 pub const NO_USABLE_UPDATE: &str = "NoUsableUpdate";
@@ -25,12 +26,17 @@ where
     /// One INSERT from the `updates` stream.
     ///
     /// - `Rejected`: the row breaks a rule (the reason names it); recorded
-    ///   in the round's rejections when the round exists. Also returned when
-    ///   this row completed the round but no update at all was usable (the
-    ///   round is then FAILED and the workflow told so).
+    ///   in the round's rejections when the round exists and the row's
+    ///   client is one of its expected clients. A row from any other client
+    ///   is only reported (logged by the caller), never written into the
+    ///   round it names. Also returned when this row completed the round but
+    ///   no update at all was usable (the round is then FAILED and the
+    ///   workflow told so).
     /// - `Late`: the round is past OPEN. A row that was already counted or
     ///   rejected (a replay) is not recorded again, so an earlier rejection
-    ///   keeps its reason; a new one is recorded as late.
+    ///   keeps its reason; a new one is recorded as late. If the stream path
+    ///   closed the round, the stored result is sent to its task token
+    ///   again unless this engine already did (see `resend_result`).
     /// - `Recorded`: counted; `received` counts usable updates so far.
     /// - `Aggregated`: this row completed the round and this engine closed it.
     ///
@@ -53,6 +59,11 @@ where
                 "round: job `{job_id}` has no round {round}"
             )));
         };
+        if let Err(reason) = check_expected(update, &row) {
+            // Whatever the round's state: a client cannot write into the
+            // item of a round it is not part of, not even a rejection.
+            return Ok(UpdateOutcome::Rejected(reason));
+        }
         if row.status != RoundStatus::Open {
             return self.on_update_past_open(&job, &row, client).await;
         }
@@ -90,7 +101,8 @@ where
         self.claim_and_aggregate(&job, &after).await
     }
 
-    /// A row for a round that is AGGREGATING, CLOSED or FAILED.
+    /// A row of an expected client for a round that is AGGREGATING, CLOSED
+    /// or FAILED.
     async fn on_update_past_open(
         &self,
         job: &JobSpec,
@@ -105,10 +117,10 @@ where
         } else if let Some(earlier) = row.rejections.get(client) {
             // Already rejected for a rule while the round was OPEN: keep
             // that specific reason rather than overwrite it with "late".
-            format!(
+            bounded::reason(&format!(
                 "replay: round {} is {:?} and this update was already rejected ({earlier})",
                 row.round, row.status
-            )
+            ))
         } else {
             let reason = format!(
                 "late: round {} is {:?}; updates are no longer accepted",
@@ -125,7 +137,49 @@ where
         if row.status == RoundStatus::Aggregating && expired {
             return self.claim_and_aggregate(job, row).await;
         }
+        if let (RoundStatus::Closed, Some(token), Some(result)) =
+            (row.status, &row.task_token, &row.result)
+        {
+            self.resend_result(row, token, result).await?;
+        }
         Ok(UpdateOutcome::Late(reason))
+    }
+
+    /// The stream path closed this round, but its aggregator may have died
+    /// (or had its `SendTaskSuccess` fail) after the CLOSED write and
+    /// before the callback; the stream then redelivers the row that
+    /// completed the round, and it lands here. Sending the stored result to
+    /// the stored token finishes the StartRound task now instead of at its
+    /// deadline (where CloseRound would return the same stored result).
+    ///
+    /// "Once" is Step Functions' own guarantee, not ours: a task token
+    /// accepts one answer, and a call on an answered or timed-out token is
+    /// refused (TaskTimedOut / InvalidToken), which the callback port
+    /// reports as `WorkflowMovedOn`, not an error. No ledger flag could do
+    /// better (an aggregator can die between sending and recording that it
+    /// sent) and one would need a write per round. So a replay re-sends
+    /// unless:
+    /// - the deadline path closed the round: CloseRound runs only after the
+    ///   StartRound task timed out, so that token is dead and the result
+    ///   was CloseRound's own output;
+    /// - this engine already had an answer on this token (it closed the
+    ///   round and called back, or re-sent before): the common replay
+    ///   right after a close costs nothing.
+    ///
+    /// A re-send that fails is an `Err`, so the stream retries the row.
+    async fn resend_result(
+        &self,
+        row: &RoundRecord,
+        token: &str,
+        result: &RoundResult,
+    ) -> Result<()> {
+        if result.closed_by != "stream" || self.answered.contains(&row.job_id, row.round, token) {
+            return Ok(());
+        }
+        let output = encode(result)?;
+        let _: Callback = self.callback.succeed(token, &output).await?;
+        self.answered.insert(&row.job_id, row.round, token);
+        Ok(())
     }
 
     /// Claims the round (or takes over an expired lease) and, if this
@@ -153,12 +207,11 @@ where
         match self.aggregate_claimed(job, &claimed, "stream").await? {
             Closing::Closed(result) => {
                 if let Some(token) = &token {
-                    let output = serde_json::to_value(&result).map_err(|e| {
-                        crate::error::CloudError::Other(format!("encoding the round result: {e}"))
-                    })?;
+                    let output = encode(&result)?;
                     // WorkflowMovedOn: the deadline path owns the round now
                     // and will return the stored result itself.
                     let _: Callback = self.callback.succeed(token, &output).await?;
+                    self.answered.insert(&claimed.job_id, claimed.round, token);
                 }
                 Ok(UpdateOutcome::Aggregated(result))
             }
@@ -167,11 +220,17 @@ where
                 if let Some(token) = &token {
                     let _: Callback = self.callback.fail(token, NO_USABLE_UPDATE, &reason).await?;
                 }
-                Ok(UpdateOutcome::Rejected(format!(
+                Ok(UpdateOutcome::Rejected(bounded::reason(&format!(
                     "round {} failed: {reason}",
                     claimed.round
-                )))
+                ))))
             }
         }
     }
+}
+
+/// The round result as the task output.
+fn encode(result: &RoundResult) -> Result<serde_json::Value> {
+    serde_json::to_value(result)
+        .map_err(|e| CloudError::Other(format!("encoding the round result: {e}")))
 }

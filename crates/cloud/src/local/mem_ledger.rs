@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::bounded;
 use crate::error::{CloudError, Result};
 use crate::job::JobSpec;
 use crate::keys;
@@ -58,6 +59,10 @@ fn not_found(job_id: &str, round: u32) -> CloudError {
 /// - `add_received`: set ADD under `attribute_exists` (any status: the
 ///   engine decides what a late ADD means); NotFound if absent.
 /// - `record_rejection`: map SET of one client under `attribute_exists`.
+///   A reason longer than `bounded::REASON_BYTES` is refused (`Invalid`):
+///   DynamoDB would take it until the item outgrows 400 KB, and the
+///   engine's contract is that every reason arrives bounded, so the local
+///   runs and tests catch a call site that forgot (issue #13).
 /// - `claim_round`: OPEN, or AGGREGATING with `lease_expires_at < now` (a
 ///   row without an expiry is not claimable) →
 ///   AGGREGATING with the new owner and `now + lease_seconds`. The same
@@ -140,6 +145,16 @@ impl Ledger for MemLedger {
         client: &str,
         reason: &str,
     ) -> Result<()> {
+        if reason.len() > bounded::REASON_BYTES {
+            return Err(CloudError::Invalid(format!(
+                "record_rejection: a {}-byte reason for `{}` exceeds {} bytes; \
+                 pass it through fedstep_cloud::bounded::reason: {}",
+                reason.len(),
+                bounded::quote(client),
+                bounded::REASON_BYTES,
+                bounded::reason(reason)
+            )));
+        }
         let mut t = self.lock();
         let row = t
             .rounds

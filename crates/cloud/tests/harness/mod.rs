@@ -151,6 +151,9 @@ pub struct Tally {
     pub failed_deliveries: usize,
     pub client_crashes: usize,
     pub late_records: usize,
+    /// Replays after a CLOSED round whose re-sent result was the one
+    /// delivered (the closer's callback had been lost).
+    pub resent_callbacks: usize,
     pub rejected: usize,
     pub deadline_closes: usize,
     pub start_retries: usize,
@@ -168,6 +171,7 @@ impl Tally {
         self.failed_deliveries += t.failed_deliveries;
         self.client_crashes += t.client_crashes;
         self.late_records += t.late_records;
+        self.resent_callbacks += t.resent_callbacks;
         self.rejected += t.rejected;
         self.deadline_closes += t.deadline_closes;
         self.start_retries += t.start_retries;
@@ -704,6 +708,10 @@ impl<B: Backend> Sim<B> {
             self.ledger.get_round(&record.job_id, round).await,
         )?
         .ok_or("the round vanished")?;
+        let delivered_before = before
+            .task_token
+            .as_ref()
+            .map_or(0, |t| self.callback.succeeded(t).len());
         let a = self.rng.random_range(0..self.engines.len());
         let race = self.rng.random_bool(0.2);
         let outcomes = if race {
@@ -720,6 +728,16 @@ impl<B: Backend> Sim<B> {
         self.tally.deliveries += 1;
         // A crashed invocation is gone; the next delivery is a new one.
         self.faults.revive_all();
+        let delivered_after = before
+            .task_token
+            .as_ref()
+            .map_or(0, |t| self.callback.succeeded(t).len());
+        if before.status == RoundStatus::Closed && delivered_after > delivered_before {
+            self.note(format!(
+                "deliver {client}: the stored result was re-sent and delivered"
+            ));
+            self.tally.resent_callbacks += 1;
+        }
         let mut failed = false;
         for o in &outcomes {
             self.note(format!("deliver {client} (race: {race}) → {o:?}"));
