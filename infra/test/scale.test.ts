@@ -7,7 +7,9 @@ import { Json, nagErrors, scratchDir, Synth, synthFedstep } from './helpers';
  * CloudFormation limits a stack to 500 resources, 200 outputs and a 1 MB
  * template (uploaded through S3); every stack of a deployment must stay
  * below them at any client count, and adding a client must leave every
- * other client's resources exactly as they were.
+ * other client's resources exactly as they were. (app.synth() also runs
+ * CDK's CloudFormation validation, cdk.json's validateAgainstDefaultRules,
+ * which throws on a template over these limits.)
  */
 
 /** CloudFormation's per-stack quotas. */
