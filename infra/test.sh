@@ -63,6 +63,12 @@ elif [[ "${FEDSTEP_INFRA_SYNTH:-1}" != "0" ]]; then
   fi
   timed npx --no-install cdk synth --quiet --no-notices --no-version-reporting "${args[@]}" -o "$out/cdk.out"
   test -s "$out/cdk.out/Fedstep.template.json"
+  # The three clients live in clients stacks Fedstep-Clients-NN (lib/client-batches.ts).
+  clients_stacks=("$out"/cdk.out/Fedstep-Clients-*.template.json)
+  if [[ ${#clients_stacks[@]} -ne 3 || ! -s "${clients_stacks[0]}" ]]; then
+    echo "infra/test.sh: expected 3 clients stacks, got: ${clients_stacks[*]}" >&2
+    exit 1
+  fi
 fi
 
 step "ok"

@@ -2,7 +2,7 @@
 import { App, Aspects } from 'aws-cdk-lib';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { resolveSettings } from '../lib/config';
-import { FedstepStack } from '../lib/fedstep-stack';
+import { addFedstep } from '../lib/fedstep-app';
 
 // `-c skipBuild=true`: synthesize without running cargo-lambda (offline
 // checks, CI). Context given to the App here outranks the CLI's own
@@ -15,8 +15,9 @@ const app = new App(skipBuild ? { postCliContext: { 'aws:cdk:bundling-stacks': [
 const settings = resolveSettings((key) => app.node.tryGetContext(key));
 const stackName = String(app.node.tryGetContext('stackName') ?? 'Fedstep');
 
-new FedstepStack(app, stackName, {
-  settings,
+// The main stack `stackName` plus `<stackName>-Clients-NN` stacks holding the
+// clients (see lib/fedstep-app.ts): `cdk deploy --all`.
+addFedstep(app, stackName, settings, {
   description: 'fedstep: serverless federated learning (Step Functions + Rust Lambda + S3 + DynamoDB + SNS/SQS)',
 });
 

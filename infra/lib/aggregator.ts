@@ -87,7 +87,7 @@ export class Aggregator extends Construct {
     allow('UpdatesStream',
       ['dynamodb:DescribeStream', 'dynamodb:GetRecords', 'dynamodb:GetShardIterator', 'dynamodb:ListStreams'],
       [ledger.updates.tableStreamArn!]);
-    allow('Publish', ['sns:Publish'], [messaging.globalModelReady.topicArn, messaging.trainingComplete.topicArn]);
+    allow('Publish', ['sns:Publish'], [messaging.topic.topicArn]);
     allow('TopicKey', ['kms:GenerateDataKey', 'kms:Decrypt'], [messaging.key.keyArn]);
     allow('TaskCallbacks', ['states:SendTaskSuccess', 'states:SendTaskFailure', 'states:SendTaskHeartbeat'], [props.stateMachineArn]);
 
@@ -103,8 +103,9 @@ export class Aggregator extends Construct {
         FEDSTEP_BUCKET: store.bucket.bucketName,
         FEDSTEP_ROUNDS_TABLE: ledger.rounds.tableName,
         FEDSTEP_UPDATES_TABLE: ledger.updates.tableName,
-        FEDSTEP_TOPIC_ARN: messaging.globalModelReady.topicArn,
-        FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN: messaging.trainingComplete.topicArn,
+        // No FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN: training_complete goes to the
+        // same topic (lib/messaging.ts; crates/aws/src/sns.rs falls back to it).
+        FEDSTEP_TOPIC_ARN: messaging.topic.topicArn,
         FEDSTEP_STATE_MACHINE_ARN: props.stateMachineArn,
         RUST_LOG: props.rustLog,
       },

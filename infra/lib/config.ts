@@ -19,6 +19,8 @@ export const INFRA_DIR = path.resolve(__dirname, '..');
 
 /** Client ids: also used in S3 keys, IAM patterns and DynamoDB keys. Same rule as scripts/local_deploy.py. */
 export const CLIENT_ID_RE = /^[A-Za-z0-9_-]{1,60}$/;
+/** Clients stacks are named <stack>-Clients-NN (two digits). */
+export const MAX_CLIENT_BATCHES = 100;
 /** Job ids used in SNS filter policies. */
 const JOB_ID_RE = /^[A-Za-z0-9_.-]{1,128}$/;
 const ACCOUNT_RE = /^\d{12}$/;
@@ -39,12 +41,22 @@ export interface ClientSettings {
   readonly trustedPrincipal?: string;
   /** Required `sts:ExternalId` when assuming the client role. */
   readonly externalId: string;
-  /** Only deliver `global_model_ready` for these job ids (SNS filter on the `job_id` attribute). Undefined: all jobs. */
+  /** Only deliver this client's notifications for these job ids (SNS filter on the `job_id` attribute). Undefined: all jobs. */
   readonly jobs?: string[];
+  /**
+   * The clients stack (batch) this client lives in, pinned. Undefined: chosen
+   * by a hash of the id (lib/client-batches.ts), which never changes.
+   */
+  readonly batch?: number;
 }
 
 export interface FedstepSettings {
   readonly clients: ClientSettings[];
+  /**
+   * How many clients stacks the clients are spread over (by a hash of their
+   * id). Fixed for the life of a deployment: changing it moves clients.
+   */
+  readonly clientBatches: number;
   readonly architecture: LambdaArch;
   /** Lambda memory in MB (also buys CPU: 1769 MB = 1 vCPU). */
   readonly memoryMb: number;
@@ -67,6 +79,7 @@ export interface FedstepSettings {
 }
 
 export const DEFAULTS = {
+  clientBatches: 16,
   architecture: 'arm64' as LambdaArch,
   memoryMb: 3008,
   timeoutMinutes: 15,
@@ -99,7 +112,7 @@ export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR)
   const fromCdkJson = asObject(ctx('fedstep'), 'context "fedstep"') ?? {};
   const fromFile = loadConfigFile(ctx('config'), baseDir) ?? {};
   const single: Raw = {};
-  for (const key of ['clients', 'arch', 'memoryMb', 'timeoutMinutes', 'rustLog', 'logRetentionDays', 'retainData',
+  for (const key of ['clients', 'clientBatches', 'arch', 'memoryMb', 'timeoutMinutes', 'rustLog', 'logRetentionDays', 'retainData',
     'updateExpirationDays', 'noncurrentExpirationDays', 'lambdaManifest', 'lambdaAsset', 'asl']) {
     const v = ctx(key);
     if (v !== undefined) single[key] = v;
@@ -132,9 +145,15 @@ export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR)
   const lambdaAsset = assetRaw === undefined || assetRaw === '' ? undefined : path.resolve(baseDir, parseString(assetRaw, 'lambdaAsset'));
   const aslPath = path.resolve(baseDir, parseString(pick('asl') ?? DEFAULTS.aslPath, 'asl'));
 
+  const clientBatches = parseInteger(pick('clientBatches') ?? DEFAULTS.clientBatches, 'clientBatches', 1, MAX_CLIENT_BATCHES);
   const clients = mergeClients(layers.map((l) => l.clients));
+  for (const c of clients) {
+    if (c.batch !== undefined && c.batch >= clientBatches) {
+      throw new ConfigError(`client ${c.id}: batch ${c.batch} is not below clientBatches (${clientBatches})`);
+    }
+  }
   return {
-    clients, architecture, memoryMb, timeoutMinutes, rustLog, logRetentionDays, retainData,
+    clients, clientBatches, architecture, memoryMb, timeoutMinutes, rustLog, logRetentionDays, retainData,
     updateExpirationDays, noncurrentExpirationDays, lambdaManifest, lambdaAsset, aslPath,
   };
 }
@@ -161,6 +180,7 @@ interface PartialClient {
   trustedPrincipal?: string;
   externalId?: string;
   jobs?: string[];
+  batch?: number;
 }
 
 /**
@@ -215,7 +235,7 @@ function normalizeClients(value: unknown): Array<[string, PartialClient]> {
 }
 
 function parseClientSettings(obj: Raw, id: string): PartialClient {
-  const known = new Set(['id', 'trustedPrincipal', 'externalId', 'jobs']);
+  const known = new Set(['id', 'trustedPrincipal', 'externalId', 'jobs', 'batch']);
   for (const key of Object.keys(obj)) {
     if (!known.has(key)) throw new ConfigError(`client ${id}: unknown setting "${key}" (known: ${[...known].join(', ')})`);
   }
@@ -241,6 +261,7 @@ function parseClientSettings(obj: Raw, id: string): PartialClient {
     });
     if (out.jobs.length > 150) throw new ConfigError(`client ${id}: at most 150 jobs in an SNS filter policy`);
   }
+  if (obj.batch !== undefined) out.batch = parseInteger(obj.batch, `client ${id} batch`, 0, MAX_CLIENT_BATCHES - 1);
   return out;
 }
 
@@ -254,7 +275,7 @@ function finishClient(id: string, s: PartialClient): ClientSettings {
     }
     externalId = `fedstep-${id}`;
   }
-  return { id, trustedPrincipal: s.trustedPrincipal, externalId, jobs: s.jobs };
+  return { id, trustedPrincipal: s.trustedPrincipal, externalId, jobs: s.jobs, batch: s.batch };
 }
 
 function checkClientId(id: string): string {

@@ -1,7 +1,6 @@
 import { ArnFormat, CfnOutput, Stack, StackProps, Tags } from 'aws-cdk-lib';
 import { Construct } from 'constructs';
 import { Aggregator } from './aggregator';
-import { ClientAccess } from './client-access';
 import { FedstepSettings } from './config';
 import { Ledger } from './ledger';
 import { Messaging } from './messaging';
@@ -13,9 +12,10 @@ export interface FedstepStackProps extends StackProps {
 }
 
 /**
- * One fedstep deployment: model bucket, ledger tables, topics, the Rust
- * aggregator Lambda, the training state machine and one queue + role per
- * client. See infra/README.md.
+ * The main stack of a fedstep deployment: model bucket, ledger tables, the
+ * notification topic and the clients' shared DLQ, the Rust aggregator
+ * Lambda and the training state machine. The clients live in ClientsStacks
+ * (lib/fedstep-app.ts). See infra/README.md.
  */
 export class FedstepStack extends Stack {
   readonly store: ModelStore;
@@ -23,7 +23,6 @@ export class FedstepStack extends Stack {
   readonly messaging: Messaging;
   readonly aggregator: Aggregator;
   readonly workflow: TrainingWorkflow;
-  readonly clients: Map<string, ClientAccess> = new Map();
 
   constructor(scope: Construct, id: string, props: FedstepStackProps) {
     super(scope, id, props);
@@ -71,63 +70,20 @@ export class FedstepStack extends Stack {
       logRetentionDays: s.logRetentionDays,
     });
 
-    const outputIds = new Map<string, string>();
-    for (const client of s.clients) {
-      const access = new ClientAccess(this, `Client-${client.id}`, {
-        client,
-        store: this.store,
-        ledger: this.ledger,
-        topic: this.messaging.globalModelReady,
-        trainingComplete: this.messaging.trainingComplete,
-      });
-      this.clients.set(client.id, access);
-
-      const key = outputKey(client.id);
-      const clash = outputIds.get(key);
-      if (clash !== undefined) {
-        throw new Error(`client ids "${clash}" and "${client.id}" map to the same output name Client${key}*; rename one`);
-      }
-      outputIds.set(key, client.id);
-      const out = (suffix: string, value: string, what: string): void => {
-        new CfnOutput(this, `Client${key}${suffix}`, { value, description: `fedstep client ${client.id}: ${what}` });
-      };
-      out('Id', client.id, 'client id');
-      out('QueueUrl', access.queue.queueUrl, 'SQS queue with global_model_ready messages');
-      out('RoleArn', access.role.roleArn, 'IAM role the client assumes');
-      out('ExternalId', client.externalId, 'sts:ExternalId required to assume the role');
-      // Everything a client.toml needs, in one value (see README "Client config").
-      out('Config', this.toJsonString({
-        client_id: client.id,
-        region: this.region,
-        bucket: this.store.bucket.bucketName,
-        updates_table: this.ledger.updates.tableName,
-        queue_url: access.queue.queueUrl,
-        role_arn: access.role.roleArn,
-        external_id: client.externalId,
-      }), 'client settings as JSON');
-    }
-
     const global: Array<[string, string, string]> = [
       ['Region', this.region, 'AWS region of the deployment'],
       ['ModelBucketName', this.store.bucket.bucketName, 'S3 model bucket'],
       ['RoundsTableName', this.ledger.rounds.tableName, 'DynamoDB rounds table (ledger, artifact registry)'],
       ['UpdatesTableName', this.ledger.updates.tableName, 'DynamoDB updates table (written by clients)'],
-      ['GlobalModelReadyTopicArn', this.messaging.globalModelReady.topicArn, 'SNS topic global_model_ready'],
-      ['TrainingCompleteTopicArn', this.messaging.trainingComplete.topicArn, 'SNS topic training_complete'],
+      ['GlobalModelReadyTopicArn', this.messaging.topic.topicArn, 'SNS topic of global_model_ready and training_complete (attribute "type")'],
+      // The same topic: kept for scripts that read this output. Subscribe
+      // with the filter policy {"type": ["training_complete"]} for job ends only.
+      ['TrainingCompleteTopicArn', this.messaging.topic.topicArn, 'SNS topic of training_complete (filter on the "type" attribute)'],
+      ['ClientDlqUrl', this.messaging.clientDlq.queueUrl, 'messages the clients failed to process (all client queues)'],
       ['StateMachineArn', this.workflow.stateMachine.stateMachineArn, 'Step Functions training state machine'],
       ['AggregatorFunctionName', this.aggregator.function.functionName, 'aggregator Lambda function'],
       ['StreamDlqUrl', this.aggregator.streamDlq.queueUrl, 'stream records the Lambda gave up on'],
     ];
     for (const [id, value, description] of global) new CfnOutput(this, id, { value, description });
   }
-}
-
-/** `site-a` -> `SiteA` (CloudFormation output ids are alphanumeric). */
-export function outputKey(clientId: string): string {
-  const key = clientId
-    .split(/[-_]+/)
-    .filter((p) => p.length > 0)
-    .map((p) => p[0].toUpperCase() + p.slice(1))
-    .join('');
-  return key.length > 0 ? key : `X${Buffer.from(clientId).toString('hex')}`;
 }

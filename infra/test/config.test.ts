@@ -12,6 +12,7 @@ describe('resolveSettings', () => {
   test('defaults', () => {
     const s = resolveSettings(ctx({}), base);
     expect(s.clients).toEqual([]);
+    expect(s.clientBatches).toBe(16);
     expect(s.architecture).toBe('arm64');
     expect(s.memoryMb).toBe(3008);
     expect(s.timeoutMinutes).toBe(15);
@@ -87,8 +88,19 @@ describe('resolveSettings', () => {
     expect(resolveSettings(ctx({ 'fedstep:lambdaAsset': '/abs/dir' }), base).lambdaAsset).toBe('/abs/dir');
   });
 
+  test('clientBatches and a client\'s pinned batch', () => {
+    const s = resolveSettings(ctx({ clientBatches: '8', clients: { 'site-a': { batch: 7 }, 'site-b': {} } }), base);
+    expect(s.clientBatches).toBe(8);
+    expect(s.clients.map((c) => [c.id, c.batch])).toEqual([['site-a', 7], ['site-b', undefined]]);
+  });
+
   test.each([
     [{ clients: 'bad id' }, /bad client id/],
+    [{ clientBatches: 0 }, /clientBatches must be an integer in \[1, 100\]/],
+    [{ clientBatches: 101 }, /clientBatches/],
+    [{ clients: { a: { batch: -1 } } }, /client a batch must be an integer/],
+    [{ clients: { a: { batch: 1.5 } } }, /client a batch must be an integer/],
+    [{ clientBatches: 4, clients: { a: { batch: 4 } } }, /client a: batch 4 is not below clientBatches \(4\)/],
     [{ clients: 'a*' }, /bad client id/],
     [{ clients: 'a#1' }, /bad client id/],
     [{ clients: { a: { trustedPrincipal: '123456789012' } } }, /needs an explicit externalId/],

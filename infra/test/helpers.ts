@@ -5,7 +5,9 @@ import { App, Aspects, Stack } from 'aws-cdk-lib';
 import { Template } from 'aws-cdk-lib/assertions';
 import { CloudAssembly } from 'aws-cdk-lib/cx-api';
 import { AwsSolutionsChecks } from 'cdk-nag';
+import { ClientsStack } from '../lib/clients-stack';
 import { INFRA_DIR, resolveSettings } from '../lib/config';
+import { addFedstep, FedstepDeployment } from '../lib/fedstep-app';
 import { FedstepStack } from '../lib/fedstep-stack';
 
 /** Feature flags etc. from cdk.json, so tests synthesize what `cdk synth` does. */
@@ -76,23 +78,86 @@ export function testApp(context: Record<string, unknown> = {}): App {
 
 export interface Synth {
   readonly app: App;
+  readonly deployment: FedstepDeployment;
+  /** The main stack. */
   readonly stack: FedstepStack;
+  /** The main stack's template. */
   readonly template: Template;
   readonly assembly: CloudAssembly;
+  /** Every stack's template (main first, then the clients stacks), by stack name. */
+  readonly templates: Map<string, Json>;
+}
+
+export interface SynthOptions {
+  /** Apply cdk-nag's AwsSolutions checks (default true). */
+  readonly nag?: boolean;
 }
 
 /**
- * Synthesizes a FedstepStack with bundling skipped (`aws:cdk:bundling-stacks: []`)
- * and cdk-nag's AwsSolutions checks applied. `context` is the CDK context the
- * user would pass with -c / cdk.json.
+ * Synthesizes a fedstep deployment (main stack `Fedstep` + clients stacks)
+ * with bundling skipped (`aws:cdk:bundling-stacks: []`) and cdk-nag's
+ * AwsSolutions checks applied. `context` is the CDK context the user would
+ * pass with -c / cdk.json.
  */
-export function synthFedstep(context: Record<string, unknown> = {}): Synth {
+export function synthFedstep(context: Record<string, unknown> = {}, options: SynthOptions = {}): Synth {
   const app = testApp({ lambdaManifest: fixtureCrate(), ...context });
   const settings = resolveSettings((key) => app.node.tryGetContext(key));
-  const stack = new FedstepStack(app, 'Fedstep', { settings });
-  Aspects.of(app).add(new AwsSolutionsChecks({ verbose: true }));
+  const deployment = addFedstep(app, 'Fedstep', settings);
+  if (options.nag ?? true) Aspects.of(app).add(new AwsSolutionsChecks({ verbose: true }));
   const assembly = app.synth();
-  return { app, stack, template: Template.fromStack(stack), assembly };
+  const templates = new Map<string, Json>();
+  for (const stack of [deployment.main, ...deployment.batches.values()]) {
+    templates.set(stack.stackName, assembly.getStackByName(stack.stackName).template);
+  }
+  const template = Template.fromJSON(templates.get('Fedstep'));
+  return { app, deployment, stack: deployment.main, template, assembly, templates };
+}
+
+/** The clients stack a client lives in. */
+export function stackOfClient(s: Synth, clientId: string): ClientsStack {
+  const stack = s.deployment.stackOf.get(clientId);
+  if (stack === undefined) throw new Error(`no client ${clientId}`);
+  return stack;
+}
+
+/**
+ * `template` with every weak cross-stack reference (`Fn::GetStackOutput` of
+ * an output of another stack of `s`) replaced by that output's value in the
+ * producing template: a client stack's reference to the bucket ARN becomes
+ * `{"Fn::GetAtt": [<bucket id>, "Arn"]}`, comparable with the main stack's ids.
+ */
+export function derefCrossStack(s: Synth, template: Json): Json {
+  const walk = (v: Json): Json => {
+    if (Array.isArray(v)) return v.map(walk);
+    if (v === null || typeof v !== 'object') return v;
+    const ref = v['Fn::GetStackOutput'];
+    if (ref !== undefined) {
+      const producer = s.templates.get(ref.StackName);
+      const output = producer?.Outputs?.[ref.OutputName];
+      if (output === undefined) throw new Error(`Fn::GetStackOutput of a missing output: ${JSON.stringify(ref)}`);
+      expect(ref.Region).toEqual({ Ref: 'AWS::Region' });
+      return output.Value;
+    }
+    return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, walk(x)]));
+  };
+  return walk(template);
+}
+
+/**
+ * All resources of the deployment in one object, cross-stack references
+ * resolved (derefCrossStack). Logical ids are unique across the stacks
+ * (client resources carry the client id); CDKMetadata is left out.
+ */
+export function allResources(s: Synth): Record<string, Json> {
+  const out: Record<string, Json> = {};
+  for (const [name, t] of s.templates) {
+    for (const [id, r] of Object.entries<Json>(derefCrossStack(s, t).Resources)) {
+      if (r.Type === 'AWS::CDK::Metadata') continue;
+      if (id in out) throw new Error(`logical id ${id} in two stacks (${name})`);
+      out[id] = r;
+    }
+  }
+  return out;
 }
 
 export type Json = any; // eslint-disable-line @typescript-eslint/no-explicit-any
@@ -107,19 +172,21 @@ export function getAttArn(id: string): Json {
   return { 'Fn::GetAtt': [id, 'Arn'] };
 }
 
-/** All resources of a type, as [logicalId, resource] pairs. */
-export function resourcesOfType(template: Template, type: string): Array<[string, Json]> {
-  return Object.entries(template.findResources(type));
+/** All resources of a type, as [logicalId, resource] pairs (from a Template or a Resources object). */
+export function resourcesOfType(resources: Template | Record<string, Json>, type: string): Array<[string, Json]> {
+  if (resources instanceof Template) return Object.entries(resources.findResources(type));
+  return Object.entries<Json>(resources).filter(([, r]) => r.Type === type);
 }
 
 export function asArray<T>(v: T | T[] | undefined): T[] {
   return v === undefined ? [] : Array.isArray(v) ? v : [v];
 }
 
-/** Every policy document the template contains, labelled by where it is. */
-export function policyDocuments(template: Template): Array<{ where: string; type: string; doc: Json }> {
+/** Every policy document the template (or Resources object) contains, labelled by where it is. */
+export function policyDocuments(resources: Template | Record<string, Json>): Array<{ where: string; type: string; doc: Json }> {
   const out: Array<{ where: string; type: string; doc: Json }> = [];
-  for (const [id, r] of Object.entries<Json>(template.toJSON().Resources)) {
+  const all: Record<string, Json> = resources instanceof Template ? resources.toJSON().Resources : resources;
+  for (const [id, r] of Object.entries<Json>(all)) {
     const p = r.Properties ?? {};
     switch (r.Type) {
       case 'AWS::IAM::Policy':
@@ -169,4 +236,20 @@ export function fakeResolve(v: Json): string {
 export function substitute(definition: string, subs: Record<string, Json>): string {
   return definition.replace(/\$\{([A-Za-z0-9_]+)\}/g, (whole, name: string) =>
     name in subs ? fakeResolve(subs[name]) : whole);
+}
+
+/**
+ * cdk-nag's AwsSolutions errors in every stack of the synth, as
+ * `<path>: <rule>` lines. Read from the assembly already synthesized
+ * (Annotations.fromStack would synthesize the whole app again per stack).
+ */
+export function nagErrors(s: Synth): string[] {
+  const out: string[] = [];
+  for (const stack of [s.stack, ...s.deployment.batches.values()]) {
+    for (const m of s.assembly.getStackArtifact(stack.artifactId).messages) {
+      const text = String(m.entry.data);
+      if (m.level === 'error' && text.startsWith('AwsSolutions-')) out.push(`${m.id}: ${text.split('\n')[0]}`);
+    }
+  }
+  return out;
 }

@@ -1,14 +1,17 @@
 //! `fedstep infra client-config`: a ready `client.toml` for one client from
-//! the JSON that `cdk deploy --outputs-file FILE` writes
-//! (`{"<stack>": {"<OutputKey>": "<value>", ...}}`).
+//! the JSON that `cdk deploy --all --outputs-file FILE` writes
+//! (`{"<stack>": {"<OutputKey>": "<value>", ...}, ...}`).
 //!
-//! The stack (infra/lib/fedstep-stack.ts) outputs, per client,
-//! `Client<Id>Config`: one JSON object with `client_id, region, bucket,
-//! updates_table, queue_url, role_arn, external_id`. The client is found by
-//! the `client_id` inside it, so this file does not re-implement the stack's
-//! output naming. infra's jest tests derive `infra/test/fixtures/cdk-outputs.json`
-//! from the synthesized template and this crate's tests read that file, so
-//! the two sides cannot drift apart silently.
+//! A deployment is a main stack `<name>` and clients stacks
+//! `<name>-Clients-NN` (infra/lib/fedstep-app.ts); each client stack
+//! outputs, per client, `Client<Id>Config`: one JSON object with `client_id,
+//! region, bucket, updates_table, queue_url, role_arn, external_id`. The
+//! client is found by the `client_id` inside it, in whichever stack of the
+//! file holds it, so this file does not re-implement the stack's output
+//! naming or the assignment of clients to stacks. infra's jest tests derive
+//! `infra/test/fixtures/cdk-outputs.json` from the synthesized templates and
+//! this crate's tests read that file, so the two sides cannot drift apart
+//! silently.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -33,7 +36,9 @@ pub struct ClientConfigArgs {
     /// The client id (as in `-c clients=...`).
     #[arg(long)]
     client: String,
-    /// The stack name; needed only when the file holds several stacks.
+    /// The stack name: only that stack and its clients stacks
+    /// `<NAME>-Clients-NN` are searched. Needed only when the file holds
+    /// several deployments with this client.
     #[arg(long)]
     stack: Option<String>,
 }
@@ -90,73 +95,107 @@ fn find_client(
         anyhow!("outputs file {file} must be a JSON object of stacks ({{\"<stack>\": {{\"<output>\": \"<value>\"}}}}), as `cdk deploy --outputs-file` writes it")
     })?;
 
-    let (stack_name, outputs) = match stack {
+    // The stacks to search: every stack of the file, or with --stack the
+    // named stack and its clients stacks.
+    let searched: Vec<(&String, &Value)> = match stack {
         Some(name) => {
-            let outputs = stacks.get(name).ok_or_else(|| {
-                anyhow!(
+            let picked: Vec<_> = stacks
+                .iter()
+                .filter(|(n, _)| in_deployment(n, name))
+                .collect();
+            if picked.is_empty() {
+                bail!(
                     "stack `{name}` is not in outputs file {file} (stacks there: {})",
                     list(stacks.keys())
-                )
-            })?;
-            (name.to_string(), outputs)
-        }
-        None => {
-            let fedstep: Vec<_> = stacks
-                .iter()
-                .filter(|(_, o)| client_configs(o).next().is_some())
-                .collect();
-            match fedstep.as_slice() {
-                [(name, outputs)] => (name.to_string(), *outputs),
-                [] => bail!(
-                    "outputs file {file} has no stack with fedstep client outputs (Client<Id>Config); \
-                     was it written by `cdk deploy --outputs-file` for a fedstep stack with clients? (stacks there: {})",
-                    list(stacks.keys())
-                ),
-                several => bail!(
-                    "outputs file {file} holds several fedstep stacks ({}); choose one with --stack",
-                    list(several.iter().map(|(n, _)| *n))
-                ),
+                );
             }
+            picked
         }
+        None => stacks.iter().collect(),
     };
-    let outputs = outputs.as_object().ok_or_else(|| {
-        anyhow!("stack `{stack_name}` in outputs file {file} must be an object of outputs")
-    })?;
 
-    let mut known = Vec::new();
-    for (key, value) in client_configs_of(outputs) {
-        let config = parse_config(value)
-            .with_context(|| format!("output {key} of stack `{stack_name}` in {file}"))?;
-        let id = config.get("client_id").and_then(Value::as_str);
-        if id != Some(client) {
-            known.push(id.unwrap_or("?").to_string());
+    let mut with_clients = Vec::new(); // stacks that have Client<Id>Config outputs
+    let mut known = Vec::new(); // the other clients' ids
+    let mut found = Vec::new(); // (stack, fields) of `client`
+    for (stack_name, outputs) in searched.iter().copied() {
+        let Some(outputs) = outputs.as_object() else {
+            if stack.is_some() {
+                bail!("stack `{stack_name}` in outputs file {file} must be an object of outputs");
+            }
             continue;
+        };
+        let mut has_clients = false;
+        for (key, value) in client_configs_of(outputs) {
+            has_clients = true;
+            let config = parse_config(value)
+                .with_context(|| format!("output {key} of stack `{stack_name}` in {file}"))?;
+            let id = config.get("client_id").and_then(Value::as_str);
+            if id != Some(client) {
+                known.push(id.unwrap_or("?").to_string());
+                continue;
+            }
+            let mut fields = BTreeMap::new();
+            for field in FIELDS {
+                let value = string_field(&config, field).with_context(|| {
+                    format!("output {key} (client `{client}`) of stack `{stack_name}` in {file}")
+                })?;
+                fields.insert(field, value);
+            }
+            found.push((stack_name, fields));
         }
-        let mut fields = BTreeMap::new();
-        for field in FIELDS {
-            let value = string_field(&config, field).with_context(|| {
-                format!("output {key} (client `{client}`) of stack `{stack_name}` in {file}")
-            })?;
-            fields.insert(field, value);
+        if has_clients {
+            with_clients.push(stack_name);
         }
-        return Ok(ClientOutputs {
-            stack: stack_name,
-            fields,
-        });
+    }
+
+    match found.len() {
+        1 => {
+            let (stack_name, fields) = found.remove(0);
+            return Ok(ClientOutputs {
+                stack: stack_name.to_string(),
+                fields,
+            });
+        }
+        0 => {}
+        _ => bail!(
+            "several fedstep stacks ({}) in outputs file {file} hold client `{client}`; choose one with --stack",
+            list(found.iter().map(|(n, _)| *n))
+        ),
+    }
+    if with_clients.is_empty() && stack.is_none() {
+        bail!(
+            "outputs file {file} has no stack with fedstep client outputs (Client<Id>Config); \
+             was it written by `cdk deploy --all --outputs-file` for a fedstep deployment with clients? (stacks there: {})",
+            list(stacks.keys())
+        );
     }
     known.sort();
+    // Name the stacks that hold clients, else (--stack without any) the searched ones.
+    let names: Vec<&String> = if with_clients.is_empty() {
+        searched.iter().map(|(n, _)| *n).collect()
+    } else {
+        with_clients
+    };
     bail!(
-        "client `{client}` is not in the outputs of stack `{stack_name}` ({file}): no Client<Id>Config output has \"client_id\": \"{client}\" (clients there: {}). \
-         Add it with `cdk deploy -c clients=...,{client} --outputs-file ...`",
+        "client `{client}` is not in the outputs of stack(s) {} ({file}): no Client<Id>Config output has \"client_id\": \"{client}\" (clients there: {}). \
+         Add it with `cdk deploy --all -c clients=...,{client} --outputs-file ...`",
+        list(names.into_iter()),
         if known.is_empty() { "none".to_string() } else { known.join(", ") }
     )
 }
 
-/// `Client<Id>Config` outputs of one stack's output object.
-fn client_configs(outputs: &Value) -> impl Iterator<Item = (&String, &Value)> {
-    outputs.as_object().into_iter().flat_map(client_configs_of)
+/// Whether stack `name` belongs to the deployment `--stack deployment`: the
+/// stack of that name, or one of its clients stacks `<deployment>-Clients-NN`
+/// (infra/lib/client-batches.ts, `batchStackName`).
+fn in_deployment(name: &str, deployment: &str) -> bool {
+    name == deployment
+        || name
+            .strip_prefix(deployment)
+            .and_then(|rest| rest.strip_prefix("-Clients-"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// `Client<Id>Config` outputs of one stack's output object.
 fn client_configs_of(
     outputs: &serde_json::Map<String, Value>,
 ) -> impl Iterator<Item = (&String, &Value)> {
@@ -299,6 +338,63 @@ mod tests {
             format!("{e:#}").contains("\"role_arn\" contains control characters"),
             "{e:#}"
         );
+    }
+
+    #[test]
+    fn clients_stacks_belong_to_their_deployment() {
+        assert!(in_deployment("Fedstep", "Fedstep"));
+        assert!(in_deployment("Fedstep-Clients-07", "Fedstep"));
+        assert!(in_deployment("Fedstep-Clients-07", "Fedstep-Clients-07"));
+        assert!(!in_deployment("Fedstep-Clients-", "Fedstep"));
+        assert!(!in_deployment("Fedstep-Clients-0x", "Fedstep"));
+        assert!(!in_deployment("FedstepB-Clients-07", "Fedstep"));
+        assert!(!in_deployment("Fedstep-Clients-07", "Fedstep-Clients-0"));
+        assert!(!in_deployment("Other", "Fedstep"));
+    }
+
+    #[test]
+    fn the_client_is_found_in_whichever_stack_holds_it() {
+        let mut b = good();
+        b["client_id"] = Value::from("site-b");
+        let text = serde_json::json!({
+            "Fedstep": { "Region": "eu-west-1", "ClientDlqUrl": "https://sqs/dlq" },
+            "Fedstep-Clients-03": { "ClientSiteAConfig": good().to_string() },
+            "Fedstep-Clients-11": { "ClientSiteBConfig": b.to_string() },
+        })
+        .to_string();
+        let file = Path::new("o.json");
+        for stack in [None, Some("Fedstep"), Some("Fedstep-Clients-11")] {
+            let t = client_config(&text, file, "site-b", stack).unwrap();
+            assert!(
+                t.contains("of stack \"Fedstep-Clients-11\""),
+                "{stack:?}: {t}"
+            );
+        }
+        // --stack narrows the search to that stack (and its clients stacks).
+        let e = client_config(&text, file, "site-b", Some("Fedstep-Clients-03")).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("client `site-b`") && e.contains("clients there: site-a"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_client_in_two_deployments_needs_stack() {
+        let text = serde_json::json!({
+            "A-Clients-01": { "ClientSiteAConfig": good().to_string() },
+            "B-Clients-01": { "ClientSiteAConfig": good().to_string() },
+        })
+        .to_string();
+        let file = Path::new("o.json");
+        let e = client_config(&text, file, "site-a", None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("several fedstep stacks (A-Clients-01, B-Clients-01)"),
+            "{e}"
+        );
+        let t = client_config(&text, file, "site-a", Some("B")).unwrap();
+        assert!(t.contains("of stack \"B-Clients-01\""), "{t}");
     }
 
     #[test]
