@@ -75,8 +75,17 @@ export class Aggregator extends Construct {
       this.role.addToPrincipalPolicy(new iam.PolicyStatement({ sid, actions, resources, conditions }));
     };
     allow('Logs', ['logs:CreateLogStream', 'logs:PutLogEvents'], [this.logGroup.logGroupArn]);
-    allow('ReadModels', ['s3:GetObject', 's3:GetObjectAttributes'], [`${bucketArn}/${KEYS.allJobObjects}`]);
-    allow('WriteModels', ['s3:PutObject', 's3:AbortMultipartUpload'], [`${bucketArn}/${KEYS.allJobObjects}`]);
+    // Updates are read in place with GETs pinned to the version the HEAD saw
+    // (GetObjectVersion); a streamed global model's SHA-256 is its object
+    // tag, written after the upload completes and read back by HEAD-time
+    // checks (crates/aws/src/s3_writer.rs, s3.rs `head`).
+    allow('ReadModels', [
+      's3:GetObject', 's3:GetObjectVersion', 's3:GetObjectAttributes',
+      's3:GetObjectTagging', 's3:GetObjectVersionTagging',
+    ], [`${bucketArn}/${KEYS.allJobObjects}`]);
+    allow('WriteModels', [
+      's3:PutObject', 's3:AbortMultipartUpload', 's3:PutObjectTagging', 's3:PutObjectVersionTagging',
+    ], [`${bucketArn}/${KEYS.allJobObjects}`]);
     allow('ListJobs', ['s3:ListBucket'], [bucketArn], { StringLike: { 's3:prefix': [KEYS.allJobObjects] } });
     allow('RoundsTable',
       ['dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:UpdateItem', 'dynamodb:Query', 'dynamodb:ConditionCheckItem'],

@@ -294,6 +294,22 @@ describe('aggregator Lambda', () => {
     expect(sns).toContain('.message_attributes("type"');
   });
 
+  test('S3: reads pinned to versions, writes multipart, tags the streamed model\'s SHA-256, only under jobs/', () => {
+    // crates/aws/src/s3_reader.rs (GetObject with a versionId) and s3_writer.rs
+    // (multipart, then PutObjectTagging on the completed version).
+    const byId = Object.fromEntries(roleStatements(ids().fnRole).map((st) => [st.Sid, st]));
+    const objects = bucketObjects(ids().bucket, 'jobs/*');
+    expect(byId.ReadModels).toEqual({
+      Sid: 'ReadModels', Effect: 'Allow', Resource: objects,
+      Action: ['s3:GetObject', 's3:GetObjectAttributes', 's3:GetObjectTagging', 's3:GetObjectVersion',
+        's3:GetObjectVersionTagging'],
+    });
+    expect(byId.WriteModels).toEqual({
+      Sid: 'WriteModels', Effect: 'Allow', Resource: objects,
+      Action: ['s3:AbortMultipartUpload', 's3:PutObject', 's3:PutObjectTagging', 's3:PutObjectVersionTagging'],
+    });
+  });
+
   test('the default code path is cargo-lambda-cdk RustFunction (bundling skipped here)', () => {
     expect(s.stack.aggregator.function).toBeInstanceOf(RustFunction);
   });
