@@ -6,7 +6,8 @@
 # 1. 8 clients × 25M f32 params, plain FedAvg, file → file: time vs reading
 #    the inputs once (target ≤ 2×), peak RSS (target ≤ 1.5 × model + 64 MB);
 # 2. the same in bf16;
-# 3. peak RSS as the client count grows 2 → 8 → 64 (target: flat).
+# 3. peak RSS as the client count grows 2 → 8 → 64 (target: flat);
+# 4. one round against S3 on the emulators, streamed vs staged (issue #14).
 # Figures are ratios within one run: the machine is shared and noisy.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,3 +27,18 @@ for n in 2 8 64; do
   $bin bench aggregate --clients "$n" --params 25M --runs 1 --dir "$dir/n$n" | grep -E "bench aggregate|peak RSS|ratio"
   rm -rf "$dir/n$n"
 done
+
+# 4. One round against S3 on the emulators (issue #14): in place (streamed)
+#    and staged on local disk, beside GETting every input once. Needs the
+#    emulators: `scripts/emulators.sh up` (skipped with a note otherwise).
+if scripts/emulators.sh status >/dev/null 2>&1; then
+  eval "$(scripts/emulators.sh env)"
+  echo "== one round on S3: 8 clients × 25M f32"
+  $bin bench round --clients 8 --params 25M
+  echo "== one round on S3: peak RSS as clients grow (25M f32 each, streamed)"
+  for n in 2 8 32; do
+    $bin bench round --clients "$n" --params 25M --mode streamed | grep -E "^clients|read_floor|streamed\."
+  done
+else
+  echo "== bench round skipped: the emulators are not up (scripts/emulators.sh up)"
+fi
