@@ -135,10 +135,9 @@ impl S3Reader {
                 }
             }
             for i in keep {
-                if !st.windows.contains_key(&i) {
-                    let job = self.fetch(i);
-                    st.windows.insert(i, Window::Pending(job));
-                }
+                st.windows
+                    .entry(i)
+                    .or_insert_with(|| Window::Pending(self.fetch(i)));
             }
             match st.windows.remove(&w) {
                 Some(Window::Ready(b)) => {
@@ -169,7 +168,7 @@ impl S3Reader {
 }
 
 impl ByteSource for S3Reader {
-    fn len(&self) -> std::io::Result<u64> {
+    fn size(&self) -> std::io::Result<u64> {
         Ok(self.len)
     }
 

@@ -62,7 +62,7 @@ async fn closed_without_callback(
         },
         fed.clock.clone(),
         EngineConfig {
-            workdir: fed.workdir(),
+            read_ahead_bytes: fedstep_cloud::DEFAULT_READ_AHEAD_BYTES,
             owner: "crashing".into(),
             lease_seconds: LEASE,
         },

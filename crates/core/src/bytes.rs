@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 /// on the network simply blocks that thread.
 pub trait ByteSource: Send + Sync {
     /// Total size in bytes.
-    fn len(&self) -> std::io::Result<u64>;
+    fn size(&self) -> std::io::Result<u64>;
     /// Fills `buf` with the bytes starting at `offset`.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
     /// What to call this input in messages (a path, an object key).
@@ -89,7 +89,7 @@ impl FileBytes {
 }
 
 impl ByteSource for FileBytes {
-    fn len(&self) -> std::io::Result<u64> {
+    fn size(&self) -> std::io::Result<u64> {
         Ok(self.file()?.metadata()?.len())
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -135,26 +135,29 @@ impl FileTarget {
     }
 }
 
+/// A fresh temporary path beside `dest` (same directory, so the final
+/// rename stays on one file system), unique per call: two attempts at the
+/// same output (racing aggregators in one process) never share one.
+pub fn temp_beside(dest: &Path) -> PathBuf {
+    static ATTEMPT: AtomicU64 = AtomicU64::new(0);
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    dir.join(format!(
+        ".{name}.{}-{}.partial",
+        std::process::id(),
+        ATTEMPT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 impl OutputTarget for FileTarget {
     fn create(&self, len: u64) -> std::io::Result<Box<dyn ByteSink>> {
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into());
-        // Unique per attempt: two attempts at the same output (racing
-        // aggregators in one process) must never share a temporary file.
-        static ATTEMPT: AtomicU64 = AtomicU64::new(0);
-        let tmp = dir.join(format!(
-            ".{name}.{}-{}.partial",
-            std::process::id(),
-            ATTEMPT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let tmp = temp_beside(&self.path);
         let file = File::create(&tmp)?;
         file.set_len(len)?;
         Ok(Box::new(FileSink {
@@ -203,7 +206,7 @@ mod tests {
     #[test]
     fn a_missing_file_is_an_error_of_that_input_when_read() {
         let input = Input::file("/nonexistent/fedstep/x.safetensors");
-        let err = input.source().len().unwrap_err();
+        let err = input.source().size().unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
         assert!(!is_unavailable(&err));
         assert!(format!("{input:?}").contains("x.safetensors"));

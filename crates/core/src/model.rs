@@ -67,7 +67,7 @@ pub fn read_header(file: &File, limits: &Limits) -> Result<ModelHeader, ModelErr
 /// Reads and validates the header of any byte source (an S3 object read
 /// with ranged GETs reads only the prefix and the header here).
 pub fn read_header_from(src: &dyn ByteSource, limits: &Limits) -> Result<ModelHeader, ModelError> {
-    let file_len = src.len()?;
+    let file_len = src.size()?;
     read_header_with(file_len, |buf, off| src.read_exact_at(buf, off), limits)
 }
 

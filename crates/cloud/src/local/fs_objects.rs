@@ -6,10 +6,10 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use fedstep_core::bytes::temp_beside;
 use fedstep_core::{ByteSink, ByteSource, OutputTarget};
 
 use crate::checksum::sha256_file;
@@ -37,7 +37,7 @@ impl FsReader {
 }
 
 impl ByteSource for FsReader {
-    fn len(&self) -> std::io::Result<u64> {
+    fn size(&self) -> std::io::Result<u64> {
         Ok(self.bytes)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -66,28 +66,16 @@ pub(super) struct FsWriter {
 /// finished attempt.
 pub(super) type Staged = Arc<Mutex<Option<PathBuf>>>;
 
-static ATTEMPT: AtomicU64 = AtomicU64::new(0);
-
 fn take(slot: &Staged) -> Option<PathBuf> {
     slot.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
 impl OutputTarget for FsWriter {
     fn create(&self, len: u64) -> std::io::Result<Box<dyn ByteSink>> {
-        let dir = self.dest.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let name = self
-            .dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        // Unique per attempt: racing aggregators in one process must never
-        // share a temporary file.
-        let tmp = dir.join(format!(
-            ".{name}.{}-{}.partial",
-            std::process::id(),
-            ATTEMPT.fetch_add(1, Ordering::Relaxed)
-        ));
+        if let Some(dir) = self.dest.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = temp_beside(&self.dest);
         let file = File::create(&tmp)?;
         file.set_len(len)?;
         Ok(Box::new(FsSink {

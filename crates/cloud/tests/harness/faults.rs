@@ -226,8 +226,8 @@ struct FaultReader {
 }
 
 impl ByteSource for FaultReader {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.faults.alive(&self.owner).map_err(as_io)?;
