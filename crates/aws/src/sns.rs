@@ -9,10 +9,11 @@ use fedstep_cloud::CloudError;
 use crate::config::{required, AwsConfig};
 use crate::error::sdk_error;
 
-/// Publishes `global_model_ready` to the clients' topic and
-/// `training_complete` to its own topic (operators subscribe to that one;
-/// infra/lib/messaging.ts), falling back to the clients' topic when no
-/// second topic is configured.
+/// Publishes both kinds to the clients' topic (the deployed stack has one
+/// topic for both, infra/lib/messaging.ts; operators filter on the `type`
+/// attribute), or `training_complete` to a topic of its own when one is
+/// configured (`FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN`, as the emulator
+/// deployment does).
 #[derive(Debug, Clone)]
 pub struct SnsNotifier {
     client: aws_sdk_sns::Client,

@@ -58,7 +58,8 @@ pub struct RoundReport {
     pub rejected: BTreeMap<String, String>,
     pub clients: Vec<ClientRoundReport>,
     /// Weighting, combiner, how the round closed, and the round result's
-    /// metrics (client metrics averaged with the aggregation weights).
+    /// metrics (each client metric's median over the accepted clients, and
+    /// its weighted mean as `<name>:mean`).
     pub aggregation: Value,
     /// The baselines after the same number of epochs.
     pub single_agent_accuracy: f64,
