@@ -181,7 +181,27 @@ fn round_from_item(mut item: Item) -> Result<RoundRecord> {
     };
     let mut round: RoundRecord = decode("round", item)?;
     round.received = received;
+    if let Some(result) = &mut round.result {
+        for (client, reason) in result.rejected.iter_mut() {
+            if let (true, Some(stored)) = (reason.is_empty(), round.rejections.get(client)) {
+                reason.clone_from(stored);
+            }
+        }
+    }
     Ok(round)
+}
+
+/// The result as the round item stores it: rejected clients without their
+/// reasons, which the item already holds in `rejections` (every rejection
+/// is recorded there before the round closes). A thousand clients' reasons
+/// stored twice would not fit in one item (fedstep_cloud::capacity);
+/// [`round_from_item`] puts them back.
+fn stored_result(result: &RoundResult) -> RoundResult {
+    let mut stored = result.clone();
+    for reason in stored.rejected.values_mut() {
+        reason.clear();
+    }
+    stored
 }
 
 fn status(v: &str) -> AttributeValue {
@@ -454,7 +474,10 @@ impl Ledger for DynamoLedger {
             .expression_attribute_values(":closed", status("CLOSED"))
             .expression_attribute_values(":agg", status("AGGREGATING"))
             .expression_attribute_values(":me", s(owner))
-            .expression_attribute_values(":result", encode_value("round result", result)?)
+            .expression_attribute_values(
+                ":result",
+                encode_value("round result", &stored_result(result))?,
+            )
             .send()
             .await;
         match res {
@@ -691,5 +714,61 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(round_from_item(item).unwrap(), r);
+    }
+
+    /// An item's size as DynamoDB counts it: attribute names plus values;
+    /// strings by their UTF-8 bytes, numbers by their digits (an upper
+    /// bound), 3 bytes per map or list plus 1 per element.
+    fn item_bytes(item: &Item) -> usize {
+        fn value(v: &AttributeValue) -> usize {
+            match v {
+                AttributeValue::S(s) | AttributeValue::N(s) => s.len(),
+                AttributeValue::Ss(v) | AttributeValue::Ns(v) => v.iter().map(String::len).sum(),
+                AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
+                AttributeValue::L(l) => 3 + l.iter().map(|e| value(e) + 1).sum::<usize>(),
+                AttributeValue::M(m) => {
+                    3 + m.iter().map(|(k, e)| k.len() + value(e) + 1).sum::<usize>()
+                }
+                other => panic!("not expected in a round item: {other:?}"),
+            }
+        }
+        item.iter().map(|(k, v)| k.len() + value(v)).sum()
+    }
+
+    /// Issue #20: a round of the most clients a job may list, every id of
+    /// the longest length, every client received and rejected with a
+    /// reason cut to the round's share: the closed item fits in 400 KB.
+    #[test]
+    fn a_closed_round_of_a_thousand_rejected_clients_fits_in_one_item() {
+        use fedstep_cloud::capacity;
+        let n = capacity::MAX_CLIENTS;
+        let ids: Vec<String> = (0..n).map(|i| format!("{i:0>64}")).collect();
+        let reason = capacity::stored_reason(&"r".repeat(5000), n);
+        let mut r = record();
+        r.status = RoundStatus::Closed;
+        r.task_token = Some("t".repeat(2048));
+        r.expected_clients = ids.clone();
+        r.received = ids.iter().cloned().collect();
+        r.rejections = ids.iter().map(|c| (c.clone(), reason.clone())).collect();
+        let result = RoundResult {
+            job_id: "j".repeat(64),
+            round: 1,
+            global_model_key: "k".repeat(200),
+            metrics: (0..32).map(|i| (format!("{i:0>64}"), 1.0 / 3.0)).collect(),
+            continue_training: true,
+            closed_by: "stream".into(),
+            accepted: vec![],
+            rejected: r.rejections.clone(),
+        };
+        r.result = Some(stored_result(&result));
+        let item = round_to_item(&r).unwrap();
+        let bytes = item_bytes(&item);
+        assert!(bytes <= capacity::ITEM_BYTES, "{bytes} bytes");
+        // Stored once, read back whole.
+        let back = round_from_item(item).unwrap();
+        assert_eq!(back.result.unwrap(), result);
+        // The task result carries the reasons: within the state's limit.
+        let json = serde_json::to_string(&result).unwrap().len();
+        assert!(json <= capacity::worst_result_json_bytes(&ids), "{json}");
     }
 }

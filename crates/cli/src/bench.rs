@@ -26,6 +26,9 @@ pub enum BenchCommand {
     /// The measured child of `bench round`.
     #[command(hide = true)]
     RoundWorker(crate::bench_round::RoundWorker),
+    /// A federation of N clients on the emulators (its own stack): round
+    /// close and fan-out latency, ledger calls per update, lost/double.
+    Clients(crate::bench_clients::ClientsBench),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -91,6 +94,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Aggregate(b) => aggregate_bench(b),
         BenchCommand::Round(b) => crate::bench_round::run(b),
         BenchCommand::RoundWorker(w) => crate::bench_round::worker(w),
+        BenchCommand::Clients(b) => crate::bench_clients::run(b),
     }
 }
 

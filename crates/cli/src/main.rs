@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod aggregate_cmd;
 mod bench;
+mod bench_clients;
 mod bench_round;
 mod infra_cmd;
 mod job_cmd;

@@ -27,6 +27,7 @@ use fedstep_core::stages::StageConfig;
 use fedstep_core::PipelineConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::capacity;
 use crate::keys::check_id;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -92,6 +93,15 @@ impl JobSpec {
                 return Err(format!("client `{c}` is listed twice"));
             }
         }
+        if self.clients.len() > capacity::MAX_CLIENTS {
+            return Err(format!(
+                "{} clients listed; a job may list at most {}: a round's DynamoDB item (400 KB) \
+                 and the workflow's state (256 KiB) hold every client's id and rejection reason \
+                 (ARCHITECTURE.md, \"How many clients a job holds\")",
+                self.clients.len(),
+                capacity::MAX_CLIENTS
+            ));
+        }
         if self.min_clients == 0 {
             return Err("min_clients must be at least 1".into());
         }
@@ -113,8 +123,28 @@ impl JobSpec {
                 return Err("[stop] target must be a finite number".into());
             }
         }
+        self.check_state_size()?;
         let pipeline = self.pipeline()?;
         self.check_krum(&pipeline)
+    }
+
+    /// The workflow's state carries the job and a round's result between
+    /// tasks; both must fit in it together, whatever the clients report.
+    fn check_state_size(&self) -> Result<(), String> {
+        let job = serde_json::to_string(self)
+            .map_err(|e| format!("the job does not encode as JSON: {e}"))?
+            .len();
+        let result = capacity::worst_result_json_bytes(&self.clients);
+        if job + result > capacity::STATE_BYTES {
+            return Err(format!(
+                "the job is {job} bytes as JSON and a round result of its {} clients can reach \
+                 {result}: together more than the {} bytes (256 KiB) Step Functions allows a \
+                 state (round_config or [aggregation] too large?)",
+                self.clients.len(),
+                capacity::STATE_BYTES
+            ));
+        }
+        Ok(())
     }
 
     /// Krum scores each update by its distances to its n − f − 2 nearest
@@ -196,6 +226,42 @@ local_epochs = 2
             let err = JobSpec::from_toml(&GOOD.replace(from, to)).unwrap_err();
             assert!(err.contains(want), "{to}: {err}");
         }
+    }
+
+    /// `n` client ids of the longest allowed length.
+    fn long_ids(n: usize) -> String {
+        (0..n)
+            .map(|i| format!("\"{:0>64}\"", i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    #[test]
+    fn a_thousand_clients_with_the_longest_ids_fit_and_one_more_does_not() {
+        let with = |n: usize| {
+            JobSpec::from_toml(&GOOD.replace(
+                r#"clients = ["site-a", "site-b", "site-c"]"#,
+                &format!("clients = [{}]", long_ids(n)),
+            ))
+        };
+        let job = with(capacity::MAX_CLIENTS).unwrap();
+        let state = serde_json::to_string(&job).unwrap().len()
+            + capacity::worst_result_json_bytes(&job.clients);
+        assert!(state <= capacity::STATE_BYTES, "{state}");
+        let err = with(capacity::MAX_CLIENTS + 1).unwrap_err();
+        assert!(err.contains("at most 1000"), "{err}");
+    }
+
+    #[test]
+    fn a_job_whose_round_config_leaves_no_room_for_results_is_refused() {
+        let big = format!("{}\nnote = \"{}\"\n", GOOD, "x".repeat(200 * 1024));
+        let err = JobSpec::from_toml(&big.replace(
+            r#"clients = ["site-a", "site-b", "site-c"]"#,
+            &format!("clients = [{}]", long_ids(300)),
+        ))
+        .unwrap_err();
+        assert!(err.contains("256"), "{err}");
+        assert!(err.contains("round_config"), "{err}");
     }
 
     #[test]

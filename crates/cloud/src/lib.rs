@@ -3,6 +3,7 @@
 //! the emulator worker, and in `fedstep simulate` (local adapters).
 
 pub mod bounded;
+pub mod capacity;
 pub mod checksum;
 pub mod engine;
 pub mod error;

@@ -2,7 +2,7 @@
 
 use fedstep_aws::{AwsConfig, DynamoLedger, S3Store, SfnCallback, SnsNotifier};
 use fedstep_cloud::engine::{EngineConfig, RoundEngine, UpdateOutcome};
-use fedstep_cloud::ports::SystemClock;
+use fedstep_cloud::ports::{Clock, Ledger, Notifier, StreamingStore, SystemClock, TaskCallback};
 use fedstep_cloud::records::{RoundRecord, RoundResult, UpdateRecord};
 use fedstep_cloud::{CloudError, JobSpec, DEFAULT_READ_AHEAD_BYTES};
 use serde_json::Value;
@@ -40,7 +40,16 @@ pub fn build(cfg: &AwsConfig, owner: String) -> Result<AwsEngine, String> {
     ))
 }
 
-impl Aggregator for AwsEngine {
+/// Any round engine serves the handlers: the deployed one over the AWS
+/// adapters, and `fedstep bench clients`'s, whose ledger counts its calls.
+impl<S, L, N, C, K> Aggregator for RoundEngine<S, L, N, C, K>
+where
+    S: StreamingStore + 'static,
+    L: Ledger + 'static,
+    N: Notifier + 'static,
+    C: TaskCallback + 'static,
+    K: Clock + 'static,
+{
     type Outcome = UpdateOutcome;
 
     async fn start_round(

@@ -20,6 +20,7 @@ use fedstep_core::{
 use super::validate::check_against_round;
 use super::{metrics, stop_rule, RoundEngine};
 use crate::bounded;
+use crate::capacity;
 use crate::error::{CloudError, Result};
 use crate::job::JobSpec;
 use crate::keys;
@@ -131,8 +132,7 @@ where
                     inputs.insert(client, checked);
                 }
                 Err(reason) => {
-                    self.reject(job_id, round, &client, &reason, &mut rejected)
-                        .await?;
+                    self.reject(row, &client, &reason, &mut rejected).await?;
                 }
             }
         }
@@ -284,8 +284,7 @@ where
             }
             for (client, reason) in mismatched {
                 inputs.remove(&client);
-                self.reject(job_id, round, &client, &reason, &mut rejected)
-                    .await?;
+                self.reject(row, &client, &reason, &mut rejected).await?;
             }
         };
         for c in measurements
@@ -298,7 +297,7 @@ where
                 status_name(c.status),
                 c.reason.as_deref().unwrap_or("no reason given")
             );
-            self.reject(job_id, round, &c.client_id, &reason, &mut rejected)
+            self.reject(row, &c.client_id, &reason, &mut rejected)
                 .await?;
         }
 
@@ -333,21 +332,21 @@ where
         })
     }
 
-    /// Records a rejection in the ledger and in this attempt's map, bounded:
-    /// the reason may quote what the client sent (tensor names, S3's words
-    /// about its object), and every byte of it is stored twice in the round
-    /// item and returned in the task result.
+    /// Records a rejection in the ledger and in this attempt's map, bounded
+    /// to the round's share of the reason budget (capacity.rs): the reason
+    /// may quote what the client sent (tensor names, S3's words about its
+    /// object), and it is stored in the round item and returned in the task
+    /// result.
     async fn reject(
         &self,
-        job_id: &str,
-        round: u32,
+        row: &RoundRecord,
         client: &str,
         reason: &str,
         rejected: &mut BTreeMap<String, String>,
     ) -> Result<()> {
-        let reason = bounded::reason(reason);
+        let reason = capacity::stored_reason(reason, row.expected_clients.len());
         self.ledger
-            .record_rejection(job_id, round, client, &reason)
+            .record_rejection(&row.job_id, row.round, client, &reason)
             .await?;
         rejected.insert(client.to_string(), reason);
         Ok(())

@@ -7,6 +7,7 @@ use super::aggregation::{participants, Closing};
 use super::validate::{check_against_round, check_expected, check_ids};
 use super::{RoundEngine, UpdateOutcome};
 use crate::bounded;
+use crate::capacity;
 use crate::error::{CloudError, Result};
 use crate::job::JobSpec;
 use crate::ports::{Callback, Clock, Ledger, Notifier, StreamingStore, TaskCallback};
@@ -68,6 +69,7 @@ where
             return self.on_update_past_open(&job, &row, client).await;
         }
         if let Err(reason) = check_against_round(update, &row) {
+            let reason = capacity::stored_reason(&reason, row.expected_clients.len());
             self.ledger
                 .record_rejection(job_id, round, client, &reason)
                 .await?;
@@ -81,6 +83,7 @@ where
                 "late: round {round} became {:?} while this update was being counted",
                 after.status
             );
+            let reason = capacity::stored_reason(&reason, after.expected_clients.len());
             self.ledger
                 .record_rejection(job_id, round, client, &reason)
                 .await?;
@@ -126,6 +129,7 @@ where
                 "late: round {} is {:?}; updates are no longer accepted",
                 row.round, row.status
             );
+            let reason = capacity::stored_reason(&reason, row.expected_clients.len());
             self.ledger
                 .record_rejection(&row.job_id, row.round, client, &reason)
                 .await?;

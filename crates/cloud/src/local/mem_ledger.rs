@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::bounded;
+use crate::capacity;
 use crate::error::{CloudError, Result};
 use crate::job::JobSpec;
 use crate::keys;
@@ -145,21 +146,21 @@ impl Ledger for MemLedger {
         client: &str,
         reason: &str,
     ) -> Result<()> {
-        if reason.len() > bounded::REASON_BYTES {
-            return Err(CloudError::Invalid(format!(
-                "record_rejection: a {}-byte reason for `{}` exceeds {} bytes; \
-                 pass it through fedstep_cloud::bounded::reason: {}",
-                reason.len(),
-                bounded::quote(client),
-                bounded::REASON_BYTES,
-                bounded::reason(reason)
-            )));
-        }
         let mut t = self.lock();
         let row = t
             .rounds
             .get_mut(&(job_id.to_string(), round))
             .ok_or_else(|| not_found(job_id, round))?;
+        let limit = capacity::reason_bytes(row.expected_clients.len());
+        if reason.len() > limit {
+            return Err(CloudError::Invalid(format!(
+                "record_rejection: a {}-byte reason for `{}` exceeds this round's {limit} bytes; \
+                 pass it through fedstep_cloud::capacity::stored_reason: {}",
+                reason.len(),
+                bounded::quote(client),
+                bounded::reason(reason)
+            )));
+        }
         row.rejections
             .insert(client.to_string(), reason.to_string());
         Ok(())
