@@ -16,6 +16,7 @@
 //!
 //! [aggregation]                  # fedstep-core's PipelineConfig
 //! weighting = "examples"
+//! max_client_share = 0.5         # optional; at least 1/min_clients
 //!
 //! [round_config]                 # passed to clients untouched
 //! local_epochs = 2
@@ -125,7 +126,30 @@ impl JobSpec {
         }
         self.check_state_size()?;
         let pipeline = self.pipeline()?;
-        self.check_krum(&pipeline)
+        self.check_krum(&pipeline)?;
+        self.check_share_cap(&pipeline)
+    }
+
+    /// Shares of at most s over n clients sum to at most n·s, so a cap
+    /// below 1/min_clients could never hold in a round closed at its
+    /// quorum. Refused here rather than degraded every such round; fewer
+    /// clients after run-time rejections still degrade (the core records
+    /// it).
+    fn check_share_cap(&self, pipeline: &PipelineConfig) -> Result<(), String> {
+        let Some(cap) = pipeline.max_client_share else {
+            return Ok(());
+        };
+        if cap.holds_for(self.min_clients as usize) {
+            return Ok(());
+        }
+        Err(format!(
+            "[aggregation] max_client_share = {s} cannot hold in a round that closes at \
+             its quorum of min_clients = {n} ({n} × {s} < 1: one of them must hold more): \
+             raise max_client_share to at least 1/{n} or min_clients to at least {need}",
+            s = cap.get(),
+            n = self.min_clients,
+            need = cap.min_clients()
+        ))
     }
 
     /// The workflow's state carries the job and a round's result between
@@ -262,6 +286,42 @@ local_epochs = 2
         .unwrap_err();
         assert!(err.contains("256"), "{err}");
         assert!(err.contains("round_config"), "{err}");
+    }
+
+    #[test]
+    fn max_client_share_must_hold_for_a_quorum_sized_round() {
+        let with = |min_clients: u32, cap: &str| {
+            JobSpec::from_toml(
+                &GOOD
+                    .replace("min_clients = 2", &format!("min_clients = {min_clients}"))
+                    .replace(
+                        "weighting = \"uniform\"",
+                        &format!("weighting = \"uniform\"\nmax_client_share = {cap}"),
+                    ),
+            )
+        };
+        let err = with(2, "0.4").unwrap_err();
+        for want in [
+            "[aggregation] max_client_share = 0.4",
+            "min_clients = 2",
+            "at least 1/2",
+            "min_clients to at least 3",
+        ] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let err = with(3, "0.3").unwrap_err();
+        assert!(err.contains("min_clients to at least 4"), "{err}");
+        for (min_clients, cap) in [(2, "0.5"), (3, "0.34"), (1, "1.0"), (3, "1")] {
+            let job = with(min_clients, cap).unwrap();
+            assert!(job.pipeline().unwrap().max_client_share.is_some());
+        }
+        // The core's own check still speaks first for a share that is no
+        // fraction at all.
+        let err = with(3, "1.5").unwrap_err();
+        assert!(
+            err.contains("[aggregation]") && err.contains("max_client_share"),
+            "{err}"
+        );
     }
 
     #[test]

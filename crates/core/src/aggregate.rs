@@ -23,6 +23,7 @@ use crate::manifest::{UpdateMeta, UpdateSource};
 use crate::measurements::{ClientMeasurement, ClientStatus, Measurements};
 use crate::model::{check_compatible, TensorEntry};
 use crate::personalization::{check_masked_compatible, Personalization};
+use crate::share_cap;
 use crate::stages::{krum, Combiner, Pipeline, Transform};
 use crate::statistics::{self, StatsError};
 use crate::stream::{block_elements, Source};
@@ -270,10 +271,29 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
                 "the accepted updates' weights sum to {total}; nothing to average"
             )));
         }
-        let weights: Vec<f64> = kept
+        let mut weights: Vec<f64> = kept
             .iter()
             .map(|&i| clients[live[i]].raw_weight / total)
             .collect();
+        // The cap goes on the final set (after zeroing and Krum), before
+        // anything reads the weights: the mean's coefficients, FedSelect's
+        // denominators and the DP noise's largest weight all see it.
+        if let Some(cap) = cfg.max_client_share {
+            let capped = share_cap::cap_shares(&weights, cap);
+            let ids: Vec<&str> = kept
+                .iter()
+                .map(|&i| clients[live[i]].meta.client_id.as_str())
+                .collect();
+            let moot = pipeline
+                .combiner
+                .ignores_weights()
+                .then(|| pipeline.combiner.name());
+            stages.insert(
+                "max_client_share".to_string(),
+                capped.measurement(cap, &ids, moot),
+            );
+            weights = capped.shares;
+        }
         let buckets = pipeline.bucketing.assign(kept.len(), req.round);
         let trim = match &pipeline.combiner {
             Combiner::TrimmedMean(tm) => {

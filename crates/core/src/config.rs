@@ -2,6 +2,8 @@
 //!
 //! ```toml
 //! weighting = "quality"        # examples (default) | uniform | quality
+//! max_client_share = 0.25      # optional: no client's share of the round's
+//!                              # weight exceeds this (see `share_cap`)
 //! llm_type = "auto"            # none (default, type-blind) | auto | <type name>
 //! memory_budget_mb = 8         # block buffers across all inputs (cache-sized)
 //! personalization = "none"     # none (default) | fedselect (masked updates,
@@ -22,6 +24,7 @@ use serde::Deserialize;
 
 use crate::limits::Limits;
 use crate::personalization::Personalization;
+use crate::share_cap::MaxClientShare;
 use crate::stages::StageConfig;
 use crate::weighting::{TypeFilter, Weighting};
 
@@ -30,6 +33,9 @@ use crate::weighting::{TypeFilter, Weighting};
 pub struct PipelineConfig {
     #[serde(default)]
     pub weighting: Weighting,
+    /// Caps any one client's normalized share of the weight (off: none).
+    #[serde(default)]
+    pub max_client_share: Option<MaxClientShare>,
     #[serde(default = "default_llm_type")]
     pub llm_type: String,
     #[serde(default = "default_budget_mb")]
@@ -58,6 +64,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             weighting: Weighting::default(),
+            max_client_share: None,
             llm_type: default_llm_type(),
             memory_budget_mb: default_budget_mb(),
             limits: Limits::default(),
@@ -107,7 +114,21 @@ mod tests {
         let cfg = PipelineConfig::from_toml("").unwrap();
         assert_eq!(cfg.weighting, Weighting::Examples);
         assert_eq!(cfg.type_filter(), TypeFilter::None);
+        assert_eq!(cfg.max_client_share, None);
         assert!(cfg.stages.is_empty());
+    }
+
+    #[test]
+    fn max_client_share_is_a_fraction_checked_when_parsed() {
+        let cfg = PipelineConfig::from_toml("max_client_share = 0.25").unwrap();
+        assert_eq!(cfg.max_client_share.map(|s| s.get()), Some(0.25));
+        // A whole 1 is the loosest cap (TOML writes it as an integer).
+        let cfg = PipelineConfig::from_toml("max_client_share = 1").unwrap();
+        assert_eq!(cfg.max_client_share.map(|s| s.get()), Some(1.0));
+        for bad in ["0", "0.0", "-0.25", "1.5", "nan", "inf", "\"a quarter\""] {
+            let err = PipelineConfig::from_toml(&format!("max_client_share = {bad}")).unwrap_err();
+            assert!(err.contains("max_client_share"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod measurements;
 pub mod model;
 pub mod personalization;
 pub mod quality;
+pub mod share_cap;
 pub mod stages;
 pub mod statistics;
 pub mod stream;

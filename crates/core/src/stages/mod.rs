@@ -154,6 +154,13 @@ impl Combiner {
             Combiner::Krum(_) => "krum",
         }
     }
+
+    /// Median and trimmed mean count every update (or bucket) once, so a
+    /// client cannot claim its way into moving them; Krum averages its
+    /// selection with the weights, like the mean.
+    pub fn ignores_weights(&self) -> bool {
+        matches!(self, Combiner::Median | Combiner::TrimmedMean(_))
+    }
 }
 
 /// A checked pipeline.
