@@ -5,7 +5,7 @@ import { Annotations, Match } from 'aws-cdk-lib/assertions';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { RustFunction } from 'cargo-lambda-cdk';
 import { AwsSolutionsChecks } from 'cdk-nag';
-import { STREAM_SETTINGS } from '../lib/aggregator';
+import { LEASE_MARGIN, STREAM_SETTINGS } from '../lib/aggregator';
 import { resolveSettings } from '../lib/config';
 import { addFedstep } from '../lib/fedstep-app';
 import { FedstepStack } from '../lib/fedstep-stack';
@@ -275,6 +275,12 @@ describe('aggregator Lambda', () => {
       FEDSTEP_TOPIC_ARN: { Ref: ids().topic },
       RUST_LOG: 'info',
     });
+    // The lease outlives the function's timeout by the margin: 900 + 60.
+    expect(env.FEDSTEP_LEASE_SECONDS).toBe('960');
+    expect(Number(env.FEDSTEP_LEASE_SECONDS)).toBe(p.Timeout + LEASE_MARGIN.toSeconds());
+    // ...under the name the Lambda reads (crates/lambda/src/engine.rs).
+    const engineRs = fs.readFileSync(path.resolve(__dirname, '..', '..', 'crates', 'lambda', 'src', 'engine.rs'), 'utf8');
+    expect(engineRs).toContain('std::env::var("FEDSTEP_LEASE_SECONDS")');
     // training_complete goes to the same topic: the Lambda falls back to
     // FEDSTEP_TOPIC_ARN when this one is unset (next test).
     expect(env.FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN).toBeUndefined();
@@ -536,6 +542,8 @@ describe('options', () => {
     expect(p.Architectures).toEqual(['x86_64']);
     expect(p.MemorySize).toBe(4096);
     expect(p.Timeout).toBe(600);
+    // The lease follows the configured timeout, not the 15-minute default.
+    expect(p.Environment.Variables.FEDSTEP_LEASE_SECONDS).toBe('660');
     expect(p.Environment.Variables.RUST_LOG).toBe('fedstep=debug,info');
     expect(alt.stack.aggregator.function).not.toBeInstanceOf(RustFunction);
     const hash = String(p.Code.S3Key).replace(/\.zip$/, '');
