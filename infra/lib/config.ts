@@ -28,6 +28,23 @@ const PRINCIPAL_ARN_RE = /^arn:aws[a-z-]*:(iam|sts)::\d{12}:[A-Za-z0-9+=,.@_\/-]
 /** sts:ExternalId: 2-1224 chars from this set (AWS STS AssumeRole). */
 const EXTERNAL_ID_RE = /^[\w+=,.@:\/-]{2,1224}$/;
 
+/**
+ * IAM allows a role 10,240 characters of inline policy (whitespace not
+ * counted), and each of a client's `jobs` adds one ARN to its role's
+ * ReadGlobalModels statement (lib/client-access.ts):
+ * `"<bucket ARN>/jobs/<job>/rounds/*\/global.safetensors",`. The job ids of
+ * one client may take this many characters of it, counted with
+ * JOB_ARN_OVERHEAD each; the rest of the policy needs less than 3,000 even
+ * with the longest names (test/stack.test.ts checks the sum).
+ */
+export const JOB_ARNS_POLICY_BUDGET = 7000;
+/**
+ * What one job's ARN costs besides the job id: the longest bucket ARN
+ * (`arn:aws-us-gov:s3:::` + a 63-character name), the key around the id,
+ * two quotes and a comma.
+ */
+export const JOB_ARN_OVERHEAD = 'arn:aws-us-gov:s3:::'.length + 63 + '/jobs/'.length + '/rounds/*/global.safetensors'.length + 3;
+
 export type LambdaArch = 'arm64' | 'x86_64';
 
 export interface ClientSettings {
@@ -260,6 +277,13 @@ function parseClientSettings(obj: Raw, id: string): PartialClient {
       return job;
     });
     if (out.jobs.length > 150) throw new ConfigError(`client ${id}: at most 150 jobs in an SNS filter policy`);
+    const policyChars = out.jobs.reduce((sum, job) => sum + job.length + JOB_ARN_OVERHEAD, 0);
+    if (policyChars > JOB_ARNS_POLICY_BUDGET) {
+      throw new ConfigError(
+        `client ${id}: ${out.jobs.length} jobs make its role's policy too long for IAM ` +
+        `(${policyChars} of ${JOB_ARNS_POLICY_BUDGET} characters for the jobs' S3 ARNs, ${JOB_ARN_OVERHEAD} + the id each): ` +
+        'list fewer or shorter job ids, or none (then the client reads every job\'s global models)');
+    }
   }
   if (obj.batch !== undefined) out.batch = parseInteger(obj.batch, `client ${id} batch`, 0, MAX_CLIENT_BATCHES - 1);
   return out;

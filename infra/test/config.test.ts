@@ -1,7 +1,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { ConfigError, DEFAULTS, INFRA_DIR, resolveSettings } from '../lib/config';
+import { ConfigError, DEFAULTS, INFRA_DIR, JOB_ARN_OVERHEAD, JOB_ARNS_POLICY_BUDGET, resolveSettings } from '../lib/config';
 
 const ctx = (values: Record<string, unknown>) => (key: string): unknown => values[key];
 /** A base dir without fedstep.config.json, so a developer's local file cannot leak into tests. */
@@ -88,6 +88,15 @@ describe('resolveSettings', () => {
     expect(resolveSettings(ctx({ 'fedstep:lambdaAsset': '/abs/dir' }), base).lambdaAsset).toBe('/abs/dir');
   });
 
+  test('jobs up to the role policy budget are accepted', () => {
+    // 50 ids of 20 characters: 50 × (20 + 120) = 7,000, exactly the budget.
+    const jobs = Array.from({ length: 50 }, (_, i) => `job-${String(i).padStart(16, '0')}`);
+    expect(jobs[0]).toHaveLength(20);
+    expect(50 * (20 + JOB_ARN_OVERHEAD)).toBe(JOB_ARNS_POLICY_BUDGET);
+    expect(resolveSettings(ctx({ clients: { a: { jobs } } }), base).clients[0].jobs).toEqual(jobs);
+    expect(() => resolveSettings(ctx({ clients: { a: { jobs: [...jobs, 'j'] } } }), base)).toThrow(/too long for IAM/);
+  });
+
   test('clientBatches and a client\'s pinned batch', () => {
     const s = resolveSettings(ctx({ clientBatches: '8', clients: { 'site-a': { batch: 7 }, 'site-b': {} } }), base);
     expect(s.clientBatches).toBe(8);
@@ -108,6 +117,9 @@ describe('resolveSettings', () => {
     [{ clients: { a: { externalId: 'x' } } }, /externalId must be/],
     [{ clients: { a: { jobs: [] } } }, /non-empty list/],
     [{ clients: { a: { jobs: ['ok', 'not ok'] } } }, /bad job id/],
+    [{ clients: { a: { jobs: ['job-*'] } } }, /bad job id/],
+    // 40 jobs of 100+ characters: 40 S3 ARNs too many for the role's inline policy.
+    [{ clients: { a: { jobs: Array.from({ length: 40 }, (_, i) => `job-${i}-${'x'.repeat(100)}`) } } }, /too long for IAM/],
     [{ clients: { a: { typo: 1 } } }, /unknown setting "typo"/],
     [{ arch: 'mips' }, /arch must be/],
     [{ timeoutMinutes: 16 }, /timeoutMinutes/],

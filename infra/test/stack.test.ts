@@ -6,7 +6,7 @@ import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { RustFunction } from 'cargo-lambda-cdk';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { LEASE_MARGIN, STREAM_SETTINGS } from '../lib/aggregator';
-import { resolveSettings } from '../lib/config';
+import { JOB_ARN_OVERHEAD, JOB_ARNS_POLICY_BUDGET, resolveSettings } from '../lib/config';
 import { addFedstep } from '../lib/fedstep-app';
 import { FedstepStack } from '../lib/fedstep-stack';
 import { ARTIFACTS_INDEX } from '../lib/ledger';
@@ -16,6 +16,7 @@ import {
   allResources, asArray, derefCrossStack, fakeResolve, getAttArn, Json, logicalId, nagErrors, placeholderAsset, policyDocuments,
   resourcesOfType, scratchDir, stackOfClient, substitute, Synth, synthFedstep, testApp,
 } from './helpers';
+import { decide, Decision } from './iam-eval';
 
 const CLIENTS = ['site-a', 'site-b', 'site-c'];
 const CONTEXT = {
@@ -436,12 +437,28 @@ describe('client access', () => {
         Action: ['sqs:ChangeMessageVisibility', 'sqs:DeleteMessage', 'sqs:GetQueueAttributes', 'sqs:ReceiveMessage'],
         Resource: getAttArn(queue),
       },
-      { Sid: 'ReadGlobalModels', Effect: 'Allow', Action: 's3:GetObject', Resource: bucketObjects(bucket, 'jobs/*/rounds/*/global.safetensors') },
+      {
+        // site-b lists its jobs: only their global models.
+        Sid: 'ReadGlobalModels', Effect: 'Allow', Action: 's3:GetObject',
+        Resource: client === 'site-b'
+          ? [bucketObjects(bucket, 'jobs/job-1/rounds/*/global.safetensors'), bucketObjects(bucket, 'jobs/job-2/rounds/*/global.safetensors')]
+          : bucketObjects(bucket, 'jobs/*/rounds/*/global.safetensors'),
+      },
       {
         // PutObjectTagging: updates are uploaded tagged fedstep-kind=update (lifecycle expiry).
         Sid: 'OwnUpdates', Effect: 'Allow',
         Action: ['s3:AbortMultipartUpload', 's3:GetObject', 's3:PutObject', 's3:PutObjectTagging'],
         Resource: bucketObjects(bucket, `jobs/*/rounds/*/updates/${client}.safetensors`),
+      },
+      {
+        Sid: 'DenyUploadsNotInStandardStorage', Effect: 'Deny', Action: 's3:PutObject',
+        Resource: bucketObjects(bucket, '*'),
+        Condition: { Null: { 's3:x-amz-storage-class': 'false' }, StringNotEquals: { 's3:x-amz-storage-class': 'STANDARD' } },
+      },
+      {
+        Sid: 'DenyUploadsWithCustomerKeys', Effect: 'Deny', Action: 's3:PutObject',
+        Resource: bucketObjects(bucket, '*'),
+        Condition: { Null: { 's3:x-amz-server-side-encryption-customer-algorithm': 'false' } },
       },
       {
         Sid: 'OwnLedgerRows', Effect: 'Allow',
@@ -451,6 +468,99 @@ describe('client access', () => {
       },
     ]);
   });
+
+  /** Would IAM allow `client`'s role this S3 request on the model bucket (`key`)? */
+  const s3Decision = (client: string, action: string, key: string, context: Record<string, string> = {}): Decision => {
+    const bucketArn = 'arn:aws:s3:::fedstep-models';
+    const resolve = (r: Json): string => {
+      if (typeof r === 'string') return r;
+      const parts = r['Fn::Join']?.[1] as Json[] | undefined;
+      if (parts?.length === 2 && JSON.stringify(parts[0]) === JSON.stringify(getAttArn(ids().bucket))) return `${bucketArn}${parts[1]}`;
+      return 'arn:aws:not-the-bucket'; // the queue, the table
+    };
+    return decide(roleStatements(clientIds(client).role), { action, resource: `${bucketArn}/${key}`, context }, resolve);
+  };
+
+  test.each(CLIENTS)('%s: uploads its update in STANDARD (or without a storage class) only, never with SSE-C', (client) => {
+    const own = `jobs/job-1/rounds/3/updates/${client}.safetensors`;
+    // What the client sends (crates/aws/src/s3.rs): no storage class, no
+    // encryption headers; UploadPart and CompleteMultipartUpload never carry them.
+    expect(s3Decision(client, 's3:PutObject', own)).toBe('allowed');
+    expect(s3Decision(client, 's3:PutObject', own, { 's3:x-amz-storage-class': 'STANDARD' })).toBe('allowed');
+    expect(s3Decision(client, 's3:PutObject', own, { 's3:x-amz-server-side-encryption': 'AES256' })).toBe('allowed');
+    for (const storageClass of ['GLACIER', 'DEEP_ARCHIVE', 'GLACIER_IR', 'STANDARD_IA', 'ONEZONE_IA', 'INTELLIGENT_TIERING', 'REDUCED_REDUNDANCY']) {
+      expect([storageClass, s3Decision(client, 's3:PutObject', own, { 's3:x-amz-storage-class': storageClass })]).toEqual([storageClass, 'denied']);
+    }
+    expect(s3Decision(client, 's3:PutObject', own, { 's3:x-amz-server-side-encryption-customer-algorithm': 'AES256' })).toBe('denied');
+    expect(s3Decision(client, 's3:PutObject', own, {
+      's3:x-amz-storage-class': 'STANDARD', 's3:x-amz-server-side-encryption-customer-algorithm': 'AES256',
+    })).toBe('denied');
+    // The guards are explicit denies on every object, not just the own key:
+    // they hold whatever else may ever allow the role to write.
+    expect(s3Decision(client, 's3:PutObject', 'jobs/job-1/rounds/3/global.safetensors')).toBe('implicitly denied');
+    // Only PutObject is guarded: reading back and tagging the own update stay allowed.
+    expect(s3Decision(client, 's3:GetObject', own)).toBe('allowed');
+    expect(s3Decision(client, 's3:PutObjectTagging', own)).toBe('allowed');
+    // Another client's key: never.
+    expect(s3Decision(client, 's3:PutObject', 'jobs/job-1/rounds/3/updates/site-x.safetensors')).toBe('implicitly denied');
+  });
+
+  test.each(CLIENTS)('%s: reads the global models of its jobs (every job when it lists none)', (client) => {
+    const model = (job: string, round: number): string => `jobs/${job}/rounds/${round}/global.safetensors`;
+    for (const job of ['job-1', 'job-2']) expect(s3Decision(client, 's3:GetObject', model(job, 7))).toBe('allowed');
+    // site-b lists job-1 and job-2; the others list no jobs.
+    const others = client === 'site-b' ? 'implicitly denied' : 'allowed';
+    for (const job of ['job-3', 'job-10', 'job-1x']) expect([job, s3Decision(client, 's3:GetObject', model(job, 1))]).toEqual([job, others]);
+    // Never another client's update, nor the server state.
+    expect(s3Decision(client, 's3:GetObject', 'jobs/job-1/rounds/1/updates/site-x.safetensors')).toBe('implicitly denied');
+    expect(s3Decision(client, 's3:GetObject', 'jobs/job-1/rounds/1/server_state.safetensors')).toBe('implicitly denied');
+  });
+
+  test('the evaluator is faithful where it matters: StringNotEqualsIfExists alone would deny the normal upload', () => {
+    // The trap the Deny avoids (lib/client-access.ts, uploadGuards): an
+    // ...IfExists or negated operator is true when the key is missing.
+    const naive = [
+      { Effect: 'Allow', Action: 's3:PutObject', Resource: 'arn:aws:s3:::b/*' },
+      { Effect: 'Deny', Action: 's3:PutObject', Resource: 'arn:aws:s3:::b/*', Condition: { StringNotEqualsIfExists: { 's3:x-amz-storage-class': 'STANDARD' } } },
+    ];
+    expect(decide(naive, { action: 's3:PutObject', resource: 'arn:aws:s3:::b/k' }, (r) => r)).toBe('denied');
+    expect(decide(naive, { action: 's3:PutObject', resource: 'arn:aws:s3:::b/k', context: { 's3:x-amz-storage-class': 'STANDARD' } }, (r) => r)).toBe('allowed');
+  });
+
+  test('a client\'s role policy stays within IAM\'s 10,240 characters with as many jobs as the config allows', () => {
+    // Longest job ids that fit JOB_ARNS_POLICY_BUDGET, in a fresh synth.
+    const id = (i: number): string => `${String(i).padStart(3, '0')}-${'j'.repeat(124)}`;
+    const jobs = Array.from({ length: Math.floor(JOB_ARNS_POLICY_BUDGET / (128 + JOB_ARN_OVERHEAD)) }, (_, i) => id(i));
+    const big = synthFedstep({ clients: { many: { jobs } } }, { nag: false });
+    const everything = allResources(big);
+    const access = big.deployment.clients.get('many')!;
+    const roleId = logicalId(big.deployment.stackOf.get('many')!, access.role);
+    const [inline] = everything[roleId].Properties.Policies;
+    expect(inline.PolicyDocument.Statement[1].Resource).toHaveLength(jobs.length);
+    // Every CloudFormation expression at the longest value it could take.
+    const longest = (v: Json): Json => {
+      if (Array.isArray(v)) return v.map(longest);
+      if (v === null || typeof v !== 'object') return v;
+      if (v['Fn::Join']) return (longest(v['Fn::Join'][1]) as string[]).join(v['Fn::Join'][0]);
+      if (v['Fn::GetAtt']) {
+        const type = everything[v['Fn::GetAtt'][0]].Type;
+        const arn: Record<string, string> = {
+          'AWS::S3::Bucket': `arn:aws-us-gov:s3:::${'b'.repeat(63)}`,
+          'AWS::SQS::Queue': `arn:aws-us-gov:sqs:us-gov-west-1:111122223333:${'q'.repeat(80)}`,
+          'AWS::DynamoDB::Table': `arn:aws-us-gov:dynamodb:us-gov-west-1:111122223333:table/${'t'.repeat(255)}`,
+        };
+        if (arn[type] === undefined) throw new Error(`no longest ARN for ${type}`);
+        return arn[type];
+      }
+      if (v.Ref !== undefined) throw new Error(`unexpected Ref ${v.Ref} in a client policy`);
+      return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, longest(x)]));
+    };
+    const chars = JSON.stringify(longest(inline.PolicyDocument)).length;
+    expect(chars).toBeLessThanOrEqual(10_240);
+    // And the budget's premise: the policy without the job ARNs needs less than 3,000.
+    const withoutJobs = JSON.stringify(longest({ ...inline.PolicyDocument, Statement: inline.PolicyDocument.Statement.filter((st: Json) => st.Sid !== 'ReadGlobalModels') }));
+    expect(withoutJobs.length).toBeLessThan(3000);
+  }, 120_000);
 
   test('outputs: everything a client.toml needs, one Config output per client in its clients stack', () => {
     for (const key of ['Region', 'ModelBucketName', 'RoundsTableName', 'UpdatesTableName', 'GlobalModelReadyTopicArn',
