@@ -8,6 +8,7 @@ import { Construct } from 'constructs';
 import { ClientSettings } from './config';
 import { Ledger } from './ledger';
 import { KEYS, ModelStore } from './model-store';
+import { ClientProfile } from './roles-anywhere';
 
 /** How often a client may fail to process a message before it is dead-lettered. */
 export const CLIENT_MAX_RECEIVE_COUNT = 5;
@@ -20,6 +21,12 @@ export interface ClientAccessProps {
   readonly topic: sns.ITopic;
   /** The dead-letter queue all client queues share (Messaging). */
   readonly deadLetterQueue: sqs.IQueue;
+  /**
+   * The deployment's Roles Anywhere trust anchor and the name for this
+   * client's profile; required when the client has `rolesAnywhere`, unused
+   * otherwise.
+   */
+  readonly rolesAnywhere?: { readonly trustAnchorArn: string; readonly profileName: string };
 }
 
 /**
@@ -40,11 +47,15 @@ export interface ClientAccessProps {
  * Four CloudFormation resources (CLIENT_RESOURCES): the queue, its queue
  * policy (the topic may send, TLS only), the subscription, and the role with
  * its permissions inline (a separate AWS::IAM::Policy would be a fifth
- * resource and buys nothing: nobody else attaches it).
+ * resource and buys nothing: nobody else attaches it). A client with
+ * `rolesAnywhere` also gets a Roles Anywhere profile for its role
+ * (ROLES_ANYWHERE_RESOURCES, lib/roles-anywhere.ts).
  */
 export class ClientAccess extends Construct {
   readonly queue: sqs.Queue;
   readonly role: iam.Role;
+  /** The client's Roles Anywhere profile, when it has `rolesAnywhere`. */
+  readonly rolesAnywhere?: ClientProfile;
 
   constructor(scope: Construct, id: string, props: ClientAccessProps) {
     super(scope, id);
@@ -107,6 +118,15 @@ export class ClientAccess extends Construct {
       maxSessionDuration: Duration.hours(12),
       inlinePolicies: { access },
     });
+    if (client.rolesAnywhere !== undefined) {
+      if (props.rolesAnywhere === undefined) throw new Error(`client ${client.id}: rolesAnywhere without the deployment's trust anchor`);
+      this.rolesAnywhere = new ClientProfile(this, 'RolesAnywhereProfile', {
+        role: this.role,
+        certificate: client.rolesAnywhere,
+        trustAnchorArn: props.rolesAnywhere.trustAnchorArn,
+        name: props.rolesAnywhere.profileName,
+      });
+    }
 
     // Justified: keys contain the run-time job id and round number
     // (jobs/{job}/rounds/{r}/...), so the patterns fix everything else: the

@@ -97,6 +97,33 @@ describe('resolveSettings', () => {
     expect(() => resolveSettings(ctx({ clients: { a: { jobs: [...jobs, 'j'] } } }), base)).toThrow(/too long for IAM/);
   });
 
+  test('rolesAnywhere: off by default; a CA file (relative to the infra dir) or a Private CA; per-client CN', () => {
+    expect(resolveSettings(ctx({}), base).rolesAnywhere).toBeUndefined();
+    const ca = fs.readFileSync(path.join(__dirname, 'fixtures', 'roles-anywhere-ca.pem'), 'utf8');
+    fs.writeFileSync(path.join(base, 'ca.pem'), `\n${ca}\n`);
+    const s = resolveSettings(ctx({
+      rolesAnywhere: { caCertificateFile: 'ca.pem' },
+      clients: { 'site-a': { rolesAnywhere: { certificateSubjectCN: 'site-a.example.org' } }, 'site-b': {} },
+    }), base);
+    expect(s.rolesAnywhere).toEqual({ caCertificatePem: ca.trim() });
+    expect(s.clients.map((c) => [c.id, c.rolesAnywhere])).toEqual([
+      ['site-a', { certificateSubjectCN: 'site-a.example.org' }], ['site-b', undefined],
+    ]);
+    const arn = 'arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/12345678-1234-1234-1234-123456789012';
+    // -c rolesAnywhere='{"acmPcaArn": ...}' arrives as a string.
+    expect(resolveSettings(ctx({ rolesAnywhere: JSON.stringify({ acmPcaArn: arn }) }), base).rolesAnywhere).toEqual({ acmPcaArn: arn });
+  });
+
+  test('rolesAnywhere: a file with a private key is refused (it would land in the template)', () => {
+    const ca = fs.readFileSync(path.join(__dirname, 'fixtures', 'roles-anywhere-ca.pem'), 'utf8');
+    fs.writeFileSync(path.join(base, 'with-key.pem'), `${ca}-----BEGIN PRIVATE KEY-----\nMIG...\n-----END PRIVATE KEY-----\n`);
+    fs.writeFileSync(path.join(base, 'not-pem.pem'), 'hello');
+    fs.writeFileSync(path.join(base, 'huge.pem'), ca.trim().repeat(12));
+    expect(() => resolveSettings(ctx({ rolesAnywhere: { caCertificateFile: 'with-key.pem' } }), base)).toThrow(/private key/);
+    expect(() => resolveSettings(ctx({ rolesAnywhere: { caCertificateFile: 'not-pem.pem' } }), base)).toThrow(/not PEM certificates/);
+    expect(() => resolveSettings(ctx({ rolesAnywhere: { caCertificateFile: 'huge.pem' } }), base)).toThrow(/at most 8000/);
+  });
+
   test('clientBatches and a client\'s pinned batch', () => {
     const s = resolveSettings(ctx({ clientBatches: '8', clients: { 'site-a': { batch: 7 }, 'site-b': {} } }), base);
     expect(s.clientBatches).toBe(8);
@@ -127,6 +154,20 @@ describe('resolveSettings', () => {
     [{ logRetentionDays: 2 }, /logRetentionDays/],
     [{ retainData: 'maybe' }, /retainData/],
     [{ config: 'missing.json' }, /does not exist/],
+    [{ rolesAnywhere: {} }, /exactly one of caCertificateFile .* and acmPcaArn/],
+    [{ rolesAnywhere: { caCertificateFile: 'x.pem', acmPcaArn: 'arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/x' } }, /exactly one/],
+    [{ rolesAnywhere: { caCertificateFile: 'missing.pem' } }, /missing\.pem does not exist/],
+    [{ rolesAnywhere: { acmPcaArn: 'arn:aws:iam::111122223333:role/x' } }, /Private CA ARN/],
+    [{ rolesAnywhere: { trustAnchorArn: 'x' } }, /rolesAnywhere: unknown setting "trustAnchorArn"/],
+    [{ clients: { a: { rolesAnywhere: { certificateSubjectCN: 'a' } } } }, /client a: rolesAnywhere needs the top-level rolesAnywhere/],
+    [{ clients: { a: { rolesAnywhere: {} } } }, /certificateSubjectCN must be a non-empty string/],
+    [{ clients: { a: { rolesAnywhere: { certificateSubjectCN: '${aws:username}' } } } }, /certificateSubjectCN must be 1-64 characters/],
+    [{ clients: { a: { rolesAnywhere: { certificateSubjectCN: 'x'.repeat(65) } } } }, /certificateSubjectCN must be 1-64 characters/],
+    [{ clients: { a: { rolesAnywhere: { cn: 'a' } } } }, /rolesAnywhere: unknown setting "cn"/],
+    [{
+      rolesAnywhere: { acmPcaArn: 'arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/x' },
+      clients: { a: { rolesAnywhere: { certificateSubjectCN: 'same' } }, b: { rolesAnywhere: { certificateSubjectCN: 'same' } } },
+    }, /clients a and b have the same certificate CN "same"/],
   ])('rejects %j', (values, message) => {
     expect(() => resolveSettings(ctx(values), base)).toThrow(ConfigError);
     expect(() => resolveSettings(ctx(values), base)).toThrow(message);

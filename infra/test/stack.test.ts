@@ -6,6 +6,7 @@ import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { RustFunction } from 'cargo-lambda-cdk';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { LEASE_MARGIN, STREAM_SETTINGS } from '../lib/aggregator';
+import { CLIENT_RESOURCES, ROLES_ANYWHERE_RESOURCES } from '../lib/client-batches';
 import { JOB_ARN_OVERHEAD, JOB_ARNS_POLICY_BUDGET, resolveSettings } from '../lib/config';
 import { addFedstep } from '../lib/fedstep-app';
 import { FedstepStack } from '../lib/fedstep-stack';
@@ -590,6 +591,137 @@ describe('client access', () => {
       role_arn: getAttArn(role),
       external_id: 'ext-site-b',
     });
+  });
+});
+
+describe('IAM Roles Anywhere', () => {
+  const CA_FILE = path.join(__dirname, 'fixtures', 'roles-anywhere-ca.pem');
+  const CN = 'site-a.fedstep.example.org';
+  const ACTIONS = ['sts:AssumeRole', 'sts:SetSourceIdentity', 'sts:TagSession'];
+
+  test('off by default: no Roles Anywhere resource, role trust and Config outputs as before', () => {
+    expect(Object.values<Json>(all).filter((r) => r.Type.startsWith('AWS::RolesAnywhere::'))).toEqual([]);
+    for (const client of CLIENTS) expect(all[clientIds(client).role].Properties.AssumeRolePolicyDocument.Statement).toHaveLength(1);
+    expect(t.Outputs.ClientTrustAnchorArn).toBeUndefined();
+    for (const tpl of s.templates.values()) expect(JSON.stringify(tpl.Outputs ?? {})).not.toMatch(/trust_anchor_arn|profile_arn/);
+  });
+
+  describe('with a CA certificate file and one client opted in', () => {
+    let ra: Synth;
+    let raAll: Record<string, Json>;
+    beforeAll(() => {
+      ra = synthFedstep({
+        clients: 'site-a,site-b',
+        rolesAnywhere: { caCertificateFile: CA_FILE },
+        fedstep: { clients: { 'site-a': { rolesAnywhere: { certificateSubjectCN: CN } } } },
+      });
+      raAll = allResources(ra);
+    });
+    const idsOf = (client: string): { role: string; stack: string; profile?: string } => {
+      const stack = ra.deployment.stackOf.get(client)!;
+      const access = ra.deployment.clients.get(client)!;
+      return {
+        role: logicalId(stack, access.role),
+        stack: stack.stackName,
+        profile: access.rolesAnywhere && stack.getLogicalId(access.rolesAnywhere.profile),
+      };
+    };
+    const anchorId = (): string => ra.stack.getLogicalId(ra.stack.clientTrustAnchor!.trustAnchor);
+
+    test('one enabled trust anchor in the main stack, holding the CA file; its ARN is an output', () => {
+      const anchors = resourcesOfType(raAll, 'AWS::RolesAnywhere::TrustAnchor');
+      expect(anchors.map(([id]) => id)).toEqual([anchorId()]);
+      expect(ra.template.toJSON().Resources[anchorId()]).toBeDefined();
+      expect(anchors[0][1].Properties).toEqual({
+        Name: 'Fedstep-clients',
+        Enabled: true,
+        Source: { SourceType: 'CERTIFICATE_BUNDLE', SourceData: { X509CertificateData: fs.readFileSync(CA_FILE, 'utf8').trim() } },
+        Tags: [{ Key: 'project', Value: 'fedstep' }],
+      });
+      expect(ra.template.toJSON().Outputs.ClientTrustAnchorArn.Value).toEqual({ 'Fn::GetAtt': [anchorId(), 'TrustAnchorArn'] });
+    });
+
+    test('the opted-in client: a profile for exactly its role, in its clients stack', () => {
+      const { role, profile, stack } = idsOf('site-a');
+      const profiles = resourcesOfType(raAll, 'AWS::RolesAnywhere::Profile');
+      expect(profiles.map(([id]) => id)).toEqual([profile]);
+      expect(ra.templates.get(stack).Resources[profile!]).toBeDefined();
+      expect(profiles[0][1].Properties).toEqual({
+        Name: 'Fedstep-site-a',
+        Enabled: true,
+        RoleArns: [getAttArn(role)],
+        DurationSeconds: 3600,
+        Tags: [{ Key: 'project', Value: 'fedstep' }],
+      });
+    });
+
+    test('its role trusts Roles Anywhere only for its certificate CN from this trust anchor; the ExternalId trust stays', () => {
+      const { role } = idsOf('site-a');
+      const [assume, anywhere, ...rest] = raAll[role].Properties.AssumeRolePolicyDocument.Statement;
+      expect(rest).toEqual([]);
+      expect(assume.Condition).toEqual({ StringEquals: { 'sts:ExternalId': 'fedstep-site-a' } });
+      expect({ ...anywhere, Action: [...anywhere.Action].sort() }).toEqual({
+        Sid: 'RolesAnywhere',
+        Effect: 'Allow',
+        Principal: { Service: 'rolesanywhere.amazonaws.com' },
+        Action: ACTIONS,
+        Condition: {
+          StringEquals: { 'aws:PrincipalTag/x509Subject/CN': CN },
+          ArnEquals: { 'aws:SourceArn': { 'Fn::GetAtt': [anchorId(), 'TrustAnchorArn'] } },
+        },
+      });
+      // IAM's default limit for a trust policy is 2,048 characters: with
+      // every expression as a 120-character ARN and a 64-character CN it fits.
+      const arnsLong = (v: Json): Json => {
+        if (Array.isArray(v)) return v.map(arnsLong);
+        if (v === null || typeof v !== 'object') return v;
+        if (Object.keys(v).some((k) => k.startsWith('Fn::') || k === 'Ref')) return 'x'.repeat(120);
+        return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, arnsLong(x)]));
+      };
+      const trustChars = JSON.stringify(arnsLong(raAll[role].Properties.AssumeRolePolicyDocument)).length;
+      expect(trustChars + 64 - CN.length).toBeLessThan(2048);
+    });
+
+    test('a client without rolesAnywhere gets neither a profile nor the trust', () => {
+      const { role } = idsOf('site-b');
+      expect(ra.deployment.clients.get('site-b')!.rolesAnywhere).toBeUndefined();
+      expect(raAll[role].Properties.AssumeRolePolicyDocument.Statement).toHaveLength(1);
+      expect(JSON.stringify(raAll[role])).not.toContain('rolesanywhere');
+    });
+
+    test('the Config output carries what credential_process needs, only for the opted-in client', () => {
+      const config = (client: string): Json => {
+        const { stack } = idsOf(client);
+        const value = derefCrossStack(ra, ra.templates.get(stack)).Outputs[`Client${client === 'site-a' ? 'SiteA' : 'SiteB'}Config`].Value;
+        const tokens: Json[] = [];
+        const text = (value['Fn::Join'][1] as Json[]).map((p) => (typeof p === 'string' ? p : `@@${tokens.push(p) - 1}@@`)).join('');
+        return Object.fromEntries(Object.entries<string>(JSON.parse(text)).map(([k, v]) => {
+          const m = /^@@(\d+)@@$/.exec(v);
+          return [k, m ? tokens[Number(m[1])] : v];
+        }));
+      };
+      const a = config('site-a');
+      expect(a.trust_anchor_arn).toEqual({ 'Fn::GetAtt': [anchorId(), 'TrustAnchorArn'] });
+      expect(a.profile_arn).toEqual({ 'Fn::GetAtt': [idsOf('site-a').profile, 'ProfileArn'] });
+      expect(a.role_arn).toEqual(getAttArn(idsOf('site-a').role));
+      expect(Object.keys(config('site-b')).sort()).toEqual(['bucket', 'client_id', 'external_id', 'queue_url', 'region', 'role_arn', 'updates_table']);
+    });
+
+    test('one resource more for the opted-in client only; cdk-nag finds nothing', () => {
+      const own = (stack: string): number => Object.keys(ra.templates.get(stack).Resources).length;
+      expect(own(idsOf('site-a').stack)).toBe(CLIENT_RESOURCES + ROLES_ANYWHERE_RESOURCES);
+      expect(own(idsOf('site-b').stack)).toBe(CLIENT_RESOURCES);
+      expect(nagErrors(ra)).toEqual([]);
+    });
+  });
+
+  test('an AWS Private CA as the trust anchor', () => {
+    const arn = 'arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/12345678-1234-1234-1234-123456789012';
+    const pca = synthFedstep({ clients: 'solo', rolesAnywhere: { acmPcaArn: arn } }, { nag: false });
+    const [[, anchor]] = resourcesOfType(pca.template, 'AWS::RolesAnywhere::TrustAnchor');
+    expect(anchor.Properties.Source).toEqual({ SourceType: 'AWS_ACM_PCA', SourceData: { AcmPcaArn: arn } });
+    // No client opted in: the anchor alone, no profile.
+    expect(resourcesOfType(allResources(pca), 'AWS::RolesAnywhere::Profile')).toEqual([]);
   });
 });
 
