@@ -25,6 +25,23 @@ export const STREAM_SETTINGS = {
   maxRecordAge: Duration.hours(6),
 };
 
+/**
+ * How much longer than the function's timeout a round's aggregation lease
+ * lasts (FEDSTEP_LEASE_SECONDS). A claimed round whose aggregator crashed is
+ * taken over once the lease has run out; a live aggregation must never be.
+ * Lambda ends every invocation at its timeout, and the claim is made inside
+ * the invocation, so no live holder outlives claim + timeout; the margin
+ * absorbs clock differences between the execution environments (the lease
+ * expiry is written with the claimer's clock and compared with the
+ * taker's).
+ */
+export const LEASE_MARGIN = Duration.seconds(60);
+
+/** The aggregation lease for a function that runs at most `timeout`. */
+export function leaseSeconds(timeout: Duration): number {
+  return timeout.toSeconds() + LEASE_MARGIN.toSeconds();
+}
+
 export interface AggregatorProps {
   readonly store: ModelStore;
   readonly ledger: Ledger;
@@ -100,11 +117,13 @@ export class Aggregator extends Construct {
     allow('TopicKey', ['kms:GenerateDataKey', 'kms:Decrypt'], [messaging.key.keyArn]);
     allow('TaskCallbacks', ['states:SendTaskSuccess', 'states:SendTaskFailure', 'states:SendTaskHeartbeat'], [props.stateMachineArn]);
 
+    // One value for the function's timeout and the lease derived from it.
+    const timeout = Duration.minutes(props.timeoutMinutes);
     const common: lambda.FunctionOptions = {
       description: 'fedstep round engine: start_round, record_update (stream), close_round, finalize',
       architecture: props.architecture === 'arm64' ? lambda.Architecture.ARM_64 : lambda.Architecture.X86_64,
       memorySize: props.memoryMb,
-      timeout: Duration.minutes(props.timeoutMinutes),
+      timeout,
       role: this.role,
       logGroup: this.logGroup,
       loggingFormat: lambda.LoggingFormat.JSON,
@@ -116,6 +135,12 @@ export class Aggregator extends Construct {
         // same topic (lib/messaging.ts; crates/aws/src/sns.rs falls back to it).
         FEDSTEP_TOPIC_ARN: messaging.topic.topicArn,
         FEDSTEP_STATE_MACHINE_ARN: props.stateMachineArn,
+        // A crashed aggregation is taken over after the lease; a live one
+        // must never be: the lease outlives the function's timeout (see
+        // LEASE_MARGIN). Unset, the Lambda would assume 960 s: right for
+        // the 15-minute maximum, needlessly long for a shorter timeout (a
+        // crashed round would wait that long to be taken over).
+        FEDSTEP_LEASE_SECONDS: String(leaseSeconds(timeout)),
         RUST_LOG: props.rustLog,
       },
     };

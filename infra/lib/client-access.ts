@@ -8,6 +8,7 @@ import { Construct } from 'constructs';
 import { ClientSettings } from './config';
 import { Ledger } from './ledger';
 import { KEYS, ModelStore } from './model-store';
+import { ClientProfile } from './roles-anywhere';
 
 /** How often a client may fail to process a message before it is dead-lettered. */
 export const CLIENT_MAX_RECEIVE_COUNT = 5;
@@ -20,6 +21,12 @@ export interface ClientAccessProps {
   readonly topic: sns.ITopic;
   /** The dead-letter queue all client queues share (Messaging). */
   readonly deadLetterQueue: sqs.IQueue;
+  /**
+   * The deployment's Roles Anywhere trust anchor and the name for this
+   * client's profile; required when the client has `rolesAnywhere`, unused
+   * otherwise.
+   */
+  readonly rolesAnywhere?: { readonly trustAnchorArn: string; readonly profileName: string };
 }
 
 /**
@@ -27,8 +34,11 @@ export interface ClientAccessProps {
  * (dead-lettering into the shared DLQ) and an IAM role it assumes, allowed
  * exactly:
  * - SQS: receive/delete/extend visibility on its own queue;
- * - S3: read global models; write (and read back) only its own update key,
- *   tagged `fedstep-kind=update` so the bucket's lifecycle rule expires it;
+ * - S3: read the global models of its `jobs` (of every job without the
+ *   setting); write (and read back) only its own update key, tagged
+ *   `fedstep-kind=update` so the bucket's lifecycle rule expires it, and
+ *   never in another storage class than STANDARD nor under a customer-
+ *   provided key (two Deny statements, see below);
  * - DynamoDB: PutItem/GetItem/Query on `updates` rows whose partition key is
  *   its client id (dynamodb:LeadingKeys).
  * No KMS permission is needed: the queue is SSE-SQS, the bucket SSE-S3 and
@@ -37,11 +47,15 @@ export interface ClientAccessProps {
  * Four CloudFormation resources (CLIENT_RESOURCES): the queue, its queue
  * policy (the topic may send, TLS only), the subscription, and the role with
  * its permissions inline (a separate AWS::IAM::Policy would be a fifth
- * resource and buys nothing: nobody else attaches it).
+ * resource and buys nothing: nobody else attaches it). A client with
+ * `rolesAnywhere` also gets a Roles Anywhere profile for its role
+ * (ROLES_ANYWHERE_RESOURCES, lib/roles-anywhere.ts).
  */
 export class ClientAccess extends Construct {
   readonly queue: sqs.Queue;
   readonly role: iam.Role;
+  /** The client's Roles Anywhere profile, when it has `rolesAnywhere`. */
+  readonly rolesAnywhere?: ClientProfile;
 
   constructor(scope: Construct, id: string, props: ClientAccessProps) {
     super(scope, id);
@@ -77,7 +91,7 @@ export class ClientAccess extends Construct {
         new iam.PolicyStatement({
           sid: 'ReadGlobalModels',
           actions: ['s3:GetObject'],
-          resources: [`${bucketArn}/${KEYS.globalModel}`],
+          resources: globalModelKeys(client).map((key) => `${bucketArn}/${key}`),
         }),
         new iam.PolicyStatement({
           // Read-back of its own upload: a retried client compares checksums
@@ -88,6 +102,7 @@ export class ClientAccess extends Construct {
           actions: ['s3:PutObject', 's3:PutObjectTagging', 's3:AbortMultipartUpload', 's3:GetObject'],
           resources: [`${bucketArn}/${KEYS.clientUpdate(client.id)}`],
         }),
+        ...uploadGuards(bucketArn),
         new iam.PolicyStatement({
           sid: 'OwnLedgerRows',
           actions: ['dynamodb:PutItem', 'dynamodb:GetItem', 'dynamodb:Query'],
@@ -103,16 +118,28 @@ export class ClientAccess extends Construct {
       maxSessionDuration: Duration.hours(12),
       inlinePolicies: { access },
     });
+    if (client.rolesAnywhere !== undefined) {
+      if (props.rolesAnywhere === undefined) throw new Error(`client ${client.id}: rolesAnywhere without the deployment's trust anchor`);
+      this.rolesAnywhere = new ClientProfile(this, 'RolesAnywhereProfile', {
+        role: this.role,
+        certificate: client.rolesAnywhere,
+        trustAnchorArn: props.rolesAnywhere.trustAnchorArn,
+        name: props.rolesAnywhere.profileName,
+      });
+    }
 
     // Justified: keys contain the run-time job id and round number
     // (jobs/{job}/rounds/{r}/...), so the patterns fix everything else: the
-    // file name global.safetensors, or updates/<this client>.safetensors.
+    // file name global.safetensors (and the job, where the client lists its
+    // jobs), or updates/<this client>.safetensors. (cdk-nag does not report
+    // the Deny statements' bucket-wide resource: a Deny grants nothing.)
+    const jobPattern = client.jobs === undefined ? '\\*' : `(${client.jobs.map(escapeRegex).join('|')})`;
     NagSuppressions.addResourceSuppressions(this.role, [
       {
         id: 'AwsSolutions-IAM5',
         reason: 'S3 keys embed run-time job ids and round numbers; the patterns pin the object name (global model, or this client\'s own update).',
         appliesTo: [
-          { regex: bucketObjectsRegex('jobs\\/\\*\\/rounds\\/\\*\\/global\\.safetensors') },
+          { regex: bucketObjectsRegex(`jobs\\/${jobPattern}\\/rounds\\/\\*\\/global\\.safetensors`) },
           { regex: bucketObjectsRegex(`jobs\\/\\*\\/rounds\\/\\*\\/updates\\/${escapeRegex(client.id)}\\.safetensors`) },
         ],
       },
@@ -135,6 +162,71 @@ function bucketObjectsRegex(keyRegex: string): string {
   const local = '<.*Models[0-9A-F]{8}\\.Arn>';
   const weak = '\\{"Fn::GetStackOutput":\\{"StackName":"[^"]+",.*"OutputName":"PublishOutputFnGetAtt[A-Za-z0-9]*Models[0-9A-F]{8}Arn[0-9A-F]{8}"\\}\\}';
   return `/^Resource::(${local}|${weak})\\/${keyRegex}$/g`;
+}
+
+/**
+ * The global-model keys a client may read: those of its `jobs`, or of every
+ * job when it lists none (then any client can read any job's global model;
+ * infra/README.md, "What a client role allows").
+ */
+export function globalModelKeys(client: ClientSettings): string[] {
+  return client.jobs === undefined ? [KEYS.globalModel] : client.jobs.map(KEYS.jobGlobalModel);
+}
+
+/**
+ * Deny statements on every object of the bucket that refuse an upload
+ * (s3:PutObject: PutObject, CopyObject and the multipart calls) in another
+ * storage class than STANDARD or with a customer-provided key (SSE-C). The
+ * aggregator reads updates in place: an archived object (GLACIER,
+ * DEEP_ARCHIVE) needs a restore first and an SSE-C object the client's key,
+ * so such an update is unusable (the aggregator's HEAD check rejects it, see
+ * ARCHITECTURE.md); refusing the upload tells the client at once instead of
+ * costing the round an update. STANDARD only, not the other readable
+ * classes: updates live days and are read once or twice, where the
+ * infrequent-access classes only add retrieval fees and minimum durations.
+ *
+ * Why Deny statements rather than conditions on the OwnUpdates Allow:
+ * - An explicit Deny beats every Allow, so the guarantee holds however the
+ *   role comes to be allowed s3:PutObject (a statement added later, a
+ *   managed policy an operator attaches, a bucket policy), not only through
+ *   OwnUpdates.
+ * - Conditions on the Allow would apply to its other actions too
+ *   (GetObject, PutObjectTagging, AbortMultipartUpload).
+ *
+ * The conditions are written for a Deny: a negated operator
+ * (StringNotEquals) and every ...IfExists operator evaluate to *true* when
+ * the request has no such key. `StringNotEqualsIfExists` alone would
+ * therefore deny every upload without an x-amz-storage-class header (the
+ * client's normal upload, and every UploadPart, which never has one). So
+ * the first statement also requires the header to be present (`Null:
+ * false`): it denies exactly "storage class given and not STANDARD". The
+ * second denies any request carrying the SSE-C algorithm header.
+ * Conditions within one statement are ANDed, hence two statements for
+ * "either".
+ */
+function uploadGuards(bucketArn: string): iam.PolicyStatement[] {
+  const allObjects = [`${bucketArn}/*`];
+  return [
+    new iam.PolicyStatement({
+      sid: 'DenyUploadsNotInStandardStorage',
+      effect: iam.Effect.DENY,
+      actions: ['s3:PutObject'],
+      resources: allObjects,
+      conditions: {
+        Null: { 's3:x-amz-storage-class': 'false' },
+        StringNotEquals: { 's3:x-amz-storage-class': 'STANDARD' },
+      },
+    }),
+    new iam.PolicyStatement({
+      sid: 'DenyUploadsWithCustomerKeys',
+      effect: iam.Effect.DENY,
+      actions: ['s3:PutObject'],
+      resources: allObjects,
+      conditions: {
+        Null: { 's3:x-amz-server-side-encryption-customer-algorithm': 'false' },
+      },
+    }),
+  ];
 }
 
 /** The principal allowed to assume a client's role. */

@@ -12,11 +12,16 @@ export interface ClientsStackProps extends StackProps {
   readonly store: ModelStore;
   readonly ledger: Ledger;
   readonly messaging: Messaging;
+  /** The main stack's name: prefixes the clients' Roles Anywhere profile names. */
+  readonly deploymentName: string;
+  /** ARN of the deployment's Roles Anywhere trust anchor (main stack), if it has one. */
+  readonly trustAnchorArn?: string;
 }
 
 /**
  * One batch of clients: per client its queue, subscription and role
- * (ClientAccess) and one output, `Client<Id>Config`.
+ * (ClientAccess), its Roles Anywhere profile if it has one, and one output,
+ * `Client<Id>Config`.
  *
  * A top-level stack, not a nested one: `cdk deploy --outputs-file` writes
  * the outputs of top-level stacks only, and the CLI (`fedstep infra
@@ -47,11 +52,16 @@ export class ClientsStack extends Stack {
         ledger,
         topic: messaging.topic,
         deadLetterQueue: messaging.clientDlq,
+        rolesAnywhere: props.trustAnchorArn === undefined ? undefined : {
+          trustAnchorArn: props.trustAnchorArn,
+          profileName: `${props.deploymentName}-${client.id}`,
+        },
       });
       this.clients.set(client.id, access);
       // Everything a client.toml needs, in one value (see README "Client
       // config"): one output per client, so a batch stays far below
-      // CloudFormation's 200 outputs per stack.
+      // CloudFormation's 200 outputs per stack. With Roles Anywhere, also
+      // what the client's credential_process needs (the role is role_arn).
       new CfnOutput(this, `Client${outputKey(client.id)}Config`, {
         description: `fedstep client ${client.id}: client settings as JSON`,
         value: this.toJsonString({
@@ -62,6 +72,10 @@ export class ClientsStack extends Stack {
           queue_url: access.queue.queueUrl,
           role_arn: access.role.roleArn,
           external_id: client.externalId,
+          ...(access.rolesAnywhere === undefined ? {} : {
+            trust_anchor_arn: props.trustAnchorArn,
+            profile_arn: access.rolesAnywhere.arn,
+          }),
         }),
       });
     }

@@ -11,7 +11,8 @@ import * as path from 'path';
  *   3. the `fedstep` object in cdk.json's context
  *   4. the defaults below
  * Client lists are merged: a client named anywhere is deployed; its settings
- * (trustedPrincipal, externalId, jobs) come from the highest source that has them.
+ * (trustedPrincipal, externalId, jobs, batch, rolesAnywhere) come from the
+ * highest source that has them.
  */
 
 /** Infra directory (where cdk.json lives); relative paths resolve from here. */
@@ -27,6 +28,32 @@ const ACCOUNT_RE = /^\d{12}$/;
 const PRINCIPAL_ARN_RE = /^arn:aws[a-z-]*:(iam|sts)::\d{12}:[A-Za-z0-9+=,.@_\/-]+$/;
 /** sts:ExternalId: 2-1224 chars from this set (AWS STS AssumeRole). */
 const EXTERNAL_ID_RE = /^[\w+=,.@:\/-]{2,1224}$/;
+/**
+ * A client certificate's subject CN as the role's trust policy compares it
+ * (X.509 allows at most 64 characters). No `$`, `{` or `}` (IAM would read
+ * `${...}` as a policy variable), no quotes or control characters.
+ */
+const CERTIFICATE_CN_RE = /^[A-Za-z0-9][A-Za-z0-9 ._@:=+\/-]{0,63}$/;
+const ACM_PCA_ARN_RE = /^arn:aws[a-z-]*:acm-pca:[a-z0-9-]+:\d{12}:certificate-authority\/[A-Za-z0-9-]+$/;
+/** CloudFormation's limit on a trust anchor's certificate bundle (SourceData.X509CertificateData). */
+const MAX_CA_BUNDLE_CHARS = 8000;
+
+/**
+ * IAM allows a role 10,240 characters of inline policy (whitespace not
+ * counted), and each of a client's `jobs` adds one ARN to its role's
+ * ReadGlobalModels statement (lib/client-access.ts):
+ * `"<bucket ARN>/jobs/<job>/rounds/*\/global.safetensors",`. The job ids of
+ * one client may take this many characters of it, counted with
+ * JOB_ARN_OVERHEAD each; the rest of the policy needs less than 3,000 even
+ * with the longest names (test/stack.test.ts checks the sum).
+ */
+export const JOB_ARNS_POLICY_BUDGET = 7000;
+/**
+ * What one job's ARN costs besides the job id: the longest bucket ARN
+ * (`arn:aws-us-gov:s3:::` + a 63-character name), the key around the id,
+ * two quotes and a comma.
+ */
+export const JOB_ARN_OVERHEAD = 'arn:aws-us-gov:s3:::'.length + 63 + '/jobs/'.length + '/rounds/*/global.safetensors'.length + 3;
 
 export type LambdaArch = 'arm64' | 'x86_64';
 
@@ -48,6 +75,29 @@ export interface ClientSettings {
    * by a hash of the id (lib/client-batches.ts), which never changes.
    */
   readonly batch?: number;
+  /**
+   * IAM Roles Anywhere for this client (needs the top-level `rolesAnywhere`):
+   * a profile for its role, and a trust policy that lets a certificate from
+   * the deployment's trust anchor with this subject CN assume the role.
+   * Undefined: no Roles Anywhere access.
+   */
+  readonly rolesAnywhere?: ClientRolesAnywhere;
+}
+
+export interface ClientRolesAnywhere {
+  /** The subject common name (CN) of the client's certificate. */
+  readonly certificateSubjectCN: string;
+}
+
+/**
+ * The deployment's IAM Roles Anywhere trust anchor: the CA that issues the
+ * clients' certificates. Exactly one of the two.
+ */
+export interface RolesAnywhereSettings {
+  /** PEM of the CA certificate(s) (a CERTIFICATE_BUNDLE trust anchor), read from `caCertificateFile`. */
+  readonly caCertificatePem?: string;
+  /** An AWS Private CA (an AWS_ACM_PCA trust anchor). */
+  readonly acmPcaArn?: string;
 }
 
 export interface FedstepSettings {
@@ -76,6 +126,8 @@ export interface FedstepSettings {
   readonly lambdaAsset?: string;
   /** Amazon States Language file of the training workflow (absolute). */
   readonly aslPath: string;
+  /** Undefined (the default): no IAM Roles Anywhere resources at all. */
+  readonly rolesAnywhere?: RolesAnywhereSettings;
 }
 
 export const DEFAULTS = {
@@ -113,7 +165,7 @@ export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR)
   const fromFile = loadConfigFile(ctx('config'), baseDir) ?? {};
   const single: Raw = {};
   for (const key of ['clients', 'clientBatches', 'arch', 'memoryMb', 'timeoutMinutes', 'rustLog', 'logRetentionDays', 'retainData',
-    'updateExpirationDays', 'noncurrentExpirationDays', 'lambdaManifest', 'lambdaAsset', 'asl']) {
+    'updateExpirationDays', 'noncurrentExpirationDays', 'lambdaManifest', 'lambdaAsset', 'asl', 'rolesAnywhere']) {
     const v = ctx(key);
     if (v !== undefined) single[key] = v;
   }
@@ -152,10 +204,64 @@ export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR)
       throw new ConfigError(`client ${c.id}: batch ${c.batch} is not below clientBatches (${clientBatches})`);
     }
   }
+  const rolesAnywhere = parseRolesAnywhere(pick('rolesAnywhere'), baseDir);
+  checkClientCertificates(clients, rolesAnywhere);
   return {
     clients, clientBatches, architecture, memoryMb, timeoutMinutes, rustLog, logRetentionDays, retainData,
-    updateExpirationDays, noncurrentExpirationDays, lambdaManifest, lambdaAsset, aslPath,
+    updateExpirationDays, noncurrentExpirationDays, lambdaManifest, lambdaAsset, aslPath, rolesAnywhere,
   };
+}
+
+/**
+ * `rolesAnywhere: {"caCertificateFile": "pki/ca.pem"}` (relative to the infra
+ * directory) or `{"acmPcaArn": "arn:aws:acm-pca:..."}`.
+ */
+function parseRolesAnywhere(value: unknown, baseDir: string): RolesAnywhereSettings | undefined {
+  const obj = asObject(value, 'rolesAnywhere');
+  if (obj === undefined) return undefined;
+  const known = new Set(['caCertificateFile', 'acmPcaArn']);
+  for (const key of Object.keys(obj)) {
+    if (!known.has(key)) throw new ConfigError(`rolesAnywhere: unknown setting "${key}" (known: ${[...known].join(', ')})`);
+  }
+  if ((obj.caCertificateFile === undefined) === (obj.acmPcaArn === undefined)) {
+    throw new ConfigError('rolesAnywhere needs exactly one of caCertificateFile (a PEM file of your CA) and acmPcaArn (an AWS Private CA)');
+  }
+  if (obj.acmPcaArn !== undefined) {
+    const arn = parseString(obj.acmPcaArn, 'rolesAnywhere.acmPcaArn');
+    if (!ACM_PCA_ARN_RE.test(arn)) throw new ConfigError(`rolesAnywhere.acmPcaArn must be an AWS Private CA ARN, got "${arn}"`);
+    return { acmPcaArn: arn };
+  }
+  const file = path.resolve(baseDir, parseString(obj.caCertificateFile, 'rolesAnywhere.caCertificateFile'));
+  if (!fs.existsSync(file)) throw new ConfigError(`rolesAnywhere.caCertificateFile ${file} does not exist`);
+  const pem = fs.readFileSync(file, 'utf8').trim();
+  // The file goes into the template: a private key must never get there.
+  if (/PRIVATE KEY/.test(pem)) throw new ConfigError(`rolesAnywhere.caCertificateFile ${file} contains a private key; give the CA certificate only`);
+  if (!/^-----BEGIN CERTIFICATE-----[\s\S]+-----END CERTIFICATE-----$/.test(pem)) {
+    throw new ConfigError(`rolesAnywhere.caCertificateFile ${file} is not PEM certificates (-----BEGIN CERTIFICATE----- ...)`);
+  }
+  if (pem.length > MAX_CA_BUNDLE_CHARS) {
+    throw new ConfigError(`rolesAnywhere.caCertificateFile ${file}: ${pem.length} characters, CloudFormation takes at most ${MAX_CA_BUNDLE_CHARS}`);
+  }
+  return { caCertificatePem: pem };
+}
+
+/**
+ * A client's Roles Anywhere access needs the deployment's trust anchor, and
+ * no two clients may trust the same certificate CN: one certificate would
+ * then get both roles.
+ */
+function checkClientCertificates(clients: ClientSettings[], rolesAnywhere: RolesAnywhereSettings | undefined): void {
+  const byCn = new Map<string, string>();
+  for (const c of clients) {
+    if (c.rolesAnywhere === undefined) continue;
+    if (rolesAnywhere === undefined) {
+      throw new ConfigError(`client ${c.id}: rolesAnywhere needs the top-level rolesAnywhere setting (the trust anchor: caCertificateFile or acmPcaArn)`);
+    }
+    const cn = c.rolesAnywhere.certificateSubjectCN;
+    const other = byCn.get(cn);
+    if (other !== undefined) throw new ConfigError(`clients ${other} and ${c.id} have the same certificate CN "${cn}"`);
+    byCn.set(cn, c.id);
+  }
 }
 
 function loadConfigFile(explicit: unknown, baseDir: string): Raw | undefined {
@@ -181,6 +287,7 @@ interface PartialClient {
   externalId?: string;
   jobs?: string[];
   batch?: number;
+  rolesAnywhere?: ClientRolesAnywhere;
 }
 
 /**
@@ -235,7 +342,7 @@ function normalizeClients(value: unknown): Array<[string, PartialClient]> {
 }
 
 function parseClientSettings(obj: Raw, id: string): PartialClient {
-  const known = new Set(['id', 'trustedPrincipal', 'externalId', 'jobs', 'batch']);
+  const known = new Set(['id', 'trustedPrincipal', 'externalId', 'jobs', 'batch', 'rolesAnywhere']);
   for (const key of Object.keys(obj)) {
     if (!known.has(key)) throw new ConfigError(`client ${id}: unknown setting "${key}" (known: ${[...known].join(', ')})`);
   }
@@ -260,8 +367,26 @@ function parseClientSettings(obj: Raw, id: string): PartialClient {
       return job;
     });
     if (out.jobs.length > 150) throw new ConfigError(`client ${id}: at most 150 jobs in an SNS filter policy`);
+    const policyChars = out.jobs.reduce((sum, job) => sum + job.length + JOB_ARN_OVERHEAD, 0);
+    if (policyChars > JOB_ARNS_POLICY_BUDGET) {
+      throw new ConfigError(
+        `client ${id}: ${out.jobs.length} jobs make its role's policy too long for IAM ` +
+        `(${policyChars} of ${JOB_ARNS_POLICY_BUDGET} characters for the jobs' S3 ARNs, ${JOB_ARN_OVERHEAD} + the id each): ` +
+        'list fewer or shorter job ids, or none (then the client reads every job\'s global models)');
+    }
   }
   if (obj.batch !== undefined) out.batch = parseInteger(obj.batch, `client ${id} batch`, 0, MAX_CLIENT_BATCHES - 1);
+  if (obj.rolesAnywhere !== undefined) {
+    const ra = asObject(obj.rolesAnywhere, `client ${id} rolesAnywhere`) ?? {};
+    for (const key of Object.keys(ra)) {
+      if (key !== 'certificateSubjectCN') throw new ConfigError(`client ${id}: rolesAnywhere: unknown setting "${key}" (known: certificateSubjectCN)`);
+    }
+    const cn = parseString(ra.certificateSubjectCN, `client ${id} rolesAnywhere.certificateSubjectCN`);
+    if (!CERTIFICATE_CN_RE.test(cn)) {
+      throw new ConfigError(`client ${id}: rolesAnywhere.certificateSubjectCN must be 1-64 characters of [A-Za-z0-9 ._@:=+/-], starting with a letter or digit`);
+    }
+    out.rolesAnywhere = { certificateSubjectCN: cn };
+  }
   return out;
 }
 
@@ -275,7 +400,7 @@ function finishClient(id: string, s: PartialClient): ClientSettings {
     }
     externalId = `fedstep-${id}`;
   }
-  return { id, trustedPrincipal: s.trustedPrincipal, externalId, jobs: s.jobs, batch: s.batch };
+  return { id, trustedPrincipal: s.trustedPrincipal, externalId, jobs: s.jobs, batch: s.batch, rolesAnywhere: s.rolesAnywhere };
 }
 
 function checkClientId(id: string): string {

@@ -39,6 +39,8 @@ export function addFedstep(scope: Construct, stackName: string, settings: Fedste
       store: main.store,
       ledger: main.ledger,
       messaging: main.messaging,
+      deploymentName: stackName,
+      trustAnchorArn: main.clientTrustAnchor?.arn,
     });
     batches.set(batch, stack);
     for (const [id, access] of stack.clients) {

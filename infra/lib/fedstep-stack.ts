@@ -5,6 +5,7 @@ import { FedstepSettings } from './config';
 import { Ledger } from './ledger';
 import { Messaging } from './messaging';
 import { ModelStore } from './model-store';
+import { ClientTrustAnchor } from './roles-anywhere';
 import { TrainingWorkflow } from './training-workflow';
 
 export interface FedstepStackProps extends StackProps {
@@ -14,7 +15,8 @@ export interface FedstepStackProps extends StackProps {
 /**
  * The main stack of a fedstep deployment: model bucket, ledger tables, the
  * notification topic and the clients' shared DLQ, the Rust aggregator
- * Lambda and the training state machine. The clients live in ClientsStacks
+ * Lambda and the training state machine, and with `rolesAnywhere` the
+ * clients' Roles Anywhere trust anchor. The clients live in ClientsStacks
  * (lib/fedstep-app.ts). See infra/README.md.
  */
 export class FedstepStack extends Stack {
@@ -23,6 +25,8 @@ export class FedstepStack extends Stack {
   readonly messaging: Messaging;
   readonly aggregator: Aggregator;
   readonly workflow: TrainingWorkflow;
+  /** Only with the `rolesAnywhere` setting: one anchor for all clients stacks. */
+  readonly clientTrustAnchor?: ClientTrustAnchor;
 
   constructor(scope: Construct, id: string, props: FedstepStackProps) {
     super(scope, id, props);
@@ -70,6 +74,13 @@ export class FedstepStack extends Stack {
       logRetentionDays: s.logRetentionDays,
     });
 
+    if (s.rolesAnywhere !== undefined) {
+      this.clientTrustAnchor = new ClientTrustAnchor(this, 'ClientTrustAnchor', {
+        settings: s.rolesAnywhere,
+        name: `${this.stackName}-clients`,
+      });
+    }
+
     const global: Array<[string, string, string]> = [
       ['Region', this.region, 'AWS region of the deployment'],
       ['ModelBucketName', this.store.bucket.bucketName, 'S3 model bucket'],
@@ -84,6 +95,9 @@ export class FedstepStack extends Stack {
       ['AggregatorFunctionName', this.aggregator.function.functionName, 'aggregator Lambda function'],
       ['StreamDlqUrl', this.aggregator.streamDlq.queueUrl, 'stream records the Lambda gave up on'],
     ];
+    if (this.clientTrustAnchor !== undefined) {
+      global.push(['ClientTrustAnchorArn', this.clientTrustAnchor.arn, 'IAM Roles Anywhere trust anchor of the client certificates']);
+    }
     for (const [id, value, description] of global) new CfnOutput(this, id, { value, description });
   }
 }

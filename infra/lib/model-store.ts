@@ -14,6 +14,8 @@ export const KEYS = {
   allJobObjects: 'jobs/*',
   /** The global model clients train in a round. */
   globalModel: 'jobs/*/rounds/*/global.safetensors',
+  /** The global models of one job (job ids hold no `*` or `?`: lib/config.ts). */
+  jobGlobalModel: (jobId: string): string => `jobs/${jobId}/rounds/*/global.safetensors`,
   /** One client's local model for a round. */
   clientUpdate: (clientId: string): string => `jobs/*/rounds/*/updates/${clientId}.safetensors`,
 };

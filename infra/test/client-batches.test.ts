@@ -1,4 +1,7 @@
-import { assignBatches, batchOf, batchStackName, hashBatch, MAX_CLIENTS_PER_BATCH } from '../lib/client-batches';
+import {
+  assignBatches, batchOf, batchStackName, CLIENT_RESOURCES, clientResources, hashBatch, MAX_BATCH_RESOURCES, MAX_CLIENTS_PER_BATCH,
+  ROLES_ANYWHERE_RESOURCES,
+} from '../lib/client-batches';
 import { ClientSettings } from '../lib/config';
 
 const client = (id: string, batch?: number): ClientSettings => ({ id, externalId: `fedstep-${id}`, batch });
@@ -37,6 +40,20 @@ describe('client batches', () => {
     const many = Array.from({ length: MAX_CLIENTS_PER_BATCH + 1 }, (_, i) => client(`c-${i}`, 0));
     expect(() => assignBatches(many, 4)).toThrow(/batch 0 would hold 101 clients \(at most 100\).*clients\.<id>\.batch/);
     expect(() => assignBatches(many.slice(1), 4)).not.toThrow();
+  });
+
+  test('Roles Anywhere clients cost a resource more; a batch is also capped by resources', () => {
+    const withCert = (id: string, batch?: number): ClientSettings => ({ ...client(id, batch), rolesAnywhere: { certificateSubjectCN: id } });
+    expect(clientResources(client('a'))).toBe(CLIENT_RESOURCES);
+    expect(clientResources(withCert('a'))).toBe(CLIENT_RESOURCES + ROLES_ANYWHERE_RESOURCES);
+    // 100 clients with certificates would be 500 resources (+ CDKMetadata): over CloudFormation's 500.
+    const fits = Math.floor(MAX_BATCH_RESOURCES / (CLIENT_RESOURCES + ROLES_ANYWHERE_RESOURCES));
+    expect(fits).toBeLessThan(MAX_CLIENTS_PER_BATCH);
+    const many = Array.from({ length: fits + 1 }, (_, i) => withCert(`c-${i}`, 0));
+    expect(() => assignBatches(many, 4)).toThrow(new RegExp(`batch 0 would hold ${(fits + 1) * 5} resources \\(${fits + 1} clients; at most ${MAX_BATCH_RESOURCES}\\)`));
+    expect(() => assignBatches(many.slice(1), 4)).not.toThrow();
+    // Without certificates the same number of clients is fine.
+    expect(() => assignBatches(many.map((c) => client(c.id, 0)), 4)).not.toThrow();
   });
 
   test('stack names', () => {

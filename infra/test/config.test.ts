@@ -1,7 +1,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { ConfigError, DEFAULTS, INFRA_DIR, resolveSettings } from '../lib/config';
+import { ConfigError, DEFAULTS, INFRA_DIR, JOB_ARN_OVERHEAD, JOB_ARNS_POLICY_BUDGET, resolveSettings } from '../lib/config';
 
 const ctx = (values: Record<string, unknown>) => (key: string): unknown => values[key];
 /** A base dir without fedstep.config.json, so a developer's local file cannot leak into tests. */
@@ -88,6 +88,42 @@ describe('resolveSettings', () => {
     expect(resolveSettings(ctx({ 'fedstep:lambdaAsset': '/abs/dir' }), base).lambdaAsset).toBe('/abs/dir');
   });
 
+  test('jobs up to the role policy budget are accepted', () => {
+    // 50 ids of 20 characters: 50 × (20 + 120) = 7,000, exactly the budget.
+    const jobs = Array.from({ length: 50 }, (_, i) => `job-${String(i).padStart(16, '0')}`);
+    expect(jobs[0]).toHaveLength(20);
+    expect(50 * (20 + JOB_ARN_OVERHEAD)).toBe(JOB_ARNS_POLICY_BUDGET);
+    expect(resolveSettings(ctx({ clients: { a: { jobs } } }), base).clients[0].jobs).toEqual(jobs);
+    expect(() => resolveSettings(ctx({ clients: { a: { jobs: [...jobs, 'j'] } } }), base)).toThrow(/too long for IAM/);
+  });
+
+  test('rolesAnywhere: off by default; a CA file (relative to the infra dir) or a Private CA; per-client CN', () => {
+    expect(resolveSettings(ctx({}), base).rolesAnywhere).toBeUndefined();
+    const ca = fs.readFileSync(path.join(__dirname, 'fixtures', 'roles-anywhere-ca.pem'), 'utf8');
+    fs.writeFileSync(path.join(base, 'ca.pem'), `\n${ca}\n`);
+    const s = resolveSettings(ctx({
+      rolesAnywhere: { caCertificateFile: 'ca.pem' },
+      clients: { 'site-a': { rolesAnywhere: { certificateSubjectCN: 'site-a.example.org' } }, 'site-b': {} },
+    }), base);
+    expect(s.rolesAnywhere).toEqual({ caCertificatePem: ca.trim() });
+    expect(s.clients.map((c) => [c.id, c.rolesAnywhere])).toEqual([
+      ['site-a', { certificateSubjectCN: 'site-a.example.org' }], ['site-b', undefined],
+    ]);
+    const arn = 'arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/12345678-1234-1234-1234-123456789012';
+    // -c rolesAnywhere='{"acmPcaArn": ...}' arrives as a string.
+    expect(resolveSettings(ctx({ rolesAnywhere: JSON.stringify({ acmPcaArn: arn }) }), base).rolesAnywhere).toEqual({ acmPcaArn: arn });
+  });
+
+  test('rolesAnywhere: a file with a private key is refused (it would land in the template)', () => {
+    const ca = fs.readFileSync(path.join(__dirname, 'fixtures', 'roles-anywhere-ca.pem'), 'utf8');
+    fs.writeFileSync(path.join(base, 'with-key.pem'), `${ca}-----BEGIN PRIVATE KEY-----\nMIG...\n-----END PRIVATE KEY-----\n`);
+    fs.writeFileSync(path.join(base, 'not-pem.pem'), 'hello');
+    fs.writeFileSync(path.join(base, 'huge.pem'), ca.trim().repeat(12));
+    expect(() => resolveSettings(ctx({ rolesAnywhere: { caCertificateFile: 'with-key.pem' } }), base)).toThrow(/private key/);
+    expect(() => resolveSettings(ctx({ rolesAnywhere: { caCertificateFile: 'not-pem.pem' } }), base)).toThrow(/not PEM certificates/);
+    expect(() => resolveSettings(ctx({ rolesAnywhere: { caCertificateFile: 'huge.pem' } }), base)).toThrow(/at most 8000/);
+  });
+
   test('clientBatches and a client\'s pinned batch', () => {
     const s = resolveSettings(ctx({ clientBatches: '8', clients: { 'site-a': { batch: 7 }, 'site-b': {} } }), base);
     expect(s.clientBatches).toBe(8);
@@ -108,6 +144,9 @@ describe('resolveSettings', () => {
     [{ clients: { a: { externalId: 'x' } } }, /externalId must be/],
     [{ clients: { a: { jobs: [] } } }, /non-empty list/],
     [{ clients: { a: { jobs: ['ok', 'not ok'] } } }, /bad job id/],
+    [{ clients: { a: { jobs: ['job-*'] } } }, /bad job id/],
+    // 40 jobs of 100+ characters: 40 S3 ARNs too many for the role's inline policy.
+    [{ clients: { a: { jobs: Array.from({ length: 40 }, (_, i) => `job-${i}-${'x'.repeat(100)}`) } } }, /too long for IAM/],
     [{ clients: { a: { typo: 1 } } }, /unknown setting "typo"/],
     [{ arch: 'mips' }, /arch must be/],
     [{ timeoutMinutes: 16 }, /timeoutMinutes/],
@@ -115,6 +154,20 @@ describe('resolveSettings', () => {
     [{ logRetentionDays: 2 }, /logRetentionDays/],
     [{ retainData: 'maybe' }, /retainData/],
     [{ config: 'missing.json' }, /does not exist/],
+    [{ rolesAnywhere: {} }, /exactly one of caCertificateFile .* and acmPcaArn/],
+    [{ rolesAnywhere: { caCertificateFile: 'x.pem', acmPcaArn: 'arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/x' } }, /exactly one/],
+    [{ rolesAnywhere: { caCertificateFile: 'missing.pem' } }, /missing\.pem does not exist/],
+    [{ rolesAnywhere: { acmPcaArn: 'arn:aws:iam::111122223333:role/x' } }, /Private CA ARN/],
+    [{ rolesAnywhere: { trustAnchorArn: 'x' } }, /rolesAnywhere: unknown setting "trustAnchorArn"/],
+    [{ clients: { a: { rolesAnywhere: { certificateSubjectCN: 'a' } } } }, /client a: rolesAnywhere needs the top-level rolesAnywhere/],
+    [{ clients: { a: { rolesAnywhere: {} } } }, /certificateSubjectCN must be a non-empty string/],
+    [{ clients: { a: { rolesAnywhere: { certificateSubjectCN: '${aws:username}' } } } }, /certificateSubjectCN must be 1-64 characters/],
+    [{ clients: { a: { rolesAnywhere: { certificateSubjectCN: 'x'.repeat(65) } } } }, /certificateSubjectCN must be 1-64 characters/],
+    [{ clients: { a: { rolesAnywhere: { cn: 'a' } } } }, /rolesAnywhere: unknown setting "cn"/],
+    [{
+      rolesAnywhere: { acmPcaArn: 'arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/x' },
+      clients: { a: { rolesAnywhere: { certificateSubjectCN: 'same' } }, b: { rolesAnywhere: { certificateSubjectCN: 'same' } } },
+    }, /clients a and b have the same certificate CN "same"/],
   ])('rejects %j', (values, message) => {
     expect(() => resolveSettings(ctx(values), base)).toThrow(ConfigError);
     expect(() => resolveSettings(ctx(values), base)).toThrow(message);

@@ -1,5 +1,6 @@
 import * as fs from 'fs';
-import { CLIENT_RESOURCES } from '../lib/client-batches';
+import * as path from 'path';
+import { CLIENT_RESOURCES, clientResources, ROLES_ANYWHERE_RESOURCES } from '../lib/client-batches';
 import { Json, nagErrors, scratchDir, Synth, synthFedstep } from './helpers';
 
 /**
@@ -53,6 +54,7 @@ describe.each([3, 100, 500])('%i clients', (n) => {
       const members = s.deployment.batches.get(Number(name.slice(-2)))!.clients.size;
       const own = Object.values<Json>(t.Resources).filter((r) => !isMetadata(r));
       expect(own).toHaveLength(CLIENT_RESOURCES * members);
+      expect(Object.values<Json>(t.Resources).some((r) => r.Type.startsWith('AWS::RolesAnywhere::'))).toBe(false);
       expect(Object.keys(t.Outputs).filter((k) => /^Client.+Config$/.test(k))).toHaveLength(members);
       expect(outputs).toBe(members);
       clientResources += own.length;
@@ -79,6 +81,46 @@ describe.each([3, 100, 500])('%i clients', (n) => {
     expect(nagErrors(deployment(n))).toEqual([]);
     if (n === 500) synths.delete(n); // free the memory
   });
+});
+
+describe('500 clients, all with IAM Roles Anywhere', () => {
+  test('a profile more per client, and every stack still within the CloudFormation limits', () => {
+    const clients = Object.fromEntries(ids(500).map((id) => [id, { rolesAnywhere: { certificateSubjectCN: `${id}.fedstep.example.org` } }]));
+    const s = synthFedstep({
+      clients,
+      rolesAnywhere: { caCertificateFile: path.join(__dirname, 'fixtures', 'roles-anywhere-ca.pem') },
+    });
+    let profiles = 0;
+    let outputs = 0;
+    for (const [name, t] of s.templates) {
+      const resources = count(t.Resources);
+      expect({ name, resources: resources + 1 < LIMITS.resources }).toEqual({ name, resources: true });
+      expect({ name, outputs: count(t.Outputs) < LIMITS.outputs }).toEqual({ name, outputs: true });
+      expect({ name, bytes: JSON.stringify(t).length < LIMITS.templateBytes }).toEqual({ name, bytes: true });
+      const typed = (type: string): number => Object.values<Json>(t.Resources).filter((r) => r.Type === type).length;
+      if (name === 'Fedstep') {
+        // The one trust anchor; the main stack grows by it (and the output of its ARN), not by clients.
+        expect(typed('AWS::RolesAnywhere::TrustAnchor')).toBe(1);
+        expect(typed('AWS::RolesAnywhere::Profile')).toBe(0);
+        expect(resources).toBe(mainResources === undefined ? resources : mainResources + 1);
+        continue;
+      }
+      const batch = s.deployment.batches.get(Number(name.slice(-2)))!;
+      const members = [...batch.clients.keys()];
+      const expected = members.reduce((sum, id) => sum + clientResources({ id, externalId: 'x', rolesAnywhere: { certificateSubjectCN: id } }), 0);
+      expect(expected).toBe((CLIENT_RESOURCES + ROLES_ANYWHERE_RESOURCES) * members.length);
+      expect(Object.values<Json>(t.Resources).filter((r) => !isMetadata(r))).toHaveLength(expected);
+      expect(typed('AWS::RolesAnywhere::Profile')).toBe(members.length);
+      expect(typed('AWS::RolesAnywhere::TrustAnchor')).toBe(0);
+      // Still one output per client: the profile's ARN rides in its Config.
+      expect(count(t.Outputs)).toBe(members.length);
+      profiles += typed('AWS::RolesAnywhere::Profile');
+      outputs += count(t.Outputs);
+    }
+    expect(profiles).toBe(500);
+    expect(outputs).toBe(500);
+    expect(nagErrors(s)).toEqual([]);
+  }, 300_000);
 });
 
 describe('adding a client (100 -> 101, in the middle of the sorted ids)', () => {

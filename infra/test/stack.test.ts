@@ -5,8 +5,9 @@ import { Annotations, Match } from 'aws-cdk-lib/assertions';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { RustFunction } from 'cargo-lambda-cdk';
 import { AwsSolutionsChecks } from 'cdk-nag';
-import { STREAM_SETTINGS } from '../lib/aggregator';
-import { resolveSettings } from '../lib/config';
+import { LEASE_MARGIN, STREAM_SETTINGS } from '../lib/aggregator';
+import { CLIENT_RESOURCES, ROLES_ANYWHERE_RESOURCES } from '../lib/client-batches';
+import { JOB_ARN_OVERHEAD, JOB_ARNS_POLICY_BUDGET, resolveSettings } from '../lib/config';
 import { addFedstep } from '../lib/fedstep-app';
 import { FedstepStack } from '../lib/fedstep-stack';
 import { ARTIFACTS_INDEX } from '../lib/ledger';
@@ -16,6 +17,7 @@ import {
   allResources, asArray, derefCrossStack, fakeResolve, getAttArn, Json, logicalId, nagErrors, placeholderAsset, policyDocuments,
   resourcesOfType, scratchDir, stackOfClient, substitute, Synth, synthFedstep, testApp,
 } from './helpers';
+import { decide, Decision } from './iam-eval';
 
 const CLIENTS = ['site-a', 'site-b', 'site-c'];
 const CONTEXT = {
@@ -275,6 +277,12 @@ describe('aggregator Lambda', () => {
       FEDSTEP_TOPIC_ARN: { Ref: ids().topic },
       RUST_LOG: 'info',
     });
+    // The lease outlives the function's timeout by the margin: 900 + 60.
+    expect(env.FEDSTEP_LEASE_SECONDS).toBe('960');
+    expect(Number(env.FEDSTEP_LEASE_SECONDS)).toBe(p.Timeout + LEASE_MARGIN.toSeconds());
+    // ...under the name the Lambda reads (crates/lambda/src/engine.rs).
+    const engineRs = fs.readFileSync(path.resolve(__dirname, '..', '..', 'crates', 'lambda', 'src', 'engine.rs'), 'utf8');
+    expect(engineRs).toContain('std::env::var("FEDSTEP_LEASE_SECONDS")');
     // training_complete goes to the same topic: the Lambda falls back to
     // FEDSTEP_TOPIC_ARN when this one is unset (next test).
     expect(env.FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN).toBeUndefined();
@@ -430,12 +438,28 @@ describe('client access', () => {
         Action: ['sqs:ChangeMessageVisibility', 'sqs:DeleteMessage', 'sqs:GetQueueAttributes', 'sqs:ReceiveMessage'],
         Resource: getAttArn(queue),
       },
-      { Sid: 'ReadGlobalModels', Effect: 'Allow', Action: 's3:GetObject', Resource: bucketObjects(bucket, 'jobs/*/rounds/*/global.safetensors') },
+      {
+        // site-b lists its jobs: only their global models.
+        Sid: 'ReadGlobalModels', Effect: 'Allow', Action: 's3:GetObject',
+        Resource: client === 'site-b'
+          ? [bucketObjects(bucket, 'jobs/job-1/rounds/*/global.safetensors'), bucketObjects(bucket, 'jobs/job-2/rounds/*/global.safetensors')]
+          : bucketObjects(bucket, 'jobs/*/rounds/*/global.safetensors'),
+      },
       {
         // PutObjectTagging: updates are uploaded tagged fedstep-kind=update (lifecycle expiry).
         Sid: 'OwnUpdates', Effect: 'Allow',
         Action: ['s3:AbortMultipartUpload', 's3:GetObject', 's3:PutObject', 's3:PutObjectTagging'],
         Resource: bucketObjects(bucket, `jobs/*/rounds/*/updates/${client}.safetensors`),
+      },
+      {
+        Sid: 'DenyUploadsNotInStandardStorage', Effect: 'Deny', Action: 's3:PutObject',
+        Resource: bucketObjects(bucket, '*'),
+        Condition: { Null: { 's3:x-amz-storage-class': 'false' }, StringNotEquals: { 's3:x-amz-storage-class': 'STANDARD' } },
+      },
+      {
+        Sid: 'DenyUploadsWithCustomerKeys', Effect: 'Deny', Action: 's3:PutObject',
+        Resource: bucketObjects(bucket, '*'),
+        Condition: { Null: { 's3:x-amz-server-side-encryption-customer-algorithm': 'false' } },
       },
       {
         Sid: 'OwnLedgerRows', Effect: 'Allow',
@@ -445,6 +469,99 @@ describe('client access', () => {
       },
     ]);
   });
+
+  /** Would IAM allow `client`'s role this S3 request on the model bucket (`key`)? */
+  const s3Decision = (client: string, action: string, key: string, context: Record<string, string> = {}): Decision => {
+    const bucketArn = 'arn:aws:s3:::fedstep-models';
+    const resolve = (r: Json): string => {
+      if (typeof r === 'string') return r;
+      const parts = r['Fn::Join']?.[1] as Json[] | undefined;
+      if (parts?.length === 2 && JSON.stringify(parts[0]) === JSON.stringify(getAttArn(ids().bucket))) return `${bucketArn}${parts[1]}`;
+      return 'arn:aws:not-the-bucket'; // the queue, the table
+    };
+    return decide(roleStatements(clientIds(client).role), { action, resource: `${bucketArn}/${key}`, context }, resolve);
+  };
+
+  test.each(CLIENTS)('%s: uploads its update in STANDARD (or without a storage class) only, never with SSE-C', (client) => {
+    const own = `jobs/job-1/rounds/3/updates/${client}.safetensors`;
+    // What the client sends (crates/aws/src/s3.rs): no storage class, no
+    // encryption headers; UploadPart and CompleteMultipartUpload never carry them.
+    expect(s3Decision(client, 's3:PutObject', own)).toBe('allowed');
+    expect(s3Decision(client, 's3:PutObject', own, { 's3:x-amz-storage-class': 'STANDARD' })).toBe('allowed');
+    expect(s3Decision(client, 's3:PutObject', own, { 's3:x-amz-server-side-encryption': 'AES256' })).toBe('allowed');
+    for (const storageClass of ['GLACIER', 'DEEP_ARCHIVE', 'GLACIER_IR', 'STANDARD_IA', 'ONEZONE_IA', 'INTELLIGENT_TIERING', 'REDUCED_REDUNDANCY']) {
+      expect([storageClass, s3Decision(client, 's3:PutObject', own, { 's3:x-amz-storage-class': storageClass })]).toEqual([storageClass, 'denied']);
+    }
+    expect(s3Decision(client, 's3:PutObject', own, { 's3:x-amz-server-side-encryption-customer-algorithm': 'AES256' })).toBe('denied');
+    expect(s3Decision(client, 's3:PutObject', own, {
+      's3:x-amz-storage-class': 'STANDARD', 's3:x-amz-server-side-encryption-customer-algorithm': 'AES256',
+    })).toBe('denied');
+    // The guards are explicit denies on every object, not just the own key:
+    // they hold whatever else may ever allow the role to write.
+    expect(s3Decision(client, 's3:PutObject', 'jobs/job-1/rounds/3/global.safetensors')).toBe('implicitly denied');
+    // Only PutObject is guarded: reading back and tagging the own update stay allowed.
+    expect(s3Decision(client, 's3:GetObject', own)).toBe('allowed');
+    expect(s3Decision(client, 's3:PutObjectTagging', own)).toBe('allowed');
+    // Another client's key: never.
+    expect(s3Decision(client, 's3:PutObject', 'jobs/job-1/rounds/3/updates/site-x.safetensors')).toBe('implicitly denied');
+  });
+
+  test.each(CLIENTS)('%s: reads the global models of its jobs (every job when it lists none)', (client) => {
+    const model = (job: string, round: number): string => `jobs/${job}/rounds/${round}/global.safetensors`;
+    for (const job of ['job-1', 'job-2']) expect(s3Decision(client, 's3:GetObject', model(job, 7))).toBe('allowed');
+    // site-b lists job-1 and job-2; the others list no jobs.
+    const others = client === 'site-b' ? 'implicitly denied' : 'allowed';
+    for (const job of ['job-3', 'job-10', 'job-1x']) expect([job, s3Decision(client, 's3:GetObject', model(job, 1))]).toEqual([job, others]);
+    // Never another client's update, nor the server state.
+    expect(s3Decision(client, 's3:GetObject', 'jobs/job-1/rounds/1/updates/site-x.safetensors')).toBe('implicitly denied');
+    expect(s3Decision(client, 's3:GetObject', 'jobs/job-1/rounds/1/server_state.safetensors')).toBe('implicitly denied');
+  });
+
+  test('the evaluator is faithful where it matters: StringNotEqualsIfExists alone would deny the normal upload', () => {
+    // The trap the Deny avoids (lib/client-access.ts, uploadGuards): an
+    // ...IfExists or negated operator is true when the key is missing.
+    const naive = [
+      { Effect: 'Allow', Action: 's3:PutObject', Resource: 'arn:aws:s3:::b/*' },
+      { Effect: 'Deny', Action: 's3:PutObject', Resource: 'arn:aws:s3:::b/*', Condition: { StringNotEqualsIfExists: { 's3:x-amz-storage-class': 'STANDARD' } } },
+    ];
+    expect(decide(naive, { action: 's3:PutObject', resource: 'arn:aws:s3:::b/k' }, (r) => r)).toBe('denied');
+    expect(decide(naive, { action: 's3:PutObject', resource: 'arn:aws:s3:::b/k', context: { 's3:x-amz-storage-class': 'STANDARD' } }, (r) => r)).toBe('allowed');
+  });
+
+  test('a client\'s role policy stays within IAM\'s 10,240 characters with as many jobs as the config allows', () => {
+    // Longest job ids that fit JOB_ARNS_POLICY_BUDGET, in a fresh synth.
+    const id = (i: number): string => `${String(i).padStart(3, '0')}-${'j'.repeat(124)}`;
+    const jobs = Array.from({ length: Math.floor(JOB_ARNS_POLICY_BUDGET / (128 + JOB_ARN_OVERHEAD)) }, (_, i) => id(i));
+    const big = synthFedstep({ clients: { many: { jobs } } }, { nag: false });
+    const everything = allResources(big);
+    const access = big.deployment.clients.get('many')!;
+    const roleId = logicalId(big.deployment.stackOf.get('many')!, access.role);
+    const [inline] = everything[roleId].Properties.Policies;
+    expect(inline.PolicyDocument.Statement[1].Resource).toHaveLength(jobs.length);
+    // Every CloudFormation expression at the longest value it could take.
+    const longest = (v: Json): Json => {
+      if (Array.isArray(v)) return v.map(longest);
+      if (v === null || typeof v !== 'object') return v;
+      if (v['Fn::Join']) return (longest(v['Fn::Join'][1]) as string[]).join(v['Fn::Join'][0]);
+      if (v['Fn::GetAtt']) {
+        const type = everything[v['Fn::GetAtt'][0]].Type;
+        const arn: Record<string, string> = {
+          'AWS::S3::Bucket': `arn:aws-us-gov:s3:::${'b'.repeat(63)}`,
+          'AWS::SQS::Queue': `arn:aws-us-gov:sqs:us-gov-west-1:111122223333:${'q'.repeat(80)}`,
+          'AWS::DynamoDB::Table': `arn:aws-us-gov:dynamodb:us-gov-west-1:111122223333:table/${'t'.repeat(255)}`,
+        };
+        if (arn[type] === undefined) throw new Error(`no longest ARN for ${type}`);
+        return arn[type];
+      }
+      if (v.Ref !== undefined) throw new Error(`unexpected Ref ${v.Ref} in a client policy`);
+      return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, longest(x)]));
+    };
+    const chars = JSON.stringify(longest(inline.PolicyDocument)).length;
+    expect(chars).toBeLessThanOrEqual(10_240);
+    // And the budget's premise: the policy without the job ARNs needs less than 3,000.
+    const withoutJobs = JSON.stringify(longest({ ...inline.PolicyDocument, Statement: inline.PolicyDocument.Statement.filter((st: Json) => st.Sid !== 'ReadGlobalModels') }));
+    expect(withoutJobs.length).toBeLessThan(3000);
+  }, 120_000);
 
   test('outputs: everything a client.toml needs, one Config output per client in its clients stack', () => {
     for (const key of ['Region', 'ModelBucketName', 'RoundsTableName', 'UpdatesTableName', 'GlobalModelReadyTopicArn',
@@ -474,6 +591,137 @@ describe('client access', () => {
       role_arn: getAttArn(role),
       external_id: 'ext-site-b',
     });
+  });
+});
+
+describe('IAM Roles Anywhere', () => {
+  const CA_FILE = path.join(__dirname, 'fixtures', 'roles-anywhere-ca.pem');
+  const CN = 'site-a.fedstep.example.org';
+  const ACTIONS = ['sts:AssumeRole', 'sts:SetSourceIdentity', 'sts:TagSession'];
+
+  test('off by default: no Roles Anywhere resource, role trust and Config outputs as before', () => {
+    expect(Object.values<Json>(all).filter((r) => r.Type.startsWith('AWS::RolesAnywhere::'))).toEqual([]);
+    for (const client of CLIENTS) expect(all[clientIds(client).role].Properties.AssumeRolePolicyDocument.Statement).toHaveLength(1);
+    expect(t.Outputs.ClientTrustAnchorArn).toBeUndefined();
+    for (const tpl of s.templates.values()) expect(JSON.stringify(tpl.Outputs ?? {})).not.toMatch(/trust_anchor_arn|profile_arn/);
+  });
+
+  describe('with a CA certificate file and one client opted in', () => {
+    let ra: Synth;
+    let raAll: Record<string, Json>;
+    beforeAll(() => {
+      ra = synthFedstep({
+        clients: 'site-a,site-b',
+        rolesAnywhere: { caCertificateFile: CA_FILE },
+        fedstep: { clients: { 'site-a': { rolesAnywhere: { certificateSubjectCN: CN } } } },
+      });
+      raAll = allResources(ra);
+    });
+    const idsOf = (client: string): { role: string; stack: string; profile?: string } => {
+      const stack = ra.deployment.stackOf.get(client)!;
+      const access = ra.deployment.clients.get(client)!;
+      return {
+        role: logicalId(stack, access.role),
+        stack: stack.stackName,
+        profile: access.rolesAnywhere && stack.getLogicalId(access.rolesAnywhere.profile),
+      };
+    };
+    const anchorId = (): string => ra.stack.getLogicalId(ra.stack.clientTrustAnchor!.trustAnchor);
+
+    test('one enabled trust anchor in the main stack, holding the CA file; its ARN is an output', () => {
+      const anchors = resourcesOfType(raAll, 'AWS::RolesAnywhere::TrustAnchor');
+      expect(anchors.map(([id]) => id)).toEqual([anchorId()]);
+      expect(ra.template.toJSON().Resources[anchorId()]).toBeDefined();
+      expect(anchors[0][1].Properties).toEqual({
+        Name: 'Fedstep-clients',
+        Enabled: true,
+        Source: { SourceType: 'CERTIFICATE_BUNDLE', SourceData: { X509CertificateData: fs.readFileSync(CA_FILE, 'utf8').trim() } },
+        Tags: [{ Key: 'project', Value: 'fedstep' }],
+      });
+      expect(ra.template.toJSON().Outputs.ClientTrustAnchorArn.Value).toEqual({ 'Fn::GetAtt': [anchorId(), 'TrustAnchorArn'] });
+    });
+
+    test('the opted-in client: a profile for exactly its role, in its clients stack', () => {
+      const { role, profile, stack } = idsOf('site-a');
+      const profiles = resourcesOfType(raAll, 'AWS::RolesAnywhere::Profile');
+      expect(profiles.map(([id]) => id)).toEqual([profile]);
+      expect(ra.templates.get(stack).Resources[profile!]).toBeDefined();
+      expect(profiles[0][1].Properties).toEqual({
+        Name: 'Fedstep-site-a',
+        Enabled: true,
+        RoleArns: [getAttArn(role)],
+        DurationSeconds: 3600,
+        Tags: [{ Key: 'project', Value: 'fedstep' }],
+      });
+    });
+
+    test('its role trusts Roles Anywhere only for its certificate CN from this trust anchor; the ExternalId trust stays', () => {
+      const { role } = idsOf('site-a');
+      const [assume, anywhere, ...rest] = raAll[role].Properties.AssumeRolePolicyDocument.Statement;
+      expect(rest).toEqual([]);
+      expect(assume.Condition).toEqual({ StringEquals: { 'sts:ExternalId': 'fedstep-site-a' } });
+      expect({ ...anywhere, Action: [...anywhere.Action].sort() }).toEqual({
+        Sid: 'RolesAnywhere',
+        Effect: 'Allow',
+        Principal: { Service: 'rolesanywhere.amazonaws.com' },
+        Action: ACTIONS,
+        Condition: {
+          StringEquals: { 'aws:PrincipalTag/x509Subject/CN': CN },
+          ArnEquals: { 'aws:SourceArn': { 'Fn::GetAtt': [anchorId(), 'TrustAnchorArn'] } },
+        },
+      });
+      // IAM's default limit for a trust policy is 2,048 characters: with
+      // every expression as a 120-character ARN and a 64-character CN it fits.
+      const arnsLong = (v: Json): Json => {
+        if (Array.isArray(v)) return v.map(arnsLong);
+        if (v === null || typeof v !== 'object') return v;
+        if (Object.keys(v).some((k) => k.startsWith('Fn::') || k === 'Ref')) return 'x'.repeat(120);
+        return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, arnsLong(x)]));
+      };
+      const trustChars = JSON.stringify(arnsLong(raAll[role].Properties.AssumeRolePolicyDocument)).length;
+      expect(trustChars + 64 - CN.length).toBeLessThan(2048);
+    });
+
+    test('a client without rolesAnywhere gets neither a profile nor the trust', () => {
+      const { role } = idsOf('site-b');
+      expect(ra.deployment.clients.get('site-b')!.rolesAnywhere).toBeUndefined();
+      expect(raAll[role].Properties.AssumeRolePolicyDocument.Statement).toHaveLength(1);
+      expect(JSON.stringify(raAll[role])).not.toContain('rolesanywhere');
+    });
+
+    test('the Config output carries what credential_process needs, only for the opted-in client', () => {
+      const config = (client: string): Json => {
+        const { stack } = idsOf(client);
+        const value = derefCrossStack(ra, ra.templates.get(stack)).Outputs[`Client${client === 'site-a' ? 'SiteA' : 'SiteB'}Config`].Value;
+        const tokens: Json[] = [];
+        const text = (value['Fn::Join'][1] as Json[]).map((p) => (typeof p === 'string' ? p : `@@${tokens.push(p) - 1}@@`)).join('');
+        return Object.fromEntries(Object.entries<string>(JSON.parse(text)).map(([k, v]) => {
+          const m = /^@@(\d+)@@$/.exec(v);
+          return [k, m ? tokens[Number(m[1])] : v];
+        }));
+      };
+      const a = config('site-a');
+      expect(a.trust_anchor_arn).toEqual({ 'Fn::GetAtt': [anchorId(), 'TrustAnchorArn'] });
+      expect(a.profile_arn).toEqual({ 'Fn::GetAtt': [idsOf('site-a').profile, 'ProfileArn'] });
+      expect(a.role_arn).toEqual(getAttArn(idsOf('site-a').role));
+      expect(Object.keys(config('site-b')).sort()).toEqual(['bucket', 'client_id', 'external_id', 'queue_url', 'region', 'role_arn', 'updates_table']);
+    });
+
+    test('one resource more for the opted-in client only; cdk-nag finds nothing', () => {
+      const own = (stack: string): number => Object.keys(ra.templates.get(stack).Resources).length;
+      expect(own(idsOf('site-a').stack)).toBe(CLIENT_RESOURCES + ROLES_ANYWHERE_RESOURCES);
+      expect(own(idsOf('site-b').stack)).toBe(CLIENT_RESOURCES);
+      expect(nagErrors(ra)).toEqual([]);
+    });
+  });
+
+  test('an AWS Private CA as the trust anchor', () => {
+    const arn = 'arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/12345678-1234-1234-1234-123456789012';
+    const pca = synthFedstep({ clients: 'solo', rolesAnywhere: { acmPcaArn: arn } }, { nag: false });
+    const [[, anchor]] = resourcesOfType(pca.template, 'AWS::RolesAnywhere::TrustAnchor');
+    expect(anchor.Properties.Source).toEqual({ SourceType: 'AWS_ACM_PCA', SourceData: { AcmPcaArn: arn } });
+    // No client opted in: the anchor alone, no profile.
+    expect(resourcesOfType(allResources(pca), 'AWS::RolesAnywhere::Profile')).toEqual([]);
   });
 });
 
@@ -536,6 +784,8 @@ describe('options', () => {
     expect(p.Architectures).toEqual(['x86_64']);
     expect(p.MemorySize).toBe(4096);
     expect(p.Timeout).toBe(600);
+    // The lease follows the configured timeout, not the 15-minute default.
+    expect(p.Environment.Variables.FEDSTEP_LEASE_SECONDS).toBe('660');
     expect(p.Environment.Variables.RUST_LOG).toBe('fedstep=debug,info');
     expect(alt.stack.aggregator.function).not.toBeInstanceOf(RustFunction);
     const hash = String(p.Code.S3Key).replace(/\.zip$/, '');

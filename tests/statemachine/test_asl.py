@@ -9,6 +9,7 @@ from pathlib import Path
 import local_deploy
 
 ROOT = Path(__file__).resolve().parents[2]
+HANDLERS_RS = (ROOT / "crates" / "lambda" / "src" / "handlers.rs").read_text()
 ASL_TEXT = (ROOT / "statemachine" / "federated_training.asl.json").read_text()
 README = (ROOT / "statemachine" / "README.md").read_text()
 ASL = json.loads(ASL_TEXT)
@@ -80,7 +81,96 @@ def test_round_shape():
     assert STATES["Init"]["Result"] == 1 and STATES["Init"]["ResultPath"] == "$.round"
     assert STATES["NextRound"]["Parameters"] == {"round.$": "States.MathAdd($.round, 1)"}
     assert STATES["Failed"]["CausePath"] == "$.error.Cause"
-    # Retries only on transient Lambda service errors, never on task errors.
-    for name, state in STATES.items():
-        for retry in state.get("Retry", []):
-            assert all(e.startswith("Lambda.") for e in retry["ErrorEquals"]), name
+
+
+# The error names a task can fail with, by whose fault (statemachine/README.md,
+# "Retries and timeouts"). System failures are worth a retry; everything else
+# fails the same way again (or must not be repeated: QuorumNotMet has already
+# marked the round FAILED).
+SYSTEM_ERRORS = {"Transient", "AggregatorError"}
+PERMANENT_ERRORS = {
+    "QuorumNotMet", "InvalidInput", "InvalidTaskInput", "NotFound", "ConditionFailed", "AggregationFailed",
+    "NoUsableUpdate",  # the stream path's SendTaskFailure (crates/cloud/src/engine/update.rs)
+    "UnknownEvent",  # crates/lambda/src/lambda.rs: neither a stream batch nor a task payload
+}
+LAMBDA_SERVICE_ERRORS = {
+    "Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException", "Lambda.TooManyRequestsException",
+}
+# Would also match permanent errors (States.ALL, States.TaskFailed) or turn
+# StartRound's deadline into another wait for the same round (States.Timeout).
+CATCH_ALLS = {"States.ALL", "States.TaskFailed", "States.Timeout"}
+
+
+def retrier_for(state: dict, error: str) -> dict | None:
+    """The retrier Step Functions applies to `error`: the first that names it."""
+    for retry in state.get("Retry", []):
+        if error in retry["ErrorEquals"]:
+            return retry
+    return None
+
+
+def backoff_seconds(retry: dict) -> float:
+    """The longest total wait of a retrier: every attempt at its full interval (jitter only shortens)."""
+    interval, rate = retry.get("IntervalSeconds", 1), retry.get("BackoffRate", 2.0)
+    cap = retry.get("MaxDelaySeconds", float("inf"))
+    return sum(min(interval * rate**i, cap) for i in range(retry.get("MaxAttempts", 3)))
+
+
+def test_task_error_names_are_classified():
+    """Every error name the aggregator reports is either retried or deliberately not."""
+    block = HANDLERS_RS[HANDLERS_RS.index("let error_type = match &err {"):]
+    block = block[: block.index("};")]
+    names = set(re.findall(r'=> "([A-Za-z]+)"', block))
+    if "=> QUORUM_NOT_MET" in block:
+        names.add(re.search(r'QUORUM_NOT_MET: &str = "([A-Za-z]+)"', HANDLERS_RS).group(1))
+    names |= set(re.findall(r'error_type: "([A-Za-z]+)"\.into\(\)', HANDLERS_RS))
+    assert {"Transient", "AggregatorError", "QuorumNotMet", "InvalidTaskInput"} <= names, names
+    assert names <= SYSTEM_ERRORS | PERMANENT_ERRORS, f"classify {names - SYSTEM_ERRORS - PERMANENT_ERRORS} here and in the ASL"
+    update_rs = (ROOT / "crates" / "cloud" / "src" / "engine" / "update.rs").read_text()
+    assert 'pub const NO_USABLE_UPDATE: &str = "NoUsableUpdate";' in update_rs
+
+
+def test_tasks_retry_system_errors_with_backoff_and_never_permanent_ones():
+    tasks = {name: state for name, state in STATES.items() if state["Type"] == "Task"}
+    assert set(tasks) == {"StartRound", "CloseRound", "Finalize"}
+    for name, state in tasks.items():
+        transient = retrier_for(state, "Transient")
+        assert transient is not None, f"{name} does not retry Transient"
+        # Exponential backoff with jitter, so retries of many executions spread out.
+        assert transient["MaxAttempts"] >= 3, name
+        assert transient.get("BackoffRate", 2.0) > 1, name
+        assert transient.get("JitterStrategy") == "FULL", name
+        aggregator = retrier_for(state, "AggregatorError")
+        assert aggregator is not None, f"{name} does not retry AggregatorError"
+        assert aggregator is not transient, name
+        # Unclassified internal errors may be a bug rather than an outage: fewer attempts.
+        assert 1 <= aggregator["MaxAttempts"] < transient["MaxAttempts"], name
+        assert aggregator.get("JitterStrategy") == "FULL", name
+        for error in LAMBDA_SERVICE_ERRORS:
+            assert retrier_for(state, error) is not None, f"{name} does not retry {error}"
+
+        for retry in state["Retry"]:
+            named = set(retry["ErrorEquals"])
+            assert not named & PERMANENT_ERRORS, f"{name} retries permanent errors {named & PERMANENT_ERRORS}"
+            assert not named & CATCH_ALLS, f"{name} retries {named & CATCH_ALLS}"
+            # Anything else must be classified above first.
+            assert named <= SYSTEM_ERRORS | LAMBDA_SERVICE_ERRORS, f"{name} retries unclassified {named}"
+        for error in PERMANENT_ERRORS:
+            assert retrier_for(state, error) is None, f"{name} retries {error}"
+
+        # StartRound's retries eat into the round (its deadline counts from
+        # when the state was entered), so the backoff stays short: the worst
+        # case of every retrier together is well under a round timeout
+        # (statemachine/README.md: a few minutes and up).
+        total = sum(backoff_seconds(r) for r in state["Retry"])
+        assert total <= 120, f"{name}: up to {total} s of backoff"
+
+
+def test_retries_are_documented():
+    section = README[README.index("## Retries and timeouts"):]
+    for error in SYSTEM_ERRORS:
+        assert f"`{error}`" in section, error
+    for state in ("StartRound", "CloseRound", "Finalize"):
+        for retry in STATES[state]["Retry"]:
+            if "MaxDelaySeconds" in retry:
+                assert f"{retry['MaxDelaySeconds']} s" in section

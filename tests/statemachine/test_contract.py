@@ -142,6 +142,27 @@ def test_quorum_not_met_fails_execution(sfn, start_job):
     assert states[-1] == "Failed" and "Finalize" not in states
 
 
+def test_transient_failure_is_retried(sfn, start_job):
+    """A task failing with Transient (the system's failure) gets a new task
+    for the same round instead of failing the execution (statemachine/README.md,
+    "Retries and timeouts"); test_quorum_not_met_fails_execution shows a
+    permanent error is not retried."""
+    arn, worker, job_input = start_job(round_timeout_seconds=ROUND_TIMEOUT)
+    job_id = job_input["job_id"]
+    worker.poll("start_round")
+    token, _ = worker.poll("close_round", timeout=ROUND_TIMEOUT + 30)
+    worker.fail(token, "Transient", "DynamoDB UpdateItem fedstep-rounds: ThrottlingException (HTTP 400)")
+
+    token, again = worker.poll("close_round")
+    assert again["action"] == "close_round" and again["job_id"] == job_id and again["round"] == 1
+    worker.succeed(token, round_result(job_id, 1, False, closed_by="deadline"))
+    token, _ = worker.poll("finalize")
+    worker.succeed(token, {})
+    desc = wait_done(sfn, arn)
+    assert desc["status"] == "SUCCEEDED", desc
+    assert [act for act, _ in worker.seen].count("close_round") == 2
+
+
 def test_callback_after_timeout_is_rejected(sfn, start_job):
     """A StartRound callback that arrives after the deadline never counts.
 
