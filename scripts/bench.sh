@@ -7,7 +7,8 @@
 #    the inputs once (target ≤ 2×), peak RSS (target ≤ 1.5 × model + 64 MB);
 # 2. the same in bf16;
 # 3. peak RSS as the client count grows 2 → 8 → 64 (target: flat);
-# 4. one round against S3 on the emulators, streamed vs staged (issue #14).
+# 4. one round against S3 on the emulators, streamed vs staged (issue #14);
+# 5. a federation of 50, 100 and 200 clients on the emulators (issue #20).
 # Figures are ratios within one run: the machine is shared and noisy.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -38,6 +39,10 @@ if scripts/emulators.sh status >/dev/null 2>&1; then
   echo "== one round on S3: peak RSS as clients grow (25M f32 each, streamed)"
   for n in 2 8 32; do
     $bin bench round --clients "$n" --params 25M --mode streamed | grep -E "^clients|read_floor|streamed\."
+  done
+  echo "== clients: 50, 100, 200 clients × 3 rounds (issue #20)"
+  for n in 50 100 200; do
+    $bin bench clients --clients "$n" --rounds 3
   done
 else
   echo "== bench round skipped: the emulators are not up (scripts/emulators.sh up)"

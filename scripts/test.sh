@@ -8,7 +8,7 @@
 # formatting and lints, every Rust test (unit, golden, property, and the
 # integration tests against LocalStack + moto), the state machine's contract
 # tests on LocalStack, the CDK app's offline tests, the simulator's accuracy
-# targets, and a benchmark smoke run. Exits non-zero on the first failure.
+# targets, a 50-client load test on the emulators, and a benchmark smoke run. Exits non-zero on the first failure.
 #
 # Everything Rust is built once, in the release profile: the README's
 # `cargo run --release -p fedstep -- simulate` then reuses the same build.
@@ -93,6 +93,9 @@ if [[ -x scripts/simulate-targets.sh ]]; then
   step "simulator accuracy targets"
   FEDSTEP_BIN="$bin_dir/fedstep" scripts/simulate-targets.sh
 fi
+
+step "load test: 50 clients, 3 rounds on the emulators (fails on a lost or doubled update)"
+"$bin_dir/fedstep" bench clients --clients 50 --rounds 3
 
 step "benchmark smoke run (figures are not asserted here: see scripts/bench.sh)"
 "$bin_dir/fedstep" bench aggregate --clients 4 --params 2M --runs 1

@@ -19,7 +19,8 @@
 //! [`builtin_trainer`] and [`external_trainer`] ([`external_report`] is its
 //! JSON contract) · [`output_check`] (what any trainer hands back) ·
 //! [`heartbeat`] (visibility extension) · [`retry`] (backoff + jitter) ·
-//! [`progress`] (spinner on a TTY, log lines otherwise).
+//! [`progress`] (spinner on a TTY, log lines otherwise) · [`workdir`] (private
+//! to this user).
 
 pub mod builtin_trainer;
 pub mod config;
@@ -34,6 +35,7 @@ pub mod progress;
 pub mod retry;
 pub mod round;
 pub mod trainer;
+pub mod workdir;
 pub mod worker;
 
 pub use config::ClientConfig;

@@ -57,7 +57,7 @@ where
             return Ok(RoundOutcome::AlreadyDone);
         }
 
-        std::fs::create_dir_all(&self.opts.workdir).map_err(ClientError::io(&self.opts.workdir))?;
+        crate::workdir::prepare(&self.opts.workdir)?;
         // A fresh directory per attempt, removed when this function returns
         // or is dropped (abandoned): nothing stale is ever re-read.
         let dir = tempfile::Builder::new()

@@ -1,7 +1,6 @@
 //! Client text, bounded. Whatever a client controls — a row field quoted in
 //! a rejection reason, a model key, a tensor or metric name, an id echoed
-//! back — ends up in the round's DynamoDB item (400 KB per item; a reason is
-//! stored twice there, in `rejections` and in `result.rejected`), in the
+//! back — ends up in the round's DynamoDB item (400 KB per item), in the
 //! round result Step Functions carries (256 KiB per state output) and in
 //! log lines. Unbounded, one client's 300 KB field makes the round item
 //! unwritable and the round fails for everyone (issue #13).
@@ -19,11 +18,9 @@ pub const FAILURE_BYTES: usize = 16 * 1024;
 
 /// A whole rejection or failure reason, as stored per client. Reasons name
 /// their rule first, so 512 bytes keep the rule, the quoted values and the
-/// context. Per rejected client the round item then holds at most about
-/// 2 × (512 + 64-byte id) ≈ 1.2 KB, so even a job whose ~300 clients are all
-/// rejected stays under the 400 KB item limit, and its result (one copy,
-/// ≈ 0.6 KB per client) under Step Functions' 256 KiB. How many clients a
-/// job has is the operator's choice, not a client's.
+/// context. Rounds of more than 192 clients store shorter ones: their
+/// reasons share a fixed budget (`capacity::reason_bytes`), so a round of
+/// the 1,000 clients a job may list still fits in one DynamoDB item.
 pub const REASON_BYTES: usize = 512;
 
 /// One client-controlled value quoted inside a reason (a key, a checksum, a

@@ -1,7 +1,9 @@
 //! The Lambda runtime entry: one bootstrap, the event's shape picks the
 //! handler (a DynamoDB stream batch, or a Step Functions task payload).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
@@ -20,12 +22,50 @@ impl From<TaskError> for Diagnostic {
     }
 }
 
+/// Kept back from the invocation's deadline to send an answer. Without it
+/// a CloseRound waiting for another aggregator's lease (which outlives the
+/// function's timeout by design) is killed by Lambda with an error the
+/// workflow does not retry; with it, it answers `Transient`, which it does.
+const ANSWER_MARGIN: Duration = Duration::from_secs(10);
+
 pub async fn run<A: Aggregator>(engine: Arc<A>) -> Result<(), lambda_runtime::Error> {
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let engine = Arc::clone(&engine);
-        async move { dispatch(engine.as_ref(), event.payload).await }
+        async move {
+            let budget = time_left(event.context.deadline, SystemTime::now());
+            within(budget, dispatch(engine.as_ref(), event.payload)).await
+        }
     }))
     .await
+}
+
+/// Until `ANSWER_MARGIN` before a deadline given in Unix milliseconds.
+fn time_left(deadline_ms: u64, now: SystemTime) -> Duration {
+    let now_ms = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Duration::from_millis(deadline_ms.saturating_sub(now_ms)).saturating_sub(ANSWER_MARGIN)
+}
+
+/// `work`'s answer, or `Transient` if it is not done within `budget`. A
+/// stream batch that runs out is retried whole by Lambda, as after a kill.
+async fn within(
+    budget: Duration,
+    work: impl Future<Output = Result<Value, Diagnostic>>,
+) -> Result<Value, Diagnostic> {
+    tokio::time::timeout(budget, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Diagnostic {
+                error_type: "Transient".into(),
+                error_message: format!(
+                    "stopped {} s before the invocation's deadline with the work unfinished \
+                 (e.g. another aggregation still holds the round); retried by the caller",
+                    ANSWER_MARGIN.as_secs()
+                ),
+            })
+        })
 }
 
 /// Routes one invocation by the event's shape.
@@ -76,6 +116,29 @@ mod tests {
                          "SequenceNumber": seq, "SizeBytes": 100, "StreamViewType": "NEW_IMAGE"},
             "eventSourceARN": "arn:aws:dynamodb:us-east-1:1:table/t/stream/x"
         })
+    }
+
+    #[test]
+    fn the_answer_margin_comes_off_the_deadline() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        assert_eq!(time_left(1_000_000 + 60_000, now), Duration::from_secs(50));
+        assert_eq!(time_left(1_000_000 + 5_000, now), Duration::ZERO);
+        assert_eq!(time_left(0, now), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn work_that_outlives_the_budget_answers_transient() {
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(Value::Null)
+        };
+        let err = within(Duration::from_millis(50), slow).await.unwrap_err();
+        assert_eq!(err.error_type, "Transient");
+        let quick = async { Ok(Value::Bool(true)) };
+        assert_eq!(
+            within(Duration::from_secs(30), quick).await.unwrap(),
+            Value::Bool(true)
+        );
     }
 
     #[tokio::test]

@@ -77,6 +77,46 @@ pub fn fanout_seconds(events: &[(Duration, Event)], clients: &[String]) -> (Vec<
     (samples, missing)
 }
 
+/// The fan-out split in two: round closed → the next announcement
+/// published (the workflow: SendTaskSuccess, the next StartRound), and
+/// published → each client holds it (SNS → SQS → long poll), in seconds,
+/// for the announcements that follow a close.
+pub fn fanout_parts(events: &[(Duration, Event)]) -> (Vec<f64>, Vec<f64>) {
+    let closes = closes(events);
+    let mut published: BTreeMap<Next, Duration> = BTreeMap::new();
+    for (at, e) in events {
+        if let Event::Published { next } = e {
+            published.entry(*next).or_insert(*at);
+        }
+    }
+    let last = closes.keys().next_back().copied();
+    let workflow = closes
+        .iter()
+        .filter_map(|(round, closed)| {
+            let next = if Some(*round) == last {
+                Next::Complete
+            } else {
+                Next::Round(round + 1)
+            };
+            Some(published.get(&next)?.saturating_sub(*closed).as_secs_f64())
+        })
+        .collect();
+    let mut seen: BTreeSet<(&str, Next)> = BTreeSet::new();
+    let delivery = events
+        .iter()
+        .filter_map(|(at, e)| match e {
+            // Round 1's announcement follows the job's start, not a close.
+            Event::Received { client, next }
+                if *next != Next::Round(1) && seen.insert((client.as_str(), *next)) =>
+            {
+                Some(at.saturating_sub(*published.get(next)?).as_secs_f64())
+            }
+            _ => None,
+        })
+        .collect();
+    (workflow, delivery)
+}
+
 /// Rows a client wrote whose round never counted them as received.
 pub fn lost_updates(events: &[(Duration, Event)], rounds: &[RoundRecord]) -> usize {
     let written: BTreeSet<(u32, &str)> = events
@@ -164,6 +204,27 @@ mod tests {
         let (samples, missing) = fanout_seconds(&two_rounds(), &clients);
         assert_eq!(samples, vec![0.5, 1.0, 1.0]);
         assert_eq!(missing, 1, "b never got training_complete");
+    }
+
+    #[test]
+    fn fanout_splits_into_workflow_and_delivery() {
+        let mut events = two_rounds();
+        events.push((
+            s(2.75),
+            Event::Published {
+                next: Next::Round(2),
+            },
+        ));
+        events.push((
+            s(6.5),
+            Event::Published {
+                next: Next::Complete,
+            },
+        ));
+        let (workflow, delivery) = fanout_parts(&events);
+        assert_eq!(workflow, vec![0.25, 0.5]);
+        // a at 3.0, b at 3.5 (a's redelivery at 4.0 is not counted), a at 7.0.
+        assert_eq!(delivery, vec![0.25, 0.75, 0.5]);
     }
 
     #[test]

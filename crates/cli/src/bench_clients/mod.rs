@@ -20,6 +20,8 @@
 //!   announcement (next round, or `training_complete`), over every client
 //!   and round; the path is SendTaskSuccess → the workflow → StartRound →
 //!   SNS → SQS;
+//!   (`workflow_p99_s` is its first part, to the publish returning;
+//!   `delivery_p99_s` the second, from the publish to each client);
 //! - `ledger_calls_per_update`: the aggregator's ledger (DynamoDB) calls
 //!   made while handling stream records, per record handled (the last
 //!   record of a round carries its aggregation);
@@ -57,7 +59,9 @@ use tokio::task::JoinSet;
 
 use crate::bench::{generate, layout, parse_count};
 use deploy::Deployment;
-use observed::{CountingAggregator, LedgerCalls, ObservedLedger, ObservedQueue, Timeline};
+use observed::{
+    CountingAggregator, LedgerCalls, ObservedLedger, ObservedNotifier, ObservedQueue, Timeline,
+};
 
 #[derive(clap::Args)]
 pub struct ClientsBench {
@@ -107,6 +111,10 @@ struct Report {
     fanout_p50_s: f64,
     fanout_p99_s: f64,
     fanout_missing: usize,
+    /// Round closed → next announcement published (the workflow's part).
+    workflow_p99_s: f64,
+    /// Published → a client holds it (SNS → SQS → long poll).
+    delivery_p99_s: f64,
     ledger_calls_per_update: f64,
     stream_records: u64,
     lost_updates: usize,
@@ -186,6 +194,8 @@ fn print(r: &Report) {
     println!("round_close_p99_s: {:.3}", r.round_close_p99_s);
     println!("fanout_p50_s: {:.3}", r.fanout_p50_s);
     println!("fanout_p99_s: {:.3}", r.fanout_p99_s);
+    println!("workflow_p99_s: {:.3}", r.workflow_p99_s);
+    println!("delivery_p99_s: {:.3}", r.delivery_p99_s);
     println!("ledger_calls_per_update: {:.2}", r.ledger_calls_per_update);
     println!("stream_records: {}", r.stream_records);
     println!("lost_updates: {}", r.lost_updates);
@@ -236,7 +246,7 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
             Arc::clone(&timeline),
             Arc::clone(&calls),
         ),
-        SnsNotifier::from_config(&cfg)?,
+        ObservedNotifier::new(SnsNotifier::from_config(&cfg)?, Arc::clone(&timeline)),
         SfnCallback::from_config(&cfg),
         SystemClock,
         EngineConfig {
@@ -353,6 +363,7 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
     let events = timeline.events();
     let close = figures::round_close_seconds(&events);
     let (fanout, fanout_missing) = figures::fanout_seconds(&events, &d.clients);
+    let (workflow, delivery) = figures::fanout_parts(&events);
     let records = aggregator.records.load(Ordering::Relaxed);
     let pct = |v: &[f64], p| figures::percentile(v, p).unwrap_or(f64::NAN);
     Ok(Report {
@@ -363,6 +374,8 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
         fanout_p50_s: pct(&fanout, 50.0),
         fanout_p99_s: pct(&fanout, 99.0),
         fanout_missing,
+        workflow_p99_s: pct(&workflow, 99.0),
+        delivery_p99_s: pct(&delivery, 99.0),
         ledger_calls_per_update: calls.for_updates.load(Ordering::Relaxed) as f64
             / records.max(1) as f64,
         stream_records: records,

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fedstep_cloud::ports::{ClientQueue, Ledger, OpenRound, PutUpdate, QueueMessage};
-use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, UpdateRecord};
+use fedstep_cloud::ports::{ClientQueue, Ledger, Notifier, OpenRound, PutUpdate, QueueMessage};
+use fedstep_cloud::records::{Artifact, Notification, RoundRecord, RoundResult, UpdateRecord};
 use fedstep_cloud::{CloudError, JobSpec};
 use fedstep_lambda::handlers::Aggregator;
 use serde_json::Value;
@@ -28,6 +28,8 @@ pub enum Event {
     RowWritten { client: String, round: u32 },
     /// The aggregator's conditional CLOSED write succeeded.
     RoundClosed { round: u32 },
+    /// The aggregator's publish of this announcement returned.
+    Published { next: Next },
     /// A client's long poll returned this message.
     Received { client: String, next: Next },
 }
@@ -237,6 +239,31 @@ impl<Q: ClientQueue> ClientQueue for ObservedQueue<Q> {
     }
     async fn extend_visibility(&self, receipt: &str, seconds: u32) -> Result<()> {
         self.inner.extend_visibility(receipt, seconds).await
+    }
+}
+
+/// The aggregator's notifier, noting when each announcement is out: it
+/// splits the fan-out into the workflow's part and the delivery's.
+pub struct ObservedNotifier<N> {
+    inner: N,
+    timeline: Arc<Timeline>,
+}
+
+impl<N: Notifier> ObservedNotifier<N> {
+    pub fn new(inner: N, timeline: Arc<Timeline>) -> Self {
+        ObservedNotifier { inner, timeline }
+    }
+}
+
+impl<N: Notifier> Notifier for ObservedNotifier<N> {
+    async fn publish(&self, message: &Notification) -> Result<()> {
+        self.inner.publish(message).await?;
+        let next = match message {
+            Notification::GlobalModelReady(m) => Next::Round(m.round),
+            Notification::TrainingComplete(_) => Next::Complete,
+        };
+        self.timeline.note(Event::Published { next });
+        Ok(())
     }
 }
 

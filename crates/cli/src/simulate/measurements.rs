@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use fedstep_cloud::records::RoundResult;
+use fedstep_core::share_cap;
 use fedstep_core::stages::Pipeline;
 use fedstep_core::weighting::{self, Verdict};
 use fedstep_core::{PipelineConfig, UpdateMeta};
@@ -62,11 +63,22 @@ pub fn weights(
         })
         .collect();
     let total: f64 = raw.iter().filter_map(|r| r.2).sum();
+    let mut shares: Vec<Option<f64>> = raw
+        .iter()
+        .map(|r| r.2.filter(|_| total > 0.0).map(|w| w / total))
+        .collect();
+    // The aggregation capped the shares the same way (max_client_share).
+    if let Some(cap) = config.max_client_share.filter(|_| total > 0.0) {
+        let weighted: Vec<usize> = (0..shares.len()).filter(|&i| shares[i].is_some()).collect();
+        let weights: Vec<f64> = weighted.iter().filter_map(|&i| shares[i]).collect();
+        let capped = share_cap::cap_shares(&weights, cap);
+        for (&i, share) in weighted.iter().zip(capped.shares) {
+            shares[i] = Some(share);
+        }
+    }
     raw.into_iter()
-        .map(|(id, quality, w)| {
-            let weight = w.filter(|_| total > 0.0).map(|w| w / total);
-            (id, Weight { quality, weight })
-        })
+        .zip(shares)
+        .map(|((id, quality, _), weight)| (id, Weight { quality, weight }))
         .collect()
 }
 
