@@ -8,6 +8,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use common::{str_at, unique};
+use fedstep_aws::aws_sdk_dynamodb::types::AttributeValue;
 use fedstep_aws::aws_sdk_sqs::types::MessageSystemAttributeName;
 use fedstep_cloud::ports::{
     Callback, ClientQueue, Ledger, Notifier, ObjectStore, OpenRound, PutUpdate, TaskCallback,
@@ -263,7 +264,9 @@ fn result(job_id: &str, r: u32) -> RoundResult {
         continue_training: true,
         closed_by: "stream".into(),
         accepted: vec!["a".into(), "b".into()],
-        rejected: BTreeMap::from([("c".into(), "late".into())]),
+        // As recorded with record_rejection before the close: the ledger
+        // stores a closed result's reasons once, in `rejections`.
+        rejected: BTreeMap::from([("c".into(), "shape mismatch".into())]),
     }
 }
 
@@ -384,6 +387,22 @@ async fn ledger_job_header_and_round_lifecycle() {
     let closed = ledger.get_round(&id, 1).await.unwrap().unwrap();
     assert_eq!(closed.status, RoundStatus::Closed);
     assert_eq!(closed.result, Some(res));
+    // Stored once: the result's reason in the item is empty, read back
+    // from `rejections`.
+    let raw = env
+        .ddb
+        .get_item()
+        .table_name(str_at(&env.deploy, "/tables/rounds"))
+        .key("job_id", AttributeValue::S(id.clone()))
+        .key("round", AttributeValue::N("1".into()))
+        .send()
+        .await
+        .unwrap();
+    let stored = raw.item().unwrap()["result"].as_m().unwrap()["rejected"]
+        .as_m()
+        .unwrap()["c"]
+        .clone();
+    assert_eq!(stored, AttributeValue::S(String::new()));
     assert_eq!(
         ledger
             .claim_round(&id, 1, "late", now + 999, 60)

@@ -169,7 +169,10 @@ pub trait Ledger: Send + Sync {
         lease_seconds: i64,
     ) -> impl Future<Output = Result<Option<RoundRecord>>> + Send;
     /// AGGREGATING (held by `owner`) → CLOSED with the result. False if the
-    /// lease was lost (another owner took over).
+    /// lease was lost (another owner took over). The reasons in
+    /// `result.rejected` are the ones recorded with `record_rejection`: a
+    /// ledger may store them once and read them back from there (the
+    /// DynamoDB one does, so a 1,000-client round fits in one item).
     fn close_round(
         &self,
         job_id: &str,
