@@ -19,9 +19,9 @@
 //! - `fanout_p99_s`: CLOSED → a client's long poll returns the next
 //!   announcement (next round, or `training_complete`), over every client
 //!   and round; the path is SendTaskSuccess → the workflow → StartRound →
-//!   SNS → SQS;
-//!   (`workflow_p99_s` is its first part, to the publish returning;
-//!   `delivery_p99_s` the second, from the publish to each client);
+//!   SNS → SQS (`workflow_p99_s` is its first part, to the publish
+//!   returning; `delivery_p99_s` the second, from the publish to each
+//!   client);
 //! - `ledger_calls_per_update`: the aggregator's ledger (DynamoDB) calls
 //!   made while handling stream records, per record handled (the last
 //!   record of a round carries its aggregation);
@@ -31,7 +31,8 @@
 //!   bucket.
 //!
 //! The run fails (non-zero exit) when anything is lost or done twice, when
-//! a client misses an announcement, or when the execution does not succeed.
+//! a client misses an announcement, when an (honest) update is rejected, or
+//! when the execution does not succeed.
 
 mod deploy;
 mod figures;
