@@ -8,6 +8,9 @@ use crate::checksum::is_sha256_hex;
 use crate::keys;
 use crate::records::{RoundRecord, UpdateRecord, SCHEMA};
 
+/// The longest `llm_type` a row may name (types are short words).
+pub(super) const MAX_LLM_TYPE_BYTES: usize = 64;
+
 /// Checks that need no lookup. Failing these, the row cannot even be
 /// attributed to a round, so the rejection is not recorded anywhere.
 pub(super) fn check_ids(u: &UpdateRecord) -> Result<(), String> {
@@ -65,6 +68,19 @@ fn against_round(u: &UpdateRecord, row: &RoundRecord) -> Result<(), String> {
             quote(&u.model_key)
         ));
     }
+    if let Some(t) = u
+        .llm_type
+        .as_deref()
+        .filter(|t| t.len() > MAX_LLM_TYPE_BYTES)
+    {
+        // It names the final artifact's type and keys an index (DynamoDB:
+        // 2 KB at most), so a long one could fail a job's Finalize.
+        return Err(format!(
+            "llm_type: `{}` is {} bytes, more than {MAX_LLM_TYPE_BYTES}",
+            quote(t),
+            t.len()
+        ));
+    }
     if !is_sha256_hex(&u.checksum) {
         return Err(format!(
             "checksum: `{}` is not a SHA-256 (64 hex digits)",
@@ -72,4 +88,29 @@ fn against_round(u: &UpdateRecord, row: &RoundRecord) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_llm_type_is_refused_when_counted() {
+        let round: RoundRecord = serde_json::from_value(serde_json::json!({
+            "job_id": "j", "round": 1, "status": "OPEN", "expected_clients": ["c"],
+            "min_clients": 1, "deadline": 0, "global_model_key": "k", "global_checksum": "x"
+        }))
+        .unwrap();
+        let mut u: UpdateRecord = serde_json::from_value(serde_json::json!({
+            "client_id": "c", "job_round": keys::job_round("j", 1), "job_id": "j", "round": 1,
+            "model_key": keys::update("j", 1, "c"), "checksum": "a".repeat(64),
+            "num_examples": 1, "bytes": 1, "trained_at": "t", "llm_type": "llama"
+        }))
+        .unwrap();
+        assert_eq!(check_against_round(&u, &round), Ok(()));
+        u.llm_type = Some("x".repeat(100_000));
+        let reason = check_against_round(&u, &round).unwrap_err();
+        assert!(reason.starts_with("llm_type:"), "{reason}");
+        assert!(reason.len() <= bounded::REASON_BYTES);
+    }
 }
