@@ -39,6 +39,14 @@ impl MemLedger {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Test hook: overwrite an `updates` row unconditionally, as a client
+    /// may (PutItem on its own rows) after its row was counted.
+    pub fn put_update_raw(&self, row: UpdateRecord) {
+        self.lock()
+            .updates
+            .insert((row.client_id.clone(), row.job_round.clone()), row);
+    }
+
     /// Test hook: overwrite a round row as is (e.g. to fake a crashed
     /// aggregator's claim).
     pub fn put_round_raw(&self, row: RoundRecord) {
