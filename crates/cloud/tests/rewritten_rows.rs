@@ -11,11 +11,14 @@ mod common;
 
 use common::*;
 use fedstep_cloud::ports::Ledger;
-use fedstep_cloud::records::RoundStatus;
+use fedstep_cloud::records::{RoundStatus, UpdateRecord};
+
+/// The rule a rewrite breaks, and the rewrite.
+type Rewrite = (&'static str, fn(&mut UpdateRecord));
 
 #[tokio::test]
 async fn a_row_rewritten_after_it_was_counted_is_checked_again() {
-    let rewrites: [(&str, fn(&mut fedstep_cloud::records::UpdateRecord)); 4] = [
+    let rewrites: [Rewrite; 4] = [
         ("model_key", |r| {
             r.model_key = r.model_key.replace("/a.", "/b.")
         }),
