@@ -23,9 +23,6 @@ use fedstep_cloud::records::{RoundRecord, RoundStatus};
 use fedstep_cloud::JobSpec;
 use fedstep_core::{model, Limits};
 
-/// Step Functions' limit on an execution input.
-const MAX_INPUT_BYTES: usize = 256 * 1024;
-
 #[derive(Subcommand)]
 pub enum JobCommand {
     /// Upload the job's initial model as round 1's global model and start
@@ -110,17 +107,13 @@ pub fn prepare_start(config: &Path) -> Result<PreparedStart> {
     let model = base.join(initial);
     model::open(&model, &Limits::default())
         .with_context(|| format!("{shown}: initial_model {}", model.display()))?;
-    // The local path means nothing to the workflow; keep it out of the input.
+    // The local path means nothing to the workflow; keep it out of the
+    // input. Its size was checked with the job (JobSpec::check: the job and
+    // a round's largest result must fit Step Functions' state together).
     let input = serde_json::to_string(&JobSpec {
         initial_model: None,
         ..job.clone()
     })?;
-    if input.len() > MAX_INPUT_BYTES {
-        bail!(
-            "{shown}: the job is {} bytes as JSON, more than Step Functions' {MAX_INPUT_BYTES}-byte input limit (round_config too large?)",
-            input.len()
-        );
-    }
     Ok(PreparedStart { job, model, input })
 }
 
