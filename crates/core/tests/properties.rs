@@ -5,7 +5,7 @@
 mod common;
 
 use common::{run, update, Dir};
-use fedstep_core::manifest::UpdateMeta;
+use fedstep_core::UpdateMeta;
 use proptest::prelude::*;
 use safetensors::Dtype;
 
