@@ -398,7 +398,7 @@ fn screen(
                 dropped: &mut zeroed,
                 state,
             })
-            .map_err(|e| Screening::Fatal(AggregateError::Config(format!("{}: {e}", t.kind()))))?;
+            .map_err(|reason| Screening::Fatal(state_refused(setup.req, t.kind(), reason)))?;
         stages.insert(t.kind().to_string(), outcome.measurement);
         if let Some(b) = outcome.norm_bound {
             screened.norm_bound = Some(screened.norm_bound.map_or(b, |a: f64| a.min(b)));
@@ -722,6 +722,18 @@ fn output_error(target: &dyn OutputTarget, source: std::io::Error) -> AggregateE
     AggregateError::Output {
         name: target.describe(),
         source,
+    }
+}
+
+/// A transform can only fail on what it stored last round (its parameters
+/// were checked when the config was parsed): the state file is at fault.
+fn state_refused(req: &AggregationRequest<'_>, kind: &str, reason: String) -> AggregateError {
+    AggregateError::ServerState {
+        name: req
+            .state_in
+            .as_ref()
+            .map_or("-".into(), |i| i.source().describe()),
+        reason: format!("{kind}: {reason}"),
     }
 }
 

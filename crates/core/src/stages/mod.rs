@@ -153,6 +153,8 @@ pub trait UpdateTransform: StageInfo + AsInfo {
         false
     }
 
+    /// Errors are about the stored state (the parameters were checked
+    /// when the stage was built).
     fn apply(&self, round: TransformRound<'_>) -> Result<TransformOutcome, String>;
 }
 
