@@ -4,7 +4,7 @@
 //! read through positioned reads from any byte source (a file, an S3
 //! object: `bytes.rs`), aggregation streams them block by block so that
 //! memory stays at "one block per client" whatever the model size, and the
-//! pipeline of stages (clipping, zeroing, robust
+//! pipeline of stages (clipping, adaptive clipping, zeroing, robust
 //! combiners, DP noise, server optimizers; one file each, see `stages`) is
 //! configured from TOML or JSON as a [`PipelineConfig`], checked when it is
 //! parsed. The cloud crate and the CLI call [`aggregate()`] and nothing

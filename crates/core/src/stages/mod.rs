@@ -7,8 +7,9 @@
 //! Stages fall into four phases that always run in this order, one trait
 //! per phase:
 //!
-//! 1. **update transforms** ([`UpdateTransform`]: `clip`, `zeroing`):
-//!    per-client scale decisions from the norm of `update − global`;
+//! 1. **update transforms** ([`UpdateTransform`]: `clip`, `adaptive_clip`,
+//!    `zeroing`): per-client scale decisions from the norm of
+//!    `update − global`;
 //! 2. **one combiner** ([`Combiner`]: default weighted `mean`; `median`,
 //!    `trimmed_mean`, `krum`): turns the transformed updates into one model;
 //! 3. **noise** ([`Noise`]: `dp_noise`): Gaussian noise on the clipped mean;
@@ -28,6 +29,7 @@
 //! accumulator type ([`CombineKernel<A>`] etc., implemented for `f32` and
 //! `f64`), so the hot loops stay monomorphic.
 
+pub(crate) mod adaptive_clip;
 pub(crate) mod bucketing;
 pub(crate) mod clip;
 pub(crate) mod dp_noise;

@@ -19,6 +19,11 @@ const fn entry(kind: &'static str, phase: Phase, build: Constructor) -> Entry {
 
 pub const STAGES: &[Entry] = &[
     entry("clip", Phase::Transform, super::clip::Clip::stage),
+    entry(
+        "adaptive_clip",
+        Phase::Transform,
+        super::adaptive_clip::AdaptiveClip::stage,
+    ),
     entry("zeroing", Phase::Transform, super::zeroing::Zeroing::stage),
     entry("mean", Phase::Combine, super::mean::Mean::stage),
     entry("median", Phase::Combine, super::median::Median::stage),
