@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use fedstep_core::manifest::parse_manifest;
 use fedstep_core::measurements::ClientStatus;
+use fedstep_core::update_meta::parse_manifest;
 use fedstep_core::{
     aggregate, AggregationRequest, FileTarget, Input, OutputTarget, PipelineConfig,
 };

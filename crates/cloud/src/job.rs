@@ -24,7 +24,6 @@
 
 use std::collections::BTreeSet;
 
-use fedstep_core::stages::StageConfig;
 use fedstep_core::PipelineConfig;
 use serde::{Deserialize, Serialize};
 
@@ -136,7 +135,7 @@ impl JobSpec {
     /// clients after run-time rejections still degrade (the core records
     /// it).
     fn check_share_cap(&self, pipeline: &PipelineConfig) -> Result<(), String> {
-        let Some(cap) = pipeline.max_client_share else {
+        let Some(cap) = pipeline.max_client_share() else {
             return Ok(());
         };
         if cap.holds_for(self.min_clients as usize) {
@@ -176,15 +175,10 @@ impl JobSpec {
     /// with as few as min_clients, so a smaller quorum would let a round
     /// open that cannot be aggregated when it closes at its quorum.
     fn check_krum(&self, pipeline: &PipelineConfig) -> Result<(), String> {
-        for (i, stage) in pipeline.stages.iter().enumerate() {
-            let StageConfig::Krum { byzantine, .. } = stage else {
-                continue;
-            };
-            let need = byzantine.saturating_mul(2).saturating_add(3);
+        if let Some((need, why)) = pipeline.pipeline().min_updates() {
             if (self.min_clients as usize) < need {
                 return Err(format!(
-                    "min_clients = {} is too small for [aggregation] stages[{i}] (krum, byzantine = {byzantine}): \
-                     krum needs n ≥ 2·byzantine + 3 = {need} updates, so min_clients must be at least {need}",
+                    "min_clients = {} is too small for [aggregation] {why}, so min_clients must be at least {need}",
                     self.min_clients
                 ));
             }
@@ -219,7 +213,7 @@ local_epochs = 2
         let j = JobSpec::from_toml(GOOD).unwrap();
         assert_eq!(j.clients.len(), 3);
         assert_eq!(
-            j.pipeline().unwrap().weighting,
+            j.pipeline().unwrap().weighting(),
             fedstep_core::weighting::Weighting::Uniform
         );
         assert_eq!(j.round_config["local_epochs"], 2);
@@ -313,7 +307,7 @@ local_epochs = 2
         assert!(err.contains("min_clients to at least 4"), "{err}");
         for (min_clients, cap) in [(2, "0.5"), (3, "0.34"), (1, "1.0"), (3, "1")] {
             let job = with(min_clients, cap).unwrap();
-            assert!(job.pipeline().unwrap().max_client_share.is_some());
+            assert!(job.pipeline().unwrap().max_client_share().is_some());
         }
         // The core's own check still speaks first for a share that is no
         // fraction at all.
@@ -353,7 +347,7 @@ local_epochs = 2
         }
         for (min_clients, byzantine) in [(5, 1), (3, 0), (7, 2)] {
             let job = with(min_clients, byzantine).unwrap();
-            assert_eq!(job.pipeline().unwrap().stages.len(), 1);
+            assert_eq!(job.pipeline().unwrap().pipeline().combiner_name(), "krum");
         }
     }
 }

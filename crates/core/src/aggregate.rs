@@ -4,30 +4,38 @@
 //!
 //! A bad update never sinks the round: claims, headers, shapes and values
 //! are checked and the offender is rejected with a reason. Values are
-//! checked while streaming; when the plain mean finds a non-finite value
-//! mid-way, the offender is rejected and the pass restarts without it (the
-//! output is written to a temporary file, so nothing half-done is visible).
-//! Bad input is rare, so the common path reads every input exactly once.
+//! checked while streaming; when a pass finds a bad value mid-way, the
+//! offender is rejected and the attempt restarts without it (outputs are
+//! written to temporary files, so nothing half-done is visible). Bad input
+//! is rare, so the common path reads every input exactly once.
+//!
+//! [`aggregate`] reads as its steps: open the inputs and weigh them, check
+//! their layouts, open the stages' state, then attempt the round (statistics
+//! and transforms, the combination set and its weights, the combine pass,
+//! the outputs) until no client is rejected mid-stream, and build the
+//! records.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use serde_json::json;
+use serde_json::Value;
 
 use crate::bytes::{is_unavailable, Input, OutputTarget};
-use crate::combine::{self, state_dtype, CombineError, CombinePlan, OptimizerIo};
+use crate::combine::{self, CombineError, CombinePlan, OptimizerIo};
 use crate::config::PipelineConfig;
 use crate::error::{AggregateError, ModelError};
-use crate::float::{elem_bytes, role, TensorRole};
-use crate::manifest::{UpdateMeta, UpdateSource};
+use crate::float::elem_bytes;
 use crate::measurements::{ClientMeasurement, ClientStatus, Measurements};
-use crate::model::{check_compatible, TensorEntry};
+use crate::model::{check_compatible, ModelHeader, TensorEntry};
 use crate::personalization::{check_masked_compatible, Personalization};
 use crate::share_cap;
-use crate::stages::{krum, Combiner, Pipeline, Transform};
+use crate::stages::krum::distances_from_gram;
+use crate::stages::state_file::{is_float, OpenError, StateIn, StateLayout};
+use crate::stages::{measured, Pipeline, Scalars, TransformRound};
 use crate::statistics::{self, StatsError};
 use crate::stream::{block_elements, Source};
-use crate::weighting::{self, Verdict};
+use crate::update_meta::{UpdateMeta, UpdateSource};
+use crate::weighting::{self, TypeFilter, Verdict};
 use crate::writer::{ModelWriter, TensorSpec};
 
 pub struct AggregationRequest<'a> {
@@ -38,9 +46,11 @@ pub struct AggregationRequest<'a> {
     pub global: Option<Input>,
     pub config: &'a PipelineConfig,
     pub out: &'a dyn OutputTarget,
-    /// Server-optimizer state from the previous round (none: start at 0).
+    /// The stages' state from the previous round (none: every stage starts
+    /// afresh). Read only when some stage keeps state.
     pub state_in: Option<Input>,
-    /// Where to write the optimizer's new state (required with an optimizer).
+    /// Where to write the stages' new state: required when some stage keeps
+    /// state, and written only then.
     pub state_out: Option<&'a dyn OutputTarget>,
     /// The round number: keys the DP noise stream so rounds never share noise.
     pub round: u64,
@@ -57,18 +67,88 @@ struct Client {
     num_examples: Option<u64>,
     quality: Option<f64>,
     raw_weight: f64,
-    /// Permanent: rejected or excluded, with the reason.
-    out: Option<(ClientStatus, String)>,
+    /// Permanent for this aggregation: rejected or excluded, with the reason.
+    dropped: Option<(ClientStatus, String)>,
     source: Option<Source>,
+}
+
+/// What every attempt shares: decided once, before any value is read.
+struct Setup<'a> {
+    req: &'a AggregationRequest<'a>,
+    cfg: &'a PipelineConfig,
+    pipeline: &'a Pipeline,
+    global: Option<Source>,
+    reference: Vec<TensorEntry>,
+    metadata: BTreeMap<String, String>,
+    state: StateLayout,
+    state_in: Option<StateIn>,
+}
+
+/// Reads and passes over the data, across attempts.
+#[derive(Default)]
+struct Effort {
+    passes: u32,
+    bytes_read: u64,
+}
+
+/// What a successful attempt produced.
+struct Attempt {
+    /// Positions (into `live`) of the clients that reached the transforms.
+    live: Vec<usize>,
+    screened: Screened,
+    combination: Combination,
+    stages: BTreeMap<String, Value>,
+    bytes_written: u64,
+}
+
+/// An attempt either completes or rejects a client mid-stream and must be
+/// run again without it.
+enum Outcome<T> {
+    Done(T),
+    Retry,
 }
 
 pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, AggregateError> {
     let started = Instant::now();
     let cfg = req.config;
-    cfg.check().map_err(AggregateError::Config)?;
-    let pipeline = Pipeline::build(&cfg.stages).map_err(AggregateError::Config)?;
-    let fedselect = cfg.personalization == Personalization::Fedselect;
-    if fedselect && req.global.is_none() {
+    check_request(req)?;
+    let (mut clients, target_type) = open_and_weigh(req)?;
+    let setup = open_references(req, &mut clients)?;
+    let mut effort = Effort::default();
+    let attempt = loop {
+        match attempt(&setup, &mut clients, &mut effort)? {
+            Outcome::Done(a) => break a,
+            Outcome::Retry => continue,
+        }
+    };
+    let clients = build_records(&clients, &attempt);
+    let count = |s: ClientStatus| clients.iter().filter(|r| r.status == s).count();
+    Ok(AggregationOutcome {
+        measurements: Measurements {
+            weighting: format!("{:?}", cfg.weighting()).to_lowercase(),
+            llm_type: cfg.type_filter_name().to_string(),
+            target_llm_type: target_type,
+            combiner: setup.pipeline.combiner_name().to_string(),
+            accepted: count(ClientStatus::Accepted),
+            rejected: count(ClientStatus::Rejected),
+            excluded: count(ClientStatus::Excluded),
+            clients,
+            stages: attempt.stages,
+            tensors: setup.reference.len(),
+            parameters: setup.reference.iter().map(|t| t.elements() as u64).sum(),
+            bytes_read: effort.bytes_read,
+            bytes_written: attempt.bytes_written,
+            passes: effort.passes,
+            seconds: started.elapsed().as_secs_f64(),
+        },
+    })
+}
+
+/// What the request must provide for the configured stages.
+fn check_request(req: &AggregationRequest<'_>) -> Result<(), AggregateError> {
+    let cfg = req.config;
+    let pipeline = cfg.pipeline();
+    if cfg.personalization() == Personalization::Fedselect && req.global.is_none() {
         return Err(AggregateError::Config(
             "personalization = \"fedselect\" needs the global model: an element no client \
              shared keeps its global value, and personal elements are checked against it"
@@ -82,28 +162,35 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
                 .into(),
         ));
     }
-    if pipeline.optimizer.is_some() && req.state_out.is_none() {
-        return Err(AggregateError::Config(
-            "a server optimizer needs a path to write its state to".into(),
-        ));
+    if pipeline.is_stateful() && req.state_out.is_none() {
+        let kinds: Vec<&str> = pipeline
+            .stages()
+            .filter(|s| s.state().is_some())
+            .map(|s| s.kind())
+            .collect();
+        return Err(AggregateError::Config(format!(
+            "a stage that keeps state across rounds ({}) needs a path to write its state to",
+            kinds.join(", ")
+        )));
     }
-    let limits = &cfg.limits;
-    let global = match &req.global {
-        Some(input) => Some(Source::new(input.clone(), limits).map_err(|source| {
-            unavailable(&source, input).unwrap_or_else(|| AggregateError::Global {
-                name: input.source().describe(),
-                source,
-            })
-        })?),
-        None => None,
-    };
+    Ok(())
+}
 
+/// Weighs every update from its claims and opens the header of each one
+/// still in; returns the clients and the round's target type.
+fn open_and_weigh(
+    req: &AggregationRequest<'_>,
+) -> Result<(Vec<Client>, Option<String>), AggregateError> {
+    let cfg = req.config;
+    let limits = cfg.limits();
     let metas: Vec<UpdateMeta> = req.updates.iter().map(|u| u.meta.clone()).collect();
-    let plan = weighting::plan(&metas, cfg.weighting, &cfg.type_filter(), limits)
+    let type_filter = cfg.type_filter();
+    let plan = weighting::plan(&metas, cfg.weighting(), &type_filter, limits)
         .map_err(AggregateError::NoUsableUpdate)?;
+    let target_type = plan.target_type.filter(|_| type_filter != TypeFilter::None);
     let mut clients: Vec<Client> = Vec::with_capacity(metas.len());
     for (u, e) in req.updates.iter().zip(plan.entries) {
-        let (raw_weight, out) = match e.verdict {
+        let (raw_weight, dropped) = match e.verdict {
             Verdict::Weighted(w) => (w, None),
             Verdict::Rejected(r) => (0.0, Some((ClientStatus::Rejected, r))),
             Verdict::Excluded(r) => (0.0, Some((ClientStatus::Excluded, r))),
@@ -113,17 +200,17 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
             num_examples: e.num_examples,
             quality: e.multiplier,
             raw_weight,
-            out,
+            dropped,
             source: None,
         };
-        if c.out.is_none() {
+        if c.dropped.is_none() {
             match Source::new(u.input.clone(), limits) {
                 Ok(s) => c.source = Some(s),
                 Err(err) => {
                     if let Some(e) = unavailable(&err, &u.input) {
                         return Err(e);
                     }
-                    c.out = Some((
+                    c.dropped = Some((
                         ClientStatus::Rejected,
                         format!("model {}: {err}", u.input.source().describe()),
                     ))
@@ -132,383 +219,533 @@ pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, Agg
         }
         clients.push(c);
     }
+    Ok((clients, target_type))
+}
 
+/// Opens the global model, decides the reference layout, rejects updates
+/// that do not match it, and opens the stages' previous state.
+fn open_references<'a>(
+    req: &'a AggregationRequest<'a>,
+    clients: &mut [Client],
+) -> Result<Setup<'a>, AggregateError> {
+    let cfg = req.config;
+    let limits = cfg.limits();
+    let global = match &req.global {
+        Some(input) => Some(Source::new(input.clone(), limits).map_err(|source| {
+            unavailable(&source, input).unwrap_or_else(|| AggregateError::Global {
+                name: input.source().describe(),
+                source,
+            })
+        })?),
+        None => None,
+    };
     let reference: Vec<TensorEntry> = match &global {
         Some(g) => g.header.tensors.clone(),
-        None => majority_layout(&clients).ok_or_else(|| no_usable(&clients))?,
+        None => majority_layout(clients).ok_or_else(|| no_usable(clients))?,
     };
-    let reference_header = crate::model::ModelHeader {
+    check_layouts(clients, &reference, cfg.personalization());
+    let state = StateLayout::of(cfg.pipeline());
+    let state_in = match &req.state_in {
+        Some(input) if !state.is_empty() => {
+            let opened = state.open(input, &reference, limits);
+            Some(opened.map_err(|e| state_error(e, input))?)
+        }
+        _ => None,
+    };
+    Ok(Setup {
+        req,
+        cfg,
+        pipeline: cfg.pipeline(),
+        metadata: global
+            .as_ref()
+            .map(|g| g.header.metadata.clone())
+            .unwrap_or_default(),
+        global,
+        reference,
+        state,
+        state_in,
+    })
+}
+
+/// Rejects every update whose tensors do not match the reference layout.
+fn check_layouts(clients: &mut [Client], reference: &[TensorEntry], p: Personalization) {
+    let reference_header = ModelHeader {
         header_len: 0,
         file_len: 0,
-        tensors: reference.clone(),
+        tensors: reference.to_vec(),
         metadata: BTreeMap::new(),
     };
-    for c in clients.iter_mut().filter(|c| c.out.is_none()) {
+    for c in clients.iter_mut().filter(|c| c.dropped.is_none()) {
         let s = c.source.as_ref().expect("open sources for live clients");
-        let checked = if fedselect {
-            check_masked_compatible(&reference_header, &s.header).map(|_| ())
-        } else {
-            check_compatible(&reference_header, &s.header).map_err(|e| e.to_string())
+        let checked = match p {
+            Personalization::Fedselect => {
+                check_masked_compatible(&reference_header, &s.header).map(|_| ())
+            }
+            Personalization::None => {
+                check_compatible(&reference_header, &s.header).map_err(|e| e.to_string())
+            }
         };
         if let Err(err) = checked {
-            c.out = Some((ClientStatus::Rejected, format!("model {}: {err}", s.name)));
+            c.dropped = Some((ClientStatus::Rejected, format!("model {}: {err}", s.name)));
             c.source = None;
         }
     }
+}
 
-    let state_in = match (&req.state_in, &pipeline.optimizer) {
-        (Some(input), Some(opt)) => Some(open_state(
-            input,
-            &reference,
-            opt.kind.name(),
-            opt.slots(),
-            limits,
-        )?),
-        _ => None,
+/// One attempt at the round over the clients still in.
+fn attempt(
+    setup: &Setup<'_>,
+    clients: &mut [Client],
+    effort: &mut Effort,
+) -> Result<Outcome<Attempt>, AggregateError> {
+    let live: Vec<usize> = (0..clients.len())
+        .filter(|&i| clients[i].dropped.is_none())
+        .collect();
+    if live.is_empty() {
+        return Err(no_usable(clients));
+    }
+    let mut stages = BTreeMap::new();
+    let inputs: Vec<&Source> = live
+        .iter()
+        .map(|&i| clients[i].source.as_ref().expect("live"))
+        .collect();
+    let screened = match screen(setup, &inputs, effort, &mut stages) {
+        Ok(s) => s,
+        Err(Screening::Input(e)) => {
+            reject_for(e, &live, clients, setup.req.global.as_ref())?;
+            return Ok(Outcome::Retry);
+        }
+        Err(Screening::Fatal(e)) => return Err(e),
     };
-    let metadata = match &global {
-        Some(g) => g.header.metadata.clone(),
-        None => BTreeMap::new(),
+    let combination = combination(setup, clients, &live, &screened, &mut stages)?;
+    let written = match combine_pass(setup, &inputs, &screened, &combination, effort, &mut stages) {
+        Ok(w) => w,
+        Err(PassError::Input(e)) => {
+            let kept_live: Vec<usize> = combination.kept.iter().map(|&k| live[k]).collect();
+            reject_for(e, &kept_live, clients, setup.req.global.as_ref())?;
+            return Ok(Outcome::Retry);
+        }
+        Err(PassError::Fatal(e)) => return Err(e),
     };
-    let specs: Vec<TensorSpec> = reference
+    let bytes_written = finish_outputs(setup, written, &combination, clients, &live, &mut stages)?;
+    Ok(Outcome::Done(Attempt {
+        live,
+        screened,
+        combination,
+        stages,
+        bytes_written,
+    }))
+}
+
+/// The statistics pass and what the stages decide from it, per live client.
+struct Screened {
+    /// The factor each update is multiplied by (clipping).
+    scales: Vec<f64>,
+    /// Update norms, when a statistics pass ran.
+    norms: Option<Vec<f64>>,
+    /// Zeroed or not selected, with the reason.
+    left_out: Vec<Option<(ClientStatus, String)>>,
+    /// The norm every kept update is bounded by (the tightest clip).
+    norm_bound: Option<f64>,
+    /// Each stateful transform's state for the next round.
+    next_state: BTreeMap<&'static str, Scalars>,
+}
+
+enum Screening {
+    /// A client's data is bad: reject it and retry.
+    Input(StatsError),
+    Fatal(AggregateError),
+}
+
+/// Runs the statistics pass (if a stage needs norms or distances), the
+/// update transforms, and the combiner's selection (Krum).
+fn screen(
+    setup: &Setup<'_>,
+    inputs: &[&Source],
+    effort: &mut Effort,
+    stages: &mut BTreeMap<String, Value>,
+) -> Result<Screened, Screening> {
+    let n = inputs.len();
+    let mut screened = Screened {
+        scales: vec![1.0; n],
+        norms: None,
+        left_out: vec![None; n],
+        norm_bound: None,
+        next_state: BTreeMap::new(),
+    };
+    let pipeline = setup.pipeline;
+    if !pipeline.needs_statistics() {
+        return Ok(screened);
+    }
+    effort.passes += 1;
+    let full = pipeline.combiner.needs_gram();
+    let block_elems = block_size(setup, n);
+    let global = setup.global.as_ref();
+    let stats = statistics::run(&setup.reference, global, inputs, full, block_elems)
+        .map_err(Screening::Input)?;
+    effort.bytes_read += stats.bytes_read;
+    let norms: Vec<f64> = (0..n).map(|i| stats.gram[i][i].sqrt()).collect();
+    let mut zeroed: Vec<Option<String>> = vec![None; n];
+    for t in &pipeline.transforms {
+        let state = setup
+            .state_in
+            .as_ref()
+            .and_then(|s| s.scalars.get(t.kind()));
+        let outcome = t
+            .apply(TransformRound {
+                norms: &norms,
+                scales: &mut screened.scales,
+                dropped: &mut zeroed,
+                state,
+            })
+            .map_err(|reason| Screening::Fatal(state_refused(setup.req, t.kind(), reason)))?;
+        stages.insert(t.kind().to_string(), outcome.measurement);
+        if let Some(b) = outcome.norm_bound {
+            screened.norm_bound = Some(screened.norm_bound.map_or(b, |a: f64| a.min(b)));
+        }
+        if let Some(next) = outcome.next_state {
+            screened.next_state.insert(t.kind(), next);
+        }
+    }
+    for (d, z) in screened.left_out.iter_mut().zip(zeroed) {
+        *d = z.map(|r| (ClientStatus::Zeroed, r));
+    }
+    if full {
+        let candidates: Vec<usize> = (0..n).filter(|&i| screened.left_out[i].is_none()).collect();
+        let gram: Vec<Vec<f64>> = candidates
+            .iter()
+            .map(|&i| candidates.iter().map(|&j| stats.gram[i][j]).collect())
+            .collect();
+        let s: Vec<f64> = candidates.iter().map(|&i| screened.scales[i]).collect();
+        let selection = pipeline
+            .combiner
+            .select(&distances_from_gram(&gram, &s))
+            .map_err(|e| Screening::Fatal(AggregateError::NoUsableUpdate(e)))?;
+        if let Some(sel) = selection {
+            for (pos, &i) in candidates.iter().enumerate() {
+                if !sel.chosen.contains(&pos) {
+                    screened.left_out[i] = Some((ClientStatus::NotSelected, sel.reason.clone()));
+                }
+            }
+            stages.insert(pipeline.combiner.kind().to_string(), sel.measurement);
+        }
+    }
+    screened.norms = Some(norms);
+    Ok(screened)
+}
+
+/// The updates combined and their normalized weights.
+struct Combination {
+    /// Positions (into `live`) of the updates combined.
+    kept: Vec<usize>,
+    /// Their normalized weights, after the share cap.
+    weights: Vec<f64>,
+}
+
+/// Chooses the combination set (live and not left out) and normalizes its
+/// weights, then applies the share cap.
+fn combination(
+    setup: &Setup<'_>,
+    clients: &[Client],
+    live: &[usize],
+    screened: &Screened,
+    stages: &mut BTreeMap<String, Value>,
+) -> Result<Combination, AggregateError> {
+    let kept: Vec<usize> = (0..live.len())
+        .filter(|&i| screened.left_out[i].is_none())
+        .collect();
+    if kept.is_empty() {
+        return Err(AggregateError::NoUsableUpdate(
+            "every valid update was dropped by the robustness stages".into(),
+        ));
+    }
+    let total: f64 = kept.iter().map(|&i| clients[live[i]].raw_weight).sum();
+    if !(total > 0.0 && total.is_finite()) {
+        return Err(AggregateError::NoUsableUpdate(format!(
+            "the accepted updates' weights sum to {total}; nothing to average"
+        )));
+    }
+    let mut weights: Vec<f64> = kept
+        .iter()
+        .map(|&i| clients[live[i]].raw_weight / total)
+        .collect();
+    // The cap goes on the final set (after zeroing and Krum), before
+    // anything reads the weights: the mean's coefficients, FedSelect's
+    // denominators and the DP noise's largest weight all see it.
+    if let Some(cap) = setup.cfg.max_client_share() {
+        let capped = share_cap::cap_shares(&weights, cap);
+        let ids: Vec<&str> = kept
+            .iter()
+            .map(|&i| clients[live[i]].meta.client_id.as_str())
+            .collect();
+        let combiner = &setup.pipeline.combiner;
+        let moot = combiner.ignores_weights().then(|| combiner.kind());
+        stages.insert(
+            "max_client_share".to_string(),
+            capped.measurement(cap, &ids, moot),
+        );
+        weights = capped.shares;
+    }
+    Ok(Combination { kept, weights })
+}
+
+/// The outputs a completed combine pass leaves to finish.
+struct Written {
+    out: ModelWriter,
+    state: Option<(ModelWriter, u64)>,
+    tally: Option<crate::personalization::masked_mean::Tally>,
+}
+
+enum PassError {
+    /// A client's data is bad: reject it and retry.
+    Input(StatsError),
+    Fatal(AggregateError),
+}
+
+/// Prepares the round's combiner and noise, opens the outputs, and runs
+/// the combine pass.
+fn combine_pass(
+    setup: &Setup<'_>,
+    inputs: &[&Source],
+    screened: &Screened,
+    combination: &Combination,
+    effort: &mut Effort,
+    stages: &mut BTreeMap<String, Value>,
+) -> Result<Written, PassError> {
+    let (req, pipeline) = (setup.req, setup.pipeline);
+    let Combination { kept, weights } = combination;
+    let (round_combiner, m) = pipeline.combiner.for_round(kept.len(), req.round);
+    if let Some(m) = m {
+        stages.insert(pipeline.combiner.kind().to_string(), m);
+    }
+    let noise = pipeline.noise.as_ref().map(|n| {
+        let max_w = weights.iter().copied().fold(0.0, f64::max);
+        let (noise, m) = n.for_round(screened.norm_bound, max_w, req.round);
+        stages.insert(n.kind().to_string(), m);
+        noise
+    });
+    let out = ModelWriter::create(req.out, &specs(&setup.reference), &setup.metadata)
+        .map_err(|source| PassError::Fatal(output_error(req.out, source)))?;
+    let state = match req.state_out.filter(|_| !setup.state.is_empty()) {
+        Some(target) => {
+            let step = setup.state_in.as_ref().map_or(0, |s| s.step) + 1;
+            let w = setup
+                .state
+                .create(target, &setup.reference, step, &screened.next_state)
+                .map_err(|source| PassError::Fatal(output_error(target, source)))?;
+            Some((w, step))
+        }
+        None => None,
+    };
+    let kept_inputs: Vec<&Source> = kept.iter().map(|&i| inputs[i]).collect();
+    let kept_scales: Vec<f64> = kept.iter().map(|&i| screened.scales[i]).collect();
+    let plan = CombinePlan {
+        reference: &setup.reference,
+        carry_source: setup.global.as_ref().unwrap_or(kept_inputs[0]),
+        global: setup.global.as_ref(),
+        inputs: kept_inputs,
+        coefs: weights
+            .iter()
+            .zip(&kept_scales)
+            .map(|(w, s)| w * s)
+            .collect(),
+        scales: kept_scales,
+        combiner: pipeline.combiner.as_ref(),
+        round_combiner,
+        noise,
+        optimizer: match (&pipeline.optimizer, &state) {
+            (Some(optimizer), Some((w, _))) => Some(OptimizerIo {
+                optimizer: optimizer.as_ref(),
+                slots: optimizer.state().map_or(&[], |s| s.tensor_slots),
+                state_in: setup.state_in.as_ref().map(|s| &s.source),
+                state_out: w,
+            }),
+            _ => None,
+        },
+        out: &out,
+        block_elems: block_size(setup, inputs.len()),
+        masked_weights: (setup.cfg.personalization() == Personalization::Fedselect)
+            .then(|| weights.clone()),
+    };
+    effort.passes += 1;
+    match combine::run(plan) {
+        Ok(done) => {
+            effort.bytes_read += done.bytes_read;
+            Ok(Written {
+                out,
+                state,
+                tally: done.tally,
+            })
+        }
+        Err(CombineError::Input(e)) => Err(PassError::Input(e)),
+        Err(CombineError::Write(source)) => Err(PassError::Fatal(output_error(req.out, source))),
+        Err(CombineError::Overflow { tensor, index }) => {
+            Err(PassError::Fatal(AggregateError::NoUsableUpdate(format!(
+                "the new global model's `{tensor}` element {index} is not finite although every input is: \
+                 the combination, the noise, the server optimizer or the tensor's dtype overflowed; \
+                 nothing was written"
+            ))))
+        }
+        Err(CombineError::State(reason)) => Err(PassError::Fatal(AggregateError::ServerState {
+            name: req
+                .state_in
+                .as_ref()
+                .map_or("-".into(), |i| i.source().describe()),
+            reason,
+        })),
+    }
+}
+
+/// Makes the outputs visible (the state first) and records what the
+/// optimizer and FedSelect did; returns the model's size.
+fn finish_outputs(
+    setup: &Setup<'_>,
+    written: Written,
+    combination: &Combination,
+    clients: &[Client],
+    live: &[usize],
+    stages: &mut BTreeMap<String, Value>,
+) -> Result<u64, AggregateError> {
+    let req = setup.req;
+    if let Some(tally) = written.tally {
+        let float_elements: u64 = setup
+            .reference
+            .iter()
+            .filter(|t| is_float(t))
+            .map(|t| t.elements() as u64)
+            .sum();
+        let ids: Vec<&str> = combination
+            .kept
+            .iter()
+            .map(|&i| clients[live[i]].meta.client_id.as_str())
+            .collect();
+        stages.insert(
+            "fedselect".to_string(),
+            measured(&tally.measurement(&ids, float_elements)),
+        );
+    }
+    // The state first: a model whose state is missing would restart the
+    // stages' state (the optimizer's moments) on the next round.
+    if let Some((w, step)) = written.state {
+        let target = req.state_out.expect("state is written only to a target");
+        w.finish().map_err(|source| output_error(target, source))?;
+        if let Some(opt) = &setup.pipeline.optimizer {
+            stages.insert(opt.kind().to_string(), opt.measurement(step));
+        }
+    }
+    written
+        .out
+        .finish()
+        .map_err(|source| output_error(req.out, source))
+}
+
+/// The final per-client record: every input exactly once.
+fn build_records(clients: &[Client], attempt: &Attempt) -> Vec<ClientMeasurement> {
+    let Attempt {
+        live,
+        screened,
+        combination,
+        ..
+    } = attempt;
+    let weight_of: HashMap<usize, f64> = combination
+        .kept
+        .iter()
+        .zip(&combination.weights)
+        .map(|(&k, &w)| (live[k], w))
+        .collect();
+    let live_pos: HashMap<usize, usize> = live.iter().enumerate().map(|(p, &i)| (i, p)).collect();
+    let records: Vec<ClientMeasurement> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let pos = live_pos.get(&i).copied();
+            let left_out = pos.and_then(|p| screened.left_out[p].clone());
+            let (status, reason) = match (&c.dropped, left_out) {
+                (Some((s, r)), _) => (*s, Some(r.clone())),
+                (None, Some((s, r))) => (s, Some(r)),
+                (None, None) => (ClientStatus::Accepted, None),
+            };
+            ClientMeasurement {
+                client_id: c.meta.client_id.clone(),
+                status,
+                reason,
+                num_examples: c.num_examples,
+                llm_type: c.meta.llm_type.clone(),
+                quality: c.quality,
+                weight: weight_of.get(&i).copied(),
+                update_norm: pos.and_then(|p| screened.norms.as_ref().map(|n| n[p])),
+                scale: pos
+                    .filter(|_| screened.norms.is_some())
+                    .map(|p| screened.scales[p]),
+            }
+        })
+        .collect();
+    // Every input appears exactly once: accepted ones are exactly the
+    // combination set, every other one has a reason.
+    debug_assert_eq!(records.len(), clients.len());
+    debug_assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.status == ClientStatus::Accepted)
+            .count(),
+        combination.kept.len()
+    );
+    debug_assert!(records
+        .iter()
+        .all(|r| (r.status == ClientStatus::Accepted) == r.reason.is_none()));
+    records
+}
+
+/// Block size for `inputs` inputs plus the global model within the budget.
+fn block_size(setup: &Setup<'_>, inputs: usize) -> usize {
+    let max_eb = setup
+        .reference
+        .iter()
+        .map(|t| elem_bytes(t.dtype))
+        .max()
+        .unwrap_or(4);
+    block_elements(setup.cfg.memory_budget_mb() << 20, inputs + 1, max_eb)
+}
+
+fn specs(reference: &[TensorEntry]) -> Vec<TensorSpec> {
+    reference
         .iter()
         .map(|t| TensorSpec {
             name: t.name.clone(),
             dtype: t.dtype,
             shape: t.shape.clone(),
         })
-        .collect();
-    let max_eb = reference
-        .iter()
-        .map(|t| elem_bytes(t.dtype))
-        .max()
-        .unwrap_or(4);
+        .collect()
+}
 
-    let mut passes = 0u32;
-    let mut bytes_read = 0u64;
-    loop {
-        let live: Vec<usize> = (0..clients.len())
-            .filter(|&i| clients[i].out.is_none())
-            .collect();
-        if live.is_empty() {
-            return Err(no_usable(&clients));
-        }
-        let inputs: Vec<&Source> = live
-            .iter()
-            .map(|&i| clients[i].source.as_ref().expect("live"))
-            .collect();
-        let block_elems = block_elements(cfg.memory_budget_mb << 20, inputs.len() + 1, max_eb);
-        let mut stages = BTreeMap::new();
-        let mut scales = vec![1.0; live.len()];
-        let mut norms: Option<Vec<f64>> = None;
-        let mut dropped: Vec<Option<(ClientStatus, String)>> = vec![None; live.len()];
-
-        if pipeline.needs_statistics() {
-            passes += 1;
-            let full = matches!(pipeline.combiner, Combiner::Krum(_));
-            let stats =
-                match statistics::run(&reference, global.as_ref(), &inputs, full, block_elems) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        reject_for(e, &live, &mut clients, req.global.as_ref())?;
-                        continue;
-                    }
-                };
-            bytes_read += stats.bytes_read;
-            let n: Vec<f64> = (0..live.len()).map(|i| stats.gram[i][i].sqrt()).collect();
-            let mut zeroed: Vec<Option<String>> = vec![None; live.len()];
-            for t in &pipeline.transforms {
-                let active: Vec<bool> = zeroed.iter().map(Option::is_none).collect();
-                match t {
-                    Transform::Clip(c) => {
-                        stages.insert("clip".to_string(), c.apply(&n, &mut scales, &active));
-                    }
-                    Transform::Zeroing(z) => {
-                        stages.insert(
-                            "zeroing".to_string(),
-                            z.apply(&n, &scales, &active, &mut zeroed),
-                        );
-                    }
-                }
-            }
-            for (d, z) in dropped.iter_mut().zip(zeroed) {
-                *d = z.map(|r| (ClientStatus::Zeroed, r));
-            }
-            if let Combiner::Krum(k) = &pipeline.combiner {
-                let candidates: Vec<usize> =
-                    (0..live.len()).filter(|&i| dropped[i].is_none()).collect();
-                let gram: Vec<Vec<f64>> = candidates
-                    .iter()
-                    .map(|&i| candidates.iter().map(|&j| stats.gram[i][j]).collect())
-                    .collect();
-                let s: Vec<f64> = candidates.iter().map(|&i| scales[i]).collect();
-                let (chosen, m) = k
-                    .choose(&krum::distances_from_gram(&gram, &s))
-                    .map_err(AggregateError::NoUsableUpdate)?;
-                for (pos, &i) in candidates.iter().enumerate() {
-                    if !chosen.contains(&pos) {
-                        dropped[i] = Some((
-                            ClientStatus::NotSelected,
-                            format!("krum: not among the {} best-scored updates", k.select),
-                        ));
-                    }
-                }
-                stages.insert("krum".to_string(), m);
-            }
-            norms = Some(n);
-        }
-
-        // The combination set and its normalized weights.
-        let kept: Vec<usize> = (0..live.len()).filter(|&i| dropped[i].is_none()).collect();
-        if kept.is_empty() {
-            return Err(AggregateError::NoUsableUpdate(
-                "every valid update was dropped by the robustness stages".into(),
-            ));
-        }
-        let total: f64 = kept.iter().map(|&i| clients[live[i]].raw_weight).sum();
-        if !(total > 0.0 && total.is_finite()) {
-            return Err(AggregateError::NoUsableUpdate(format!(
-                "the accepted updates' weights sum to {total}; nothing to average"
-            )));
-        }
-        let mut weights: Vec<f64> = kept
-            .iter()
-            .map(|&i| clients[live[i]].raw_weight / total)
-            .collect();
-        // The cap goes on the final set (after zeroing and Krum), before
-        // anything reads the weights: the mean's coefficients, FedSelect's
-        // denominators and the DP noise's largest weight all see it.
-        if let Some(cap) = cfg.max_client_share {
-            let capped = share_cap::cap_shares(&weights, cap);
-            let ids: Vec<&str> = kept
-                .iter()
-                .map(|&i| clients[live[i]].meta.client_id.as_str())
-                .collect();
-            let moot = pipeline
-                .combiner
-                .ignores_weights()
-                .then(|| pipeline.combiner.name());
-            stages.insert(
-                "max_client_share".to_string(),
-                capped.measurement(cap, &ids, moot),
-            );
-            weights = capped.shares;
-        }
-        let buckets = pipeline.bucketing.assign(kept.len(), req.round);
-        let trim = match &pipeline.combiner {
-            Combiner::TrimmedMean(tm) => {
-                let k = tm.trim_count(buckets.len());
-                // β < 0.5 (checked when the pipeline is built) keeps 2k < n.
-                debug_assert!(2 * k < buckets.len());
-                stages.insert(
-                    "trimmed_mean".to_string(),
-                    json!({"beta": tm.beta, "trimmed_each_end": k, "buckets": buckets.len(),
-                           "bucket_size": pipeline.bucketing.size}),
-                );
-                k
-            }
-            Combiner::Median => {
-                stages.insert(
-                    "median".to_string(),
-                    json!({"updates": kept.len(), "buckets": buckets.len(),
-                           "bucket_size": pipeline.bucketing.size}),
-                );
-                0
-            }
-            _ => 0,
-        };
-        let noise = match &pipeline.noise {
-            Some(dp) => {
-                let max_w = weights.iter().copied().fold(0.0, f64::max);
-                let clip = pipeline.clip_norm().expect("checked by Pipeline::build");
-                let sigma = dp.stddev(clip, max_w);
-                stages.insert(
-                    "dp_noise".to_string(),
-                    json!({"noise_multiplier": dp.noise_multiplier, "clip_norm": clip,
-                           "max_weight": max_w, "stddev": sigma, "seeded": dp.seed.is_some()}),
-                );
-                Some((dp.rng(req.round), sigma))
-            }
-            None => None,
-        };
-
-        let out = ModelWriter::create(req.out, &specs, &metadata).map_err(|source| {
-            AggregateError::Output {
-                name: req.out.describe(),
-                source,
-            }
-        })?;
-        let state_out = match (&pipeline.optimizer, req.state_out) {
-            (Some(opt), Some(p)) => Some(create_state(p, &reference, opt, state_in.as_ref())?),
-            _ => None,
-        };
-        let kept_inputs: Vec<&Source> = kept.iter().map(|&i| inputs[i]).collect();
-        let kept_scales: Vec<f64> = kept.iter().map(|&i| scales[i]).collect();
-        let plan = CombinePlan {
-            reference: &reference,
-            carry_source: global.as_ref().unwrap_or(kept_inputs[0]),
-            global: global.as_ref(),
-            inputs: kept_inputs,
-            coefs: weights
-                .iter()
-                .zip(&kept_scales)
-                .map(|(w, s)| w * s)
-                .collect(),
-            scales: kept_scales,
-            combiner: &pipeline.combiner,
-            trim,
-            buckets,
-            noise,
-            optimizer: match (&pipeline.optimizer, &state_out) {
-                (Some(optimizer), Some((w, _))) => Some(OptimizerIo {
-                    optimizer,
-                    state_in: state_in.as_ref(),
-                    state_out: w,
-                }),
-                _ => None,
-            },
-            out: &out,
-            block_elems,
-            masked_weights: fedselect.then(|| weights.clone()),
-        };
-        passes += 1;
-        match combine::run(plan) {
-            Ok(done) => {
-                bytes_read += done.bytes_read;
-                if let Some(tally) = done.tally {
-                    let float_elements: u64 = reference
-                        .iter()
-                        .filter(|t| is_float(t))
-                        .map(|t| t.elements() as u64)
-                        .sum();
-                    let shared: serde_json::Map<String, serde_json::Value> = kept
-                        .iter()
-                        .zip(&tally.shared)
-                        .map(|(&i, &n)| {
-                            let id = clients[live[i]].meta.client_id.clone();
-                            (id, json!(n as f64 / float_elements.max(1) as f64))
-                        })
-                        .collect();
-                    stages.insert(
-                        "fedselect".to_string(),
-                        json!({"float_elements": float_elements,
-                               "shared_fraction": shared,
-                               "shared_by_nobody": tally.shared_by_nobody}),
-                    );
-                }
-            }
-            Err(CombineError::Input(e)) => {
-                let kept_live: Vec<usize> = kept.iter().map(|&i| live[i]).collect();
-                reject_for(e, &kept_live, &mut clients, req.global.as_ref())?;
-                continue;
-            }
-            Err(CombineError::Write(source)) => {
-                return Err(AggregateError::Output {
-                    name: req.out.describe(),
-                    source,
-                })
-            }
-            Err(CombineError::Overflow { tensor, index }) => {
-                return Err(AggregateError::NoUsableUpdate(format!(
-                    "the new global model's `{tensor}` element {index} is not finite although every input is: \
-                     the combination, the noise, the server optimizer or the tensor's dtype overflowed; \
-                     nothing was written"
-                )))
-            }
-            Err(CombineError::State(reason)) => {
-                return Err(AggregateError::ServerState {
-                    name: req
-                        .state_in
-                        .as_ref()
-                        .map_or("-".into(), |i| i.source().describe()),
-                    reason,
-                })
-            }
-        }
-        // The state first: a model whose state is missing would restart the
-        // optimizer's moments at zero on the next round.
-        if let Some((w, step)) = state_out {
-            w.finish().map_err(|source| AggregateError::Output {
-                name: req.state_out.map_or("-".into(), |t| t.describe()),
-                source,
-            })?;
-            if let Some(opt) = &pipeline.optimizer {
-                stages.insert(
-                    opt.kind.name().to_string(),
-                    json!({"step": step, "learning_rate": opt.learning_rate}),
-                );
-            }
-        }
-        let bytes_written = out.finish().map_err(|source| AggregateError::Output {
-            name: req.out.describe(),
-            source,
-        })?;
-
-        // Final per-client record.
-        let mut weight_of: HashMap<usize, f64> = HashMap::new();
-        for (k, &i) in kept.iter().enumerate() {
-            weight_of.insert(live[i], weights[k]);
-        }
-        let mut live_pos: HashMap<usize, usize> = HashMap::new();
-        for (p, &i) in live.iter().enumerate() {
-            live_pos.insert(i, p);
-        }
-        let records: Vec<ClientMeasurement> = clients
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let pos = live_pos.get(&i).copied();
-                let (status, reason) = match (&c.out, pos.and_then(|p| dropped[p].clone())) {
-                    (Some((s, r)), _) => (*s, Some(r.clone())),
-                    (None, Some((s, r))) => (s, Some(r)),
-                    (None, None) => (ClientStatus::Accepted, None),
-                };
-                ClientMeasurement {
-                    client_id: c.meta.client_id.clone(),
-                    status,
-                    reason,
-                    num_examples: c.num_examples,
-                    llm_type: c.meta.llm_type.clone(),
-                    quality: c.quality,
-                    weight: weight_of.get(&i).copied(),
-                    update_norm: pos.and_then(|p| norms.as_ref().map(|n| n[p])),
-                    scale: pos.filter(|_| norms.is_some()).map(|p| scales[p]),
-                }
-            })
-            .collect();
-        let count = |s: ClientStatus| records.iter().filter(|r| r.status == s).count();
-        let parameters = reference.iter().map(|t| t.elements() as u64).sum();
-        return Ok(AggregationOutcome {
-            measurements: Measurements {
-                weighting: format!("{:?}", cfg.weighting).to_lowercase(),
-                llm_type: cfg.llm_type.clone(),
-                target_llm_type: plan_target(&cfg.llm_type, &metas, cfg),
-                combiner: pipeline.combiner.name().to_string(),
-                accepted: count(ClientStatus::Accepted),
-                rejected: count(ClientStatus::Rejected),
-                excluded: count(ClientStatus::Excluded),
-                clients: records,
-                stages,
-                tensors: reference.len(),
-                parameters,
-                bytes_read,
-                bytes_written,
-                passes,
-                seconds: started.elapsed().as_secs_f64(),
-            },
-        });
+fn output_error(target: &dyn OutputTarget, source: std::io::Error) -> AggregateError {
+    AggregateError::Output {
+        name: target.describe(),
+        source,
     }
 }
 
-/// The target type the weighting chose (recomputed: cheap, and keeps the
-/// weighting plan's lifetime simple).
-fn plan_target(llm_type: &str, metas: &[UpdateMeta], cfg: &PipelineConfig) -> Option<String> {
-    if llm_type == "none" {
-        return None;
+/// A transform can only fail on what it stored last round (its parameters
+/// were checked when the config was parsed): the state file is at fault.
+fn state_refused(req: &AggregationRequest<'_>, kind: &str, reason: String) -> AggregateError {
+    AggregateError::ServerState {
+        name: req
+            .state_in
+            .as_ref()
+            .map_or("-".into(), |i| i.source().describe()),
+        reason: format!("{kind}: {reason}"),
     }
-    weighting::plan(metas, cfg.weighting, &cfg.type_filter(), &cfg.limits)
-        .ok()
-        .and_then(|p| p.target_type)
+}
+
+fn state_error(e: OpenError, input: &Input) -> AggregateError {
+    let bad = |reason: String| AggregateError::ServerState {
+        name: input.source().describe(),
+        reason,
+    };
+    match e {
+        OpenError::Model(e) => unavailable(&e, input).unwrap_or_else(|| bad(e.to_string())),
+        OpenError::Foreign(reason) => bad(reason),
+    }
 }
 
 /// Turns a streaming failure into a rejection of the client it names, or a
@@ -554,7 +791,7 @@ fn reject_for(
         .as_ref()
         .map(|s| s.name.clone())
         .unwrap_or_default();
-    c.out = Some((ClientStatus::Rejected, format!("model {name}: {reason}")));
+    c.dropped = Some((ClientStatus::Rejected, format!("model {name}: {reason}")));
     c.source = None;
     Ok(())
 }
@@ -573,7 +810,7 @@ fn unavailable(err: &ModelError, input: &Input) -> Option<AggregateError> {
 fn no_usable(clients: &[Client]) -> AggregateError {
     let reasons: Vec<String> = clients
         .iter()
-        .map(|c| match &c.out {
+        .map(|c| match &c.dropped {
             Some((_, r)) => format!("{}: {r}", c.meta.client_id),
             None => format!("{}: ok", c.meta.client_id),
         })
@@ -591,7 +828,7 @@ fn majority_layout(clients: &[Client]) -> Option<Vec<TensorEntry>> {
     // (layout, how many updates share it, first update with it)
     let mut counts: Vec<(Layout, usize, usize)> = Vec::new();
     for (i, c) in clients.iter().enumerate() {
-        let Some(s) = c.source.as_ref().filter(|_| c.out.is_none()) else {
+        let Some(s) = c.source.as_ref().filter(|_| c.dropped.is_none()) else {
             continue;
         };
         let mut sig: Layout = s
@@ -613,93 +850,4 @@ fn majority_layout(clients: &[Client]) -> Option<Vec<TensorEntry>> {
         .source
         .as_ref()
         .map(|s| s.header.tensors.clone())
-}
-
-/// Opens and checks the previous optimizer state against the model layout.
-fn open_state(
-    input: &Input,
-    reference: &[TensorEntry],
-    optimizer: &str,
-    slots: &[&str],
-    limits: &crate::limits::Limits,
-) -> Result<Source, AggregateError> {
-    let bad = |reason: String| AggregateError::ServerState {
-        name: input.source().describe(),
-        reason,
-    };
-    let s = Source::new(input.clone(), limits)
-        .map_err(|e| unavailable(&e, input).unwrap_or_else(|| bad(e.to_string())))?;
-    match s.header.metadata.get("fedstep.optimizer") {
-        Some(o) if o == optimizer => {}
-        Some(o) => {
-            return Err(bad(format!(
-                "state was written by `{o}`, the pipeline uses `{optimizer}`"
-            )))
-        }
-        None => {
-            return Err(bad(
-                "no `fedstep.optimizer` metadata: not a fedstep optimizer state".into(),
-            ))
-        }
-    }
-    for t in reference.iter().filter(|t| is_float(t)) {
-        for slot in slots {
-            let name = format!("{slot}.{}", t.name);
-            match s.entry(&name) {
-                Some(e) if e.shape == t.shape && e.dtype == state_dtype(t.dtype) => {}
-                Some(e) => {
-                    return Err(bad(format!(
-                        "`{name}` is {:?} {:?}, expected {:?} {:?}",
-                        e.dtype,
-                        e.shape,
-                        state_dtype(t.dtype),
-                        t.shape
-                    )))
-                }
-                None => return Err(bad(format!("`{name}` is missing"))),
-            }
-        }
-    }
-    Ok(s)
-}
-
-fn is_float(t: &TensorEntry) -> bool {
-    matches!(
-        role(t.dtype),
-        Some(TensorRole::Float32Acc | TensorRole::Float64Acc)
-    )
-}
-
-fn create_state(
-    target: &dyn OutputTarget,
-    reference: &[TensorEntry],
-    opt: &crate::stages::ServerOptimizer,
-    previous: Option<&Source>,
-) -> Result<(ModelWriter, u64), AggregateError> {
-    let step = previous
-        .and_then(|s| s.header.metadata.get("fedstep.step"))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + 1;
-    let mut specs = Vec::new();
-    for t in reference.iter().filter(|t| is_float(t)) {
-        for slot in opt.slots() {
-            specs.push(TensorSpec {
-                name: format!("{slot}.{}", t.name),
-                dtype: state_dtype(t.dtype),
-                shape: t.shape.clone(),
-            });
-        }
-    }
-    let metadata = BTreeMap::from([
-        ("fedstep.optimizer".to_string(), opt.kind.name().to_string()),
-        ("fedstep.step".to_string(), step.to_string()),
-    ]);
-    let w = ModelWriter::create(target, &specs, &metadata).map_err(|source| {
-        AggregateError::Output {
-            name: target.describe(),
-            source,
-        }
-    })?;
-    Ok((w, step))
 }

@@ -1,20 +1,19 @@
 //! The combine pass: streams every tensor block by block through the
-//! combiner, DP noise and the server optimizer, and writes the new global
-//! model (and optimizer state) as it goes.
+//! combiner, the noise and the server optimizer, and writes the new global
+//! model (and the optimizer's state tensors) as it goes. Stages are called
+//! once per block; their per-element loops are theirs (see `stages`).
 
-use rand_chacha::ChaCha20Rng;
 use rayon::prelude::*;
-use safetensors::Dtype;
 
-use crate::float::{
-    axpy_from, decode_into, elem_bytes, encode_from, first_non_finite, role, Acc, TensorRole,
-};
+use crate::float::{decode_into, elem_bytes, encode_from, first_non_finite, role, Acc, TensorRole};
 use crate::model::TensorEntry;
 use crate::personalization::masked_mean::{masked_mean_block, MaskedBlock, Tally};
-use crate::stages::dp_noise::add_noise;
-use crate::stages::median::median;
-use crate::stages::{Combiner, ServerOptimizer};
-use crate::statistics::{NonFinite, StatsError};
+use crate::stages::state_file::{is_float, slot_tensor, state_dtype};
+use crate::stages::{
+    CombineBlock, CombineKernel, Combiner, NoiseKernel, RoundCombiner, RoundNoise, ServerStep,
+    StepKernel,
+};
+use crate::statistics::StatsError;
 use crate::stream::{blocks, for_each_block_of, Block, Lane, ReadFailure, Source};
 use crate::writer::ModelWriter;
 
@@ -31,17 +30,15 @@ pub struct CombinePlan<'a> {
     pub coefs: Vec<f64>,
     /// Per-input clip scale (robust combiners apply it to the update).
     pub scales: Vec<f64>,
-    pub combiner: &'a Combiner,
-    /// Trimmed mean: values dropped at each end.
-    pub trim: usize,
-    /// Robust combiners: groups of inputs averaged first (singletons: none).
-    pub buckets: Vec<Vec<usize>>,
-    pub noise: Option<(ChaCha20Rng, f64)>,
+    pub combiner: &'a dyn Combiner,
+    /// The combiner's plan for this round (buckets, trim count).
+    pub round_combiner: Box<dyn RoundCombiner>,
+    pub noise: Option<Box<dyn RoundNoise>>,
     pub optimizer: Option<OptimizerIo<'a>>,
     pub out: &'a ModelWriter,
     pub block_elems: usize,
     /// FedSelect: each input's normalized weight, for the per-element
-    /// denominators of the masked mean (None: the plain combiners).
+    /// denominators of the masked mean (None: the pipeline's combiner).
     pub masked_weights: Option<Vec<f64>>,
 }
 
@@ -52,8 +49,10 @@ pub struct CombineOutput {
     pub tally: Option<Tally>,
 }
 
+/// The server optimizer and where its state tensors come from and go.
 pub struct OptimizerIo<'a> {
-    pub optimizer: &'a ServerOptimizer,
+    pub optimizer: &'a (dyn ServerStep + 'static),
+    pub slots: &'static [&'static str],
     pub state_in: Option<&'a Source>,
     pub state_out: &'a ModelWriter,
 }
@@ -76,28 +75,16 @@ impl From<StatsError> for CombineError {
     }
 }
 
-/// The dtype optimizer state is kept in for a model tensor.
-pub fn state_dtype(model_dtype: Dtype) -> Dtype {
-    match role(model_dtype) {
-        Some(TensorRole::Float64Acc) => Dtype::F64,
-        _ => Dtype::F32,
-    }
-}
-
 pub fn run(mut plan: CombinePlan<'_>) -> Result<CombineOutput, CombineError> {
     let mut bytes_read = 0u64;
     let n = plan.inputs.len();
     let scaled = plan.scales.iter().any(|&s| s != 1.0);
     let global_coef = 1.0 - plan.coefs.iter().sum::<f64>();
-    let robust = matches!(plan.combiner, Combiner::Median | Combiner::TrimmedMean(_));
     let masked = plan.masked_weights.is_some();
     // Read the global model only when the result depends on it (the masked
     // mean always does: it is the value of elements nobody shared).
     let need_g = plan.global.is_some()
-        && (masked
-            || plan.optimizer.is_some()
-            || (robust && scaled)
-            || (!robust && global_coef.abs() > 1e-12));
+        && (masked || plan.optimizer.is_some() || plan.combiner.reads_global(scaled, global_coef));
     // Buffers per block: the inputs' values, the global model's, then (the
     // masked mean) each input's mask for the same range.
     let mut lanes: Vec<Lane<'_>> = plan.inputs.iter().map(|&s| Lane::Values(s)).collect();
@@ -190,13 +177,6 @@ struct MaskBlocks<'b> {
     tally: Option<&'b mut Tally>,
 }
 
-fn is_float(t: &TensorEntry) -> bool {
-    matches!(
-        role(t.dtype),
-        Some(TensorRole::Float32Acc | TensorRole::Float64Acc)
-    )
-}
-
 impl From<ReadFailure> for CombineError {
     fn from(f: ReadFailure) -> Self {
         CombineError::Input(StatsError::Read {
@@ -219,8 +199,8 @@ struct Ctx {
 struct Buffers<A> {
     g: Vec<A>,
     out: Vec<A>,
-    m: Vec<A>,
-    v: Vec<A>,
+    /// The optimizer's state, one buffer per slot.
+    slots: Vec<Vec<A>>,
     state_raw: Vec<u8>,
     out_raw: Vec<u8>,
 }
@@ -262,7 +242,12 @@ fn float_block<A: Acc>(
     graw: Option<&[u8]>,
     masks: MaskBlocks<'_>,
     b: &mut Buffers<A>,
-) -> Result<u64, CombineError> {
+) -> Result<u64, CombineError>
+where
+    dyn RoundCombiner: CombineKernel<A>,
+    dyn RoundNoise: NoiseKernel<A>,
+    dyn ServerStep: StepKernel<A>,
+{
     let eb = elem_bytes(t.dtype);
     let len = range.len();
     let off = (range.start * eb) as u64;
@@ -271,59 +256,45 @@ fn float_block<A: Acc>(
         decode_into(t.dtype, graw, &mut b.g);
     }
     b.out.resize(len, A::default());
-    match plan.combiner {
-        Combiner::Mean if plan.masked_weights.is_some() => {
-            let weights: Vec<A> = plan
-                .masked_weights
-                .iter()
-                .flatten()
-                .map(|&w| A::from_f64(w))
-                .collect();
-            let coefs: Vec<A> = plan.coefs.iter().map(|&c| A::from_f64(c)).collect();
-            let block = MaskedBlock {
-                dtype: t.dtype,
-                tensor: &t.name,
-                first: range.start,
-                global: &b.g,
-                values: raws,
-                masks: masks.raws,
-                coefs: &coefs,
-                weights: &weights,
-            };
-            let counted = masked_mean_block(&block, &mut b.out)?;
-            if let Some(tally) = masks.tally {
-                tally.add(&counted);
-            }
-            if let Some(j) = b.out.iter().position(|v| !v.is_finite()) {
-                return Err(CombineError::Overflow {
-                    tensor: t.name.clone(),
-                    index: range.start + j,
-                });
-            }
+    let coefs: Vec<A> = plan.coefs.iter().map(|&c| A::from_f64(c)).collect();
+    if let Some(masked_weights) = &plan.masked_weights {
+        let weights: Vec<A> = masked_weights.iter().map(|&w| A::from_f64(w)).collect();
+        let block = MaskedBlock {
+            dtype: t.dtype,
+            tensor: &t.name,
+            first: range.start,
+            global: &b.g,
+            values: raws,
+            masks: masks.raws,
+            coefs: &coefs,
+            weights: &weights,
+        };
+        let counted = masked_mean_block(&block, &mut b.out)?;
+        if let Some(tally) = masks.tally {
+            tally.add(&counted);
         }
-        Combiner::Mean | Combiner::Krum(_) => {
-            let coefs: Vec<A> = plan.coefs.iter().map(|&c| A::from_f64(c)).collect();
-            let gc = ctx
-                .need_g
-                .then(|| (A::from_f64(ctx.global_coef), b.g.as_slice()));
-            mean_block(t.dtype, gc, raws, &coefs, &mut b.out);
-            if let Some(j) = b.out.par_iter().position_any(|v| !v.is_finite()) {
-                return Err(find_culprit::<A>(t, range.start, raws, j));
-            }
+        if let Some(j) = b.out.iter().position(|v| !v.is_finite()) {
+            return Err(CombineError::Overflow {
+                tensor: t.name.clone(),
+                index: range.start + j,
+            });
         }
-        Combiner::Median | Combiner::TrimmedMean(_) => {
-            let scales: Vec<A> = plan.scales.iter().map(|&s| A::from_f64(s)).collect();
-            let g = (ctx.need_g && ctx.scaled).then_some(b.g.as_slice());
-            let rb = Robust {
-                combiner: plan.combiner,
-                trim: plan.trim,
-                buckets: &plan.buckets,
-            };
-            robust_block(&rb, t, range.start, g, raws, &scales, &mut b.out)?;
-        }
+    } else {
+        let scales: Vec<A> = plan.scales.iter().map(|&s| A::from_f64(s)).collect();
+        let block = CombineBlock {
+            tensor: t,
+            first: range.start,
+            raws,
+            global: ctx.need_g.then_some(b.g.as_slice()),
+            global_coef: A::from_f64(ctx.global_coef),
+            coefs: &coefs,
+            scales: &scales,
+            scaled: ctx.scaled,
+        };
+        plan.round_combiner.combine_block(&block, &mut b.out)?;
     }
-    if let Some((rng, sigma)) = plan.noise.as_mut() {
-        add_noise(rng, *sigma, &mut b.out);
+    if let Some(noise) = plan.noise.as_mut() {
+        noise.add_block(&mut b.out);
     }
     let mut read = 0;
     if let Some(io) = &plan.optimizer {
@@ -346,168 +317,59 @@ fn float_block<A: Acc>(
     Ok(read)
 }
 
-/// out = c_g · g + Σ c_i · x_i, in parallel over chunks of the block.
-fn mean_block<A: Acc>(
-    dtype: Dtype,
-    global: Option<(A, &[A])>,
-    raws: &[Vec<u8>],
-    coefs: &[A],
-    out: &mut [A],
-) {
-    let eb = elem_bytes(dtype);
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-        let lo = c * CHUNK;
-        let m = o.len();
-        match global {
-            Some((gc, g)) => {
-                for (oj, gj) in o.iter_mut().zip(&g[lo..lo + m]) {
-                    *oj = gc * *gj;
-                }
-            }
-            None => o.fill(A::default()),
-        }
-        for (raw, &coef) in raws.iter().zip(coefs) {
-            axpy_from(dtype, coef, &raw[lo * eb..(lo + m) * eb], o);
-        }
-    });
-}
-
-/// A non-finite output means some input was non-finite: name it.
-fn find_culprit<A: Acc>(
-    t: &TensorEntry,
-    first: usize,
-    raws: &[Vec<u8>],
-    at: usize,
-) -> CombineError {
-    let eb = elem_bytes(t.dtype);
-    for (i, raw) in raws.iter().enumerate() {
-        let mut vals = vec![A::default(); raw.len() / eb];
-        decode_into(t.dtype, raw, &mut vals);
-        if let Some(j) = vals.iter().position(|v| !v.is_finite()) {
-            return CombineError::Input(StatsError::NonFinite(NonFinite {
-                input: i,
-                tensor: t.name.clone(),
-                index: first + j,
-                value: vals[j].to_f64(),
-            }));
-        }
-    }
-    CombineError::Overflow {
-        tensor: t.name.clone(),
-        index: first + at,
-    }
-}
-
-struct Robust<'a> {
-    combiner: &'a Combiner,
-    trim: usize,
-    buckets: &'a [Vec<usize>],
-}
-
-fn robust_block<A: Acc>(
-    rb: &Robust<'_>,
-    t: &TensorEntry,
-    first: usize,
-    global: Option<&[A]>,
-    raws: &[Vec<u8>],
-    scales: &[A],
-    out: &mut [A],
-) -> Result<(), CombineError> {
-    let eb = elem_bytes(t.dtype);
-    let n = raws.len();
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .try_for_each(|(c, o)| {
-            let lo = c * CHUNK;
-            let m = o.len();
-            let mut x = vec![A::default(); n * m];
-            for i in 0..n {
-                let xi = &mut x[i * m..(i + 1) * m];
-                decode_into(t.dtype, &raws[i][lo * eb..(lo + m) * eb], xi);
-                if let Some(j) = xi.iter().position(|v| !v.is_finite()) {
-                    return Err(CombineError::Input(StatsError::NonFinite(NonFinite {
-                        input: i,
-                        tensor: t.name.clone(),
-                        index: first + lo + j,
-                        value: xi[j].to_f64(),
-                    })));
-                }
-            }
-            let value = |i: usize, j: usize| {
-                let xv = x[i * m + j];
-                match global {
-                    // The clip scale applies to the update, not the model.
-                    Some(g) => g[lo + j] + scales[i] * (xv - g[lo + j]),
-                    None => xv,
-                }
-            };
-            let mut column = vec![A::default(); rb.buckets.len()];
-            for (j, oj) in o.iter_mut().enumerate() {
-                for (c, bucket) in column.iter_mut().zip(rb.buckets) {
-                    let mut sum = A::default();
-                    for &i in bucket {
-                        sum += value(i, j);
-                    }
-                    *c = sum / A::from_f64(bucket.len() as f64);
-                }
-                *oj = match rb.combiner {
-                    Combiner::TrimmedMean(tm) => tm.combine(&mut column, rb.trim),
-                    _ => median(&mut column),
-                };
-            }
-            Ok(())
-        })
-}
-
 fn optimizer_block<A: Acc>(
     io: &OptimizerIo<'_>,
     t: &TensorEntry,
     first: usize,
     len: usize,
     b: &mut Buffers<A>,
-) -> Result<u64, CombineError> {
+) -> Result<u64, CombineError>
+where
+    dyn ServerStep: StepKernel<A>,
+{
     let sdt = state_dtype(t.dtype);
     let seb = elem_bytes(sdt);
     let off = (first * seb) as u64;
-    let slots = io.optimizer.slots();
     let mut read = 0u64;
-    for (slot, buf) in [("m", &mut b.m), ("v", &mut b.v)] {
+    b.slots.resize_with(io.slots.len(), Vec::new);
+    for (slot, buf) in io.slots.iter().zip(&mut b.slots) {
         buf.clear();
-        if !slots.contains(&slot) {
-            continue;
-        }
         buf.resize(len, A::default());
         if let Some(state) = io.state_in {
             b.state_raw.resize(len * seb, 0);
             state
-                .read(&format!("{slot}.{}", t.name), off, &mut b.state_raw)
+                .read(&slot_tensor(slot, &t.name), off, &mut b.state_raw)
                 .map_err(|e| CombineError::State(e.to_string()))?;
             decode_into(sdt, &b.state_raw, buf);
             read += (len * seb) as u64;
         }
     }
+    // One work item per chunk: the output's chunk and each slot's.
+    let mut per_slot: Vec<std::slice::ChunksMut<'_, A>> =
+        b.slots.iter_mut().map(|s| s.chunks_mut(CHUNK)).collect();
+    let work: Vec<(&mut [A], Vec<&mut [A]>)> = b
+        .out
+        .chunks_mut(CHUNK)
+        .map(|o| {
+            let slots = per_slot
+                .iter_mut()
+                .map(|s| s.next().expect("slot buffers are as long as the block"))
+                .collect();
+            (o, slots)
+        })
+        .collect();
+    let g = &b.g;
     let opt = io.optimizer;
-    let (g, out, m, v) = (&b.g, &mut b.out, &mut b.m, &mut b.v);
-    if v.is_empty() {
-        out.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, (o, mc))| opt.step(&g[c * CHUNK..c * CHUNK + o.len()], o, mc, &mut []));
-    } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, ((o, mc), vc))| opt.step(&g[c * CHUNK..c * CHUNK + o.len()], o, mc, vc));
-    }
-    for (slot, buf) in [("m", &b.m), ("v", &b.v)] {
-        if buf.is_empty() {
-            continue;
-        }
+    work.into_par_iter()
+        .enumerate()
+        .for_each(|(c, (o, mut slots))| {
+            opt.step(&g[c * CHUNK..c * CHUNK + o.len()], o, &mut slots)
+        });
+    for (slot, buf) in io.slots.iter().zip(&b.slots) {
         b.state_raw.resize(len * seb, 0);
         encode_from(sdt, buf, &mut b.state_raw);
         io.state_out
-            .write_at(&format!("{slot}.{}", t.name), off, &b.state_raw)
+            .write_at(&slot_tensor(slot, &t.name), off, &b.state_raw)
             .map_err(CombineError::Write)?;
     }
     Ok(read)

@@ -4,27 +4,30 @@
 //! read through positioned reads from any byte source (a file, an S3
 //! object: `bytes.rs`), aggregation streams them block by block so that
 //! memory stays at "one block per client" whatever the model size, and the
-//! pipeline of stages (clipping, zeroing, robust combiners, DP noise, server
-//! optimizers) is configured from TOML. The cloud crate and the CLI call
-//! [`aggregate::aggregate`] and nothing below it; clients that personalize
-//! (FedSelect) call [`personalization`]'s `split_update` and `merge_personal`.
+//! pipeline of stages (clipping, adaptive clipping, zeroing, robust
+//! combiners, DP noise, server optimizers; one file each, see `stages`) is
+//! configured from TOML or JSON as a [`PipelineConfig`], checked when it is
+//! parsed. The cloud crate and the CLI call [`aggregate()`] and nothing
+//! below it; clients that personalize (FedSelect) call [`personalization`]'s
+//! `split_update` and `merge_personal`. The other public modules are the
+//! model format and the records other crates read or write.
 
 pub mod aggregate;
 pub mod bytes;
-pub mod combine;
-pub mod config;
-pub mod error;
+mod combine;
+mod config;
+mod error;
 pub mod float;
-pub mod limits;
-pub mod manifest;
+mod limits;
 pub mod measurements;
 pub mod model;
 pub mod personalization;
-pub mod quality;
+mod quality;
 pub mod share_cap;
-pub mod stages;
-pub mod statistics;
-pub mod stream;
+mod stages;
+mod statistics;
+mod stream;
+pub mod update_meta;
 pub mod weighting;
 pub mod writer;
 
@@ -33,4 +36,5 @@ pub use bytes::{ByteSink, ByteSource, FileTarget, Input, OutputTarget};
 pub use config::PipelineConfig;
 pub use error::{AggregateError, ModelError};
 pub use limits::Limits;
-pub use manifest::{UpdateMeta, UpdateSource};
+pub use stages::Pipeline;
+pub use update_meta::{UpdateMeta, UpdateSource};

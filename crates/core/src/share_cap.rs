@@ -28,12 +28,12 @@
 //! weighting possible, equal shares of 1/m, is used and the measurement says
 //! `degraded` (as Krum does when rejections leave too few updates).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// A share cap, checked once when the config is parsed: 0 < s ≤ 1.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(try_from = "f64")]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
 pub struct MaxClientShare(f64);
 
 impl MaxClientShare {
@@ -71,6 +71,12 @@ impl MaxClientShare {
             n += 1;
         }
         n
+    }
+}
+
+impl From<MaxClientShare> for f64 {
+    fn from(share: MaxClientShare) -> f64 {
+        share.0
     }
 }
 

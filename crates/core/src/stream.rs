@@ -5,7 +5,6 @@
 //! at a time, into a buffer that is reused across blocks.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use crate::bytes::Input;
 use crate::error::ModelError;
@@ -38,11 +37,6 @@ impl Source {
             header,
             index,
         })
-    }
-
-    /// A local file.
-    pub fn open(path: &Path, limits: &Limits) -> Result<Source, ModelError> {
-        Source::new(Input::file(path), limits)
     }
 
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {

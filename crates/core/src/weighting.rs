@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::limits::Limits;
-use crate::manifest::UpdateMeta;
 use crate::quality;
+use crate::update_meta::UpdateMeta;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

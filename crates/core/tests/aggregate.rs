@@ -502,6 +502,39 @@ fn dp_noise_is_seeded_and_calibrated() {
 }
 
 #[test]
+fn dp_noise_is_calibrated_to_the_tightest_clip() {
+    let d = Dir::new();
+    let g = d.model("g.safetensors", Dtype::F64, &[("w", &[0.0; 4])]);
+    let a = d.model("a.safetensors", Dtype::F64, &[("w", &[1.0; 4])]);
+    let ups = [update(&a, UpdateMeta::new("a", 1))];
+    let cfg = "[[stages]]\nkind = \"clip\"\nmax_norm = 2.0\n[[stages]]\nkind = \"clip\"\nmax_norm = 1.0\n\
+               [[stages]]\nkind = \"dp_noise\"\nnoise_multiplier = 1.0\nseed = 1";
+    let (o, _) = run(&d, &ups, Some(&g), cfg).unwrap();
+    assert_eq!(o.measurements.stages["dp_noise"]["clip_norm"], 1.0);
+}
+
+#[test]
+fn a_stateless_pipeline_writes_no_state() {
+    // The cloud engine always passes a state target and keeps the object
+    // only if it was written.
+    let d = Dir::new();
+    let g = d.model("g.safetensors", Dtype::F32, &[("w", &[0.0, 0.0])]);
+    let a = d.model("a.safetensors", Dtype::F32, &[("w", &[2.0, -2.0])]);
+    let ups = [update(&a, UpdateMeta::new("a", 1))];
+    let state = d.path("state.safetensors");
+    let cfg = "[[stages]]\nkind = \"clip\"\nmax_norm = 1.0";
+    run_with_state(&d, &ups, Some(&g), cfg, None, Some(&state), 1).unwrap();
+    assert!(!state.exists());
+    // A stateful one needs the target.
+    let err = run(&d, &ups, Some(&g), "[[stages]]\nkind = \"fedavgm\"").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("needs a path to write its state to"),
+        "{err}"
+    );
+}
+
+#[test]
 fn server_optimizer_state_persists_across_rounds() {
     let d = Dir::new();
     let g1 = d.model("g1.safetensors", Dtype::F32, &[("w", &[0.0, 0.0])]);

@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{assert_close, run, run_with_state, update, Dir};
-use fedstep_core::manifest::{UpdateMeta, UpdateSource};
+use fedstep_core::{UpdateMeta, UpdateSource};
 use serde_json::Value;
 
 /// The golden directory, its expected.json, and its five updates.

@@ -276,7 +276,7 @@ impl Args {
         };
         let personalization = match self.personalization {
             PersonalizationFlag::None => {
-                if pipeline.personalization == Personalization::Fedselect {
+                if pipeline.personalization() == Personalization::Fedselect {
                     bail!(
                         "the --aggregation pipeline says personalization = \"fedselect\": \
                          pass --personalization fedselect so the clients send masked updates"
@@ -297,10 +297,11 @@ impl Args {
                 // The job's pipeline must average masked updates; the
                 // stages it refuses are refused here, naming the flag.
                 aggregation.insert("personalization".into(), "fedselect".into());
-                pipeline.personalization = Personalization::Fedselect;
-                pipeline.check().map_err(|e| {
-                    anyhow::anyhow!("--personalization fedselect with this --aggregation: {e}")
-                })?;
+                pipeline = pipeline
+                    .with_personalization(Personalization::Fedselect)
+                    .map_err(|e| {
+                        anyhow::anyhow!("--personalization fedselect with this --aggregation: {e}")
+                    })?;
                 Some(PersonalSettings {
                     method: "fedselect",
                     personal_fraction: self.personal_fraction,
@@ -402,7 +403,7 @@ mod tests {
         .unwrap();
         let f = s.personalization.unwrap().ramp.targets().clone();
         assert_eq!((f.of("fc2.bias"), f.of("fc2.weight")), (0.5, 0.0));
-        assert_eq!(s.pipeline.personalization, Personalization::Fedselect);
+        assert_eq!(s.pipeline.personalization(), Personalization::Fedselect);
         assert_eq!(s.aggregation["personalization"].as_str(), Some("fedselect"));
     }
 

@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 
 use fedstep_cloud::records::RoundResult;
 use fedstep_core::share_cap;
-use fedstep_core::stages::Pipeline;
 use fedstep_core::weighting::{self, Verdict};
 use fedstep_core::{PipelineConfig, UpdateMeta};
 use serde_json::{json, Value};
@@ -45,9 +44,9 @@ pub fn weights(
         .collect();
     let Ok(plan) = weighting::plan(
         &metas,
-        config.weighting,
+        config.weighting(),
         &config.type_filter(),
-        &config.limits,
+        config.limits(),
     ) else {
         return BTreeMap::new();
     };
@@ -68,7 +67,7 @@ pub fn weights(
         .map(|r| r.2.filter(|_| total > 0.0).map(|w| w / total))
         .collect();
     // The aggregation capped the shares the same way (max_client_share).
-    if let Some(cap) = config.max_client_share.filter(|_| total > 0.0) {
+    if let Some(cap) = config.max_client_share().filter(|_| total > 0.0) {
         let weighted: Vec<usize> = (0..shares.len()).filter(|&i| shares[i].is_some()).collect();
         let weights: Vec<f64> = weighted.iter().filter_map(|&i| shares[i]).collect();
         let capped = share_cap::cap_shares(&weights, cap);
@@ -84,12 +83,10 @@ pub fn weights(
 
 /// The round-level aggregation record: what ran and what it reported.
 pub fn aggregation_summary(config: &PipelineConfig, result: &RoundResult) -> Value {
-    let combiner = Pipeline::build(&config.stages)
-        .map(|p| p.combiner.name())
-        .unwrap_or("?");
+    let combiner = config.pipeline().combiner_name();
     json!({
-        "weighting": format!("{:?}", config.weighting).to_lowercase(),
-        "llm_type": config.llm_type,
+        "weighting": format!("{:?}", config.weighting()).to_lowercase(),
+        "llm_type": config.type_filter_name(),
         "combiner": combiner,
         "closed_by": result.closed_by,
         "metrics": result.metrics,

@@ -81,8 +81,9 @@ where
     /// The aggregation's target type: the configured one, or with "auto"
     /// the type of the accepted updates (they all share it), or "untyped".
     async fn final_llm_type(&self, job: &JobSpec, result: &RoundResult) -> Result<String> {
-        let configured = job.pipeline().map_err(CloudError::Invalid)?.llm_type;
-        match configured.as_str() {
+        let configured = job.pipeline().map_err(CloudError::Invalid)?;
+        let configured = configured.type_filter_name();
+        match configured {
             "none" => Ok(UNTYPED.to_string()),
             "auto" => {
                 for client in &result.accepted {

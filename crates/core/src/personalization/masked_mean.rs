@@ -53,7 +53,30 @@ pub struct Tally {
     pub shared_by_nobody: u64,
 }
 
+/// What the masks said over the round, as the records hold it.
+#[derive(Debug, serde::Serialize)]
+pub struct FedSelectMeasurement {
+    pub float_elements: u64,
+    /// Per client: the fraction of the float elements it shared.
+    pub shared_fraction: std::collections::BTreeMap<String, f64>,
+    pub shared_by_nobody: u64,
+}
+
 impl Tally {
+    /// The measurement, given each input's client id and the model's
+    /// number of float elements.
+    pub fn measurement(&self, ids: &[&str], float_elements: u64) -> FedSelectMeasurement {
+        FedSelectMeasurement {
+            float_elements,
+            shared_fraction: ids
+                .iter()
+                .zip(&self.shared)
+                .map(|(id, &n)| (id.to_string(), n as f64 / float_elements.max(1) as f64))
+                .collect(),
+            shared_by_nobody: self.shared_by_nobody,
+        }
+    }
+
     pub fn new(inputs: usize) -> Tally {
         Tally {
             shared: vec![0; inputs],

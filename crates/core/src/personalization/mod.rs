@@ -32,7 +32,7 @@ pub mod merge;
 pub mod schedule;
 pub mod split;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use format::{read_masked, MaskedModel};
 pub use fractions::PersonalFractions;
@@ -42,10 +42,10 @@ pub use merge::{merge_personal, MergeSummary};
 pub use schedule::Ramp;
 pub use split::{split_update, SplitSummary};
 
-use crate::stages::{Combiner, Pipeline};
+use crate::stages::Pipeline;
 
 /// The pipeline's `personalization` key.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Personalization {
     /// Every update is a whole model; masks are refused as unknown tensors.
@@ -117,38 +117,15 @@ pub enum PersonalizationError {
 ///   data-dependent (up to the whole clip norm) and the noise would be too
 ///   small.
 pub fn check_pipeline(p: &Pipeline) -> Result<(), String> {
-    let refuse = |stage: &str, why: &str| {
-        Err(format!(
+    match p
+        .stages()
+        .find_map(|s| s.fedselect_refusal().map(|why| (s.kind(), why)))
+    {
+        Some((stage, why)) => Err(format!(
             "personalization = \"fedselect\" does not combine with `{stage}`: {why}"
-        ))
-    };
-    match &p.combiner {
-        Combiner::Mean => {}
-        Combiner::Median | Combiner::TrimmedMean(_) => {
-            return refuse(
-                p.combiner.name(),
-                "it ranks every client's value of an element, but with masks each element \
-                 has its own set of sharers, and personal elements (which hold the global \
-                 value) would count as votes for the old model; use the mean",
-            )
-        }
-        Combiner::Krum(_) => {
-            return refuse(
-                "krum",
-                "it scores whole updates by distance, and clients that personalize different \
-                 elements look far apart for reasons unrelated to attacks; use clip/zeroing",
-            )
-        }
+        )),
+        None => Ok(()),
     }
-    if p.noise.is_some() {
-        return refuse(
-            "dp_noise",
-            "the masked mean divides each element by the weight of the clients that shared \
-             it, so a single client can set an element alone: the sensitivity is \
-             data-dependent and the noise calibration (clip norm × largest weight) does not hold",
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -191,7 +168,7 @@ mod tests {
              [[stages]]\nkind = \"mean\"\n[[stages]]\nkind = \"fedavgm\"",
         )
         .unwrap();
-        assert_eq!(ok.personalization, Personalization::Fedselect);
+        assert_eq!(ok.personalization(), Personalization::Fedselect);
         // The same stages without personalization stay allowed.
         PipelineConfig::from_toml("[[stages]]\nkind = \"krum\"\nbyzantine = 1").unwrap();
         let err = PipelineConfig::from_toml("personalization = \"fedprox\"").unwrap_err();

@@ -10,10 +10,22 @@
 //! The shuffle is seeded by the round number, so a byzantine client is not
 //! paired with the same honest client every round, and a round is
 //! reproducible.
+//!
+//! Also here: the block loop both coordinate-wise combiners share (bucket
+//! means per coordinate, then the statistic), generic over the statistic so
+//! it stays monomorphic.
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::CombineBlock;
+use crate::combine::CombineError;
+use crate::float::{decode_into, elem_bytes, Acc};
+use crate::statistics::{NonFinite, StatsError};
+
+const CHUNK: usize = 2048;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bucketing {
@@ -37,6 +49,60 @@ impl Bucketing {
         }
         order.chunks(self.size).map(<[usize]>::to_vec).collect()
     }
+}
+
+/// Per coordinate: each bucket's mean of the (clip-scaled) values, then
+/// `statistic` over the bucket means. Names an input holding a non-finite
+/// value.
+pub fn coordinatewise<A: Acc>(
+    b: &CombineBlock<'_, A>,
+    buckets: &[Vec<usize>],
+    statistic: impl Fn(&mut [A]) -> A + Sync,
+    out: &mut [A],
+) -> Result<(), CombineError> {
+    let t = b.tensor;
+    let eb = elem_bytes(t.dtype);
+    let n = b.raws.len();
+    // The clip scale applies to the update, so it needs the global model.
+    let global = b.global.filter(|_| b.scaled);
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .try_for_each(|(c, o)| {
+            let lo = c * CHUNK;
+            let m = o.len();
+            let mut x = vec![A::default(); n * m];
+            for i in 0..n {
+                let xi = &mut x[i * m..(i + 1) * m];
+                decode_into(t.dtype, &b.raws[i][lo * eb..(lo + m) * eb], xi);
+                if let Some(j) = xi.iter().position(|v| !v.is_finite()) {
+                    return Err(CombineError::Input(StatsError::NonFinite(NonFinite {
+                        input: i,
+                        tensor: t.name.clone(),
+                        index: b.first + lo + j,
+                        value: xi[j].to_f64(),
+                    })));
+                }
+            }
+            let value = |i: usize, j: usize| {
+                let xv = x[i * m + j];
+                match global {
+                    Some(g) => g[lo + j] + b.scales[i] * (xv - g[lo + j]),
+                    None => xv,
+                }
+            };
+            let mut column = vec![A::default(); buckets.len()];
+            for (j, oj) in o.iter_mut().enumerate() {
+                for (c, bucket) in column.iter_mut().zip(buckets) {
+                    let mut sum = A::default();
+                    for &i in bucket {
+                        sum += value(i, j);
+                    }
+                    *c = sum / A::from_f64(bucket.len() as f64);
+                }
+                *oj = statistic(&mut column);
+            }
+            Ok(())
+        })
 }
 
 #[cfg(test)]

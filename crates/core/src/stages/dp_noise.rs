@@ -13,13 +13,31 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
+use super::{measured, params, Noise, NoiseKernel, RoundNoise, Stage, StageInfo, StageTable};
 use crate::float::Acc;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DpNoise {
     pub noise_multiplier: f64,
+    /// Makes the noise reproducible (tests); without it the noise comes
+    /// from the OS's entropy.
+    #[serde(default)]
     pub seed: Option<u64>,
+}
+
+/// The noise a round got.
+#[derive(Debug, Serialize)]
+pub struct DpNoiseMeasurement {
+    pub noise_multiplier: f64,
+    /// The norm bound the noise is calibrated to (the tightest clip).
+    pub clip_norm: f64,
+    pub max_weight: f64,
+    pub stddev: f64,
+    pub seeded: bool,
 }
 
 impl DpNoise {
@@ -35,6 +53,14 @@ impl DpNoise {
         })
     }
 
+    pub fn stage(table: &StageTable) -> Result<Stage, String> {
+        let p: DpNoise = params("dp_noise", table)?;
+        Ok(Stage::Noise(Box::new(DpNoise::new(
+            p.noise_multiplier,
+            p.seed,
+        )?)))
+    }
+
     pub fn stddev(&self, clip_norm: f64, max_weight: f64) -> f64 {
         self.noise_multiplier * clip_norm * max_weight
     }
@@ -48,6 +74,57 @@ impl DpNoise {
             }
             None => ChaCha20Rng::from_os_rng(),
         }
+    }
+}
+
+impl StageInfo for DpNoise {
+    fn kind(&self) -> &'static str {
+        "dp_noise"
+    }
+
+    fn fedselect_refusal(&self) -> Option<&'static str> {
+        Some(
+            "the masked mean divides each element by the weight of the clients that shared \
+             it, so a single client can set an element alone: the sensitivity is \
+             data-dependent and the noise calibration (clip norm × largest weight) does not hold",
+        )
+    }
+}
+
+impl Noise for DpNoise {
+    fn for_round(
+        &self,
+        norm_bound: Option<f64>,
+        max_weight: f64,
+        round: u64,
+    ) -> (Box<dyn RoundNoise>, Value) {
+        // The pipeline refuses dp_noise without a clip before it.
+        let clip = norm_bound.expect("checked by Pipeline::build");
+        let sigma = self.stddev(clip, max_weight);
+        let m = measured(&DpNoiseMeasurement {
+            noise_multiplier: self.noise_multiplier,
+            clip_norm: clip,
+            max_weight,
+            stddev: sigma,
+            seeded: self.seed.is_some(),
+        });
+        let noise = GaussianNoise {
+            rng: self.rng(round),
+            sigma,
+        };
+        (Box::new(noise), m)
+    }
+}
+
+/// One round's noise stream.
+struct GaussianNoise {
+    rng: ChaCha20Rng,
+    sigma: f64,
+}
+
+impl<A: Acc> NoiseKernel<A> for GaussianNoise {
+    fn add_block(&mut self, out: &mut [A]) {
+        add_noise(&mut self.rng, self.sigma, out);
     }
 }
 

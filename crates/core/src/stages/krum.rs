@@ -1,15 +1,51 @@
 //! Krum and Multi-Krum (Blanchard et al., 2017). Each update is scored by
 //! the sum of squared distances to its n − f − 2 nearest neighbours; the
-//! `select` lowest-scored updates are averaged (1 = Krum). Distances come
-//! from the Gram matrix computed in the statistics pass, so clipping can
-//! rescale updates without another pass over the data.
+//! `select` lowest-scored updates are averaged (1 = Krum) with their
+//! weights, like the mean. Distances come from the Gram matrix computed in
+//! the statistics pass, so clipping can rescale updates without another
+//! pass over the data.
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::mean::Mean;
+use super::{
+    measured, params, CombineBlock, CombineKernel, Combiner, MinUpdates, RoundCombiner, Selection,
+    Stage, StageInfo, StageTable,
+};
+use crate::combine::CombineError;
+use crate::float::Acc;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Krum {
     pub byzantine: usize,
     pub select: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KrumParams {
+    byzantine: usize,
+    #[serde(default = "one")]
+    select: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// What Krum chose this round.
+#[derive(Debug, Serialize)]
+pub struct KrumMeasurement {
+    /// The tolerance applied (lower than configured when degraded).
+    pub byzantine: usize,
+    pub select: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scores: Option<Vec<f64>>,
+    pub selected: Vec<usize>,
+    /// Why the configured tolerance could not be applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 impl Krum {
@@ -18,6 +54,11 @@ impl Krum {
             return Err("krum: select must be at least 1".into());
         }
         Ok(Krum { byzantine, select })
+    }
+
+    pub fn stage(table: &StageTable) -> Result<Stage, String> {
+        let p: KrumParams = params("krum", table)?;
+        Ok(Stage::Combiner(Box::new(Krum::new(p.byzantine, p.select)?)))
     }
 
     /// Chooses updates given pairwise squared distances `dist[i][j]` among
@@ -30,7 +71,7 @@ impl Krum {
     /// the largest f that n supports (and `select` to at most n − f), and
     /// the measurements say so under `degraded`. Below 3 updates Krum can
     /// tell none apart: all are kept.
-    pub fn choose(&self, dist: &[Vec<f64>]) -> Result<(Vec<usize>, Value), String> {
+    pub fn choose(&self, dist: &[Vec<f64>]) -> Result<(Vec<usize>, KrumMeasurement), String> {
         let n = dist.len();
         if n == 0 {
             return Err("krum: no valid update to choose from".into());
@@ -54,10 +95,14 @@ impl Krum {
             let why = format!(
                 "only {n} valid update(s): Krum needs 3 to tell one apart, so all are kept"
             );
-            return Ok((
-                all.clone(),
-                json!({"byzantine": wanted, "select": n, "selected": all, "degraded": why}),
-            ));
+            let m = KrumMeasurement {
+                byzantine: wanted,
+                select: n,
+                scores: None,
+                selected: all.clone(),
+                degraded: Some(why),
+            };
+            return Ok((all, m));
         };
         let neighbours = n - f - 2;
         let scores: Vec<f64> = (0..n)
@@ -72,16 +117,68 @@ impl Krum {
         order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
         let mut chosen = order[..select].to_vec();
         chosen.sort_unstable();
-        let mut m = json!({
-            "byzantine": f,
-            "select": select,
-            "scores": scores,
-            "selected": chosen,
-        });
-        if let Some(why) = degraded {
-            m["degraded"] = json!(why);
-        }
+        let m = KrumMeasurement {
+            byzantine: f,
+            select,
+            scores: Some(scores),
+            selected: chosen.clone(),
+            degraded,
+        };
         Ok((chosen, m))
+    }
+}
+
+impl StageInfo for Krum {
+    fn kind(&self) -> &'static str {
+        "krum"
+    }
+
+    fn fedselect_refusal(&self) -> Option<&'static str> {
+        Some(
+            "it scores whole updates by distance, and clients that personalize different \
+             elements look far apart for reasons unrelated to attacks; use clip/zeroing",
+        )
+    }
+}
+
+impl Combiner for Krum {
+    fn needs_gram(&self) -> bool {
+        true
+    }
+
+    fn min_updates(&self) -> Option<MinUpdates> {
+        let need = self.byzantine.saturating_mul(2).saturating_add(3);
+        Some(MinUpdates {
+            need,
+            setting: format!("krum, byzantine = {}", self.byzantine),
+            why: format!("krum needs n ≥ 2·byzantine + 3 = {need} updates"),
+        })
+    }
+
+    fn select(&self, distances: &[Vec<f64>]) -> Result<Option<Selection>, String> {
+        let (chosen, m) = self.choose(distances)?;
+        Ok(Some(Selection {
+            chosen,
+            reason: format!("krum: not among the {} best-scored updates", self.select),
+            measurement: measured(&m),
+        }))
+    }
+
+    fn reads_global(&self, scaled: bool, global_coef: f64) -> bool {
+        Mean.reads_global(scaled, global_coef)
+    }
+
+    fn for_round(&self, _n: usize, _round: u64) -> (Box<dyn RoundCombiner>, Option<Value>) {
+        (Box::new(KrumRound), None)
+    }
+}
+
+/// The chosen updates are averaged with their weights.
+struct KrumRound;
+
+impl<A: Acc> CombineKernel<A> for KrumRound {
+    fn combine_block(&self, b: &CombineBlock<'_, A>, out: &mut [A]) -> Result<(), CombineError> {
+        Mean.combine_block(b, out)
     }
 }
 
@@ -129,7 +226,7 @@ mod tests {
         let (chosen, m) = Krum::new(1, 1).unwrap().choose(&d).unwrap();
         // n − f − 2 = 2 neighbours. Scores: p0: 1+1 = 2, p1: 1+1, p2: 2, p3: 2, outlier huge.
         assert_eq!(chosen, vec![0]);
-        assert!(m["scores"][4].as_f64().unwrap() > 1e4);
+        assert!(m.scores.unwrap()[4] > 1e4);
         let (chosen, _) = Krum::new(1, 4).unwrap().choose(&d).unwrap();
         assert_eq!(chosen, vec![0, 1, 2, 3]);
     }
@@ -142,26 +239,26 @@ mod tests {
         let d = distances_from_gram(&gram(&pts), &[1.0; 4]);
         let (chosen, m) = Krum::new(1, 3).unwrap().choose(&d).unwrap();
         assert_eq!(chosen, vec![0, 1, 2], "select 3 ≤ n − 0 = 4");
-        assert_eq!(m["byzantine"], 0);
-        let why = m["degraded"].as_str().unwrap();
+        assert_eq!(m.byzantine, 0);
+        let why = m.degraded.unwrap();
         assert!(why.contains("2·1 + 3 = 5"), "{why}");
         let (chosen, m) = Krum::new(1, 1).unwrap().choose(&d).unwrap();
         assert_ne!(chosen, vec![3], "the outlier is never the pick");
-        assert!(m["degraded"].is_string());
+        assert!(m.degraded.is_some());
         // Enough updates: nothing degraded.
         let five = distances_from_gram(
             &gram(&[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [9.0, 9.0]]),
             &[1.0; 5],
         );
         let (_, m) = Krum::new(1, 1).unwrap().choose(&five).unwrap();
-        assert!(m.get("degraded").is_none());
+        assert!(m.degraded.is_none());
         // Two updates cannot be told apart: both kept; none is an error.
         let (chosen, m) = Krum::new(2, 1)
             .unwrap()
             .choose(&vec![vec![0.0; 2]; 2])
             .unwrap();
         assert_eq!(chosen, vec![0, 1]);
-        assert!(m["degraded"].as_str().unwrap().contains("only 2"));
+        assert!(m.degraded.unwrap().contains("only 2"));
         assert!(Krum::new(1, 1).unwrap().choose(&[]).is_err());
     }
 }

@@ -1,350 +1,304 @@
 //! The composable stages of the aggregation pipeline, in the spirit of
-//! TensorFlow Federated's aggregators: each is a small type with its own
-//! parameters, state (server optimizers) and measurements.
+//! TensorFlow Federated's aggregators: each is one type, in one file, with
+//! its own parameters (parsed from its `[[stages]]` table), checks, state
+//! (if any) and typed measurements. [`registry`] maps each `kind` to its
+//! constructor; [`pipeline`] assembles and checks the stages.
 //!
-//! Stages fall into four phases that always run in this order:
+//! Stages fall into four phases that always run in this order, one trait
+//! per phase:
 //!
-//! 1. **update transforms** (`clip`, `zeroing`): per-client scale factors
-//!    decided from the norm of `update − global`;
-//! 2. **one combiner** (default weighted `mean`; `median`, `trimmed_mean`,
-//!    `krum`): turns the transformed updates into one model;
-//! 3. **`dp_noise`**: Gaussian noise on the clipped mean;
-//! 4. **one server optimizer** (`fedavgm`, `fedadam`, `fedyogi`,
-//!    `fedadagrad`): treats `combined − global` as a pseudo-gradient.
+//! 1. **update transforms** ([`UpdateTransform`]: `clip`, `adaptive_clip`,
+//!    `zeroing`): per-client scale decisions from the norm of
+//!    `update − global`;
+//! 2. **one combiner** ([`Combiner`]: default weighted `mean`; `median`,
+//!    `trimmed_mean`, `krum`): turns the transformed updates into one model;
+//! 3. **noise** ([`Noise`]: `dp_noise`): Gaussian noise on the clipped mean;
+//! 4. **one server optimizer** ([`ServerStep`]: `fedavgm`, `fedadam`,
+//!    `fedyogi`, `fedadagrad`): treats `combined − global` as a
+//!    pseudo-gradient.
 //!
 //! A config that lists stages out of phase order is refused rather than
 //! silently reordered, so what runs is what the file says.
+//!
+//! Cross-stage rules ("dp_noise needs a clip before it", "FedSelect refuses
+//! the median") are capabilities each stage declares ([`StageInfo`]), which
+//! the pipeline builder queries; no other file matches on kind names.
+//!
+//! Block kernels: the combine pass calls a stage once per block through a
+//! trait object, and the stage's per-element loop is generic over the
+//! accumulator type ([`CombineKernel<A>`] etc., implemented for `f32` and
+//! `f64`), so the hot loops stay monomorphic.
 
-pub mod bucketing;
-pub mod clip;
-pub mod dp_noise;
-pub mod krum;
-pub mod median;
-pub mod server_optimizer;
-pub mod trimmed_mean;
-pub mod zeroing;
+pub(crate) mod adaptive_clip;
+pub(crate) mod bucketing;
+pub(crate) mod clip;
+pub(crate) mod dp_noise;
+pub(crate) mod krum;
+pub(crate) mod mean;
+pub(crate) mod median;
+pub(crate) mod pipeline;
+pub(crate) mod registry;
+pub(crate) mod server_optimizer;
+pub(crate) mod state_file;
+pub(crate) mod trimmed_mean;
+pub(crate) mod zeroing;
 
-use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt::Debug;
 
-pub use bucketing::Bucketing;
-pub use clip::Clip;
-pub use dp_noise::DpNoise;
-pub use krum::Krum;
-pub use server_optimizer::{OptimizerKind, ServerOptimizer};
-pub use trimmed_mean::TrimmedMean;
-pub use zeroing::Zeroing;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
 
-/// One `[[stages]]` table.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum StageConfig {
-    /// Scale each update down to L2 norm ≤ `max_norm` (update = local − global).
-    Clip { max_norm: f64 },
-    /// Drop updates whose L2 norm exceeds `max_norm`.
-    Zeroing { max_norm: f64 },
-    /// Weighted mean (the default combiner; listing it is optional).
-    Mean,
-    /// Coordinate-wise median (unweighted). `bucket` > 1 first averages
-    /// random groups of that many updates (see `bucketing`).
-    Median {
-        #[serde(default = "one")]
-        bucket: usize,
-    },
-    /// Coordinate-wise mean after dropping the ⌊β·n⌋ largest and smallest
-    /// (n = number of buckets when `bucket` > 1).
-    TrimmedMean {
-        beta: f64,
-        #[serde(default = "one")]
-        bucket: usize,
-    },
-    /// Krum / Multi-Krum: tolerate `byzantine` bad updates; average the
-    /// `select` best-scored (1 = Krum).
-    Krum {
-        byzantine: usize,
-        #[serde(default = "one")]
-        select: usize,
-    },
-    /// Central Gaussian DP noise, stddev = noise_multiplier × clip norm ×
-    /// the largest normalized weight. `seed` makes it reproducible (tests);
-    /// without it the noise comes from the OS's entropy.
-    DpNoise {
-        noise_multiplier: f64,
-        #[serde(default)]
-        seed: Option<u64>,
-    },
-    Fedavgm {
-        #[serde(default = "lr_one")]
-        learning_rate: f64,
-        #[serde(default = "momentum")]
-        momentum: f64,
-    },
-    Fedadam {
-        #[serde(default = "lr_adaptive")]
-        learning_rate: f64,
-        #[serde(default = "beta1")]
-        beta1: f64,
-        #[serde(default = "beta2")]
-        beta2: f64,
-        #[serde(default = "tau")]
-        tau: f64,
-    },
-    Fedyogi {
-        #[serde(default = "lr_adaptive")]
-        learning_rate: f64,
-        #[serde(default = "beta1")]
-        beta1: f64,
-        #[serde(default = "beta2")]
-        beta2: f64,
-        #[serde(default = "tau")]
-        tau: f64,
-    },
-    Fedadagrad {
-        #[serde(default = "lr_adaptive")]
-        learning_rate: f64,
-        #[serde(default)]
-        beta1: f64,
-        #[serde(default = "tau")]
-        tau: f64,
-    },
+use crate::combine::CombineError;
+use crate::float::Acc;
+use crate::model::TensorEntry;
+
+pub use pipeline::Pipeline;
+
+/// One `[[stages]]` table as written (its `kind` included).
+pub type StageTable = serde_json::Map<String, Value>;
+
+/// What a stage keeps across rounds as scalars: `key → value`, stored in
+/// the state file's metadata as `fedstep.<kind>.<key>`.
+pub type Scalars = BTreeMap<String, String>;
+
+/// The phases, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Transform,
+    Combine,
+    Noise,
+    ServerOptimizer,
 }
 
-fn one() -> usize {
-    1
-}
-fn lr_one() -> f64 {
-    1.0
-}
-fn momentum() -> f64 {
-    0.9
-}
-fn lr_adaptive() -> f64 {
-    0.01
-}
-fn beta1() -> f64 {
-    0.9
-}
-fn beta2() -> f64 {
-    0.99
-}
-fn tau() -> f64 {
-    1e-3
+/// A built stage, by phase.
+#[derive(Debug)]
+pub enum Stage {
+    Transform(Box<dyn UpdateTransform>),
+    Combiner(Box<dyn Combiner>),
+    Noise(Box<dyn Noise>),
+    ServerOptimizer(Box<dyn ServerStep>),
 }
 
-/// Per-client transforms, applied in order.
+/// What a stage declares about itself, whatever its phase.
+pub trait StageInfo: Debug + Send + Sync {
+    /// The `kind` it was configured with; also its key in the measurements.
+    fn kind(&self) -> &'static str;
+
+    /// Why `personalization = "fedselect"` cannot run with this stage
+    /// (None: it can). See `personalization::check_pipeline`.
+    fn fedselect_refusal(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// What the stage keeps in the state file across rounds (None:
+    /// stateless).
+    fn state(&self) -> Option<StateSpec> {
+        None
+    }
+}
+
+/// Lets the phase traits hand out their [`StageInfo`] as a trait object.
+pub trait AsInfo {
+    fn as_info(&self) -> &dyn StageInfo;
+}
+
+impl<T: StageInfo> AsInfo for T {
+    fn as_info(&self) -> &dyn StageInfo {
+        self
+    }
+}
+
+/// A stage's state in the state file (see [`state_file`]).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Transform {
-    Clip(Clip),
-    Zeroing(Zeroing),
+pub struct StateSpec {
+    /// The metadata key that marks a file as holding this stage's state,
+    /// and the value it must have (`fedstep.optimizer` = `fedadam`).
+    pub marker: Option<(&'static str, &'static str)>,
+    /// Scalars stored as `fedstep.<kind>.<key>`; each must be present in a
+    /// state file this stage reads.
+    pub scalars: &'static [&'static str],
+    /// Per float model tensor, one state tensor per slot, named
+    /// `<slot>.<tensor>` in the tensor's accumulator dtype.
+    pub tensor_slots: &'static [&'static str],
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Combiner {
-    Mean,
-    Median,
-    TrimmedMean(TrimmedMean),
-    Krum(Krum),
+/// Per-round inputs of an update transform, over the clients that reached
+/// it (index = position among them).
+pub struct TransformRound<'a> {
+    /// L2 norm of each raw update (local − global).
+    pub norms: &'a [f64],
+    /// The factor each update is multiplied by so far (in/out).
+    pub scales: &'a mut [f64],
+    /// Why an update was dropped by an earlier transform (in/out).
+    pub dropped: &'a mut [Option<String>],
+    /// What this stage stored last round (None: first round).
+    pub state: Option<&'a Scalars>,
 }
 
-impl Combiner {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Combiner::Mean => "mean",
-            Combiner::Median => "median",
-            Combiner::TrimmedMean(_) => "trimmed_mean",
-            Combiner::Krum(_) => "krum",
-        }
-    }
-
-    /// Median and trimmed mean count every update (or bucket) once, so a
-    /// client cannot claim its way into moving them; Krum averages its
-    /// selection with the weights, like the mean.
-    pub fn ignores_weights(&self) -> bool {
-        matches!(self, Combiner::Median | Combiner::TrimmedMean(_))
-    }
+/// What an update transform did this round.
+pub struct TransformOutcome {
+    pub measurement: Value,
+    /// The norm every kept update is now bounded by, when the transform
+    /// guarantees one (what DP noise is calibrated to).
+    pub norm_bound: Option<f64>,
+    /// The state to store for the next round.
+    pub next_state: Option<Scalars>,
 }
 
-/// A checked pipeline.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pipeline {
-    pub transforms: Vec<Transform>,
-    pub combiner: Combiner,
-    pub noise: Option<DpNoise>,
-    pub optimizer: Option<ServerOptimizer>,
-    /// Groups averaged before a robust combiner (size 1: none).
-    pub bucketing: Bucketing,
+/// Phase 1: decides per-client scale factors (or drops) from update norms.
+pub trait UpdateTransform: StageInfo + AsInfo {
+    /// Whether every kept update's norm is bounded afterwards (a clip):
+    /// DP noise needs such a stage before it.
+    fn bounds_norms(&self) -> bool {
+        false
+    }
+
+    /// Errors are about the stored state (the parameters were checked
+    /// when the stage was built).
+    fn apply(&self, round: TransformRound<'_>) -> Result<TransformOutcome, String>;
 }
 
-impl Pipeline {
-    pub fn build(stages: &[StageConfig]) -> Result<Pipeline, String> {
-        let mut p = Pipeline {
-            transforms: Vec::new(),
-            combiner: Combiner::Mean,
-            noise: None,
-            optimizer: None,
-            bucketing: Bucketing { size: 1 },
-        };
-        let mut phase = 0;
-        let mut combiner_set = false;
-        for (i, s) in stages.iter().enumerate() {
-            let at = |msg: String| format!("stages[{i}]: {msg}");
-            let this_phase = match s {
-                StageConfig::Clip { .. } | StageConfig::Zeroing { .. } => 1,
-                StageConfig::Mean
-                | StageConfig::Median { .. }
-                | StageConfig::TrimmedMean { .. }
-                | StageConfig::Krum { .. } => 2,
-                StageConfig::DpNoise { .. } => 3,
-                _ => 4,
-            };
-            if this_phase < phase {
-                return Err(at(
-                    "out of order: stages run as transforms (clip, zeroing) → one combiner \
-                     (mean, median, trimmed_mean, krum) → dp_noise → one server optimizer"
-                        .into(),
-                ));
-            }
-            if this_phase == phase && this_phase > 1 {
-                return Err(at("only one stage of this phase is allowed".into()));
-            }
-            phase = this_phase;
-            match s {
-                StageConfig::Clip { max_norm } => p
-                    .transforms
-                    .push(Transform::Clip(Clip::new(*max_norm).map_err(at)?)),
-                StageConfig::Zeroing { max_norm } => p
-                    .transforms
-                    .push(Transform::Zeroing(Zeroing::new(*max_norm).map_err(at)?)),
-                StageConfig::Mean => p.combiner = Combiner::Mean,
-                StageConfig::Median { bucket } => {
-                    p.combiner = Combiner::Median;
-                    p.bucketing = Bucketing::new(*bucket).map_err(at)?;
-                }
-                StageConfig::TrimmedMean { beta, bucket } => {
-                    p.combiner = Combiner::TrimmedMean(TrimmedMean::new(*beta).map_err(at)?);
-                    p.bucketing = Bucketing::new(*bucket).map_err(at)?;
-                }
-                StageConfig::Krum { byzantine, select } => {
-                    p.combiner = Combiner::Krum(Krum::new(*byzantine, *select).map_err(at)?)
-                }
-                StageConfig::DpNoise {
-                    noise_multiplier,
-                    seed,
-                } => p.noise = Some(DpNoise::new(*noise_multiplier, *seed).map_err(at)?),
-                other => {
-                    p.optimizer = Some(ServerOptimizer::from_config(other).map_err(at)?);
-                }
-            }
-            if this_phase == 2 {
-                combiner_set = true;
-            }
-        }
-        let _ = combiner_set;
-        if p.noise.is_some() {
-            if p.clip_norm().is_none() {
-                return Err(
-                    "dp_noise needs a clip stage before it: the noise is calibrated to \
-                            the clip norm (the sensitivity of the mean)"
-                        .into(),
-                );
-            }
-            if p.combiner != Combiner::Mean {
-                return Err(format!(
-                    "dp_noise works with the mean combiner only: its calibration assumes a \
-                     weighted mean of clipped updates, not `{}`",
-                    p.combiner.name()
-                ));
-            }
-        }
-        Ok(p)
-    }
-
-    /// The tightest clip bound, which is what the DP noise is calibrated to.
-    pub fn clip_norm(&self) -> Option<f64> {
-        self.transforms
-            .iter()
-            .filter_map(|t| match t {
-                Transform::Clip(c) => Some(c.max_norm),
-                Transform::Zeroing(_) => None,
-            })
-            .reduce(f64::min)
-    }
-
-    /// Whether the stages need a global model (norms of updates, server
-    /// optimizers): without one there is no "update", only a model.
-    pub fn needs_global(&self) -> bool {
-        !self.transforms.is_empty() || self.optimizer.is_some()
-    }
-
-    /// Whether a first pass over the data (norms, Gram matrix) is needed
-    /// before combining.
-    pub fn needs_statistics(&self) -> bool {
-        !self.transforms.is_empty() || matches!(self.combiner, Combiner::Krum(_))
-    }
+/// One block of the combine pass, as a combiner sees it.
+pub struct CombineBlock<'a, A> {
+    pub tensor: &'a TensorEntry,
+    /// Index of the block's first element in the tensor.
+    pub first: usize,
+    /// Each kept input's raw bytes for the block.
+    pub raws: &'a [Vec<u8>],
+    /// The global model's values, when the pass reads them.
+    pub global: Option<&'a [A]>,
+    /// Coefficient of the global model in a weighted mean (1 − Σ coefs).
+    pub global_coef: A,
+    /// Weighted mean: each input's normalized weight × clip scale.
+    pub coefs: &'a [A],
+    /// Each input's clip scale (robust combiners apply it to the update).
+    pub scales: &'a [A],
+    /// Whether any scale differs from 1.
+    pub scaled: bool,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A combiner's per-element loop for accumulator type `A`.
+pub trait CombineKernel<A: Acc> {
+    fn combine_block(&self, block: &CombineBlock<'_, A>, out: &mut [A])
+        -> Result<(), CombineError>;
+}
 
-    fn build(toml_text: &str) -> Result<Pipeline, String> {
-        crate::config::PipelineConfig::from_toml(toml_text).and_then(|c| Pipeline::build(&c.stages))
+/// A combiner ready for one round (buckets drawn, trim count known).
+pub trait RoundCombiner: CombineKernel<f32> + CombineKernel<f64> + Send + Sync {}
+
+impl<T: CombineKernel<f32> + CombineKernel<f64> + Send + Sync> RoundCombiner for T {}
+
+/// A combiner's lower bound on the number of updates.
+pub struct MinUpdates {
+    pub need: usize,
+    /// The stage and the parameter that sets the bound ("krum, byzantine = 1").
+    pub setting: String,
+    pub why: String,
+}
+
+/// What the combiner needs from the statistics pass before the round.
+pub struct Selection {
+    /// Positions (into the candidates) of the updates to combine.
+    pub chosen: Vec<usize>,
+    /// Why the others were left out.
+    pub reason: String,
+    pub measurement: Value,
+}
+
+/// Phase 2: turns the transformed updates into one model.
+pub trait Combiner: StageInfo + AsInfo {
+    /// Counts every update (or bucket) once, whatever its weight.
+    fn ignores_weights(&self) -> bool {
+        false
     }
 
-    #[test]
-    fn empty_is_plain_mean() {
-        let p = build("").unwrap();
-        assert_eq!(p.combiner, Combiner::Mean);
-        assert!(!p.needs_global() && !p.needs_statistics());
+    /// Whether the noise calibration "clip norm × largest weight" holds
+    /// for this combiner (only a weighted mean of clipped updates).
+    fn is_weighted_mean(&self) -> bool {
+        false
     }
 
-    #[test]
-    fn order_is_enforced() {
-        let err =
-            build("[[stages]]\nkind = \"median\"\n[[stages]]\nkind = \"clip\"\nmax_norm = 1.0")
-                .unwrap_err();
-        assert!(err.contains("stages[1]: out of order"), "{err}");
-        let err = build("[[stages]]\nkind = \"median\"\n[[stages]]\nkind = \"mean\"").unwrap_err();
-        assert!(err.contains("only one"), "{err}");
-        let err =
-            build("[[stages]]\nkind = \"fedadam\"\n[[stages]]\nkind = \"fedyogi\"").unwrap_err();
-        assert!(err.contains("only one"), "{err}");
+    /// Whether it needs every pairwise inner product of the updates.
+    fn needs_gram(&self) -> bool {
+        false
     }
 
-    #[test]
-    fn dp_needs_clip_and_mean() {
-        let err = build("[[stages]]\nkind = \"dp_noise\"\nnoise_multiplier = 1.0").unwrap_err();
-        assert!(err.contains("needs a clip"), "{err}");
-        let err = build(
-            "[[stages]]\nkind = \"clip\"\nmax_norm = 1.0\n[[stages]]\nkind = \"median\"\n\
-             [[stages]]\nkind = \"dp_noise\"\nnoise_multiplier = 1.0",
-        )
-        .unwrap_err();
-        assert!(err.contains("mean combiner only"), "{err}");
-        let p = build(
-            "[[stages]]\nkind = \"clip\"\nmax_norm = 2.0\n[[stages]]\nkind = \"clip\"\nmax_norm = 1.0\n\
-             [[stages]]\nkind = \"dp_noise\"\nnoise_multiplier = 1.0",
-        )
-        .unwrap();
-        assert_eq!(p.clip_norm(), Some(1.0));
+    /// The fewest updates it can work with as configured, and why; job
+    /// validation requires that many clients.
+    fn min_updates(&self) -> Option<MinUpdates> {
+        None
     }
 
-    #[test]
-    fn bad_parameters_are_named() {
-        for (text, want) in [
-            ("[[stages]]\nkind = \"clip\"\nmax_norm = -1.0", "max_norm"),
-            ("[[stages]]\nkind = \"trimmed_mean\"\nbeta = 0.5", "beta"),
-            (
-                "[[stages]]\nkind = \"krum\"\nbyzantine = 1\nselect = 0",
-                "select",
-            ),
-            ("[[stages]]\nkind = \"fedadam\"\nbeta2 = 1.5", "beta2"),
-            (
-                "[[stages]]\nkind = \"dp_noise\"\nnoise_multiplier = -1.0",
-                "noise_multiplier",
-            ),
-        ] {
-            let err = build(text).unwrap_err();
-            assert!(err.contains(want), "{text}: {err}");
-        }
+    /// Chooses among the candidates from their pairwise squared distances
+    /// (only called when [`needs_gram`](Self::needs_gram)).
+    fn select(&self, _distances: &[Vec<f64>]) -> Result<Option<Selection>, String> {
+        Ok(None)
     }
+
+    /// Whether the result depends on the global model's values.
+    fn reads_global(&self, scaled: bool, global_coef: f64) -> bool;
+
+    /// Prepares the round over `n` updates; the measurement (if any) says
+    /// how.
+    fn for_round(&self, n: usize, round: u64) -> (Box<dyn RoundCombiner>, Option<Value>);
+}
+
+/// Adds noise to a block, drawing in order.
+pub trait NoiseKernel<A: Acc> {
+    fn add_block(&mut self, out: &mut [A]);
+}
+
+pub trait RoundNoise: NoiseKernel<f32> + NoiseKernel<f64> + Send {}
+
+impl<T: NoiseKernel<f32> + NoiseKernel<f64> + Send> RoundNoise for T {}
+
+/// Phase 3: noise on the combined model.
+pub trait Noise: StageInfo + AsInfo {
+    /// Needs an earlier stage that bounds update norms.
+    fn needs_norm_bound(&self) -> bool {
+        true
+    }
+
+    /// Needs the weighted-mean combiner.
+    fn needs_weighted_mean(&self) -> bool {
+        true
+    }
+
+    /// The noise for this round, calibrated to the norm bound and the
+    /// largest normalized weight.
+    fn for_round(
+        &self,
+        norm_bound: Option<f64>,
+        max_weight: f64,
+        round: u64,
+    ) -> (Box<dyn RoundNoise>, Value);
+}
+
+/// A server optimizer's per-element step for accumulator type `A`.
+pub trait StepKernel<A: Acc> {
+    /// `x` holds the combined values on entry and the new global values on
+    /// return; `g` is the old global; `slots` the state, one buffer per
+    /// tensor slot (in/out).
+    fn step(&self, g: &[A], x: &mut [A], slots: &mut [&mut [A]]);
+}
+
+/// Phase 4: a server optimizer.
+pub trait ServerStep: StageInfo + AsInfo + StepKernel<f32> + StepKernel<f64> {
+    /// Its measurement for a round that took step `step`.
+    fn measurement(&self, step: u64) -> Value;
+}
+
+/// Parses a stage's parameters from its table (`kind` left out), with the
+/// stage's name in front of any error.
+pub fn params<T: DeserializeOwned>(kind: &str, table: &StageTable) -> Result<T, String> {
+    let mut rest = table.clone();
+    rest.remove("kind");
+    serde_json::from_value(Value::Object(rest)).map_err(|e| format!("{kind}: {e}"))
+}
+
+/// A stage's typed measurement as the JSON the records hold.
+pub fn measured<T: Serialize>(m: &T) -> Value {
+    serde_json::to_value(m).unwrap_or(Value::Null)
 }

@@ -8,9 +8,11 @@
 //! a safetensors file: tensors `m.<name>` (and `v.<name>`) in the
 //! accumulator dtype, metadata `fedstep.optimizer` and `fedstep.step`.
 
-use crate::float::Acc;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::StageConfig;
+use super::{measured, params, ServerStep, Stage, StageInfo, StageTable, StateSpec, StepKernel};
+use crate::float::Acc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimizerKind {
@@ -42,6 +44,82 @@ pub struct ServerOptimizer {
     pub tau: f64,
 }
 
+/// What the optimizer did this round.
+#[derive(Debug, Serialize)]
+pub struct OptimizerMeasurement {
+    /// Rounds this state has been stepped (1 on the first).
+    pub step: u64,
+    pub learning_rate: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FedAvgMParams {
+    #[serde(default = "lr_one")]
+    learning_rate: f64,
+    #[serde(default = "momentum")]
+    momentum: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdaptiveParams {
+    #[serde(default = "lr_adaptive")]
+    learning_rate: f64,
+    #[serde(default = "beta1")]
+    beta1: f64,
+    #[serde(default = "beta2")]
+    beta2: f64,
+    #[serde(default = "tau")]
+    tau: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdagradParams {
+    #[serde(default = "lr_adaptive")]
+    learning_rate: f64,
+    #[serde(default)]
+    beta1: f64,
+    #[serde(default = "tau")]
+    tau: f64,
+}
+
+fn lr_one() -> f64 {
+    1.0
+}
+fn momentum() -> f64 {
+    0.9
+}
+fn lr_adaptive() -> f64 {
+    0.01
+}
+fn beta1() -> f64 {
+    0.9
+}
+fn beta2() -> f64 {
+    0.99
+}
+fn tau() -> f64 {
+    1e-3
+}
+
+pub fn fedavgm(table: &StageTable) -> Result<Stage, String> {
+    ServerOptimizer::stage(OptimizerKind::FedAvgM, table)
+}
+
+pub fn fedadam(table: &StageTable) -> Result<Stage, String> {
+    ServerOptimizer::stage(OptimizerKind::FedAdam, table)
+}
+
+pub fn fedyogi(table: &StageTable) -> Result<Stage, String> {
+    ServerOptimizer::stage(OptimizerKind::FedYogi, table)
+}
+
+pub fn fedadagrad(table: &StageTable) -> Result<Stage, String> {
+    ServerOptimizer::stage(OptimizerKind::FedAdagrad, table)
+}
+
 fn check_unit(name: &str, v: f64) -> Result<(), String> {
     if (0.0..1.0).contains(&v) {
         Ok(())
@@ -51,32 +129,28 @@ fn check_unit(name: &str, v: f64) -> Result<(), String> {
 }
 
 impl ServerOptimizer {
-    pub fn from_config(c: &StageConfig) -> Result<Self, String> {
-        let (kind, learning_rate, beta1, beta2, tau) = match *c {
-            StageConfig::Fedavgm {
-                learning_rate,
-                momentum,
-            } => (OptimizerKind::FedAvgM, learning_rate, momentum, 0.0, 0.0),
-            StageConfig::Fedadam {
-                learning_rate,
-                beta1,
-                beta2,
-                tau,
-            } => (OptimizerKind::FedAdam, learning_rate, beta1, beta2, tau),
-            StageConfig::Fedyogi {
-                learning_rate,
-                beta1,
-                beta2,
-                tau,
-            } => (OptimizerKind::FedYogi, learning_rate, beta1, beta2, tau),
-            StageConfig::Fedadagrad {
-                learning_rate,
-                beta1,
-                tau,
-            } => (OptimizerKind::FedAdagrad, learning_rate, beta1, 0.0, tau),
-            ref other => return Err(format!("{other:?} is not a server optimizer")),
-        };
+    fn stage(kind: OptimizerKind, table: &StageTable) -> Result<Stage, String> {
+        Ok(Stage::ServerOptimizer(Box::new(Self::from_table(
+            kind, table,
+        )?)))
+    }
+
+    fn from_table(kind: OptimizerKind, table: &StageTable) -> Result<Self, String> {
         let name = kind.name();
+        let (learning_rate, beta1, beta2, tau) = match kind {
+            OptimizerKind::FedAvgM => {
+                let p: FedAvgMParams = params(name, table)?;
+                (p.learning_rate, p.momentum, 0.0, 0.0)
+            }
+            OptimizerKind::FedAdam | OptimizerKind::FedYogi => {
+                let p: AdaptiveParams = params(name, table)?;
+                (p.learning_rate, p.beta1, p.beta2, p.tau)
+            }
+            OptimizerKind::FedAdagrad => {
+                let p: AdagradParams = params(name, table)?;
+                (p.learning_rate, p.beta1, 0.0, p.tau)
+            }
+        };
         if !(learning_rate.is_finite() && learning_rate > 0.0) {
             return Err(format!(
                 "{name}: learning_rate must be positive, got {learning_rate}"
@@ -101,18 +175,10 @@ impl ServerOptimizer {
         })
     }
 
-    /// The state tensors kept per model tensor.
-    pub fn slots(&self) -> &'static [&'static str] {
-        match self.kind {
-            OptimizerKind::FedAvgM => &["m"],
-            _ => &["m", "v"],
-        }
-    }
-
     /// One block: `x` holds the combined values on entry and the new global
     /// values on return; `g` is the old global; `m`/`v` the state (in/out;
     /// `v` is empty for FedAvgM).
-    pub fn step<A: Acc>(&self, g: &[A], x: &mut [A], m: &mut [A], v: &mut [A]) {
+    pub fn step_moments<A: Acc>(&self, g: &[A], x: &mut [A], m: &mut [A], v: &mut [A]) {
         let lr = A::from_f64(self.learning_rate);
         let b1 = A::from_f64(self.beta1);
         let one = A::from_f64(1.0);
@@ -143,14 +209,61 @@ impl ServerOptimizer {
     }
 }
 
+impl StageInfo for ServerOptimizer {
+    fn kind(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// Tensors `m.<name>` (and `v.<name>`), metadata `fedstep.optimizer`:
+    /// the names files were written with before any other stage kept state.
+    fn state(&self) -> Option<StateSpec> {
+        let tensor_slots: &'static [&'static str] = match self.kind {
+            OptimizerKind::FedAvgM => &["m"],
+            _ => &["m", "v"],
+        };
+        Some(StateSpec {
+            marker: Some(("fedstep.optimizer", self.kind.name())),
+            scalars: &[],
+            tensor_slots,
+        })
+    }
+}
+
+impl<A: Acc> StepKernel<A> for ServerOptimizer {
+    fn step(&self, g: &[A], x: &mut [A], slots: &mut [&mut [A]]) {
+        match slots {
+            [m] => self.step_moments(g, x, m, &mut []),
+            [m, v] => self.step_moments(g, x, m, v),
+            _ => unreachable!("the state file gives each slot of `state()` a buffer"),
+        }
+    }
+}
+
+impl ServerStep for ServerOptimizer {
+    fn measurement(&self, step: u64) -> Value {
+        measured(&OptimizerMeasurement {
+            step,
+            learning_rate: self.learning_rate,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn opt(toml_stage: &str) -> ServerOptimizer {
-        let cfg =
-            crate::config::PipelineConfig::from_toml(&format!("[[stages]]\n{toml_stage}")).unwrap();
-        ServerOptimizer::from_config(&cfg.stages[0]).unwrap()
+        let table: StageTable = toml::from_str(toml_stage).unwrap();
+        let kind = [
+            OptimizerKind::FedAvgM,
+            OptimizerKind::FedAdam,
+            OptimizerKind::FedYogi,
+            OptimizerKind::FedAdagrad,
+        ]
+        .into_iter()
+        .find(|k| table["kind"] == k.name())
+        .unwrap();
+        ServerOptimizer::from_table(kind, &table).unwrap()
     }
 
     #[test]
@@ -160,10 +273,10 @@ mod tests {
         let o = opt("kind = \"fedavgm\"\nlearning_rate = 0.5\nmomentum = 0.9");
         let (mut m, mut v) = (vec![0f64], vec![]);
         let mut x = vec![3.0];
-        o.step(&[1.0], &mut x, &mut m, &mut v);
+        o.step_moments(&[1.0], &mut x, &mut m, &mut v);
         assert_eq!((x[0], m[0]), (2.0, 2.0));
         let mut x = vec![1.0];
-        o.step(&[2.0], &mut x, &mut m, &mut v);
+        o.step_moments(&[2.0], &mut x, &mut m, &mut v);
         assert!((m[0] - 0.8).abs() < 1e-12 && (x[0] - 2.4).abs() < 1e-12);
     }
 
@@ -173,7 +286,7 @@ mod tests {
         // Δ = 0.5, m = 0.05, v = 0.0025, x = 0.1 · 0.05 / (0.05 + 0.001).
         let o = opt("kind = \"fedadam\"\nlearning_rate = 0.1");
         let (mut m, mut v, mut x) = (vec![0f64], vec![0f64], vec![0.5]);
-        o.step(&[0.0], &mut x, &mut m, &mut v);
+        o.step_moments(&[0.0], &mut x, &mut m, &mut v);
         assert!((m[0] - 0.05).abs() < 1e-15);
         assert!((v[0] - 0.0025).abs() < 1e-15);
         assert!((x[0] - 0.1 * 0.05 / 0.051).abs() < 1e-12, "{}", x[0]);
@@ -184,12 +297,12 @@ mod tests {
         // Yogi from v = 1 with Δ² = 0.25: v − 0.01·0.25·sign(0.75) = 0.9975.
         let o = opt("kind = \"fedyogi\"\nlearning_rate = 0.1");
         let (mut m, mut v, mut x) = (vec![0f64], vec![1.0], vec![0.5]);
-        o.step(&[0.0], &mut x, &mut m, &mut v);
+        o.step_moments(&[0.0], &mut x, &mut m, &mut v);
         assert!((v[0] - 0.9975).abs() < 1e-12);
         // Adagrad accumulates: v = 1 + 0.25; β1 = 0 → m = Δ.
         let o = opt("kind = \"fedadagrad\"\nlearning_rate = 0.1");
         let (mut m, mut v, mut x) = (vec![0f64], vec![1.0], vec![0.5]);
-        o.step(&[0.0], &mut x, &mut m, &mut v);
+        o.step_moments(&[0.0], &mut x, &mut m, &mut v);
         assert!((v[0] - 1.25).abs() < 1e-12 && (m[0] - 0.5).abs() < 1e-12);
         assert!((x[0] - 0.1 * 0.5 / (1.25f64.sqrt() + 0.001)).abs() < 1e-12);
     }

@@ -4,46 +4,72 @@
 //! weight would otherwise pull the model toward the old global). It is
 //! recorded per client with its norm, never dropped silently.
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq)]
+use super::clip::check_norm;
+use super::{
+    measured, params, Stage, StageInfo, StageTable, TransformOutcome, TransformRound,
+    UpdateTransform,
+};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Zeroing {
     pub max_norm: f64,
 }
 
+/// What zeroing did this round.
+#[derive(Debug, Serialize)]
+pub struct ZeroingMeasurement {
+    pub max_norm: f64,
+    pub zeroed_count: usize,
+    /// Positions (among the clients that reached the transforms) dropped.
+    pub zeroed: Vec<usize>,
+}
+
 impl Zeroing {
     pub fn new(max_norm: f64) -> Result<Self, String> {
-        if !(max_norm.is_finite() && max_norm > 0.0) {
-            return Err(format!(
-                "zeroing: max_norm must be a positive number, got {max_norm}"
-            ));
-        }
+        check_norm("zeroing", "max_norm", max_norm)?;
         Ok(Zeroing { max_norm })
     }
 
-    /// Marks updates over the bound in `dropped` with a reason.
-    pub fn apply(
-        &self,
-        norms: &[f64],
-        scales: &[f64],
-        active: &[bool],
-        dropped: &mut [Option<String>],
-    ) -> Value {
+    pub fn stage(table: &StageTable) -> Result<Stage, String> {
+        let z: Zeroing = params("zeroing", table)?;
+        Ok(Stage::Transform(Box::new(Zeroing::new(z.max_norm)?)))
+    }
+}
+
+impl StageInfo for Zeroing {
+    fn kind(&self) -> &'static str {
+        "zeroing"
+    }
+}
+
+impl UpdateTransform for Zeroing {
+    fn apply(&self, round: TransformRound<'_>) -> Result<TransformOutcome, String> {
         let mut zeroed = Vec::new();
-        for i in 0..norms.len() {
-            if !active[i] || dropped[i].is_some() {
+        for i in 0..round.norms.len() {
+            if round.dropped[i].is_some() {
                 continue;
             }
-            let current = norms[i] * scales[i];
+            let current = round.norms[i] * round.scales[i];
             if current > self.max_norm {
-                dropped[i] = Some(format!(
+                round.dropped[i] = Some(format!(
                     "update norm {current:.6e} exceeds the zeroing bound {}",
                     self.max_norm
                 ));
                 zeroed.push(i);
             }
         }
-        json!({ "max_norm": self.max_norm, "zeroed_count": zeroed.len(), "zeroed": zeroed })
+        Ok(TransformOutcome {
+            measurement: measured(&ZeroingMeasurement {
+                max_norm: self.max_norm,
+                zeroed_count: zeroed.len(),
+                zeroed,
+            }),
+            norm_bound: None,
+            next_state: None,
+        })
     }
 }
 
@@ -55,9 +81,16 @@ mod tests {
     fn drops_only_updates_above_the_bound() {
         let z = Zeroing::new(10.0).unwrap();
         let mut dropped = vec![None, None];
-        let m = z.apply(&[5.0, 1e6], &[1.0, 1.0], &[true, true], &mut dropped);
+        let out = z
+            .apply(TransformRound {
+                norms: &[5.0, 1e6],
+                scales: &mut [1.0, 1.0],
+                dropped: &mut dropped,
+                state: None,
+            })
+            .unwrap();
         assert!(dropped[0].is_none());
         assert!(dropped[1].as_deref().unwrap().contains("zeroing bound 10"));
-        assert_eq!(m["zeroed_count"], 1);
+        assert_eq!(out.measurement["zeroed_count"], 1);
     }
 }
