@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Offline checks of the CDK app: no AWS credentials, no network beyond npm and
-# (once) PyPI for the Lambda build tools.
+# (once) PyPI for the Lambda build tools and cfn-lint.
 #
 #   infra/test.sh            npm ci (only when node_modules is stale), tsc, jest,
 #                            scripts/deploy.sh refusing a deploy without credentials,
 #                            cdk synth with the real cargo-lambda build through
-#                            scripts/deploy.sh (synth-with-lambda.sh)
+#                            scripts/deploy.sh (synth-with-lambda.sh), a synth of
+#                            100 clients, and cfn-lint on every stack of both synths
 #   FEDSTEP_INFRA_LAMBDA=0   synthesize without building the Lambda (skipBuild) instead
-#   FEDSTEP_INFRA_SYNTH=0    no `cdk synth` at all
+#   FEDSTEP_INFRA_SYNTH=0    no `cdk synth` (and so no cfn-lint) at all
 # Neither shortcut is allowed under CI=true.
 #
 # Called by scripts/test.sh; exits non-zero on the first failure.
@@ -93,6 +94,19 @@ if [[ "${FEDSTEP_INFRA_SYNTH:-1}" != "0" ]]; then
     timed ../scripts/deploy.sh synth "${quiet[@]}" "${skip[@]}" -c clients=site-a,site-b,site-c -o "$out/real/cdk.out"
     expect_clients_stacks "$out/real/cdk.out" 3
   fi
+
+  # 100 clients over all 16 clients stacks, with every kind of client setting
+  # and the Roles Anywhere trust anchor (test/fixtures/lint.config.json), so
+  # cfn-lint sees every resource type the app can emit. The Lambda build is
+  # skipped: the templates do not depend on it, and one Rust build is enough.
+  step "cdk synth of 100 clients (Rust build skipped)"
+  many="$(seq -f 'c%03g' -s, 0 96)"   # c000,...,c096 + the fixture's 3 = 100
+  timed ../scripts/deploy.sh synth "${quiet[@]}" "${skip[@]}" -c config=test/fixtures/lint.config.json \
+    -c "clients=$many" -o "$out/many/cdk.out"
+  expect_clients_stacks "$out/many/cdk.out" 16
+
+  step "cfn-lint on every synthesized stack (rules ignored on purpose: .cfnlintrc)"
+  timed ./cfn-lint.sh "$out/real/cdk.out" "$out/many/cdk.out"
 fi
 
 step "ok"
