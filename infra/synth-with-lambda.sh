@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# `cdk synth` with the real Lambda build: cargo-lambda (from PyPI, with zig)
-# compiles crates/lambda through cargo-lambda-cdk's RustFunction exactly as
-# `cdk deploy` would, then this checks the staged asset really holds an
-# executable ELF `bootstrap` for the Lambda architecture and prints its size.
-# Offline apart from the one-time PyPI install; no AWS credentials.
+# `cdk synth` with the real Lambda build, through the very command users
+# deploy with: `scripts/deploy.sh synth` (pinned cargo-lambda + zig from
+# PyPI, npm ci if stale, then the CDK CLI), so cargo-lambda-cdk's
+# RustFunction compiles crates/lambda exactly as `scripts/deploy.sh deploy`
+# would. Then this checks the staged asset really holds an executable ELF
+# `bootstrap` for the Lambda architecture and prints its size.
+# Offline apart from the one-time PyPI/npm installs; no AWS credentials.
 #
-#   infra/synth-with-lambda.sh
-#   FEDSTEP_INFRA_ARCH=x86_64|arm64   Lambda architecture (default x86_64: the
-#                                     stable host toolchain has no aarch64 target;
-#                                     arm64 needs `rustup target add aarch64-unknown-linux-gnu`)
+#   infra/synth-with-lambda.sh [OUT_DIR]   the synth goes to OUT_DIR/cdk.out
+#                                          (kept; default: a temporary directory)
+#   FEDSTEP_INFRA_ARCH=x86_64|arm64   Lambda architecture (default x86_64, the
+#                                     deployment's default: the CI toolchain has
+#                                     only the host target; arm64 needs
+#                                     `rustup target add aarch64-unknown-linux-gnu`)
 #
-# Cargo builds into ${CARGO_TARGET_DIR:-<repo>/target}/lambda: its own
-# directory (cargo-zigbuild's compiler settings differ from the workspace
-# build's, so sharing would rebuild both in turn), kept between runs so a
-# repeated synth is incremental.
+# Cargo builds into ${CARGO_TARGET_DIR:-<repo>/target}/lambda (set by
+# scripts/deploy.sh): its own directory (cargo-zigbuild's compiler settings
+# differ from the workspace build's, so sharing would rebuild both in turn),
+# kept between runs so a repeated synth is incremental.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -29,21 +33,24 @@ if ! rustup target list --installed 2>/dev/null | grep -qx "$triple"; then
   exit 1
 fi
 
-tools="$(./lambda-tools.sh)"
-export PATH="$tools:$PATH"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}/lambda"
 export CARGO_TERM_COLOR=never
 export CDK_DISABLE_CLI_TELEMETRY=true
-export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION=1
 
-out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
-echo "cdk synth (arch=$arch, cargo-lambda build into $CARGO_TARGET_DIR)"
+if [[ $# -ge 1 ]]; then
+  out="$1"
+  rm -rf "$out/cdk.out"
+  mkdir -p "$out"
+else
+  out="$(mktemp -d)"
+  trap 'rm -rf "$out"' EXIT
+fi
+echo "scripts/deploy.sh synth (arch=$arch, cargo-lambda build into ${CARGO_TARGET_DIR:-$root/target}/lambda)"
 start=$SECONDS
 # No skipBuild: the stack is in aws:cdk:bundling-stacks, so RustFunction runs
 # `cargo lambda build --release --bin fedstep-lambda` in crates/lambda. Its
-# output goes to stderr; keep it out of the log unless the synth fails.
-if ! npx --no-install cdk synth --quiet --no-notices --no-version-reporting \
+# output (and deploy.sh's tool installs) goes to stderr; keep it out of the
+# log unless the synth fails.
+if ! "$root/scripts/deploy.sh" synth --quiet --no-notices --no-version-reporting \
   -c "arch=$arch" -c clients=site-a,site-b,site-c -o "$out/cdk.out" 2> "$out/synth.log"; then
   tail -n 60 "$out/synth.log" >&2
   echo "cdk synth with the Lambda build failed (full log above, last 60 lines)" >&2
@@ -52,6 +59,7 @@ fi
 echo "   cdk synth + Lambda build: $((SECONDS - start)) s"
 
 # The aggregator function's staged asset directory, from the template.
+# shellcheck disable=SC2016  # JavaScript in single quotes: its ${...} is a JS template literal
 asset="$(node -e '
   const t = require(process.argv[1]);
   const fns = Object.values(t.Resources).filter((r) => r.Type === "AWS::Lambda::Function" && r.Properties.Handler === "bootstrap");

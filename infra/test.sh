@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Offline checks of the CDK app: no AWS credentials, no network beyond npm and
-# (once) PyPI for the Lambda build tools.
+# (once) PyPI for the Lambda build tools and cfn-lint.
 #
 #   infra/test.sh            npm ci (only when node_modules is stale), tsc, jest,
-#                            cdk synth with the real cargo-lambda build (synth-with-lambda.sh)
+#                            scripts/deploy.sh refusing a deploy without credentials,
+#                            cdk synth with the real cargo-lambda build through
+#                            scripts/deploy.sh (synth-with-lambda.sh), a synth of
+#                            100 clients, and cfn-lint on every stack of both synths
 #   FEDSTEP_INFRA_LAMBDA=0   synthesize without building the Lambda (skipBuild) instead
-#   FEDSTEP_INFRA_SYNTH=0    no `cdk synth` at all
+#   FEDSTEP_INFRA_SYNTH=0    no `cdk synth` (and so no cfn-lint) at all
 # Neither shortcut is allowed under CI=true.
 #
 # Called by scripts/test.sh; exits non-zero on the first failure.
@@ -31,15 +34,8 @@ case "${CI:-}" in
 esac
 
 # --- dependencies: npm ci unless node_modules matches package-lock.json -----------
-stamp=node_modules/.fedstep-lock.sha256
-want="$(sha256sum package-lock.json | cut -d' ' -f1) node-$(node --version)"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-  step "node_modules up to date with package-lock.json (npm ci skipped)"
-else
-  step "npm ci"
-  timed npm ci --no-audit --no-fund --loglevel=error
-  echo "$want" > "$stamp"
-fi
+step "npm dependencies (npm-deps.sh)"
+timed ./npm-deps.sh
 
 step "tsc --noEmit"
 timed npx --no-install tsc --noEmit
@@ -47,28 +43,70 @@ timed npx --no-install tsc --noEmit
 step "jest"
 timed npx --no-install jest --ci
 
+# --- the deploy command refuses without credentials, before building anything ----
+# No AWS_* variables, an empty HOME (no ~/.aws), no instance metadata lookup:
+# scripts/deploy.sh deploy must stop at once with exit status 3 and say why.
+step "scripts/deploy.sh deploy without AWS credentials is refused"
+refusal_start=$SECONDS
+nocreds="$(mktemp -d)"
+set +e
+refusal="$(env -i PATH="$PATH" HOME="$nocreds" AWS_EC2_METADATA_DISABLED=true \
+  ../scripts/deploy.sh deploy --all -c clients=site-a 2>&1)"
+rc=$?
+set -e
+rm -rf "$nocreds"
+if [[ $rc -ne 3 ]] || ! grep -q "needs AWS credentials" <<<"$refusal"; then
+  printf '%s\n' "$refusal" >&2
+  echo "infra/test.sh: expected scripts/deploy.sh deploy to refuse (exit 3) without credentials, got exit $rc" >&2
+  exit 1
+fi
+echo "   refused (exit 3): $(head -n 1 <<<"$refusal")"
+printf '   (%ss)\n' "$((SECONDS - refusal_start))"
+
 # --- cdk synth: the real entry point (bin/fedstep.ts) through the CLI -------------
-if [[ "${FEDSTEP_INFRA_SYNTH:-1}" != "0" && "${FEDSTEP_INFRA_LAMBDA:-1}" != "0" ]]; then
-  step "cdk synth with the real cargo-lambda build"
-  timed ./synth-with-lambda.sh
-elif [[ "${FEDSTEP_INFRA_SYNTH:-1}" != "0" ]]; then
-  step "cdk synth (Rust build skipped)"
+if [[ "${FEDSTEP_INFRA_SYNTH:-1}" != "0" ]]; then
   out="$(mktemp -d)"
   trap 'rm -rf "$out"' EXIT
-  args=(-c skipBuild=true -c clients=site-a,site-b,site-c)
+  # Clients stacks Fedstep-Clients-NN (lib/client-batches.ts) of a synth.
+  expect_clients_stacks() {
+    local dir="$1" want="$2" stacks
+    stacks=("$dir"/Fedstep-Clients-*.template.json)
+    test -s "$dir/Fedstep.template.json"
+    if [[ ${#stacks[@]} -ne $want || ! -s "${stacks[0]}" ]]; then
+      echo "infra/test.sh: expected $want clients stacks in $dir, got: ${stacks[*]}" >&2
+      exit 1
+    fi
+  }
+  skip=(-c skipBuild=true)
   if [[ ! -f ../crates/lambda/Cargo.toml ]]; then
     # crates/lambda not there yet: stand in a prebuilt-code directory.
     mkdir -p "$out/lambda" && printf '#!/bin/sh\n' > "$out/lambda/bootstrap"
-    args+=(-c "lambdaAsset=$out/lambda")
+    skip+=(-c "lambdaAsset=$out/lambda")
   fi
-  timed npx --no-install cdk synth --quiet --no-notices --no-version-reporting "${args[@]}" -o "$out/cdk.out"
-  test -s "$out/cdk.out/Fedstep.template.json"
-  # The three clients live in clients stacks Fedstep-Clients-NN (lib/client-batches.ts).
-  clients_stacks=("$out"/cdk.out/Fedstep-Clients-*.template.json)
-  if [[ ${#clients_stacks[@]} -ne 3 || ! -s "${clients_stacks[0]}" ]]; then
-    echo "infra/test.sh: expected 3 clients stacks, got: ${clients_stacks[*]}" >&2
-    exit 1
+  quiet=(--quiet --no-notices --no-version-reporting)
+
+  if [[ "${FEDSTEP_INFRA_LAMBDA:-1}" != "0" ]]; then
+    step "cdk synth with the real cargo-lambda build (scripts/deploy.sh synth)"
+    timed ./synth-with-lambda.sh "$out/real"
+    expect_clients_stacks "$out/real/cdk.out" 3
+  else
+    step "cdk synth (Rust build skipped)"
+    timed ../scripts/deploy.sh synth "${quiet[@]}" "${skip[@]}" -c clients=site-a,site-b,site-c -o "$out/real/cdk.out"
+    expect_clients_stacks "$out/real/cdk.out" 3
   fi
+
+  # 100 clients over all 16 clients stacks, with every kind of client setting
+  # and the Roles Anywhere trust anchor (test/fixtures/lint.config.json), so
+  # cfn-lint sees every resource type the app can emit. The Lambda build is
+  # skipped: the templates do not depend on it, and one Rust build is enough.
+  step "cdk synth of 100 clients (Rust build skipped)"
+  many="$(seq -f 'c%03g' -s, 0 96)"   # c000,...,c096 + the fixture's 3 = 100
+  timed ../scripts/deploy.sh synth "${quiet[@]}" "${skip[@]}" -c config=test/fixtures/lint.config.json \
+    -c "clients=$many" -o "$out/many/cdk.out"
+  expect_clients_stacks "$out/many/cdk.out" 16
+
+  step "cfn-lint on every synthesized stack (rules ignored on purpose: .cfnlintrc)"
+  timed ./cfn-lint.sh "$out/real/cdk.out" "$out/many/cdk.out"
 fi
 
 step "ok"

@@ -3,7 +3,7 @@
 #
 #   scripts/test.sh
 #
-# Installs what it needs itself (emulators and numpy from PyPI into venvs
+# Installs what it needs itself (emulators, numpy and cfn-lint from PyPI into venvs
 # under .emu/, npm packages for infra/ with `npm ci`), then runs, in order:
 # formatting and lints, every Rust test (unit, golden, property, and the
 # integration tests against LocalStack + moto), the state machine's contract
@@ -37,6 +37,7 @@ mkdir -p .emu
 step "installing emulators and tools in the background (log: .emu/install.log)"
 (
   scripts/emulators.sh install
+  infra/cfn-lint.sh --install   # pinned cfn-lint for infra/test.sh; a no-op once installed
   if [[ ! -x .emu/tools/bin/python ]] || ! .emu/tools/bin/python -c 'import numpy' 2>/dev/null; then
     python3 -m venv .emu/tools
     .emu/tools/bin/pip install --quiet 'numpy>=1.26,<3'
@@ -56,7 +57,7 @@ cargo test --workspace --release --locked --no-run
 step "waiting for the emulator install"
 if ! wait "$install_pid"; then
   tail -n 40 .emu/install.log >&2
-  die "installing the emulators or numpy failed (full log: .emu/install.log)"
+  die "installing the emulators, cfn-lint or numpy failed (full log: .emu/install.log)"
 fi
 export FEDSTEP_PYTHON="$ROOT/.emu/tools/bin/python"
 

@@ -13,7 +13,8 @@ describe('resolveSettings', () => {
     const s = resolveSettings(ctx({}), base);
     expect(s.clients).toEqual([]);
     expect(s.clientBatches).toBe(16);
-    expect(s.architecture).toBe('arm64');
+    // x86_64, the architecture infra/test.sh builds and checks (lib/config.ts).
+    expect(s.architecture).toBe('x86_64');
     expect(s.memoryMb).toBe(3008);
     expect(s.timeoutMinutes).toBe(15);
     expect(s.rustLog).toBe('info');
@@ -45,6 +46,7 @@ describe('resolveSettings', () => {
     expect(s.timeoutMinutes).toBe(5);
     expect(s.retainData).toBe(false);
     expect(s.logRetentionDays).toBe(30);
+    expect(resolveSettings(ctx({ arch: 'aarch64' }), base).architecture).toBe('arm64');
   });
 
   test('per-client settings from cdk.json merge with -c clients', () => {

@@ -265,7 +265,7 @@ describe('aggregator Lambda', () => {
     const p = t.Resources[ids().fn].Properties;
     expect(p.Runtime).toBe('provided.al2023');
     expect(p.Handler).toBe('bootstrap');
-    expect(p.Architectures).toEqual(['arm64']);
+    expect(p.Architectures).toEqual(['x86_64']); // the default (lib/config.ts)
     expect(p.MemorySize).toBe(3008);
     expect(p.Timeout).toBe(900);
     expect(p.LoggingConfig.LogFormat).toBe('JSON');
@@ -768,7 +768,7 @@ describe('options', () => {
   beforeAll(() => {
     alt = synthFedstep({
       clients: 'solo',
-      arch: 'x86_64',
+      arch: 'arm64', // the non-default architecture (lib/config.ts DEFAULTS)
       memoryMb: '4096',
       timeoutMinutes: '10',
       rustLog: 'fedstep=debug,info',
@@ -781,7 +781,7 @@ describe('options', () => {
     const at = alt.template.toJSON();
     const fnId = logicalId(alt.stack, alt.stack.aggregator.function);
     const p = at.Resources[fnId].Properties;
-    expect(p.Architectures).toEqual(['x86_64']);
+    expect(p.Architectures).toEqual(['arm64']);
     expect(p.MemorySize).toBe(4096);
     expect(p.Timeout).toBe(600);
     // The lease follows the configured timeout, not the 15-minute default.
