@@ -61,7 +61,7 @@ export interface AggregatorProps {
 
 /**
  * The Rust Lambda (one bootstrap for start_round / record_update / close_round
- * / finalize, DESIGN.md §3), its least-privilege role, and the `updates`
+ * / finalize, docs/design.md §3), its least-privilege role, and the `updates`
  * stream event source with a DLQ.
  *
  * The role is written out statement by statement instead of with CDK grant

@@ -65,7 +65,7 @@ export class ClientAccess extends Construct {
     this.queue = new sqs.Queue(this, 'Queue', {
       encryption: sqs.QueueEncryption.SQS_MANAGED,
       enforceSSL: true,
-      // The client extends visibility while it trains (DESIGN.md §3.2).
+      // The client extends visibility while it trains (docs/design.md §3.2).
       visibilityTimeout: Duration.minutes(5),
       retentionPeriod: Duration.days(4),
       deadLetterQueue: { queue: props.deadLetterQueue, maxReceiveCount: CLIENT_MAX_RECEIVE_COUNT },

@@ -10,7 +10,7 @@ export interface LedgerProps {
 }
 
 /**
- * The DynamoDB ledger (DESIGN.md §2):
+ * The DynamoDB ledger (docs/design.md §2):
  * - `rounds`: written by the Lambda only. PK job_id (S), SK round (N); the
  *   sparse GSI `artifacts_by_type` (artifact_llm_type / artifact_created_at)
  *   is the artifact registry, newest first with ScanIndexForward=false.

@@ -4,7 +4,7 @@ import { NagSuppressions } from 'cdk-nag';
 import { Construct } from 'constructs';
 
 /**
- * S3 key layout (DESIGN.md §2). IAM policies match these patterns (`*` in an
+ * S3 key layout (docs/design.md §2). IAM policies match these patterns (`*` in an
  * IAM resource ARN also matches `/`), so keep them in one place.
  */
 export const KEYS = {
