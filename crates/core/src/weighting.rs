@@ -5,7 +5,7 @@
 //! round's target `llm_type` is chosen and updates of other types are
 //! excluded (recorded, not silently dropped); then each remaining update gets
 //! its weight — `examples`: num_examples; `uniform`: 1; `quality`:
-//! num_examples × the type's quality multiplier (see [`crate::quality`]),
+//! num_examples × the type's quality multiplier (see `quality.rs`),
 //! whose metric checks may reject it too.
 
 use std::collections::BTreeMap;

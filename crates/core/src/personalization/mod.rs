@@ -13,7 +13,7 @@
 //!    only grows, as in the paper); writes the **upload** (shared values;
 //!    personal elements hold the global value) and the **personal file**
 //!    (personal values; shared elements hold 0), both in the
-//!    [file format](format).
+//!    [file format](mod@format).
 //! 4. Upload the upload; keep the personal file. It never leaves the client.
 //!
 //! The server runs the masked mean ([`masked_mean`]) when the pipeline says
