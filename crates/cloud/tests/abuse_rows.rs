@@ -166,24 +166,23 @@ async fn contradictory_jobs_are_refused_before_anything_is_written() {
     let good = job("cfg", 2, &["a", "b"], 2);
     fed.upload_initial(&good, &[0.0]).await;
 
-    let mut too_many = good.clone();
+    // The engine takes only a checked `Job`: a contradictory spec is
+    // refused by the check, the only way to one.
+    let mut too_many = good.spec().clone();
     too_many.min_clients = 3;
-    let mut no_clients = good.clone();
+    let mut no_clients = good.spec().clone();
     no_clients.clients.clear();
-    let mut bad_pipeline = good.clone();
+    let mut bad_pipeline = good.spec().clone();
     bad_pipeline
         .aggregation
         .insert("weighting".into(), toml::Value::String("vibes".into()));
     for (bad, want) in [
-        (&too_many, "exceeds the 2 clients"),
-        (&no_clients, "clients is empty"),
-        (&bad_pipeline, "[aggregation]"),
+        (too_many, "exceeds the 2 clients"),
+        (no_clients, "clients is empty"),
+        (bad_pipeline, "[aggregation]"),
     ] {
-        let err = engine.start_round(bad, 1, "t").await.unwrap_err();
-        assert!(
-            matches!(&err, CloudError::Invalid(m) if m.contains(want)),
-            "{err}"
-        );
+        let err = bad.check().unwrap_err();
+        assert!(err.contains(want), "{err}");
     }
     for round in [0, 3] {
         let err = engine.start_round(&good, round, "t").await.unwrap_err();
@@ -195,8 +194,9 @@ async fn contradictory_jobs_are_refused_before_anything_is_written() {
 
     // Once a job exists, another spec under the same id is refused.
     engine.start_round(&good, 1, "t1").await.unwrap();
-    let mut changed = good.clone();
+    let mut changed = good.spec().clone();
     changed.rounds = 5;
+    let changed = changed.check().unwrap();
     let err = engine.start_round(&changed, 1, "t2").await.unwrap_err();
     assert!(matches!(err, CloudError::ConditionFailed(_)), "{err}");
 

@@ -4,7 +4,7 @@ use fedstep_aws::{AwsConfig, DynamoLedger, S3Store, SfnCallback, SnsNotifier};
 use fedstep_cloud::engine::{EngineConfig, RoundEngine, UpdateOutcome};
 use fedstep_cloud::ports::{Clock, Ledger, Notifier, StreamingStore, SystemClock, TaskCallback};
 use fedstep_cloud::records::{RoundRecord, RoundResult, UpdateRecord};
-use fedstep_cloud::{CloudError, JobSpec, DEFAULT_READ_AHEAD_BYTES};
+use fedstep_cloud::{CloudError, Job, DEFAULT_READ_AHEAD_BYTES};
 use serde_json::Value;
 
 use crate::handlers::Aggregator;
@@ -54,7 +54,7 @@ where
 
     async fn start_round(
         &self,
-        job: &JobSpec,
+        job: &Job,
         round: u32,
         task_token: &str,
     ) -> Result<RoundRecord, CloudError> {

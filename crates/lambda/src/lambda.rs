@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use fedstep_cloud::TaskErrorName;
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::Value;
 
@@ -16,7 +17,7 @@ impl From<TaskError> for Diagnostic {
     fn from(err: TaskError) -> Diagnostic {
         // error_type is what Step Functions matches on (e.g. QuorumNotMet).
         Diagnostic {
-            error_type: err.error_type,
+            error_type: err.error_type.as_str().into(),
             error_message: err.message,
         }
     }
@@ -58,7 +59,7 @@ async fn within(
         .await
         .unwrap_or_else(|_| {
             Err(Diagnostic {
-                error_type: "Transient".into(),
+                error_type: TaskErrorName::Transient.as_str().into(),
                 error_message: format!(
                     "stopped {} s before the invocation's deadline with the work unfinished \
                  (e.g. another aggregation still holds the round); retried by the caller",
@@ -80,7 +81,7 @@ pub async fn dispatch<A: Aggregator>(engine: &A, event: Value) -> Result<Value, 
             response.batch_item_failures.push(failure);
         }
         return serde_json::to_value(response).map_err(|e| Diagnostic {
-            error_type: "AggregatorError".into(),
+            error_type: TaskErrorName::AggregatorError.as_str().into(),
             error_message: e.to_string(),
         });
     }
@@ -88,7 +89,7 @@ pub async fn dispatch<A: Aggregator>(engine: &A, event: Value) -> Result<Value, 
         return handle_task(engine, event).await.map_err(Diagnostic::from);
     }
     Err(Diagnostic {
-        error_type: "UnknownEvent".into(),
+        error_type: TaskErrorName::UnknownEvent.as_str().into(),
         error_message: "neither a DynamoDB stream batch (Records) nor a task payload (action)"
             .into(),
     })

@@ -16,7 +16,9 @@ use streams::types::{OperationType, ShardIteratorType};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::handlers::{handle_stream, handle_task, task_action, Action, Aggregator, StreamItem};
+use crate::handlers::{
+    handle_stream, handle_task, task_action, Action, Aggregator, StreamItem, TaskError,
+};
 
 /// Where a shard that exists when the worker starts is read from. Shards
 /// that appear later are always read from their start.
@@ -155,18 +157,12 @@ impl ActivityWorker {
             Ok(payload) if task_action(&payload) == Some(self.action) => {
                 handle_task(engine, payload).await
             }
-            Ok(payload) => Err(crate::handlers::TaskError {
-                error_type: "InvalidTaskInput".into(),
-                message: format!(
-                    "activity {} got action {:?}",
-                    self.action.name(),
-                    payload.get("action")
-                ),
-            }),
-            Err(e) => Err(crate::handlers::TaskError {
-                error_type: "InvalidTaskInput".into(),
-                message: e,
-            }),
+            Ok(payload) => Err(TaskError::invalid(format!(
+                "activity {} got action {:?}",
+                self.action.name(),
+                payload.get("action")
+            ))),
+            Err(e) => Err(TaskError::invalid(e)),
         };
         let sent = match outcome {
             // start_round's task is completed later, through the token the
@@ -182,11 +178,11 @@ impl ActivityWorker {
                 .map(|_| ())
                 .map_err(|e| fedstep_aws::sdk_error("Step Functions SendTaskSuccess", e)),
             Err(err) => {
-                tracing::warn!(action = self.action.name(), error_type = %err.error_type, message = %err.message, "task failed");
+                tracing::warn!(action = self.action.name(), error_type = err.error_type.as_str(), message = %err.message, "task failed");
                 self.sfn
                     .send_task_failure()
                     .task_token(token)
-                    .error(err.error_type)
+                    .error(err.error_type.as_str())
                     .cause(err.message)
                     .send()
                     .await

@@ -229,8 +229,9 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
         stop: None,
         aggregation: Default::default(),
         round_config: Default::default(),
-    };
-    job.check().map_err(|e| anyhow!("the bench's job: {e}"))?;
+    }
+    .check()
+    .map_err(|e| anyhow!("the bench's job: {e}"))?;
 
     let model = dir.join("init.safetensors");
     generate(&model, &layout(b.params, Dtype::F32), 0)?;

@@ -17,7 +17,6 @@ mod update;
 mod validate;
 
 pub use finalize::UNTYPED;
-pub use update::NO_USABLE_UPDATE;
 
 use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
 use crate::records::RoundResult;
