@@ -73,14 +73,14 @@ async fn rows_naming_no_round_a_closed_round_or_bad_ids_are_rejected_with_the_ru
     let b = fed.submit(&job, 1, "b", &[2.0], 1, &[]).await;
     assert!(matches!(
         engine.on_update(&b).await.unwrap(),
-        UpdateOutcome::Recorded { received: 1, .. }
+        UpdateOutcome::Recorded { usable: 1, .. }
     ));
     // A rejection is final for the round (a client has one row per round;
     // the rows above could only have come from `a` itself): its stored
     // row, delivered now, does not make it usable again.
     assert!(matches!(
         engine.on_update(&good).await.unwrap(),
-        UpdateOutcome::Recorded { received: 1, .. }
+        UpdateOutcome::Recorded { usable: 1, .. }
     ));
 }
 
@@ -303,8 +303,8 @@ proptest! {
                 engine.start_round(&job, 1, "t1").await.unwrap();
                 let outcome = engine.on_update(&row).await;
                 prop_assert!(outcome.is_ok(), "{row:?}: {outcome:?}");
-                if let Ok(UpdateOutcome::Recorded { received, .. }) = outcome {
-                    prop_assert_eq!(received, 1);
+                if let Ok(UpdateOutcome::Recorded { usable, .. }) = outcome {
+                    prop_assert_eq!(usable, 1);
                     prop_assert_eq!(&row.job_round, "fz#000001");
                     prop_assert_eq!(&row.client_id, "a");
                 }

@@ -41,7 +41,7 @@ async fn three_clients_three_rounds() {
                 assert_eq!(
                     outcome,
                     UpdateOutcome::Recorded {
-                        received: i + 1,
+                        usable: i + 1,
                         expected: 3
                     }
                 );

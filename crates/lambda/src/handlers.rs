@@ -14,7 +14,7 @@ use serde_json::Value;
 /// What the handlers need from the round engine (fedstep_cloud's
 /// `RoundEngine` implements it; tests use a fake). Kept as a trait so the
 /// event plumbing is tested without AWS.
-pub trait Aggregator: Send + Sync + 'static {
+pub trait RoundTasks: Send + Sync + 'static {
     /// What `on_update` reports; only logged here.
     type Outcome: Debug + Send;
 
@@ -119,7 +119,7 @@ pub fn task_action(payload: &Value) -> Option<Action> {
 
 /// Runs one task. Returns the task's output (ignored for start_round,
 /// whose result arrives later through the task token).
-pub async fn handle_task<A: Aggregator>(engine: &A, payload: Value) -> Result<Value, TaskError> {
+pub async fn handle_task<A: RoundTasks>(engine: &A, payload: Value) -> Result<Value, TaskError> {
     let task: TaskPayload = serde_json::from_value(payload)
         .map_err(|e| TaskError::invalid(format!("task payload: {e}")))?;
     let action = Action::parse(&task.action)
@@ -203,7 +203,7 @@ fn retry_worthy(err: &CloudError) -> bool {
 /// `batchItemFailures`. Lambda retries from the lowest failed sequence
 /// number, so after the first retryable failure the rest of the batch is not
 /// processed and is reported too (processing it now would only repeat it).
-pub async fn handle_stream<A: Aggregator>(engine: &A, items: &[StreamItem]) -> Vec<String> {
+pub async fn handle_stream<A: RoundTasks>(engine: &A, items: &[StreamItem]) -> Vec<String> {
     for (i, item) in items.iter().enumerate() {
         if item.event_name != "INSERT" {
             // Update rows are written once; MODIFY/REMOVE are not the protocol.
@@ -273,7 +273,7 @@ pub(crate) mod tests {
         }
     }
 
-    impl Aggregator for Fake {
+    impl RoundTasks for Fake {
         type Outcome = &'static str;
 
         async fn start_round(

@@ -10,7 +10,7 @@ use fedstep_cloud::TaskErrorName;
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::Value;
 
-use crate::handlers::{handle_stream, handle_task, Aggregator, TaskError};
+use crate::handlers::{handle_stream, handle_task, RoundTasks, TaskError};
 use crate::stream_record::{self, StreamItem};
 
 impl From<TaskError> for Diagnostic {
@@ -29,7 +29,7 @@ impl From<TaskError> for Diagnostic {
 /// workflow does not retry; with it, it answers `Transient`, which it does.
 const ANSWER_MARGIN: Duration = Duration::from_secs(10);
 
-pub async fn run<A: Aggregator>(engine: Arc<A>) -> Result<(), lambda_runtime::Error> {
+pub async fn run<A: RoundTasks>(engine: Arc<A>) -> Result<(), lambda_runtime::Error> {
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let engine = Arc::clone(&engine);
         async move {
@@ -70,7 +70,7 @@ async fn within(
 }
 
 /// Routes one invocation by the event's shape.
-pub async fn dispatch<A: Aggregator>(engine: &A, event: Value) -> Result<Value, Diagnostic> {
+pub async fn dispatch<A: RoundTasks>(engine: &A, event: Value) -> Result<Value, Diagnostic> {
     if let Some(records) = event.get("Records").and_then(Value::as_array) {
         let items: Vec<StreamItem> = records.iter().map(stream_record::decode).collect();
         let failed = handle_stream(engine, &items).await;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use fedstep_cloud::ports::{ClientQueue, Ledger, Notifier, OpenRound, PutUpdate, QueueMessage};
 use fedstep_cloud::records::{Artifact, Notification, RoundRecord, RoundResult, UpdateRecord};
 use fedstep_cloud::{CloudError, Job, RoundFailure};
-use fedstep_lambda::handlers::Aggregator;
+use fedstep_lambda::handlers::RoundTasks;
 use serde_json::Value;
 
 type Result<T> = std::result::Result<T, CloudError>;
@@ -269,21 +269,21 @@ impl<N: Notifier> Notifier for ObservedNotifier<N> {
 
 /// The aggregator's handlers, counting stream records and marking the
 /// ledger calls made while handling one.
-pub struct CountingAggregator<A> {
+pub struct CountingRoundTasks<A> {
     inner: A,
     pub records: AtomicU64,
 }
 
-impl<A> CountingAggregator<A> {
+impl<A> CountingRoundTasks<A> {
     pub fn new(inner: A) -> Self {
-        CountingAggregator {
+        CountingRoundTasks {
             inner,
             records: AtomicU64::new(0),
         }
     }
 }
 
-impl<A: Aggregator> Aggregator for CountingAggregator<A> {
+impl<A: RoundTasks> RoundTasks for CountingRoundTasks<A> {
     type Outcome = A::Outcome;
 
     async fn start_round(&self, job: &Job, round: u32, task_token: &str) -> Result<RoundRecord> {

@@ -35,7 +35,7 @@ where
     ///   keeps its reason; a new one is recorded as late. If the stream path
     ///   closed the round, the stored result is sent to its task token
     ///   again unless this engine already did (see `resend_result`).
-    /// - `Recorded`: counted; `received` counts usable updates so far.
+    /// - `Recorded`: counted; `usable` counts the usable updates so far.
     /// - `Aggregated`: this row completed the round and this engine closed it.
     ///
     /// A rejected expected client counts as "in" for completeness (it has
@@ -93,10 +93,7 @@ where
             .iter()
             .all(|c| after.received.contains(c) || after.rejections.contains_key(c));
         if !all_in || usable < after.min_clients as usize {
-            return Ok(UpdateOutcome::Recorded {
-                received: usable,
-                expected,
-            });
+            return Ok(UpdateOutcome::Recorded { usable, expected });
         }
         self.claim_and_aggregate(&job, &after).await
     }
@@ -203,7 +200,7 @@ where
     /// engine wins, aggregates and calls back the StartRound task.
     async fn claim_and_aggregate(&self, job: &Job, row: &RoundRecord) -> Result<UpdateOutcome> {
         let recorded = UpdateOutcome::Recorded {
-            received: participants(row).len(),
+            usable: participants(row).len(),
             expected: row.expected_clients.len(),
         };
         let Some(claimed) = self
