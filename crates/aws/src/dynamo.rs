@@ -10,7 +10,7 @@ use fedstep_cloud::error::Result;
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, OpenRound, PutUpdate};
 use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, UpdateRecord};
-use fedstep_cloud::{CloudError, JobSpec};
+use fedstep_cloud::{CloudError, Job, RoundFailure};
 
 use crate::config::{required, AwsConfig};
 use crate::error::sdk_error;
@@ -209,7 +209,7 @@ fn status(v: &str) -> AttributeValue {
 }
 
 impl Ledger for DynamoLedger {
-    async fn put_job(&self, job: &JobSpec) -> Result<()> {
+    async fn put_job(&self, job: &Job) -> Result<()> {
         let json = serde_json::to_string(job).map_err(|e| CloudError::Other(e.to_string()))?;
         let mut item = Self::round_key(&job.job_id, 0);
         item.insert(KIND.into(), s(KIND_JOB));
@@ -243,7 +243,7 @@ impl Ledger for DynamoLedger {
         }
     }
 
-    async fn get_job(&self, job_id: &str) -> Result<Option<JobSpec>> {
+    async fn get_job(&self, job_id: &str) -> Result<Option<Job>> {
         let Some(item) = self
             .get_item(&self.rounds_table, Self::round_key(job_id, 0))
             .await?
@@ -492,7 +492,7 @@ impl Ledger for DynamoLedger {
         }
     }
 
-    async fn fail_round(&self, job_id: &str, round: u32, reason: &str) -> Result<()> {
+    async fn fail_round(&self, job_id: &str, round: u32, failure: &RoundFailure) -> Result<()> {
         let res = self
             .client
             .update_item()
@@ -503,7 +503,7 @@ impl Ledger for DynamoLedger {
             .expression_attribute_names("#s", "status")
             .expression_attribute_values(":failed", status("FAILED"))
             .expression_attribute_values(":closed", status("CLOSED"))
-            .expression_attribute_values(":why", s(reason))
+            .expression_attribute_values(":why", s(&failure.to_string()))
             .send()
             .await;
         match res {
@@ -673,7 +673,7 @@ impl Ledger for DynamoLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstep_cloud::records::RoundStatus;
+    use fedstep_cloud::records::{ClosedBy, RoundStatus};
 
     fn record() -> RoundRecord {
         RoundRecord {
@@ -756,7 +756,7 @@ mod tests {
             global_model_key: "k".repeat(200),
             metrics: (0..32).map(|i| (format!("{i:0>64}"), 1.0 / 3.0)).collect(),
             continue_training: true,
-            closed_by: "stream".into(),
+            closed_by: ClosedBy::Stream,
             accepted: vec![],
             rejected: r.rejections.clone(),
         };

@@ -14,10 +14,10 @@ use fedstep_cloud::ports::{
     Callback, ClientQueue, Ledger, Notifier, ObjectStore, OpenRound, PutUpdate, TaskCallback,
 };
 use fedstep_cloud::records::{
-    Artifact, GlobalModelReady, Notification, RoundRecord, RoundResult, RoundStatus, UpdateRecord,
-    SCHEMA,
+    Artifact, ClosedBy, GlobalModelReady, Notification, RoundRecord, RoundResult, RoundStatus,
+    UpdateRecord, SCHEMA,
 };
-use fedstep_cloud::{CloudError, JobSpec};
+use fedstep_cloud::{CloudError, Job, JobSpec, RoundFailure};
 use sha2::{Digest, Sha256};
 
 fn hex(bytes: &[u8]) -> String {
@@ -228,7 +228,7 @@ async fn s3_update_uploads_are_tagged_for_expiry() {
     );
 }
 
-fn job(job_id: &str) -> JobSpec {
+fn job(job_id: &str) -> Job {
     JobSpec::from_toml(&format!(
         "job_id = \"{job_id}\"\nrounds = 3\nclients = [\"a\", \"b\", \"c\"]\nmin_clients = 2\nround_timeout_seconds = 60\n[aggregation]\nweighting = \"examples\"\n[round_config]\nlocal_epochs = 1\n"
     ))
@@ -262,7 +262,7 @@ fn result(job_id: &str, r: u32) -> RoundResult {
         global_model_key: fedstep_cloud::keys::global_model(job_id, r + 1),
         metrics: BTreeMap::from([("loss".into(), 0.25), ("clients".into(), 2.0)]),
         continue_training: true,
-        closed_by: "stream".into(),
+        closed_by: ClosedBy::Stream,
         accepted: vec!["a".into(), "b".into()],
         // As recorded with record_rejection before the close: the ledger
         // stores a closed result's reasons once, in `rejections`.
@@ -284,8 +284,9 @@ async fn ledger_job_header_and_round_lifecycle() {
     ledger.put_job(&spec).await.unwrap();
     ledger.put_job(&spec).await.unwrap();
     assert_eq!(ledger.get_job(&id).await.unwrap(), Some(spec.clone()));
-    let mut other = spec.clone();
+    let mut other = JobSpec::from(spec.clone());
     other.rounds = 9;
+    let other = other.check().unwrap();
     assert!(matches!(
         ledger.put_job(&other).await,
         Err(CloudError::ConditionFailed(_))
@@ -416,7 +417,10 @@ async fn ledger_job_header_and_round_lifecycle() {
         other => panic!("{other:?}"),
     }
     // fail_round leaves a CLOSED round alone...
-    ledger.fail_round(&id, 1, "too late").await.unwrap();
+    ledger
+        .fail_round(&id, 1, &RoundFailure::Other("too late".into()))
+        .await
+        .unwrap();
     assert_eq!(
         ledger.get_round(&id, 1).await.unwrap().unwrap().status,
         RoundStatus::Closed
@@ -424,14 +428,19 @@ async fn ledger_job_header_and_round_lifecycle() {
     // ...and fails an open one.
     ledger.open_round(&round(&id, 2, "u1")).await.unwrap();
     ledger
-        .fail_round(&id, 2, "quorum not met: 0 of 2")
+        .fail_round(&id, 2, &RoundFailure::quorum_not_met("0 of 2".into()))
         .await
         .unwrap();
     let failed = ledger.get_round(&id, 2).await.unwrap().unwrap();
     assert_eq!(failed.status, RoundStatus::Failed);
-    assert_eq!(failed.failure.as_deref(), Some("quorum not met: 0 of 2"));
+    assert_eq!(
+        failed.failure.map(String::from).as_deref(),
+        Some("quorum not met: 0 of 2")
+    );
     assert!(matches!(
-        ledger.fail_round(&id, 77, "x").await,
+        ledger
+            .fail_round(&id, 77, &RoundFailure::Other("x".into()))
+            .await,
         Err(CloudError::NotFound(_))
     ));
 

@@ -20,7 +20,7 @@ use fedstep_aws::{AwsConfig, DynamoLedger, S3Store};
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, ObjectStore};
 use fedstep_cloud::records::{RoundRecord, RoundStatus};
-use fedstep_cloud::JobSpec;
+use fedstep_cloud::{Job, JobSpec};
 use fedstep_core::{model, Limits};
 
 #[derive(Subcommand)]
@@ -84,7 +84,7 @@ pub fn run(cmd: JobCommand) -> Result<()> {
 /// Everything `start` checks before touching AWS.
 #[derive(Debug)]
 pub struct PreparedStart {
-    pub job: JobSpec,
+    pub job: Job,
     /// The initial model, resolved against the job file's directory.
     pub model: PathBuf,
     /// The execution input (statemachine/README.md "Execution input").
@@ -112,7 +112,7 @@ pub fn prepare_start(config: &Path) -> Result<PreparedStart> {
     // a round's largest result must fit Step Functions' state together).
     let input = serde_json::to_string(&JobSpec {
         initial_model: None,
-        ..job.clone()
+        ..job.spec().clone()
     })?;
     Ok(PreparedStart { job, model, input })
 }
@@ -432,7 +432,7 @@ async fn watch(job_id: &str, sm_arg: Option<String>, interval: u64) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstep_cloud::records::RoundResult;
+    use fedstep_cloud::records::{ClosedBy, RoundResult};
 
     const JOB: &str = r#"
 job_id = "digits-001"
@@ -522,7 +522,7 @@ local_epochs = 2
             global_model_key: "jobs/j/rounds/2/global.safetensors".into(),
             metrics: [("accuracy".to_string(), 0.875)].into(),
             continue_training: true,
-            closed_by: "deadline".into(),
+            closed_by: ClosedBy::Deadline,
             accepted: vec!["a".into()],
             rejected: [(
                 "b".to_string(),

@@ -121,9 +121,9 @@ fn check_complete(m: &TrainingComplete) -> Result<(), String> {
     Ok(())
 }
 
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
+/// The checksum format rule lives with the checksums (fedstep-cloud);
+/// re-exported for the decoder's property tests and fuzz target.
+pub use fedstep_cloud::checksum::is_sha256_hex;
 
 #[cfg(test)]
 mod tests {

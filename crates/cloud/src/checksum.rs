@@ -33,9 +33,15 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(h.finish_hex())
 }
 
-/// True for 64 hex digits (either case: compare with `eq_ignore_ascii_case`).
+/// True for a SHA-256 written as this system writes and stores it: 64
+/// lowercase hex digits (`to_hex` here; the S3 adapter lowercases the tag
+/// it reads). The one check of that format, on every path: the client's
+/// announcement decoder, the aggregator's update-row rule and the S3
+/// adapter. Uppercase is refused, not folded: the client compares the
+/// announced checksum with the downloaded model's byte for byte, so a
+/// checksum in another spelling could never verify.
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn to_hex(bytes: &[u8]) -> String {
@@ -64,5 +70,6 @@ mod tests {
         assert!(is_sha256_hex(&d));
         assert!(!is_sha256_hex("abc"));
         assert!(!is_sha256_hex(&"g".repeat(64)));
+        assert!(!is_sha256_hex(&d.to_ascii_uppercase()));
     }
 }

@@ -23,6 +23,7 @@
 //! ```
 
 use std::collections::BTreeSet;
+use std::ops::Deref;
 
 use fedstep_core::PipelineConfig;
 use serde::{Deserialize, Serialize};
@@ -70,15 +71,73 @@ pub enum StopMode {
     Min,
 }
 
-impl JobSpec {
-    /// Parses and checks a job file; every contradiction is named.
-    pub fn from_toml(text: &str) -> Result<JobSpec, String> {
-        let job: JobSpec = toml::from_str(text).map_err(|e| e.to_string())?;
-        job.check()?;
-        Ok(job)
+/// A job that passed every rule of [`JobSpec::check`], with its
+/// aggregation pipeline parsed. `check` is the only way to make one, and it
+/// runs where a job enters a program: a job file (`fedstep job start`,
+/// `from_toml`), the workflow's execution input (the Lambda handlers), a
+/// stored job (the ledger decodes rows into this type). Everything past
+/// that takes a `Job` and trusts it. It serializes as the JobSpec it came
+/// from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "JobSpec", into = "JobSpec")]
+pub struct Job {
+    spec: JobSpec,
+    pipeline: PipelineConfig,
+}
+
+impl Job {
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
     }
 
-    pub fn check(&self) -> Result<(), String> {
+    /// The aggregation pipeline of `[aggregation]`.
+    pub fn pipeline(&self) -> &PipelineConfig {
+        &self.pipeline
+    }
+
+    /// Whether `round` is one of the job's rounds (1..=rounds).
+    pub fn check_round(&self, round: u32) -> Result<(), String> {
+        if round == 0 || round > self.spec.rounds {
+            return Err(format!(
+                "round {round} is outside 1..={} of job `{}`",
+                self.spec.rounds, self.spec.job_id
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Deref for Job {
+    type Target = JobSpec;
+
+    fn deref(&self) -> &JobSpec {
+        &self.spec
+    }
+}
+
+impl TryFrom<JobSpec> for Job {
+    type Error = String;
+
+    fn try_from(spec: JobSpec) -> Result<Job, String> {
+        spec.check()
+    }
+}
+
+impl From<Job> for JobSpec {
+    fn from(job: Job) -> JobSpec {
+        job.spec
+    }
+}
+
+impl JobSpec {
+    /// Parses and checks a job file; every contradiction is named.
+    pub fn from_toml(text: &str) -> Result<Job, String> {
+        let job: JobSpec = toml::from_str(text).map_err(|e| e.to_string())?;
+        job.check()
+    }
+
+    /// Every rule a job must pass; the checked job if it does.
+    pub fn check(self) -> Result<Job, String> {
         check_id("job_id", &self.job_id)?;
         if self.rounds == 0 {
             return Err("rounds must be at least 1".into());
@@ -124,9 +183,13 @@ impl JobSpec {
             }
         }
         self.check_state_size()?;
-        let pipeline = self.pipeline()?;
+        let pipeline = self.parse_pipeline()?;
         self.check_krum(&pipeline)?;
-        self.check_share_cap(&pipeline)
+        self.check_share_cap(&pipeline)?;
+        Ok(Job {
+            spec: self,
+            pipeline,
+        })
     }
 
     /// Shares of at most s over n clients sum to at most n·s, so a cap
@@ -186,7 +249,7 @@ impl JobSpec {
         Ok(())
     }
 
-    pub fn pipeline(&self) -> Result<PipelineConfig, String> {
+    fn parse_pipeline(&self) -> Result<PipelineConfig, String> {
         let text = toml::to_string(&self.aggregation).map_err(|e| e.to_string())?;
         PipelineConfig::from_toml(&text).map_err(|e| format!("[aggregation]: {e}"))
     }
@@ -213,7 +276,7 @@ local_epochs = 2
         let j = JobSpec::from_toml(GOOD).unwrap();
         assert_eq!(j.clients.len(), 3);
         assert_eq!(
-            j.pipeline().unwrap().weighting(),
+            j.pipeline().weighting(),
             fedstep_core::weighting::Weighting::Uniform
         );
         assert_eq!(j.round_config["local_epochs"], 2);
@@ -307,7 +370,7 @@ local_epochs = 2
         assert!(err.contains("min_clients to at least 4"), "{err}");
         for (min_clients, cap) in [(2, "0.5"), (3, "0.34"), (1, "1.0"), (3, "1")] {
             let job = with(min_clients, cap).unwrap();
-            assert!(job.pipeline().unwrap().max_client_share().is_some());
+            assert!(job.pipeline().max_client_share().is_some());
         }
         // The core's own check still speaks first for a share that is no
         // fraction at all.
@@ -347,7 +410,7 @@ local_epochs = 2
         }
         for (min_clients, byzantine) in [(5, 1), (3, 0), (7, 2)] {
             let job = with(min_clients, byzantine).unwrap();
-            assert_eq!(job.pipeline().unwrap().pipeline().combiner_name(), "krum");
+            assert_eq!(job.pipeline().pipeline().combiner_name(), "krum");
         }
     }
 }

@@ -12,8 +12,12 @@ pub mod keys;
 pub mod local;
 pub mod ports;
 pub mod records;
+pub mod round_failure;
+pub mod task_error_name;
 pub mod timefmt;
 
 pub use engine::{EngineConfig, RoundEngine, UpdateOutcome, DEFAULT_READ_AHEAD_BYTES};
 pub use error::CloudError;
-pub use job::JobSpec;
+pub use job::{Job, JobSpec};
+pub use round_failure::RoundFailure;
+pub use task_error_name::TaskErrorName;

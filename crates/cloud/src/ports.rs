@@ -14,8 +14,9 @@ use fedstep_core::{ByteSource, OutputTarget};
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::job::JobSpec;
+use crate::job::Job;
 use crate::records::{Artifact, Notification, RoundRecord, RoundResult, UpdateRecord};
+use crate::round_failure::RoundFailure;
 
 /// Size and SHA-256 (lowercase hex) of a stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,8 +132,8 @@ pub enum OpenRound {
 pub trait Ledger: Send + Sync {
     /// Stores the job header if absent. An existing, different job with the
     /// same id is `ConditionFailed`.
-    fn put_job(&self, job: &JobSpec) -> impl Future<Output = Result<()>> + Send;
-    fn get_job(&self, job_id: &str) -> impl Future<Output = Result<Option<JobSpec>>> + Send;
+    fn put_job(&self, job: &Job) -> impl Future<Output = Result<()>> + Send;
+    fn get_job(&self, job_id: &str) -> impl Future<Output = Result<Option<Job>>> + Send;
 
     fn open_round(&self, round: &RoundRecord) -> impl Future<Output = Result<OpenRound>> + Send;
     fn get_round(
@@ -180,12 +181,12 @@ pub trait Ledger: Send + Sync {
         owner: &str,
         result: &RoundResult,
     ) -> impl Future<Output = Result<bool>> + Send;
-    /// → FAILED with a reason, unless the round is CLOSED.
+    /// → FAILED with this failure, unless the round is CLOSED.
     fn fail_round(
         &self,
         job_id: &str,
         round: u32,
-        reason: &str,
+        failure: &RoundFailure,
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// Conditional put: one row per client per round.

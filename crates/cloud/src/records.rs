@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::round_failure::RoundFailure;
+
 /// Version of the messages and rows below; readers refuse newer ones.
 pub const SCHEMA: u32 = 1;
 
@@ -54,7 +56,7 @@ pub struct RoundRecord {
     #[serde(default)]
     pub result: Option<RoundResult>,
     #[serde(default)]
-    pub failure: Option<String>,
+    pub failure: Option<RoundFailure>,
 }
 
 /// What a round produced: the StartRound callback output and the CloseRound
@@ -70,13 +72,40 @@ pub struct RoundResult {
     pub metrics: BTreeMap<String, f64>,
     #[serde(rename = "continue")]
     pub continue_training: bool,
-    /// Which path closed the round: "stream" (all clients in) or "deadline".
-    pub closed_by: String,
+    /// Which path closed the round.
+    pub closed_by: ClosedBy,
     /// Accepted clients and rejected clients with reasons.
     #[serde(default)]
     pub accepted: Vec<String>,
     #[serde(default)]
     pub rejected: BTreeMap<String, String>,
+}
+
+/// Which path closed a round. Stored in round rows and read by the state
+/// machine's callers as `"stream"` / `"deadline"`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClosedBy {
+    /// The stream path: every expected client was in.
+    Stream,
+    /// The deadline path (CloseRound).
+    Deadline,
+}
+
+impl ClosedBy {
+    /// The stored name, also shown by `fedstep job status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosedBy::Stream => "stream",
+            ClosedBy::Deadline => "deadline",
+        }
+    }
+}
+
+impl std::fmt::Display for ClosedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One row of the `updates` table (PK `client_id`, SK `job_round`), written

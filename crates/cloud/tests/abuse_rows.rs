@@ -73,14 +73,14 @@ async fn rows_naming_no_round_a_closed_round_or_bad_ids_are_rejected_with_the_ru
     let b = fed.submit(&job, 1, "b", &[2.0], 1, &[]).await;
     assert!(matches!(
         engine.on_update(&b).await.unwrap(),
-        UpdateOutcome::Recorded { received: 1, .. }
+        UpdateOutcome::Recorded { usable: 1, .. }
     ));
     // A rejection is final for the round (a client has one row per round;
     // the rows above could only have come from `a` itself): its stored
     // row, delivered now, does not make it usable again.
     assert!(matches!(
         engine.on_update(&good).await.unwrap(),
-        UpdateOutcome::Recorded { received: 1, .. }
+        UpdateOutcome::Recorded { usable: 1, .. }
     ));
 }
 
@@ -166,24 +166,23 @@ async fn contradictory_jobs_are_refused_before_anything_is_written() {
     let good = job("cfg", 2, &["a", "b"], 2);
     fed.upload_initial(&good, &[0.0]).await;
 
-    let mut too_many = good.clone();
+    // The engine takes only a checked `Job`: a contradictory spec is
+    // refused by the check, the only way to one.
+    let mut too_many = good.spec().clone();
     too_many.min_clients = 3;
-    let mut no_clients = good.clone();
+    let mut no_clients = good.spec().clone();
     no_clients.clients.clear();
-    let mut bad_pipeline = good.clone();
+    let mut bad_pipeline = good.spec().clone();
     bad_pipeline
         .aggregation
         .insert("weighting".into(), toml::Value::String("vibes".into()));
     for (bad, want) in [
-        (&too_many, "exceeds the 2 clients"),
-        (&no_clients, "clients is empty"),
-        (&bad_pipeline, "[aggregation]"),
+        (too_many, "exceeds the 2 clients"),
+        (no_clients, "clients is empty"),
+        (bad_pipeline, "[aggregation]"),
     ] {
-        let err = engine.start_round(bad, 1, "t").await.unwrap_err();
-        assert!(
-            matches!(&err, CloudError::Invalid(m) if m.contains(want)),
-            "{err}"
-        );
+        let err = bad.check().unwrap_err();
+        assert!(err.contains(want), "{err}");
     }
     for round in [0, 3] {
         let err = engine.start_round(&good, round, "t").await.unwrap_err();
@@ -195,8 +194,9 @@ async fn contradictory_jobs_are_refused_before_anything_is_written() {
 
     // Once a job exists, another spec under the same id is refused.
     engine.start_round(&good, 1, "t1").await.unwrap();
-    let mut changed = good.clone();
+    let mut changed = good.spec().clone();
     changed.rounds = 5;
+    let changed = changed.check().unwrap();
     let err = engine.start_round(&changed, 1, "t2").await.unwrap_err();
     assert!(matches!(err, CloudError::ConditionFailed(_)), "{err}");
 
@@ -303,8 +303,8 @@ proptest! {
                 engine.start_round(&job, 1, "t1").await.unwrap();
                 let outcome = engine.on_update(&row).await;
                 prop_assert!(outcome.is_ok(), "{row:?}: {outcome:?}");
-                if let Ok(UpdateOutcome::Recorded { received, .. }) = outcome {
-                    prop_assert_eq!(received, 1);
+                if let Ok(UpdateOutcome::Recorded { usable, .. }) = outcome {
+                    prop_assert_eq!(usable, 1);
                     prop_assert_eq!(&row.job_round, "fz#000001");
                     prop_assert_eq!(&row.client_id, "a");
                 }

@@ -15,7 +15,7 @@ use common::*;
 use fedstep_cloud::error::{CloudError, Result};
 use fedstep_cloud::local::{CallbackCall, RecordingCallback};
 use fedstep_cloud::ports::{Callback, Clock, Ledger, TaskCallback};
-use fedstep_cloud::records::{RoundResult, RoundStatus};
+use fedstep_cloud::records::{ClosedBy, RoundResult, RoundStatus};
 use fedstep_cloud::{EngineConfig, RoundEngine, UpdateOutcome};
 use serde_json::Value;
 
@@ -48,7 +48,7 @@ async fn closed_without_callback(
     fed: &Fed,
     job_id: &str,
 ) -> (
-    fedstep_cloud::JobSpec,
+    fedstep_cloud::Job,
     fedstep_cloud::records::UpdateRecord,
     RoundResult,
 ) {
@@ -161,7 +161,7 @@ async fn nothing_is_resent_for_a_round_the_deadline_path_closed() {
         .close_round("by-deadline", 1)
         .await
         .unwrap();
-    assert_eq!(result.closed_by, "deadline");
+    assert_eq!(result.closed_by, ClosedBy::Deadline);
     // Replays and a late row on a fresh engine: no callback at all.
     let fresh = fed.engine("fresh");
     for row in &rows {

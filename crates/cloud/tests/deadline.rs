@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use fedstep_cloud::ports::Ledger;
-use fedstep_cloud::records::RoundStatus;
+use fedstep_cloud::records::{ClosedBy, RoundStatus};
 use fedstep_cloud::{CloudError, UpdateOutcome};
 
 #[tokio::test]
@@ -25,7 +25,7 @@ async fn two_of_three_with_min_two_closes() {
     fed.clock.advance(601);
     fed.callback.expire("t1"); // StartRound timed out
     let result = engine.close_round("quorum-ok", 1).await.unwrap();
-    assert_eq!(result.closed_by, "deadline");
+    assert_eq!(result.closed_by, ClosedBy::Deadline);
     assert_eq!(result.accepted, vec!["a", "b"]);
     assert!(result.continue_training);
     assert_close(&fed.global(&job, 2).await, &[3.25, -3.25]);

@@ -25,7 +25,7 @@ async fn the_same_row_twice_aggregates_once() {
     assert_eq!(
         again,
         UpdateOutcome::Recorded {
-            received: 1,
+            usable: 1,
             expected: 3
         }
     );

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use fedstep_cloud::ports::Ledger;
-use fedstep_cloud::records::{Notification, RoundStatus};
+use fedstep_cloud::records::{ClosedBy, Notification, RoundStatus};
 use fedstep_cloud::UpdateOutcome;
 
 #[tokio::test]
@@ -41,7 +41,7 @@ async fn three_clients_three_rounds() {
                 assert_eq!(
                     outcome,
                     UpdateOutcome::Recorded {
-                        received: i + 1,
+                        usable: i + 1,
                         expected: 3
                     }
                 );
@@ -50,7 +50,7 @@ async fn three_clients_three_rounds() {
                     panic!("the last update should aggregate: {outcome:?}");
                 };
                 assert_eq!(result.round, round);
-                assert_eq!(result.closed_by, "stream");
+                assert_eq!(result.closed_by, ClosedBy::Stream);
                 assert_eq!(result.continue_training, round < 3);
                 assert_eq!(result.accepted.len(), 3);
                 assert_eq!(result.metrics["clients_accepted"], 3.0);

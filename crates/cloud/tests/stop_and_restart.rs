@@ -7,23 +7,22 @@ use common::*;
 use fedstep_cloud::local::CallbackCall;
 use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::Notification;
-use fedstep_cloud::{JobSpec, UpdateOutcome};
+use fedstep_cloud::{Job, JobSpec, UpdateOutcome};
 
-fn job_with_target(job_id: &str) -> JobSpec {
-    let mut j = job(job_id, 5, &["a", "b"], 2);
+fn job_with_target(job_id: &str) -> Job {
+    let mut j = JobSpec::from(job(job_id, 5, &["a", "b"], 2));
     j.stop = Some(fedstep_cloud::job::StopRule {
         metric: "accuracy".into(),
         target: Some(0.9),
         mode: fedstep_cloud::job::StopMode::Max,
         patience: None,
     });
-    j.check().unwrap();
-    j
+    j.check().unwrap()
 }
 
 async fn one_round(
     fed: &Fed,
-    job: &JobSpec,
+    job: &Job,
     round: u32,
     acc: [f64; 2],
 ) -> fedstep_cloud::records::RoundResult {
@@ -74,14 +73,14 @@ async fn reaching_the_target_stops_training() {
 async fn one_outlier_cannot_trigger_the_stop_rule_but_the_majority_does() {
     let fed = Fed::new();
     let engine = fed.engine("agg");
-    let mut job = job("outlier", 5, &["a", "b", "evil"], 3);
+    let mut job = JobSpec::from(job("outlier", 5, &["a", "b", "evil"], 3));
     job.stop = Some(fedstep_cloud::job::StopRule {
         metric: "accuracy".into(),
         target: Some(0.9),
         mode: fedstep_cloud::job::StopMode::Max,
         patience: None,
     });
-    job.check().unwrap();
+    let job = job.check().unwrap();
     fed.upload_initial(&job, &[0.0]).await;
     let round = |r: u32, honest: [f64; 2], evil: f64, evil_examples: u64| {
         let (fed, engine, job) = (&fed, &engine, &job);

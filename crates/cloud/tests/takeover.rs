@@ -5,13 +5,13 @@ mod common;
 
 use common::*;
 use fedstep_cloud::ports::{Clock, Ledger};
-use fedstep_cloud::records::RoundStatus;
+use fedstep_cloud::records::{ClosedBy, RoundStatus};
 use fedstep_cloud::UpdateOutcome;
 
 /// Rows for a, b, c in, and the round claimed by an aggregator that died.
 async fn crashed_round(
     fed: &Fed,
-    job: &fedstep_cloud::JobSpec,
+    job: &fedstep_cloud::Job,
 ) -> fedstep_cloud::records::UpdateRecord {
     let engine = fed.engine("survivor");
     fed.upload_initial(job, &[0.0]).await;
@@ -75,7 +75,7 @@ async fn the_deadline_path_takes_over_after_the_lease() {
         .close_round("crash-deadline", 1)
         .await
         .unwrap();
-    assert_eq!(result.closed_by, "deadline");
+    assert_eq!(result.closed_by, ClosedBy::Deadline);
     assert_close(&fed.global(&job, 2).await, &[2.0]);
 }
 

@@ -7,20 +7,20 @@ use std::fmt::Debug;
 use std::future::Future;
 
 use fedstep_cloud::records::{RoundRecord, RoundResult, UpdateRecord};
-use fedstep_cloud::{CloudError, JobSpec};
+use fedstep_cloud::{CloudError, Job, JobSpec, TaskErrorName};
 use serde::Deserialize;
 use serde_json::Value;
 
 /// What the handlers need from the round engine (fedstep_cloud's
 /// `RoundEngine` implements it; tests use a fake). Kept as a trait so the
 /// event plumbing is tested without AWS.
-pub trait Aggregator: Send + Sync + 'static {
+pub trait RoundTasks: Send + Sync + 'static {
     /// What `on_update` reports; only logged here.
     type Outcome: Debug + Send;
 
     fn start_round(
         &self,
-        job: &JobSpec,
+        job: &Job,
         round: u32,
         task_token: &str,
     ) -> impl Future<Output = Result<RoundRecord, CloudError>> + Send;
@@ -45,18 +45,14 @@ pub trait Aggregator: Send + Sync + 'static {
 /// (Lambda `Diagnostic.error_type`, activity `SendTaskFailure.error`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskError {
-    pub error_type: String,
+    pub error_type: TaskErrorName,
     pub message: String,
 }
 
-/// The Step Functions error name for close_round's "too few updates"
-/// (statemachine/README.md).
-pub const QUORUM_NOT_MET: &str = "QuorumNotMet";
-
 impl TaskError {
-    fn invalid(message: impl Into<String>) -> TaskError {
+    pub fn invalid(message: impl Into<String>) -> TaskError {
         TaskError {
-            error_type: "InvalidTaskInput".into(),
+            error_type: TaskErrorName::InvalidTaskInput,
             message: message.into(),
         }
     }
@@ -64,15 +60,7 @@ impl TaskError {
 
 impl From<CloudError> for TaskError {
     fn from(err: CloudError) -> TaskError {
-        let error_type = match &err {
-            CloudError::QuorumNotMet(_) => QUORUM_NOT_MET,
-            CloudError::Invalid(_) => "InvalidInput",
-            CloudError::NotFound(_) => "NotFound",
-            CloudError::ConditionFailed(_) => "ConditionFailed",
-            CloudError::Transient(_) => "Transient",
-            CloudError::Aggregate(_) => "AggregationFailed",
-            CloudError::Io(_) | CloudError::Other(_) => "AggregatorError",
-        };
+        let error_type = err.task_error_name();
         let message = match err {
             // The cause is the engine's text ("quorum not met: 1 of
             // min_clients 3 ..."); keep it as is, without a second prefix.
@@ -80,7 +68,7 @@ impl From<CloudError> for TaskError {
             other => other.to_string(),
         };
         TaskError {
-            error_type: error_type.into(),
+            error_type,
             message,
         }
     }
@@ -131,7 +119,7 @@ pub fn task_action(payload: &Value) -> Option<Action> {
 
 /// Runs one task. Returns the task's output (ignored for start_round,
 /// whose result arrives later through the task token).
-pub async fn handle_task<A: Aggregator>(engine: &A, payload: Value) -> Result<Value, TaskError> {
+pub async fn handle_task<A: RoundTasks>(engine: &A, payload: Value) -> Result<Value, TaskError> {
     let task: TaskPayload = serde_json::from_value(payload)
         .map_err(|e| TaskError::invalid(format!("task payload: {e}")))?;
     let action = Action::parse(&task.action)
@@ -149,12 +137,7 @@ pub async fn handle_task<A: Aggregator>(engine: &A, payload: Value) -> Result<Va
                 .filter(|t| !t.is_empty())
                 .ok_or_else(|| TaskError::invalid("start_round without context.Task.Token"))?;
             let job = job_from_context(&task.context, &task.job_id)?;
-            if task.round == 0 || task.round > job.rounds {
-                return Err(TaskError::invalid(format!(
-                    "round {} outside 1..={} of job `{}`",
-                    task.round, job.rounds, job.job_id
-                )));
-            }
+            job.check_round(task.round).map_err(TaskError::invalid)?;
             let record = engine.start_round(&job, task.round, token).await?;
             Ok(serde_json::json!({
                 "job_id": record.job_id,
@@ -179,8 +162,9 @@ pub async fn handle_task<A: Aggregator>(engine: &A, payload: Value) -> Result<Va
 }
 
 /// The job is the execution input (written by `fedstep job start`: the
-/// JobSpec JSON, which includes `round_timeout_seconds`).
-fn job_from_context(context: &Value, job_id: &str) -> Result<JobSpec, TaskError> {
+/// JobSpec JSON, which includes `round_timeout_seconds`). Input from
+/// outside: checked here, once per invocation; the engine trusts the `Job`.
+fn job_from_context(context: &Value, job_id: &str) -> Result<Job, TaskError> {
     let input = context
         .pointer("/Execution/Input")
         .ok_or_else(|| TaskError::invalid("no context.Execution.Input (the job)"))?;
@@ -190,7 +174,8 @@ fn job_from_context(context: &Value, job_id: &str) -> Result<JobSpec, TaskError>
         other => serde_json::from_value(other.clone()),
     }
     .map_err(|e| TaskError::invalid(format!("execution input is not a job: {e}")))?;
-    job.check()
+    let job = job
+        .check()
         .map_err(|e| TaskError::invalid(format!("execution input: {e}")))?;
     if job.job_id != job_id {
         return Err(TaskError::invalid(format!(
@@ -218,7 +203,7 @@ fn retry_worthy(err: &CloudError) -> bool {
 /// `batchItemFailures`. Lambda retries from the lowest failed sequence
 /// number, so after the first retryable failure the rest of the batch is not
 /// processed and is reported too (processing it now would only repeat it).
-pub async fn handle_stream<A: Aggregator>(engine: &A, items: &[StreamItem]) -> Vec<String> {
+pub async fn handle_stream<A: RoundTasks>(engine: &A, items: &[StreamItem]) -> Vec<String> {
     for (i, item) in items.iter().enumerate() {
         if item.event_name != "INSERT" {
             // Update rows are written once; MODIFY/REMOVE are not the protocol.
@@ -260,7 +245,7 @@ pub async fn handle_stream<A: Aggregator>(engine: &A, items: &[StreamItem]) -> V
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use fedstep_cloud::records::RoundStatus;
+    use fedstep_cloud::records::{ClosedBy, RoundStatus};
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
@@ -282,18 +267,18 @@ pub(crate) mod tests {
             global_model_key: fedstep_cloud::keys::global_model(job_id, round + 1),
             metrics: BTreeMap::new(),
             continue_training: false,
-            closed_by: "deadline".into(),
+            closed_by: ClosedBy::Deadline,
             accepted: vec![],
             rejected: BTreeMap::new(),
         }
     }
 
-    impl Aggregator for Fake {
+    impl RoundTasks for Fake {
         type Outcome = &'static str;
 
         async fn start_round(
             &self,
-            job: &JobSpec,
+            job: &Job,
             round: u32,
             token: &str,
         ) -> Result<RoundRecord, CloudError> {
@@ -431,7 +416,7 @@ pub(crate) mod tests {
             ),
         ] {
             let err = handle_task(&fake, payload).await.unwrap_err();
-            assert_eq!(err.error_type, "InvalidTaskInput");
+            assert_eq!(err.error_type, TaskErrorName::InvalidTaskInput);
             assert!(err.message.contains(want), "{}", err.message);
         }
         assert!(fake.calls.lock().unwrap().is_empty());
@@ -449,7 +434,7 @@ pub(crate) mod tests {
         )
         .await
         .unwrap_err();
-        assert_eq!(err.error_type, QUORUM_NOT_MET);
+        assert_eq!(err.error_type, TaskErrorName::QuorumNotMet);
         assert_eq!(
             err.message,
             "quorum not met: 1 of min_clients 3 updates received"

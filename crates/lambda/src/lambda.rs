@@ -6,17 +6,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use fedstep_cloud::TaskErrorName;
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::Value;
 
-use crate::handlers::{handle_stream, handle_task, Aggregator, TaskError};
+use crate::handlers::{handle_stream, handle_task, RoundTasks, TaskError};
 use crate::stream_record::{self, StreamItem};
 
 impl From<TaskError> for Diagnostic {
     fn from(err: TaskError) -> Diagnostic {
         // error_type is what Step Functions matches on (e.g. QuorumNotMet).
         Diagnostic {
-            error_type: err.error_type,
+            error_type: err.error_type.as_str().into(),
             error_message: err.message,
         }
     }
@@ -28,7 +29,7 @@ impl From<TaskError> for Diagnostic {
 /// workflow does not retry; with it, it answers `Transient`, which it does.
 const ANSWER_MARGIN: Duration = Duration::from_secs(10);
 
-pub async fn run<A: Aggregator>(engine: Arc<A>) -> Result<(), lambda_runtime::Error> {
+pub async fn run<A: RoundTasks>(engine: Arc<A>) -> Result<(), lambda_runtime::Error> {
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let engine = Arc::clone(&engine);
         async move {
@@ -58,7 +59,7 @@ async fn within(
         .await
         .unwrap_or_else(|_| {
             Err(Diagnostic {
-                error_type: "Transient".into(),
+                error_type: TaskErrorName::Transient.as_str().into(),
                 error_message: format!(
                     "stopped {} s before the invocation's deadline with the work unfinished \
                  (e.g. another aggregation still holds the round); retried by the caller",
@@ -69,7 +70,7 @@ async fn within(
 }
 
 /// Routes one invocation by the event's shape.
-pub async fn dispatch<A: Aggregator>(engine: &A, event: Value) -> Result<Value, Diagnostic> {
+pub async fn dispatch<A: RoundTasks>(engine: &A, event: Value) -> Result<Value, Diagnostic> {
     if let Some(records) = event.get("Records").and_then(Value::as_array) {
         let items: Vec<StreamItem> = records.iter().map(stream_record::decode).collect();
         let failed = handle_stream(engine, &items).await;
@@ -80,7 +81,7 @@ pub async fn dispatch<A: Aggregator>(engine: &A, event: Value) -> Result<Value, 
             response.batch_item_failures.push(failure);
         }
         return serde_json::to_value(response).map_err(|e| Diagnostic {
-            error_type: "AggregatorError".into(),
+            error_type: TaskErrorName::AggregatorError.as_str().into(),
             error_message: e.to_string(),
         });
     }
@@ -88,7 +89,7 @@ pub async fn dispatch<A: Aggregator>(engine: &A, event: Value) -> Result<Value, 
         return handle_task(engine, event).await.map_err(Diagnostic::from);
     }
     Err(Diagnostic {
-        error_type: "UnknownEvent".into(),
+        error_type: TaskErrorName::UnknownEvent.as_str().into(),
         error_message: "neither a DynamoDB stream batch (Records) nor a task payload (action)"
             .into(),
     })

@@ -3,9 +3,9 @@
 //! parses its arguments and picks one; the library exists so that tests
 //! (and the fuzz target) reach the decoder and handlers directly.
 
-pub mod engine;
+pub mod aws_engine;
+pub mod emulator_worker;
 pub mod handlers;
 pub mod lambda;
-pub mod local;
 pub mod logging;
 pub mod stream_record;

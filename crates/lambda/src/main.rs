@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fedstep_aws::{AwsConfig, Settings};
-use fedstep_lambda::{engine, lambda, local, logging};
+use fedstep_lambda::{aws_engine, emulator_worker, lambda, logging};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -100,7 +100,7 @@ fn run_lambda() -> Result<(), String> {
             std::env::var("AWS_LAMBDA_LOG_STREAM_NAME").unwrap_or_else(|_| "unknown".into()),
             std::process::id()
         );
-        let engine = engine::build(&cfg, owner)?;
+        let engine = aws_engine::build(&cfg, owner)?;
         lambda::run(Arc::new(engine))
             .await
             .map_err(|e| e.to_string())
@@ -138,10 +138,10 @@ fn run_local(
         }
         None => Settings::from_env(),
     };
-    let opts = local::LocalOptions {
+    let opts = emulator_worker::LocalOptions {
         stream_start: match start {
-            Start::TrimHorizon => local::StreamStart::TrimHorizon,
-            Start::Latest => local::StreamStart::Latest,
+            Start::TrimHorizon => emulator_worker::StreamStart::TrimHorizon,
+            Start::Latest => emulator_worker::StreamStart::Latest,
         },
         worker_name,
         idle_poll: Duration::from_millis(idle_ms.max(10)),
@@ -153,14 +153,14 @@ fn run_local(
                 .await;
         let cfg = AwsConfig::new(sdk, settings);
         let owner = format!("local:{}:{}", opts.worker_name, std::process::id());
-        let engine = Arc::new(engine::build(&cfg, owner)?);
+        let engine = Arc::new(aws_engine::build(&cfg, owner)?);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutting down: finishing in-flight work");
             let _ = stop_tx.send(true);
         });
-        local::run(engine, &cfg, opts, stop_rx).await
+        emulator_worker::run(engine, &cfg, opts, stop_rx).await
     })
 }
 

@@ -16,7 +16,7 @@ use common::{str_at, unique};
 use fedstep_aws::aws_sdk_sfn::types::ExecutionStatus;
 use fedstep_cloud::ports::{Ledger, ObjectStore, PutUpdate};
 use fedstep_cloud::records::{RoundStatus, UpdateRecord, SCHEMA};
-use fedstep_cloud::{keys, JobSpec};
+use fedstep_cloud::{keys, Job, JobSpec};
 use serde_json::Value;
 
 /// The worker process; SIGTERM on drop so a failed test leaves none behind.
@@ -82,7 +82,7 @@ fn model(path: &Path, values: [f32; 4]) {
     std::fs::write(path, data).unwrap();
 }
 
-fn job(job_id: &str, timeout: u64) -> JobSpec {
+fn job(job_id: &str, timeout: u64) -> Job {
     JobSpec::from_toml(&format!(
         "job_id = \"{job_id}\"\nrounds = 1\nclients = [\"site-a\"]\nmin_clients = 1\nround_timeout_seconds = {timeout}\n[aggregation]\nweighting = \"examples\"\n"
     ))

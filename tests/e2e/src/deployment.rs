@@ -222,7 +222,7 @@ impl Deployment {
         job_id: &str,
         rounds: u32,
         clients: &[&str],
-        closed_by: &str,
+        closed_by: fedstep_cloud::records::ClosedBy,
     ) -> Vec<fedstep_cloud::records::RoundRecord> {
         use fedstep_cloud::ports::Ledger;
         use fedstep_cloud::records::RoundStatus;

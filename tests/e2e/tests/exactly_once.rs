@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, ObjectStore, PutUpdate};
-use fedstep_cloud::records::{RoundStatus, UpdateRecord, SCHEMA};
+use fedstep_cloud::records::{ClosedBy, RoundStatus, UpdateRecord, SCHEMA};
 use fedstep_e2e::{execution, launch, Binaries, Deployment, Process};
 use serde_json::Value;
 
@@ -203,5 +203,5 @@ async fn duplicates_and_racing_handlers_aggregate_and_call_back_once() {
 
     let round = ledger.get_round(&job_id, 1).await.unwrap().unwrap();
     assert_eq!(round.status, RoundStatus::Closed);
-    assert_eq!(round.result.unwrap().closed_by, "stream");
+    assert_eq!(round.result.unwrap().closed_by, ClosedBy::Stream);
 }

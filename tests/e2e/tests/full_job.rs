@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, ObjectStore};
+use fedstep_cloud::records::ClosedBy;
 use fedstep_e2e::{execution, fedavg, launch, log_times, Binaries, Deployment};
 
 const CLIENTS: [&str; 3] = ["site-a", "site-b", "site-c"];
@@ -62,7 +63,8 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
     launch::assert_worker_wrote_nothing(&d, "worker-a");
 
     // The ledger: three CLOSED rounds, every client accepted in each.
-    d.closed_rounds(&job_id, 3, &CLIENTS, "stream").await;
+    d.closed_rounds(&job_id, 3, &CLIENTS, ClosedBy::Stream)
+        .await;
     let ledger = d.ledger();
 
     // Each next global model = Σ num_examples·update / Σ num_examples.

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use fedstep_cloud::ports::Ledger;
-use fedstep_cloud::records::RoundStatus;
+use fedstep_cloud::records::{ClosedBy, RoundStatus};
 use fedstep_e2e::client_config::{ClientSetup, Trainer};
 use fedstep_e2e::{execution, fedavg, launch, Binaries, Deployment};
 
@@ -126,7 +126,7 @@ async fn a_silent_client_closes_the_round_at_the_deadline_or_fails_the_quorum() 
         .expect("round 1");
     assert_eq!(round.status, RoundStatus::Closed);
     let result = round.result.expect("a result");
-    assert_eq!(result.closed_by, "deadline");
+    assert_eq!(result.closed_by, ClosedBy::Deadline);
     let mut accepted = result.accepted.clone();
     accepted.sort();
     assert_eq!(accepted, ["site-a", "site-b"]);

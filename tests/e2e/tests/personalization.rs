@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::ObjectStore;
+use fedstep_cloud::records::ClosedBy;
 use fedstep_e2e::client_config::{self, Personalize};
 use fedstep_e2e::masked_fedavg::{self, MaskedFile};
 use fedstep_e2e::{execution, launch, Binaries, Deployment};
@@ -97,7 +98,8 @@ async fn one_fedselect_client_among_plain_ones() {
     }
 
     // The ledger: every round CLOSED by the stream, all three accepted.
-    d.closed_rounds(&job_id, ROUNDS, &CLIENTS, "stream").await;
+    d.closed_rounds(&job_id, ROUNDS, &CLIENTS, ClosedBy::Stream)
+        .await;
 
     let store = d.store();
     let mut previous_personal: Option<Vec<(String, BTreeSet<usize>)>> = None;

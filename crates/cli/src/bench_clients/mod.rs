@@ -53,7 +53,7 @@ use fedstep_client::{
 use fedstep_cloud::ports::{Ledger, ObjectStore, SystemClock};
 use fedstep_cloud::{keys, EngineConfig, JobSpec, RoundEngine, DEFAULT_READ_AHEAD_BYTES};
 use fedstep_core::Limits;
-use fedstep_lambda::local::{self, LocalOptions, StreamStart};
+use fedstep_lambda::emulator_worker::{self, LocalOptions, StreamStart};
 use safetensors::Dtype;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -61,7 +61,7 @@ use tokio::task::JoinSet;
 use crate::bench::{generate, layout, parse_count};
 use deploy::Deployment;
 use observed::{
-    CountingAggregator, LedgerCalls, ObservedLedger, ObservedNotifier, ObservedQueue, Timeline,
+    CountingRoundTasks, LedgerCalls, ObservedLedger, ObservedNotifier, ObservedQueue, Timeline,
 };
 
 #[derive(clap::Args)]
@@ -229,8 +229,9 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
         stop: None,
         aggregation: Default::default(),
         round_config: Default::default(),
-    };
-    job.check().map_err(|e| anyhow!("the bench's job: {e}"))?;
+    }
+    .check()
+    .map_err(|e| anyhow!("the bench's job: {e}"))?;
 
     let model = dir.join("init.safetensors");
     generate(&model, &layout(b.params, Dtype::F32), 0)?;
@@ -256,7 +257,7 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
             lease_seconds: 960,
         },
     );
-    let aggregator = Arc::new(CountingAggregator::new(engine));
+    let aggregator = Arc::new(CountingRoundTasks::new(engine));
     let (stop_tx, stop_rx) = watch::channel(false);
     let aggregator_task = tokio::spawn({
         let (aggregator, cfg, stop) = (Arc::clone(&aggregator), cfg.clone(), stop_rx.clone());
@@ -266,7 +267,7 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
                 worker_name: "bench".into(),
                 idle_poll: Duration::from_millis(100),
             };
-            local::run(aggregator, &cfg, opts, stop).await
+            emulator_worker::run(aggregator, &cfg, opts, stop).await
         }
     });
 

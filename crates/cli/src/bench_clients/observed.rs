@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use fedstep_cloud::ports::{ClientQueue, Ledger, Notifier, OpenRound, PutUpdate, QueueMessage};
 use fedstep_cloud::records::{Artifact, Notification, RoundRecord, RoundResult, UpdateRecord};
-use fedstep_cloud::{CloudError, JobSpec};
-use fedstep_lambda::handlers::Aggregator;
+use fedstep_cloud::{CloudError, Job, RoundFailure};
+use fedstep_lambda::handlers::RoundTasks;
 use serde_json::Value;
 
 type Result<T> = std::result::Result<T, CloudError>;
@@ -97,11 +97,11 @@ impl<L: Ledger> ObservedLedger<L> {
 }
 
 impl<L: Ledger> Ledger for ObservedLedger<L> {
-    async fn put_job(&self, job: &JobSpec) -> Result<()> {
+    async fn put_job(&self, job: &Job) -> Result<()> {
         self.count();
         self.inner.put_job(job).await
     }
-    async fn get_job(&self, job_id: &str) -> Result<Option<JobSpec>> {
+    async fn get_job(&self, job_id: &str) -> Result<Option<Job>> {
         self.count();
         self.inner.get_job(job_id).await
     }
@@ -160,9 +160,9 @@ impl<L: Ledger> Ledger for ObservedLedger<L> {
         }
         Ok(closed)
     }
-    async fn fail_round(&self, job_id: &str, round: u32, reason: &str) -> Result<()> {
+    async fn fail_round(&self, job_id: &str, round: u32, failure: &RoundFailure) -> Result<()> {
         self.count();
-        self.inner.fail_round(job_id, round, reason).await
+        self.inner.fail_round(job_id, round, failure).await
     }
     async fn put_update(&self, update: &UpdateRecord) -> Result<PutUpdate> {
         self.count();
@@ -269,29 +269,24 @@ impl<N: Notifier> Notifier for ObservedNotifier<N> {
 
 /// The aggregator's handlers, counting stream records and marking the
 /// ledger calls made while handling one.
-pub struct CountingAggregator<A> {
+pub struct CountingRoundTasks<A> {
     inner: A,
     pub records: AtomicU64,
 }
 
-impl<A> CountingAggregator<A> {
+impl<A> CountingRoundTasks<A> {
     pub fn new(inner: A) -> Self {
-        CountingAggregator {
+        CountingRoundTasks {
             inner,
             records: AtomicU64::new(0),
         }
     }
 }
 
-impl<A: Aggregator> Aggregator for CountingAggregator<A> {
+impl<A: RoundTasks> RoundTasks for CountingRoundTasks<A> {
     type Outcome = A::Outcome;
 
-    async fn start_round(
-        &self,
-        job: &JobSpec,
-        round: u32,
-        task_token: &str,
-    ) -> Result<RoundRecord> {
+    async fn start_round(&self, job: &Job, round: u32, task_token: &str) -> Result<RoundRecord> {
         self.inner.start_round(job, round, task_token).await
     }
 

@@ -90,9 +90,9 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         stop: None,
         aggregation: settings.aggregation.clone(),
         round_config: serde_json::Map::new(),
-    };
-    job.check()
-        .map_err(|e| anyhow::anyhow!("simulated job: {e}"))?;
+    }
+    .check()
+    .map_err(|e| anyhow::anyhow!("simulated job: {e}"))?;
     ledger.put_job(&job).await?;
 
     // The baselines need no engine: train them beside the federation.

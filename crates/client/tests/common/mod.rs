@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use fedstep_client::retry::Backoff;
 use fedstep_client::{TrainError, TrainReport, TrainRequest, Trainer, WorkerOptions};
-use fedstep_cloud::job::JobSpec;
+use fedstep_cloud::job::Job;
 use fedstep_cloud::ports::{
     ClientQueue, Clock, Ledger, ObjectInfo, ObjectStore, OpenRound, PutUpdate, QueueMessage,
 };
 use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, UpdateRecord};
-use fedstep_cloud::{keys, CloudError};
+use fedstep_cloud::{keys, CloudError, RoundFailure};
 use fedstep_core::Limits;
 use sha2::{Digest, Sha256};
 
@@ -238,10 +238,10 @@ fn unused<T>() -> Result<T, CloudError> {
 }
 
 impl Ledger for MemLedger {
-    async fn put_job(&self, _: &JobSpec) -> Result<(), CloudError> {
+    async fn put_job(&self, _: &Job) -> Result<(), CloudError> {
         unused()
     }
-    async fn get_job(&self, _: &str) -> Result<Option<JobSpec>, CloudError> {
+    async fn get_job(&self, _: &str) -> Result<Option<Job>, CloudError> {
         unused()
     }
     async fn open_round(&self, _: &RoundRecord) -> Result<OpenRound, CloudError> {
@@ -278,7 +278,7 @@ impl Ledger for MemLedger {
     ) -> Result<bool, CloudError> {
         unused()
     }
-    async fn fail_round(&self, _: &str, _: u32, _: &str) -> Result<(), CloudError> {
+    async fn fail_round(&self, _: &str, _: u32, _: &RoundFailure) -> Result<(), CloudError> {
         unused()
     }
 

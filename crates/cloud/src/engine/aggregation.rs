@@ -17,17 +17,17 @@ use fedstep_core::{
     AggregateError, AggregationRequest, Input, OutputTarget, UpdateMeta, UpdateSource,
 };
 
-use super::validate::check_against_round;
+use super::validate::CheckedUpdate;
 use super::{metrics, stop_rule, RoundEngine};
-use crate::bounded;
 use crate::capacity;
 use crate::error::{CloudError, Result};
-use crate::job::JobSpec;
+use crate::job::Job;
 use crate::keys;
 use crate::ports::{
     Clock, Ledger, Notifier, ObjectReader, ObjectWriter, StreamingStore, TaskCallback,
 };
-use crate::records::{RoundRecord, RoundResult, RoundStatus, UpdateRecord};
+use crate::records::{ClosedBy, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
+use crate::round_failure::RoundFailure;
 
 /// How an aggregation attempt ended.
 pub(super) enum Closing {
@@ -36,8 +36,8 @@ pub(super) enum Closing {
     /// Another engine took the round over (our lease expired); its result
     /// stands, ours was not recorded.
     LeaseLost,
-    /// No update was usable; the round is FAILED with this reason.
-    Failed(String),
+    /// No update was usable; the round is FAILED with this failure.
+    Failed(RoundFailure),
 }
 
 /// The clients whose updates take part: received, not rejected, expected.
@@ -53,7 +53,7 @@ pub(super) fn participants(row: &RoundRecord) -> Vec<String> {
 /// One update that passed the checks before reading: its row and the
 /// pinned object the core will read.
 struct Checked {
-    row: UpdateRecord,
+    row: CheckedUpdate,
     reader: Arc<dyn ObjectReader>,
 }
 
@@ -71,9 +71,9 @@ where
     /// round over without waiting for the lease to run out.
     pub(super) async fn aggregate_claimed(
         &self,
-        job: &JobSpec,
+        job: &Job,
         row: &RoundRecord,
-        closed_by: &str,
+        closed_by: ClosedBy,
     ) -> Result<Closing> {
         let outcome = self.aggregate_claimed_once(job, row, closed_by).await;
         if outcome.is_err() {
@@ -108,9 +108,9 @@ where
 
     async fn aggregate_claimed_once(
         &self,
-        job: &JobSpec,
+        job: &Job,
         row: &RoundRecord,
-        closed_by: &str,
+        closed_by: ClosedBy,
     ) -> Result<Closing> {
         let (job_id, round) = (row.job_id.as_str(), row.round);
         let global_key = &row.global_model_key;
@@ -144,7 +144,7 @@ where
         };
         let out = self.store.writer(&keys::global_model(job_id, round + 1))?;
         let state_out = self.store.writer(&keys::server_state(job_id, round + 1))?;
-        let config = job.pipeline().map_err(CloudError::Invalid)?;
+        let config = job.pipeline().clone();
 
         // Aggregate; then prove every accepted input hashes to what its row
         // committed to. Reads were pinned to the object the stat saw, so a
@@ -160,7 +160,7 @@ where
                     .fail(
                         job_id,
                         round,
-                        format!("no usable update: {}", detail.join("; ")),
+                        RoundFailure::no_usable_update(&detail.join("; ")),
                     )
                     .await;
             }
@@ -170,9 +170,9 @@ where
                     input: Input::new(c.reader.clone()),
                     meta: UpdateMeta {
                         client_id: client.clone(),
-                        num_examples: c.row.num_examples.clone(),
-                        llm_type: c.row.llm_type.clone(),
-                        metrics: c.row.metrics.clone(),
+                        num_examples: c.row.row().num_examples.clone(),
+                        llm_type: c.row.row().llm_type.clone(),
+                        metrics: c.row.row().metrics.clone(),
                     },
                 })
                 .collect();
@@ -194,7 +194,7 @@ where
                 Ok(m) => m,
                 Err(AggregateError::NoUsableUpdate(reason)) => {
                     return self
-                        .fail(job_id, round, format!("no usable update: {reason}"))
+                        .fail(job_id, round, RoundFailure::no_usable_update(&reason))
                         .await
                 }
                 Err(AggregateError::Unavailable { name, reason }) => {
@@ -215,7 +215,7 @@ where
                     Some((
                         c.client_id.clone(),
                         i.reader.clone(),
-                        i.row.checksum.clone(),
+                        i.row.row().checksum.clone(),
                     ))
                 })
                 .collect();
@@ -246,12 +246,12 @@ where
                     Ok(sha) if sha.eq_ignore_ascii_case(&want) => continue,
                     Ok(sha) => format!(
                         "checksum: the row says {want} but the object at `{}` hashes to {sha}",
-                        inputs[&client].row.model_key
+                        inputs[&client].row.row().model_key
                     ),
                     Err(e) if fedstep_core::bytes::is_unavailable(&e) => {
                         return Err(CloudError::Transient(format!(
                             "hashing `{}`: {e}",
-                            inputs[&client].row.model_key
+                            inputs[&client].row.row().model_key
                         )))
                     }
                     Err(e) => format!("model: reading it to verify its checksum failed: {e}"),
@@ -302,8 +302,10 @@ where
         }
 
         let next_key = keys::global_model(job_id, round + 1);
-        let rows: BTreeMap<String, UpdateRecord> =
-            inputs.into_iter().map(|(c, i)| (c, i.row)).collect();
+        let rows: BTreeMap<String, UpdateRecord> = inputs
+            .into_iter()
+            .map(|(c, i)| (c, i.row.into_row()))
+            .collect();
         let metrics = metrics::round_metrics(&measurements, &rows, rejected.len());
         let history = self.stop_history(job, round).await?;
         let result = RoundResult {
@@ -312,7 +314,7 @@ where
             global_model_key: next_key,
             continue_training: stop_rule::should_continue(job, round, &history, &metrics),
             metrics,
-            closed_by: closed_by.to_string(),
+            closed_by,
             accepted: measurements
                 .clients
                 .iter()
@@ -353,8 +355,10 @@ where
     }
 
     /// Checks one client's row and object before any byte of the object is
-    /// read: the row as counted, the object's existence, size (equal to
-    /// what the row says) and readability; then pins the read to it. The
+    /// read: the row as read now (the ledger is the boundary here: the row
+    /// may have been rewritten since it was counted, see [`CheckedUpdate`]),
+    /// the object's existence, size (equal to what the row says) and
+    /// readability; then pins the read to it. The
     /// inner `Err` is a rejection of that client; the outer one a failure
     /// of the attempt (e.g. the store is unreachable: worth retrying).
     async fn check_update(
@@ -376,20 +380,22 @@ where
             Err(CloudError::Invalid(reason)) => return Ok(Err(format!("row: {reason}"))),
             Err(e) => return Err(e),
         };
-        if let Err(reason) = check_against_round(&update, row) {
-            return Ok(Err(reason));
-        }
-        let key = &update.model_key;
+        let update = match CheckedUpdate::check(update, row) {
+            Ok(checked) => checked,
+            Err(refusal) => return Ok(Err(refusal.into_reason())),
+        };
+        let key = &update.row().model_key;
         let Some(stat) = self.store.stat(key).await? else {
             return Ok(Err(format!("model: no object at `{key}`")));
         };
         if let Some(why) = &stat.unreadable {
             return Ok(Err(format!("model: `{key}` cannot be read: {why}")));
         }
-        if stat.bytes != update.bytes {
+        if stat.bytes != update.row().bytes {
             return Ok(Err(format!(
                 "model: the row says {} bytes but the object at `{key}` holds {}",
-                update.bytes, stat.bytes
+                update.row().bytes,
+                stat.bytes
             )));
         }
         let reader = self.store.reader(key, &stat, read_ahead)?;
@@ -399,16 +405,16 @@ where
         }))
     }
 
-    /// FAILED with `reason`, bounded: it joins every client's reason, and
-    /// travels in the round item and as the task failure's cause.
-    async fn fail(&self, job_id: &str, round: u32, reason: String) -> Result<Closing> {
-        let reason = bounded::failure(&reason);
-        self.ledger.fail_round(job_id, round, &reason).await?;
-        Ok(Closing::Failed(reason))
+    /// FAILED with `failure` (bounded by its constructor: it joins every
+    /// client's reason, and travels in the round item and as the task
+    /// failure's cause).
+    async fn fail(&self, job_id: &str, round: u32, failure: RoundFailure) -> Result<Closing> {
+        self.ledger.fail_round(job_id, round, &failure).await?;
+        Ok(Closing::Failed(failure))
     }
 
     /// The stop metric in the earlier closed rounds, oldest first.
-    async fn stop_history(&self, job: &JobSpec, round: u32) -> Result<Vec<f64>> {
+    async fn stop_history(&self, job: &Job, round: u32) -> Result<Vec<f64>> {
         let Some(stop) = &job.stop else {
             return Ok(Vec::new());
         };

@@ -4,13 +4,12 @@
 
 use std::time::Duration;
 
-use fedstep_core::AggregateError;
-
 use super::aggregation::{participants, Closing};
 use super::RoundEngine;
 use crate::error::{CloudError, Result};
 use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
-use crate::records::{RoundRecord, RoundResult, RoundStatus};
+use crate::records::{ClosedBy, RoundRecord, RoundResult, RoundStatus};
+use crate::round_failure::RoundFailure;
 
 /// How often to look again while another engine holds the round.
 const POLL: Duration = Duration::from_millis(250);
@@ -50,7 +49,7 @@ where
                         ))
                     })
                 }
-                RoundStatus::Failed => return Err(failure_error(&row)),
+                RoundStatus::Failed => return Err(stored_failure(&row).into()),
                 RoundStatus::Open | RoundStatus::Aggregating => {}
             }
             let claimed = self
@@ -66,13 +65,16 @@ where
             if let Some(claimed) = claimed {
                 let usable = participants(&claimed);
                 if usable.len() < claimed.min_clients as usize {
-                    let cause = quorum_cause(&claimed, &usable);
-                    self.ledger.fail_round(job_id, round, &cause).await?;
-                    return Err(CloudError::QuorumNotMet(cause));
+                    let failure = quorum_not_met(&claimed, &usable);
+                    self.ledger.fail_round(job_id, round, &failure).await?;
+                    return Err(failure.into());
                 }
-                match self.aggregate_claimed(&job, &claimed, "deadline").await? {
+                match self
+                    .aggregate_claimed(&job, &claimed, ClosedBy::Deadline)
+                    .await?
+                {
                     Closing::Closed(result) => return Ok(result),
-                    Closing::Failed(reason) => return Err(no_usable(reason)),
+                    Closing::Failed(failure) => return Err(failure.into()),
                     // Whoever took over will close it: look again.
                     Closing::LeaseLost => continue,
                 }
@@ -89,43 +91,31 @@ where
     }
 }
 
-fn quorum_cause(row: &RoundRecord, usable: &[String]) -> String {
+fn quorum_not_met(row: &RoundRecord, usable: &[String]) -> RoundFailure {
     let missing: Vec<&str> = row
         .expected_clients
         .iter()
         .filter(|c| !usable.contains(c))
         .map(String::as_str)
         .collect();
-    format!(
-        "quorum not met: {} of min_clients {} updates received (round {} of job `{}`; received: [{}]; missing or rejected: [{}])",
+    RoundFailure::quorum_not_met(format!(
+        "{} of min_clients {} updates received (round {} of job `{}`; received: [{}]; missing or rejected: [{}])",
         usable.len(),
         row.min_clients,
         row.round,
         row.job_id,
         usable.join(", "),
         missing.join(", ")
-    )
+    ))
 }
 
-fn no_usable(reason: String) -> CloudError {
-    let detail = reason
-        .strip_prefix("no usable update: ")
-        .unwrap_or(&reason)
-        .to_string();
-    CloudError::Aggregate(AggregateError::NoUsableUpdate(detail))
-}
-
-/// The error a FAILED round reports again (a retried CloseRound).
-pub(super) fn failure_error(row: &RoundRecord) -> CloudError {
-    let reason = row
-        .failure
-        .clone()
-        .unwrap_or_else(|| format!("round {} of job `{}` failed", row.round, row.job_id));
-    if reason.starts_with("quorum not met") {
-        CloudError::QuorumNotMet(reason)
-    } else if reason.starts_with("no usable update") {
-        no_usable(reason)
-    } else {
-        CloudError::Other(reason)
-    }
+/// Why a FAILED round failed, as stored (a row without one, which this
+/// engine never writes, is reported as a plain failure).
+pub(super) fn stored_failure(row: &RoundRecord) -> RoundFailure {
+    row.failure.clone().unwrap_or_else(|| {
+        RoundFailure::Other(format!(
+            "round {} of job `{}` failed",
+            row.round, row.job_id
+        ))
+    })
 }

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::RoundEngine;
 use crate::error::{CloudError, Result};
-use crate::job::JobSpec;
+use crate::job::Job;
 use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
 use crate::records::{Artifact, Notification, RoundResult, RoundStatus, TrainingComplete, SCHEMA};
 use crate::timefmt::rfc3339_utc;
@@ -80,9 +80,8 @@ where
 
     /// The aggregation's target type: the configured one, or with "auto"
     /// the type of the accepted updates (they all share it), or "untyped".
-    async fn final_llm_type(&self, job: &JobSpec, result: &RoundResult) -> Result<String> {
-        let configured = job.pipeline().map_err(CloudError::Invalid)?;
-        let configured = configured.type_filter_name();
+    async fn final_llm_type(&self, job: &Job, result: &RoundResult) -> Result<String> {
+        let configured = job.pipeline().type_filter_name();
         match configured {
             "none" => Ok(UNTYPED.to_string()),
             "auto" => {

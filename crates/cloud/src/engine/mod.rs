@@ -17,7 +17,6 @@ mod update;
 mod validate;
 
 pub use finalize::UNTYPED;
-pub use update::NO_USABLE_UPDATE;
 
 use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
 use crate::records::RoundResult;
@@ -47,8 +46,9 @@ pub struct EngineConfig {
 /// What became of one row from the `updates` stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum UpdateOutcome {
-    /// Counted; the round waits for more.
-    Recorded { received: usize, expected: usize },
+    /// Counted; the round waits for more. `usable`: the round's updates
+    /// counted and not rejected so far, of `expected` clients.
+    Recorded { usable: usize, expected: usize },
     /// This row completed the round and this engine aggregated it.
     Aggregated(RoundResult),
     /// The row breaks a rule (named in the reason); the round goes on.

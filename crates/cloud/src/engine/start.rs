@@ -1,11 +1,10 @@
 //! StartRound: open the round row and tell the clients a global model is
 //! ready. The task token stays in the ledger; clients never see it.
 
-use super::close::failure_error;
-use super::update::NO_USABLE_UPDATE;
+use super::close::stored_failure;
 use super::RoundEngine;
 use crate::error::{CloudError, Result};
-use crate::job::JobSpec;
+use crate::job::Job;
 use crate::keys;
 use crate::ports::{Clock, Ledger, Notifier, OpenRound, StreamingStore, TaskCallback};
 use crate::records::{GlobalModelReady, Notification, RoundRecord, RoundStatus, SCHEMA};
@@ -18,7 +17,8 @@ where
     C: TaskCallback,
     K: Clock,
 {
-    /// StartRound task. `job` comes from the execution input. Writes the job
+    /// StartRound task. `job` comes from the execution input (checked
+    /// where it was read, like every [`Job`]). Writes the job
     /// header if absent, opens the round row (token, expected clients,
     /// min_clients, deadline = now + timeout, the global model's key and
     /// checksum — that model must already be in the store) and publishes
@@ -32,18 +32,11 @@ where
     /// returns the stored result).
     pub async fn start_round(
         &self,
-        job: &JobSpec,
+        job: &Job,
         round: u32,
         task_token: &str,
     ) -> Result<RoundRecord> {
-        job.check()
-            .map_err(|e| CloudError::Invalid(format!("job `{}`: {e}", job.job_id)))?;
-        if round == 0 || round > job.rounds {
-            return Err(CloudError::Invalid(format!(
-                "round {round} is outside 1..={} of job `{}`",
-                job.rounds, job.job_id
-            )));
-        }
+        job.check_round(round).map_err(CloudError::Invalid)?;
         if task_token.is_empty() {
             return Err(CloudError::Invalid("the task token is empty".into()));
         }
@@ -104,13 +97,12 @@ where
                         self.callback.succeed(task_token, &output).await?;
                     }
                     (RoundStatus::Failed, _) => {
-                        let err = failure_error(&row);
-                        let name = match &err {
-                            CloudError::QuorumNotMet(_) => "QuorumNotMet",
-                            _ => NO_USABLE_UPDATE,
-                        };
+                        let failure = stored_failure(&row);
+                        let name = failure.start_round_error_name();
+                        // The cause is what CloseRound would report.
+                        let cause = CloudError::from(failure).to_string();
                         self.callback
-                            .fail(task_token, name, &err.to_string())
+                            .fail(task_token, name.as_str(), &cause)
                             .await?;
                     }
                     _ => {}

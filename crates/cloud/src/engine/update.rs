@@ -4,17 +4,14 @@
 //! round and aggregate; exactly one invocation wins the claim.
 
 use super::aggregation::{participants, Closing};
-use super::validate::{check_against_round, check_expected, check_ids};
+use super::validate::{check_ids, CheckedUpdate, Refusal};
 use super::{RoundEngine, UpdateOutcome};
 use crate::bounded;
 use crate::capacity;
 use crate::error::{CloudError, Result};
-use crate::job::JobSpec;
+use crate::job::Job;
 use crate::ports::{Callback, Clock, Ledger, Notifier, StreamingStore, TaskCallback};
-use crate::records::{RoundRecord, RoundResult, RoundStatus, UpdateRecord};
-
-/// Error name sent with `SendTaskFailure` when nothing was usable.
-pub const NO_USABLE_UPDATE: &str = "NoUsableUpdate";
+use crate::records::{ClosedBy, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
 where
@@ -38,7 +35,7 @@ where
     ///   keeps its reason; a new one is recorded as late. If the stream path
     ///   closed the round, the stored result is sent to its task token
     ///   again unless this engine already did (see `resend_result`).
-    /// - `Recorded`: counted; `received` counts usable updates so far.
+    /// - `Recorded`: counted; `usable` counts the usable updates so far.
     /// - `Aggregated`: this row completed the round and this engine closed it.
     ///
     /// A rejected expected client counts as "in" for completeness (it has
@@ -60,20 +57,20 @@ where
                 "round: job `{job_id}` has no round {round}"
             )));
         };
-        if let Err(reason) = check_expected(update, &row) {
+        // The row enters the engine here: checked once, against the round
+        // it names. Only the count is kept (the aggregation reads the row
+        // again, and checks what it reads then).
+        match CheckedUpdate::check(update.clone(), &row) {
             // Whatever the round's state: a client cannot write into the
             // item of a round it is not part of, not even a rejection.
-            return Ok(UpdateOutcome::Rejected(reason));
-        }
-        if row.status != RoundStatus::Open {
-            return self.on_update_past_open(&job, &row, client).await;
-        }
-        if let Err(reason) = check_against_round(update, &row) {
-            let reason = capacity::stored_reason(&reason, row.expected_clients.len());
-            self.ledger
-                .record_rejection(job_id, round, client, &reason)
-                .await?;
-            return Ok(UpdateOutcome::Rejected(reason));
+            Err(Refusal::NotExpected(reason)) => return Ok(UpdateOutcome::Rejected(reason)),
+            _ if row.status != RoundStatus::Open => {
+                return self.on_update_past_open(&job, &row, client).await;
+            }
+            Err(Refusal::BreaksRule(reason)) => {
+                return self.reject_counted(&row, client, reason).await;
+            }
+            Ok(_) => {}
         }
         let after = self.ledger.add_received(job_id, round, client).await?;
         if after.status != RoundStatus::Open && !row.received.contains(client) {
@@ -96,19 +93,30 @@ where
             .iter()
             .all(|c| after.received.contains(c) || after.rejections.contains_key(c));
         if !all_in || usable < after.min_clients as usize {
-            return Ok(UpdateOutcome::Recorded {
-                received: usable,
-                expected,
-            });
+            return Ok(UpdateOutcome::Recorded { usable, expected });
         }
         self.claim_and_aggregate(&job, &after).await
+    }
+
+    /// Records why an expected client's row for an OPEN round is refused.
+    async fn reject_counted(
+        &self,
+        row: &RoundRecord,
+        client: &str,
+        reason: String,
+    ) -> Result<UpdateOutcome> {
+        let reason = capacity::stored_reason(&reason, row.expected_clients.len());
+        self.ledger
+            .record_rejection(&row.job_id, row.round, client, &reason)
+            .await?;
+        Ok(UpdateOutcome::Rejected(reason))
     }
 
     /// A row of an expected client for a round that is AGGREGATING, CLOSED
     /// or FAILED.
     async fn on_update_past_open(
         &self,
-        job: &JobSpec,
+        job: &Job,
         row: &RoundRecord,
         client: &str,
     ) -> Result<UpdateOutcome> {
@@ -177,7 +185,9 @@ where
         token: &str,
         result: &RoundResult,
     ) -> Result<()> {
-        if result.closed_by != "stream" || self.answered.contains(&row.job_id, row.round, token) {
+        if result.closed_by != ClosedBy::Stream
+            || self.answered.contains(&row.job_id, row.round, token)
+        {
             return Ok(());
         }
         let output = encode(result)?;
@@ -188,9 +198,9 @@ where
 
     /// Claims the round (or takes over an expired lease) and, if this
     /// engine wins, aggregates and calls back the StartRound task.
-    async fn claim_and_aggregate(&self, job: &JobSpec, row: &RoundRecord) -> Result<UpdateOutcome> {
+    async fn claim_and_aggregate(&self, job: &Job, row: &RoundRecord) -> Result<UpdateOutcome> {
         let recorded = UpdateOutcome::Recorded {
-            received: participants(row).len(),
+            usable: participants(row).len(),
             expected: row.expected_clients.len(),
         };
         let Some(claimed) = self
@@ -208,7 +218,10 @@ where
             return Ok(recorded);
         };
         let token = claimed.task_token.clone();
-        match self.aggregate_claimed(job, &claimed, "stream").await? {
+        match self
+            .aggregate_claimed(job, &claimed, ClosedBy::Stream)
+            .await?
+        {
             Closing::Closed(result) => {
                 if let Some(token) = &token {
                     let output = encode(&result)?;
@@ -220,12 +233,16 @@ where
                 Ok(UpdateOutcome::Aggregated(result))
             }
             Closing::LeaseLost => Ok(recorded),
-            Closing::Failed(reason) => {
+            Closing::Failed(failure) => {
                 if let Some(token) = &token {
-                    let _: Callback = self.callback.fail(token, NO_USABLE_UPDATE, &reason).await?;
+                    let name = failure.start_round_error_name();
+                    let _: Callback = self
+                        .callback
+                        .fail(token, name.as_str(), &failure.to_string())
+                        .await?;
                 }
                 Ok(UpdateOutcome::Rejected(bounded::reason(&format!(
-                    "round {} failed: {reason}",
+                    "round {} failed: {failure}",
                     claimed.round
                 ))))
             }

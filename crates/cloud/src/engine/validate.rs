@@ -23,35 +23,70 @@ pub(super) fn check_ids(u: &UpdateRecord) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether the row's client takes part in the round it names. A row
-/// failing this must not write into that round's item at all, not even a
-/// rejection: any client can name any job, and a round item is the
-/// participants' (issue #13).
-pub(super) fn check_expected(u: &UpdateRecord, row: &RoundRecord) -> Result<(), String> {
-    if row.expected_clients.iter().any(|c| c == &u.client_id) {
-        return Ok(());
+/// An `updates` row that passed every rule against the round it names.
+/// [`CheckedUpdate::check`] is the only way to make one, so code that
+/// holds one need not ask again. A row is checked where it enters the
+/// engine: from the stream when it is counted, and from the ledger when the
+/// aggregation reads it again. The second is not a repeat of the first: a
+/// client may rewrite its row after it was counted, and the stream never
+/// delivers the rewrite (crates/cloud/tests/rewritten_rows.rs), so the row
+/// read at aggregation is new input.
+#[derive(Debug, Clone)]
+pub(super) struct CheckedUpdate(UpdateRecord);
+
+/// Why [`CheckedUpdate::check`] refused a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// The row's client is not an expected client of the round it names.
+    /// Such a row must not write into that round's item at all, not even a
+    /// rejection: any client can name any job, and a round item is the
+    /// participants' (issue #13).
+    NotExpected(String),
+    /// The row breaks the rule its reason names.
+    BreaksRule(String),
+}
+
+impl Refusal {
+    pub(super) fn into_reason(self) -> String {
+        match self {
+            Refusal::NotExpected(reason) | Refusal::BreaksRule(reason) => reason,
+        }
     }
-    Err(bounded::reason(&format!(
-        "client: `{}` is not an expected client of round {} of job `{}` (expected: {})",
-        quote(&u.client_id),
-        row.round,
-        row.job_id,
-        row.expected_clients.join(", ")
-    )))
 }
 
-/// Checks against the round the row names (which exists and is OPEN).
-pub(super) fn check_against_round(u: &UpdateRecord, row: &RoundRecord) -> Result<(), String> {
-    against_round(u, row).map_err(|r| bounded::reason(&r))
+impl CheckedUpdate {
+    /// Checks `u` against `row`, the round it names; every reason is
+    /// bounded. Whether the client takes part comes first: the caller may
+    /// record no other reason for a client that does not.
+    pub(super) fn check(u: UpdateRecord, row: &RoundRecord) -> Result<CheckedUpdate, Refusal> {
+        if !row.expected_clients.iter().any(|c| c == &u.client_id) {
+            return Err(Refusal::NotExpected(bounded::reason(&format!(
+                "client: `{}` is not an expected client of round {} of job `{}` (expected: {})",
+                quote(&u.client_id),
+                row.round,
+                row.job_id,
+                row.expected_clients.join(", ")
+            ))));
+        }
+        against_round(&u).map_err(|r| Refusal::BreaksRule(bounded::reason(&r)))?;
+        Ok(CheckedUpdate(u))
+    }
+
+    pub(super) fn row(&self) -> &UpdateRecord {
+        &self.0
+    }
+
+    pub(super) fn into_row(self) -> UpdateRecord {
+        self.0
+    }
 }
 
-fn against_round(u: &UpdateRecord, row: &RoundRecord) -> Result<(), String> {
+fn against_round(u: &UpdateRecord) -> Result<(), String> {
     if let Some(s) = u.schema.filter(|&s| s > SCHEMA) {
         return Err(format!(
             "schema: row schema {s} is newer than this aggregator's {SCHEMA}"
         ));
     }
-    check_expected(u, row)?;
     let want = keys::job_round(&u.job_id, u.round);
     if u.job_round != want {
         return Err(format!(
@@ -83,7 +118,7 @@ fn against_round(u: &UpdateRecord, row: &RoundRecord) -> Result<(), String> {
     }
     if !is_sha256_hex(&u.checksum) {
         return Err(format!(
-            "checksum: `{}` is not a SHA-256 (64 hex digits)",
+            "checksum: `{}` is not a SHA-256 (64 lowercase hex digits)",
             quote(&u.checksum)
         ));
     }
@@ -107,9 +142,11 @@ mod tests {
             "num_examples": 1, "bytes": 1, "trained_at": "t", "llm_type": "llama"
         }))
         .unwrap();
-        assert_eq!(check_against_round(&u, &round), Ok(()));
+        assert!(CheckedUpdate::check(u.clone(), &round).is_ok());
         u.llm_type = Some("x".repeat(100_000));
-        let reason = check_against_round(&u, &round).unwrap_err();
+        let Err(Refusal::BreaksRule(reason)) = CheckedUpdate::check(u, &round) else {
+            panic!("a long llm_type must break a rule")
+        };
         assert!(reason.starts_with("llm_type:"), "{reason}");
         assert!(reason.len() <= bounded::REASON_BYTES);
     }

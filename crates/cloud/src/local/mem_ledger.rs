@@ -8,14 +8,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::bounded;
 use crate::capacity;
 use crate::error::{CloudError, Result};
-use crate::job::JobSpec;
+use crate::job::Job;
 use crate::keys;
 use crate::ports::{Ledger, OpenRound, PutUpdate};
 use crate::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
+use crate::round_failure::RoundFailure;
 
 #[derive(Default)]
 struct Tables {
-    jobs: BTreeMap<String, JobSpec>,
+    jobs: BTreeMap<String, Job>,
     /// (job_id, round)
     rounds: BTreeMap<(String, u32), RoundRecord>,
     /// (client_id, job_round)
@@ -85,7 +86,7 @@ fn not_found(job_id: &str, round: u32) -> CloudError {
 /// - `put_artifact`: put if absent (a retried Finalize keeps the first).
 /// - `list_artifacts`: newest `created_at` first (ties: artifact_id desc).
 impl Ledger for MemLedger {
-    async fn put_job(&self, job: &JobSpec) -> Result<()> {
+    async fn put_job(&self, job: &Job) -> Result<()> {
         let mut t = self.lock();
         match t.jobs.get(&job.job_id) {
             None => {
@@ -100,7 +101,7 @@ impl Ledger for MemLedger {
         }
     }
 
-    async fn get_job(&self, job_id: &str) -> Result<Option<JobSpec>> {
+    async fn get_job(&self, job_id: &str) -> Result<Option<Job>> {
         Ok(self.lock().jobs.get(job_id).cloned())
     }
 
@@ -222,7 +223,7 @@ impl Ledger for MemLedger {
         }
     }
 
-    async fn fail_round(&self, job_id: &str, round: u32, reason: &str) -> Result<()> {
+    async fn fail_round(&self, job_id: &str, round: u32, failure: &RoundFailure) -> Result<()> {
         let mut t = self.lock();
         let row = t
             .rounds
@@ -230,7 +231,7 @@ impl Ledger for MemLedger {
             .ok_or_else(|| not_found(job_id, round))?;
         if row.status != RoundStatus::Closed {
             row.status = RoundStatus::Failed;
-            row.failure = Some(reason.to_string());
+            row.failure = Some(failure.clone());
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use fedstep_cloud::local::{FsStore, LocalBus, ManualClock, MemLedger, RecordingCallback};
 use fedstep_cloud::ports::{Ledger, ObjectStore, PutUpdate};
 use fedstep_cloud::records::{UpdateRecord, SCHEMA};
-use fedstep_cloud::{keys, EngineConfig, JobSpec, RoundEngine};
+use fedstep_cloud::{keys, EngineConfig, Job, JobSpec, RoundEngine};
 use safetensors::Dtype;
 
 pub type Engine = RoundEngine<FsStore, MemLedger, LocalBus, RecordingCallback, ManualClock>;
@@ -74,7 +74,7 @@ impl Fed {
     }
 
     /// What `fedstep job start` does before the first StartRound.
-    pub async fn upload_initial(&self, job: &JobSpec, values: &[f32]) {
+    pub async fn upload_initial(&self, job: &Job, values: &[f32]) {
         let f = self.model_file(&format!("{}-init", job.job_id), values);
         self.store
             .put_file(&keys::global_model(&job.job_id, 1), &f)
@@ -85,7 +85,7 @@ impl Fed {
     /// What a client does after training: upload, then write its row.
     pub async fn submit(
         &self,
-        job: &JobSpec,
+        job: &Job,
         round: u32,
         client: &str,
         values: &[f32],
@@ -119,7 +119,7 @@ impl Fed {
         row
     }
 
-    pub async fn global(&self, job: &JobSpec, round: u32) -> Vec<f32> {
+    pub async fn global(&self, job: &Job, round: u32) -> Vec<f32> {
         let out = self.dir.path().join(format!("read-{}-{round}", job.job_id));
         self.store
             .get_file(&keys::global_model(&job.job_id, round), &out)
@@ -136,7 +136,7 @@ impl Fed {
     }
 }
 
-pub fn job(job_id: &str, rounds: u32, clients: &[&str], min_clients: u32) -> JobSpec {
+pub fn job(job_id: &str, rounds: u32, clients: &[&str], min_clients: u32) -> Job {
     JobSpec::from_toml(&format!(
         r#"
 job_id = "{job_id}"

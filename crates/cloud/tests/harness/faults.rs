@@ -22,7 +22,7 @@ use fedstep_cloud::ports::{
     PutUpdate, StreamingStore, TaskCallback,
 };
 use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
-use fedstep_cloud::JobSpec;
+use fedstep_cloud::{Job, RoundFailure};
 use fedstep_core::bytes::Unavailable;
 use fedstep_core::{ByteSink, ByteSource, OutputTarget};
 use serde_json::Value;
@@ -332,12 +332,12 @@ impl<L> FaultLedger<L> {
 }
 
 impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
-    async fn put_job(&self, job: &JobSpec) -> Result<()> {
+    async fn put_job(&self, job: &Job) -> Result<()> {
         self.faults.alive(&self.owner)?;
         self.inner.put_job(job).await
     }
 
-    async fn get_job(&self, job_id: &str) -> Result<Option<JobSpec>> {
+    async fn get_job(&self, job_id: &str) -> Result<Option<Job>> {
         self.faults.alive(&self.owner)?;
         self.inner.get_job(job_id).await
     }
@@ -440,9 +440,9 @@ impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
         Ok(closed)
     }
 
-    async fn fail_round(&self, job_id: &str, round: u32, reason: &str) -> Result<()> {
+    async fn fail_round(&self, job_id: &str, round: u32, failure: &RoundFailure) -> Result<()> {
         self.faults.alive(&self.owner)?;
-        self.inner.fail_round(job_id, round, reason).await
+        self.inner.fail_round(job_id, round, failure).await
     }
 
     async fn put_update(&self, update: &UpdateRecord) -> Result<PutUpdate> {

@@ -34,7 +34,7 @@ use std::time::Duration;
 use fedstep_cloud::local::{CallbackCall, ManualClock, RecordingCallback};
 use fedstep_cloud::ports::{ClientQueue, Clock, Ledger, ObjectStore, PutUpdate};
 use fedstep_cloud::records::{Notification, RoundResult, RoundStatus, UpdateRecord, SCHEMA};
-use fedstep_cloud::{keys, EngineConfig, JobSpec, RoundEngine, UpdateOutcome};
+use fedstep_cloud::{keys, EngineConfig, Job, JobSpec, RoundEngine, UpdateOutcome};
 use fedstep_core::Limits;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -198,7 +198,7 @@ pub struct Sim<B: Backend> {
     queues: BTreeMap<String, B::Queue>,
     /// A crashed client's message still in flight: its receipt.
     in_flight: BTreeMap<String, String>,
-    job: JobSpec,
+    job: Job,
     pub log: Vec<String>,
     pub tally: Tally,
 }

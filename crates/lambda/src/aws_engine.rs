@@ -4,10 +4,10 @@ use fedstep_aws::{AwsConfig, DynamoLedger, S3Store, SfnCallback, SnsNotifier};
 use fedstep_cloud::engine::{EngineConfig, RoundEngine, UpdateOutcome};
 use fedstep_cloud::ports::{Clock, Ledger, Notifier, StreamingStore, SystemClock, TaskCallback};
 use fedstep_cloud::records::{RoundRecord, RoundResult, UpdateRecord};
-use fedstep_cloud::{CloudError, JobSpec, DEFAULT_READ_AHEAD_BYTES};
+use fedstep_cloud::{CloudError, Job, DEFAULT_READ_AHEAD_BYTES};
 use serde_json::Value;
 
-use crate::handlers::Aggregator;
+use crate::handlers::RoundTasks;
 
 pub type AwsEngine = RoundEngine<S3Store, DynamoLedger, SnsNotifier, SfnCallback, SystemClock>;
 
@@ -42,7 +42,7 @@ pub fn build(cfg: &AwsConfig, owner: String) -> Result<AwsEngine, String> {
 
 /// Any round engine serves the handlers: the deployed one over the AWS
 /// adapters, and `fedstep bench clients`'s, whose ledger counts its calls.
-impl<S, L, N, C, K> Aggregator for RoundEngine<S, L, N, C, K>
+impl<S, L, N, C, K> RoundTasks for RoundEngine<S, L, N, C, K>
 where
     S: StreamingStore + 'static,
     L: Ledger + 'static,
@@ -54,7 +54,7 @@ where
 
     async fn start_round(
         &self,
-        job: &JobSpec,
+        job: &Job,
         round: u32,
         task_token: &str,
     ) -> Result<RoundRecord, CloudError> {

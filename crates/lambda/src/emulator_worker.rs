@@ -16,7 +16,9 @@ use streams::types::{OperationType, ShardIteratorType};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::handlers::{handle_stream, handle_task, task_action, Action, Aggregator, StreamItem};
+use crate::handlers::{
+    handle_stream, handle_task, task_action, Action, RoundTasks, StreamItem, TaskError,
+};
 
 /// Where a shard that exists when the worker starts is read from. Shards
 /// that appear later are always read from their start.
@@ -40,7 +42,7 @@ pub struct LocalOptions {
 /// Runs until `shutdown` turns true (SIGTERM/SIGINT), then lets in-flight
 /// work finish. Each poller is its own task, so a long aggregation on the
 /// stream does not hold up a CloseRound, and the other way round.
-pub async fn run<A: Aggregator>(
+pub async fn run<A: RoundTasks>(
     engine: Arc<A>,
     cfg: &AwsConfig,
     opts: LocalOptions,
@@ -114,7 +116,7 @@ struct ActivityWorker {
 }
 
 impl ActivityWorker {
-    async fn run<A: Aggregator>(self, engine: Arc<A>, mut shutdown: watch::Receiver<bool>) {
+    async fn run<A: RoundTasks>(self, engine: Arc<A>, mut shutdown: watch::Receiver<bool>) {
         loop {
             if *shutdown.borrow() {
                 return;
@@ -150,23 +152,17 @@ impl ActivityWorker {
         }
     }
 
-    async fn answer<A: Aggregator>(&self, engine: &A, token: &str, input: &str) {
+    async fn answer<A: RoundTasks>(&self, engine: &A, token: &str, input: &str) {
         let outcome = match activity_payload(input, token) {
             Ok(payload) if task_action(&payload) == Some(self.action) => {
                 handle_task(engine, payload).await
             }
-            Ok(payload) => Err(crate::handlers::TaskError {
-                error_type: "InvalidTaskInput".into(),
-                message: format!(
-                    "activity {} got action {:?}",
-                    self.action.name(),
-                    payload.get("action")
-                ),
-            }),
-            Err(e) => Err(crate::handlers::TaskError {
-                error_type: "InvalidTaskInput".into(),
-                message: e,
-            }),
+            Ok(payload) => Err(TaskError::invalid(format!(
+                "activity {} got action {:?}",
+                self.action.name(),
+                payload.get("action")
+            ))),
+            Err(e) => Err(TaskError::invalid(e)),
         };
         let sent = match outcome {
             // start_round's task is completed later, through the token the
@@ -182,11 +178,11 @@ impl ActivityWorker {
                 .map(|_| ())
                 .map_err(|e| fedstep_aws::sdk_error("Step Functions SendTaskSuccess", e)),
             Err(err) => {
-                tracing::warn!(action = self.action.name(), error_type = %err.error_type, message = %err.message, "task failed");
+                tracing::warn!(action = self.action.name(), error_type = err.error_type.as_str(), message = %err.message, "task failed");
                 self.sfn
                     .send_task_failure()
                     .task_token(token)
-                    .error(err.error_type)
+                    .error(err.error_type.as_str())
                     .cause(err.message)
                     .send()
                     .await
@@ -246,7 +242,7 @@ struct StreamPoller {
 }
 
 impl StreamPoller {
-    async fn run<A: Aggregator>(self, engine: Arc<A>, mut shutdown: watch::Receiver<bool>) {
+    async fn run<A: RoundTasks>(self, engine: Arc<A>, mut shutdown: watch::Receiver<bool>) {
         let mut shards: BTreeMap<String, Shard> = BTreeMap::new();
         let mut first = true;
         let mut last_describe = None::<tokio::time::Instant>;
@@ -358,7 +354,7 @@ impl StreamPoller {
     }
 
     /// One step on one shard; true if it did work (so no idle pause).
-    async fn poll_shard<A: Aggregator>(
+    async fn poll_shard<A: RoundTasks>(
         &self,
         engine: &A,
         shard_id: &str,
