@@ -1,4 +1,4 @@
-//! fedstep-aws: the AWS adapters of fedstep-cloud's ports (DESIGN.md §2–3).
+//! fedstep-aws: the AWS adapters of fedstep-cloud's ports (docs/design.md §2–3).
 //!
 //! | port            | adapter          | service        |
 //! |-----------------|------------------|----------------|

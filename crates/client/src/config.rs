@@ -102,7 +102,7 @@ fn default_workdir() -> PathBuf {
 pub enum TrainerConfig {
     /// fedstep-trainer's candle MLP on a local dataset.
     Builtin(BuiltinConfig),
-    /// Any program honouring the file contract (DESIGN.md §5).
+    /// Any program honouring the file contract (docs/design.md §5).
     External(ExternalConfig),
 }
 

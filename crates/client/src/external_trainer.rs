@@ -1,5 +1,5 @@
 //! The external trainer: runs a command with the file contract of
-//! DESIGN.md §5 (env FEDSTEP_GLOBAL_MODEL, FEDSTEP_OUTPUT_MODEL,
+//! docs/design.md §5 (env FEDSTEP_GLOBAL_MODEL, FEDSTEP_OUTPUT_MODEL,
 //! FEDSTEP_METRICS_OUT, FEDSTEP_ROUND, FEDSTEP_ROUND_CONFIG) and reads back
 //! the model it wrote and its JSON report.
 

@@ -1,4 +1,4 @@
-//! fedstep-client: one federated-learning participant (DESIGN.md §3 step 2).
+//! fedstep-client: one federated-learning participant (docs/design.md §3 step 2).
 //!
 //! The client long-polls its queue for `global_model_ready`, downloads the
 //! round's global model (checksum verified), trains locally, uploads its

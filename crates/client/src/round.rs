@@ -1,4 +1,4 @@
-//! Taking part in one round (DESIGN.md §3 step 2): skip if our row is
+//! Taking part in one round (docs/design.md §3 step 2): skip if our row is
 //! already there, download and verify the global model, train, check the
 //! output, upload it to our key, and write our `updates` row. Every step is
 //! safe to repeat: the key is deterministic and the row is a conditional

@@ -1,5 +1,5 @@
 //! The client loop over in-process fakes: the at-least-once guarantees of
-//! DESIGN.md §3 step 2 (no lost round, no double write, nothing poisonous
+//! docs/design.md §3 step 2 (no lost round, no double write, nothing poisonous
 //! lingers).
 
 mod common;

@@ -1,4 +1,4 @@
-//! The S3 key layout (DESIGN.md §2). Keys are deterministic so every step is
+//! The S3 key layout (docs/design.md §2). Keys are deterministic so every step is
 //! safe to retry: writing the same object twice writes the same key.
 
 pub fn global_model(job_id: &str, round: u32) -> String {

@@ -1,4 +1,4 @@
-//! fedstep-cloud: the round protocol of DESIGN.md §3, written once against
+//! fedstep-cloud: the round protocol of docs/design.md §3, written once against
 //! small ports so that the same code runs in the Lambda (AWS adapters), in
 //! the emulator worker, and in `fedstep simulate` (local adapters).
 

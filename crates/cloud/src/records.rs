@@ -1,4 +1,4 @@
-//! The rows and messages of the round protocol (DESIGN.md §2–3). Field
+//! The rows and messages of the round protocol (docs/design.md §2–3). Field
 //! names are the DynamoDB attribute names and JSON keys: changing one is a
 //! schema change.
 

@@ -1,6 +1,6 @@
 //! Type-aware quality: how much a client's reported metrics should scale its
 //! example count, per model type (`llm_type`). The formulas are fixed by the
-//! design (DESIGN.md §4); each is a pure function of validated metrics.
+//! design (docs/design.md §4); each is a pure function of validated metrics.
 //!
 //! Missing optional metrics count as 0 (the most conservative value: they add
 //! nothing to the bonus). Missing required metrics, non-numeric or NaN values,

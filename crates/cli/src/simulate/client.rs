@@ -1,5 +1,5 @@
 //! One simulated client taking part in one round, over the same ports a
-//! real client uses (DESIGN.md §3 step 2): take `global_model_ready` from
+//! real client uses (docs/design.md §3 step 2): take `global_model_ready` from
 //! its queue, download the global model through the store and verify its
 //! checksum, train with fedstep-trainer, upload to `keys::update`, put its
 //! `updates` row through the ledger, and only then delete the message.
@@ -12,7 +12,7 @@
 //!
 //! What a simulated client reports: `llm_type = "SpikingEvoTextLM"` with
 //! `loss` = cross-entropy on its validation slice and `perplexity` =
-//! exp(loss), so `quality` weighting (DESIGN.md §4) gives it
+//! exp(loss), so `quality` weighting (docs/design.md §4) gives it
 //! (1/(1+ln ppl) + 1/(1+loss))/2 = 1/(1+loss): a client whose labels are
 //! garbage measures a high loss on its own held-out data and weighs less.
 //! `accuracy`, `train_loss` and `train_accuracy` ride along for the report.

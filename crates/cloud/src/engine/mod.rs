@@ -1,4 +1,4 @@
-//! The round engine: the round protocol of DESIGN.md §3, written once over
+//! The round engine: the round protocol of docs/design.md §3, written once over
 //! the ports so the Lambda, the emulator worker and `fedstep simulate` run
 //! the very same code.
 //!

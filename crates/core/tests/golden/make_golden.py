@@ -4,7 +4,7 @@
 Writes small F64 models (a hand-written safetensors writer: u64 LE header
 length, JSON header, raw little-endian data) and `expected.json` with the
 outputs of every pipeline case computed here with numpy, directly from the
-formulas in DESIGN.md §4 and the papers, sharing no code with the Rust.
+formulas in docs/design.md §4 and the papers, sharing no code with the Rust.
 
 Regenerate (only when a formula deliberately changes):
     python3 -m venv /tmp/np && /tmp/np/bin/pip install numpy
