@@ -51,6 +51,11 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
 
+# After clippy on purpose: with the same profile, rustdoc reuses the
+# dependencies' metadata clippy just produced (seconds, not minutes).
+step "cargo doc (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --release --no-deps --locked
+
 step "building tests (release)"
 cargo test --workspace --release --locked --no-run
 

@@ -78,7 +78,7 @@ pub struct AwsConfig {
 
 impl AwsConfig {
     /// The standard chain (AWS_PROFILE, AWS_REGION, credentials,
-    /// AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_<SERVICE>) and `FEDSTEP_*`.
+    /// `AWS_ENDPOINT_URL` and `AWS_ENDPOINT_URL_<SERVICE>`) and `FEDSTEP_*`.
     pub async fn from_env() -> AwsConfig {
         let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
         AwsConfig::new(sdk, Settings::from_env())

@@ -9,7 +9,7 @@
 //! | `ClientQueue`   | [`SqsQueue`]     | SQS            |
 //!
 //! Every adapter is built from an [`AwsConfig`]: the SDK's standard chain
-//! (AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL[_<SERVICE>]) plus fedstep's
+//! (`AWS_PROFILE`, `AWS_REGION`, `AWS_ENDPOINT_URL[_<SERVICE>]`) plus fedstep's
 //! resource names from `FEDSTEP_*` variables. Emulators need no code path of
 //! their own; only S3 path-style addressing is a setting.
 

@@ -280,6 +280,7 @@ fn read_once(paths: &[PathBuf]) -> Result<f64> {
 }
 
 /// Runs `fedstep aggregate` as a child; returns wall seconds and its peak RSS.
+#[allow(unsafe_code)] // libc::wait4: the child's peak RSS
 fn aggregate_child(
     manifest: &Path,
     out: &Path,
@@ -306,6 +307,7 @@ fn aggregate_child(
     let mut status = 0;
     // SAFETY: rusage is plain data that wait4 fills in; we wait on our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals of the right types.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let secs = start.elapsed().as_secs_f64();
     if r != pid {

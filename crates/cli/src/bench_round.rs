@@ -199,6 +199,7 @@ struct ChildFigures {
 
 /// Runs `fedstep bench round-worker` and reads its figures: its own
 /// timing and disk writes on stdout, its peak RSS from wait4.
+#[allow(unsafe_code)] // libc::wait4: the worker's peak RSS
 fn worker_child(
     bucket: &str,
     prefix: &str,
@@ -225,6 +226,7 @@ fn worker_child(
     let mut status = 0;
     // SAFETY: rusage is plain data that wait4 fills in; we wait on our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals of the right types.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     if r != pid {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());

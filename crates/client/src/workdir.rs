@@ -13,6 +13,7 @@ use crate::error::ClientError;
 /// checks an existing one: refused if another user owns it or it is a
 /// shared directory such as /tmp; group or other permissions on a
 /// directory of our own are taken away.
+#[allow(unsafe_code)] // libc::geteuid: who owns the directory
 pub fn prepare(dir: &Path) -> Result<(), ClientError> {
     let io = |source: Error| ClientError::Io {
         path: dir.to_path_buf(),
@@ -91,6 +92,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(unsafe_code)] // libc::geteuid: are we root
     fn a_directory_of_another_user_is_refused_and_left_as_it_is() {
         let base = tempfile::tempdir().unwrap();
         // SAFETY: geteuid has no preconditions.

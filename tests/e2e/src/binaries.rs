@@ -1,6 +1,6 @@
 //! Where the release binaries under test are: `FEDSTEP_BIN_DIR` (set by
 //! scripts/test.sh), else the target directory this test executable was
-//! built into (target/release/deps/<test> → target/release).
+//! built into (`target/release/deps/<test>` → `target/release`).
 
 use std::path::{Path, PathBuf};
 

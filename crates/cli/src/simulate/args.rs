@@ -53,7 +53,7 @@ pub struct Args {
     #[arg(long, value_name = "CONFIG.toml")]
     pub aggregation: Option<PathBuf>,
     /// Run directory (model store, report.json, accuracy.svg)
-    /// [default: runs/simulate-<UTC timestamp>].
+    /// [default: runs/simulate-YYYYMMDD-HHMMSS, in UTC].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// The last K clients train on shuffled labels.
