@@ -5,6 +5,14 @@ pub fn global_model(job_id: &str, round: u32) -> String {
     format!("jobs/{job_id}/rounds/{round}/global.safetensors")
 }
 
+/// How round `round`'s global model was made: the measurements of the
+/// aggregation of round `round - 1`, beside the model it wrote (the same
+/// folder as that model and its server state, which also belong to the
+/// round they start). Round 1 has none: its model is the initial one.
+pub fn round_measurements(job_id: &str, round: u32) -> String {
+    format!("jobs/{job_id}/rounds/{round}/measurements.json")
+}
+
 pub fn update(job_id: &str, round: u32, client_id: &str) -> String {
     format!("jobs/{job_id}/rounds/{round}/updates/{client_id}.safetensors")
 }
@@ -48,6 +56,10 @@ mod tests {
         assert_eq!(
             update("j", 2, "site-a"),
             "jobs/j/rounds/2/updates/site-a.safetensors"
+        );
+        assert_eq!(
+            round_measurements("j", 3),
+            "jobs/j/rounds/3/measurements.json"
         );
         assert_eq!(job_round("j", 7), "j#000007");
         assert!(check_id("client", "site-a").is_ok());

@@ -13,6 +13,7 @@ pub mod local;
 pub mod ports;
 pub mod records;
 pub mod round_failure;
+pub mod round_measurements;
 pub mod task_error_name;
 pub mod timefmt;
 

@@ -1,13 +1,15 @@
 //! What one aggregation did, as a JSON-able record: per client (weight,
 //! norm, scale, and why it was rejected, excluded, zeroed or not selected),
 //! per stage, and totals. Every input update appears exactly once.
+//! Deserialize too: the cloud engine stores it beside each round's output
+//! model, and readers (`fedstep simulate`) parse it back as typed data.
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientStatus {
     /// Took part with a non-zero weight.
@@ -22,11 +24,11 @@ pub enum ClientStatus {
     NotSelected,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientMeasurement {
     pub client_id: String,
     pub status: ClientStatus,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub num_examples: Option<u64>,
     pub llm_type: Option<String>,
@@ -40,7 +42,7 @@ pub struct ClientMeasurement {
     pub scale: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measurements {
     pub weighting: String,
     pub llm_type: String,

@@ -1,84 +1,46 @@
 //! Joins what each client reported with how the aggregation treated it
 //! into report.json's per-client rows.
 //!
-//! The engine's `RoundResult` names the accepted clients and every other
-//! client's reason (rejected, excluded, zeroed, not selected by Krum) but
-//! not the weights. Those are recomputed here with fedstep-core's own
-//! weighting plan on the very rows the engine aggregated, normalized over
-//! the accepted clients — the same arithmetic as the core's
-//! `ClientMeasurement::weight`. (Unweighted combiners — median, trimmed
-//! mean, Krum — ignore them; the round's `combiner` says which ran.)
+//! How the aggregation treated each client (status, reason, quality
+//! multiplier, normalized weight) is read from the measurements the engine
+//! stored beside the round's output model (`fedstep_cloud::keys::
+//! round_measurements`), exactly as the numeric core measured them.
+//! (Unweighted combiners — median, trimmed mean, Krum — ignore the
+//! weights; the round's `combiner` says which ran.)
 
-use std::collections::BTreeMap;
+use std::path::Path;
 
+use anyhow::{Context, Result};
+use fedstep_cloud::keys;
+use fedstep_cloud::local::FsStore;
+use fedstep_cloud::ports::ObjectStore;
 use fedstep_cloud::records::RoundResult;
-use fedstep_core::share_cap;
-use fedstep_core::weighting::{self, Verdict};
-use fedstep_core::{PipelineConfig, UpdateMeta};
+use fedstep_cloud::round_measurements::RoundMeasurements;
+use fedstep_core::PipelineConfig;
 use serde_json::{json, Value};
 
 use super::client::ClientRound;
 use super::data::SimData;
 use super::report::ClientRoundReport;
 
-/// Quality multiplier and normalized weight per client.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Weight {
-    pub quality: Option<f64>,
-    pub weight: Option<f64>,
-}
-
-pub fn weights(
-    config: &PipelineConfig,
-    rounds: &[ClientRound],
-    result: &RoundResult,
-) -> BTreeMap<String, Weight> {
-    let metas: Vec<UpdateMeta> = rounds
-        .iter()
-        .map(|cr| UpdateMeta {
-            client_id: cr.record.client_id.clone(),
-            num_examples: cr.record.num_examples.clone(),
-            llm_type: cr.record.llm_type.clone(),
-            metrics: cr.record.metrics.clone(),
-        })
-        .collect();
-    let Ok(plan) = weighting::plan(
-        &metas,
-        config.weighting(),
-        &config.type_filter(),
-        config.limits(),
-    ) else {
-        return BTreeMap::new();
-    };
-    let raw: Vec<(String, Option<f64>, Option<f64>)> = metas
-        .iter()
-        .zip(&plan.entries)
-        .map(|(m, e)| {
-            let w = match e.verdict {
-                Verdict::Weighted(w) if result.accepted.contains(&m.client_id) => Some(w),
-                _ => None,
-            };
-            (m.client_id.clone(), e.multiplier, w)
-        })
-        .collect();
-    let total: f64 = raw.iter().filter_map(|r| r.2).sum();
-    let mut shares: Vec<Option<f64>> = raw
-        .iter()
-        .map(|r| r.2.filter(|_| total > 0.0).map(|w| w / total))
-        .collect();
-    // The aggregation capped the shares the same way (max_client_share).
-    if let Some(cap) = config.max_client_share().filter(|_| total > 0.0) {
-        let weighted: Vec<usize> = (0..shares.len()).filter(|&i| shares[i].is_some()).collect();
-        let weights: Vec<f64> = weighted.iter().filter_map(|&i| shares[i]).collect();
-        let capped = share_cap::cap_shares(&weights, cap);
-        for (&i, share) in weighted.iter().zip(capped.shares) {
-            shares[i] = Some(share);
-        }
-    }
-    raw.into_iter()
-        .zip(shares)
-        .map(|((id, quality, _), weight)| (id, Weight { quality, weight }))
-        .collect()
+/// Reads back the measurements the engine stored for the aggregation of
+/// `round` of `job_id` (beside round `round + 1`'s model).
+pub async fn stored(
+    store: &FsStore,
+    job_id: &str,
+    round: u32,
+    scratch: &Path,
+) -> Result<RoundMeasurements> {
+    let key = keys::round_measurements(job_id, round + 1);
+    std::fs::create_dir_all(scratch)?;
+    let path = scratch.join("measurements.json");
+    store
+        .get_file(&key, &path)
+        .await
+        .with_context(|| format!("reading round {round}'s measurements"))?;
+    let bytes = std::fs::read(&path)?;
+    std::fs::remove_file(&path).ok();
+    Ok(RoundMeasurements::from_json_bytes(&key, &bytes)?)
 }
 
 /// The round-level aggregation record: what ran and what it reported.
@@ -93,12 +55,13 @@ pub fn aggregation_summary(config: &PipelineConfig, result: &RoundResult) -> Val
     })
 }
 
+/// One row per client that ran the round, in client order. A client the
+/// stored measurements do not list (its update never reached the round) is
+/// `missing`.
 pub fn client_reports(
     rounds: &[ClientRound],
     data: &SimData,
-    weights: &BTreeMap<String, Weight>,
-    result: &RoundResult,
-    engine_rejected: &BTreeMap<String, String>,
+    measured: &RoundMeasurements,
 ) -> Vec<ClientRoundReport> {
     rounds
         .iter()
@@ -106,18 +69,16 @@ pub fn client_reports(
             let rec = &cr.record;
             let id = rec.client_id.as_str();
             let share = data.clients.iter().find(|c| c.id == id);
-            let (status, reason) = if let Some(reason) = engine_rejected.get(id) {
-                ("rejected".to_string(), Some(reason.clone()))
-            } else if let Some(reason) = result.rejected.get(id) {
-                // The engine words it "<status>: <reason>".
-                let status = reason.split(':').next().unwrap_or("rejected").trim();
-                (status.to_string(), Some(reason.clone()))
-            } else if result.accepted.iter().any(|a| a == id) {
-                ("accepted".to_string(), None)
-            } else {
-                ("missing".to_string(), None)
+            let m = measured.client(id);
+            let status = match m {
+                // The status's own JSON name: accepted, rejected, excluded,
+                // zeroed, not_selected.
+                Some(m) => serde_json::to_value(m.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| format!("{:?}", m.status)),
+                None => "missing".to_string(),
             };
-            let w = weights.get(id).copied().unwrap_or_default();
             ClientRoundReport {
                 client_id: id.to_string(),
                 num_examples: rec.num_examples.as_u64().unwrap_or(0),
@@ -128,9 +89,9 @@ pub fn client_reports(
                     .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
                     .collect(),
                 status,
-                reason,
-                weight: w.weight,
-                quality: w.quality,
+                reason: m.and_then(|m| m.reason.clone()),
+                weight: m.and_then(|m| m.weight),
+                quality: m.and_then(|m| m.quality),
                 noisy: share.is_some_and(|s| s.noisy),
                 byzantine: share.is_some_and(|s| s.byzantine),
                 seconds: cr.seconds,

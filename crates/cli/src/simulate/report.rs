@@ -35,10 +35,12 @@ pub struct ClientRoundReport {
     /// train_loss/train_accuracy).
     pub metrics: BTreeMap<String, f64>,
     /// accepted | rejected | excluded | zeroed | not_selected, as the
-    /// round result recorded it.
+    /// measurements stored with the round's output recorded it (`missing`
+    /// if they do not list the client).
     pub status: String,
     pub reason: Option<String>,
-    /// Normalized aggregation weight (sums to 1 over accepted clients).
+    /// Normalized aggregation weight (sums to 1 over accepted clients), as
+    /// the numeric core measured it.
     pub weight: Option<f64>,
     /// Quality multiplier, when `quality` weighting applied one.
     pub quality: Option<f64>,

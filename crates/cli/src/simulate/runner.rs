@@ -9,7 +9,6 @@
 //! `on_update`, the last of which aggregates. The result's `continue`
 //! drives the loop; `finalize` ends the job.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,7 +26,7 @@ use super::args::Settings;
 use super::baselines;
 use super::client::{ClientRound, SimClient};
 use super::data::{self, SimData};
-use super::measurements::{aggregation_summary, client_reports, weights};
+use super::measurements::{self, aggregation_summary, client_reports};
 use super::personal;
 use super::plot::{self, Series};
 use super::progress::RoundBar;
@@ -166,7 +165,6 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         // The stream: each new `updates` row, as stored, to on_update (in
         // client order, so a run is reproducible bit for bit).
         let mut result = None;
-        let mut engine_rejected = BTreeMap::new();
         let mut client_rounds: Vec<ClientRound> = Vec::with_capacity(n);
         for task in tasks {
             let cr = task.await.context("client task")??;
@@ -178,10 +176,11 @@ pub async fn run(mut settings: Settings) -> Result<()> {
                 })?;
             match engine.on_update(&row).await? {
                 UpdateOutcome::Aggregated(r) => result = Some(r),
-                UpdateOutcome::Rejected(reason) => {
-                    engine_rejected.insert(row.client_id.clone(), reason);
-                }
-                UpdateOutcome::Recorded { .. } | UpdateOutcome::Late(_) => {}
+                // A rejected row is in the round's rejections, and so in
+                // the measurements stored with the round's output.
+                UpdateOutcome::Rejected(_)
+                | UpdateOutcome::Recorded { .. }
+                | UpdateOutcome::Late(_) => {}
             }
             client_rounds.push(cr);
         }
@@ -197,14 +196,14 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         bar.message(format!("round {round}: evaluating"));
         let eval =
             evaluate_global(&store, &result.global_model_key, &out.join("engine"), &data).await?;
-        let weights = weights(&settings.pipeline, &client_rounds, &result);
+        let measured = measurements::stored(&store, JOB_ID, round, &out.join("engine")).await?;
         let report = RoundReport {
             round,
             accuracy: eval.accuracy,
             loss: eval.loss,
             accepted: result.accepted.clone(),
             rejected: result.rejected.clone(),
-            clients: client_reports(&client_rounds, &data, &weights, &result, &engine_rejected),
+            clients: client_reports(&client_rounds, &data, &measured),
             aggregation: aggregation_summary(&settings.pipeline, &result),
             single_agent_accuracy: f64::NAN,
             centralized_accuracy: f64::NAN,

@@ -2,8 +2,9 @@
 //! clients in) and the deadline path (CloseRound): check every input
 //! against its row before reading a byte of it, run the numeric core over
 //! the objects in place (ranged reads, nothing staged on local disk), write
-//! round r+1's global model and server state straight to the store, and
-//! close the round under the lease.
+//! round r+1's global model and server state straight to the store, then
+//! the aggregation's measurements beside them, and close the round under
+//! the lease.
 //!
 //! Safe to run again after a crash at any point: inputs are read again, the
 //! outputs go to deterministic keys (a retry rewrites the same objects) and
@@ -28,6 +29,7 @@ use crate::ports::{
 };
 use crate::records::{ClosedBy, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 use crate::round_failure::RoundFailure;
+use crate::round_measurements::RoundMeasurements;
 
 /// How an aggregation attempt ended.
 pub(super) enum Closing {
@@ -287,6 +289,10 @@ where
                 self.reject(row, &client, &reason, &mut rejected).await?;
             }
         };
+        // Every rejection so far was the engine's own, made before the core
+        // read the update (at on_update, in the checks, on a checksum
+        // mismatch): the core never measured those clients.
+        let engine_rejected = rejected.clone();
         for c in measurements
             .clients
             .iter()
@@ -300,6 +306,13 @@ where
             self.reject(row, &c.client_id, &reason, &mut rejected)
                 .await?;
         }
+
+        // Beside the model, before the round is CLOSED: a closed round
+        // always has its measurements. A retry rewrites the same key.
+        let stored = RoundMeasurements::new(job_id, round, measurements, &engine_rejected);
+        self.write_measurements(&keys::round_measurements(job_id, round + 1), &stored)
+            .await?;
+        let measurements = stored.measurements;
 
         let next_key = keys::global_model(job_id, round + 1);
         let rows: BTreeMap<String, UpdateRecord> = inputs
@@ -332,6 +345,28 @@ where
         } else {
             Closing::LeaseLost
         })
+    }
+
+    /// Writes `stored` at `key` through the streaming port, like the model.
+    /// The store refusing it is the system's failure: retried.
+    async fn write_measurements(&self, key: &str, stored: &RoundMeasurements) -> Result<()> {
+        let bytes = stored.to_json_bytes()?;
+        let writer = self.store.writer(key)?;
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let sink = writer.create(bytes.len() as u64)?;
+            sink.write_at(0, &bytes)?;
+            sink.finish()?;
+            writer.commit()
+        })
+        .await
+        .map_err(|e| CloudError::Other(format!("the measurements task panicked: {e}")))?;
+        match written {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(CloudError::Other(format!(
+                "the measurements at `{key}` were written but not committed"
+            ))),
+            Err(e) => Err(CloudError::Transient(format!("writing `{key}`: {e}"))),
+        }
     }
 
     /// Records a rejection in the ledger and in this attempt's map, bounded
