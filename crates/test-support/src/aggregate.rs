@@ -16,6 +16,12 @@ pub struct Dir {
     pub tmp: tempfile::TempDir,
 }
 
+impl Default for Dir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Dir {
     pub fn new() -> Self {
         Dir {

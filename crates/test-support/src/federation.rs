@@ -23,6 +23,12 @@ pub struct Fed {
     pub clock: ManualClock,
 }
 
+impl Default for Fed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Fed {
     pub fn new() -> Fed {
         let dir = tempfile::tempdir().unwrap();
