@@ -5,13 +5,12 @@
 //! fixed-iteration property tests of the decoders the fuzz targets run
 //! (fuzz/fuzz_targets/update_record.rs, notification.rs).
 
-mod common;
-
-use common::*;
 use fedstep_cloud::error::CloudError;
 use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::{Notification, RoundStatus, UpdateRecord, SCHEMA};
 use fedstep_cloud::{JobSpec, UpdateOutcome};
+use fedstep_test_support::assert_close_f32;
+use fedstep_test_support::federation::*;
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -104,7 +103,7 @@ async fn rows_for_a_closed_or_failed_round_are_recorded_late() {
     assert!(reason.starts_with("late: round 1 is Closed"), "{reason}");
     let row = fed.ledger.get_round("past", 1).await.unwrap().unwrap();
     assert!(row.rejections["c"].starts_with("late:"));
-    assert_close(&fed.global(&job, 2).await, &[2.0]);
+    assert_close_f32(&fed.global(&job, 2).await, &[2.0]);
 
     // Round 2 fails its quorum; a row arriving afterwards is late too.
     engine.start_round(&job, 2, "t2").await.unwrap();

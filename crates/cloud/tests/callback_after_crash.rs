@@ -6,17 +6,15 @@
 //! deadline. Step Functions takes one answer per token, so replays never
 //! deliver twice; the engine that already had an answer does not even ask.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::*;
 use fedstep_cloud::error::{CloudError, Result};
 use fedstep_cloud::local::{CallbackCall, RecordingCallback};
 use fedstep_cloud::ports::{Callback, Clock, Ledger, TaskCallback};
 use fedstep_cloud::records::{ClosedBy, RoundResult, RoundStatus};
 use fedstep_cloud::{EngineConfig, RoundEngine, UpdateOutcome};
+use fedstep_test_support::federation::*;
 use serde_json::Value;
 
 /// Loses the first `succeed`: it never reaches the recorder.

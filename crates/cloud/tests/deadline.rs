@@ -1,12 +1,11 @@
 //! The deadline path (CloseRound): aggregate what is in if the quorum is
 //! met, else fail the round with QuorumNotMet; late updates are recorded.
 
-mod common;
-
-use common::*;
 use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::{ClosedBy, RoundStatus};
 use fedstep_cloud::{CloudError, UpdateOutcome};
+use fedstep_test_support::assert_close_f32;
+use fedstep_test_support::federation::*;
 
 #[tokio::test]
 async fn two_of_three_with_min_two_closes() {
@@ -28,7 +27,7 @@ async fn two_of_three_with_min_two_closes() {
     assert_eq!(result.closed_by, ClosedBy::Deadline);
     assert_eq!(result.accepted, vec!["a", "b"]);
     assert!(result.continue_training);
-    assert_close(&fed.global(&job, 2).await, &[3.25, -3.25]);
+    assert_close_f32(&fed.global(&job, 2).await, &[3.25, -3.25]);
     assert!(
         fed.callback.calls().is_empty(),
         "the deadline path returns, it does not call back"

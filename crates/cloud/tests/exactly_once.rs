@@ -1,12 +1,11 @@
 //! At-least-once delivery and racing aggregators still give exactly one
 //! aggregation and one callback per round.
 
-mod common;
-
-use common::*;
 use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::RoundStatus;
 use fedstep_cloud::UpdateOutcome;
+use fedstep_test_support::assert_close_f32;
+use fedstep_test_support::federation::*;
 
 #[tokio::test]
 async fn the_same_row_twice_aggregates_once() {
@@ -43,7 +42,7 @@ async fn the_same_row_twice_aggregates_once() {
     assert_eq!(fed.callback.calls().len(), 1);
     let row = fed.ledger.get_round("dup", 1).await.unwrap().unwrap();
     assert!(row.rejections.is_empty(), "a replay is not a rejection");
-    assert_close(&fed.global(&job, 2).await, &[4.0, 4.0]);
+    assert_close_f32(&fed.global(&job, 2).await, &[4.0, 4.0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,6 +76,6 @@ async fn two_engines_racing_on_the_last_update() {
         assert_eq!(fed.callback.calls().len(), 1, "attempt {attempt}");
         let row = fed.ledger.get_round(&job.job_id, 1).await.unwrap().unwrap();
         assert_eq!(row.status, RoundStatus::Closed);
-        assert_close(&fed.global(&job, 2).await, &[6.0]);
+        assert_close_f32(&fed.global(&job, 2).await, &[6.0]);
     }
 }

@@ -4,12 +4,10 @@
 //! item — not a rejection, not a "late" entry — whatever the round's state;
 //! an expected client's rule violations are still recorded there.
 
-mod common;
-
-use common::*;
 use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::{RoundRecord, RoundStatus, UpdateRecord};
 use fedstep_cloud::UpdateOutcome;
+use fedstep_test_support::federation::*;
 
 fn rejected(o: UpdateOutcome) -> String {
     match o {

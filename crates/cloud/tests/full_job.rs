@@ -3,12 +3,11 @@
 //! the StartRound task is called back exactly once per round, and Finalize
 //! registers the last model.
 
-mod common;
-
-use common::*;
 use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::{ClosedBy, Notification, RoundStatus};
 use fedstep_cloud::UpdateOutcome;
+use fedstep_test_support::assert_close_f32;
+use fedstep_test_support::federation::*;
 
 #[tokio::test]
 async fn three_clients_three_rounds() {
@@ -69,7 +68,7 @@ async fn three_clients_three_rounds() {
             models.push((local, *n));
         }
         let refs: Vec<(&[f32], u64)> = models.iter().map(|(m, n)| (m.as_slice(), *n)).collect();
-        assert_close(&fed.global(&job, round + 1).await, &weighted_mean(&refs));
+        assert_close_f32(&fed.global(&job, round + 1).await, &weighted_mean(&refs));
 
         let stored = fed
             .ledger

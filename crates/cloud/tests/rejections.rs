@@ -2,12 +2,11 @@
 //! round (when the client is one of the round's), and the round goes on
 //! with the others.
 
-mod common;
-
-use common::*;
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, ObjectStore};
 use fedstep_cloud::UpdateOutcome;
+use fedstep_test_support::assert_close_f32;
+use fedstep_test_support::federation::*;
 
 #[tokio::test]
 async fn bad_rows_are_rejected_and_the_round_goes_on() {
@@ -93,7 +92,7 @@ async fn a_wrong_checksum_rejects_that_client_only() {
         result.rejected
     );
     assert_eq!(result.metrics["clients_rejected"], 1.0);
-    assert_close(&fed.global(&job, 2).await, &[3.0]);
+    assert_close_f32(&fed.global(&job, 2).await, &[3.0]);
     let row = fed.ledger.get_round("sums", 1).await.unwrap().unwrap();
     assert!(row.rejections["c"].starts_with("checksum:"));
 }

@@ -7,11 +7,9 @@
 //! each rewrite that breaks a rule rejects its client and the round closes
 //! with the others.
 
-mod common;
-
-use common::*;
 use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::{RoundStatus, UpdateRecord};
+use fedstep_test_support::federation::*;
 
 /// The rule a rewrite breaks, and the rewrite.
 type Rewrite = (&'static str, fn(&mut UpdateRecord));

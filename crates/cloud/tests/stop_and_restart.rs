@@ -1,13 +1,11 @@
 //! The stop rule decides `continue`; StartRound is idempotent across task
 //! retries (new token) and after the round closed.
 
-mod common;
-
-use common::*;
 use fedstep_cloud::local::CallbackCall;
 use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::Notification;
 use fedstep_cloud::{Job, JobSpec, UpdateOutcome};
+use fedstep_test_support::federation::*;
 
 fn job_with_target(job_id: &str) -> Job {
     let mut j = JobSpec::from(job(job_id, 5, &["a", "b"], 2));

@@ -1,12 +1,11 @@
 //! A crashed aggregator holds a claim; once its lease expires the next
 //! engine to see the round takes over and finishes it.
 
-mod common;
-
-use common::*;
 use fedstep_cloud::ports::{Clock, Ledger};
 use fedstep_cloud::records::{ClosedBy, RoundStatus};
 use fedstep_cloud::UpdateOutcome;
+use fedstep_test_support::assert_close_f32;
+use fedstep_test_support::federation::*;
 
 /// Rows for a, b, c in, and the round claimed by an aggregator that died.
 async fn crashed_round(
@@ -51,7 +50,7 @@ async fn the_stream_retry_takes_over_after_the_lease() {
         panic!("the lease expired: take over")
     };
     assert_eq!(result.accepted, vec!["a", "b", "c"]);
-    assert_close(&fed.global(&job, 2).await, &[2.0]);
+    assert_close_f32(&fed.global(&job, 2).await, &[2.0]);
     let row = fed.ledger.get_round("crash", 1).await.unwrap().unwrap();
     assert_eq!(row.status, RoundStatus::Closed);
     assert_eq!(row.lease_owner.as_deref(), Some("survivor"));
@@ -76,7 +75,7 @@ async fn the_deadline_path_takes_over_after_the_lease() {
         .await
         .unwrap();
     assert_eq!(result.closed_by, ClosedBy::Deadline);
-    assert_close(&fed.global(&job, 2).await, &[2.0]);
+    assert_close_f32(&fed.global(&job, 2).await, &[2.0]);
 }
 
 #[tokio::test]
@@ -110,6 +109,6 @@ async fn a_failed_attempt_gives_up_its_lease_and_the_retry_finishes() {
         engine.on_update(&b).await.unwrap(),
         UpdateOutcome::Aggregated(_)
     ));
-    assert_close(&fed.global(&job, 2).await, &[3.0]);
+    assert_close_f32(&fed.global(&job, 2).await, &[3.0]);
     assert_eq!(fed.callback.succeeded("t1").len(), 1);
 }

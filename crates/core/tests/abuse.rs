@@ -7,12 +7,11 @@
 //! llm_type) in one round that goes on, and property tests: random and
 //! mutated bytes never panic the header path.
 
-mod common;
-
-use common::*;
 use fedstep_core::measurements::ClientStatus;
 use fedstep_core::model::{check_compatible, header_from_bytes, open};
 use fedstep_core::{Limits, ModelError, UpdateMeta};
+use fedstep_test_support::aggregate::*;
+use fedstep_test_support::assert_close;
 use proptest::prelude::*;
 use safetensors::Dtype;
 use serde_json::Value;

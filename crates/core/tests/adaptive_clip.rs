@@ -3,12 +3,10 @@
 //! quantile of the update norms; state files are checked like the
 //! optimizers'.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{run, run_with_state, update, Dir};
 use fedstep_core::{UpdateMeta, UpdateSource};
+use fedstep_test_support::aggregate::{run, run_with_state, update, Dir};
 use safetensors::Dtype;
 
 /// A zero global model and ten updates of norms 1, 2, …, 10.

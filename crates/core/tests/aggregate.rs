@@ -1,12 +1,11 @@
 //! End-to-end aggregation over files: formulas worked by hand, every dtype,
 //! every stage and every rejection path.
 
-mod common;
-
-use common::*;
 use fedstep_core::float::encode_all_f64;
 use fedstep_core::measurements::ClientStatus;
 use fedstep_core::{AggregateError, UpdateMeta};
+use fedstep_test_support::aggregate::*;
+use fedstep_test_support::assert_close;
 use safetensors::Dtype;
 
 #[test]

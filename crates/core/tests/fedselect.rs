@@ -2,14 +2,13 @@
 //! the streaming engine (hand-worked numbers, mixed plain/masked inputs,
 //! with clipping, across many blocks), the merge, and every rejection.
 
-mod common;
-
-use common::*;
 use fedstep_core::float::encode_all_f64;
 use fedstep_core::measurements::ClientStatus;
 use fedstep_core::model::load_dense;
 use fedstep_core::personalization::{merge_personal, read_masked, split_update, PersonalFractions};
 use fedstep_core::{AggregateError, Limits, UpdateMeta};
+use fedstep_test_support::aggregate::*;
+use fedstep_test_support::assert_close;
 use safetensors::Dtype;
 
 const FEDSELECT: &str = "personalization = \"fedselect\"\n";

@@ -2,12 +2,11 @@
 //! (`golden/make_golden.py`, checked in with its outputs) for every
 //! weighting, combiner and server optimizer.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::{assert_close, run, run_with_state, update, Dir};
 use fedstep_core::{UpdateMeta, UpdateSource};
+use fedstep_test_support::aggregate::{run, run_with_state, update, Dir};
+use fedstep_test_support::assert_close;
 use serde_json::Value;
 
 /// The golden directory, its expected.json, and its five updates.

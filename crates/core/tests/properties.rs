@@ -3,11 +3,9 @@
 //! mean lies within the inputs' range, element by element, and every input
 //! appears exactly once in the measurements.
 
-mod common;
-
-use common::{run, update, Dir};
 use fedstep_core::measurements::ClientStatus;
 use fedstep_core::UpdateMeta;
+use fedstep_test_support::aggregate::{run, update, Dir};
 use proptest::prelude::*;
 use safetensors::Dtype;
 

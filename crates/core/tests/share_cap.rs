@@ -3,11 +3,10 @@
 //! meets the other stages sanely (Krum's selection, robust combiners that
 //! ignore weights, FedSelect's masked mean, DP noise's calibration).
 
-mod common;
-
-use common::*;
 use fedstep_core::float::encode_all_f64;
 use fedstep_core::UpdateMeta;
+use fedstep_test_support::aggregate::*;
+use fedstep_test_support::assert_close;
 use safetensors::Dtype;
 
 /// Lets the 10^12 claim past `limits.max_num_examples`, so that the cap,

@@ -1,6 +1,5 @@
-//! Helpers shared by the aggregation tests: tiny models written to a temp
-//! dir, and a one-call aggregate.
-#![allow(dead_code)]
+//! A temp dir of models and a one-call aggregation: what the core's
+//! aggregation tests build on.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,8 +11,15 @@ use fedstep_core::{aggregate, AggregationOutcome, AggregationRequest, Limits, Pi
 use fedstep_core::{AggregateError, FileTarget, Input, OutputTarget, UpdateMeta, UpdateSource};
 use safetensors::Dtype;
 
+/// A temp dir of model files.
 pub struct Dir {
     pub tmp: tempfile::TempDir,
+}
+
+impl Default for Dir {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Dir {
@@ -88,18 +94,4 @@ pub fn run_with_state(
     })?;
     let model = load_dense(&out, &Limits::default()).unwrap();
     Ok((outcome, model))
-}
-
-pub fn assert_close(actual: &[f64], expected: &[f64], tol: f64) {
-    assert_eq!(
-        actual.len(),
-        expected.len(),
-        "length: {actual:?} vs {expected:?}"
-    );
-    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
-        assert!(
-            (a - e).abs() <= tol,
-            "element {i}: {a} vs {e} (tol {tol}); {actual:?} vs {expected:?}"
-        );
-    }
 }

@@ -1,9 +1,7 @@
 //! A federation in one process over the local adapters: tiny f32 models,
 //! clients that upload a file and write their `updates` row, and engines
 //! that share one store, ledger, bus, callback recorder and clock.
-#![allow(dead_code)] // each test file uses a different part of it
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -11,7 +9,6 @@ use fedstep_cloud::local::{FsStore, LocalBus, ManualClock, MemLedger, RecordingC
 use fedstep_cloud::ports::{Ledger, ObjectStore, PutUpdate};
 use fedstep_cloud::records::{UpdateRecord, SCHEMA};
 use fedstep_cloud::{keys, EngineConfig, Job, JobSpec, RoundEngine};
-use safetensors::Dtype;
 
 pub type Engine = RoundEngine<FsStore, MemLedger, LocalBus, RecordingCallback, ManualClock>;
 
@@ -24,6 +21,12 @@ pub struct Fed {
     pub bus: LocalBus,
     pub callback: RecordingCallback,
     pub clock: ManualClock,
+}
+
+impl Default for Fed {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Fed {
@@ -62,14 +65,7 @@ impl Fed {
             .path()
             .join("files")
             .join(format!("{name}.safetensors"));
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        fedstep_core::writer::write_model(
-            &path,
-            &[("w".into(), Dtype::F32, vec![values.len()], bytes)],
-            &BTreeMap::new(),
-        )
-        .unwrap();
+        crate::model::write_f32_model(&path, values).unwrap();
         path
     }
 
@@ -170,14 +166,4 @@ pub fn weighted_mean(models: &[(&[f32], u64)]) -> Vec<f32> {
                 / total) as f32
         })
         .collect()
-}
-
-pub fn assert_close(got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(want) {
-        assert!(
-            (g - w).abs() <= 1e-5 * w.abs().max(1.0),
-            "{got:?} != {want:?}"
-        );
-    }
 }
