@@ -3,15 +3,13 @@
 //! own rejections), weights of the accepted summing to 1, and a rerun of
 //! the aggregation rewriting the same object with the same content.
 
-mod common;
-
-use common::*;
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, ObjectStore};
 use fedstep_cloud::records::{RoundResult, RoundStatus};
 use fedstep_cloud::round_measurements::RoundMeasurements;
 use fedstep_cloud::UpdateOutcome;
 use fedstep_core::measurements::ClientStatus;
+use fedstep_test_support::federation::*;
 
 /// Round 1 of a job of a, b, c, d: a's row points outside its prefix
 /// (rejected at on_update), c's object is swapped after its row was
