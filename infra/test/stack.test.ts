@@ -280,8 +280,8 @@ describe('aggregator Lambda', () => {
     // The lease outlives the function's timeout by the margin: 900 + 60.
     expect(env.FEDSTEP_LEASE_SECONDS).toBe('960');
     expect(Number(env.FEDSTEP_LEASE_SECONDS)).toBe(p.Timeout + LEASE_MARGIN.toSeconds());
-    // ...under the name the Lambda reads (crates/lambda/src/engine.rs).
-    const engineRs = fs.readFileSync(path.resolve(__dirname, '..', '..', 'crates', 'lambda', 'src', 'engine.rs'), 'utf8');
+    // ...under the name the Lambda reads (crates/lambda/src/aws_engine.rs).
+    const engineRs = fs.readFileSync(path.resolve(__dirname, '..', '..', 'crates', 'lambda', 'src', 'aws_engine.rs'), 'utf8');
     expect(engineRs).toContain('std::env::var("FEDSTEP_LEASE_SECONDS")');
     // training_complete goes to the same topic: the Lambda falls back to
     // FEDSTEP_TOPIC_ARN when this one is unset (next test).
