@@ -8,8 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use fedstep_cloud::error::Result;
 use fedstep_cloud::keys;
-use fedstep_cloud::ports::{Ledger, OpenRound, PutUpdate};
-use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, UpdateRecord};
+use fedstep_cloud::ports::{AddReceived, Ledger, OpenRound, PutUpdate};
+use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 use fedstep_cloud::{CloudError, Job, RoundFailure};
 
 use crate::config::{required, AwsConfig};
@@ -345,28 +345,40 @@ impl Ledger for DynamoLedger {
         Ok(rounds)
     }
 
-    async fn add_received(&self, job_id: &str, round: u32, client: &str) -> Result<RoundRecord> {
+    async fn add_received(&self, job_id: &str, round: u32, client: &str) -> Result<AddReceived> {
         let res = self
             .client
             .update_item()
             .table_name(&self.rounds_table)
             .set_key(Some(Self::round_key(job_id, round)))
             .update_expression("ADD #rc :c")
-            .condition_expression("attribute_exists(job_id)")
+            .condition_expression("attribute_exists(job_id) AND #st = :open")
             .expression_attribute_names("#rc", "received")
+            .expression_attribute_names("#st", "status")
             .expression_attribute_values(":c", AttributeValue::Ss(vec![client.to_string()]))
+            .expression_attribute_values(":open", status("OPEN"))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
         match res {
-            Ok(out) => round_from_item(out.attributes.unwrap_or_default()),
+            Ok(out) => Ok(AddReceived::Counted(Box::new(round_from_item(
+                out.attributes.unwrap_or_default(),
+            )?))),
             Err(e) => match sdk_error(
                 &format!("DynamoDB UpdateItem {} (received)", self.rounds_table),
                 e,
             ) {
-                CloudError::ConditionFailed(_) => {
-                    Err(CloudError::NotFound(format!("round {job_id}/{round}")))
-                }
+                // Absent, or past OPEN: a consistent read says which. A
+                // round never returns to OPEN, so the row read is past it.
+                CloudError::ConditionFailed(_) => match self.get_round(job_id, round).await? {
+                    Some(row) if row.status != RoundStatus::Open => {
+                        Ok(AddReceived::PastOpen(Box::new(row)))
+                    }
+                    Some(_) => Err(CloudError::Other(format!(
+                        "round {job_id}/{round}: the ADD's condition failed, yet the round reads OPEN"
+                    ))),
+                    None => Err(CloudError::NotFound(format!("round {job_id}/{round}"))),
+                },
                 other => Err(other),
             },
         }
@@ -673,7 +685,7 @@ impl Ledger for DynamoLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstep_cloud::records::{ClosedBy, RoundStatus};
+    use fedstep_cloud::records::ClosedBy;
 
     fn record() -> RoundRecord {
         RoundRecord {

@@ -11,7 +11,8 @@ use common::{str_at, unique};
 use fedstep_aws::aws_sdk_dynamodb::types::AttributeValue;
 use fedstep_aws::aws_sdk_sqs::types::MessageSystemAttributeName;
 use fedstep_cloud::ports::{
-    Callback, ClientQueue, Ledger, Notifier, ObjectStore, OpenRound, PutUpdate, TaskCallback,
+    AddReceived, Callback, ClientQueue, Ledger, Notifier, ObjectStore, OpenRound, PutUpdate,
+    TaskCallback,
 };
 use fedstep_cloud::records::{
     Artifact, ClosedBy, GlobalModelReady, Notification, RoundRecord, RoundResult, RoundStatus,
@@ -314,7 +315,9 @@ async fn ledger_job_header_and_round_lifecycle() {
     // received is a set: replays are harmless.
     ledger.add_received(&id, 1, "a").await.unwrap();
     ledger.add_received(&id, 1, "b").await.unwrap();
-    let row = ledger.add_received(&id, 1, "a").await.unwrap();
+    let AddReceived::Counted(row) = ledger.add_received(&id, 1, "a").await.unwrap() else {
+        panic!("an OPEN round counts");
+    };
     assert_eq!(
         row.received,
         BTreeSet::from(["a".to_string(), "b".to_string()])
@@ -373,6 +376,14 @@ async fn ledger_job_header_and_round_lifecycle() {
         .unwrap()
         .unwrap();
     assert_eq!(taken.lease_owner.as_deref(), Some(loser));
+    // Past OPEN, `received` is frozen: what the claimer aggregates.
+    match ledger.add_received(&id, 1, "d").await.unwrap() {
+        AddReceived::PastOpen(now) => {
+            assert_eq!(now.status, RoundStatus::Aggregating);
+            assert_eq!(now.received, claimed.received);
+        }
+        other => panic!("an ADD after the claim must not count: {other:?}"),
+    }
 
     // Close: only the lease owner.
     let res = result(&id, 1);

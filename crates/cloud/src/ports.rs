@@ -126,6 +126,19 @@ pub enum OpenRound {
     AlreadyPast(Box<RoundRecord>),
 }
 
+/// What `add_received` found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AddReceived {
+    /// The round was OPEN: the client is in `received` (maybe already was);
+    /// the row after the ADD.
+    Counted(Box<RoundRecord>),
+    /// The round was past OPEN, so nothing was added: `received` is frozen
+    /// from the claim on, and so is what the claimer aggregates. The row as
+    /// it is now (whether it names this client says whether an earlier
+    /// delivery was counted before the claim).
+    PastOpen(Box<RoundRecord>),
+}
+
 /// The ledger (DynamoDB): the `rounds` table (written by the aggregator
 /// only; the job header is round 0) and the `updates` table (written by
 /// clients). Every state change is conditional.
@@ -143,14 +156,15 @@ pub trait Ledger: Send + Sync {
     ) -> impl Future<Output = Result<Option<RoundRecord>>> + Send;
     /// All rounds of a job, oldest first (job header excluded).
     fn list_rounds(&self, job_id: &str) -> impl Future<Output = Result<Vec<RoundRecord>>> + Send;
-    /// Set-ADDs `client` to the round's `received`; returns the new row.
-    /// Replays are harmless. `NotFound` if the round does not exist.
+    /// Set-ADDs `client` to the round's `received` while the round is OPEN
+    /// (replays are harmless); past OPEN it adds nothing. `NotFound` if the
+    /// round does not exist.
     fn add_received(
         &self,
         job_id: &str,
         round: u32,
         client: &str,
-    ) -> impl Future<Output = Result<RoundRecord>> + Send;
+    ) -> impl Future<Output = Result<AddReceived>> + Send;
     /// Records why a client's update was not used (overwrites that client's entry).
     fn record_rejection(
         &self,

@@ -1,7 +1,7 @@
 //! At-least-once delivery and racing aggregators still give exactly one
 //! aggregation and one callback per round.
 
-use fedstep_cloud::ports::Ledger;
+use fedstep_cloud::ports::{AddReceived, Clock, Ledger};
 use fedstep_cloud::records::RoundStatus;
 use fedstep_cloud::UpdateOutcome;
 use fedstep_test_support::assert_close_f32;
@@ -77,5 +77,38 @@ async fn two_engines_racing_on_the_last_update() {
         let row = fed.ledger.get_round(&job.job_id, 1).await.unwrap().unwrap();
         assert_eq!(row.status, RoundStatus::Closed);
         assert_close_f32(&fed.global(&job, 2).await, &[6.0]);
+    }
+}
+
+/// The race the fault schedules found on the emulators: two deliveries of
+/// one row; the first counts it and its engine claims the round; the
+/// second, having read the round OPEN, ADDs after the claim and took that
+/// for "late", rejecting a client the claimer was aggregating. `received`
+/// is now frozen from the claim on, and the engine asks it whether the
+/// client was counted.
+#[tokio::test]
+async fn received_is_frozen_from_the_claim_on() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = job("frozen", 2, &["a", "b", "c"], 2);
+    fed.upload_initial(&job, &[0.0]).await;
+    engine.start_round(&job, 1, "t1").await.unwrap();
+    let counted = fed.ledger.add_received("frozen", 1, "a").await.unwrap();
+    assert!(matches!(counted, AddReceived::Counted(_)), "{counted:?}");
+    fed.ledger.add_received("frozen", 1, "b").await.unwrap();
+    let claimed = fed
+        .ledger
+        .claim_round("frozen", 1, "agg", fed.clock.now(), LEASE)
+        .await
+        .unwrap()
+        .expect("claimed");
+    for client in ["a", "c"] {
+        let AddReceived::PastOpen(row) =
+            fed.ledger.add_received("frozen", 1, client).await.unwrap()
+        else {
+            panic!("an ADD after the claim must not count");
+        };
+        assert_eq!(row.status, RoundStatus::Aggregating);
+        assert_eq!(row.received, claimed.received);
     }
 }

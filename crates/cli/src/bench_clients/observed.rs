@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fedstep_cloud::ports::{ClientQueue, Ledger, Notifier, OpenRound, PutUpdate, QueueMessage};
+use fedstep_cloud::ports::{
+    AddReceived, ClientQueue, Ledger, Notifier, OpenRound, PutUpdate, QueueMessage,
+};
 use fedstep_cloud::records::{Artifact, Notification, RoundRecord, RoundResult, UpdateRecord};
 use fedstep_cloud::{CloudError, Job, RoundFailure};
 use fedstep_lambda::handlers::RoundTasks;
@@ -117,7 +119,7 @@ impl<L: Ledger> Ledger for ObservedLedger<L> {
         self.count();
         self.inner.list_rounds(job_id).await
     }
-    async fn add_received(&self, job_id: &str, round: u32, client: &str) -> Result<RoundRecord> {
+    async fn add_received(&self, job_id: &str, round: u32, client: &str) -> Result<AddReceived> {
         self.count();
         self.inner.add_received(job_id, round, client).await
     }

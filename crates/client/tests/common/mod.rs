@@ -16,7 +16,8 @@ use fedstep_client::retry::Backoff;
 use fedstep_client::{TrainError, TrainReport, TrainRequest, Trainer, WorkerOptions};
 use fedstep_cloud::job::Job;
 use fedstep_cloud::ports::{
-    ClientQueue, Clock, Ledger, ObjectInfo, ObjectStore, OpenRound, PutUpdate, QueueMessage,
+    AddReceived, ClientQueue, Clock, Ledger, ObjectInfo, ObjectStore, OpenRound, PutUpdate,
+    QueueMessage,
 };
 use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, UpdateRecord};
 use fedstep_cloud::{keys, CloudError, RoundFailure};
@@ -253,7 +254,7 @@ impl Ledger for MemLedger {
     async fn list_rounds(&self, _: &str) -> Result<Vec<RoundRecord>, CloudError> {
         unused()
     }
-    async fn add_received(&self, _: &str, _: u32, _: &str) -> Result<RoundRecord, CloudError> {
+    async fn add_received(&self, _: &str, _: u32, _: &str) -> Result<AddReceived, CloudError> {
         unused()
     }
     async fn record_rejection(&self, _: &str, _: u32, _: &str, _: &str) -> Result<(), CloudError> {

@@ -10,7 +10,7 @@ use crate::bounded;
 use crate::capacity;
 use crate::error::{CloudError, Result};
 use crate::job::Job;
-use crate::ports::{Callback, Clock, Ledger, Notifier, StreamingStore, TaskCallback};
+use crate::ports::{AddReceived, Callback, Clock, Ledger, Notifier, StreamingStore, TaskCallback};
 use crate::records::{ClosedBy, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
@@ -72,20 +72,16 @@ where
             }
             Ok(_) => {}
         }
-        let after = self.ledger.add_received(job_id, round, client).await?;
-        if after.status != RoundStatus::Open && !row.received.contains(client) {
-            // Claimed between our read and our ADD: the claimer's snapshot
-            // did not include this client.
-            let reason = format!(
-                "late: round {round} became {:?} while this update was being counted",
-                after.status
-            );
-            let reason = capacity::stored_reason(&reason, after.expected_clients.len());
-            self.ledger
-                .record_rejection(job_id, round, client, &reason)
-                .await?;
-            return Ok(UpdateOutcome::Late(reason));
-        }
+        let after = match self.ledger.add_received(job_id, round, client).await? {
+            AddReceived::Counted(after) => after,
+            // Claimed between our read and our ADD. Whether the claimer
+            // aggregates this client is whether `received` names it: a
+            // concurrent delivery of this same row may have counted it
+            // before the claim (then this one is a replay, not late).
+            AddReceived::PastOpen(now) => {
+                return self.on_update_past_open(&job, &now, client).await;
+            }
+        };
         let usable = participants(&after).len();
         let expected = after.expected_clients.len();
         let all_in = after

@@ -10,7 +10,7 @@ use crate::capacity;
 use crate::error::{CloudError, Result};
 use crate::job::Job;
 use crate::keys;
-use crate::ports::{Ledger, OpenRound, PutUpdate};
+use crate::ports::{AddReceived, Ledger, OpenRound, PutUpdate};
 use crate::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 use crate::round_failure::RoundFailure;
 
@@ -66,8 +66,10 @@ fn not_found(job_id: &str, round: u32) -> CloudError {
 ///   a different one `ConditionFailed`.
 /// - `open_round`: absent → Created; OPEN → only `task_token` is replaced
 ///   (TokenReplaced; deadline, received etc. stay); otherwise AlreadyPast.
-/// - `add_received`: set ADD under `attribute_exists` (any status: the
-///   engine decides what a late ADD means); NotFound if absent.
+/// - `add_received`: set ADD under `attribute_exists` and status OPEN
+///   (Counted, the new row); past OPEN nothing is added (PastOpen, the row
+///   as it is), so `received` is frozen from the claim on; NotFound if
+///   absent.
 /// - `record_rejection`: map SET of one client under `attribute_exists`.
 ///   A reason longer than `bounded::REASON_BYTES` is refused (`Invalid`):
 ///   DynamoDB would take it until the item outgrows 400 KB, and the
@@ -138,14 +140,17 @@ impl Ledger for MemLedger {
             .collect())
     }
 
-    async fn add_received(&self, job_id: &str, round: u32, client: &str) -> Result<RoundRecord> {
+    async fn add_received(&self, job_id: &str, round: u32, client: &str) -> Result<AddReceived> {
         let mut t = self.lock();
         let row = t
             .rounds
             .get_mut(&(job_id.to_string(), round))
             .ok_or_else(|| not_found(job_id, round))?;
+        if row.status != RoundStatus::Open {
+            return Ok(AddReceived::PastOpen(Box::new(row.clone())));
+        }
         row.received.insert(client.to_string());
-        Ok(row.clone())
+        Ok(AddReceived::Counted(Box::new(row.clone())))
     }
 
     async fn record_rejection(

@@ -18,13 +18,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use fedstep_cloud::error::{CloudError, Result};
 use fedstep_cloud::local::RecordingCallback;
 use fedstep_cloud::ports::{
-    Callback, Ledger, ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter, OpenRound,
-    PutUpdate, StreamingStore, TaskCallback,
+    AddReceived, Callback, Ledger, ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter,
+    OpenRound, PutUpdate, StreamingStore, TaskCallback,
 };
 use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 use fedstep_cloud::{Job, RoundFailure};
 use fedstep_core::bytes::Unavailable;
 use fedstep_core::{ByteSink, ByteSource, OutputTarget};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -88,6 +90,11 @@ pub struct State {
     /// global-model key → SHA-256 of every completed write.
     pub global_writes: BTreeMap<String, Vec<String>>,
     pub mutant: Mutant,
+    /// Draws how often each ledger call yields to the runtime first, so
+    /// that two deliveries joined on one task interleave at every ledger
+    /// call (as two Lambdas do), not only where the store happens to
+    /// yield. Seeded from the schedule's seed; `None` never yields.
+    pub interleave: Option<ChaCha8Rng>,
 }
 
 #[derive(Clone, Default)]
@@ -108,6 +115,19 @@ impl Faults {
 
     pub fn revive_all(&self) {
         self.lock().down.clear();
+    }
+
+    /// A ledger call's first step: yield 0–2 times (see `interleave`),
+    /// then fail if this engine is down.
+    async fn step(&self, owner: &str) -> Result<()> {
+        let yields = match self.lock().interleave.as_mut() {
+            Some(rng) => rng.random_range(0..=2),
+            None => 0,
+        };
+        for _ in 0..yields {
+            tokio::task::yield_now().await;
+        }
+        self.alive(owner)
     }
 
     fn alive(&self, owner: &str) -> Result<()> {
@@ -333,32 +353,32 @@ impl<L> FaultLedger<L> {
 
 impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
     async fn put_job(&self, job: &Job) -> Result<()> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         self.inner.put_job(job).await
     }
 
     async fn get_job(&self, job_id: &str) -> Result<Option<Job>> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         self.inner.get_job(job_id).await
     }
 
     async fn open_round(&self, round: &RoundRecord) -> Result<OpenRound> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         self.inner.open_round(round).await
     }
 
     async fn get_round(&self, job_id: &str, round: u32) -> Result<Option<RoundRecord>> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         self.inner.get_round(job_id, round).await
     }
 
     async fn list_rounds(&self, job_id: &str) -> Result<Vec<RoundRecord>> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         self.inner.list_rounds(job_id).await
     }
 
-    async fn add_received(&self, job_id: &str, round: u32, client: &str) -> Result<RoundRecord> {
-        self.faults.alive(&self.owner)?;
+    async fn add_received(&self, job_id: &str, round: u32, client: &str) -> Result<AddReceived> {
+        self.faults.step(&self.owner).await?;
         if let Some(e) = self.faults.fire(&self.owner, Point::AddReceivedLost) {
             return Err(e);
         }
@@ -376,7 +396,7 @@ impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
         client: &str,
         reason: &str,
     ) -> Result<()> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         if self.faults.lock().mutant == Mutant::DropsRejections {
             return Ok(());
         }
@@ -393,7 +413,7 @@ impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
         now: i64,
         lease_seconds: i64,
     ) -> Result<Option<RoundRecord>> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         if self.faults.lock().mutant == Mutant::NoConditions {
             if let Some(mut row) = self.inner.get_round(job_id, round).await? {
                 if row.status == RoundStatus::Aggregating {
@@ -422,7 +442,7 @@ impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
         owner: &str,
         result: &RoundResult,
     ) -> Result<bool> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         if let Some(e) = self.faults.fire(&self.owner, Point::BeforeClose) {
             return Err(e);
         }
@@ -441,12 +461,12 @@ impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
     }
 
     async fn fail_round(&self, job_id: &str, round: u32, failure: &RoundFailure) -> Result<()> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         self.inner.fail_round(job_id, round, failure).await
     }
 
     async fn put_update(&self, update: &UpdateRecord) -> Result<PutUpdate> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         self.inner.put_update(update).await
     }
 
@@ -456,17 +476,17 @@ impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
         job_id: &str,
         round: u32,
     ) -> Result<Option<UpdateRecord>> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         self.inner.get_update(client_id, job_id, round).await
     }
 
     async fn put_artifact(&self, artifact: &Artifact) -> Result<()> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         self.inner.put_artifact(artifact).await
     }
 
     async fn list_artifacts(&self, llm_type: Option<&str>) -> Result<Vec<Artifact>> {
-        self.faults.alive(&self.owner)?;
+        self.faults.step(&self.owner).await?;
         self.inner.list_artifacts(llm_type).await
     }
 }

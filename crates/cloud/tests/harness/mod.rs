@@ -238,6 +238,8 @@ impl<B: Backend> Sim<B> {
         let callback = RecordingCallback::new();
         let faults = Faults::default();
         faults.lock().mutant = mutant;
+        // Its own stream, so the schedules drawn from `rng` stay as they were.
+        faults.lock().interleave = Some(ChaCha8Rng::seed_from_u64(seed ^ 0x1e4f_0a57));
 
         let n_clients = rng.random_range(3..=4usize);
         let clients: Vec<String> = (0..n_clients).map(|i| format!("site-{i}")).collect();

@@ -139,9 +139,14 @@ impl<B: Backend> Sim<B> {
                 break;
             }
             if early_deadline {
-                let usable = trained
+                // What the ledger counted, not which deliveries began while
+                // OPEN: an attempt that failed before its ADD counted nothing.
+                let row = infra("get_round", self.ledger.get_round(&job_id, round).await)?
+                    .ok_or("the round vanished")?;
+                let usable = row
+                    .received
                     .iter()
-                    .filter(|(c, t)| t.counted_while_open && kinds[*c].good())
+                    .filter(|c| kinds[*c].good() && !row.rejections.contains_key(*c))
                     .count();
                 if usable >= self.job.min_clients as usize && self.rng.random_bool(0.3) {
                     self.note("the deadline comes early".into());
