@@ -128,6 +128,8 @@ export interface FedstepSettings {
   readonly aslPath: string;
   /** Undefined (the default): no IAM Roles Anywhere resources at all. */
   readonly rolesAnywhere?: RolesAnywhereSettings;
+  /** An SNS topic the alarms notify (default false: alarms show on the dashboard only). */
+  readonly alarmTopic: boolean;
 }
 
 export const DEFAULTS = {
@@ -144,6 +146,7 @@ export const DEFAULTS = {
   rustLog: 'info',
   logRetentionDays: 90,
   retainData: true,
+  alarmTopic: false,
   updateExpirationDays: 30,
   noncurrentExpirationDays: 7,
   lambdaManifest: '../crates/lambda/Cargo.toml',
@@ -171,7 +174,7 @@ export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR)
   const fromFile = loadConfigFile(ctx('config'), baseDir) ?? {};
   const single: Raw = {};
   for (const key of ['clients', 'clientBatches', 'arch', 'memoryMb', 'timeoutMinutes', 'rustLog', 'logRetentionDays', 'retainData',
-    'updateExpirationDays', 'noncurrentExpirationDays', 'lambdaManifest', 'lambdaAsset', 'asl', 'rolesAnywhere']) {
+    'updateExpirationDays', 'noncurrentExpirationDays', 'lambdaManifest', 'lambdaAsset', 'asl', 'rolesAnywhere', 'alarmTopic']) {
     const v = ctx(key);
     if (v !== undefined) single[key] = v;
   }
@@ -196,6 +199,7 @@ export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR)
     throw new ConfigError(`logRetentionDays ${logRetentionDays} is not one of ${LOG_RETENTION_DAYS.join(', ')}`);
   }
   const retainData = parseBool(pick('retainData') ?? DEFAULTS.retainData, 'retainData');
+  const alarmTopic = parseBool(pick('alarmTopic') ?? DEFAULTS.alarmTopic, 'alarmTopic');
   const updateExpirationDays = parseInteger(pick('updateExpirationDays') ?? DEFAULTS.updateExpirationDays, 'updateExpirationDays', 1, 36500);
   const noncurrentExpirationDays = parseInteger(pick('noncurrentExpirationDays') ?? DEFAULTS.noncurrentExpirationDays, 'noncurrentExpirationDays', 1, 36500);
   const lambdaManifest = path.resolve(baseDir, parseString(pick('lambdaManifest') ?? DEFAULTS.lambdaManifest, 'lambdaManifest'));
@@ -214,7 +218,7 @@ export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR)
   checkClientCertificates(clients, rolesAnywhere);
   return {
     clients, clientBatches, architecture, memoryMb, timeoutMinutes, rustLog, logRetentionDays, retainData,
-    updateExpirationDays, noncurrentExpirationDays, lambdaManifest, lambdaAsset, aslPath, rolesAnywhere,
+    updateExpirationDays, noncurrentExpirationDays, lambdaManifest, lambdaAsset, aslPath, rolesAnywhere, alarmTopic,
   };
 }
 

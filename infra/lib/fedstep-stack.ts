@@ -5,6 +5,7 @@ import { FedstepSettings } from './config';
 import { Ledger } from './ledger';
 import { Messaging } from './messaging';
 import { ModelStore } from './model-store';
+import { Monitoring } from './monitoring';
 import { ClientTrustAnchor } from './roles-anywhere';
 import { TrainingWorkflow } from './training-workflow';
 
@@ -25,6 +26,7 @@ export class FedstepStack extends Stack {
   readonly messaging: Messaging;
   readonly aggregator: Aggregator;
   readonly workflow: TrainingWorkflow;
+  readonly monitoring: Monitoring;
   /** Only with the `rolesAnywhere` setting: one anchor for all clients stacks. */
   readonly clientTrustAnchor?: ClientTrustAnchor;
 
@@ -74,6 +76,14 @@ export class FedstepStack extends Stack {
       logRetentionDays: s.logRetentionDays,
     });
 
+    this.monitoring = new Monitoring(this, 'Monitoring', {
+      stateMachine: this.workflow.stateMachine,
+      function: this.aggregator.function,
+      deadLetterQueues: { StreamDlq: this.aggregator.streamDlq, ClientDlq: this.messaging.clientDlq },
+      alarmTopic: s.alarmTopic,
+      dashboardName: this.stackName,
+    });
+
     if (s.rolesAnywhere !== undefined) {
       this.clientTrustAnchor = new ClientTrustAnchor(this, 'ClientTrustAnchor', {
         settings: s.rolesAnywhere,
@@ -95,6 +105,10 @@ export class FedstepStack extends Stack {
       ['AggregatorFunctionName', this.aggregator.function.functionName, 'aggregator Lambda function'],
       ['StreamDlqUrl', this.aggregator.streamDlq.queueUrl, 'stream records the Lambda gave up on'],
     ];
+    global.push(['DashboardName', this.monitoring.dashboard.dashboardName, 'CloudWatch dashboard of rounds, executions, the aggregator and the dead-letter queues']);
+    if (this.monitoring.topic !== undefined) {
+      global.push(['AlarmTopicArn', this.monitoring.topic.topicArn, 'SNS topic the alarms notify (subscribe a pager or e-mail)']);
+    }
     if (this.clientTrustAnchor !== undefined) {
       global.push(['ClientTrustAnchorArn', this.clientTrustAnchor.arn, 'IAM Roles Anywhere trust anchor of the client certificates']);
     }

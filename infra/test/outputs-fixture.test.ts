@@ -51,6 +51,7 @@ function resolve(v: Json, stack: string): string {
       case 'AWS::SQS::Queue': return `https://sqs.${REGION}.amazonaws.com/${ACCOUNT}/${name}`;
       case 'AWS::SNS::Topic': return `arn:aws:sns:${REGION}:${ACCOUNT}:${name}`;
       case 'AWS::Lambda::Function': return name;
+      case 'AWS::CloudWatch::Dashboard': return r.Properties.DashboardName;
       case 'AWS::StepFunctions::StateMachine':
         return `arn:aws:states:${REGION}:${ACCOUNT}:stateMachine:${r.Properties.StateMachineName}`;
     }

@@ -13,6 +13,7 @@ pub mod local;
 pub mod ports;
 pub mod records;
 pub mod round_failure;
+pub mod round_figures;
 pub mod round_measurements;
 pub mod task_error_name;
 pub mod timefmt;
@@ -21,4 +22,5 @@ pub use engine::{EngineConfig, RoundEngine, UpdateOutcome, DEFAULT_READ_AHEAD_BY
 pub use error::CloudError;
 pub use job::{Job, JobSpec};
 pub use round_failure::RoundFailure;
+pub use round_figures::RoundFigures;
 pub use task_error_name::TaskErrorName;

@@ -1,5 +1,7 @@
 //! The round engine (fedstep-cloud) over the AWS adapters.
 
+use std::sync::Arc;
+
 use fedstep_aws::{AwsConfig, DynamoLedger, S3Store, SfnCallback, SnsNotifier};
 use fedstep_cloud::engine::{EngineConfig, RoundEngine, UpdateOutcome};
 use fedstep_cloud::ports::{Clock, Ledger, Notifier, StreamingStore, SystemClock, TaskCallback};
@@ -7,6 +9,7 @@ use fedstep_cloud::records::{RoundRecord, RoundResult, UpdateRecord};
 use fedstep_cloud::{CloudError, Job, DEFAULT_READ_AHEAD_BYTES};
 use serde_json::Value;
 
+use crate::emf;
 use crate::handlers::RoundTasks;
 
 pub type AwsEngine = RoundEngine<S3Store, DynamoLedger, SnsNotifier, SfnCallback, SystemClock>;
@@ -26,6 +29,8 @@ pub fn build(cfg: &AwsConfig, owner: String) -> Result<AwsEngine, String> {
         Err(_) => DEFAULT_LEASE_SECONDS,
     };
     let err = |e: CloudError| e.to_string();
+    // Each round this engine closes becomes CloudWatch metrics (EMF on
+    // stdout), in the Lambda and in local mode alike.
     Ok(RoundEngine::new(
         S3Store::from_config(cfg).map_err(err)?,
         DynamoLedger::from_config(cfg).map_err(err)?,
@@ -37,7 +42,8 @@ pub fn build(cfg: &AwsConfig, owner: String) -> Result<AwsEngine, String> {
             owner,
             lease_seconds,
         },
-    ))
+    )
+    .observe_rounds(Arc::new(emf::print_round)))
 }
 
 /// Any round engine serves the handlers: the deployed one over the AWS

@@ -4,6 +4,7 @@
 //! (and the fuzz target) reach the decoder and handlers directly.
 
 pub mod aws_engine;
+pub mod emf;
 pub mod emulator_worker;
 pub mod handlers;
 pub mod lambda;

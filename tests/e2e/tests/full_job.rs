@@ -63,9 +63,28 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
     launch::assert_worker_wrote_nothing(&d, "worker-a");
 
     // The ledger: three CLOSED rounds, every client accepted in each.
-    d.closed_rounds(&job_id, 3, &CLIENTS, ClosedBy::Stream)
+    let rows = d
+        .closed_rounds(&job_id, 3, &CLIENTS, ClosedBy::Stream)
         .await;
     let ledger = d.ledger();
+
+    // CloudWatch metrics: one EMF line per closed round on the worker's
+    // stdout, its counts the ledger's.
+    let emf: Vec<serde_json::Value> = worker
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("_aws").is_some() && v["JobId"] == job_id.as_str())
+        .collect();
+    assert_eq!(emf.len(), 3, "one EMF line per round: {emf:?}");
+    for (line, row) in emf.iter().zip(&rows) {
+        let result = row.result.as_ref().expect("a result");
+        assert_eq!(line["Round"], row.round);
+        assert_eq!(line["ClientsAccepted"], result.accepted.len());
+        assert_eq!(line["ClientsRejected"], result.rejected.len());
+        assert!(line["BytesRead"].as_u64().is_some_and(|b| b > 0), "{line}");
+        assert_eq!(line["_aws"]["CloudWatchMetrics"][0]["Namespace"], "Fedstep");
+    }
 
     // Each next global model = Σ num_examples·update / Σ num_examples.
     let store = d.store();

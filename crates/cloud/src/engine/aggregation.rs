@@ -29,6 +29,7 @@ use crate::ports::{
 };
 use crate::records::{ClosedBy, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 use crate::round_failure::RoundFailure;
+use crate::round_figures::RoundFigures;
 use crate::round_measurements::RoundMeasurements;
 
 /// How an aggregation attempt ended.
@@ -340,11 +341,30 @@ where
             .ledger
             .close_round(job_id, round, &self.config.owner, &result)
             .await?;
-        Ok(if closed {
-            Closing::Closed(result)
-        } else {
-            Closing::LeaseLost
-        })
+        if !closed {
+            return Ok(Closing::LeaseLost);
+        }
+        if let Some(observe) = &self.round_observer {
+            let opened_at = row
+                .deadline
+                .saturating_sub(i64::try_from(job.round_timeout_seconds).unwrap_or(i64::MAX));
+            observe(&RoundFigures {
+                job_id: job_id.to_string(),
+                round,
+                closed_by,
+                clients_accepted: result.accepted.len(),
+                clients_rejected: result.rejected.len(),
+                aggregation_seconds: measurements.seconds,
+                bytes_read: measurements.bytes_read,
+                bytes_written: measurements.bytes_written,
+                open_to_close_seconds: self.clock.now().saturating_sub(opened_at),
+                stop_metric: job.stop.as_ref().and_then(|stop| {
+                    let value = result.metrics.get(&stop.metric)?;
+                    Some((stop.metric.clone(), *value))
+                }),
+            });
+        }
+        Ok(Closing::Closed(result))
     }
 
     /// Writes `stored` at `key` through the streaming port, like the model.

@@ -18,9 +18,17 @@ mod validate;
 
 pub use finalize::UNTYPED;
 
+use std::sync::Arc;
+
 use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
 use crate::records::RoundResult;
+use crate::round_figures::RoundFigures;
 use answered::Answered;
+
+/// Told of every round this engine closed (not of rounds another engine
+/// closed, nor of failed ones: those end the execution, which Step
+/// Functions reports). Called once per close, after the CLOSED write.
+pub type RoundObserver = Arc<dyn Fn(&RoundFigures) + Send + Sync>;
 
 /// The default read-ahead budget: 128 MiB, well inside the smallest
 /// Lambda memory that holds the aggregator, and a few windows of several
@@ -73,6 +81,7 @@ where
     config: EngineConfig,
     /// Task tokens this engine already had an answer on.
     answered: Answered,
+    round_observer: Option<RoundObserver>,
 }
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
@@ -99,7 +108,14 @@ where
             clock,
             config,
             answered: Answered::default(),
+            round_observer: None,
         }
+    }
+
+    /// Calls `observer` with the figures of each round this engine closes.
+    pub fn observe_rounds(mut self, observer: RoundObserver) -> Self {
+        self.round_observer = Some(observer);
+        self
     }
 
     pub fn store(&self) -> &S {
