@@ -11,7 +11,8 @@
 # LocalStack 4.8.1 serves S3, SQS, SNS, Step Functions, STS and IAM on
 # 127.0.0.1:4566; moto 5.1.22 serves DynamoDB and DynamoDB Streams on
 # 127.0.0.1:5000 (LocalStack's DynamoDB needs a JVM download this network
-# cannot reach). Both are pinned with constraint files: LocalStack's own
+# cannot reach), one request at a time (scripts/moto_server.py). Both are
+# pinned with constraint files: LocalStack's own
 # dependency ranges do not resolve to a working set.
 #
 # Settings (environment):
@@ -179,8 +180,10 @@ cmd_up() {
     pid_alive "$EMU_DIR/moto.pid" && die "moto pid $(cat "$EMU_DIR/moto.pid") is running but not healthy; run: $0 down"
     log "starting moto $MOTO_VERSION on 127.0.0.1:$MOTO_PORT"
     # MOTO_ACCOUNT_ID: same account id as LocalStack, so ARNs agree.
+    # moto_server.py, not moto_server: one request at a time, so that a
+    # conditional write is atomic as in DynamoDB (see that file).
     start_bg moto env MOTO_ACCOUNT_ID=000000000000 \
-      "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT"
+      "$MOTO_VENV/bin/python" "$ROOT/scripts/moto_server.py" 127.0.0.1 "$MOTO_PORT"
     started+=(moto)
   fi
   local name
