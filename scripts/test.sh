@@ -42,6 +42,12 @@ step "installing emulators and tools in the background (log: .emu/install.log)"
     python3 -m venv .emu/tools
     .emu/tools/bin/pip install --quiet 'numpy>=1.26,<3'
   fi
+  # Debian's Chromium: the report page is opened in a real headless browser.
+  if ! command -v chromium >/dev/null; then
+    sudo_=""; [[ "$(id -u)" == 0 ]] || sudo_="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo_ apt-get install -y -q chromium || { $sudo_ apt-get update -q && $sudo_ apt-get install -y -q chromium; }
+  fi
 ) >.emu/install.log 2>&1 </dev/null &
 install_pid=$!
 
@@ -62,7 +68,7 @@ cargo test --workspace --release --locked --no-run
 step "waiting for the emulator install"
 if ! wait "$install_pid"; then
   tail -n 40 .emu/install.log >&2
-  die "installing the emulators, cfn-lint or numpy failed (full log: .emu/install.log)"
+  die "installing the emulators, cfn-lint, numpy or chromium failed (full log: .emu/install.log)"
 fi
 export FEDSTEP_PYTHON="$ROOT/.emu/tools/bin/python"
 
@@ -99,6 +105,14 @@ if [[ -x scripts/simulate-targets.sh ]]; then
   step "simulator accuracy targets"
   FEDSTEP_BIN="$bin_dir/fedstep" scripts/simulate-targets.sh
 fi
+
+step "the report page in headless Chromium (fedstep simulate's report.html)"
+report_dir="$(mktemp -d)"
+"$bin_dir/fedstep" simulate --out "$report_dir" >/dev/null
+# 10 charts: aggregated metrics, baselines, participation, weights, the five
+# metrics the simulated clients report, aggregation time.
+python3 scripts/check_report_page.py "$report_dir/report.html" 10
+rm -rf "$report_dir"
 
 step "load test: 50 clients, 3 rounds on the emulators (fails on a lost or doubled update)"
 "$bin_dir/fedstep" bench clients --clients 50 --rounds 3

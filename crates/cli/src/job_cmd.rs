@@ -55,6 +55,17 @@ pub enum JobCommand {
         #[arg(long, default_value_t = 5)]
         interval: u64,
     },
+    /// Write the job as one self-contained HTML page with charts
+    /// (aggregated and per-client metrics, weights, participation,
+    /// timings), plus the SVGs and report.json.
+    Report {
+        job_id: String,
+        #[arg(long)]
+        state_machine: Option<String>,
+        /// Output directory (default: report-<job_id>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 pub fn run(cmd: JobCommand) -> Result<()> {
@@ -75,6 +86,11 @@ pub fn run(cmd: JobCommand) -> Result<()> {
                 state_machine,
                 interval,
             } => watch(&job_id, state_machine, interval.max(1)).await,
+            JobCommand::Report {
+                job_id,
+                state_machine,
+                out,
+            } => report(&job_id, state_machine, out).await,
         }
     })
 }
@@ -261,6 +277,31 @@ async fn status(job_id: &str, sm_arg: Option<String>, json: bool) -> Result<()> 
         return Ok(());
     }
     print!("{}", render_status(job_id, &snap, sm.is_some(), now()));
+    Ok(())
+}
+
+async fn report(job_id: &str, sm_arg: Option<String>, out: Option<PathBuf>) -> Result<()> {
+    keys::check_id("job id", job_id).map_err(anyhow::Error::msg)?;
+    let aws = AwsConfig::from_env().await;
+    let execution = match state_machine(&aws, sm_arg) {
+        Some(sm) => describe(&aws.sfn(), &execution_arn(&sm, job_id)?)
+            .await?
+            .map(|e| e.status),
+        None => None,
+    };
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("report-{job_id}")));
+    let scratch = tempfile::tempdir()?;
+    let store = S3Store::from_config(&aws)?;
+    let ledger = DynamoLedger::from_config(&aws)?;
+    let report =
+        crate::job_report::collect(&store, &ledger, job_id, execution, scratch.path()).await?;
+    let files = crate::job_report::write(&report, &out, "report.json")?;
+    println!(
+        "wrote {} ({} charts) and {}",
+        files.html.display(),
+        files.charts.len(),
+        files.json.display()
+    );
     Ok(())
 }
 

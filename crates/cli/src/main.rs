@@ -11,6 +11,7 @@ mod bench_clients;
 mod bench_round;
 mod infra_cmd;
 mod job_cmd;
+mod job_report;
 mod model_cmd;
 mod model_store_cmd;
 mod simulate;

@@ -99,6 +99,39 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
             (std::fs::read(&path).unwrap(), info.sha256)
         }
     };
+    // The report page of this job: every figure below is also checked
+    // against the report's report.json.
+    let report_dir = d.path("report");
+    let wrote = launch::fedstep(
+        &d,
+        &bins,
+        &[
+            "job",
+            "report",
+            &job_id,
+            "--out",
+            report_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(wrote.contains("report.html"), "{wrote}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["execution"], "SUCCEEDED");
+    assert_eq!(report["rounds"].as_array().unwrap().len(), 3);
+    for (view, row) in report["rounds"].as_array().unwrap().iter().zip(&rows) {
+        let result = row.result.as_ref().unwrap();
+        assert_eq!(view["status"], "CLOSED");
+        for (k, v) in &result.metrics {
+            assert_eq!(
+                view["metrics"][k].as_f64(),
+                Some(*v),
+                "round {}: {k}",
+                row.round
+            );
+        }
+    }
+    let html = std::fs::read_to_string(report_dir.join("report.html")).unwrap();
+    assert!(html.matches("<figure>").count() >= 4, "charts in the page");
     for round in 1..=3u32 {
         let key = keys::global_model(&job_id, round + 1);
         let (global, sha) = read(key.clone()).await;
@@ -114,6 +147,7 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
             "round {round}: the stored SHA-256 of `{key}`"
         );
         let mut weighted = Vec::new();
+        let mut weights = Vec::new();
         for c in CLIENTS {
             let row = ledger
                 .get_update(c, &job_id, round)
@@ -129,7 +163,30 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
                 .num_examples
                 .as_f64()
                 .unwrap_or_else(|| panic!("{c}: num_examples {:?}", row.num_examples));
+            // The report's view of this client: the row's own figures,
+            // and a weight proportional to its examples.
+            let view = report["rounds"][round as usize - 1]["clients"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["client_id"] == c)
+                .unwrap_or_else(|| panic!("report: no {c} in round {round}"))
+                .clone();
+            assert_eq!(view["participation"], "accepted", "{view}");
+            assert_eq!(view["num_examples"].as_f64(), Some(n), "{view}");
+            assert_eq!(view["trained_at"], row.trained_at.as_str(), "{view}");
+            for (k, v) in &row.metrics {
+                assert_eq!(view["reported"][k].as_f64(), v.as_f64(), "{c} {k}: {view}");
+            }
             weighted.push((n, bytes));
+            weights.push((n, view["weight"].as_f64().expect("a weight")));
+        }
+        let total: f64 = weights.iter().map(|(n, _)| n).sum();
+        for (n, w) in &weights {
+            assert!(
+                (w - n / total).abs() < 1e-9,
+                "round {round}: weight {w} for {n} of {total}"
+            );
         }
         let deviation = fedavg::max_deviation(&global, &weighted);
         let uniform: Vec<(f64, Vec<u8>)> = weighted.iter().map(|(_, b)| (1.0, b.clone())).collect();

@@ -32,6 +32,7 @@ use super::plot::{self, Series};
 use super::progress::RoundBar;
 use super::report::{DatasetReport, Files, Final, Report, RoundReport, CLIENT_REPORTING};
 use super::table;
+use crate::job_report::{self, Curve};
 
 /// The simulated job's id (keys live under `store/jobs/simulate/`).
 pub const JOB_ID: &str = "simulate";
@@ -324,9 +325,39 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         },
     };
     report.write(&report_path)?;
+
+    // The page `fedstep job report` writes for a deployed job, from the
+    // same ledger rows and stored measurements, with the baselines added.
+    let mut page = job_report::collect(
+        &store,
+        &ledger,
+        JOB_ID,
+        Some("SIMULATED".into()),
+        &out.join("engine"),
+    )
+    .await
+    .context("collecting the job report")?;
+    let rounds_run = rounds_run as usize;
+    page.baselines = vec![
+        Curve {
+            label: "federated".into(),
+            values: fed_curve,
+        },
+        Curve {
+            label: "single agent (agent-1)".into(),
+            values: single_curve.into_iter().take(rounds_run).collect(),
+        },
+        Curve {
+            label: "centralized".into(),
+            values: central_curve.into_iter().take(rounds_run).collect(),
+        },
+    ];
+    let page = job_report::write(&page, &out, "job-report.json")?;
+
     println!("\n{summary}");
     println!("report: {}", report_path.display());
     println!("plot:   {}", plot_path.display());
+    println!("page:   {}", page.html.display());
     println!(
         "models: {}",
         out.join("store").join(&last.global_model_key).display()
