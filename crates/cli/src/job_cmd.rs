@@ -6,7 +6,6 @@
 //! `FEDSTEP_STATE_MACHINE_ARN`, `FEDSTEP_S3_FORCE_PATH_STYLE`; for the
 //! emulators `scripts/local-deploy.sh --print-env` prints them).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -431,28 +430,20 @@ async fn watch(job_id: &str, sm_arg: Option<String>, interval: u64) -> Result<()
     keys::check_id("job id", job_id).map_err(anyhow::Error::msg)?;
     let aws = AwsConfig::from_env().await;
     let sm = need_state_machine(&aws, sm_arg)?;
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.enable_steady_tick(Duration::from_millis(120));
-        bar
-    });
-    let mut last = String::new();
+    let mut view = crate::job_watch::WatchView::new();
     loop {
         let snap = snapshot(&aws, Some(&sm), job_id).await?;
-        let line = summary(&snap);
-        match &bar {
-            Some(bar) => bar.set_message(line.clone()),
-            None if line != last => println!("{line}"),
-            None => {}
-        }
-        last = line;
+        let progress = snap
+            .rounds
+            .last()
+            .map(|r| crate::job_watch::RoundProgress::of(r, now()));
+        view.show(progress.as_ref(), &summary(&snap));
         let Some(exec) = &snap.execution else {
+            view.finish();
             bail!("job {job_id} has no execution on {sm} (not started?)");
         };
         if exec.status != "RUNNING" {
-            if let Some(bar) = &bar {
-                bar.finish_and_clear();
-            }
+            view.finish();
             print!("{}", render_status(job_id, &snap, true, now()));
             if exec.status == "SUCCEEDED" {
                 return Ok(());

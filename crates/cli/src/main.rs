@@ -12,6 +12,7 @@ mod bench_round;
 mod infra_cmd;
 mod job_cmd;
 mod job_report;
+mod job_watch;
 mod model_cmd;
 mod model_store_cmd;
 mod simulate;
