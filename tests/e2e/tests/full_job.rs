@@ -122,16 +122,21 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
         let result = row.result.as_ref().unwrap();
         assert_eq!(view["status"], "CLOSED");
         for (k, v) in &result.metrics {
-            assert_eq!(
-                view["metrics"][k].as_f64(),
-                Some(*v),
-                "round {}: {k}",
-                row.round
-            );
+            let shown = view["metrics"][k].as_f64().unwrap_or(f64::NAN);
+            assert!(same(shown, *v), "round {}: {k}: {shown} vs {v}", row.round);
         }
     }
     let html = std::fs::read_to_string(report_dir.join("report.html")).unwrap();
     assert!(html.matches("<figure>").count() >= 4, "charts in the page");
+    // To look at it (docs/report-screenshot.png was taken from one).
+    if let Some(keep) = std::env::var_os("FEDSTEP_E2E_KEEP_REPORT") {
+        let keep = std::path::PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        for entry in std::fs::read_dir(&report_dir).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), keep.join(entry.file_name())).unwrap();
+        }
+    }
     for round in 1..=3u32 {
         let key = keys::global_model(&job_id, round + 1);
         let (global, sha) = read(key.clone()).await;
@@ -176,7 +181,8 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
             assert_eq!(view["num_examples"].as_f64(), Some(n), "{view}");
             assert_eq!(view["trained_at"], row.trained_at.as_str(), "{view}");
             for (k, v) in &row.metrics {
-                assert_eq!(view["reported"][k].as_f64(), v.as_f64(), "{c} {k}: {view}");
+                let shown = view["reported"][k].as_f64().unwrap_or(f64::NAN);
+                assert!(same(shown, v.as_f64().unwrap()), "{c} {k}: {view}");
             }
             weighted.push((n, bytes));
             weights.push((n, view["weight"].as_f64().expect("a weight")));
@@ -276,4 +282,10 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
         "worker exit {status}\n{}",
         worker.log_tail(30)
     );
+}
+
+/// Equal up to serde_json's float parsing, which (without its
+/// `float_roundtrip` feature) may miss the nearest double by one ulp.
+fn same(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-12 * a.abs().max(b.abs())
 }
