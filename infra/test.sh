@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Offline checks of the CDK app: no AWS credentials, no network beyond npm and
-# (once) PyPI for the Lambda build tools and cfn-lint.
+# (once) PyPI for the Lambda build tools and cfn-lint (and the emulators on
+# 127.0.0.1, when scripts/test.sh hands them over).
 #
 #   infra/test.sh            npm ci (only when node_modules is stale), tsc, jest,
 #                            scripts/deploy.sh refusing a deploy without credentials,
 #                            cdk synth with the real cargo-lambda build through
-#                            scripts/deploy.sh (synth-with-lambda.sh), a synth of
-#                            100 clients, and cfn-lint on every stack of both synths
+#                            scripts/deploy.sh (synth-with-lambda.sh), that build's
+#                            bootstrap behind a Lambda Runtime API on the emulators
+#                            (if FEDSTEP_TEST_DEPLOY is set, as scripts/test.sh does),
+#                            a synth of 100 clients, and cfn-lint on every stack of both synths
 #   FEDSTEP_INFRA_LAMBDA=0   synthesize without building the Lambda (skipBuild) instead
 #   FEDSTEP_INFRA_SYNTH=0    no `cdk synth` (and so no cfn-lint) at all
 # Neither shortcut is allowed under CI=true.
@@ -89,6 +92,26 @@ if [[ "${FEDSTEP_INFRA_SYNTH:-1}" != "0" ]]; then
     step "cdk synth with the real cargo-lambda build (scripts/deploy.sh synth)"
     timed ./synth-with-lambda.sh "$out/real"
     expect_clients_stacks "$out/real/cdk.out" 3
+    # The staged bootstrap is the artifact that gets deployed: run it behind a
+    # Lambda Runtime API on the emulators (crates/lambda/tests/runtime_api),
+    # which scripts/test.sh has up (FEDSTEP_TEST_DEPLOY) when it calls this.
+    if [[ -n "${FEDSTEP_TEST_DEPLOY:-}" ]]; then
+      step "the staged bootstrap behind a Lambda Runtime API, on the emulators"
+      staged=("$out/real/cdk.out"/asset.*/bootstrap)
+      if [[ ${#staged[@]} -ne 1 || ! -x "${staged[0]}" ]]; then
+        echo "infra/test.sh: expected one staged bootstrap, found: ${staged[*]}" >&2
+        exit 1
+      fi
+      (
+        cd .. && export FEDSTEP_LAMBDA_BOOTSTRAP="${staged[0]}"
+        timed cargo test -p fedstep-lambda --release --locked --test runtime_api
+      )
+    elif [[ "${CI:-}" =~ ^(true|1|yes|TRUE|True)$ ]]; then
+      echo "infra/test.sh: CI=true: the staged bootstrap must run on the emulators (run through scripts/test.sh)" >&2
+      exit 1
+    else
+      echo "   (staged bootstrap not run: no emulators; scripts/test.sh runs it)"
+    fi
   else
     step "cdk synth (Rust build skipped)"
     timed ../scripts/deploy.sh synth "${quiet[@]}" "${skip[@]}" -c clients=site-a,site-b,site-c -o "$out/real/cdk.out"

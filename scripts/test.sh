@@ -3,12 +3,15 @@
 #
 #   scripts/test.sh
 #
-# Installs what it needs itself (emulators, numpy and cfn-lint from PyPI into venvs
-# under .emu/, npm packages for infra/ with `npm ci`), then runs, in order:
+# Installs what it needs itself (emulators, numpy, cfn-lint and cargo-lambda from
+# PyPI into venvs under .emu/, npm packages for infra/ with `npm ci`, Debian's
+# chromium with apt-get), then runs, in order:
 # formatting and lints, every Rust test (unit, golden, property, and the
-# integration tests against LocalStack + moto), the state machine's contract
+# integration tests against LocalStack + moto, among them the Lambda bootstrap
+# behind cargo-lambda's Runtime API), the state machine's contract
 # tests on LocalStack, the CDK app's offline tests, the simulator's accuracy
-# targets, a 50-client load test on the emulators, and a benchmark smoke run. Exits non-zero on the first failure.
+# targets, the report page in headless Chromium, a 50-client load test on the
+# emulators, and a benchmark smoke run. Exits non-zero on the first failure.
 #
 # Everything Rust is built once, in the release profile: the README's
 # `cargo run --release -p fedstep -- simulate` then reuses the same build.
@@ -38,6 +41,9 @@ step "installing emulators and tools in the background (log: .emu/install.log)"
 (
   scripts/emulators.sh install
   infra/cfn-lint.sh --install   # pinned cfn-lint for infra/test.sh; a no-op once installed
+  # cargo-lambda: its Runtime API runs the Lambda bootstrap in
+  # crates/lambda/tests/runtime_api (and infra/test.sh builds with it).
+  infra/lambda-tools.sh >/dev/null
   if [[ ! -x .emu/tools/bin/python ]] || ! .emu/tools/bin/python -c 'import numpy' 2>/dev/null; then
     python3 -m venv .emu/tools
     .emu/tools/bin/pip install --quiet 'numpy>=1.26,<3'
@@ -68,9 +74,11 @@ cargo test --workspace --release --locked --no-run
 step "waiting for the emulator install"
 if ! wait "$install_pid"; then
   tail -n 40 .emu/install.log >&2
-  die "installing the emulators, cfn-lint, numpy or chromium failed (full log: .emu/install.log)"
+  die "installing the emulators, cfn-lint, cargo-lambda, numpy or chromium failed (full log: .emu/install.log)"
 fi
 export FEDSTEP_PYTHON="$ROOT/.emu/tools/bin/python"
+FEDSTEP_CARGO_LAMBDA="$(infra/lambda-tools.sh 2>/dev/null)/cargo-lambda"
+export FEDSTEP_CARGO_LAMBDA
 
 step "starting the emulators"
 emu_started=0

@@ -40,13 +40,29 @@ pub async fn run<A: RoundTasks>(engine: Arc<A>) -> Result<(), lambda_runtime::Er
     .await
 }
 
-/// Until `ANSWER_MARGIN` before a deadline given in Unix milliseconds.
+/// Deadlines below this (2020-01-01T00:00:00Z in Unix milliseconds) are no
+/// Unix time an invocation can have: see `time_left`.
+const EARLIEST_DEADLINE_MS: u64 = 1_577_836_800_000;
+
+/// Until `ANSWER_MARGIN` before the invocation's deadline.
+///
+/// Lambda sends the deadline in Unix milliseconds. Local Runtime API
+/// emulators do not all do so: `cargo lambda watch` (1.9) sends a plain
+/// duration (`Lambda-Runtime-Deadline-Ms: 600000`, ten minutes). Read as a
+/// Unix time that lies in 1970, so every invocation got no time at all and
+/// any work that waited on I/O answered `Transient`. A value too small to
+/// be a Unix time is taken for what it is, milliseconds from now.
 fn time_left(deadline_ms: u64, now: SystemTime) -> Duration {
     let now_ms = now
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    Duration::from_millis(deadline_ms.saturating_sub(now_ms)).saturating_sub(ANSWER_MARGIN)
+    let left_ms = if deadline_ms < EARLIEST_DEADLINE_MS {
+        deadline_ms
+    } else {
+        deadline_ms.saturating_sub(now_ms)
+    };
+    Duration::from_millis(left_ms).saturating_sub(ANSWER_MARGIN)
 }
 
 /// `work`'s answer, or `Transient` if it is not done within `budget`. A
@@ -121,10 +137,21 @@ mod tests {
 
     #[test]
     fn the_answer_margin_comes_off_the_deadline() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_000);
-        assert_eq!(time_left(1_000_000 + 60_000, now), Duration::from_secs(50));
-        assert_eq!(time_left(1_000_000 + 5_000, now), Duration::ZERO);
+        let now = UNIX_EPOCH + Duration::from_millis(EARLIEST_DEADLINE_MS + 1_000_000);
+        let at = |after_ms: u64| EARLIEST_DEADLINE_MS + 1_000_000 + after_ms;
+        assert_eq!(time_left(at(60_000), now), Duration::from_secs(50));
+        assert_eq!(time_left(at(5_000), now), Duration::ZERO);
+        // Already past: no time, not a wrap-around.
+        assert_eq!(time_left(EARLIEST_DEADLINE_MS, now), Duration::ZERO);
         assert_eq!(time_left(0, now), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_deadline_that_is_no_unix_time_is_a_duration() {
+        // What `cargo lambda watch` sends: ten minutes, not 1970-01-01T00:10.
+        let now = SystemTime::now();
+        assert_eq!(time_left(600_000, now), Duration::from_secs(590));
+        assert_eq!(time_left(5_000, now), Duration::ZERO);
     }
 
     #[tokio::test]
