@@ -106,7 +106,7 @@ pub struct Timings {
     pub bytes_written: Option<u64>,
 }
 
-/// The files [`write`] made.
+/// The files [`write()`] made.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReportFiles {
     pub html: PathBuf,
