@@ -67,7 +67,12 @@ pub async fn env() -> Option<TestEnv> {
             "FEDSTEP_TEST_DEPLOY is not set (path of .emu/deploy-<prefix>.json)".into(),
         );
     };
-    let deploy: Value = match std::fs::read_to_string(&path)
+    env_at(&path).await
+}
+
+/// The deployment described by the deploy JSON at `path`.
+pub async fn env_at(path: &str) -> Option<TestEnv> {
+    let deploy: Value = match std::fs::read_to_string(path)
         .map_err(|e| e.to_string())
         .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
     {

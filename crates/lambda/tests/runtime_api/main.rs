@@ -46,9 +46,19 @@ fn in_ci() -> bool {
 
 #[tokio::test]
 async fn the_bootstrap_serves_aws_shaped_tasks_and_stream_batches() {
-    let Some(env) = common::env().await else {
+    // The shared deployment says whether the emulators are usable; the test
+    // then deploys its own. A `fedstep-lambda local` worker of an earlier
+    // test leaves a long poll on the shared deployment's activities behind
+    // when it is killed, and LocalStack hands the next task to that dead
+    // poll (seen in scripts/test.sh, right after local_smoke).
+    let Some(shared) = common::env().await else {
         return;
     };
+    drop(shared);
+    let own = OwnDeployment::create();
+    let env = common::env_at(own.json.to_str().unwrap())
+        .await
+        .expect("the test's own deployment");
     let Some(cargo_lambda) = harness::cargo_lambda() else {
         let why = "cargo-lambda not found (FEDSTEP_CARGO_LAMBDA, PATH); \
                    PATH=\"$(infra/lambda-tools.sh):$PATH\" installs it";
@@ -535,5 +545,48 @@ async fn finished(
             return d;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A deployment of this test's own on the emulators (scripts/local-deploy.sh
+/// with a unique prefix), deleted when dropped.
+struct OwnDeployment {
+    prefix: String,
+    _dir: tempfile::TempDir,
+    json: std::path::PathBuf,
+}
+
+impl OwnDeployment {
+    fn script() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/local-deploy.sh")
+    }
+
+    fn create() -> OwnDeployment {
+        let prefix = unique("rtapi");
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("deploy.json");
+        let out = std::process::Command::new(Self::script())
+            .args(["--prefix", &prefix, "--out"])
+            .arg(&json)
+            .output()
+            .expect("running scripts/local-deploy.sh");
+        assert!(
+            out.status.success(),
+            "scripts/local-deploy.sh --prefix {prefix}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        OwnDeployment {
+            prefix,
+            _dir: dir,
+            json,
+        }
+    }
+}
+
+impl Drop for OwnDeployment {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(Self::script())
+            .args(["--prefix", &self.prefix, "--delete"])
+            .output();
     }
 }
