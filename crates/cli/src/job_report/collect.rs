@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, ObjectStore};
 use fedstep_cloud::records::{RoundRecord, RoundStatus};
 use fedstep_cloud::round_measurements::RoundMeasurements;
+use fedstep_cloud::{keys, CloudError};
 
 use super::{ClientView, JobReport, Participation, RoundView, Timings};
 
@@ -94,7 +94,9 @@ pub async fn collect<S: ObjectStore, L: Ledger>(
     })
 }
 
-/// The measurements stored with a closed round's output; none before.
+/// The measurements stored with a closed round's output; none before the
+/// close, and none for a round closed by a version that did not store them
+/// (its figures show as absent rather than failing the whole report).
 async fn measurements<S: ObjectStore>(
     store: &S,
     row: &RoundRecord,
@@ -105,10 +107,11 @@ async fn measurements<S: ObjectStore>(
     }
     let key = keys::round_measurements(&row.job_id, row.round + 1);
     let path = scratch.join(format!("measurements-{}.json", row.round));
-    store
-        .get_file(&key, &path)
-        .await
-        .with_context(|| format!("reading `{key}`"))?;
+    match store.get_file(&key, &path).await {
+        Ok(_) => {}
+        Err(CloudError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading `{key}`")),
+    }
     let text = std::fs::read(&path)?;
     let m = serde_json::from_slice(&text).with_context(|| format!("parsing `{key}`"))?;
     Ok(Some(m))
@@ -214,5 +217,31 @@ mod tests {
         assert_eq!(state(&closed, "c"), (Participation::Accepted, None));
         assert_eq!(state(&closed, "b").0, Participation::Rejected);
         assert_eq!(state(&closed, "e").0, Participation::Silent);
+    }
+
+    #[tokio::test]
+    async fn a_closed_round_without_stored_measurements_has_no_figures() {
+        use fedstep_cloud::local::FsStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path().join("bucket")).unwrap();
+        let closed = row(RoundStatus::Closed);
+        assert!(measurements(&store, &closed, dir.path())
+            .await
+            .unwrap()
+            .is_none());
+        // Stored, it is read.
+        let stored = serde_json::json!({"job_id": "j", "round": 1, "measurements": {
+            "weighting": "examples", "llm_type": "", "target_llm_type": null,
+            "combiner": "mean", "accepted": 0, "rejected": 0, "excluded": 0,
+            "clients": [], "stages": {}, "tensors": 1, "parameters": 4,
+            "bytes_read": 16, "bytes_written": 16, "passes": 1, "seconds": 0.5}});
+        let file = dir.path().join("m.json");
+        std::fs::write(&file, stored.to_string()).unwrap();
+        store
+            .put_file(&keys::round_measurements("j", 2), &file)
+            .await
+            .unwrap();
+        let read = measurements(&store, &closed, dir.path()).await.unwrap();
+        assert_eq!(read.map(|m| m.measurements.bytes_read), Some(16));
     }
 }

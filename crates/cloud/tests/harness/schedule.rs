@@ -153,15 +153,8 @@ impl<B: Backend> Sim<B> {
                     break;
                 }
             }
-            if !busy.is_empty() && (pending.is_empty() || self.rng.random_bool(0.5)) {
-                let c = busy[self.rng.random_range(0..busy.len())].clone();
-                self.client_step(round, &c, kinds[&c], &mut trained, &mut pending)
-                    .await?;
-            } else {
-                let i = self.rng.random_range(0..pending.len());
-                self.deliver(round, &kinds, &mut trained, &mut pending, i)
-                    .await?;
-            }
+            self.client_or_stream_step(round, &kinds, &busy, &mut trained, &mut pending)
+                .await?;
         }
 
         // What the state machine gets: the callback, or CloseRound after
@@ -189,15 +182,8 @@ impl<B: Backend> Sim<B> {
             if busy.is_empty() && pending.is_empty() {
                 break;
             }
-            if !busy.is_empty() && (pending.is_empty() || self.rng.random_bool(0.5)) {
-                let c = busy[self.rng.random_range(0..busy.len())].clone();
-                self.client_step(round, &c, kinds[&c], &mut trained, &mut pending)
-                    .await?;
-            } else {
-                let i = self.rng.random_range(0..pending.len());
-                self.deliver(round, &kinds, &mut trained, &mut pending, i)
-                    .await?;
-            }
+            self.client_or_stream_step(round, &kinds, &busy, &mut trained, &mut pending)
+                .await?;
         }
         self.faults.disarm_all();
         self.faults.revive_all();
@@ -213,5 +199,25 @@ impl<B: Backend> Sim<B> {
         )
         .await?;
         Ok(sm_result)
+    }
+
+    /// One step of the round: a busy client acts, or the stream delivers a
+    /// pending record (half and half while both are possible).
+    async fn client_or_stream_step(
+        &mut self,
+        round: u32,
+        kinds: &BTreeMap<String, Kind>,
+        busy: &[String],
+        trained: &mut BTreeMap<String, Trained>,
+        pending: &mut Vec<Pending>,
+    ) -> Result<(), String> {
+        if !busy.is_empty() && (pending.is_empty() || self.rng.random_bool(0.5)) {
+            let c = busy[self.rng.random_range(0..busy.len())].clone();
+            self.client_step(round, &c, kinds[&c], trained, pending)
+                .await
+        } else {
+            let i = self.rng.random_range(0..pending.len());
+            self.deliver(round, kinds, trained, pending, i).await
+        }
     }
 }

@@ -183,13 +183,7 @@ async fn the_bootstrap_serves_aws_shaped_tasks_and_stream_batches() {
         records[i]["dynamodb"]["StreamViewType"] = json!("NEW_AND_OLD_IMAGES");
     }
     let answer = lambda.invoke(&json!({ "Records": records }));
-    assert_eq!(answer.status, 200, "{answer:?}\n{}", lambda.logs());
-    assert_eq!(
-        answer.body,
-        json!({"batchItemFailures": []}),
-        "{}",
-        lambda.logs()
-    );
+    expect_no_failures(&answer, &lambda);
     let round = ledger.get_round(&job_a.job_id, 1).await.unwrap().unwrap();
     assert_eq!(round.status, RoundStatus::Closed, "{}", lambda.logs());
     assert_eq!(round.received, set(&["site-a", "site-b"]));
@@ -263,13 +257,7 @@ async fn the_bootstrap_serves_aws_shaped_tasks_and_stream_batches() {
     // rejection (not retried); c2 is counted.
     proxy.poison(None);
     let answer = lambda.invoke(&json!({ "Records": records[1..] }));
-    assert_eq!(answer.status, 200, "{answer:?}\n{}", lambda.logs());
-    assert_eq!(
-        answer.body,
-        json!({"batchItemFailures": []}),
-        "{}",
-        lambda.logs()
-    );
+    expect_no_failures(&answer, &lambda);
     let round = ledger.get_round(&job_c.job_id, 1).await.unwrap().unwrap();
     assert_eq!(round.received, set(&["c1", "c2"]));
     assert_eq!(round.status, RoundStatus::Open);
@@ -374,6 +362,17 @@ async fn streams_client(env: &TestEnv) -> aws_sdk_dynamodbstreams::Client {
         .load()
         .await;
     aws_sdk_dynamodbstreams::Client::new(&sdk)
+}
+
+/// A stream batch answered with nothing to retry.
+fn expect_no_failures(answer: &Answer, lambda: &Runtime) {
+    assert_eq!(answer.status, 200, "{answer:?}\n{}", lambda.logs());
+    assert_eq!(
+        answer.body,
+        json!({"batchItemFailures": []}),
+        "{}",
+        lambda.logs()
+    );
 }
 
 fn expect_error(answer: &Answer, error_type: &str, message: &str, lambda: &Runtime) {
