@@ -460,7 +460,7 @@ def check_context(ctx: dict, env: Variant, case: str, state: str, retry_count: i
     assert ctx["StateMachine"]["Id"] == env.sm_arn
     assert ctx["State"]["Name"] == state
     assert ctx["State"]["RetryCount"] == retry_count
-    datetime.fromisoformat(ctx["State"]["EnteredTime"].replace("Z", "+00:00"))  # ISO 8601 (the round deadline's base)
+    datetime.fromisoformat(ctx["State"]["EnteredTime"].replace("Z", "+00:00"))  # ISO 8601
     if state == "StartRound":
         # The one place the handler finds its task token.
         assert isinstance(ctx["Task"]["Token"], str) and ctx["Task"]["Token"], ctx
@@ -657,7 +657,7 @@ def test_lambda_service_errors_are_retried(sfn, aws_variant, case, state):
         else:
             payload = check_direct_call(call, env, case, state, rnd, retry_count=attempt)
         entered_time.add(payload["context"]["State"]["EnteredTime"])
-    # A retry does not re-enter the state: the round deadline's base stays put.
+    # A retry does not re-enter the state.
     assert len(entered_time) == 1
     assert hist.entered().count(state) == 1
     assert hist.entered()[-1] == "Succeeded"
