@@ -6,6 +6,7 @@
 #   scripts/emulators.sh down      stop what `up` started
 #   scripts/emulators.sh status    show pids and health (exit 1 if not healthy)
 #   scripts/emulators.sh env       print `export ...` lines: eval "$(scripts/emulators.sh env)"
+#                                  (also FEDSTEP_SFN_MOCK_CONFIG, see below)
 #   scripts/emulators.sh python    print the path of the tool python (boto3, pytest live there)
 #
 # LocalStack 4.8.1 serves S3, SQS, SNS, Step Functions, STS and IAM on
@@ -22,10 +23,19 @@
 #   FEDSTEP_EMU_TIMEOUT    seconds to wait for health      (default 180)
 #   PYTHON                 interpreter for the venvs       (default python3.11, else python3)
 #
-# Users with Docker can run `localstack start` instead: `up` does not start a
-# second LocalStack when something healthy already answers on the port, and
-# nothing in fedstep talks to the emulators except through the standard
-# AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_<SERVICE> variables.
+# Step Functions mocked service integrations: `up` starts LocalStack with
+# SFN_MOCK_CONFIG=<emu dir>/sfn-mock-config.json and writes that file as an
+# empty, valid mock config; `env` prints its path as FEDSTEP_SFN_MOCK_CONFIG.
+# tests/statemachine/test_aws_variant.py writes mocked Lambda answers into it
+# (LocalStack re-reads it when its mtime, in whole seconds, changes) and runs
+# executions as <state machine arn>#<test case>: the AWS variant of the
+# workflow, whose tasks invoke a Lambda that cannot run here.
+#
+# Users with Docker can run `localstack start` instead (with SFN_MOCK_CONFIG
+# naming a file FEDSTEP_SFN_MOCK_CONFIG points the tests at): `up` does not
+# start a second LocalStack when something healthy already answers on the
+# port, and nothing in fedstep talks to the emulators except through the
+# standard AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_<SERVICE> variables.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,6 +50,7 @@ LS_SERVICES=s3,sqs,sns,stepfunctions,sts,iam
 
 LS_VENV="$EMU_DIR/localstack"
 MOTO_VENV="$EMU_DIR/moto"
+SFN_MOCK_CONFIG_NAME=sfn-mock-config.json
 
 log() { printf 'emulators: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -93,6 +104,24 @@ cmd_install() {
 }
 
 pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# The mock config's path with symlinks resolved once the directory exists:
+# LocalStack keeps the path it was started with, and .emu may be a symlink
+# (a git worktree sharing the main checkout's emulators) that can go away.
+sfn_mock_config() {
+  if [[ -d "$EMU_DIR" ]]; then
+    printf '%s/%s\n' "$(cd "$EMU_DIR" && pwd -P)" "$SFN_MOCK_CONFIG_NAME"
+  else
+    printf '%s/%s\n' "$EMU_DIR" "$SFN_MOCK_CONFIG_NAME"
+  fi
+}
+
+# write_empty_sfn_mock_config: no state machines, no responses (valid: an
+# invalid file makes every mocked StartExecution fail).
+write_empty_sfn_mock_config() {
+  mkdir -p "$EMU_DIR"
+  printf '%s\n' '{"StateMachines": {}, "MockedResponses": {}}' >"$(sfn_mock_config)"
+}
 
 # LocalStack is healthy when every service we asked for is available/running.
 localstack_healthy() {
@@ -155,6 +184,7 @@ cmd_up() {
   else
     pid_alive "$EMU_DIR/localstack.pid" && die "LocalStack pid $(cat "$EMU_DIR/localstack.pid") is running but not healthy; run: $0 down"
     log "starting LocalStack $LS_VERSION on 127.0.0.1:$LS_PORT"
+    write_empty_sfn_mock_config
     # DNS_ADDRESS=0: no DNS server on :53 (needs root, collides with the host).
     # SKIP_SSL_CERT_DOWNLOAD / DISABLE_EVENTS: no network calls it cannot make here.
     # EAGER_SERVICE_LOADING: load the services now, so "healthy" means ready.
@@ -171,6 +201,7 @@ cmd_up() {
       DNS_ADDRESS=0 \
       SKIP_SSL_CERT_DOWNLOAD=1 \
       DISABLE_EVENTS=1 \
+      SFN_MOCK_CONFIG="$(sfn_mock_config)" \
       "$LS_VENV/bin/python" -m localstack.runtime.main
     started+=(localstack)
   fi
@@ -249,6 +280,7 @@ export AWS_DEFAULT_REGION=us-east-1
 export AWS_ENDPOINT_URL=http://127.0.0.1:$LS_PORT
 export AWS_ENDPOINT_URL_DYNAMODB=http://127.0.0.1:$MOTO_PORT
 export AWS_ENDPOINT_URL_DYNAMODB_STREAMS=http://127.0.0.1:$MOTO_PORT
+export FEDSTEP_SFN_MOCK_CONFIG=$(printf %q "$(sfn_mock_config)")
 EOF
 }
 

@@ -52,6 +52,11 @@ from botocore.exceptions import ClientError
 
 ROOT = Path(__file__).resolve().parent.parent
 ASL_PATH = ROOT / "statemachine" / "federated_training.asl.json"
+# The placeholder values on AWS, with {partition} and {function_arn} left
+# open: the CDK app's definitionSubstitutions must resolve to exactly this
+# (infra/test/stack.test.ts), and tests/statemachine/test_aws_variant.py runs
+# the definition it yields.
+AWS_SUBSTITUTIONS_PATH = ROOT / "statemachine" / "aws-substitutions.json"
 
 # Placeholders of the ASL (documented in statemachine/README.md).
 PLACEHOLDERS = (
@@ -86,6 +91,18 @@ def substitute(definition: str, values: dict[str, str]) -> str:
         definition = definition.replace("${" + key + "}", value)
     json.loads(definition)  # still valid JSON
     return definition
+
+
+def aws_substitutions(partition: str, function_arn: str) -> dict[str, str]:
+    """The placeholder values the CDK app deploys with (statemachine/aws-substitutions.json)."""
+    table = json.loads(AWS_SUBSTITUTIONS_PATH.read_text())
+    out = {}
+    for name, value in table.items():
+        value = value.replace("{partition}", partition).replace("{function_arn}", function_arn)
+        if "{" in value:
+            raise SystemExit(f"{AWS_SUBSTITUTIONS_PATH}: {name}: unknown variable in {value!r}")
+        out[name] = value
+    return out
 
 
 class Aws:

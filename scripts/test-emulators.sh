@@ -7,6 +7,10 @@
 # copy of the stack under a unique prefix, runs tests/statemachine with the
 # emulator venv's python, deletes the copy, and stops the emulators again if
 # this script started them (FEDSTEP_EMU_KEEP=1 leaves them running).
+# tests/statemachine runs both variants of the workflow: the emulators' one
+# (activities, test_contract.py) and the AWS one (Lambda tasks answered by
+# LocalStack's mocked service integrations, test_aws_variant.py; it needs the
+# SFN_MOCK_CONFIG that `emulators.sh up` starts LocalStack with).
 # Exit status: pytest's (non-zero on any failure). Under CI=true a missing
 # emulator is a failure, never a skip.
 set -euo pipefail

@@ -9,7 +9,8 @@
 # formatting and lints, every Rust test (unit, golden, property, and the
 # integration tests against LocalStack + moto, among them the Lambda bootstrap
 # behind cargo-lambda's Runtime API), the state machine's contract
-# tests on LocalStack, the CDK app's offline tests, the simulator's accuracy
+# tests on LocalStack (the activity variant, and the AWS one with mocked
+# Lambda answers), the CDK app's offline tests, the simulator's accuracy
 # targets, the report page in headless Chromium, a 50-client load test on the
 # emulators, and a benchmark smoke run. Exits non-zero on the first failure.
 #

@@ -356,6 +356,7 @@ describe('aggregator Lambda', () => {
 
 describe('state machine', () => {
   const aslPath = path.resolve(__dirname, '..', '..', 'statemachine', 'federated_training.asl.json');
+  const awsSubstitutionsPath = path.resolve(__dirname, '..', '..', 'statemachine', 'aws-substitutions.json');
 
   test('STANDARD, logging ALL to its log group, X-Ray tracing', () => {
     const p = t.Resources[ids().sm].Properties;
@@ -376,6 +377,15 @@ describe('state machine', () => {
     expect(subs.CloseRoundResource).toEqual(lambdaArn);
     expect(subs.FinalizeResource).toEqual(lambdaArn);
     expect(fakeResolve(subs.StartRoundResource)).toBe('arn:aws:states:::lambda:invoke.waitForTaskToken');
+    const fnArn = fakeResolve(lambdaArn);
+
+    // statemachine/aws-substitutions.json is the same table with the partition
+    // and the function ARN left open; tests/statemachine/test_aws_variant.py
+    // runs the definition it yields on LocalStack. They must not drift apart.
+    const table: Record<string, string> = JSON.parse(fs.readFileSync(awsSubstitutionsPath, 'utf8'));
+    const fromTable = Object.fromEntries(Object.entries(table).map(([name, value]) =>
+      [name, value.replaceAll('{partition}', 'aws').replaceAll('{function_arn}', fnArn)]));
+    expect(Object.fromEntries(Object.entries(subs).map(([name, value]) => [name, fakeResolve(value)]))).toEqual(fromTable);
 
     // The staged definition is the file in statemachine/, byte for byte...
     const staged = path.join(s.assembly.directory, `asset.${p.DefinitionS3Location.Key}`);
@@ -387,7 +397,6 @@ describe('state machine', () => {
     // (A literal "${...}" in prose, like the file's Comment, is not a placeholder.)
     expect(deployed).not.toMatch(/\$\{[A-Za-z0-9_]+\}/);
     const asl = JSON.parse(deployed);
-    const fnArn = fakeResolve(lambdaArn);
     const tasks = Object.values<Json>(asl.States).filter((st) => st.Type === 'Task');
     expect(tasks.length).toBeGreaterThanOrEqual(3);
     for (const task of tasks) {

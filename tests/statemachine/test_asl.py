@@ -58,14 +58,17 @@ def test_task_resources_are_placeholders():
 
 
 def test_aws_substitution_is_valid_json():
+    # statemachine/aws-substitutions.json: what the CDK app substitutes
+    # (infra/test/stack.test.ts holds the app to it).
     fn = "arn:aws:lambda:eu-west-1:123456789012:function:fedstep-aggregator"
-    out = json.loads(local_deploy.substitute(ASL_TEXT, {
-        "StartRoundResource": "arn:aws:states:::lambda:invoke.waitForTaskToken",
-        "AggregatorFunctionArn": fn,
-        "CloseRoundResource": fn,
-        "FinalizeResource": fn,
-    }))
+    subs = local_deploy.aws_substitutions("aws", fn)
+    assert set(subs) == set(local_deploy.PLACEHOLDERS)
+    out = json.loads(local_deploy.substitute(ASL_TEXT, subs))
+    assert out["States"]["StartRound"]["Resource"] == "arn:aws:states:::lambda:invoke.waitForTaskToken"
     assert out["States"]["StartRound"]["Parameters"]["FunctionName"] == fn
+    # The direct (legacy) form: the task's output is the function's return value.
+    assert out["States"]["CloseRound"]["Resource"] == fn
+    assert out["States"]["Finalize"]["Resource"] == fn
     assert "${" not in json.dumps(out)
 
 
