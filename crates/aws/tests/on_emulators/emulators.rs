@@ -1,7 +1,7 @@
 //! Every port method of the AWS adapters against the emulators (or AWS),
 //! including the conditional paths. Setup: see common/mod.rs.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -566,6 +566,7 @@ async fn ledger_artifacts_newest_first() {
 
 #[tokio::test]
 async fn sns_to_sqs_delivers_the_notification_with_job_id() {
+    let _topic = crate::deployment_topic().await;
     let Some(env) = common::env().await else {
         return;
     };

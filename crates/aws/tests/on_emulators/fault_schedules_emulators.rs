@@ -1,5 +1,5 @@
 //! Issue #6 on the emulators: the seeded fault schedules of
-//! crates/cloud/tests/fault_schedules.rs (the same harness, compiled from
+//! crates/cloud/tests/engine/fault_schedules.rs (the same harness, compiled from
 //! its source) over the AWS adapters — S3Store, DynamoLedger (conditional
 //! writes, leases and set-adds on DynamoDB), SnsNotifier publishing to SNS,
 //! and one SQS queue per client subscribed to the topic with a job_id
@@ -16,9 +16,8 @@
 //! Job ids and queues are unique to the run, so it shares a deployment
 //! with other tests. Setup: see common/mod.rs.
 
-mod common;
-#[path = "../../cloud/tests/harness/mod.rs"]
-mod harness;
+use crate::common;
+use crate::harness;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -192,6 +191,7 @@ fn fault_schedules_on_the_emulators() {
         .enable_all()
         .build()
         .expect("runtime");
+    let _topic = rt.block_on(crate::deployment_topic());
     let Some(env) = rt.block_on(common::env()) else {
         return;
     };
@@ -254,7 +254,7 @@ fn fault_schedules_on_the_emulators() {
     assert!(
         failed.is_empty(),
         "failing seeds: {failed:?}; rerun one with\n  FEDSTEP_FAULT_SEED={} cargo test --release -p fedstep-aws \
-         --test fault_schedules_emulators -- --nocapture",
+         --test on_emulators fault_schedules -- --nocapture",
         failed.first().copied().unwrap_or_default()
     );
     if seeds.len() >= 10 {

@@ -3,7 +3,7 @@
 //! uploaded in parts as they are produced (`StreamingStore::writer`).
 //! Setup: see common/mod.rs.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

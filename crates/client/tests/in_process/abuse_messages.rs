@@ -5,7 +5,7 @@
 //! worker goes on with the next message. Only a newer schema stays (an
 //! upgraded client can use it; the redrive policy ends its loop).
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! FEDSTEP_PYTHON (default `python3`); without numpy the test is skipped,
 //! except under CI=true, where that is a failure.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

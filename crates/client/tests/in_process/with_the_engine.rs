@@ -3,7 +3,7 @@
 //! is what the client accepts, and what the client writes is what the
 //! engine aggregates. The stream is played by hand (rows → on_update).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 //! docs/design.md §3 step 2 (no lost round, no double write, nothing poisonous
 //! lingers).
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

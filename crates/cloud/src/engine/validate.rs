@@ -29,7 +29,7 @@ pub(super) fn check_ids(u: &UpdateRecord) -> Result<(), String> {
 /// engine: from the stream when it is counted, and from the ledger when the
 /// aggregation reads it again. The second is not a repeat of the first: a
 /// client may rewrite its row after it was counted, and the stream never
-/// delivers the rewrite (crates/cloud/tests/rewritten_rows.rs), so the row
+/// delivers the rewrite (crates/cloud/tests/engine/rewritten_rows.rs), so the row
 /// read at aggregation is new input.
 #[derive(Debug, Clone)]
 pub(super) struct CheckedUpdate(UpdateRecord);

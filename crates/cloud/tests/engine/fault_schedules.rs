@@ -10,10 +10,8 @@
 //!   FEDSTEP_FAULT_SEED=<n>        rerun exactly that one schedule
 //!   FEDSTEP_FAULT_FIRST_SEED=<n>  start the seeds there (default 1)
 
-mod harness;
-
-use harness::faults::Mutant;
-use harness::{run_schedule, Tally};
+use crate::harness::faults::Mutant;
+use crate::harness::{run_schedule, Tally};
 
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
@@ -78,7 +76,7 @@ fn fault_schedules() {
     );
     if !failed.is_empty() {
         panic!(
-            "failing seeds: {failed:?}; rerun one with\n  FEDSTEP_FAULT_SEED={} cargo test -p fedstep-cloud --test fault_schedules -- --nocapture",
+            "failing seeds: {failed:?}; rerun one with\n  FEDSTEP_FAULT_SEED={} cargo test --release -p fedstep-cloud --test engine fault_schedules -- --nocapture",
             failed[0]
         );
     }
@@ -97,7 +95,7 @@ fn fault_schedules() {
         ] {
             assert!(n > 0, "no {what} in {} schedules", seeds.len());
         }
-        for point in harness::faults::POINTS {
+        for point in crate::harness::faults::POINTS {
             assert!(
                 total
                     .fired

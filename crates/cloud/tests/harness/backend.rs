@@ -1,6 +1,6 @@
 //! What the harness runs over: the store, ledger, notifier and client
 //! queues of one schedule. The in-process run uses the local adapters
-//! ([`Local`]); crates/aws/tests/fault_schedules_emulators.rs supplies the
+//! ([`Local`]); crates/aws/tests/on_emulators/fault_schedules_emulators.rs supplies the
 //! AWS adapters on the emulators. The Step Functions callback and the clock
 //! stay the harness's own in both (the recording callback can expire a
 //! token; the manual clock moves leases and deadlines without waiting).

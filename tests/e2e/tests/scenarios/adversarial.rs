@@ -178,6 +178,7 @@ impl Evil<'_> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_client_is_rejected_every_round_and_the_job_succeeds() {
+    let _one_at_a_time = crate::one_at_a_time().await;
     let bins = Binaries::find();
     let Some(d) = Deployment::create("adv", &["site-a", "site-b", EVIL]).await else {
         return;

@@ -37,6 +37,7 @@ fn outcomes(worker: &Process, job_id: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_and_racing_handlers_aggregate_and_call_back_once() {
+    let _one_at_a_time = crate::one_at_a_time().await;
     let bins = Binaries::find();
     let Some(d) = Deployment::create("c", &CLIENTS).await else {
         return;

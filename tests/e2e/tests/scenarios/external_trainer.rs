@@ -34,6 +34,7 @@ fn python_with_numpy() -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_trainer_joins_two_builtin_clients() {
+    let _one_at_a_time = crate::one_at_a_time().await;
     let bins = Binaries::find();
     let Some(python) = python_with_numpy() else {
         let _: Option<()> = emulators::unavailable(

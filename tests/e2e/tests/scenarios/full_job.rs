@@ -22,6 +22,7 @@ const TOLERANCE: f64 = 2e-6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
+    let _one_at_a_time = crate::one_at_a_time().await;
     let bins = Binaries::find();
     let Some(d) = Deployment::create("a", &CLIENTS).await else {
         return;

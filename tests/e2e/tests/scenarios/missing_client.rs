@@ -16,6 +16,7 @@ const BODY: &str = "rounds = 1\nclients = [\"site-a\", \"site-b\", \"site-c\"]\n
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_client_closes_the_round_at_the_deadline_or_fails_the_quorum() {
+    let _one_at_a_time = crate::one_at_a_time().await;
     let bins = Binaries::find();
     let Some(d) = Deployment::create("b", &["site-a", "site-b", "site-c"]).await else {
         return;

@@ -49,6 +49,7 @@ fn personal_count(n: usize, fraction: f64) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_fedselect_client_among_plain_ones() {
+    let _one_at_a_time = crate::one_at_a_time().await;
     let bins = Binaries::find();
     let Some(d) = Deployment::create("p", &CLIENTS).await else {
         return;
