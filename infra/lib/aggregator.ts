@@ -16,6 +16,18 @@ import { KEYS, ModelStore } from './model-store';
 /** Cargo package and binary of the Lambda (crates/lambda). */
 export const LAMBDA_BINARY = 'fedstep-lambda';
 
+/**
+ * The oldest glibc the Lambda binary may need, as cargo-zigbuild's target
+ * suffix (zig links against this version's symbols). provided.al2023 has
+ * glibc 2.34, so any value up to that runs; 2.17 is what scripts/dist.sh
+ * builds the downloadable client and CLI for (GLIBC_DIST there). Without a
+ * suffix zig picks its own, newer default, and a different zig target means
+ * different C compiler settings for aws-lc-sys, so dist.sh right after this
+ * build (as in scripts/test.sh) would recompile the whole AWS SDK stack
+ * instead of reusing it. Keep the two equal.
+ */
+export const LAMBDA_GLIBC = '2.17';
+
 /** Settings of the DynamoDB stream -> Lambda event source mapping. */
 export const STREAM_SETTINGS = {
   batchSize: 10,
@@ -172,7 +184,12 @@ export class Aggregator extends Construct {
         runtime: 'provided.al2023',
         bundling: {
           // The committed Cargo.lock, never a fresh resolution at deploy time.
-          cargoLambdaFlags: ['--locked'],
+          // An explicit --target (instead of cargo-lambda-cdk's --x86-64 /
+          // --arm64) to pin the glibc version, see LAMBDA_GLIBC.
+          cargoLambdaFlags: [
+            '--locked',
+            '--target', `${props.architecture === 'arm64' ? 'aarch64' : 'x86_64'}-unknown-linux-gnu.${LAMBDA_GLIBC}`,
+          ],
           // Builds locally; requires cargo-lambda + zig on PATH (see README).
           // The Docker fallback would mount only crates/lambda, which cannot
           // build a workspace member.
