@@ -23,9 +23,10 @@
 # ${CARGO_TARGET_DIR:-<repo>/target}/lambda). Cargo then reuses that build's
 # compiled dependencies (the AWS SDK, tokio, aws-lc, ...) and compiles only
 # what the client and CLI add (candle, the workspace crates): scripts/test.sh
-# runs this right after infra/test.sh's Lambda build. Symbols are stripped
-# afterwards with `strip`, not via the profile: a different profile would
-# be a different build to cargo, and share nothing.
+# runs this right after infra/test.sh's Lambda build. cargo-lambda's output
+# has no symbol table already; `strip` afterwards makes sure rather than
+# the profile's strip setting, which would make a different build to cargo
+# that shares nothing.
 #
 # cargo-lambda's release build adds its own defaults, to the Lambda as here:
 # thin LTO, one codegen unit, panic=abort and `-C target-cpu=haswell`. So
@@ -89,8 +90,10 @@ check_binary() {
   for lib in $libs; do
     [[ "$ALLOWED_LIBS" == *" $lib "* ]] || die "$name links $lib, which is not part of glibc (needed: $(tr '\n' ' ' <<<"$libs"))"
   done
-  sections="$(readelf -S --wide "$f")"
-  if grep -Eq '[[:space:]]\.(symtab|debug_[a-z_]+)[[:space:]]' <<<"$sections"; then
+  # Section names; .debug_gdb_scripts is no debug info but an allocated
+  # section rustc always emits (it names gdb's pretty-printers), and stays.
+  sections="$(readelf -S --wide "$f" | sed -n 's/^ *\[ *[0-9][0-9]*\] \([^ ]*\).*/\1/p')"
+  if grep -Ev '^\.debug_gdb_scripts$' <<<"$sections" | grep -Eq '^\.(symtab|debug_)'; then
     die "$name is not stripped (it has .symtab or .debug_* sections)"
   fi
   printf '   %-15s %9d bytes (%s), newest glibc symbol version GLIBC_%s, links %s\n' \
@@ -140,8 +143,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}/lambda"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export CARGO_PROFILE_RELEASE_STRIP=debuginfo
 
-# cargo-lambda also copies each binary to <lambda-dir>/<bin>/bootstrap, a
-# Lambda package layout nobody needs here: send that to a temporary directory.
+# cargo-lambda moves each binary out of the target directory into
+# <lambda-dir>/<bin>/bootstrap (the Lambda package layout): a temporary
+# directory here, from which the stripped copies are made.
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 echo "dist.sh: cargo lambda build ${BINS[*]} for $TRIPLE.$GLIBC_DIST into $CARGO_TARGET_DIR"
@@ -152,8 +156,8 @@ echo "dist.sh: built in $((SECONDS - start)) s"
 mkdir -p "$dist"
 rm -f "$dist/SHA256SUMS"
 for bin in "${BINS[@]}"; do
-  built="$CARGO_TARGET_DIR/$TRIPLE/release/$bin"
-  [[ -x "$built" ]] || die "cargo lambda build left no $built"
+  built="$scratch/$bin/bootstrap"
+  [[ -x "$built" ]] || die "cargo lambda build left no $built for $bin"
   rm -f "$dist/$bin"
   strip --strip-all -o "$dist/$bin" "$built"
 done
