@@ -132,13 +132,13 @@ step "dist: the downloadable binaries run a federation on the emulators"
 "$dist_dir/fedstep" --version
 "$dist_dir/fedstep-client" --version
 "$dist_dir/fedstep" simulate --rounds 3 --out "$dist_tmp/simulate" >/dev/null
-# tests/e2e's full_job (three `fedstep-client run`, `fedstep job start`,
-# three rounds, the weighted mean checked) with the dist binaries; the
-# emulator worker (fedstep-lambda) is no download, so it is the workspace's.
-# --workspace as above so that nothing is rebuilt (this also runs
-# crates/cloud's in-process full_job, 0.1 s); CI=true so that it cannot skip.
+# tests/e2e's full_job scenario (three `fedstep-client run`, `fedstep job
+# start`, three rounds, the weighted mean checked) with the dist binaries;
+# the emulator worker (fedstep-lambda) is no download, so it is the
+# workspace's. --workspace as above so that nothing is rebuilt; CI=true so
+# that it cannot skip.
 ln -s "$dist_dir/fedstep" "$dist_dir/fedstep-client" "$bin_dir/fedstep-lambda" "$dist_tmp/bins/"
-CI=true FEDSTEP_BIN_DIR="$dist_tmp/bins" cargo test --workspace --release --locked --test full_job
+CI=true FEDSTEP_BIN_DIR="$dist_tmp/bins" cargo test --workspace --release --locked --test scenarios full_job
 rm -rf "$dist_tmp"
 
 if [[ -x scripts/simulate-targets.sh ]]; then

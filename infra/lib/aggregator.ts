@@ -186,8 +186,18 @@ export class Aggregator extends Construct {
           // The committed Cargo.lock, never a fresh resolution at deploy time.
           // An explicit --target (instead of cargo-lambda-cdk's --x86-64 /
           // --arm64) to pin the glibc version, see LAMBDA_GLIBC.
+          // --disable-optimizations: the workspace's release profile, as
+          // every test and benchmark builds it, instead of cargo-lambda's
+          // own release defaults (panic=abort, thin LTO, one codegen unit,
+          // target-cpu=haswell). With panic=abort a panicked aggregation
+          // task would kill the process instead of failing the task with
+          // AggregatorError and giving its lease up at once, which is what
+          // the engine and the workflow's retries are tested for; the
+          // benchmark figures are the release profile's; and 16 codegen
+          // units without LTO build in a fraction of the time.
           cargoLambdaFlags: [
             '--locked',
+            '--disable-optimizations',
             '--target', `${props.architecture === 'arm64' ? 'aarch64' : 'x86_64'}-unknown-linux-gnu.${LAMBDA_GLIBC}`,
           ],
           // Builds locally; requires cargo-lambda + zig on PATH (see README).
