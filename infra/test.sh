@@ -92,16 +92,28 @@ if [[ "${FEDSTEP_INFRA_SYNTH:-1}" != "0" ]]; then
     step "cdk synth with the real cargo-lambda build (scripts/deploy.sh synth)"
     timed ./synth-with-lambda.sh "$out/real"
     expect_clients_stacks "$out/real/cdk.out" 3
+    staged=("$out/real/cdk.out"/asset.*/bootstrap)
+    if [[ ${#staged[@]} -ne 1 || ! -x "${staged[0]}" ]]; then
+      echo "infra/test.sh: expected one staged bootstrap, found: ${staged[*]}" >&2
+      exit 1
+    fi
+    # Built as the tests build: panics unwind (cargo-lambda's release
+    # defaults would make them abort, see lib/aggregator.ts), so a panicked
+    # aggregation task fails its task instead of killing the process. The
+    # standard library's panic runtime leaves its source path in the binary
+    # (as a panic location), stripped or not. Checked both ways so that a
+    # renamed path fails here rather than passing.
+    step "the staged bootstrap unwinds panics (not cargo-lambda's panic=abort)"
+    if ! grep -aq 'library/panic_unwind/' "${staged[0]}" || grep -aq 'library/panic_abort/' "${staged[0]}"; then
+      echo "infra/test.sh: the staged bootstrap was not built with panic=unwind (cargo lambda build --disable-optimizations)" >&2
+      exit 1
+    fi
+    echo "   panic runtime: unwind"
     # The staged bootstrap is the artifact that gets deployed: run it behind a
     # Lambda Runtime API on the emulators (crates/lambda/tests/runtime_api),
     # which scripts/test.sh has up (FEDSTEP_TEST_DEPLOY) when it calls this.
     if [[ -n "${FEDSTEP_TEST_DEPLOY:-}" ]]; then
       step "the staged bootstrap behind a Lambda Runtime API, on the emulators"
-      staged=("$out/real/cdk.out"/asset.*/bootstrap)
-      if [[ ${#staged[@]} -ne 1 || ! -x "${staged[0]}" ]]; then
-        echo "infra/test.sh: expected one staged bootstrap, found: ${staged[*]}" >&2
-        exit 1
-      fi
       (
         cd .. && export FEDSTEP_LAMBDA_BOOTSTRAP="${staged[0]}"
         timed cargo test -p fedstep-lambda --release --locked --test runtime_api

@@ -10,9 +10,11 @@
 # integration tests against LocalStack + moto, among them the Lambda bootstrap
 # behind cargo-lambda's Runtime API), the state machine's contract
 # tests on LocalStack (the activity variant, and the AWS one with mocked
-# Lambda answers), the CDK app's offline tests, the simulator's accuracy
-# targets, the report page in headless Chromium, a 50-client load test on the
-# emulators, and a benchmark smoke run. Exits non-zero on the first failure.
+# Lambda answers), the CDK app's offline tests, the downloadable binaries
+# (scripts/dist.sh: checked, then in an emulator round), the simulator's
+# accuracy targets, the report page in headless Chromium, a 50-client load
+# test on the emulators, and a benchmark smoke run. Exits non-zero on the
+# first failure.
 #
 # Everything Rust is built once, in the release profile: the README's
 # `cargo run --release -p fedstep -- simulate` then reuses the same build.
@@ -109,6 +111,35 @@ FEDSTEP_EMU_KEEP=1 scripts/test-emulators.sh -q
 
 step "infra: CDK app offline tests"
 infra/test.sh
+
+# Right after infra/test.sh on purpose: dist.sh builds with the Lambda build's
+# tools, target, profile and target directory, so it reuses its compiled
+# dependencies. It checks its output itself (glibc <= 2.17, stripped,
+# SHA256SUMS); the workspace binaries must fail that check, or the check
+# would pass anything.
+step "dist: downloadable binaries for glibc 2.17+ (scripts/dist.sh)"
+dist_dir="$ROOT/dist"
+DIST_DIR="$dist_dir" scripts/dist.sh
+dist_tmp="$(mktemp -d)"
+mkdir "$dist_tmp/host" "$dist_tmp/bins"
+ln -s "$bin_dir/fedstep" "$bin_dir/fedstep-client" "$dist_tmp/host/"
+(cd "$dist_tmp/host" && sha256sum fedstep fedstep-client > SHA256SUMS)
+if refusal="$(scripts/dist.sh --check "$dist_tmp/host" 2>&1)" || ! grep -q 'needs GLIBC_' <<<"$refusal"; then
+  die "scripts/dist.sh --check should reject the workspace binaries (built against this host's glibc) for their glibc version; it said: $refusal"
+fi
+
+step "dist: the downloadable binaries run a federation on the emulators"
+"$dist_dir/fedstep" --version
+"$dist_dir/fedstep-client" --version
+"$dist_dir/fedstep" simulate --rounds 3 --out "$dist_tmp/simulate" >/dev/null
+# tests/e2e's full_job scenario (three `fedstep-client run`, `fedstep job
+# start`, three rounds, the weighted mean checked) with the dist binaries;
+# the emulator worker (fedstep-lambda) is no download, so it is the
+# workspace's. --workspace as above so that nothing is rebuilt; CI=true so
+# that it cannot skip.
+ln -s "$dist_dir/fedstep" "$dist_dir/fedstep-client" "$bin_dir/fedstep-lambda" "$dist_tmp/bins/"
+CI=true FEDSTEP_BIN_DIR="$dist_tmp/bins" cargo test --workspace --release --locked --test scenarios full_job
+rm -rf "$dist_tmp"
 
 if [[ -x scripts/simulate-targets.sh ]]; then
   step "simulator accuracy targets"

@@ -16,6 +16,18 @@ import { KEYS, ModelStore } from './model-store';
 /** Cargo package and binary of the Lambda (crates/lambda). */
 export const LAMBDA_BINARY = 'fedstep-lambda';
 
+/**
+ * The oldest glibc the Lambda binary may need, as cargo-zigbuild's target
+ * suffix (zig links against this version's symbols). provided.al2023 has
+ * glibc 2.34, so any value up to that runs; 2.17 is what scripts/dist.sh
+ * builds the downloadable client and CLI for (GLIBC_DIST there). Without a
+ * suffix zig picks its own, newer default, and a different zig target means
+ * different C compiler settings for aws-lc-sys, so dist.sh right after this
+ * build (as in scripts/test.sh) would recompile the whole AWS SDK stack
+ * instead of reusing it. Keep the two equal.
+ */
+export const LAMBDA_GLIBC = '2.17';
+
 /** Settings of the DynamoDB stream -> Lambda event source mapping. */
 export const STREAM_SETTINGS = {
   batchSize: 10,
@@ -172,7 +184,22 @@ export class Aggregator extends Construct {
         runtime: 'provided.al2023',
         bundling: {
           // The committed Cargo.lock, never a fresh resolution at deploy time.
-          cargoLambdaFlags: ['--locked'],
+          // An explicit --target (instead of cargo-lambda-cdk's --x86-64 /
+          // --arm64) to pin the glibc version, see LAMBDA_GLIBC.
+          // --disable-optimizations: the workspace's release profile, as
+          // every test and benchmark builds it, instead of cargo-lambda's
+          // own release defaults (panic=abort, thin LTO, one codegen unit,
+          // target-cpu=haswell). With panic=abort a panicked aggregation
+          // task would kill the process instead of failing the task with
+          // AggregatorError and giving its lease up at once, which is what
+          // the engine and the workflow's retries are tested for; the
+          // benchmark figures are the release profile's; and 16 codegen
+          // units without LTO build in a fraction of the time.
+          cargoLambdaFlags: [
+            '--locked',
+            '--disable-optimizations',
+            '--target', `${props.architecture === 'arm64' ? 'aarch64' : 'x86_64'}-unknown-linux-gnu.${LAMBDA_GLIBC}`,
+          ],
           // Builds locally; requires cargo-lambda + zig on PATH (see README).
           // The Docker fallback would mount only crates/lambda, which cannot
           // build a workspace member.
