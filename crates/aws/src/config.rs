@@ -1,6 +1,6 @@
 //! Where the adapters get their clients and resource names from.
 
-use aws_config::{BehaviorVersion, SdkConfig};
+use aws_config::SdkConfig;
 use fedstep_cloud::CloudError;
 
 /// fedstep's resource names: the `FEDSTEP_*` variables the CDK stack gives
@@ -80,7 +80,7 @@ impl AwsConfig {
     /// The standard chain (AWS_PROFILE, AWS_REGION, credentials,
     /// `AWS_ENDPOINT_URL` and `AWS_ENDPOINT_URL_<SERVICE>`) and `FEDSTEP_*`.
     pub async fn from_env() -> AwsConfig {
-        let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
+        let sdk = crate::sdk_defaults().load().await;
         AwsConfig::new(sdk, Settings::from_env())
     }
 

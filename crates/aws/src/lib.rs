@@ -11,11 +11,14 @@
 //! Every adapter is built from an [`AwsConfig`]: the SDK's standard chain
 //! (`AWS_PROFILE`, `AWS_REGION`, `AWS_ENDPOINT_URL[_<SERVICE>]`) plus fedstep's
 //! resource names from `FEDSTEP_*` variables. Emulators need no code path of
-//! their own; only S3 path-style addressing is a setting.
+//! their own; only S3 path-style addressing is a setting. Every SDK
+//! configuration starts from [`sdk_defaults`], which brings the one HTTPS
+//! client ([`https_client`]).
 
 mod config;
 mod dynamo;
 mod error;
+mod https_client;
 mod s3;
 mod s3_reader;
 mod s3_writer;
@@ -26,6 +29,7 @@ mod sqs;
 pub use config::{AwsConfig, Settings};
 pub use dynamo::DynamoLedger;
 pub use error::sdk_error;
+pub use https_client::{https_client, sdk_defaults};
 pub use s3::{S3Store, DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE};
 pub use sfn::SfnCallback;
 pub use sns::SnsNotifier;

@@ -2,12 +2,12 @@
 //! file when given, otherwise the standard AWS chain (AWS_PROFILE,
 //! AWS_REGION, AWS_ENDPOINT_URL[_<SERVICE>]).
 
-use fedstep_aws::aws_config::{self, BehaviorVersion, Region};
+use fedstep_aws::aws_config::Region;
 use fedstep_aws::{AwsConfig, DynamoLedger, S3Store, Settings, SqsQueue};
 use fedstep_client::ClientConfig;
 
 pub async fn connect(cfg: &ClientConfig) -> (SqsQueue, S3Store, DynamoLedger) {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    let mut loader = fedstep_aws::sdk_defaults();
     if let Some(region) = &cfg.region {
         loader = loader.region(Region::new(region.clone()));
     }

@@ -147,10 +147,7 @@ fn run_local(
         idle_poll: Duration::from_millis(idle_ms.max(10)),
     };
     runtime()?.block_on(async move {
-        let sdk =
-            fedstep_aws::aws_config::defaults(fedstep_aws::aws_config::BehaviorVersion::latest())
-                .load()
-                .await;
+        let sdk = fedstep_aws::sdk_defaults().load().await;
         let cfg = AwsConfig::new(sdk, settings);
         let owner = format!("local:{}:{}", opts.worker_name, std::process::id());
         let engine = Arc::new(aws_engine::build(&cfg, owner)?);

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fedstep_aws::aws_config::{self, BehaviorVersion, Region};
+use fedstep_aws::aws_config::Region;
 use fedstep_aws::{aws_sdk_dynamodb, aws_sdk_s3, aws_sdk_sfn};
 use fedstep_aws::{DynamoLedger, S3Store};
 use serde_json::Value;
@@ -65,8 +65,7 @@ impl Deployment {
             .unwrap_or_else(|e| panic!("{}: {e}", json_path.display()));
 
         let region = aws_env["AWS_REGION"].clone();
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(region));
+        let mut loader = fedstep_aws::sdk_defaults().region(Region::new(region));
         if let (Some(id), Some(secret)) = (
             aws_env.get("AWS_ACCESS_KEY_ID"),
             aws_env.get("AWS_SECRET_ACCESS_KEY"),

@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use fedstep_aws::aws_config::{BehaviorVersion, Region};
+use fedstep_aws::aws_config::Region;
 use fedstep_aws::{aws_sdk_dynamodb, aws_sdk_s3, aws_sdk_sfn, aws_sdk_sns, aws_sdk_sqs};
 use fedstep_aws::{DynamoLedger, S3Store, SfnCallback, SnsNotifier, SqsQueue};
 use serde_json::Value;
@@ -79,7 +79,7 @@ pub async fn env_at(path: &str) -> Option<TestEnv> {
         Ok(v) => v,
         Err(e) => return unavailable(format!("{path}: {e}")),
     };
-    let mut loader = fedstep_aws::aws_config::defaults(BehaviorVersion::latest());
+    let mut loader = fedstep_aws::sdk_defaults();
     if std::env::var_os("AWS_REGION").is_none() {
         let region = deploy
             .get("region")

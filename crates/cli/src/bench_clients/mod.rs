@@ -44,7 +44,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fedstep_aws::aws_config::{self, BehaviorVersion};
 use fedstep_aws::{AwsConfig, DynamoLedger, S3Store, SfnCallback, SnsNotifier, SqsQueue};
 use fedstep_client::retry::Backoff;
 use fedstep_client::{
@@ -212,7 +211,7 @@ fn need(v: &Option<String>, what: &str) -> Result<String> {
 }
 
 async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report> {
-    let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    let sdk = fedstep_aws::sdk_defaults().load().await;
     let cfg = AwsConfig::new(sdk, d.settings.clone());
     let bucket = need(&cfg.settings.bucket, "bucket")?;
     let updates_table = need(&cfg.settings.updates_table, "updates table")?;

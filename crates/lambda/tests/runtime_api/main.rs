@@ -350,7 +350,7 @@ fn host_port(url: &str) -> String {
 }
 
 async fn streams_client(env: &TestEnv) -> aws_sdk_dynamodbstreams::Client {
-    let sdk = fedstep_aws::aws_config::defaults(fedstep_aws::aws_config::BehaviorVersion::latest())
+    let sdk = fedstep_aws::sdk_defaults()
         .region(fedstep_aws::aws_config::Region::new(
             std::env::var("AWS_REGION")
                 .unwrap_or_else(|_| str_at(&env.deploy, "/region").to_string()),
