@@ -211,7 +211,8 @@ export class Aggregator extends Construct {
     }
 
     // Records that still fail after the bounded retries (or are too old) are
-    // parked here; the round's deadline (CloseRound) still closes the round.
+    // parked here; the round's deadline (StartRound's timeout, then
+    // CloseRound) still closes the round.
     this.streamDlq = new sqs.Queue(this, 'StreamDlq', {
       encryption: sqs.QueueEncryption.SQS_MANAGED,
       enforceSSL: true,

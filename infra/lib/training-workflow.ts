@@ -18,10 +18,12 @@ export function aslPlaceholders(definition: string): string[] {
 /** What each placeholder becomes on AWS (the emulator deployment substitutes activities instead). */
 export function definitionSubstitutions(fn: lambda.IFunction): Record<string, string> {
   return {
-    // The round opens with a callback task; the Lambda's SendTaskSuccess ends it.
+    // The round opens with a callback task; the stream path's SendTaskSuccess
+    // (the hand-over) or the round's timeout ends it.
     StartRoundResource: `arn:${Stack.of(fn).partition}:states:::lambda:invoke.waitForTaskToken`,
     AggregatorFunctionArn: fn.functionArn,
-    // Plain invocations: the task's result is the Lambda's return value.
+    // Plain invocations: the task's result is the Lambda's return value
+    // (CloseRound's is the round result: it aggregates every round).
     CloseRoundResource: fn.functionArn,
     FinalizeResource: fn.functionArn,
   };

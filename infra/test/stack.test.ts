@@ -408,6 +408,31 @@ describe('state machine', () => {
     }
   });
 
+  test('the round as deployed: StartRound waits for the hand-over, CloseRound invokes the function to aggregate', () => {
+    // statemachine/README.md: the stream path answers StartRound's token
+    // with a hand-over (never a result); every round's aggregation is the
+    // CloseRound invocation, after the hand-over or the deadline.
+    const p = t.Resources[ids().sm].Properties;
+    const fnArn = fakeResolve(getAttArn(ids().fn));
+    const asl = JSON.parse(substitute(fs.readFileSync(aslPath, 'utf8'), p.DefinitionSubstitutions));
+    const { StartRound: start, DeadlinePassed: deadline, CloseRound: close } = asl.States;
+    expect(start.Resource).toBe('arn:aws:states:::lambda:invoke.waitForTaskToken');
+    expect(start.Parameters.FunctionName).toBe(fnArn);
+    expect(start.ResultPath).toBe('$.handover');
+    expect(start.Next).toBe('CloseRound');
+    expect(start.Catch[0]).toEqual({ ErrorEquals: ['States.Timeout'], ResultPath: null, Next: 'DeadlinePassed' });
+    expect(deadline).toMatchObject({ Type: 'Pass', Result: { closed_by: 'deadline' }, ResultPath: '$.handover', Next: 'CloseRound' });
+    expect(close.Resource).toBe(fnArn);
+    expect(close.Parameters['closed_by.$']).toBe('$.handover.closed_by');
+    expect(close.ResultPath).toBe('$.result');
+    expect(close.Next).toBe('ShouldContinue');
+    // The aggregation must be able to use the function's whole timeout
+    // (and the lease is derived from it): the task outlasts it.
+    const fnTimeout: number = t.Resources[ids().fn].Properties.Timeout;
+    expect(close.TimeoutSeconds).toBeGreaterThan(fnTimeout);
+    expect(asl.States.Finalize.TimeoutSeconds).toBeGreaterThan(fnTimeout);
+  });
+
   test('role may invoke exactly the aggregator; the only "*" is the isolated log-delivery/X-Ray policy', () => {
     const stmts = roleStatements(ids().smRole);
     const invoke = stmts.filter((st) => asArray<string>(st.Action).includes('lambda:InvokeFunction'));

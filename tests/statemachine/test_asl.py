@@ -77,13 +77,53 @@ def test_round_shape():
     assert start["TimeoutSecondsPath"] == "$.round_timeout_seconds"
     # Not "$$.Task.Token": that path does not exist for activities (emulators).
     assert start["Parameters"]["Payload"]["context.$"] == "$$"
-    assert start["Catch"][0] == {"ErrorEquals": ["States.Timeout"], "ResultPath": None, "Next": "CloseRound"}
-    for name in ("StartRound", "CloseRound"):
-        assert STATES[name]["ResultPath"] == "$.result"
-        assert STATES[name]["Next"] == "ShouldContinue"
+    # StartRound's output is the stream path's hand-over, never a round
+    # result: every round goes on to CloseRound, which aggregates.
+    assert start["ResultPath"] == "$.handover"
+    assert start["Next"] == "CloseRound"
+    # The deadline: caught first (before States.ALL), state kept as it was.
+    assert start["Catch"][0] == {"ErrorEquals": ["States.Timeout"], "ResultPath": None, "Next": "DeadlinePassed"}
+    assert start["Catch"][1:] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Failed"}]
+    assert {k: v for k, v in STATES["DeadlinePassed"].items() if k != "Comment"} == {
+        "Type": "Pass",
+        "Result": {"closed_by": "deadline"},
+        "ResultPath": "$.handover",
+        "Next": "CloseRound",
+    }
+    close = STATES["CloseRound"]
+    # closed_by comes from the hand-over (stream) or from DeadlinePassed.
+    assert close["Parameters"] == {
+        "action": "close_round",
+        "job_id.$": "$.job_id",
+        "round.$": "$.round",
+        "closed_by.$": "$.handover.closed_by",
+        "context.$": "$$",
+    }
+    assert close["ResultPath"] == "$.result"
+    assert close["Next"] == "ShouldContinue"
+    assert close["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Failed"}]
+    # CloseRound is the only way into ShouldContinue, and StartRound (with
+    # DeadlinePassed) the only way into CloseRound.
+    into = lambda name: {src for src, st in STATES.items() if name in targets(st)}  # noqa: E731
+    assert into("ShouldContinue") == {"CloseRound"}
+    assert into("CloseRound") == {"StartRound", "DeadlinePassed"}
+    assert into("DeadlinePassed") == {"StartRound"}
     assert STATES["Init"]["Result"] == 1 and STATES["Init"]["ResultPath"] == "$.round"
     assert STATES["NextRound"]["Parameters"] == {"round.$": "States.MathAdd($.round, 1)"}
     assert STATES["Failed"]["CausePath"] == "$.error.Cause"
+
+
+def test_closed_by_values_are_the_aggregators():
+    """The two closed_by values CloseRound can get are the ones the Rust
+    ClosedBy enum (serde, lowercase) accepts: "stream" from the hand-over
+    (crates/cloud/src/records.rs, HandOver), "deadline" from DeadlinePassed."""
+    records = (ROOT / "crates" / "cloud" / "src" / "records.rs").read_text()
+    block = records[records.index("pub enum ClosedBy {"):]
+    block = block[: block.index("\n}")]
+    assert '#[serde(rename_all = "lowercase")]\npub enum ClosedBy' in records
+    variants = {v.lower() for v in re.findall(r"^    ([A-Z][A-Za-z]+),$", block, re.M)}
+    assert variants == {"stream", "deadline"}, variants
+    assert STATES["DeadlinePassed"]["Result"]["closed_by"] in variants
 
 
 # The error names a task can fail with, by whose fault (statemachine/README.md,
@@ -93,7 +133,7 @@ def test_round_shape():
 SYSTEM_ERRORS = {"Transient", "AggregatorError"}
 PERMANENT_ERRORS = {
     "QuorumNotMet", "InvalidInput", "InvalidTaskInput", "NotFound", "ConditionFailed", "AggregationFailed",
-    "NoUsableUpdate",  # the stream path's SendTaskFailure (crates/cloud/src/engine/update.rs)
+    "NoUsableUpdate",  # a retried StartRound's SendTaskFailure on a FAILED round (crates/cloud/src/engine/start.rs)
     "UnknownEvent",  # crates/lambda/src/lambda.rs: neither a stream batch nor a task payload
 }
 LAMBDA_SERVICE_ERRORS = {

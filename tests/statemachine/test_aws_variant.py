@@ -18,9 +18,10 @@ the round loop are LocalStack's interpreter running the deployed definition.
 What a mocked answer stands for (LocalStack 4.8.1, read in its source and
 checked here; statemachine/README.md, "The AWS variant on the emulators"):
 
-- StartRound: a Return is the task's output at once, i.e. what the
-  aggregator's SendTaskSuccess would deliver on AWS. The task token is still
-  generated into the context object, but nothing waits for a callback.
+- StartRound: a Return is the task's output at once, i.e. what the stream
+  path's SendTaskSuccess (the hand-over) would deliver on AWS. The task
+  token is still generated into the context object, but nothing waits for
+  a callback.
 - CloseRound, Finalize: a Return is the Lambda Invoke response
   {StatusCode, Payload[, FunctionError]}; LocalStack passes Payload on, and
   turns a FunctionError payload {errorType, errorMessage} into Error =
@@ -33,7 +34,8 @@ checked here; statemachine/README.md, "The AWS variant on the emulators"):
 - StartRound's States.Timeout cannot be mocked (a Throw may not use a
   States.* name, and a mocked callback task never waits). It comes from
   round_timeout_seconds = 0, which LocalStack accepts (AWS would reject it
-  as a TimeoutSecondsPath value): the timeout fires when the task starts.
+  as a TimeoutSecondsPath value): the timeout fires when the task starts,
+  and DeadlinePassed (a Pass state, nothing to mock) leads to CloseRound.
 
 The executions that end by themselves are started together by one module
 fixture (most of their time is retry backoff, spent asleep), so the module
@@ -57,7 +59,7 @@ from botocore.exceptions import ClientError
 import local_deploy
 from conftest import unavailable, wait_done
 from test_asl import LAMBDA_SERVICE_ERRORS, PERMANENT_ERRORS, STATES
-from test_contract import round_result
+from test_contract import DEADLINE, handover, round_result
 
 ROOT = Path(__file__).resolve().parents[2]
 ASL_TEXT = (ROOT / "statemachine" / "federated_training.asl.json").read_text()
@@ -83,7 +85,7 @@ BAD_RESULT_CAUSE = STATES["BadResult"]["Cause"]
 
 
 def callback(output) -> dict:
-    """StartRound: what SendTaskSuccess would deliver."""
+    """StartRound: what SendTaskSuccess would deliver (the hand-over)."""
     return {"Return": output}
 
 
@@ -134,8 +136,12 @@ class Case:
 
 
 def cases(prefix: str) -> dict[str, Case]:
-    def rr(case: str, rnd: int, cont, **extra) -> dict:
-        return round_result(job_id_of(prefix, case), rnd, cont, **extra)
+    def rr(case: str, rnd: int, cont, closed_by: str = "stream", **extra) -> dict:
+        return round_result(job_id_of(prefix, case), rnd, cont, closed_by=closed_by, **extra)
+
+    def ho(case: str, rnd: int = 1) -> list[dict]:
+        """StartRound answered with the stream path's hand-over."""
+        return [callback(handover(job_id_of(prefix, case), rnd))]
 
     def final(case: str) -> dict:
         job = job_id_of(prefix, case)
@@ -143,32 +149,40 @@ def cases(prefix: str) -> dict[str, Case]:
 
     timed_out = {"round_timeout_seconds": 0}
     # StartRound's answer where the round times out: never used (the timeout
-    # fires first), and a test that sees it fails on its marker.
-    not_used = [callback({"continue": True, "closed_by": "not-a-timeout"})]
+    # fires first); if it were, CloseRound's closed_by would show its marker.
+    not_used = [callback({"closed_by": "not-a-timeout", "continue": True})]
     out = {
         "one_round": Case({
-            "StartRound": [callback(rr("one_round", 1, False))],
+            "StartRound": ho("one_round"),
+            "CloseRound": [returns(rr("one_round", 1, False))],
             "Finalize": [returns(final("one_round"))],
         }),
         "timeout_close_finalize": Case({
             "StartRound": not_used,
-            "CloseRound": [returns(rr("timeout_close_finalize", 1, False, closed_by="deadline"))],
+            "CloseRound": [returns(rr("timeout_close_finalize", 1, False, "deadline"))],
             "Finalize": [returns(final("timeout_close_finalize"))],
         }, {**timed_out, "min_clients": 2}),
         # Every Lambda service error once, in one retrier (4 retries), then success.
         "start_round_retried": Case({
-            "StartRound": [service_error(e) for e in sorted(LAMBDA_SERVICE_ERRORS)]
-            + [callback(rr("start_round_retried", 1, False))],
+            "StartRound": [service_error(e) for e in sorted(LAMBDA_SERVICE_ERRORS)] + ho("start_round_retried"),
+            "CloseRound": [returns(rr("start_round_retried", 1, False))],
             "Finalize": [returns(final("start_round_retried"))],
         }),
         "close_round_retried": Case({
             "StartRound": not_used,
             "CloseRound": [service_error(e) for e in sorted(LAMBDA_SERVICE_ERRORS, reverse=True)]
-            + [returns(rr("close_round_retried", 1, False))],
+            + [returns(rr("close_round_retried", 1, False, "deadline"))],
             "Finalize": [returns(final("close_round_retried"))],
         }, timed_out),
+        "close_round_retried_stream": Case({
+            "StartRound": ho("close_round_retried_stream"),
+            "CloseRound": [service_error(e) for e in sorted(LAMBDA_SERVICE_ERRORS, reverse=True)]
+            + [returns(rr("close_round_retried_stream", 1, False))],
+            "Finalize": [returns(final("close_round_retried_stream"))],
+        }),
         "finalize_retried": Case({
-            "StartRound": [callback(rr("finalize_retried", 1, False))],
+            "StartRound": ho("finalize_retried"),
+            "CloseRound": [returns(rr("finalize_retried", 1, False))],
             "Finalize": [service_error(e) for e in sorted(LAMBDA_SERVICE_ERRORS)]
             + [returns(final("finalize_retried"))],
         }),
@@ -176,70 +190,98 @@ def cases(prefix: str) -> dict[str, Case]:
         # would succeed, so a retry too many shows as SUCCEEDED.
         "lambda_retries_exhausted": Case({
             "StartRound": [service_error("Lambda.ServiceException")] * (LAMBDA_RETRIES + 1)
-            + [callback(rr("lambda_retries_exhausted", 1, False))],
+            + ho("lambda_retries_exhausted"),
+            "CloseRound": [returns(rr("lambda_retries_exhausted", 1, False))],
             "Finalize": [returns(final("lambda_retries_exhausted"))],
         }),
-        # The aggregator's own retried errors, as function errors of the
-        # direct form: errorType becomes the error name the retriers match.
-        "function_errors_retried": Case({
-            "StartRound": not_used,
-            "CloseRound": [
-                function_error("Transient", "DynamoDB UpdateItem: ThrottlingException"),
-                function_error("AggregatorError", "model read broke off"),
-                returns(rr("function_errors_retried", 1, False, closed_by="deadline")),
-            ],
-            "Finalize": [returns(final("function_errors_retried"))],
-        }, timed_out),
         "aggregator_error_exhausted": Case({
-            "StartRound": [callback(rr("aggregator_error_exhausted", 1, False))],
+            "StartRound": ho("aggregator_error_exhausted"),
+            "CloseRound": [returns(rr("aggregator_error_exhausted", 1, False))],
             "Finalize": [function_error("AggregatorError", "AccessDenied on PutObject")] * (AGGREGATOR_RETRIES + 1)
             + [returns(final("aggregator_error_exhausted"))],
         }),
+        # CloseRound's result decides, after a hand-over or the deadline.
         "bad_result_empty": Case({
-            "StartRound": [callback({"job_id": job_id_of(prefix, "bad_result_empty"), "round": 1})],
+            "StartRound": ho("bad_result_empty"),
+            "CloseRound": [returns({"job_id": job_id_of(prefix, "bad_result_empty"), "round": 1})],
         }),
         "bad_result_string": Case({
-            "StartRound": [callback(rr("bad_result_string", 1, "yes"))],
+            "StartRound": ho("bad_result_string"),
+            "CloseRound": [returns(rr("bad_result_string", 1, "yes"))],
         }),
-        "bad_result_close_round": Case({
+        "bad_result_deadline": Case({
             "StartRound": not_used,
-            "CloseRound": [returns({"job_id": job_id_of(prefix, "bad_result_close_round"), "round": 1})],
+            "CloseRound": [returns({"job_id": job_id_of(prefix, "bad_result_deadline"), "round": 1})],
         }, timed_out),
+        # A hand-over without closed_by: CloseRound's "closed_by.$" path is
+        # missing. CloseRound's answer would succeed, so an invocation shows.
+        "handover_without_closed_by": Case({
+            "StartRound": [callback({k: v for k, v in handover(job_id_of(prefix, "handover_without_closed_by"), 1)
+                                     .items() if k != "closed_by"})],
+            "CloseRound": [returns(rr("handover_without_closed_by", 1, False))],
+            "Finalize": [returns(final("handover_without_closed_by"))],
+        }),
         # The round loops (see the module docstring): stopped by their tests.
-        "rounds_loop": Case({"StartRound": [callback(rr("rounds_loop", 1, True))]}, batch=False),
+        "rounds_loop": Case({
+            "StartRound": ho("rounds_loop"),
+            "CloseRound": [returns(rr("rounds_loop", 1, True))],
+        }, batch=False),
         "timeout_loop": Case({
             "StartRound": not_used,
-            "CloseRound": [returns(rr("timeout_loop", 1, True, closed_by="deadline"))],
+            "CloseRound": [returns(rr("timeout_loop", 1, True, "deadline"))],
         }, timed_out, batch=False),
     }
+    # The aggregator's own retried errors, as function errors of the direct
+    # form: errorType becomes the error name the retriers match. Both ways
+    # into CloseRound.
+    for closed_by in ("deadline", "stream"):
+        case = "function_errors_retried" + ("_stream" if closed_by == "stream" else "")
+        out[case] = Case({
+            "StartRound": ho(case) if closed_by == "stream" else not_used,
+            "CloseRound": [
+                function_error("Transient", "DynamoDB UpdateItem: ThrottlingException"),
+                function_error("AggregatorError", "model read broke off"),
+                returns(rr(case, 1, False, closed_by)),
+            ],
+            "Finalize": [returns(final(case))],
+        }, timed_out if closed_by == "deadline" else {})
     # A permanent error fails the execution at the first attempt; the answer
     # after it would succeed, so a retry shows as SUCCEEDED.
-    for state, error in permanent_error_cases():
-        case = f"permanent_{state}_{error}"
+    for state, error, closed_by in permanent_error_cases():
+        case = permanent_case(state, error, closed_by)
         message = f"{error}: mocked {state} failure"
         if state == "StartRound":
             # Through the callback integration only a Throw can be mocked:
             # here the Error/Cause of a failed invocation (a SendTaskFailure
             # to the token would look the same, with its own cause).
-            answers = [throw(error, lambda_error_cause(error, message)), callback(rr(case, 1, False))]
+            answers = [throw(error, lambda_error_cause(error, message))] + ho(case)
         else:
-            answers = [function_error(error, message), returns(rr(case, 1, False))]
+            answers = [function_error(error, message), returns(rr(case, 1, False, closed_by or "stream"))]
         states = {state: answers}
-        if state == "CloseRound":
-            states["StartRound"] = not_used
+        if state in ("CloseRound", "Finalize"):
+            states["StartRound"] = not_used if closed_by == "deadline" else ho(case)
         if state == "Finalize":
-            states["StartRound"] = [callback(rr(case, 1, False))]
-        out[case] = Case(states, timed_out if state == "CloseRound" else {})
+            states["CloseRound"] = [returns(rr(case, 1, False))]
+        out[case] = Case(states, timed_out if closed_by == "deadline" else {})
     return out
 
 
-def permanent_error_cases() -> list[tuple[str, str]]:
-    """Every permanent error name as a CloseRound function error (the realistic
-    place for most of them), plus one each through StartRound and Finalize."""
-    return [("CloseRound", e) for e in sorted(PERMANENT_ERRORS)] + [
-        ("StartRound", "InvalidTaskInput"),
-        ("Finalize", "NotFound"),
+def permanent_error_cases() -> list[tuple[str, str, str | None]]:
+    """(state, error, closed_by): every permanent error name as a CloseRound
+    function error after a hand-over (the realistic place for most of
+    them), QuorumNotMet also after the deadline (where it really happens),
+    plus StartRound (a bad task input; a retried StartRound on a FAILED
+    round) and Finalize."""
+    return [("CloseRound", e, "stream") for e in sorted(PERMANENT_ERRORS)] + [
+        ("CloseRound", "QuorumNotMet", "deadline"),
+        ("StartRound", "InvalidTaskInput", None),
+        ("StartRound", "NoUsableUpdate", None),
+        ("Finalize", "NotFound", "stream"),
     ]
+
+
+def permanent_case(state: str, error: str, closed_by: str | None) -> str:
+    return f"permanent_{state}_{error}" + ("_deadline" if closed_by == "deadline" else "")
 
 
 # --- the mock config file -------------------------------------------------------
@@ -353,7 +395,11 @@ def aws_variant(aws, sfn):
         # First only a probe: if LocalStack does not read our file (started
         # without SFN_MOCK_CONFIG, or with another path), that is a missing
         # emulator feature, not a test failure (skip locally, fail in CI).
-        probe = Case({"StartRound": [callback({"continue": False})], "Finalize": [returns({})]})
+        probe = Case({
+            "StartRound": [callback({"closed_by": "stream"})],
+            "CloseRound": [returns({"continue": False})],
+            "Finalize": [returns({})],
+        })
         install(sm_name, {"probe": probe})
         try:
             sfn.start_execution(stateMachineArn=f"{sm_arn}#probe", input=json.dumps(
@@ -487,22 +533,28 @@ def check_start_round_call(call: dict, env: Variant, case: str, rnd: int, retry_
     return payload
 
 
-def check_direct_call(call: dict, env: Variant, case: str, state: str, rnd: int, retry_count: int = 0) -> dict:
-    """The event a direct-ARN task (CloseRound, Finalize) invokes the function with."""
+def check_direct_call(call: dict, env: Variant, case: str, state: str, rnd: int, retry_count: int = 0,
+                      closed_by: str | None = None) -> dict:
+    """The event a direct-ARN task (CloseRound, Finalize) invokes the function
+    with; CloseRound's carries closed_by (required: pass it)."""
     assert call["resource"] == env.function_arn
     assert call["timeoutInSeconds"] == DIRECT_TIMEOUT
     event = call["input"]
-    keys = {"action", "job_id", "round", "context"} | ({"result"} if state == "Finalize" else set())
+    keys = {"action", "job_id", "round", "context"} | {"CloseRound": {"closed_by"}, "Finalize": {"result"}}[state]
     assert set(event) == keys, event
     assert event["action"] == {"CloseRound": "close_round", "Finalize": "finalize"}[state]
     assert event["job_id"] == env.job_inputs[case]["job_id"]
     assert event["round"] == rnd
+    if state == "CloseRound":
+        assert closed_by in ("stream", "deadline")
+        assert event["closed_by"] == closed_by
     check_context(event["context"], env, case, state, retry_count)
     return event
 
 
 def check_timed_out_start_round(hist: History) -> None:
-    """StartRound ended by States.Timeout before any answer, caught with ResultPath null."""
+    """StartRound ended by States.Timeout before any answer, caught with
+    ResultPath null; DeadlinePassed then sets handover.closed_by = deadline."""
     (entered,) = hist.inputs("StartRound")
     events = hist.of_state("StartRound")
     exited = next(ev for ev in events if ev["type"] == "TaskStateExited")
@@ -515,9 +567,29 @@ def check_timed_out_start_round(hist: History) -> None:
         [ev["type"] for ev in events],
     )
     assert outcomes[0]["taskTimedOutEventDetails"]["error"] == "States.Timeout"
-    # ResultPath null: CloseRound gets StartRound's input unchanged (no result, no error).
+    # ResultPath null: DeadlinePassed gets StartRound's input unchanged (no
+    # hand-over, no error) and adds the deadline marker for CloseRound.
     assert hist.outputs("StartRound") == [entered]
-    assert hist.inputs("CloseRound")[0] == entered
+    assert hist.inputs("DeadlinePassed") == [entered]
+    assert hist.outputs("DeadlinePassed") == [{**entered, "handover": DEADLINE}]
+    assert hist.inputs("CloseRound")[0] == {**entered, "handover": DEADLINE}
+
+
+def check_handed_over(hist: History, env: Variant, case: str) -> None:
+    """StartRound answered with the hand-over: it lands in $.handover and
+    CloseRound runs next, on that state."""
+    job_input = env.job_inputs[case]
+    (entered,) = hist.inputs("StartRound")
+    assert entered == {**job_input, "round": 1}
+    after = {**entered, "handover": handover(job_input["job_id"], 1)}
+    assert hist.outputs("StartRound") == [after]
+    assert hist.inputs("CloseRound")[0] == after
+    assert "DeadlinePassed" not in hist.entered()
+
+
+def round_states(closed_by: str) -> list[str]:
+    """The states of one round up to the Choice."""
+    return ["StartRound"] + (["DeadlinePassed"] if closed_by == "deadline" else []) + ["CloseRound", "ShouldContinue"]
 
 
 # --- the tests -----------------------------------------------------------------------------
@@ -527,43 +599,78 @@ def test_one_round_then_finalize(sfn, aws_variant):
     env, case = aws_variant, "one_round"
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "SUCCEEDED", desc
-    assert hist.entered() == ["Init", "StartRound", "ShouldContinue", "Finalize", "Succeeded"]
+    assert hist.entered() == ["Init"] + round_states("stream") + ["Finalize", "Succeeded"]
     job_input = env.job_inputs[case]
-    result = round_result(job_input["job_id"], 1, False)
+    ho = handover(job_input["job_id"], 1)
+    result = round_result(job_input["job_id"], 1, False, closed_by="stream")
 
     (call,) = hist.start_round_calls()
     check_start_round_call(call, env, case, 1)
-    assert hist.inputs("StartRound") == [{**job_input, "round": 1}]
-    # The callback's output lands in $.result; the rest of the state is kept.
-    assert hist.outputs("StartRound") == [{**job_input, "round": 1, "result": result}]
+    # The callback's output (the hand-over) lands in $.handover; the rest of
+    # the state is kept.
+    check_handed_over(hist, env, case)
+
+    (close,) = hist.direct_calls("CloseRound")
+    check_direct_call(close, env, case, "CloseRound", 1, closed_by="stream")
+    # The direct form's output is the function's return value (the Invoke
+    # response's Payload), kept as $.result next to the hand-over.
+    assert hist.outputs("CloseRound") == [{**job_input, "round": 1, "handover": ho, "result": result}]
 
     (fin,) = hist.direct_calls("Finalize")
     event = check_direct_call(fin, env, case, "Finalize", 1)
     assert event["result"] == result
     final = {"job_id": job_input["job_id"], "artifact_id": f"{job_input['job_id']}-model",
              "final_model_key": f"jobs/{job_input['job_id']}/final.safetensors"}
-    # The direct form's output is the function's return value (the Invoke
-    # response's Payload), kept as $.final.
-    assert hist.outputs("Finalize") == [{**job_input, "round": 1, "result": result, "final": final}]
-    assert json.loads(desc["output"]) == {**job_input, "round": 1, "result": result, "final": final}
+    assert hist.outputs("Finalize") == [{**job_input, "round": 1, "handover": ho, "result": result, "final": final}]
+    assert json.loads(desc["output"]) == {**job_input, "round": 1, "handover": ho, "result": result, "final": final}
 
 
 def test_timeout_closes_round(sfn, aws_variant):
     env, case = aws_variant, "timeout_close_finalize"
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "SUCCEEDED", desc
-    assert hist.entered() == ["Init", "StartRound", "CloseRound", "ShouldContinue", "Finalize", "Succeeded"]
+    assert hist.entered() == ["Init"] + round_states("deadline") + ["Finalize", "Succeeded"]
     check_timed_out_start_round(hist)
     job_input = env.job_inputs[case]
 
     (close,) = hist.direct_calls("CloseRound")
-    check_direct_call(close, env, case, "CloseRound", 1)
+    check_direct_call(close, env, case, "CloseRound", 1, closed_by="deadline")
     result = round_result(job_input["job_id"], 1, False, closed_by="deadline")
-    assert hist.outputs("CloseRound") == [{**job_input, "round": 1, "result": result}]
+    assert hist.outputs("CloseRound") == [{**job_input, "round": 1, "handover": DEADLINE, "result": result}]
     (fin,) = hist.direct_calls("Finalize")
     assert check_direct_call(fin, env, case, "Finalize", 1)["result"] == result
     out = json.loads(desc["output"])
-    assert out["result"] == result and out["round"] == 1 and "error" not in out
+    assert out["result"] == result and out["round"] == 1 and out["handover"] == DEADLINE and "error" not in out
+
+
+def test_hand_over_without_closed_by_fails_the_execution(sfn, aws_variant):
+    """CloseRound's "closed_by.$" path must exist: a hand-over without it
+    fails the execution before the function is invoked (its mocked answer
+    would succeed), and nothing retries it.
+
+    On AWS that is a States.Runtime error, which States.ALL does not catch:
+    the execution fails at CloseRound. LocalStack 4.8.1's direct-ARN Lambda
+    task reports it differently: a LambdaFunctionFailed with error
+    `Exception` and the JSONPath message as cause, which CloseRound's Catch
+    takes to Failed (the activity variant gets States.Runtime, see
+    test_contract.py). Asserted: one of the two, the JSONPath message as the
+    cause, no invocation, no retry, no Finalize.
+    """
+    env, case = aws_variant, "handover_without_closed_by"
+    desc, hist = finished(sfn, env, case)
+    assert desc["status"] == "FAILED", desc
+    entered = hist.entered()
+    assert entered[:3] == ["Init", "StartRound", "CloseRound"], entered
+    if desc["error"] == "Exception":  # LocalStack 4.8.1
+        assert entered[3:] == ["Failed"], entered
+        assert hist.failures("CloseRound") == [("Exception", desc["cause"])]
+    else:  # AWS
+        assert desc["error"] == "States.Runtime", desc
+        assert entered[3:] == [], entered
+    assert "The JSONPath '$.handover.closed_by' could not be found" in desc["cause"]
+    assert hist.direct_calls("CloseRound") == []
+    (start_out,) = hist.outputs("StartRound")
+    assert "closed_by" not in start_out["handover"]
 
 
 def wait_for(sfn, arn: str, what, timeout: float = 60.0) -> History:
@@ -594,28 +701,36 @@ def stop_loop(sfn, env: Variant, case: str, enough) -> History:
 
 
 def test_rounds_advance(sfn, aws_variant):
-    """Rounds 1, 2, 3: the round number, the carried result and the scratch
-    `next` (one execution cannot also reach Finalize: see the module docstring)."""
+    """Rounds 1, 2, 3, each handed over and closed: the round number, the
+    carried hand-over and result and the scratch `next` (one execution cannot
+    also reach Finalize: see the module docstring)."""
     env, case = aws_variant, "rounds_loop"
-    hist = stop_loop(sfn, env, case, lambda h: len(h.outputs("StartRound")) >= 3)
+    # Round 4 entered: rounds 1 to 3 have gone all the way round.
+    hist = stop_loop(sfn, env, case, lambda h: len(h.inputs("StartRound")) >= 4)
     job_input = env.job_inputs[case]
-    result = round_result(job_input["job_id"], 1, True)
+    ho = handover(job_input["job_id"], 1)  # the same answer every round
+    result = round_result(job_input["job_id"], 1, True, closed_by="stream")
 
     calls = hist.start_round_calls()
     assert len(calls) >= 3
     tokens = [check_start_round_call(c, env, case, rnd)["context"]["Task"]["Token"]
               for rnd, c in zip((1, 2, 3), calls[:3])]
     assert len(set(tokens)) == 3, f"a new task token every round: {tokens}"
+    closes = hist.direct_calls("CloseRound")
+    for rnd, close in zip((1, 2, 3), closes[:3]):
+        check_direct_call(close, env, case, "CloseRound", rnd, closed_by="stream")
 
     inputs = hist.inputs("StartRound")
     assert inputs[0] == {**job_input, "round": 1}
     for rnd in (2, 3):
-        # The last round's result stays in the state (not in the payload);
-        # NextRound's scratch `next` stays too.
-        assert inputs[rnd - 1] == {**job_input, "round": rnd, "result": result, "next": {"round": rnd}}
+        # The last round's hand-over and result stay in the state (not in
+        # the payload); NextRound's scratch `next` stays too.
+        assert inputs[rnd - 1] == {**job_input, "round": rnd, "handover": ho, "result": result, "next": {"round": rnd}}
     assert [o["next"] for o in hist.outputs("NextRound")[:2]] == [{"round": 2}, {"round": 3}]
     assert [o["round"] for o in hist.outputs("AdvanceRound")[:2]] == [2, 3]
-    assert "CloseRound" not in hist.entered() and "Finalize" not in hist.entered()
+    loop = round_states("stream") + ["NextRound", "AdvanceRound"]
+    assert hist.entered()[:1 + 3 * len(loop)] == ["Init"] + loop * 3
+    assert "DeadlinePassed" not in hist.entered() and "Finalize" not in hist.entered()
 
 
 def test_timeout_then_next_round(sfn, aws_variant):
@@ -626,23 +741,29 @@ def test_timeout_then_next_round(sfn, aws_variant):
     closes = hist.direct_calls("CloseRound")
     assert len(closes) >= 2
     for rnd, close in zip((1, 2), closes):
-        check_direct_call(close, env, case, "CloseRound", rnd)
-    assert [i["round"] for i in hist.inputs("StartRound")[:2]] == [1, 2]
-    assert hist.entered()[:8] == [
-        "Init", "StartRound", "CloseRound", "ShouldContinue", "NextRound", "AdvanceRound", "StartRound", "CloseRound",
-    ]
+        check_direct_call(close, env, case, "CloseRound", rnd, closed_by="deadline")
+    starts = hist.inputs("StartRound")
+    assert [i["round"] for i in starts[:2]] == [1, 2]
+    # Round 1's marker is still in the state when round 2 starts; round 2's
+    # DeadlinePassed writes it again.
+    assert starts[1]["handover"] == DEADLINE
+    loop = round_states("deadline") + ["NextRound", "AdvanceRound"]
+    assert hist.entered()[:len(loop) + 4] == ["Init"] + loop + round_states("deadline")[:3]
 
 
-@pytest.mark.parametrize("case, state", [
-    ("start_round_retried", "StartRound"),
-    ("close_round_retried", "CloseRound"),
-    ("finalize_retried", "Finalize"),
+@pytest.mark.parametrize("case, state, closed_by", [
+    ("start_round_retried", "StartRound", "stream"),
+    ("close_round_retried", "CloseRound", "deadline"),
+    ("close_round_retried_stream", "CloseRound", "stream"),
+    ("finalize_retried", "Finalize", "stream"),
 ])
-def test_lambda_service_errors_are_retried(sfn, aws_variant, case, state):
-    """Each of Lambda's transient service errors once: 1 + 4 attempts, then success."""
+def test_lambda_service_errors_are_retried(sfn, aws_variant, case, state, closed_by):
+    """Each of Lambda's transient service errors once: 1 + 4 attempts, then
+    success; CloseRound's on both ways into it."""
     env = aws_variant
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "SUCCEEDED", desc
+    assert hist.entered() == ["Init"] + round_states(closed_by) + ["Finalize", "Succeeded"]
     errors = [e for e, _ in hist.failures(state)]
     expected = sorted(LAMBDA_SERVICE_ERRORS, reverse=state == "CloseRound")
     assert errors == expected
@@ -655,14 +776,17 @@ def test_lambda_service_errors_are_retried(sfn, aws_variant, case, state):
         if state == "StartRound":
             payload = check_start_round_call(call, env, case, rnd, retry_count=attempt)
         else:
-            payload = check_direct_call(call, env, case, state, rnd, retry_count=attempt)
+            payload = check_direct_call(call, env, case, state, rnd, retry_count=attempt,
+                                        closed_by=closed_by if state == "CloseRound" else None)
         entered_time.add(payload["context"]["State"]["EnteredTime"])
     # A retry does not re-enter the state.
     assert len(entered_time) == 1
     assert hist.entered().count(state) == 1
-    assert hist.entered()[-1] == "Succeeded"
-    if state == "CloseRound":
+    if closed_by == "deadline":
         check_timed_out_start_round(hist)
+    else:
+        check_handed_over(hist, env, case)
+    assert json.loads(desc["output"])["result"]["closed_by"] == closed_by
 
 
 def test_lambda_service_errors_exhaust_their_retrier(sfn, aws_variant):
@@ -671,19 +795,27 @@ def test_lambda_service_errors_exhaust_their_retrier(sfn, aws_variant):
     assert desc["status"] == "FAILED", desc
     assert desc["error"] == "Lambda.ServiceException"
     assert len(hist.start_round_calls()) == 1 + LAMBDA_RETRIES
-    assert hist.entered()[-1] == "Failed"
+    assert hist.entered() == ["Init", "StartRound", "Failed"]
     # Catch put the error in $.error; Failed reports it.
     (failed_input,) = hist.inputs("Failed")
     assert failed_input["error"] == {"Error": desc["error"], "Cause": desc["cause"]}
 
 
-def test_function_errors_are_retried_by_name(sfn, aws_variant):
+@pytest.mark.parametrize("case, closed_by", [
+    ("function_errors_retried", "deadline"),
+    ("function_errors_retried_stream", "stream"),
+])
+def test_function_errors_are_retried_by_name(sfn, aws_variant, case, closed_by):
     """Transient and AggregatorError, raised by the function (errorType), each
-    retried by its own retrier; then CloseRound's result is used."""
-    env, case = aws_variant, "function_errors_retried"
+    retried by its own retrier; then CloseRound's result is used. After the
+    deadline and after a hand-over."""
+    env = aws_variant
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "SUCCEEDED", desc
-    check_timed_out_start_round(hist)
+    if closed_by == "deadline":
+        check_timed_out_start_round(hist)
+    else:
+        check_handed_over(hist, env, case)
     failures = hist.failures("CloseRound")
     assert [e for e, _ in failures] == ["Transient", "AggregatorError"]
     # The Cause is the function's error payload.
@@ -693,8 +825,9 @@ def test_function_errors_are_retried_by_name(sfn, aws_variant):
     calls = hist.direct_calls("CloseRound")
     assert len(calls) == 3
     for attempt, call in enumerate(calls):
-        check_direct_call(call, env, case, "CloseRound", 1, retry_count=attempt)
-    assert json.loads(desc["output"])["result"]["closed_by"] == "deadline"
+        check_direct_call(call, env, case, "CloseRound", 1, retry_count=attempt, closed_by=closed_by)
+    assert json.loads(desc["output"])["result"]["closed_by"] == closed_by
+    assert hist.entered() == ["Init"] + round_states(closed_by) + ["Finalize", "Succeeded"]
 
 
 def test_aggregator_error_exhausts_its_retrier(sfn, aws_variant):
@@ -704,11 +837,12 @@ def test_aggregator_error_exhausts_its_retrier(sfn, aws_variant):
     assert desc["error"] == "AggregatorError"
     assert json.loads(desc["cause"]) == {"errorType": "AggregatorError", "errorMessage": "AccessDenied on PutObject"}
     assert len(hist.direct_calls("Finalize")) == 1 + AGGREGATOR_RETRIES
+    assert hist.entered() == ["Init"] + round_states("stream") + ["Finalize", "Failed"]
 
 
-@pytest.mark.parametrize("state, error", permanent_error_cases())
-def test_permanent_error_fails_at_once(sfn, aws_variant, state, error):
-    env, case = aws_variant, f"permanent_{state}_{error}"
+@pytest.mark.parametrize("state, error, closed_by", permanent_error_cases())
+def test_permanent_error_fails_at_once(sfn, aws_variant, state, error, closed_by):
+    env, case = aws_variant, permanent_case(state, error, closed_by)
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "FAILED", desc
     message = f"{error}: mocked {state} failure"
@@ -718,22 +852,29 @@ def test_permanent_error_fails_at_once(sfn, aws_variant, state, error):
     calls = hist.start_round_calls() if state == "StartRound" else hist.direct_calls(state)
     assert len(calls) == 1, "a permanent error must not be retried"
     assert hist.failures(state) == [(desc["error"], desc["cause"])]
-    assert hist.entered()[-2:] == [state, "Failed"]
+    before = {"StartRound": [], "CloseRound": round_states(closed_by)[:-2],
+              "Finalize": round_states(closed_by or "stream")}[state]
+    assert hist.entered() == ["Init"] + before + [state, "Failed"]
     (failed_input,) = hist.inputs("Failed")
     assert failed_input["error"] == {"Error": error, "Cause": desc["cause"]}
-    if state == "CloseRound":
+    if closed_by == "deadline":
         check_timed_out_start_round(hist)
+    elif closed_by == "stream":
+        check_handed_over(hist, env, case)
+    if state == "CloseRound":
+        check_direct_call(hist.direct_calls("CloseRound")[0], env, case, "CloseRound", 1, closed_by=closed_by)
 
 
-@pytest.mark.parametrize("case, state", [
-    ("bad_result_empty", "StartRound"),
-    ("bad_result_string", "StartRound"),
-    ("bad_result_close_round", "CloseRound"),
+@pytest.mark.parametrize("case, closed_by", [
+    ("bad_result_empty", "stream"),
+    ("bad_result_string", "stream"),
+    ("bad_result_deadline", "deadline"),
 ])
-def test_result_without_boolean_continue_fails(sfn, aws_variant, case, state):
+def test_result_without_boolean_continue_fails(sfn, aws_variant, case, closed_by):
+    """CloseRound's result decides, whichever way it was reached."""
     env = aws_variant
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "FAILED", desc
     assert desc["error"] == "FedstepContractViolation"
     assert desc["cause"] == BAD_RESULT_CAUSE
-    assert hist.entered()[-3:] == [state, "ShouldContinue", "BadResult"]
+    assert hist.entered() == ["Init"] + round_states(closed_by) + ["BadResult"]

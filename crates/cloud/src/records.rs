@@ -81,15 +81,30 @@ pub struct RoundResult {
     pub rejected: BTreeMap<String, String>,
 }
 
-/// Which path closed a round. Stored in round rows and read by the state
-/// machine's callers as `"stream"` / `"deadline"`.
+/// Why a round was closed: stored in round rows and results as `"stream"`
+/// / `"deadline"`, and passed to CloseRound by the state machine.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ClosedBy {
-    /// The stream path: every expected client was in.
+    /// Every expected client was in: the stream path handed the round over
+    /// (answered StartRound with a [`HandOver`]).
     Stream,
-    /// The deadline path (CloseRound).
+    /// StartRound timed out: the round closes with what arrived.
     Deadline,
+}
+
+/// What the stream path answers the StartRound task with once every
+/// expected client is in: no result (the stream invocation never
+/// aggregates), only that CloseRound may now run. The state machine passes
+/// `closed_by` on to CloseRound.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandOver {
+    pub job_id: String,
+    pub round: u32,
+    pub closed_by: ClosedBy,
+    /// Usable updates counted when the round was handed over, of `expected`.
+    pub usable: usize,
+    pub expected: usize,
 }
 
 impl ClosedBy {

@@ -12,8 +12,8 @@ use crate::round_failure::RoundFailure;
 pub enum TaskErrorName {
     /// CloseRound: fewer than min_clients usable updates at the deadline.
     QuorumNotMet,
-    /// The stream path's failure of the StartRound task when no update of a
-    /// complete round was usable.
+    /// A retried StartRound that finds its round FAILED for want of a
+    /// usable update (CloseRound reports that as `AggregationFailed`).
     NoUsableUpdate,
     /// Bad data the engine refused ([`CloudError::Invalid`]).
     InvalidInput,
@@ -64,9 +64,9 @@ impl CloudError {
 }
 
 impl RoundFailure {
-    /// The name the StartRound task is failed with when the round is found
-    /// FAILED (by the stream path, or by a retried StartRound): a quorum
-    /// failure keeps its name, anything else is "no usable update".
+    /// The name a retried StartRound task is failed with when it finds its
+    /// round FAILED: a quorum failure keeps its name, anything else is "no
+    /// usable update".
     pub fn start_round_error_name(&self) -> TaskErrorName {
         match self {
             RoundFailure::QuorumNotMet { .. } => TaskErrorName::QuorumNotMet,

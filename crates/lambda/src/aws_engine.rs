@@ -5,7 +5,7 @@ use std::sync::Arc;
 use fedstep_aws::{AwsConfig, DynamoLedger, S3Store, SfnCallback, SnsNotifier};
 use fedstep_cloud::engine::{EngineConfig, RoundEngine, UpdateOutcome};
 use fedstep_cloud::ports::{Clock, Ledger, Notifier, StreamingStore, SystemClock, TaskCallback};
-use fedstep_cloud::records::{RoundRecord, RoundResult, UpdateRecord};
+use fedstep_cloud::records::{ClosedBy, RoundRecord, RoundResult, UpdateRecord};
 use fedstep_cloud::{CloudError, Job, DEFAULT_READ_AHEAD_BYTES};
 use serde_json::Value;
 
@@ -71,8 +71,13 @@ where
         RoundEngine::on_update(self, update).await
     }
 
-    async fn close_round(&self, job_id: &str, round: u32) -> Result<RoundResult, CloudError> {
-        RoundEngine::close_round(self, job_id, round).await
+    async fn close_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        closed_by: ClosedBy,
+    ) -> Result<RoundResult, CloudError> {
+        RoundEngine::close_round(self, job_id, round, closed_by).await
     }
 
     async fn finalize(

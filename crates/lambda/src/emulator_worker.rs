@@ -40,8 +40,8 @@ pub struct LocalOptions {
 }
 
 /// Runs until `shutdown` turns true (SIGTERM/SIGINT), then lets in-flight
-/// work finish. Each poller is its own task, so a long aggregation on the
-/// stream does not hold up a CloseRound, and the other way round.
+/// work finish. Each poller is its own task, so a long aggregation
+/// (CloseRound) does not hold up the stream, and the other way round.
 pub async fn run<A: RoundTasks>(
     engine: Arc<A>,
     cfg: &AwsConfig,
@@ -166,7 +166,7 @@ impl ActivityWorker {
         };
         let sent = match outcome {
             // start_round's task is completed later, through the token the
-            // engine stored, by the aggregation (or it times out).
+            // engine stored, by the stream path's hand-over (or it times out).
             Ok(_) if self.action == Action::StartRound => return,
             Ok(output) => self
                 .sfn

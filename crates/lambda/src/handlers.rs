@@ -6,7 +6,7 @@
 use std::fmt::Debug;
 use std::future::Future;
 
-use fedstep_cloud::records::{RoundRecord, RoundResult, UpdateRecord};
+use fedstep_cloud::records::{ClosedBy, RoundRecord, RoundResult, UpdateRecord};
 use fedstep_cloud::{CloudError, Job, JobSpec, TaskErrorName};
 use serde::Deserialize;
 use serde_json::Value;
@@ -32,6 +32,7 @@ pub trait RoundTasks: Send + Sync + 'static {
         &self,
         job_id: &str,
         round: u32,
+        closed_by: ClosedBy,
     ) -> impl Future<Output = Result<RoundResult, CloudError>> + Send;
     fn finalize(
         &self,
@@ -105,6 +106,10 @@ struct TaskPayload {
     round: u32,
     #[serde(default)]
     result: Option<Value>,
+    /// close_round: why the state machine closes the round (`"stream"`:
+    /// StartRound was handed over; `"deadline"`: it timed out).
+    #[serde(default)]
+    closed_by: Option<ClosedBy>,
     #[serde(default)]
     context: Value,
 }
@@ -147,7 +152,12 @@ pub async fn handle_task<A: RoundTasks>(engine: &A, payload: Value) -> Result<Va
             }))
         }
         Action::CloseRound => {
-            let result = engine.close_round(&task.job_id, task.round).await?;
+            let closed_by = task
+                .closed_by
+                .ok_or_else(|| TaskError::invalid("close_round without `closed_by`"))?;
+            let result = engine
+                .close_round(&task.job_id, task.round, closed_by)
+                .await?;
             serde_json::to_value(result).map_err(|e| CloudError::Other(e.to_string()).into())
         }
         Action::Finalize => {
@@ -245,7 +255,7 @@ pub async fn handle_stream<A: RoundTasks>(engine: &A, items: &[StreamItem]) -> V
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use fedstep_cloud::records::{ClosedBy, RoundStatus};
+    use fedstep_cloud::records::RoundStatus;
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
@@ -316,17 +326,25 @@ pub(crate) mod tests {
             }
         }
 
-        async fn close_round(&self, job_id: &str, round: u32) -> Result<RoundResult, CloudError> {
+        async fn close_round(
+            &self,
+            job_id: &str,
+            round: u32,
+            closed_by: ClosedBy,
+        ) -> Result<RoundResult, CloudError> {
             self.calls
                 .lock()
                 .unwrap()
-                .push(format!("close {job_id} {round}"));
+                .push(format!("close {job_id} {round} {closed_by}"));
             if self.quorum_not_met {
                 return Err(CloudError::QuorumNotMet(
                     "quorum not met: 1 of min_clients 3 updates received".into(),
                 ));
             }
-            Ok(result(job_id, round))
+            Ok(RoundResult {
+                closed_by,
+                ..result(job_id, round)
+            })
         }
 
         async fn finalize(
@@ -411,8 +429,16 @@ pub(crate) mod tests {
                 "unknown action",
             ),
             (
-                serde_json::json!({"action": "close_round", "round": 1}),
+                serde_json::json!({"action": "close_round", "round": 1, "closed_by": "stream"}),
                 "job_id",
+            ),
+            (
+                serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1}),
+                "closed_by",
+            ),
+            (
+                serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "closed_by": "early"}),
+                "closed_by",
             ),
         ] {
             let err = handle_task(&fake, payload).await.unwrap_err();
@@ -430,7 +456,7 @@ pub(crate) mod tests {
         };
         let err = handle_task(
             &fake,
-            serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "context": {}}),
+            serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "closed_by": "deadline", "context": {}}),
         )
         .await
         .unwrap_err();
@@ -446,11 +472,13 @@ pub(crate) mod tests {
         let fake = Fake::default();
         let out = handle_task(
             &fake,
-            serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1}),
+            serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "closed_by": "stream"}),
         )
         .await
         .unwrap();
         assert_eq!(out["continue"], false);
+        assert_eq!(out["closed_by"], "stream");
+        assert_eq!(fake.calls.lock().unwrap()[0], "close j1 1 stream");
         let out = handle_task(
             &fake,
             serde_json::json!({"action": "finalize", "job_id": "j1", "round": 1, "result": out}),

@@ -204,6 +204,9 @@ async fn one_round_succeeds_and_an_unanswered_round_fails_with_quorum_not_met() 
         worker.log_tail()
     );
     let output: Value = serde_json::from_str(done.output().unwrap_or("{}")).unwrap();
+    // StartRound's output is the stream path's hand-over; CloseRound's the result.
+    assert_eq!(output["handover"]["closed_by"], "stream", "{output}");
+    assert_eq!(output["handover"]["usable"], 1, "{output}");
     assert_eq!(output["result"]["continue"], false);
     assert_eq!(output["result"]["closed_by"], "stream");
     assert_eq!(

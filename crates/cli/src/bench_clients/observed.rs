@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use fedstep_cloud::ports::{
     AddReceived, ClientQueue, Ledger, Notifier, OpenRound, PutUpdate, QueueMessage,
 };
-use fedstep_cloud::records::{Artifact, Notification, RoundRecord, RoundResult, UpdateRecord};
+use fedstep_cloud::records::{
+    Artifact, ClosedBy, Notification, RoundRecord, RoundResult, UpdateRecord,
+};
 use fedstep_cloud::{CloudError, Job, RoundFailure};
 use fedstep_lambda::handlers::RoundTasks;
 use serde_json::Value;
@@ -299,8 +301,13 @@ impl<A: RoundTasks> RoundTasks for CountingRoundTasks<A> {
             .await
     }
 
-    async fn close_round(&self, job_id: &str, round: u32) -> Result<RoundResult> {
-        self.inner.close_round(job_id, round).await
+    async fn close_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        closed_by: ClosedBy,
+    ) -> Result<RoundResult> {
+        self.inner.close_round(job_id, round, closed_by).await
     }
 
     async fn finalize(&self, job_id: &str, round: u32, result: &RoundResult) -> Result<Value> {

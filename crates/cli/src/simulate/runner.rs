@@ -6,8 +6,9 @@
 //! `global_model_ready` to every client's queue; the clients run in
 //! parallel (training on blocking threads) and each writes its `updates`
 //! row; the driver reads each new row back from the ledger and hands it to
-//! `on_update`, the last of which aggregates. The result's `continue`
-//! drives the loop; `finalize` ends the job.
+//! `on_update`, the last of which hands the round over; then `close_round`
+//! aggregates, as the state machine's CloseRound task does. The result's
+//! `continue` drives the loop; `finalize` ends the job.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use fedstep_cloud::job::JobSpec;
 use fedstep_cloud::keys;
 use fedstep_cloud::local::{FsStore, LocalBus, MemLedger, RecordingCallback};
 use fedstep_cloud::ports::{Ledger, ObjectStore, SystemClock};
-use fedstep_cloud::records::RoundResult;
+use fedstep_cloud::records::{ClosedBy, RoundResult};
 use fedstep_cloud::{EngineConfig, RoundEngine, UpdateOutcome};
 use fedstep_trainer::{evaluate, init_model};
 
@@ -165,7 +166,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
 
         // The stream: each new `updates` row, as stored, to on_update (in
         // client order, so a run is reproducible bit for bit).
-        let mut result = None;
+        let mut closed_by = ClosedBy::Deadline;
         let mut client_rounds: Vec<ClientRound> = Vec::with_capacity(n);
         for task in tasks {
             let cr = task.await.context("client task")??;
@@ -176,7 +177,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
                     format!("{}'s row is missing from the ledger", cr.record.client_id)
                 })?;
             match engine.on_update(&row).await? {
-                UpdateOutcome::Aggregated(r) => result = Some(r),
+                UpdateOutcome::HandedOver { .. } => closed_by = ClosedBy::Stream,
                 // A rejected row is in the round's rejections, and so in
                 // the measurements stored with the round's output.
                 UpdateOutcome::Rejected(_)
@@ -185,14 +186,12 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             }
             client_rounds.push(cr);
         }
-        // Not everyone counted (a row was rejected): the deadline path.
-        let result = match result {
-            Some(r) => r,
-            None => engine
-                .close_round(JOB_ID, round)
-                .await
-                .with_context(|| format!("close_round {round}"))?,
-        };
+        // CloseRound, as the state machine runs it: after the hand-over,
+        // or (not everyone counted: a row was rejected) at the deadline.
+        let result = engine
+            .close_round(JOB_ID, round, closed_by)
+            .await
+            .with_context(|| format!("close_round {round}"))?;
 
         bar.message(format!("round {round}: evaluating"));
         let eval =

@@ -13,6 +13,7 @@ use fedstep_client::{Outcome, Worker};
 use fedstep_cloud::keys;
 use fedstep_cloud::local::{FsStore, LocalBus, ManualClock, MemLedger, RecordingCallback};
 use fedstep_cloud::ports::{Ledger, ObjectStore};
+use fedstep_cloud::records::ClosedBy;
 use fedstep_cloud::{EngineConfig, JobSpec, RoundEngine, UpdateOutcome};
 
 fn trainer(classes: &[u8], seed: u64) -> BuiltinTrainer {
@@ -109,9 +110,13 @@ local_epochs = 1
                 .unwrap();
             outcomes.push(engine.on_update(&row).await.unwrap());
         }
-        let Some(UpdateOutcome::Aggregated(result)) = outcomes.pop() else {
-            panic!("the second row should aggregate: {outcomes:?}")
+        let Some(UpdateOutcome::HandedOver { .. }) = outcomes.pop() else {
+            panic!("the second row should hand the round over: {outcomes:?}")
         };
+        let result = engine
+            .close_round(&job.job_id, round, ClosedBy::Stream)
+            .await
+            .unwrap();
         assert_eq!(
             result.accepted,
             vec!["site-a".to_string(), "site-b".to_string()]

@@ -1,5 +1,5 @@
-//! The aggregation of a claimed round, shared by the stream path (all
-//! clients in) and the deadline path (CloseRound): check every input
+//! The aggregation of a round CloseRound has claimed (whether the stream
+//! path handed it over or its deadline passed): check every input
 //! against its row before reading a byte of it, run the numeric core over
 //! the objects in place (ranged reads, nothing staged on local disk), write
 //! round r+1's global model and server state straight to the store, then

@@ -1,9 +1,9 @@
 //! The task tokens this engine has had an answer on (its callback was
 //! delivered, or refused because the workflow had moved on), so that a
-//! replayed row does not send the same result again from the engine that
-//! just sent it. Only an economy: Step Functions accepts one answer per
-//! token whatever we send (see `RoundEngine::resend_result`), so forgetting
-//! an entry costs one refused call, never a second delivery.
+//! replayed row does not hand the round over again from the engine that
+//! just did. Only an economy: Step Functions accepts one answer per token
+//! whatever we send (see hand_over.rs), so forgetting an entry costs one
+//! refused call, never a second delivery.
 //!
 //! In memory and per engine: a Lambda execution environment keeps its
 //! engine across invocations, and a stream shard's records mostly go to

@@ -1,6 +1,9 @@
-//! The deadline path: CloseRound runs when StartRound timed out. It claims
-//! the round itself, so the quorum is judged on a row nobody else can
-//! change, then aggregates what is in or fails the round.
+//! CloseRound, the workflow's aggregation task: it runs after StartRound,
+//! whether the stream path handed the round over (every expected client in)
+//! or the task timed out (the deadline). It claims the round itself, so the
+//! quorum is judged on a row nobody else can change, then aggregates what
+//! is in or fails the round. The aggregation gets the task's own time and
+//! memory, never a stream invocation's.
 
 use std::time::Duration;
 
@@ -22,13 +25,19 @@ where
     C: TaskCallback,
     K: Clock,
 {
-    /// CloseRound task. CLOSED → the stored result (the stream path won).
-    /// OPEN → claim; fewer than min_clients usable updates → FAILED and
-    /// `QuorumNotMet`; else aggregate and return the result (no callback:
-    /// the return value is the task output). AGGREGATING by someone else →
-    /// wait for it (or for its lease to run out, then take over).
-    /// FAILED → the stored reason as the error again (idempotent).
-    pub async fn close_round(&self, job_id: &str, round: u32) -> Result<RoundResult> {
+    /// CloseRound task. CLOSED → the stored result (a retry, or a racing
+    /// attempt won). OPEN → claim; fewer than min_clients usable updates →
+    /// FAILED and `QuorumNotMet`; else aggregate and return the result (the
+    /// task output). AGGREGATING by someone else → wait for it (or for its
+    /// lease to run out, then take over). FAILED → the stored reason as the
+    /// error again (idempotent). `closed_by` is why the state machine runs
+    /// it (stored with the result).
+    pub async fn close_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        closed_by: ClosedBy,
+    ) -> Result<RoundResult> {
         let job = self
             .ledger
             .get_job(job_id)
@@ -70,7 +79,7 @@ where
                     return Err(failure.into());
                 }
                 match self
-                    .aggregate_claimed(&job, &claimed, ClosedBy::Deadline)
+                    .aggregate_claimed(&job, &claimed, closed_by)
                     .await?
                 {
                     Closing::Closed(result) => return Ok(result),

@@ -10,6 +10,7 @@ mod aggregation;
 mod answered;
 mod close;
 mod finalize;
+mod hand_over;
 mod metrics;
 mod start;
 mod stop_rule;
@@ -21,7 +22,6 @@ pub use finalize::UNTYPED;
 use std::sync::Arc;
 
 use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
-use crate::records::RoundResult;
 use crate::round_figures::RoundFigures;
 use answered::Answered;
 
@@ -57,8 +57,10 @@ pub enum UpdateOutcome {
     /// Counted; the round waits for more. `usable`: the round's updates
     /// counted and not rejected so far, of `expected` clients.
     Recorded { usable: usize, expected: usize },
-    /// This row completed the round and this engine aggregated it.
-    Aggregated(RoundResult),
+    /// This row completed the round: the StartRound task was answered with
+    /// a [`HandOver`](crate::records::HandOver) (or had been already), and
+    /// the state machine's CloseRound aggregates.
+    HandedOver { usable: usize, expected: usize },
     /// The row breaks a rule (named in the reason); the round goes on.
     Rejected(String),
     /// The round is no longer OPEN (or the row is a replay of a counted one).

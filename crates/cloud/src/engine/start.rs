@@ -2,12 +2,12 @@
 //! ready. The task token stays in the ledger; clients never see it.
 
 use super::close::stored_failure;
-use super::RoundEngine;
+use super::{hand_over, RoundEngine};
 use crate::error::{CloudError, Result};
 use crate::job::Job;
 use crate::keys;
 use crate::ports::{Clock, Ledger, Notifier, OpenRound, StreamingStore, TaskCallback};
-use crate::records::{GlobalModelReady, Notification, RoundRecord, RoundStatus, SCHEMA};
+use crate::records::{ClosedBy, GlobalModelReady, Notification, RoundRecord, RoundStatus, SCHEMA};
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
 where
@@ -25,11 +25,12 @@ where
     /// `global_model_ready`.
     ///
     /// Idempotent: a retry (new token) replaces the stored token and
-    /// publishes again (clients dedupe by job and round). If the round is
-    /// already past OPEN: CLOSED → its result is sent with the new token;
-    /// FAILED → the failure is sent; AGGREGATING → nothing (the aggregator
-    /// holds the old token; if its callback is refused, the deadline path
-    /// returns the stored result).
+    /// publishes again (clients dedupe by job and round). The stream path
+    /// may have handed the round over to the old token, which is dead now:
+    /// a round that is complete already is handed over with the new one.
+    /// If the round is already past OPEN: AGGREGATING or CLOSED → handed
+    /// over (CloseRound then waits for, or returns, the stored result);
+    /// FAILED → the failure is sent.
     pub async fn start_round(
         &self,
         job: &Job,
@@ -69,7 +70,7 @@ where
             failure: None,
         };
         match self.ledger.open_round(&fresh).await? {
-            OpenRound::Created | OpenRound::TokenReplaced => {
+            opened @ (OpenRound::Created | OpenRound::TokenReplaced) => {
                 // Publish what is stored (a retry keeps the first deadline).
                 let row = self
                     .ledger
@@ -86,17 +87,19 @@ where
                     round_config: job.round_config.clone(),
                 });
                 self.notifier.publish(&message).await?;
+                if matches!(opened, OpenRound::TokenReplaced) && hand_over::ready(&row).is_some()
+                {
+                    self.hand_over(&row, task_token, ClosedBy::Stream).await?;
+                }
                 Ok(row)
             }
             OpenRound::AlreadyPast(row) => {
-                match (&row.status, &row.result) {
-                    (RoundStatus::Closed, Some(result)) => {
-                        let output = serde_json::to_value(result).map_err(|e| {
-                            CloudError::Other(format!("encoding the round result: {e}"))
-                        })?;
-                        self.callback.succeed(task_token, &output).await?;
+                match row.status {
+                    RoundStatus::Aggregating | RoundStatus::Closed => {
+                        let closed_by = row.result.as_ref().map_or(ClosedBy::Stream, |r| r.closed_by);
+                        self.hand_over(&row, task_token, closed_by).await?;
                     }
-                    (RoundStatus::Failed, _) => {
+                    RoundStatus::Failed => {
                         let failure = stored_failure(&row);
                         let name = failure.start_round_error_name();
                         // The cause is what CloseRound would report.
@@ -105,7 +108,7 @@ where
                             .fail(task_token, name.as_str(), &cause)
                             .await?;
                     }
-                    _ => {}
+                    RoundStatus::Open => {}
                 }
                 Ok(*row)
             }

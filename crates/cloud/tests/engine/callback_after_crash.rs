@@ -1,10 +1,12 @@
-//! Issue #13, item 5: the stream path closed a round (the CLOSED write
-//! with its result went through) and then its `SendTaskSuccess` was lost —
-//! the aggregator died, or the call failed. The stream redelivers the row
-//! that completed the round; that replay sends the stored result to the
-//! stored token, so the StartRound task finishes now rather than at its
-//! deadline. Step Functions takes one answer per token, so replays never
-//! deliver twice; the engine that already had an answer does not even ask.
+//! Issue #13, item 5, as it stands with the hand-over: the row that
+//! completed a round was counted, and then the stream invocation's
+//! `SendTaskSuccess` (the hand-over) was lost: it died, or the call failed.
+//! Nothing was written before the call, so the round is still OPEN and
+//! complete; the stream redelivers the row, and that replay hands the
+//! round over again, so the StartRound task finishes now rather than at
+//! its deadline. Step Functions takes one answer per token, so replays
+//! never deliver twice; the engine that already had an answer does not
+//! even ask.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use fedstep_cloud::error::{CloudError, Result};
 use fedstep_cloud::local::{CallbackCall, RecordingCallback};
 use fedstep_cloud::ports::{Callback, Clock, Ledger, TaskCallback};
-use fedstep_cloud::records::{ClosedBy, RoundResult, RoundStatus};
+use fedstep_cloud::records::{ClosedBy, RoundStatus};
 use fedstep_cloud::{EngineConfig, RoundEngine, UpdateOutcome};
 use fedstep_test_support::federation::*;
 use serde_json::Value;
@@ -28,7 +30,7 @@ impl TaskCallback for LosesFirstSuccess {
     async fn succeed(&self, token: &str, output: &Value) -> Result<Callback> {
         if !self.lost.swap(true, Ordering::SeqCst) {
             return Err(CloudError::Transient(
-                "injected: the aggregator died before SendTaskSuccess".into(),
+                "injected: the invocation died before SendTaskSuccess".into(),
             ));
         }
         self.inner.succeed(token, output).await
@@ -39,17 +41,9 @@ impl TaskCallback for LosesFirstSuccess {
     }
 }
 
-/// Round 1 of a 3-client job, closed by the stream path whose callback
-/// was lost: returns the job, the row that completed the round and the
-/// stored result.
-async fn closed_without_callback(
-    fed: &Fed,
-    job_id: &str,
-) -> (
-    fedstep_cloud::Job,
-    fedstep_cloud::records::UpdateRecord,
-    RoundResult,
-) {
+#[tokio::test]
+async fn a_replayed_row_hands_the_round_over_without_waiting_for_the_deadline() {
+    let fed = Fed::new();
     let crashing = RoundEngine::new(
         fed.store.clone(),
         fed.ledger.clone(),
@@ -65,7 +59,7 @@ async fn closed_without_callback(
             lease_seconds: LEASE,
         },
     );
-    let job = job(job_id, 2, &["a", "b", "c"], 2);
+    let job = job("lost", 2, &["a", "b", "c"], 2);
     fed.upload_initial(&job, &[0.0]).await;
     crashing.start_round(&job, 1, "t1").await.unwrap();
     let mut last = None;
@@ -73,42 +67,28 @@ async fn closed_without_callback(
         let row = fed.submit(&job, 1, c, &[v], 1, &[]).await;
         last = Some((row.clone(), crashing.on_update(&row).await));
     }
-    let (row, outcome) = last.unwrap();
+    let (c, outcome) = last.unwrap();
     assert!(
         outcome.is_err(),
-        "the lost callback fails the invocation: {outcome:?}"
+        "the lost hand-over fails the invocation: {outcome:?}"
     );
-    let stored = fed.ledger.get_round(job_id, 1).await.unwrap().unwrap();
-    assert_eq!(stored.status, RoundStatus::Closed);
-    assert!(
-        fed.callback.calls().is_empty(),
-        "nothing reached Step Functions"
-    );
-    (job, row, stored.result.unwrap())
-}
+    let row = fed.ledger.get_round("lost", 1).await.unwrap().unwrap();
+    assert_eq!(row.status, RoundStatus::Open, "nothing was written");
+    assert!(fed.callback.calls().is_empty(), "nothing reached Step Functions");
 
-#[tokio::test]
-async fn a_replayed_row_completes_the_task_without_waiting_for_the_deadline() {
-    let fed = Fed::new();
-    let (_, c, stored) = closed_without_callback(&fed, "lost").await;
-    let deadline = fed
-        .ledger
-        .get_round("lost", 1)
-        .await
-        .unwrap()
-        .unwrap()
-        .deadline;
-
-    // The stream retries the batch at once: the lease of the dead
-    // aggregator is still live and the deadline far away.
+    // The stream retries the batch at once, the deadline far away.
     let engine = fed.engine("retry");
-    let UpdateOutcome::Late(reason) = engine.on_update(&c).await.unwrap() else {
-        panic!("a replay after CLOSED is Late")
-    };
-    assert!(reason.starts_with("replay:"), "{reason}");
-    assert!(fed.clock.now() < deadline);
+    assert!(matches!(
+        engine.on_update(&c).await.unwrap(),
+        UpdateOutcome::HandedOver {
+            usable: 3,
+            expected: 3
+        }
+    ));
+    assert!(fed.clock.now() < row.deadline);
     let delivered = fed.callback.succeeded("t1");
-    assert_eq!(delivered, vec![serde_json::to_value(&stored).unwrap()]);
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0]["closed_by"], "stream");
 
     // More replays on the same engine: it had its answer, no more calls.
     engine.on_update(&c).await.unwrap();
@@ -117,7 +97,7 @@ async fn a_replayed_row_completes_the_task_without_waiting_for_the_deadline() {
     let other = fed.engine("other");
     assert!(matches!(
         other.on_update(&c).await.unwrap(),
-        UpdateOutcome::Late(_)
+        UpdateOutcome::HandedOver { .. }
     ));
     let calls = fed.callback.calls_for("t1");
     assert_eq!(calls.len(), 2);
@@ -129,13 +109,43 @@ async fn a_replayed_row_completes_the_task_without_waiting_for_the_deadline() {
         }
     ));
     assert_eq!(fed.callback.succeeded("t1").len(), 1);
-    // The deadline path, if it still ran, returns the same result.
-    fed.clock.advance(601);
-    assert_eq!(engine.close_round("lost", 1).await.unwrap(), stored);
-    // Re-sending wrote nothing: the result and rejections are untouched.
+    // CloseRound aggregates all three.
+    let result = engine.close_round("lost", 1, ClosedBy::Stream).await.unwrap();
+    assert_eq!(result.accepted, vec!["a", "b", "c"]);
     let row = fed.ledger.get_round("lost", 1).await.unwrap().unwrap();
-    assert_eq!(row.result.as_ref(), Some(&stored));
+    assert_eq!(row.result.as_ref(), Some(&result));
     assert!(row.rejections.is_empty(), "{:?}", row.rejections);
+}
+
+/// A retried StartRound replaces the token after the stream handed the
+/// round over to the old one (whose task failed): nobody would answer the
+/// new token before the deadline, so StartRound hands over itself.
+#[tokio::test]
+async fn a_retried_start_round_hands_a_complete_round_over() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = job("retried", 2, &["a", "b"], 2);
+    fed.upload_initial(&job, &[0.0]).await;
+    engine.start_round(&job, 1, "t1").await.unwrap();
+    for c in ["a", "b"] {
+        let row = fed.submit(&job, 1, c, &[1.0], 1, &[]).await;
+        engine.on_update(&row).await.unwrap();
+    }
+    assert_eq!(fed.callback.succeeded("t1").len(), 1);
+    let row = fed.engine("starter").start_round(&job, 1, "t2").await.unwrap();
+    assert_eq!(row.task_token.as_deref(), Some("t2"));
+    let delivered = fed.callback.succeeded("t2");
+    assert_eq!(delivered.len(), 1, "{:?}", fed.callback.calls());
+    assert_eq!(delivered[0]["closed_by"], "stream");
+    // Once CLOSED, a retried StartRound hands over too: CloseRound then
+    // returns the stored result.
+    let result = engine.close_round("retried", 1, ClosedBy::Stream).await.unwrap();
+    fed.engine("late-starter").start_round(&job, 1, "t3").await.unwrap();
+    assert_eq!(fed.callback.succeeded("t3").len(), 1);
+    assert_eq!(
+        engine.close_round("retried", 1, ClosedBy::Stream).await.unwrap(),
+        result
+    );
 }
 
 #[tokio::test]
@@ -156,7 +166,7 @@ async fn nothing_is_resent_for_a_round_the_deadline_path_closed() {
     fed.callback.expire("t1");
     let result = fed
         .engine("closer")
-        .close_round("by-deadline", 1)
+        .close_round("by-deadline", 1, ClosedBy::Deadline)
         .await
         .unwrap();
     assert_eq!(result.closed_by, ClosedBy::Deadline);

@@ -54,7 +54,7 @@ fn fault_schedules() {
     }
     println!(
         "coverage: {} rounds, {} deliveries ({} extra duplicates, {} races, {} failed and redelivered), \
-         {} CloseRounds ({} racing), {} StartRound retries, {} client crashes, {} late records, {} rejections, {} callbacks re-sent by a replay",
+         {} CloseRounds ({} racing), {} StartRound retries, {} client crashes, {} late records, {} rejections, {} hand-overs re-sent by a replay",
         total.rounds,
         total.deliveries,
         total.duplicate_deliveries,
@@ -88,7 +88,7 @@ fn fault_schedules() {
             ("failed deliveries", total.failed_deliveries),
             ("client crashes", total.client_crashes),
             ("late records", total.late_records),
-            ("callbacks re-sent by a replay", total.resent_callbacks),
+            ("hand-overs re-sent by a replay", total.resent_callbacks),
             ("rejections", total.rejected),
             ("deadline closes", total.deadline_closes),
             ("StartRound retries", total.start_retries),

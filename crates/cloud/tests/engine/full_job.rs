@@ -1,7 +1,7 @@
 //! Three clients, three rounds, end to end over the local adapters: each
 //! round's global model is the example-weighted average, rows end CLOSED,
-//! the StartRound task is called back exactly once per round, and Finalize
-//! registers the last model.
+//! the StartRound task is handed over exactly once per round (then
+//! CloseRound aggregates), and Finalize registers the last model.
 
 use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::{ClosedBy, Notification, RoundStatus};
@@ -45,9 +45,19 @@ async fn three_clients_three_rounds() {
                     }
                 );
             } else {
-                let UpdateOutcome::Aggregated(result) = outcome else {
-                    panic!("the last update should aggregate: {outcome:?}");
-                };
+                assert_eq!(
+                    outcome,
+                    UpdateOutcome::HandedOver {
+                        usable: 3,
+                        expected: 3
+                    },
+                    "the last update hands the round over"
+                );
+                // The state machine's next task.
+                let result = engine
+                    .close_round(&job.job_id, round, ClosedBy::Stream)
+                    .await
+                    .unwrap();
                 assert_eq!(result.round, round);
                 assert_eq!(result.closed_by, ClosedBy::Stream);
                 assert_eq!(result.continue_training, round < 3);
@@ -81,7 +91,10 @@ async fn three_clients_three_rounds() {
         let outputs = fed.callback.succeeded(&token);
         assert_eq!(outputs.len(), 1, "one callback per round");
         assert_eq!(fed.callback.calls_for(&token).len(), 1);
-        assert_eq!(outputs[0]["continue"], round < 3);
+        assert_eq!(
+            outputs[0],
+            serde_json::json!({"job_id": "digits-001", "round": round, "closed_by": "stream", "usable": 3, "expected": 3})
+        );
     }
 
     let result = last.unwrap();

@@ -5,7 +5,7 @@
 
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, ObjectStore};
-use fedstep_cloud::records::{RoundResult, RoundStatus};
+use fedstep_cloud::records::{ClosedBy, RoundResult, RoundStatus};
 use fedstep_cloud::round_measurements::RoundMeasurements;
 use fedstep_cloud::UpdateOutcome;
 use fedstep_core::measurements::ClientStatus;
@@ -34,9 +34,13 @@ async fn round_with_rejections(fed: &Fed) -> RoundResult {
     fed.store.put_file(&c.model_key, &swapped).await.unwrap();
     engine.on_update(&c).await.unwrap();
     let d = fed.submit(&job, 1, "d", &[4.0, 4.0], 30, &[]).await;
-    let UpdateOutcome::Aggregated(result) = engine.on_update(&d).await.unwrap() else {
+    let UpdateOutcome::HandedOver { .. } = engine.on_update(&d).await.unwrap() else {
         panic!("d completes the round");
     };
+    let result = engine
+        .close_round(&d.job_id, d.round, ClosedBy::Stream)
+        .await
+        .unwrap();
     result
 }
 

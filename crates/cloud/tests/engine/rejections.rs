@@ -4,6 +4,7 @@
 
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, ObjectStore};
+use fedstep_cloud::records::ClosedBy;
 use fedstep_cloud::UpdateOutcome;
 use fedstep_test_support::assert_close_f32;
 use fedstep_test_support::federation::*;
@@ -82,9 +83,13 @@ async fn a_wrong_checksum_rejects_that_client_only() {
     fed.store.put_file(&c.model_key, &other).await.unwrap();
     engine.on_update(&a).await.unwrap();
     engine.on_update(&b).await.unwrap();
-    let UpdateOutcome::Aggregated(result) = engine.on_update(&c).await.unwrap() else {
-        panic!("the round still closes")
+    let UpdateOutcome::HandedOver { .. } = engine.on_update(&c).await.unwrap() else {
+        panic!("the round still closes");
     };
+    let result = engine
+        .close_round(&c.job_id, c.round, ClosedBy::Stream)
+        .await
+        .unwrap();
     assert_eq!(result.accepted, vec!["a", "b"]);
     assert!(
         result.rejected["c"].starts_with("checksum: the row says"),
@@ -113,9 +118,13 @@ async fn a_rejected_client_counts_as_in_so_the_round_closes_early() {
     let b = fed.submit(&job, 1, "b", &[2.0], 1, &[]).await;
     engine.on_update(&b).await.unwrap();
     let c = fed.submit(&job, 1, "c", &[4.0], 1, &[]).await;
-    let UpdateOutcome::Aggregated(result) = engine.on_update(&c).await.unwrap() else {
-        panic!("b and c meet min_clients and a is accounted for")
+    let UpdateOutcome::HandedOver { .. } = engine.on_update(&c).await.unwrap() else {
+        panic!("b and c meet min_clients and a is accounted for");
     };
+    let result = engine
+        .close_round(&c.job_id, c.round, ClosedBy::Stream)
+        .await
+        .unwrap();
     assert_eq!(result.accepted, vec!["b", "c"]);
     assert!(result.rejected["a"].starts_with("job_round:"));
     assert_eq!(fed.callback.succeeded("t1").len(), 1);

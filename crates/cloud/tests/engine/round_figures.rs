@@ -49,9 +49,13 @@ weighting = "examples"
     let c = fed.submit(&job, 1, "c", &[3.0], 10, &[]).await;
     engine.on_update(&a).await.unwrap();
     engine.on_update(&b).await.unwrap();
-    let UpdateOutcome::Aggregated(result) = engine.on_update(&c).await.unwrap() else {
+    let UpdateOutcome::HandedOver { .. } = engine.on_update(&c).await.unwrap() else {
         panic!("c completes the round");
     };
+    let result = engine
+        .close_round(&c.job_id, c.round, ClosedBy::Stream)
+        .await
+        .unwrap();
     // A replay on another engine closes nothing and reports nothing.
     bystander.on_update(&c).await.unwrap();
 

@@ -3,7 +3,7 @@
 
 use fedstep_cloud::local::CallbackCall;
 use fedstep_cloud::ports::Ledger;
-use fedstep_cloud::records::Notification;
+use fedstep_cloud::records::{ClosedBy, Notification};
 use fedstep_cloud::{Job, JobSpec, UpdateOutcome};
 use fedstep_test_support::federation::*;
 
@@ -37,7 +37,10 @@ async fn one_round(
         .await;
     engine.on_update(&a).await.unwrap();
     match engine.on_update(&b).await.unwrap() {
-        UpdateOutcome::Aggregated(r) => r,
+        UpdateOutcome::HandedOver { .. } => engine
+            .close_round(&job.job_id, round, ClosedBy::Stream)
+            .await
+            .unwrap(),
         other => panic!("{other:?}"),
     }
 }
@@ -94,7 +97,10 @@ async fn one_outlier_cannot_trigger_the_stop_rule_but_the_majority_does() {
                 last = Some(engine.on_update(&row).await.unwrap());
             }
             match last {
-                Some(UpdateOutcome::Aggregated(result)) => result,
+                Some(UpdateOutcome::HandedOver { .. }) => engine
+                    .close_round(&job.job_id, r, ClosedBy::Stream)
+                    .await
+                    .unwrap(),
                 other => panic!("{other:?}"),
             }
         }

@@ -1,5 +1,5 @@
-//! A crashed aggregator holds a claim; once its lease expires the next
-//! engine to see the round takes over and finishes it.
+//! A crashed CloseRound holds a claim; once its lease expires the retried
+//! task (or the deadline's) takes over and finishes it.
 
 use fedstep_cloud::ports::{Clock, Ledger};
 use fedstep_cloud::records::{ClosedBy, RoundStatus};
@@ -32,29 +32,32 @@ async fn crashed_round(
 }
 
 #[tokio::test]
-async fn the_stream_retry_takes_over_after_the_lease() {
+async fn a_retried_close_round_takes_over_after_the_lease() {
     let fed = Fed::new();
     let job = job("crash", 2, &["a", "b", "c"], 2);
     let c = crashed_round(&fed, &job).await;
     let engine = fed.engine("survivor");
 
-    // The stream retries the batch while the lease is live: nothing to do.
+    // The stream redelivers c: counted already, and the stream path never
+    // aggregates, so nothing happens.
     assert!(matches!(
         engine.on_update(&c).await.unwrap(),
         UpdateOutcome::Late(r) if r.starts_with("replay")
     ));
     assert!(fed.callback.calls().is_empty());
 
+    // Step Functions retries CloseRound; once the lease ran out it takes over.
     fed.clock.advance(LEASE + 1);
-    let UpdateOutcome::Aggregated(result) = engine.on_update(&c).await.unwrap() else {
-        panic!("the lease expired: take over")
-    };
+    let result = engine
+        .close_round(&c.job_id, c.round, ClosedBy::Stream)
+        .await
+        .unwrap();
     assert_eq!(result.accepted, vec!["a", "b", "c"]);
+    assert_eq!(result.closed_by, ClosedBy::Stream);
     assert_close_f32(&fed.global(&job, 2).await, &[2.0]);
     let row = fed.ledger.get_round("crash", 1).await.unwrap().unwrap();
     assert_eq!(row.status, RoundStatus::Closed);
     assert_eq!(row.lease_owner.as_deref(), Some("survivor"));
-    assert_eq!(fed.callback.succeeded("t1").len(), 1);
     // The dead aggregator waking up cannot close the round any more.
     assert!(!fed
         .ledger
@@ -71,7 +74,7 @@ async fn the_deadline_path_takes_over_after_the_lease() {
     fed.clock.advance(LEASE + 1);
     let result = fed
         .engine("closer")
-        .close_round("crash-deadline", 1)
+        .close_round("crash-deadline", 1, ClosedBy::Deadline)
         .await
         .unwrap();
     assert_eq!(result.closed_by, ClosedBy::Deadline);
@@ -88,6 +91,10 @@ async fn a_failed_attempt_gives_up_its_lease_and_the_retry_finishes() {
     let a = fed.submit(&job, 1, "a", &[2.0], 1, &[]).await;
     let b = fed.submit(&job, 1, "b", &[4.0], 1, &[]).await;
     engine.on_update(&a).await.unwrap();
+    assert!(matches!(
+        engine.on_update(&b).await.unwrap(),
+        UpdateOutcome::HandedOver { .. }
+    ));
     // The store loses the global model: the attempt fails mid-way.
     let global = fed
         .store
@@ -95,7 +102,10 @@ async fn a_failed_attempt_gives_up_its_lease_and_the_retry_finishes() {
         .unwrap();
     let saved = std::fs::read(&global).unwrap();
     std::fs::remove_file(&global).unwrap();
-    assert!(engine.on_update(&b).await.is_err());
+    assert!(engine
+        .close_round("flaky", 1, ClosedBy::Stream)
+        .await
+        .is_err());
     let row = fed.ledger.get_round("flaky", 1).await.unwrap().unwrap();
     assert_eq!(row.status, RoundStatus::Aggregating);
     assert!(
@@ -103,12 +113,14 @@ async fn a_failed_attempt_gives_up_its_lease_and_the_retry_finishes() {
         "lease released"
     );
 
-    // The stream retries the record once the store is back: no waiting.
+    // The state machine retries CloseRound once the store is back: no
+    // waiting for the lease.
     std::fs::write(&global, saved).unwrap();
-    assert!(matches!(
-        engine.on_update(&b).await.unwrap(),
-        UpdateOutcome::Aggregated(_)
-    ));
+    let result = engine
+        .close_round("flaky", 1, ClosedBy::Stream)
+        .await
+        .unwrap();
+    assert_eq!(result.accepted, vec!["a", "b"]);
     assert_close_f32(&fed.global(&job, 2).await, &[3.0]);
     assert_eq!(fed.callback.succeeded("t1").len(), 1);
 }

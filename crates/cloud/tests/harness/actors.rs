@@ -131,6 +131,7 @@ impl<B: Backend> Sim<B> {
                     record: row.clone(),
                     copies,
                     ok_once: false,
+                    failed_once: false,
                 });
             }
             (PutUpdate::AlreadyThere, a) if a > 0 => {}
@@ -200,9 +201,9 @@ impl<B: Backend> Sim<B> {
             .task_token
             .as_ref()
             .map_or(0, |t| self.callback.succeeded(t).len());
-        if before.status == RoundStatus::Closed && delivered_after > delivered_before {
+        if pending[i].failed_once && delivered_after > delivered_before {
             self.note(format!(
-                "deliver {client}: the stored result was re-sent and delivered"
+                "deliver {client}: a replay handed the round over (the first hand-over was lost)"
             ));
             self.tally.resent_callbacks += 1;
         }
@@ -231,7 +232,7 @@ impl<B: Backend> Sim<B> {
                         self.tally.late_records += 1;
                     }
                 }
-                Ok(UpdateOutcome::Recorded { .. }) | Ok(UpdateOutcome::Aggregated(_)) => {}
+                Ok(UpdateOutcome::Recorded { .. }) | Ok(UpdateOutcome::HandedOver { .. }) => {}
             }
         }
         if before.status == RoundStatus::Open {
@@ -243,6 +244,7 @@ impl<B: Backend> Sim<B> {
                 .counted_while_open = true;
         }
         if failed {
+            pending[i].failed_once = true;
             self.tally.failed_deliveries += 1;
             // Lambda retries the batch item later; sometimes after the
             // crashed aggregator's lease ran out.
@@ -260,8 +262,7 @@ impl<B: Backend> Sim<B> {
     }
 
     /// The StartRound task timed out: its token expires and CloseRound
-    /// runs (retried on errors, as the state machine's Retry does),
-    /// sometimes on two engines at once.
+    /// runs for the deadline.
     pub(super) async fn deadline_close(
         &mut self,
         round: u32,
@@ -271,6 +272,16 @@ impl<B: Backend> Sim<B> {
         self.tally.deadline_closes += 1;
         self.clock.set(self.clock.now().max(deadline + 1));
         self.callback.expire(token);
+        self.close(round, ClosedBy::Deadline).await
+    }
+
+    /// CloseRound, retried on errors as the state machine's Retry does,
+    /// sometimes on two engines at once.
+    pub(super) async fn close(
+        &mut self,
+        round: u32,
+        closed_by: ClosedBy,
+    ) -> Result<RoundResult, String> {
         let job_id = self.job.job_id.clone();
         for attempt in 0..6 {
             let a = self.rng.random_range(0..self.engines.len());
@@ -291,8 +302,8 @@ impl<B: Backend> Sim<B> {
                 let b = (a + 1) % self.engines.len();
                 let closes = async {
                     let (x, y) = tokio::join!(
-                        self.engines[a].close_round(&job_id, round),
-                        self.engines[b].close_round(&job_id, round)
+                        self.engines[a].close_round(&job_id, round, closed_by),
+                        self.engines[b].close_round(&job_id, round, closed_by)
                     );
                     done.store(true, Ordering::SeqCst);
                     vec![x, y]
@@ -300,7 +311,7 @@ impl<B: Backend> Sim<B> {
                 tokio::join!(closes, ticker).0
             } else {
                 let close = async {
-                    let x = self.engines[a].close_round(&job_id, round).await;
+                    let x = self.engines[a].close_round(&job_id, round, closed_by).await;
                     done.store(true, Ordering::SeqCst);
                     vec![x]
                 };

@@ -33,7 +33,9 @@ use std::time::Duration;
 
 use fedstep_cloud::local::{CallbackCall, ManualClock, RecordingCallback};
 use fedstep_cloud::ports::{ClientQueue, Clock, Ledger, ObjectStore, PutUpdate};
-use fedstep_cloud::records::{Notification, RoundResult, RoundStatus, UpdateRecord, SCHEMA};
+use fedstep_cloud::records::{
+    ClosedBy, HandOver, Notification, RoundResult, RoundStatus, UpdateRecord, SCHEMA,
+};
 use fedstep_cloud::{keys, EngineConfig, Job, JobSpec, RoundEngine, UpdateOutcome};
 use fedstep_core::Limits;
 use rand::{Rng, SeedableRng};
@@ -127,6 +129,8 @@ struct Pending {
     copies: u32,
     /// Delivered at least once without an error.
     ok_once: bool,
+    /// A delivery of it failed (the stream retries it).
+    failed_once: bool,
 }
 
 /// What one client did in the round.
@@ -150,8 +154,8 @@ pub struct Tally {
     pub failed_deliveries: usize,
     pub client_crashes: usize,
     pub late_records: usize,
-    /// Replays after a CLOSED round whose re-sent result was the one
-    /// delivered (the closer's callback had been lost).
+    /// Redeliveries of a row whose earlier delivery failed and which now
+    /// delivered the hand-over (the first one had been lost).
     pub resent_callbacks: usize,
     pub rejected: usize,
     pub deadline_closes: usize,

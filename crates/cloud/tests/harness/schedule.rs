@@ -157,12 +157,19 @@ impl<B: Backend> Sim<B> {
                 .await?;
         }
 
-        // What the state machine gets: the callback, or CloseRound after
-        // the StartRound task timed out.
+        // What the state machine does next: CloseRound after the hand-over,
+        // or after the StartRound task timed out.
         let delivered = self.callback.succeeded(&token);
         let sm_result: RoundResult = if let [output] = delivered.as_slice() {
-            serde_json::from_value(output.clone())
-                .map_err(|e| format!("round {round}: callback output: {e}"))?
+            let hand_over: HandOver = serde_json::from_value(output.clone())
+                .map_err(|e| format!("round {round}: hand-over: {e}"))?;
+            ensure!(
+                hand_over.closed_by == ClosedBy::Stream
+                    && hand_over.round == round
+                    && hand_over.job_id == job_id,
+                "round {round}: the hand-over is {hand_over:?}"
+            );
+            self.close(round, ClosedBy::Stream).await?
         } else {
             ensure!(
                 delivered.is_empty(),

@@ -117,7 +117,7 @@ async fn the_bootstrap_serves_aws_shaped_tasks_and_stream_batches() {
     let answer = lambda.invoke(&tokenless);
     expect_error(&answer, "InvalidTaskInput", "Task.Token", &lambda);
 
-    // --- Stream batch 1: every record kind; the last update closes round 1. ---
+    // --- Stream batch 1: every record kind; the last update hands round 1 over.
     let row_a = client_update(&store, &ledger, &job_a, "site-a", dir.path()).await;
     let broken_key = [
         ("client_id", AttributeValue::S("zz-broken".into())),
@@ -184,15 +184,40 @@ async fn the_bootstrap_serves_aws_shaped_tasks_and_stream_batches() {
     }
     let answer = lambda.invoke(&json!({ "Records": records }));
     expect_no_failures(&answer, &lambda);
+    // The stream invocation counted and handed over; it read no model.
     let round = ledger.get_round(&job_a.job_id, 1).await.unwrap().unwrap();
-    assert_eq!(round.status, RoundStatus::Closed, "{}", lambda.logs());
+    assert_eq!(round.status, RoundStatus::Open, "{}", lambda.logs());
     assert_eq!(round.received, set(&["site-a", "site-b"]));
     assert!(round.rejections.is_empty(), "{:?}", round.rejections);
     let next = keys::global_model(&job_a.job_id, 2);
-    assert!(store.head(&next).await.unwrap().is_some(), "no {next}");
+    assert!(store.head(&next).await.unwrap().is_none(), "{next} already");
 
-    // The aggregation's SendTaskSuccess moved the execution on to Finalize,
-    // whose event on AWS is the direct-invoke Parameters: the activity input.
+    // The hand-over (SendTaskSuccess) moved the execution on to CloseRound,
+    // whose event on AWS is the direct-invoke Parameters: the activity input,
+    // with `closed_by` from the hand-over.
+    let (token, close) = activity_task(
+        &env.sfn,
+        str_at(&env.deploy, "/activities/close_round"),
+        &job_a.job_id,
+    )
+    .await;
+    assert_eq!(close["action"], "close_round", "{close}");
+    assert_eq!(close["closed_by"], "stream", "{close}");
+    let answer = lambda.invoke(&close);
+    assert_eq!(answer.status, 200, "{answer:?}\n{}", lambda.logs());
+    assert_eq!(answer.body["closed_by"], "stream", "{answer:?}");
+    let round = ledger.get_round(&job_a.job_id, 1).await.unwrap().unwrap();
+    assert_eq!(round.status, RoundStatus::Closed, "{}", lambda.logs());
+    assert!(store.head(&next).await.unwrap().is_some(), "no {next}");
+    env.sfn
+        .send_task_success()
+        .task_token(token)
+        .output(answer.body.to_string())
+        .send()
+        .await
+        .unwrap();
+
+    // Then Finalize, likewise.
     let (token, finalize) = activity_task(
         &env.sfn,
         str_at(&env.deploy, "/activities/finalize"),
@@ -264,7 +289,7 @@ async fn the_bootstrap_serves_aws_shaped_tasks_and_stream_batches() {
 
     // --- CloseRound (the deadline path): the direct-invoke Parameters. -------
     let answer = lambda.invoke(&json!({
-        "action": "close_round", "job_id": job_c.job_id, "round": 1,
+        "action": "close_round", "job_id": job_c.job_id, "round": 1, "closed_by": "deadline",
         "context": context(&job_c, "CloseRound", None),
     }));
     assert_eq!(answer.status, 200, "{answer:?}\n{}", lambda.logs());
@@ -281,7 +306,7 @@ async fn the_bootstrap_serves_aws_shaped_tasks_and_stream_batches() {
     let job_e = job(&unique("rt-e"), &["e1"], 1);
     start_round(&mut lambda, &store, &job_e, dir.path()).await;
     let answer = lambda.invoke(&json!({
-        "action": "close_round", "job_id": job_e.job_id, "round": 1,
+        "action": "close_round", "job_id": job_e.job_id, "round": 1, "closed_by": "deadline",
         "context": context(&job_e, "CloseRound", None),
     }));
     expect_error(&answer, "QuorumNotMet", "quorum not met", &lambda);

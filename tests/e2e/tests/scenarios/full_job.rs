@@ -213,7 +213,8 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
         );
     }
 
-    // Every StartRound was answered exactly once, by the stream path.
+    // Every StartRound was handed over exactly once by the stream path,
+    // and every round aggregated by one CloseRound, never by the deadline.
     let events = execution::events_by_state(&d.sfn, &arn).await;
     assert_eq!(
         execution::count(&events, "StartRound", "ActivitySucceeded"),
@@ -221,7 +222,17 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
         "{events:?}"
     );
     assert_eq!(
-        execution::count(&events, "CloseRound", "ActivityScheduled"),
+        execution::count(&events, "StartRound", "ActivityTimedOut"),
+        0,
+        "{events:?}"
+    );
+    assert_eq!(
+        execution::count(&events, "CloseRound", "ActivitySucceeded"),
+        3,
+        "{events:?}"
+    );
+    assert_eq!(
+        execution::count(&events, "DeadlinePassed", "PassStateEntered"),
         0,
         "{events:?}"
     );
