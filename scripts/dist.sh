@@ -21,7 +21,7 @@
 # aggregator.ts: same tools, target x86_64-unknown-linux-gnu.2.17, release
 # profile, CARGO_PROFILE_RELEASE_STRIP, target directory
 # ${CARGO_TARGET_DIR:-<repo>/target}/lambda). Cargo then reuses that build's
-# compiled dependencies (the AWS SDK, tokio, aws-lc, ...) and compiles only
+# compiled dependencies (the AWS SDK, tokio, ring, ...) and compiles only
 # what the client and CLI add (candle, the workspace crates): scripts/test.sh
 # runs this right after infra/test.sh's Lambda build. cargo-lambda's output
 # has no symbol table already; `strip` afterwards makes sure rather than
@@ -47,7 +47,7 @@ set -euo pipefail
 
 # The oldest glibc the binaries run on. Equal to LAMBDA_GLIBC in
 # infra/lib/aggregator.ts: the zig target is part of the C compiler settings
-# (aws-lc-sys), so a different one would rebuild the AWS SDK stack.
+# (ring, through the cc crate), so a different one would rebuild the AWS SDK stack.
 GLIBC_DIST=2.17
 TRIPLE=x86_64-unknown-linux-gnu
 BINS=(fedstep-client fedstep)

@@ -22,9 +22,10 @@ export const LAMBDA_BINARY = 'fedstep-lambda';
  * glibc 2.34, so any value up to that runs; 2.17 is what scripts/dist.sh
  * builds the downloadable client and CLI for (GLIBC_DIST there). Without a
  * suffix zig picks its own, newer default, and a different zig target means
- * different C compiler settings for aws-lc-sys, so dist.sh right after this
- * build (as in scripts/test.sh) would recompile the whole AWS SDK stack
- * instead of reusing it. Keep the two equal.
+ * different C compiler settings for ring (C and assembly through the cc
+ * crate), so dist.sh right after this build (as in scripts/test.sh) would
+ * recompile the whole AWS SDK stack instead of reusing it. Keep the two
+ * equal.
  */
 export const LAMBDA_GLIBC = '2.17';
 

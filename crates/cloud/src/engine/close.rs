@@ -78,10 +78,7 @@ where
                     self.ledger.fail_round(job_id, round, &failure).await?;
                     return Err(failure.into());
                 }
-                match self
-                    .aggregate_claimed(&job, &claimed, closed_by)
-                    .await?
-                {
+                match self.aggregate_claimed(&job, &claimed, closed_by).await? {
                     Closing::Closed(result) => return Ok(result),
                     Closing::Failed(failure) => return Err(failure.into()),
                     // Whoever took over will close it: look again.

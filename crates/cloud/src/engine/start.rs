@@ -87,8 +87,7 @@ where
                     round_config: job.round_config.clone(),
                 });
                 self.notifier.publish(&message).await?;
-                if matches!(opened, OpenRound::TokenReplaced) && hand_over::ready(&row).is_some()
-                {
+                if matches!(opened, OpenRound::TokenReplaced) && hand_over::ready(&row).is_some() {
                     self.hand_over(&row, task_token, ClosedBy::Stream).await?;
                 }
                 Ok(row)
@@ -96,7 +95,10 @@ where
             OpenRound::AlreadyPast(row) => {
                 match row.status {
                     RoundStatus::Aggregating | RoundStatus::Closed => {
-                        let closed_by = row.result.as_ref().map_or(ClosedBy::Stream, |r| r.closed_by);
+                        let closed_by = row
+                            .result
+                            .as_ref()
+                            .map_or(ClosedBy::Stream, |r| r.closed_by);
                         self.hand_over(&row, task_token, closed_by).await?;
                     }
                     RoundStatus::Failed => {

@@ -95,7 +95,10 @@ async fn rows_for_a_closed_or_failed_round_are_recorded_late() {
         engine.on_update(&r).await.unwrap();
     }
     fed.clock.advance(601);
-    engine.close_round("past", 1, ClosedBy::Deadline).await.unwrap();
+    engine
+        .close_round("past", 1, ClosedBy::Deadline)
+        .await
+        .unwrap();
     let c = fed.submit(&job, 1, "c", &[100.0], 1, &[]).await;
     let UpdateOutcome::Late(reason) = engine.on_update(&c).await.unwrap() else {
         panic!("late")
@@ -110,7 +113,10 @@ async fn rows_for_a_closed_or_failed_round_are_recorded_late() {
     let a = fed.submit(&job, 2, "a", &[1.0], 1, &[]).await;
     engine.on_update(&a).await.unwrap();
     fed.clock.advance(601);
-    let err = engine.close_round("past", 2, ClosedBy::Deadline).await.unwrap_err();
+    let err = engine
+        .close_round("past", 2, ClosedBy::Deadline)
+        .await
+        .unwrap_err();
     assert!(matches!(err, CloudError::QuorumNotMet(_)), "{err}");
     let b = fed.submit(&job, 2, "b", &[1.0], 1, &[]).await;
     let UpdateOutcome::Late(reason) = engine.on_update(&b).await.unwrap() else {

@@ -74,7 +74,10 @@ async fn a_replayed_row_hands_the_round_over_without_waiting_for_the_deadline() 
     );
     let row = fed.ledger.get_round("lost", 1).await.unwrap().unwrap();
     assert_eq!(row.status, RoundStatus::Open, "nothing was written");
-    assert!(fed.callback.calls().is_empty(), "nothing reached Step Functions");
+    assert!(
+        fed.callback.calls().is_empty(),
+        "nothing reached Step Functions"
+    );
 
     // The stream retries the batch at once, the deadline far away.
     let engine = fed.engine("retry");
@@ -110,7 +113,10 @@ async fn a_replayed_row_hands_the_round_over_without_waiting_for_the_deadline() 
     ));
     assert_eq!(fed.callback.succeeded("t1").len(), 1);
     // CloseRound aggregates all three.
-    let result = engine.close_round("lost", 1, ClosedBy::Stream).await.unwrap();
+    let result = engine
+        .close_round("lost", 1, ClosedBy::Stream)
+        .await
+        .unwrap();
     assert_eq!(result.accepted, vec!["a", "b", "c"]);
     let row = fed.ledger.get_round("lost", 1).await.unwrap().unwrap();
     assert_eq!(row.result.as_ref(), Some(&result));
@@ -132,18 +138,31 @@ async fn a_retried_start_round_hands_a_complete_round_over() {
         engine.on_update(&row).await.unwrap();
     }
     assert_eq!(fed.callback.succeeded("t1").len(), 1);
-    let row = fed.engine("starter").start_round(&job, 1, "t2").await.unwrap();
+    let row = fed
+        .engine("starter")
+        .start_round(&job, 1, "t2")
+        .await
+        .unwrap();
     assert_eq!(row.task_token.as_deref(), Some("t2"));
     let delivered = fed.callback.succeeded("t2");
     assert_eq!(delivered.len(), 1, "{:?}", fed.callback.calls());
     assert_eq!(delivered[0]["closed_by"], "stream");
     // Once CLOSED, a retried StartRound hands over too: CloseRound then
     // returns the stored result.
-    let result = engine.close_round("retried", 1, ClosedBy::Stream).await.unwrap();
-    fed.engine("late-starter").start_round(&job, 1, "t3").await.unwrap();
+    let result = engine
+        .close_round("retried", 1, ClosedBy::Stream)
+        .await
+        .unwrap();
+    fed.engine("late-starter")
+        .start_round(&job, 1, "t3")
+        .await
+        .unwrap();
     assert_eq!(fed.callback.succeeded("t3").len(), 1);
     assert_eq!(
-        engine.close_round("retried", 1, ClosedBy::Stream).await.unwrap(),
+        engine
+            .close_round("retried", 1, ClosedBy::Stream)
+            .await
+            .unwrap(),
         result
     );
 }

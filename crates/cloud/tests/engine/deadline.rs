@@ -23,7 +23,10 @@ async fn two_of_three_with_min_two_closes() {
     }
     fed.clock.advance(601);
     fed.callback.expire("t1"); // StartRound timed out
-    let result = engine.close_round("quorum-ok", 1, ClosedBy::Deadline).await.unwrap();
+    let result = engine
+        .close_round("quorum-ok", 1, ClosedBy::Deadline)
+        .await
+        .unwrap();
     assert_eq!(result.closed_by, ClosedBy::Deadline);
     assert_eq!(result.accepted, vec!["a", "b"]);
     assert!(result.continue_training);
@@ -33,7 +36,13 @@ async fn two_of_three_with_min_two_closes() {
         "the deadline path returns, it does not call back"
     );
     // Retried CloseRound: the stored result.
-    assert_eq!(engine.close_round("quorum-ok", 1, ClosedBy::Deadline).await.unwrap(), result);
+    assert_eq!(
+        engine
+            .close_round("quorum-ok", 1, ClosedBy::Deadline)
+            .await
+            .unwrap(),
+        result
+    );
 
     // The straggler arrives after the round closed: late, and recorded.
     let c = fed.submit(&job, 1, "c", &[9.0, 9.0], 1, &[]).await;
@@ -57,7 +66,10 @@ async fn two_of_three_with_min_three_fails() {
         let row = fed.submit(&job, 1, client, &[1.0], 1, &[]).await;
         engine.on_update(&row).await.unwrap();
     }
-    let err = engine.close_round("quorum-no", 1, ClosedBy::Deadline).await.unwrap_err();
+    let err = engine
+        .close_round("quorum-no", 1, ClosedBy::Deadline)
+        .await
+        .unwrap_err();
     let CloudError::QuorumNotMet(cause) = &err else {
         panic!("expected QuorumNotMet, got {err}")
     };

@@ -50,7 +50,10 @@ async fn the_same_row_twice_aggregates_once() {
     assert_eq!(output["closed_by"], "stream");
     assert_eq!(output["round"], 1);
 
-    let result = engine.close_round("dup", 1, ClosedBy::Stream).await.unwrap();
+    let result = engine
+        .close_round("dup", 1, ClosedBy::Stream)
+        .await
+        .unwrap();
     assert_eq!(result.closed_by, ClosedBy::Stream);
     // The stream redelivers the last row after the round closed.
     let UpdateOutcome::Late(reason) = engine.on_update(&c).await.unwrap() else {

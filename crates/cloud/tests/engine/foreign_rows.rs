@@ -82,7 +82,10 @@ async fn a_client_of_another_job_cannot_write_into_a_round_item() {
     fed.upload_initial(&failed, &[0.0]).await;
     engine.start_round(&failed, 1, "t-failed").await.unwrap();
     fed.clock.advance(601);
-    engine.close_round("failed", 1, ClosedBy::Deadline).await.unwrap_err();
+    engine
+        .close_round("failed", 1, ClosedBy::Deadline)
+        .await
+        .unwrap_err();
     let before = round_item(&fed, "failed").await;
     assert_eq!(before.status, RoundStatus::Failed);
     let reason = rejected(engine.on_update(&naming(&a, "failed")).await.unwrap());

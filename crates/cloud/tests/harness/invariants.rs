@@ -41,8 +41,9 @@ impl<B: Backend> Sim<B> {
                         ..
                     } => {
                         delivered += 1;
-                        let hand_over: HandOver = serde_json::from_value(output)
-                            .map_err(|e| format!("round {round}: the callback is no hand-over: {e}"))?;
+                        let hand_over: HandOver = serde_json::from_value(output).map_err(|e| {
+                            format!("round {round}: the callback is no hand-over: {e}")
+                        })?;
                         ensure!(
                             hand_over.closed_by == ClosedBy::Stream
                                 && stored.closed_by == ClosedBy::Stream,
