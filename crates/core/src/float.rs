@@ -236,6 +236,19 @@ pub fn axpy_from<A: Acc>(dtype: Dtype, coef: A, bytes: &[u8], out: &mut [A]) {
     zip_decoded(dtype, bytes, out, |o, x| *o += coef * x);
 }
 
+/// `out[j] = 0 + coef · x[j]`: [`axpy_from`] onto zeros without zeroing
+/// first. The `0 +` is kept on purpose: it turns a product of −0 into +0,
+/// exactly as adding to a zeroed accumulator did.
+pub fn scale_from<A: Acc>(dtype: Dtype, coef: A, bytes: &[u8], out: &mut [A]) {
+    zip_decoded(dtype, bytes, out, |o, x| *o = A::default() + coef * x);
+}
+
+/// Whether every value is finite. No early exit, so that the check
+/// vectorizes; callers look for the position only when this says no.
+pub fn all_finite<A: Acc>(values: &[A]) -> bool {
+    values.iter().fold(true, |ok, v| ok & v.is_finite())
+}
+
 /// Encodes `values` into `out` (which holds exactly `values.len()` elements).
 pub fn encode_from<A: Acc>(dtype: Dtype, values: &[A], out: &mut [u8]) {
     match dtype {
@@ -282,6 +295,41 @@ fn encode_steps<A: Acc, const W: usize>(
 /// or NaN, including a value that was finite in the accumulator and
 /// overflowed the tensor's narrower dtype when encoded (above 65504 in F16).
 pub fn first_non_finite(dtype: Dtype, raw: &[u8]) -> Option<usize> {
+    // Every output block goes through here, and is nearly always clean:
+    // screen runs of elements with a check that has no early exit (so that
+    // it vectorizes), and search for the position only in a run that fails.
+    const RUN: usize = 1024;
+    let eb = elem_bytes(dtype);
+    raw.chunks(RUN * eb).enumerate().find_map(|(r, run)| {
+        let clean = match dtype {
+            Dtype::F32 => all_of(run, |c| f32::from_le_bytes(c).is_finite()),
+            Dtype::F64 => all_of(run, |c| f64::from_le_bytes(c).is_finite()),
+            // An all-ones exponent is Inf or NaN in both half formats.
+            Dtype::F16 => all_of(run, |c| u16::from_le_bytes(c) & 0x7C00 != 0x7C00),
+            Dtype::BF16 => all_of(run, |c| u16::from_le_bytes(c) & 0x7F80 != 0x7F80),
+            other => unreachable!("first_non_finite called for non-float dtype {other:?}"),
+        };
+        (!clean).then(|| position_non_finite(dtype, run).map(|j| r * RUN + j))?
+    })
+}
+
+/// Whether `ok` holds for every `W`-byte element of `raw`, `STEP` elements
+/// at a time and without an early exit.
+#[inline(always)]
+fn all_of<const W: usize>(raw: &[u8], ok: impl Fn([u8; W]) -> bool) -> bool {
+    let mut steps = raw.chunks_exact(STEP * W);
+    let mut all = true;
+    for s in &mut steps {
+        for k in 0..STEP {
+            all &= ok(element(s, k));
+        }
+    }
+    let rest = steps.remainder();
+    (0..rest.len() / W).fold(all, |all, k| all & ok(element(rest, k)))
+}
+
+/// [`first_non_finite`] element by element.
+fn position_non_finite(dtype: Dtype, raw: &[u8]) -> Option<usize> {
     let all_ones = |mask: u16| {
         raw.chunks_exact(2)
             .position(|c| u16::from_le_bytes([c[0], c[1]]) & mask == mask)
@@ -293,7 +341,6 @@ pub fn first_non_finite(dtype: Dtype, raw: &[u8]) -> Option<usize> {
         Dtype::F64 => raw
             .chunks_exact(8)
             .position(|c| !f64::from_le_bytes(c.try_into().expect("8-byte chunk")).is_finite()),
-        // An all-ones exponent is Inf or NaN in both half formats.
         Dtype::F16 => all_ones(0x7C00),
         Dtype::BF16 => all_ones(0x7F80),
         other => unreachable!("first_non_finite called for non-float dtype {other:?}"),
@@ -367,6 +414,37 @@ mod tests {
         for (v, c) in wide.iter().zip(out.chunks_exact(2)) {
             let want = bf16::from_f32(*v as f32).to_bits();
             assert_eq!(u16::from_le_bytes([c[0], c[1]]), want);
+        }
+    }
+
+    /// The screened search finds what the element-by-element one finds, in
+    /// any run and at any position within it.
+    #[test]
+    fn screened_search_finds_the_first_non_finite() {
+        for dtype in [Dtype::F64, Dtype::F32, Dtype::F16, Dtype::BF16] {
+            for n in [0, 1, 7, 8, 9, 1023, 1024, 1025, 3000] {
+                let clean = encode_all_f64(dtype, &vec![0.5; n]);
+                assert_eq!(first_non_finite(dtype, &clean), None, "{dtype:?} {n}");
+                for at in [0, n / 3, n.saturating_sub(1)]
+                    .into_iter()
+                    .filter(|&a| a < n)
+                {
+                    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                        let mut v = vec![0.5; n];
+                        v[at] = bad;
+                        if at + 1 < n {
+                            v[n - 1] = bad;
+                        }
+                        let raw = encode_all_f64(dtype, &v);
+                        assert_eq!(
+                            first_non_finite(dtype, &raw),
+                            Some(at),
+                            "{dtype:?} {n} {at}"
+                        );
+                        assert_eq!(position_non_finite(dtype, &raw), Some(at));
+                    }
+                }
+            }
         }
     }
 
