@@ -7,7 +7,7 @@ use safetensors::Dtype;
 
 use super::{CombineBlock, CombineKernel, Combiner, RoundCombiner, Stage, StageInfo, StageTable};
 use crate::combine::CombineError;
-use crate::float::{all_finite, axpy_from, decode_into, elem_bytes, scale_from, Acc};
+use crate::float::{add_weighted_from, all_finite, decode_into, elem_bytes, Acc};
 use crate::statistics::{NonFinite, StatsError};
 
 const CHUNK: usize = 2048;
@@ -77,23 +77,16 @@ pub fn mean_block<A: Acc>(
         .filter_map(|(c, o)| {
             let lo = c * CHUNK;
             let m = o.len();
-            let span = lo * eb..(lo + m) * eb;
-            let mut terms = raws.iter().zip(coefs);
+            let xs: Vec<&[u8]> = raws.iter().map(|r| &r[lo * eb..(lo + m) * eb]).collect();
             match global {
                 Some((gc, g)) => {
                     for (oj, gj) in o.iter_mut().zip(&g[lo..lo + m]) {
                         *oj = gc * *gj;
                     }
+                    add_weighted_from(dtype, &xs, coefs, o, false);
                 }
-                // The first term sets the chunk (as if added to zeros), which
-                // spares a pass that zeroes it.
-                None => match terms.next() {
-                    Some((raw, &coef)) => scale_from(dtype, coef, &raw[span.clone()], o),
-                    None => o.fill(A::default()),
-                },
-            }
-            for (raw, &coef) in terms {
-                axpy_from(dtype, coef, &raw[span.clone()], o);
+                // Summed from zero in registers: no pass zeroes the chunk.
+                None => add_weighted_from(dtype, &xs, coefs, o, true),
             }
             if all_finite(o) {
                 None
