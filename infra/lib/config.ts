@@ -112,6 +112,11 @@ export interface FedstepSettings {
   readonly memoryMb: number;
   /** Lambda timeout in minutes (max 15). */
   readonly timeoutMinutes: number;
+  /**
+   * Memory in MB of the stream function (validates and counts `updates` rows,
+   * never reads a model). Its timeout is fixed (lib/aggregator.ts STREAM_TIMEOUT).
+   */
+  readonly streamMemoryMb: number;
   readonly rustLog: string;
   readonly logRetentionDays: number;
   /** RETAIN the bucket, tables and log bucket on stack deletion (default true). */
@@ -143,6 +148,11 @@ export const DEFAULTS = {
   architecture: 'x86_64' as LambdaArch,
   memoryMb: 3008,
   timeoutMinutes: 15,
+  /**
+   * A few DynamoDB calls per row and a 24 MiB bootstrap: 128 MB would do,
+   * 256 buys twice the CPU share for the TLS handshakes of a cold start.
+   */
+  streamMemoryMb: 256,
   rustLog: 'info',
   logRetentionDays: 90,
   retainData: true,
@@ -173,7 +183,7 @@ export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR)
   const fromCdkJson = asObject(ctx('fedstep'), 'context "fedstep"') ?? {};
   const fromFile = loadConfigFile(ctx('config'), baseDir) ?? {};
   const single: Raw = {};
-  for (const key of ['clients', 'clientBatches', 'arch', 'memoryMb', 'timeoutMinutes', 'rustLog', 'logRetentionDays', 'retainData',
+  for (const key of ['clients', 'clientBatches', 'arch', 'memoryMb', 'timeoutMinutes', 'streamMemoryMb', 'rustLog', 'logRetentionDays', 'retainData',
     'updateExpirationDays', 'noncurrentExpirationDays', 'lambdaManifest', 'lambdaAsset', 'asl', 'rolesAnywhere', 'alarmTopic']) {
     const v = ctx(key);
     if (v !== undefined) single[key] = v;
@@ -193,6 +203,7 @@ export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR)
   const architecture = parseArch(pick('arch') ?? pick('architecture') ?? DEFAULTS.architecture);
   const memoryMb = parseInteger(pick('memoryMb') ?? DEFAULTS.memoryMb, 'memoryMb', 128, 10240);
   const timeoutMinutes = parseInteger(pick('timeoutMinutes') ?? DEFAULTS.timeoutMinutes, 'timeoutMinutes', 1, 15);
+  const streamMemoryMb = parseInteger(pick('streamMemoryMb') ?? DEFAULTS.streamMemoryMb, 'streamMemoryMb', 128, 10240);
   const rustLog = parseString(pick('rustLog') ?? DEFAULTS.rustLog, 'rustLog');
   const logRetentionDays = parseInteger(pick('logRetentionDays') ?? DEFAULTS.logRetentionDays, 'logRetentionDays', 1, 3653);
   if (!LOG_RETENTION_DAYS.includes(logRetentionDays)) {
@@ -217,7 +228,7 @@ export function resolveSettings(ctx: ContextGetter, baseDir: string = INFRA_DIR)
   const rolesAnywhere = parseRolesAnywhere(pick('rolesAnywhere'), baseDir);
   checkClientCertificates(clients, rolesAnywhere);
   return {
-    clients, clientBatches, architecture, memoryMb, timeoutMinutes, rustLog, logRetentionDays, retainData,
+    clients, clientBatches, architecture, memoryMb, timeoutMinutes, streamMemoryMb, rustLog, logRetentionDays, retainData,
     updateExpirationDays, noncurrentExpirationDays, lambdaManifest, lambdaAsset, aslPath, rolesAnywhere, alarmTopic,
   };
 }

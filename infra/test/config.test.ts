@@ -17,6 +17,7 @@ describe('resolveSettings', () => {
     expect(s.architecture).toBe('x86_64');
     expect(s.memoryMb).toBe(3008);
     expect(s.timeoutMinutes).toBe(15);
+    expect(s.streamMemoryMb).toBe(256);
     expect(s.rustLog).toBe('info');
     expect(s.retainData).toBe(true);
     expect(s.lambdaAsset).toBeUndefined();
@@ -40,9 +41,12 @@ describe('resolveSettings', () => {
   });
 
   test('string context values are parsed (numbers, booleans, arch aliases)', () => {
-    const s = resolveSettings(ctx({ arch: 'x86-64', memoryMb: '10240', timeoutMinutes: '5', retainData: 'false', logRetentionDays: '30' }), base);
+    const s = resolveSettings(ctx({
+      arch: 'x86-64', memoryMb: '10240', timeoutMinutes: '5', streamMemoryMb: '128', retainData: 'false', logRetentionDays: '30',
+    }), base);
     expect(s.architecture).toBe('x86_64');
     expect(s.memoryMb).toBe(10240);
+    expect(s.streamMemoryMb).toBe(128);
     expect(s.timeoutMinutes).toBe(5);
     expect(s.retainData).toBe(false);
     expect(s.logRetentionDays).toBe(30);
@@ -67,6 +71,7 @@ describe('resolveSettings', () => {
     fs.writeFileSync(file, JSON.stringify({
       arch: 'x86_64',
       memoryMb: 4096,
+      streamMemoryMb: 512,
       clients: [
         'site-a',
         { id: 'site-c', trustedPrincipal: 'arn:aws:iam::210987654321:role/trainer', externalId: 'ext-c' },
@@ -75,6 +80,7 @@ describe('resolveSettings', () => {
     const s = resolveSettings(ctx({ config: 'custom.json', fedstep: { memoryMb: 2048, arch: 'arm64' }, memoryMb: '5120' }), base);
     expect(s.architecture).toBe('x86_64'); // file beats cdk.json
     expect(s.memoryMb).toBe(5120); // -c beats file
+    expect(s.streamMemoryMb).toBe(512); // from the file
     expect(s.clients.map((c) => c.id)).toEqual(['site-a', 'site-c']);
     expect(s.clients[1].trustedPrincipal).toBe('arn:aws:iam::210987654321:role/trainer');
   });
@@ -153,6 +159,9 @@ describe('resolveSettings', () => {
     [{ arch: 'mips' }, /arch must be/],
     [{ timeoutMinutes: 16 }, /timeoutMinutes/],
     [{ memoryMb: 64 }, /memoryMb/],
+    [{ streamMemoryMb: 64 }, /streamMemoryMb must be an integer in \[128, 10240\]/],
+    [{ streamMemoryMb: 10241 }, /streamMemoryMb/],
+    [{ streamMemoryMb: '256.5' }, /streamMemoryMb/],
     [{ logRetentionDays: 2 }, /logRetentionDays/],
     [{ retainData: 'maybe' }, /retainData/],
     [{ config: 'missing.json' }, /does not exist/],
