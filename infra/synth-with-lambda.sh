@@ -58,17 +58,22 @@ if ! "$root/scripts/deploy.sh" synth --quiet --no-notices --no-version-reporting
 fi
 echo "   cdk synth + Lambda build: $((SECONDS - start)) s"
 
-# The aggregator function's staged asset directory, from the template.
+# The staged asset directory of the two functions (the aggregator and the
+# stream function: one bootstrap, one code asset), from the template.
 # shellcheck disable=SC2016  # JavaScript in single quotes: its ${...} is a JS template literal
 asset="$(node -e '
   const t = require(process.argv[1]);
   const fns = Object.values(t.Resources).filter((r) => r.Type === "AWS::Lambda::Function" && r.Properties.Handler === "bootstrap");
-  if (fns.length !== 1) { console.error(`expected one bootstrap function, found ${fns.length}`); process.exit(1); }
-  const p = fns[0].Properties;
-  if (JSON.stringify(p.Architectures) !== JSON.stringify([process.argv[2]])) {
-    console.error(`function architectures ${JSON.stringify(p.Architectures)}, expected ${process.argv[2]}`); process.exit(1);
+  if (fns.length !== 2) { console.error(`expected two bootstrap functions (aggregator, stream), found ${fns.length}`); process.exit(1); }
+  for (const f of fns) {
+    const p = f.Properties;
+    if (JSON.stringify(p.Architectures) !== JSON.stringify([process.argv[2]])) {
+      console.error(`function architectures ${JSON.stringify(p.Architectures)}, expected ${process.argv[2]}`); process.exit(1);
+    }
   }
-  console.log(String(p.Code.S3Key).replace(/\.zip$/, ""));
+  const codes = new Set(fns.map((f) => JSON.stringify(f.Properties.Code)));
+  if (codes.size !== 1) { console.error(`the functions run different code: ${[...codes].join(", ")}`); process.exit(1); }
+  console.log(String(fns[0].Properties.Code.S3Key).replace(/\.zip$/, ""));
 ' "$out/cdk.out/Fedstep.template.json" "$arch")"
 bootstrap="$out/cdk.out/asset.$asset/bootstrap"
 

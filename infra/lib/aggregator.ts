@@ -4,6 +4,7 @@ import * as iam from 'aws-cdk-lib/aws-iam';
 import * as lambda from 'aws-cdk-lib/aws-lambda';
 import { SqsDlq } from 'aws-cdk-lib/aws-lambda-event-sources';
 import * as logs from 'aws-cdk-lib/aws-logs';
+import * as s3assets from 'aws-cdk-lib/aws-s3-assets';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { RustFunction } from 'cargo-lambda-cdk';
 import { NagSuppressions } from 'cdk-nag';
@@ -28,6 +29,18 @@ export const LAMBDA_BINARY = 'fedstep-lambda';
  * equal.
  */
 export const LAMBDA_GLIBC = '2.17';
+
+/**
+ * The stream function's timeout. A stream invocation validates and counts at
+ * most STREAM_SETTINGS.batchSize rows, each a handful of DynamoDB calls
+ * (GetItem of the job and of the round, one UpdateItem, rarely a second
+ * GetItem or UpdateItem) and at most one SendTaskSuccess, no S3 at all:
+ * milliseconds per row, seconds for a batch even when the SDK retries
+ * throttled calls with backoff. Two minutes leave a wide margin and still
+ * bound a stuck invocation (a hung connection), which holds its shard, far
+ * below the aggregator's 15.
+ */
+export const STREAM_TIMEOUT = Duration.minutes(2);
 
 /** Settings of the DynamoDB stream -> Lambda event source mapping. */
 export const STREAM_SETTINGS = {
@@ -64,6 +77,8 @@ export interface AggregatorProps {
   readonly architecture: LambdaArch;
   readonly memoryMb: number;
   readonly timeoutMinutes: number;
+  /** Memory of the stream function (its timeout is STREAM_TIMEOUT). */
+  readonly streamMemoryMb: number;
   readonly rustLog: string;
   readonly logRetentionDays: number;
   /** Cargo.toml of crates/lambda (used unless lambdaAsset is set). */
@@ -73,18 +88,42 @@ export interface AggregatorProps {
 }
 
 /**
- * The Rust Lambda (one bootstrap for start_round / record_update / close_round
- * / finalize, docs/design.md §3), its least-privilege role, and the `updates`
- * stream event source with a DLQ.
+ * The Rust Lambda as two functions from one bootstrap (crates/lambda: the
+ * event's shape picks the handler, docs/design.md §3), each with its own
+ * least-privilege role and log group, and the `updates` stream event source
+ * with a DLQ:
  *
- * The role is written out statement by statement instead of with CDK grant
+ * - `function`, the aggregator: the state machine's tasks (start_round,
+ *   close_round, which aggregates, finalize). The memory and timeout of the
+ *   settings; S3 under jobs/, the ledger, the topic, task callbacks.
+ * - `streamFunction`: the `updates` stream. It validates and counts each row
+ *   on the round's item and, once every expected client is in, answers
+ *   StartRound's task token with the hand-over. It never reads or writes S3
+ *   and never publishes, so it runs at a small memory (streamMemoryMb) with
+ *   a short timeout (STREAM_TIMEOUT), and its role has no S3, SNS or KMS
+ *   statement at all.
+ *
+ * Both run the same code asset: built (or copied from lambdaAsset) once for
+ * the aggregator, and the stream function points at that asset's S3 object.
+ *
+ * The stream DLQ and the event source mapping keep the construct ids they
+ * had when one function served both, so an existing deployment updates the
+ * mapping in place (its FunctionName: no replacement, the stream position is
+ * kept) and keeps the DLQ with any records parked in it.
+ *
+ * The roles are written out statement by statement instead of with CDK grant
  * helpers: several helpers add `Resource: "*"` (DynamoDB's ListStreams,
  * X-Ray) or wildcard actions (`s3:GetObject*`, `s3:List*`).
  */
 export class Aggregator extends Construct {
+  /** The aggregator: StartRound, CloseRound and Finalize. */
   readonly function: lambda.Function;
   readonly role: iam.Role;
   readonly logGroup: logs.LogGroup;
+  /** The `updates` stream's function (validate, count, hand over). */
+  readonly streamFunction: lambda.Function;
+  readonly streamRole: iam.Role;
+  readonly streamLogGroup: logs.LogGroup;
   readonly streamDlq: sqs.Queue;
   readonly streamMapping: lambda.EventSourceMapping;
 
@@ -121,41 +160,45 @@ export class Aggregator extends Construct {
       ['dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:UpdateItem', 'dynamodb:Query', 'dynamodb:ConditionCheckItem'],
       [ledger.rounds.tableArn, ledger.artifactsIndexArn]);
     allow('UpdatesTable', ['dynamodb:GetItem', 'dynamodb:BatchGetItem', 'dynamodb:Query'], [ledger.updates.tableArn]);
-    // What the event source mapping needs, on exactly this stream (the
-    // Table.grantStreamRead helper would add ListStreams on "*").
-    allow('UpdatesStream',
-      ['dynamodb:DescribeStream', 'dynamodb:GetRecords', 'dynamodb:GetShardIterator', 'dynamodb:ListStreams'],
-      [ledger.updates.tableStreamArn!]);
     allow('Publish', ['sns:Publish'], [messaging.topic.topicArn]);
     allow('TopicKey', ['kms:GenerateDataKey', 'kms:Decrypt'], [messaging.key.keyArn]);
     allow('TaskCallbacks', ['states:SendTaskSuccess', 'states:SendTaskFailure', 'states:SendTaskHeartbeat'], [props.stateMachineArn]);
 
     // One value for the function's timeout and the lease derived from it.
     const timeout = Duration.minutes(props.timeoutMinutes);
+    const architecture = props.architecture === 'arm64' ? lambda.Architecture.ARM_64 : lambda.Architecture.X86_64;
+    // Both functions get the same environment: the bootstrap builds its
+    // whole engine at start (crates/lambda/src/aws_engine.rs), and that
+    // requires FEDSTEP_BUCKET, the two tables and FEDSTEP_TOPIC_ARN even where
+    // the stream path never uses the bucket or the topic. Names only: access
+    // is what the roles grant.
+    const environment: Record<string, string> = {
+      FEDSTEP_BUCKET: store.bucket.bucketName,
+      FEDSTEP_ROUNDS_TABLE: ledger.rounds.tableName,
+      FEDSTEP_UPDATES_TABLE: ledger.updates.tableName,
+      // No FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN: training_complete goes to the
+      // same topic (lib/messaging.ts; crates/aws/src/sns.rs falls back to it).
+      FEDSTEP_TOPIC_ARN: messaging.topic.topicArn,
+      FEDSTEP_STATE_MACHINE_ARN: props.stateMachineArn,
+      // A crashed aggregation is taken over after the lease; a live one
+      // must never be: the lease outlives the function's timeout (see
+      // LEASE_MARGIN). Unset, the Lambda would assume 960 s: right for
+      // the 15-minute maximum, needlessly long for a shorter timeout (a
+      // crashed round would wait that long to be taken over).
+      // The stream function gets the same value: it never claims a round,
+      // and a lease must outlive the aggregator's timeout, not its own.
+      FEDSTEP_LEASE_SECONDS: String(leaseSeconds(timeout)),
+      RUST_LOG: props.rustLog,
+    };
     const common: lambda.FunctionOptions = {
-      description: 'fedstep round engine: start_round, record_update (stream), close_round, finalize',
-      architecture: props.architecture === 'arm64' ? lambda.Architecture.ARM_64 : lambda.Architecture.X86_64,
+      description: 'fedstep round engine: start_round, close_round (aggregation), finalize',
+      architecture,
       memorySize: props.memoryMb,
       timeout,
       role: this.role,
       logGroup: this.logGroup,
       loggingFormat: lambda.LoggingFormat.JSON,
-      environment: {
-        FEDSTEP_BUCKET: store.bucket.bucketName,
-        FEDSTEP_ROUNDS_TABLE: ledger.rounds.tableName,
-        FEDSTEP_UPDATES_TABLE: ledger.updates.tableName,
-        // No FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN: training_complete goes to the
-        // same topic (lib/messaging.ts; crates/aws/src/sns.rs falls back to it).
-        FEDSTEP_TOPIC_ARN: messaging.topic.topicArn,
-        FEDSTEP_STATE_MACHINE_ARN: props.stateMachineArn,
-        // A crashed aggregation is taken over after the lease; a live one
-        // must never be: the lease outlives the function's timeout (see
-        // LEASE_MARGIN). Unset, the Lambda would assume 960 s: right for
-        // the 15-minute maximum, needlessly long for a shorter timeout (a
-        // crashed round would wait that long to be taken over).
-        FEDSTEP_LEASE_SECONDS: String(leaseSeconds(timeout)),
-        RUST_LOG: props.rustLog,
-      },
+      environment,
     };
 
     if (props.lambdaAsset !== undefined) {
@@ -211,6 +254,51 @@ export class Aggregator extends Construct {
       });
     }
 
+    // The stream function: the aggregator's code asset (one build, one
+    // upload), its own role, log group, memory and timeout.
+    this.streamLogGroup = new logs.LogGroup(this, 'StreamLogs', {
+      retention: props.logRetentionDays as logs.RetentionDays,
+    });
+    this.streamRole = new iam.Role(this, 'StreamRole', {
+      assumedBy: new iam.ServicePrincipal('lambda.amazonaws.com'),
+      description: 'fedstep stream Lambda: validates and counts updates rows, hands complete rounds over',
+    });
+    const allowStream = (sid: string, actions: string[], resources: string[]): void => {
+      this.streamRole.addToPrincipalPolicy(new iam.PolicyStatement({ sid, actions, resources }));
+    };
+    allowStream('Logs', ['logs:CreateLogStream', 'logs:PutLogEvents'], [this.streamLogGroup.logGroupArn]);
+    // RoundEngine::on_update (crates/cloud/src/engine/update.rs) over
+    // DynamoLedger (crates/aws/src/dynamo.rs), all on the rounds table's
+    // items (never its index, never the updates table: the stream record
+    // carries the row): get_job and get_round are consistent GetItems;
+    // add_received (ADD to the received set, a GetItem after a lost
+    // condition) and record_rejection (SET rejections.<client>, or the
+    // whole map when it is missing) are conditional UpdateItems.
+    allowStream('RoundsItems', ['dynamodb:GetItem', 'dynamodb:UpdateItem'], [ledger.rounds.tableArn]);
+    // What the event source mapping needs, on exactly this stream (the
+    // Table.grantStreamRead helper would add ListStreams on "*").
+    allowStream('UpdatesStream',
+      ['dynamodb:DescribeStream', 'dynamodb:GetRecords', 'dynamodb:GetShardIterator', 'dynamodb:ListStreams'],
+      [ledger.updates.tableStreamArn!]);
+    // The hand-over (crates/cloud/src/engine/hand_over.rs) is the stream
+    // path's only Step Functions call: it never fails a task or sends
+    // heartbeats.
+    allowStream('HandOver', ['states:SendTaskSuccess'], [props.stateMachineArn]);
+
+    this.streamFunction = new lambda.Function(this, 'StreamFunction', {
+      description: 'fedstep updates stream: validates and counts rows, hands a complete round over (no aggregation)',
+      architecture,
+      memorySize: props.streamMemoryMb,
+      timeout: STREAM_TIMEOUT,
+      role: this.streamRole,
+      logGroup: this.streamLogGroup,
+      loggingFormat: lambda.LoggingFormat.JSON,
+      environment,
+      runtime: lambda.Runtime.PROVIDED_AL2023,
+      handler: 'bootstrap',
+      code: sharedCode(this.function),
+    });
+
     // Records that still fail after the bounded retries (or are too old) are
     // parked here; the round's deadline (StartRound's timeout, then
     // CloseRound) still closes the round.
@@ -226,7 +314,7 @@ export class Aggregator extends Construct {
     ]);
 
     this.streamMapping = new lambda.EventSourceMapping(this, 'UpdatesStream', {
-      target: this.function,
+      target: this.streamFunction,
       eventSourceArn: ledger.updates.tableStreamArn!,
       startingPosition: lambda.StartingPosition.TRIM_HORIZON,
       batchSize: STREAM_SETTINGS.batchSize,
@@ -238,7 +326,12 @@ export class Aggregator extends Construct {
       onFailure: new SqsDlq(this.streamDlq),
     });
     // The mapping validates its permissions on creation.
-    this.streamMapping.node.addDependency(this.role);
+    this.streamMapping.node.addDependency(this.streamRole);
+    // An update from the one-function layout moves the mapping to the stream
+    // function and takes the stream permissions from the aggregator's role:
+    // only after the mapping has moved, so it never polls with a role that
+    // may no longer read the stream.
+    this.role.node.findChild('DefaultPolicy').node.addDependency(this.streamMapping);
 
     // Justified, and narrowed to two patterns: model objects are addressed by
     // job and round ids chosen at run time (jobs/{job}/rounds/{r}/...), so the
@@ -251,4 +344,21 @@ export class Aggregator extends Construct {
       },
     ], true);
   }
+}
+
+/**
+ * Code for another function from the code asset `fn` was built with (one
+ * cargo-lambda build, one staged directory, one upload). RustFunction keeps
+ * no handle on its AssetCode, but lambda.Function binds it as an s3 Asset
+ * child named `Code` (so does Code.fromAsset for lambdaAsset); a function
+ * built from that asset's bucket and key runs the very same zip. Were the
+ * asset instead built twice, the CDK would stage and upload it once (same
+ * content, same hash), but cargo-lambda would still run twice.
+ */
+function sharedCode(fn: lambda.Function): lambda.Code {
+  const asset = fn.node.tryFindChild('Code');
+  if (!(asset instanceof s3assets.Asset)) {
+    throw new Error(`${fn.node.path}: no code asset child "Code" to share (cargo-lambda-cdk or aws-cdk-lib changed how a function binds its code)`);
+  }
+  return lambda.Code.fromBucket(asset.bucket, asset.s3ObjectKey);
 }

@@ -15,9 +15,10 @@ export interface FedstepStackProps extends StackProps {
 
 /**
  * The main stack of a fedstep deployment: model bucket, ledger tables, the
- * notification topic and the clients' shared DLQ, the Rust aggregator
- * Lambda and the training state machine, and with `rolesAnywhere` the
- * clients' Roles Anywhere trust anchor. The clients live in ClientsStacks
+ * notification topic and the clients' shared DLQ, the Rust Lambda (two
+ * functions from one bootstrap: the aggregator and the stream function) and
+ * the training state machine, and with `rolesAnywhere` the clients' Roles
+ * Anywhere trust anchor. The clients live in ClientsStacks
  * (lib/fedstep-app.ts). See infra/README.md.
  */
 export class FedstepStack extends Stack {
@@ -43,8 +44,8 @@ export class FedstepStack extends Stack {
     this.ledger = new Ledger(this, 'Ledger', { retainData: s.retainData });
     this.messaging = new Messaging(this, 'Messaging');
 
-    // The Lambda needs the state machine's ARN (environment + task callback
-    // permission) and the state machine needs the Lambda's ARN (definition +
+    // The Lambdas need the state machine's ARN (environment + task callback
+    // permission) and the state machine needs the aggregator's ARN (definition +
     // invoke permission). Naming the state machine up front breaks the cycle:
     // its ARN is known from the name alone.
     const stateMachineName = `${this.stackName}-federated-training`.slice(0, 80);
@@ -63,6 +64,7 @@ export class FedstepStack extends Stack {
       architecture: s.architecture,
       memoryMb: s.memoryMb,
       timeoutMinutes: s.timeoutMinutes,
+      streamMemoryMb: s.streamMemoryMb,
       rustLog: s.rustLog,
       logRetentionDays: s.logRetentionDays,
       lambdaManifest: s.lambdaManifest,
@@ -79,6 +81,7 @@ export class FedstepStack extends Stack {
     this.monitoring = new Monitoring(this, 'Monitoring', {
       stateMachine: this.workflow.stateMachine,
       function: this.aggregator.function,
+      streamFunction: this.aggregator.streamFunction,
       deadLetterQueues: { StreamDlq: this.aggregator.streamDlq, ClientDlq: this.messaging.clientDlq },
       alarmTopic: s.alarmTopic,
       dashboardName: this.stackName,
@@ -103,9 +106,10 @@ export class FedstepStack extends Stack {
       ['ClientDlqUrl', this.messaging.clientDlq.queueUrl, 'messages the clients failed to process (all client queues)'],
       ['StateMachineArn', this.workflow.stateMachine.stateMachineArn, 'Step Functions training state machine'],
       ['AggregatorFunctionName', this.aggregator.function.functionName, 'aggregator Lambda function'],
-      ['StreamDlqUrl', this.aggregator.streamDlq.queueUrl, 'stream records the Lambda gave up on'],
+      ['StreamFunctionName', this.aggregator.streamFunction.functionName, 'updates stream Lambda function (validates and counts rows)'],
+      ['StreamDlqUrl', this.aggregator.streamDlq.queueUrl, 'stream records the stream function gave up on'],
     ];
-    global.push(['DashboardName', this.monitoring.dashboard.dashboardName, 'CloudWatch dashboard of rounds, executions, the aggregator and the dead-letter queues']);
+    global.push(['DashboardName', this.monitoring.dashboard.dashboardName, 'CloudWatch dashboard of rounds, executions, both Lambda functions and the dead-letter queues']);
     if (this.monitoring.topic !== undefined) {
       global.push(['AlarmTopicArn', this.monitoring.topic.topicArn, 'SNS topic the alarms notify (subscribe a pager or e-mail)']);
     }

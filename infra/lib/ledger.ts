@@ -11,12 +11,12 @@ export interface LedgerProps {
 
 /**
  * The DynamoDB ledger (docs/design.md §2):
- * - `rounds`: written by the Lambda only. PK job_id (S), SK round (N); the
+ * - `rounds`: written by the Lambda functions only. PK job_id (S), SK round (N); the
  *   sparse GSI `artifacts_by_type` (artifact_llm_type / artifact_created_at)
  *   is the artifact registry, newest first with ScanIndexForward=false.
  * - `updates`: written by clients, one row per client and round. PK client_id
  *   (S), SK job_round (S) = `{job_id}#{round:06}`; its NEW_IMAGE stream drives
- *   the aggregator.
+ *   the stream function (Aggregator.streamFunction).
  *
  * Both on-demand, PITR on, encrypted with the AWS managed key
  * (alias/aws/dynamodb): visible in CloudTrail, and no key policy to manage.

@@ -20,12 +20,15 @@ export const ROUND_METRICS = {
   names: ['ClientsAccepted', 'ClientsRejected', 'AggregationSeconds', 'BytesRead', 'BytesWritten', 'OpenToCloseSeconds', 'StopMetric'],
 } as const;
 
-/** Stream records older than this mean the aggregator has fallen behind. */
+/** Stream records older than this mean the stream function has fallen behind. */
 export const MAX_ITERATOR_AGE = Duration.minutes(5);
 
 export interface MonitoringProps {
   readonly stateMachine: sfn.StateMachine;
+  /** The aggregator (the state machine's tasks). */
   readonly function: lambda.IFunction;
+  /** The `updates` stream's function: iterator age, errors and throttles of the stream processing. */
+  readonly streamFunction: lambda.IFunction;
   /** Every dead-letter queue of the deployment: a message in any is an alarm. */
   readonly deadLetterQueues: Record<string, sqs.IQueue>;
   /** Create an SNS topic the alarms notify (subscribe a pager or e-mail to it). */
@@ -35,10 +38,10 @@ export interface MonitoringProps {
 
 /**
  * A CloudWatch dashboard of the rounds (the aggregator's EMF metrics, one
- * line per job), the executions, the Lambda and the dead-letter queues; and
- * alarms on what needs a person: a failed, timed-out or aborted execution,
- * any message in a dead-letter queue, and a stream the aggregator has
- * fallen behind on. Alarms treat missing data as fine: no executions is
+ * line per job), the executions, both Lambda functions and the dead-letter
+ * queues; and alarms on what needs a person: a failed, timed-out or aborted
+ * execution, any message in a dead-letter queue, and a stream the stream
+ * function has fallen behind on. Alarms treat missing data as fine: no executions is
  * not a failure.
  */
 export class Monitoring extends Construct {
@@ -77,12 +80,12 @@ export class Monitoring extends Construct {
     const iteratorAge = new cloudwatch.Metric({
       namespace: 'AWS/Lambda',
       metricName: 'IteratorAge',
-      dimensionsMap: { FunctionName: props.function.functionName },
+      dimensionsMap: { FunctionName: props.streamFunction.functionName },
       statistic: 'Maximum',
       period,
     });
     alarm('StreamIteratorAge', iteratorAge, MAX_ITERATOR_AGE.toMilliseconds(),
-      `The aggregator is more than ${MAX_ITERATOR_AGE.toMinutes()} minutes behind on the updates stream.`);
+      `The stream function is more than ${MAX_ITERATOR_AGE.toMinutes()} minutes behind on the updates stream.`);
 
     if (props.alarmTopic) {
       // CloudWatch cannot publish to a topic under the AWS managed SNS key,
@@ -119,7 +122,7 @@ export class Monitoring extends Construct {
     });
     this.dashboard.addWidgets(
       new cloudwatch.TextWidget({
-        markdown: '# fedstep\nRounds (one line per job, from the aggregator\'s EMF lines), executions, the aggregator Lambda and the dead-letter queues. Alarms: right.',
+        markdown: '# fedstep\nRounds (one line per job, from the aggregator\'s EMF lines), executions, the aggregator and stream Lambdas and the dead-letter queues. Alarms: right.',
         width: 16,
         height: 3,
       }),
@@ -142,17 +145,22 @@ export class Monitoring extends Construct {
         sm.metricFailed({ period, statistic: 'Sum' }),
         sm.metricTimedOut({ period, statistic: 'Sum' }),
         sm.metricAborted({ period, statistic: 'Sum' }),
-      ]),
-      graph('Aggregator Lambda', [
+      ], 6),
+      graph('Aggregator Lambda (tasks)', [
         props.function.metricInvocations({ period, statistic: 'Sum' }),
         props.function.metricErrors({ period, statistic: 'Sum' }),
         props.function.metricThrottles({ period, statistic: 'Sum' }),
-      ]),
+      ], 6),
+      graph('Stream Lambda (updates stream)', [
+        props.streamFunction.metricInvocations({ period, statistic: 'Sum' }),
+        props.streamFunction.metricErrors({ period, statistic: 'Sum' }),
+        props.streamFunction.metricThrottles({ period, statistic: 'Sum' }),
+      ], 6),
       graph('Stream iterator age (ms) and dead letters', [
         iteratorAge,
         ...Object.values(props.deadLetterQueues).map((q) =>
           q.metricApproximateNumberOfMessagesVisible({ period, statistic: 'Maximum' })),
-      ]),
+      ], 6),
     );
   }
 }

@@ -65,9 +65,33 @@ describe('monitoring', () => {
       queueNames(logicalId(plain.stack, plain.stack.messaging.clientDlq)),
     ]));
     expect(queues).toHaveLength(2);
-    const [age] = alarmOn(plain, 'AWS/Lambda', 'IteratorAge');
-    expect(age.Dimensions).toEqual([{ Name: 'FunctionName', Value: { Ref: logicalId(plain.stack, plain.stack.aggregator.function) } }]);
+    // The iterator age is the stream function's: it holds the mapping.
+    const [age, ...more] = alarmOn(plain, 'AWS/Lambda', 'IteratorAge');
+    expect(more).toEqual([]);
+    expect(age.Dimensions).toEqual([{ Name: 'FunctionName', Value: { Ref: logicalId(plain.stack, plain.stack.aggregator.streamFunction) } }]);
     expect(age).toMatchObject({ Statistic: 'Maximum', Threshold: MAX_ITERATOR_AGE.toMilliseconds() });
+  });
+
+  test('the dashboard graphs both functions: invocations, errors and throttles of the aggregator and of the stream function', () => {
+    // The body with each token as a plain string: a Ref as the logical id.
+    const [[, d]] = resourcesOfType(plain.template.toJSON().Resources, 'AWS::CloudWatch::Dashboard');
+    const parts: Json[] = d.Properties.DashboardBody['Fn::Join'][1];
+    const body = JSON.parse(parts.map((p) => (typeof p === 'string' ? p : p.Ref ?? 'token')).join(''));
+    const fn = logicalId(plain.stack, plain.stack.aggregator.function);
+    const stream = logicalId(plain.stack, plain.stack.aggregator.streamFunction);
+    const lambdaMetrics = (title: string): string[] => {
+      const w = body.widgets.find((x: Json) => x.properties.title === title);
+      expect(w).toBeDefined();
+      return w.properties.metrics.map((m: Json[]) => m.filter((x) => typeof x === 'string').join(' '));
+    };
+    expect(lambdaMetrics('Aggregator Lambda (tasks)')).toEqual(['Invocations', 'Errors', 'Throttles']
+      .map((m) => `AWS/Lambda ${m} FunctionName ${fn}`));
+    expect(lambdaMetrics('Stream Lambda (updates stream)')).toEqual(['Invocations', 'Errors', 'Throttles']
+      .map((m) => `AWS/Lambda ${m} FunctionName ${stream}`));
+    expect(lambdaMetrics('Stream iterator age (ms) and dead letters')[0]).toBe(`AWS/Lambda IteratorAge FunctionName ${stream}`);
+    // A dashboard row is 24 units wide.
+    const widths = body.widgets.map((x: Json) => x.width);
+    expect(widths.reduce((a: number, b: number) => a + b, 0) % 24).toBe(0);
   });
 
   test('without alarmTopic: no topic, no alarm actions', () => {

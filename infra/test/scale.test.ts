@@ -66,8 +66,9 @@ describe.each([3, 100, 500])('%i clients', (n) => {
       [...s.templates.values()].reduce((sum, t) => sum + Object.values<Json>(t.Resources).filter((r) => r.Type === type).length, 0);
     expect(byType('AWS::SQS::Queue')).toBe(n + 2); // + the stream DLQ and the clients' shared DLQ
     expect(byType('AWS::SNS::Subscription')).toBe(n);
-    expect(byType('AWS::IAM::Role')).toBe(n + 2); // + the Lambda's and the state machine's
-    expect(byType('AWS::IAM::Policy')).toBe(3); // none per client (inline); the Lambda's, the state machine's two
+    expect(byType('AWS::IAM::Role')).toBe(n + 3); // + the two Lambdas' and the state machine's
+    expect(byType('AWS::IAM::Policy')).toBe(4); // none per client (inline); the two Lambdas', the state machine's two
+    expect(byType('AWS::Lambda::Function')).toBe(2); // the aggregator and the stream function, whatever n
 
     // The main stack does not grow with the clients.
     const main = count(s.templates.get('Fedstep').Resources);

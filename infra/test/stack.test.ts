@@ -5,7 +5,7 @@ import { Annotations, Match } from 'aws-cdk-lib/assertions';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { RustFunction } from 'cargo-lambda-cdk';
 import { AwsSolutionsChecks } from 'cdk-nag';
-import { LEASE_MARGIN, STREAM_SETTINGS } from '../lib/aggregator';
+import { LEASE_MARGIN, STREAM_SETTINGS, STREAM_TIMEOUT } from '../lib/aggregator';
 import { CLIENT_RESOURCES, ROLES_ANYWHERE_RESOURCES } from '../lib/client-batches';
 import { JOB_ARN_OVERHEAD, JOB_ARNS_POLICY_BUDGET, resolveSettings } from '../lib/config';
 import { addFedstep } from '../lib/fedstep-app';
@@ -48,6 +48,10 @@ const ids = () => ({
   updates: logicalId(s.stack, s.stack.ledger.updates),
   fn: logicalId(s.stack, s.stack.aggregator.function),
   fnRole: logicalId(s.stack, s.stack.aggregator.role),
+  fnLogs: logicalId(s.stack, s.stack.aggregator.logGroup),
+  streamFn: logicalId(s.stack, s.stack.aggregator.streamFunction),
+  streamRole: logicalId(s.stack, s.stack.aggregator.streamRole),
+  streamLogs: logicalId(s.stack, s.stack.aggregator.streamLogGroup),
   streamDlq: logicalId(s.stack, s.stack.aggregator.streamDlq),
   key: logicalId(s.stack, s.stack.messaging.key),
   topic: logicalId(s.stack, s.stack.messaging.topic),
@@ -322,12 +326,13 @@ describe('aggregator Lambda', () => {
     expect(s.stack.aggregator.function).toBeInstanceOf(RustFunction);
   });
 
-  test('updates stream mapping: INSERT filter, partial batch failures, bisect, bounded retries, DLQ', () => {
+  test('updates stream mapping: on the stream function; INSERT filter, partial batch failures, bisect, bounded retries, DLQ', () => {
     const mappings = resourcesOfType(s.template, 'AWS::Lambda::EventSourceMapping');
     expect(mappings).toHaveLength(1);
     const p = mappings[0][1].Properties;
     expect(p.EventSourceArn).toEqual({ 'Fn::GetAtt': [ids().updates, 'StreamArn'] });
-    expect(p.FunctionName).toEqual({ Ref: ids().fn });
+    expect(p.FunctionName).toEqual({ Ref: ids().streamFn });
+    expect(p.BatchSize).toBe(STREAM_SETTINGS.batchSize);
     expect(p.FilterCriteria).toEqual({ Filters: [{ Pattern: JSON.stringify({ eventName: ['INSERT'] }) }] });
     expect(p.FunctionResponseTypes).toEqual(['ReportBatchItemFailures']);
     expect(p.BisectBatchOnFunctionError).toBe(true);
@@ -339,6 +344,8 @@ describe('aggregator Lambda', () => {
   });
 
   test('may answer task tokens of exactly this state machine', () => {
+    // A retried start_round that finds its round complete hands it over on
+    // its new token itself (statemachine/README.md).
     const stmts = roleStatements(ids().fnRole).filter((st) => asArray<string>(st.Action).some((a) => a.startsWith('states:')));
     expect(stmts).toHaveLength(1);
     expect(asArray(stmts[0].Action).sort()).toEqual(['states:SendTaskFailure', 'states:SendTaskHeartbeat', 'states:SendTaskSuccess']);
@@ -346,11 +353,128 @@ describe('aggregator Lambda', () => {
       .toBe(`arn:aws:states:eu-west-1:111122223333:stateMachine:${t.Resources[ids().sm].Properties.StateMachineName}`);
   });
 
-  test('reads the stream with exact stream-ARN permissions (no ListStreams on *)', () => {
-    const stmts = roleStatements(ids().fnRole).filter((st) => asArray<string>(st.Action).includes('dynamodb:GetRecords'));
-    expect(stmts).toHaveLength(1);
-    expect(stmts[0].Resource).toEqual({ 'Fn::GetAtt': [ids().updates, 'StreamArn'] });
-    expect(asArray(stmts[0].Action)).toContain('dynamodb:ListStreams');
+  test('no longer reads the stream (the stream function does)', () => {
+    const actions = roleStatements(ids().fnRole).flatMap((st) => asArray<string>(st.Action));
+    for (const a of ['dynamodb:GetRecords', 'dynamodb:GetShardIterator', 'dynamodb:DescribeStream', 'dynamodb:ListStreams']) {
+      expect(actions).not.toContain(a);
+    }
+  });
+});
+
+describe('stream Lambda', () => {
+  const stateMachineArn = (): string =>
+    `arn:aws:states:eu-west-1:111122223333:stateMachine:${t.Resources[ids().sm].Properties.StateMachineName}`;
+
+  test('small memory, short timeout, same runtime, arch, JSON logs and environment as the aggregator, its own log group', () => {
+    const p = t.Resources[ids().streamFn].Properties;
+    const agg = t.Resources[ids().fn].Properties;
+    expect(p.MemorySize).toBe(256); // streamMemoryMb's default (lib/config.ts)
+    expect(p.Timeout).toBe(STREAM_TIMEOUT.toSeconds());
+    expect(p.Timeout).toBe(120);
+    expect(p.Runtime).toBe('provided.al2023');
+    expect(p.Handler).toBe('bootstrap');
+    expect(p.Architectures).toEqual(agg.Architectures);
+    expect(p.LoggingConfig).toEqual({ LogFormat: 'JSON', LogGroup: { Ref: ids().streamLogs } });
+    expect(agg.LoggingConfig).toEqual({ LogFormat: 'JSON', LogGroup: { Ref: ids().fnLogs } });
+    expect(p.Role).toEqual(getAttArn(ids().streamRole));
+    // The bootstrap builds the whole engine at start and requires every
+    // FEDSTEP_* name (crates/lambda/src/aws_engine.rs): the same environment.
+    expect(p.Environment).toEqual(agg.Environment);
+    for (const v of ['FEDSTEP_BUCKET', 'FEDSTEP_ROUNDS_TABLE', 'FEDSTEP_UPDATES_TABLE', 'FEDSTEP_TOPIC_ARN']) {
+      expect(p.Environment.Variables[v]).toBeDefined();
+    }
+    // A batch (at most batchSize rows) fits many times over in the timeout;
+    // the aggregator keeps its own (next tests).
+    expect(STREAM_SETTINGS.batchSize).toBeLessThanOrEqual(10);
+    expect(p.Timeout).toBeLessThan(agg.Timeout);
+  });
+
+  test('both functions run the same code asset (one build, one upload)', () => {
+    const fns = resourcesOfType(s.template, 'AWS::Lambda::Function');
+    expect(fns.map(([id]) => id).sort()).toEqual([ids().fn, ids().streamFn].sort());
+    const code = t.Resources[ids().fn].Properties.Code;
+    expect(code.S3Key).toMatch(/^[0-9a-f]{64}\.zip$/);
+    expect(t.Resources[ids().streamFn].Properties.Code).toEqual(code);
+    // One Lambda code asset to stage and publish (the other file asset is the ASL).
+    const manifest = JSON.parse(fs.readFileSync(path.join(s.assembly.directory, 'Fedstep.assets.json'), 'utf8'));
+    const zips = Object.entries<Json>(manifest.files).filter(([, f]) => f.source.packaging === 'zip');
+    expect(zips.map(([hash]) => `${hash}.zip`)).toEqual([code.S3Key]);
+  });
+
+  test('role: logs to its own group, GetItem/UpdateItem on the rounds table, reads exactly the updates stream, SendTaskSuccess, its DLQ', () => {
+    const stmts = roleStatements(ids().streamRole);
+    const bySid = Object.fromEntries(stmts.filter((st) => st.Sid !== undefined).map((st) => [st.Sid, st]));
+    expect(bySid.Logs).toEqual({
+      Sid: 'Logs', Effect: 'Allow', Action: ['logs:CreateLogStream', 'logs:PutLogEvents'], Resource: getAttArn(ids().streamLogs),
+    });
+    // on_update's ledger calls (crates/cloud/src/engine/update.rs over
+    // crates/aws/src/dynamo.rs): get_job, get_round (GetItem), add_received,
+    // record_rejection (UpdateItem); all on the table's items, no index.
+    expect(bySid.RoundsItems).toEqual({
+      Sid: 'RoundsItems', Effect: 'Allow', Action: ['dynamodb:GetItem', 'dynamodb:UpdateItem'], Resource: getAttArn(ids().rounds),
+    });
+    expect(bySid.UpdatesStream).toEqual({
+      Sid: 'UpdatesStream', Effect: 'Allow',
+      Action: ['dynamodb:DescribeStream', 'dynamodb:GetRecords', 'dynamodb:GetShardIterator', 'dynamodb:ListStreams'],
+      Resource: { 'Fn::GetAtt': [ids().updates, 'StreamArn'] },
+    });
+    expect(bySid.HandOver).toMatchObject({ Sid: 'HandOver', Effect: 'Allow', Action: 'states:SendTaskSuccess' });
+    expect(fakeResolve(bySid.HandOver.Resource)).toBe(stateMachineArn());
+    // The mapping's on-failure destination (CDK's SqsDlq grant): send to exactly the stream DLQ.
+    const unnamed = stmts.filter((st) => st.Sid === undefined);
+    expect(unnamed).toEqual([{
+      Effect: 'Allow', Action: ['sqs:GetQueueAttributes', 'sqs:GetQueueUrl', 'sqs:SendMessage'], Resource: getAttArn(ids().streamDlq),
+    }]);
+    expect(Object.keys(bySid).sort()).toEqual(['HandOver', 'Logs', 'RoundsItems', 'UpdatesStream']);
+  });
+
+  test('role: no S3, SNS or KMS action at all, no other table, index or Step Functions action', () => {
+    const stmts = roleStatements(ids().streamRole);
+    const actions = stmts.flatMap((st) => asArray<string>(st.Action));
+    expect(actions.filter((a) => /^(s3|sns|kms):/.test(a))).toEqual([]);
+    expect(actions.filter((a) => a.startsWith('states:'))).toEqual(['states:SendTaskSuccess']);
+    expect(actions.filter((a) => a.startsWith('dynamodb:')).sort()).toEqual([
+      'dynamodb:DescribeStream', 'dynamodb:GetItem', 'dynamodb:GetRecords', 'dynamodb:GetShardIterator',
+      'dynamodb:ListStreams', 'dynamodb:UpdateItem',
+    ]);
+    const text = JSON.stringify(stmts);
+    for (const other of [ids().bucket, ids().topic, ids().key]) expect(text).not.toContain(`"${other}"`);
+    // The updates table itself only through its stream ARN.
+    for (const st of stmts) {
+      for (const r of asArray<Json>(st.Resource)) {
+        if (JSON.stringify(r).includes(ids().updates)) expect(r).toEqual({ 'Fn::GetAtt': [ids().updates, 'StreamArn'] });
+      }
+    }
+    // Denied by the evaluator too, whatever the resource: every statement's
+    // resources read as "*", so only the actions decide.
+    const anyResource = (): string => '*';
+    for (const action of ['s3:GetObject', 's3:PutObject', 's3:ListBucket', 'sns:Publish', 'kms:Decrypt', 'kms:GenerateDataKey',
+      'states:SendTaskFailure', 'states:SendTaskHeartbeat', 'dynamodb:PutItem', 'dynamodb:Query', 'dynamodb:Scan',
+      'dynamodb:BatchGetItem', 'dynamodb:DeleteItem']) {
+      expect([action, decide(stmts, { action, resource: 'arn:aws:any' }, anyResource)]).toEqual([action, 'implicitly denied']);
+    }
+    expect(decide(stmts, { action: 'dynamodb:UpdateItem', resource: 'arn:aws:any' }, anyResource)).toBe('allowed');
+  });
+
+  test('the mapping waits for the stream role; the aggregator\'s policy update waits for the mapping', () => {
+    const [[mappingId, mapping]] = resourcesOfType(s.template, 'AWS::Lambda::EventSourceMapping');
+    const streamPolicy = resourcesOfType(s.template, 'AWS::IAM::Policy')
+      .filter(([, p]) => asArray<Json>(p.Properties.Roles).some((r) => r.Ref === ids().streamRole));
+    expect(streamPolicy).toHaveLength(1);
+    expect(mapping.DependsOn).toEqual(expect.arrayContaining([ids().streamRole, streamPolicy[0][0]]));
+    const aggPolicy = resourcesOfType(s.template, 'AWS::IAM::Policy')
+      .filter(([, p]) => asArray<Json>(p.Properties.Roles).some((r) => r.Ref === ids().fnRole));
+    expect(aggPolicy).toHaveLength(1);
+    expect(aggPolicy[0][1].DependsOn).toEqual(expect.arrayContaining([mappingId]));
+  });
+
+  test('the stream DLQ and the mapping keep their logical ids from the one-function layout (updated in place)', () => {
+    // Renaming either would replace it: a new mapping re-reads the stream
+    // from TRIM_HORIZON, a new DLQ drops the records parked in the old one.
+    const [[mappingId]] = resourcesOfType(s.template, 'AWS::Lambda::EventSourceMapping');
+    expect(mappingId).toMatch(/^AggregatorUpdatesStream[0-9A-F]{8}$/);
+    expect(ids().streamDlq).toMatch(/^AggregatorStreamDlq[0-9A-F]{8}$/);
+    expect(ids().fn).toMatch(/^AggregatorFunction[0-9A-F]{8}$/);
   });
 });
 
@@ -790,7 +914,7 @@ describe('policies', () => {
 
   test('every role is assumable only by its intended principal', () => {
     const trust = resourcesOfType(all, 'AWS::IAM::Role').map(([, r]) => r.Properties.AssumeRolePolicyDocument.Statement);
-    expect(trust).toHaveLength(2 + CLIENTS.length);
+    expect(trust).toHaveLength(3 + CLIENTS.length); // the two Lambdas', the state machine's, one per client
     for (const stmts of trust) {
       for (const st of stmts) expect(st.Principal).not.toEqual('*');
     }
@@ -805,6 +929,7 @@ describe('options', () => {
       arch: 'arm64', // the non-default architecture (lib/config.ts DEFAULTS)
       memoryMb: '4096',
       timeoutMinutes: '10',
+      streamMemoryMb: '512',
       rustLog: 'fedstep=debug,info',
       retainData: 'false',
       lambdaAsset: placeholderAsset(),
@@ -824,6 +949,13 @@ describe('options', () => {
     expect(alt.stack.aggregator.function).not.toBeInstanceOf(RustFunction);
     const hash = String(p.Code.S3Key).replace(/\.zip$/, '');
     expect(fs.existsSync(path.join(alt.assembly.directory, `asset.${hash}`, 'bootstrap'))).toBe(true);
+    // The stream function: same prebuilt code and architecture, its own memory, the fixed timeout.
+    const sp = at.Resources[logicalId(alt.stack, alt.stack.aggregator.streamFunction)].Properties;
+    expect(sp.Code).toEqual(p.Code);
+    expect(sp.Architectures).toEqual(['arm64']);
+    expect(sp.MemorySize).toBe(512);
+    expect(sp.Timeout).toBe(STREAM_TIMEOUT.toSeconds());
+    expect(sp.Environment).toEqual(p.Environment);
     expect(at.Resources[logicalId(alt.stack, alt.stack.store.bucket)].DeletionPolicy).toBe('Delete');
     expect(Annotations.fromStack(alt.stack).findError('*', Match.stringLikeRegexp('AwsSolutions-.*'))).toEqual([]);
   });
