@@ -438,7 +438,7 @@ pub(crate) mod tests {
             ),
             (
                 serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "closed_by": "early"}),
-                "closed_by",
+                "expected `stream` or `deadline`",
             ),
         ] {
             let err = handle_task(&fake, payload).await.unwrap_err();

@@ -1,9 +1,10 @@
 //! fedstep-lambda: the aggregator.
 //!
-//! * `fedstep-lambda` (no arguments): the AWS Lambda bootstrap. One
-//!   function serves the Step Functions tasks (start_round, close_round,
-//!   finalize) and the updates table's DynamoDB stream; the event's shape
-//!   picks the handler.
+//! * `fedstep-lambda` (no arguments): the AWS Lambda bootstrap. It serves
+//!   the Step Functions tasks (start_round, close_round, finalize) and the
+//!   updates table's DynamoDB stream; the event's shape picks the handler.
+//!   The CDK app deploys it twice: the aggregator (the tasks) and a small
+//!   stream function (counting and the hand-over; no S3 access).
 //! * `fedstep-lambda local --deploy .emu/deploy-<prefix>.json`: the same
 //!   handlers, fed by polling Step Functions activities and the DynamoDB
 //!   stream, for the emulators (where Lambdas cannot run).

@@ -29,9 +29,7 @@ where
     ///   in the round's rejections when the round exists and the row's
     ///   client is one of its expected clients. A row from any other client
     ///   is only reported (logged by the caller), never written into the
-    ///   round it names. Also returned when this row completed the round but
-    ///   no update at all was usable (the round is then FAILED and the
-    ///   workflow told so).
+    ///   round it names.
     /// - `Late`: the round is past OPEN. A row that was already counted or
     ///   rejected (a replay) is not recorded again, so an earlier rejection
     ///   keeps its reason; a new one is recorded as late.

@@ -150,6 +150,10 @@ async fn a_rejected_row_redelivered_after_the_close_keeps_its_reason() {
         let r = fed.submit(&job, 1, c, &[v], 1, &[]).await;
         engine.on_update(&r).await.unwrap();
     }
+    engine
+        .close_round("keep", 1, ClosedBy::Stream)
+        .await
+        .unwrap();
     let row = fed.ledger.get_round("keep", 1).await.unwrap().unwrap();
     assert_eq!(row.status, RoundStatus::Closed);
     let UpdateOutcome::Late(reason) = engine.on_update(&a).await.unwrap() else {

@@ -67,6 +67,10 @@ async fn a_client_of_another_job_cannot_write_into_a_round_item() {
         let row = fed.submit(&theirs, 1, c, &[v], 1, &[]).await;
         engine.on_update(&row).await.unwrap();
     }
+    engine
+        .close_round("theirs", 1, ClosedBy::Stream)
+        .await
+        .unwrap();
     let item = round_item(&fed, "theirs").await;
     assert_eq!(item.status, RoundStatus::Closed);
     let result = item.result.clone().unwrap();
@@ -129,6 +133,10 @@ async fn an_expected_clients_violations_are_still_recorded() {
         let row = fed.submit(&j, 1, c, &[v], 1, &[]).await;
         engine.on_update(&row).await.unwrap();
     }
+    engine
+        .close_round("mine", 1, ClosedBy::Stream)
+        .await
+        .unwrap();
     let item = round_item(&fed, "mine").await;
     assert_eq!(item.status, RoundStatus::Closed);
     assert_eq!(item.result.unwrap().rejected["a"], reason);

@@ -8,7 +8,7 @@
 //! with the others.
 
 use fedstep_cloud::ports::Ledger;
-use fedstep_cloud::records::{RoundStatus, UpdateRecord};
+use fedstep_cloud::records::{ClosedBy, RoundStatus, UpdateRecord};
 use fedstep_test_support::federation::*;
 
 /// The rule a rewrite breaks, and the rewrite.
@@ -41,6 +41,10 @@ async fn a_row_rewritten_after_it_was_counted_is_checked_again() {
             let row = fed.submit(&j, 1, c, &[v], 1, &[]).await;
             engine.on_update(&row).await.unwrap();
         }
+        engine
+            .close_round(&j.job_id, 1, ClosedBy::Stream)
+            .await
+            .unwrap();
         let item = fed.ledger.get_round(&j.job_id, 1).await.unwrap().unwrap();
         assert_eq!(item.status, RoundStatus::Closed, "{rule}: {item:?}");
         let result = item.result.unwrap();

@@ -145,8 +145,13 @@ async fn start_round_is_idempotent() {
     }
     assert_eq!(fed.callback.succeeded("second").len(), 1);
     assert!(fed.callback.calls_for("first").is_empty());
+    engine
+        .close_round("retry", 1, ClosedBy::Stream)
+        .await
+        .unwrap();
 
-    // A retry after the round closed re-sends the result with its token.
+    // A retry after the round closed hands it over on its own token
+    // (CloseRound then returns the stored result) and keeps the stored one.
     engine.start_round(&job, 1, "third").await.unwrap();
     let calls = fed.callback.calls_for("third");
     assert!(matches!(
