@@ -30,11 +30,14 @@ use answered::Answered;
 /// Functions reports). Called once per close, after the CLOSED write.
 pub type RoundObserver = Arc<dyn Fn(&RoundFigures) + Send + Sync>;
 
-/// The default read-ahead budget: 128 MiB, well inside the smallest
-/// Lambda memory that holds the aggregator, and a few windows of several
-/// MiB per input for up to a dozen inputs (ranged GETs of that size run
-/// near S3's per-connection throughput).
-pub const DEFAULT_READ_AHEAD_BYTES: u64 = 128 << 20;
+/// The default read-ahead budget: 96 MiB, well inside the smallest
+/// Lambda memory that holds the aggregator, and a few windows of a few MiB
+/// per input for up to a dozen inputs (ranged GETs of that size run near
+/// S3's per-connection throughput). 128 MiB put the aggregation's peak RSS
+/// at 263 MB for 8 × 100 MB inputs (`fedstep bench round`), over #14's
+/// 256 MB target; the other ~130 MB are the output's parts in flight, the
+/// core's blocks and the process itself.
+pub const DEFAULT_READ_AHEAD_BYTES: u64 = 96 << 20;
 
 /// Where and as whom an engine works.
 #[derive(Debug, Clone)]
