@@ -270,7 +270,8 @@ export class Aggregator extends Construct {
     // RoundEngine::on_update (crates/cloud/src/engine/update.rs) over
     // DynamoLedger (crates/aws/src/dynamo.rs), all on the rounds table's
     // items (never its index, never the updates table: the stream record
-    // carries the row): get_job and get_round are consistent GetItems;
+    // carries the row): get_round (and get_job, only to word the refusal
+    // of a row naming no round) are consistent GetItems;
     // add_received (ADD to the received set, a GetItem after a lost
     // condition) and record_rejection (SET rejections.<client>, or the
     // whole map when it is missing) are conditional UpdateItems.

@@ -408,8 +408,9 @@ describe('stream Lambda', () => {
       Sid: 'Logs', Effect: 'Allow', Action: ['logs:CreateLogStream', 'logs:PutLogEvents'], Resource: getAttArn(ids().streamLogs),
     });
     // on_update's ledger calls (crates/cloud/src/engine/update.rs over
-    // crates/aws/src/dynamo.rs): get_job, get_round (GetItem), add_received,
-    // record_rejection (UpdateItem); all on the table's items, no index.
+    // crates/aws/src/dynamo.rs): get_round, and get_job only for a row
+    // naming no round (GetItem); add_received, record_rejection
+    // (UpdateItem); all on the table's items, no index.
     expect(bySid.RoundsItems).toEqual({
       Sid: 'RoundsItems', Effect: 'Allow', Action: ['dynamodb:GetItem', 'dynamodb:UpdateItem'], Resource: getAttArn(ids().rounds),
     });

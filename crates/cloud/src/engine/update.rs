@@ -48,10 +48,13 @@ where
             return Ok(UpdateOutcome::Rejected(reason));
         }
         let (job_id, round, client) = (&update.job_id, update.round, &update.client_id);
-        if self.ledger.get_job(job_id).await?.is_none() {
-            return Ok(UpdateOutcome::Rejected(format!("job: no job `{job_id}`")));
-        }
+        // A round row exists only under its job's header (start_round writes
+        // the header first), so the job is read only to word a refusal: the
+        // common path is two ledger calls, the round's read and its ADD.
         let Some(row) = self.ledger.get_round(job_id, round).await? else {
+            if self.ledger.get_job(job_id).await?.is_none() {
+                return Ok(UpdateOutcome::Rejected(format!("job: no job `{job_id}`")));
+            }
             return Ok(UpdateOutcome::Rejected(format!(
                 "round: job `{job_id}` has no round {round}"
             )));
