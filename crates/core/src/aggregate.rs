@@ -16,6 +16,7 @@
 //! records.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -28,6 +29,7 @@ use crate::float::elem_bytes;
 use crate::measurements::{ClientMeasurement, ClientStatus, Measurements};
 use crate::model::{check_compatible, ModelHeader, TensorEntry};
 use crate::personalization::{check_masked_compatible, Personalization};
+use crate::shard::{InPlace, PartDest, ShardOutput, ShardPlan, PART_BYTES};
 use crate::share_cap;
 use crate::stages::krum::distances_from_gram;
 use crate::stages::state_file::{is_float, OpenError, StateIn, StateLayout};
@@ -36,7 +38,7 @@ use crate::statistics::{self, StatsError};
 use crate::stream::{block_elements, Source};
 use crate::update_meta::{UpdateMeta, UpdateSource};
 use crate::weighting::{self, TypeFilter, Verdict};
-use crate::writer::{ModelWriter, TensorSpec};
+use crate::writer::{ModelWriter, OutputLayout, TensorSpec};
 
 pub struct AggregationRequest<'a> {
     pub updates: &'a [UpdateSource],
@@ -79,6 +81,8 @@ struct Setup<'a> {
     pipeline: &'a Pipeline,
     global: Option<Source>,
     reference: Vec<TensorEntry>,
+    /// Who aggregates which stripes of the reference.
+    shards: ShardPlan,
     metadata: BTreeMap<String, String>,
     state: StateLayout,
     state_in: Option<StateIn>,
@@ -109,11 +113,24 @@ enum Outcome<T> {
 }
 
 pub fn aggregate(req: &AggregationRequest<'_>) -> Result<AggregationOutcome, AggregateError> {
+    aggregate_sharded(req, 1)
+}
+
+/// [`aggregate`] with the model cut into at most `shards` shards (see
+/// `shard`), each run as its own statistics and combine pass over its
+/// stripes and written as its own parts of the outputs, one after another
+/// in this process. The outputs are the same bit for bit whatever
+/// `shards` is; this is what the workflow's shard tasks do across Lambdas,
+/// and how that promise is tested.
+pub fn aggregate_sharded(
+    req: &AggregationRequest<'_>,
+    shards: usize,
+) -> Result<AggregationOutcome, AggregateError> {
     let started = Instant::now();
     let cfg = req.config;
     check_request(req)?;
     let (mut clients, target_type) = open_and_weigh(req)?;
-    let setup = open_references(req, &mut clients)?;
+    let setup = open_references(req, &mut clients, shards)?;
     let mut effort = Effort::default();
     let attempt = loop {
         match attempt(&setup, &mut clients, &mut effort)? {
@@ -227,6 +244,7 @@ fn open_and_weigh(
 fn open_references<'a>(
     req: &'a AggregationRequest<'a>,
     clients: &mut [Client],
+    shards: usize,
 ) -> Result<Setup<'a>, AggregateError> {
     let cfg = req.config;
     let limits = cfg.limits();
@@ -261,6 +279,7 @@ fn open_references<'a>(
             .map(|g| g.header.metadata.clone())
             .unwrap_or_default(),
         global,
+        shards: ShardPlan::even(&reference, shards),
         reference,
         state,
         state_in,
@@ -381,10 +400,18 @@ fn screen(
     let full = pipeline.combiner.needs_gram();
     let block_elems = block_size(setup, n);
     let global = setup.global.as_ref();
-    let stats = statistics::run(&setup.reference, global, inputs, full, block_elems)
-        .map_err(Screening::Input)?;
-    effort.bytes_read += stats.bytes_read;
-    let norms: Vec<f64> = (0..n).map(|i| stats.gram[i][i].sqrt()).collect();
+    // One statistics pass per shard (the workflow's statistics map), each
+    // over its own stripes; the Gram matrix adds up every stripe in order.
+    let mut stripe_grams = Vec::new();
+    for shard in 0..setup.shards.len() {
+        let stripes = setup.shards.shard(shard);
+        let stats = statistics::run(&setup.reference, stripes, global, inputs, full, block_elems)
+            .map_err(Screening::Input)?;
+        effort.bytes_read += stats.bytes_read;
+        stripe_grams.extend(stats.stripes);
+    }
+    let gram = statistics::gram(&stripe_grams, n);
+    let norms: Vec<f64> = (0..n).map(|i| gram[i][i].sqrt()).collect();
     let mut zeroed: Vec<Option<String>> = vec![None; n];
     for t in &pipeline.transforms {
         let state = setup
@@ -414,7 +441,7 @@ fn screen(
         let candidates: Vec<usize> = (0..n).filter(|&i| screened.left_out[i].is_none()).collect();
         let gram: Vec<Vec<f64>> = candidates
             .iter()
-            .map(|&i| candidates.iter().map(|&j| stats.gram[i][j]).collect())
+            .map(|&i| candidates.iter().map(|&j| gram[i][j]).collect())
             .collect();
         let s: Vec<f64> = candidates.iter().map(|&i| screened.scales[i]).collect();
         let selection = pipeline
@@ -489,10 +516,12 @@ fn combination(
     Ok(Combination { kept, weights })
 }
 
-/// The outputs a completed combine pass leaves to finish.
+/// The outputs a completed combine pass leaves to finish: every shard's
+/// bytes written, nothing visible yet.
 struct Written {
-    out: ModelWriter,
-    state: Option<(ModelWriter, u64)>,
+    out: Arc<InPlace>,
+    len: u64,
+    state: Option<(Arc<InPlace>, u64)>,
     tally: Option<crate::personalization::masked_mean::Tally>,
 }
 
@@ -503,7 +532,8 @@ enum PassError {
 }
 
 /// Prepares the round's combiner and noise, opens the outputs, and runs
-/// the combine pass.
+/// the combine pass, one shard after another, each writing its own parts
+/// of the outputs.
 fn combine_pass(
     setup: &Setup<'_>,
     inputs: &[&Source],
@@ -514,86 +544,141 @@ fn combine_pass(
 ) -> Result<Written, PassError> {
     let (req, pipeline) = (setup.req, setup.pipeline);
     let Combination { kept, weights } = combination;
-    let (round_combiner, m) = pipeline.combiner.for_round(kept.len(), req.round);
+    let (_, m) = pipeline.combiner.for_round(kept.len(), req.round);
     if let Some(m) = m {
         stages.insert(pipeline.combiner.kind().to_string(), m);
     }
+    // One noise for every shard: it is keyed by element position.
     let noise = pipeline.noise.as_ref().map(|n| {
         let max_w = weights.iter().copied().fold(0.0, f64::max);
         let (noise, m) = n.for_round(screened.norm_bound, max_w, req.round);
         stages.insert(n.kind().to_string(), m);
         noise
     });
-    let out = ModelWriter::create(req.out, &specs(&setup.reference), &setup.metadata)
-        .map_err(|source| PassError::Fatal(output_error(req.out, source)))?;
+    fn fatal(target: &dyn OutputTarget) -> impl Fn(std::io::Error) -> PassError + '_ {
+        move |source| PassError::Fatal(output_error(target, source))
+    }
+    let layout =
+        OutputLayout::new(&specs(&setup.reference), &setup.metadata).map_err(fatal(req.out))?;
+    let model_parts = setup
+        .shards
+        .parts(
+            &setup.reference,
+            &layout,
+            |t| vec![(t.name.clone(), t.dtype)],
+            PART_BYTES,
+        )
+        .map_err(|e| fatal(req.out)(std::io::Error::other(e)))?;
+    let len = layout.len();
+    let out = InPlace::create(req.out, len).map_err(fatal(req.out))?;
     let state = match req.state_out.filter(|_| !setup.state.is_empty()) {
         Some(target) => {
             let step = setup.state_in.as_ref().map_or(0, |s| s.step) + 1;
-            let w = setup
+            let layout = setup
                 .state
-                .create(target, &setup.reference, step, &screened.next_state)
-                .map_err(|source| PassError::Fatal(output_error(target, source)))?;
-            Some((w, step))
+                .output_layout(&setup.reference, step, &screened.next_state)
+                .map_err(fatal(target))?;
+            let parts = setup
+                .shards
+                .parts(
+                    &setup.reference,
+                    &layout,
+                    |t| setup.state.tensors_of(t),
+                    PART_BYTES,
+                )
+                .map_err(|e| fatal(target)(std::io::Error::other(e)))?;
+            let whole = InPlace::create(target, layout.len()).map_err(fatal(target))?;
+            Some((target, layout, parts, whole, step))
         }
         None => None,
     };
     let kept_inputs: Vec<&Source> = kept.iter().map(|&i| inputs[i]).collect();
     let kept_scales: Vec<f64> = kept.iter().map(|&i| screened.scales[i]).collect();
-    let plan = CombinePlan {
-        reference: &setup.reference,
-        carry_source: setup.global.as_ref().unwrap_or(kept_inputs[0]),
-        global: setup.global.as_ref(),
-        inputs: kept_inputs,
-        coefs: weights
-            .iter()
-            .zip(&kept_scales)
-            .map(|(w, s)| w * s)
-            .collect(),
-        scales: kept_scales,
-        combiner: pipeline.combiner.as_ref(),
-        round_combiner,
-        noise,
-        optimizer: match (&pipeline.optimizer, &state) {
-            (Some(optimizer), Some((w, _))) => Some(OptimizerIo {
-                optimizer: optimizer.as_ref(),
-                slots: optimizer.state().map_or(&[], |s| s.tensor_slots),
-                state_in: setup.state_in.as_ref().map(|s| &s.source),
-                state_out: w,
-            }),
-            _ => None,
-        },
-        out: &out,
-        block_elems: block_size(setup, inputs.len()),
-        masked_weights: (setup.cfg.personalization() == Personalization::Fedselect)
-            .then(|| weights.clone()),
-    };
-    effort.passes += 1;
-    match combine::run(plan) {
-        Ok(done) => {
-            effort.bytes_read += done.bytes_read;
-            Ok(Written {
-                out,
-                state,
-                tally: done.tally,
-            })
+    let coefs: Vec<f64> = weights
+        .iter()
+        .zip(&kept_scales)
+        .map(|(w, s)| w * s)
+        .collect();
+    let masked = setup.cfg.personalization() == Personalization::Fedselect;
+    let mut tally: Option<crate::personalization::masked_mean::Tally> = None;
+    for shard in 0..setup.shards.len() {
+        let shard_out = ShardOutput::new(&model_parts, shard, PartDest::InPlace(out.clone()));
+        let writer =
+            ModelWriter::create_with(&shard_out, layout.clone()).map_err(fatal(req.out))?;
+        let state_writer = match &state {
+            Some((target, layout, parts, whole, _)) => {
+                let shard_out = ShardOutput::new(parts, shard, PartDest::InPlace(whole.clone()));
+                Some(ModelWriter::create_with(&shard_out, layout.clone()).map_err(fatal(*target))?)
+            }
+            None => None,
+        };
+        let (round_combiner, _) = pipeline.combiner.for_round(kept.len(), req.round);
+        let plan = CombinePlan {
+            reference: &setup.reference,
+            stripes: setup.shards.shard(shard),
+            carry_source: setup.global.as_ref().unwrap_or(kept_inputs[0]),
+            global: setup.global.as_ref(),
+            inputs: kept_inputs.clone(),
+            coefs: coefs.clone(),
+            scales: kept_scales.clone(),
+            combiner: pipeline.combiner.as_ref(),
+            round_combiner,
+            noise: noise.as_deref(),
+            optimizer: match (&pipeline.optimizer, &state_writer) {
+                (Some(optimizer), Some(w)) => Some(OptimizerIo {
+                    optimizer: optimizer.as_ref(),
+                    slots: optimizer.state().map_or(&[], |s| s.tensor_slots),
+                    state_in: setup.state_in.as_ref().map(|s| &s.source),
+                    state_out: w,
+                }),
+                _ => None,
+            },
+            out: &writer,
+            block_elems: block_size(setup, inputs.len()),
+            masked_weights: masked.then(|| weights.clone()),
+        };
+        effort.passes += u32::from(shard == 0);
+        let done = match combine::run(plan) {
+            Ok(done) => done,
+            Err(CombineError::Input(e)) => return Err(PassError::Input(e)),
+            Err(CombineError::Write(source)) => return Err(fatal(req.out)(source)),
+            Err(CombineError::Overflow { tensor, index }) => {
+                return Err(PassError::Fatal(AggregateError::NoUsableUpdate(format!(
+                    "the new global model's `{tensor}` element {index} is not finite although every input is: \
+                     the combination, the noise, the server optimizer or the tensor's dtype overflowed; \
+                     nothing was written"
+                ))))
+            }
+            Err(CombineError::State(reason)) => {
+                return Err(PassError::Fatal(AggregateError::ServerState {
+                    name: req
+                        .state_in
+                        .as_ref()
+                        .map_or("-".into(), |i| i.source().describe()),
+                    reason,
+                }))
+            }
+        };
+        effort.bytes_read += done.bytes_read;
+        if let Some(t) = done.tally {
+            tally
+                .get_or_insert_with(|| {
+                    crate::personalization::masked_mean::Tally::new(t.shared.len())
+                })
+                .add(&t);
         }
-        Err(CombineError::Input(e)) => Err(PassError::Input(e)),
-        Err(CombineError::Write(source)) => Err(PassError::Fatal(output_error(req.out, source))),
-        Err(CombineError::Overflow { tensor, index }) => {
-            Err(PassError::Fatal(AggregateError::NoUsableUpdate(format!(
-                "the new global model's `{tensor}` element {index} is not finite although every input is: \
-                 the combination, the noise, the server optimizer or the tensor's dtype overflowed; \
-                 nothing was written"
-            ))))
+        // Each shard's writers check that it wrote every byte of its parts.
+        writer.finish().map_err(fatal(req.out))?;
+        if let (Some(w), Some((target, ..))) = (state_writer, &state) {
+            w.finish().map_err(fatal(*target))?;
         }
-        Err(CombineError::State(reason)) => Err(PassError::Fatal(AggregateError::ServerState {
-            name: req
-                .state_in
-                .as_ref()
-                .map_or("-".into(), |i| i.source().describe()),
-            reason,
-        })),
     }
+    Ok(Written {
+        out,
+        len,
+        state: state.map(|(_, _, _, whole, step)| (whole, step)),
+        tally,
+    })
 }
 
 /// Makes the outputs visible (the state first) and records what the
@@ -626,9 +711,11 @@ fn finish_outputs(
     }
     // The state first: a model whose state is missing would restart the
     // stages' state (the optimizer's moments) on the next round.
-    if let Some((w, step)) = written.state {
+    if let Some((whole, step)) = written.state {
         let target = req.state_out.expect("state is written only to a target");
-        w.finish().map_err(|source| output_error(target, source))?;
+        whole
+            .finish()
+            .map_err(|source| output_error(target, source))?;
         if let Some(opt) = &setup.pipeline.optimizer {
             stages.insert(opt.kind().to_string(), opt.measurement(step));
         }
@@ -636,7 +723,8 @@ fn finish_outputs(
     written
         .out
         .finish()
-        .map_err(|source| output_error(req.out, source))
+        .map_err(|source| output_error(req.out, source))?;
+    Ok(written.len)
 }
 
 /// The final per-client record: every input exactly once.

@@ -8,13 +8,14 @@ use rayon::prelude::*;
 use crate::float::{decode_into, elem_bytes, encode_from, first_non_finite, role, Acc, TensorRole};
 use crate::model::TensorEntry;
 use crate::personalization::masked_mean::{masked_mean_block, MaskedBlock, Tally};
+use crate::shard::Stripe;
 use crate::stages::state_file::{is_float, slot_tensor, state_dtype};
 use crate::stages::{
     CombineBlock, CombineKernel, Combiner, NoiseKernel, RoundCombiner, RoundNoise, ServerStep,
     StepKernel,
 };
 use crate::statistics::StatsError;
-use crate::stream::{blocks, for_each_block_of, Block, Lane, ReadFailure, Source};
+use crate::stream::{blocks, for_each_item, stripe_blocks, Block, Lane, ReadFailure, Source};
 use crate::writer::ModelWriter;
 
 const CHUNK: usize = 2048;
@@ -22,6 +23,8 @@ const CHUNK: usize = 2048;
 /// Everything the pass needs, decided beforehand.
 pub struct CombinePlan<'a> {
     pub reference: &'a [TensorEntry],
+    /// The stripes this pass writes (all of them, or one shard's).
+    pub stripes: &'a [Stripe],
     /// Where integer/bool tensors are copied from.
     pub carry_source: &'a Source,
     pub global: Option<&'a Source>,
@@ -33,7 +36,7 @@ pub struct CombinePlan<'a> {
     pub combiner: &'a dyn Combiner,
     /// The combiner's plan for this round (buckets, trim count).
     pub round_combiner: Box<dyn RoundCombiner>,
-    pub noise: Option<Box<dyn RoundNoise>>,
+    pub noise: Option<&'a (dyn RoundNoise + 'static)>,
     pub optimizer: Option<OptimizerIo<'a>>,
     pub out: &'a ModelWriter,
     pub block_elems: usize,
@@ -95,7 +98,16 @@ pub fn run(mut plan: CombinePlan<'_>) -> Result<CombineOutput, CombineError> {
         lanes.extend(plan.inputs.iter().map(|&s| Lane::Mask(s)));
     }
     let mut tally = masked.then(|| Tally::new(n));
+    // Noise is drawn by element position in the model, so a shard draws
+    // what the whole pass would at the same elements.
+    let mut element_offsets = std::collections::HashMap::new();
+    let mut at = 0u64;
+    for t in plan.reference {
+        element_offsets.insert(t.name.clone(), at);
+        at += t.elements() as u64;
+    }
     let mut ctx = Ctx {
+        element_offsets,
         global_coef,
         need_g,
         scaled,
@@ -103,6 +115,7 @@ pub fn run(mut plan: CombinePlan<'_>) -> Result<CombineOutput, CombineError> {
         f64: Buffers::default(),
     };
     let reference = plan.reference;
+    let stripes = plan.stripes;
     let block_elems = plan.block_elems;
     let (carry_source, out) = (plan.carry_source, plan.out);
     let mut combine_block = |block: Block<'_>| -> Result<Vec<Vec<u8>>, CombineError> {
@@ -140,15 +153,18 @@ pub fn run(mut plan: CombinePlan<'_>) -> Result<CombineOutput, CombineError> {
     // output uploaded in parts holds only the part being filled.
     let mut result = Ok(());
     let mut carried = 0u64;
-    for run in runs(reference) {
-        if is_float(&run[0]) {
-            result = for_each_block_of(run, |_| true, &lanes, block_elems, &mut combine_block);
+    for run in
+        stripes.chunk_by(|a, b| is_float(&reference[a.tensor]) == is_float(&reference[b.tensor]))
+    {
+        if is_float(&reference[run[0].tensor]) {
+            let items = stripe_blocks(reference, run, |_| true, block_elems);
+            result = for_each_item(items, &lanes, &mut combine_block);
             if result.is_err() {
                 break;
             }
         } else {
-            for t in run {
-                carried += carry_over(carry_source, out, block_elems, t)?;
+            for s in run {
+                carried += carry_over(carry_source, out, block_elems, &reference[s.tensor], s)?;
             }
         }
     }
@@ -188,6 +204,8 @@ impl From<ReadFailure> for CombineError {
 
 /// Per-pass decisions and reusable buffers.
 struct Ctx {
+    /// Each tensor's first element's position among all the model's.
+    element_offsets: std::collections::HashMap<String, u64>,
     global_coef: f64,
     need_g: bool,
     scaled: bool,
@@ -205,30 +223,27 @@ struct Buffers<A> {
     out_raw: Vec<u8>,
 }
 
+/// Copies one stripe of a carried-over tensor; returns the bytes copied.
 fn carry_over(
     source: &Source,
     out: &ModelWriter,
     block_elems: usize,
     t: &TensorEntry,
+    stripe: &Stripe,
 ) -> Result<u64, CombineError> {
     let eb = elem_bytes(t.dtype);
     let mut buf = Vec::new();
-    for range in blocks(t.elements(), block_elems) {
+    let first = stripe.elements.start;
+    for range in blocks(stripe.elements.len(), block_elems) {
         buf.resize(range.len() * eb, 0);
-        let off = (range.start * eb) as u64;
+        let off = ((first + range.start) * eb) as u64;
         source
             .read(&t.name, off, &mut buf)
             .map_err(|e| CombineError::State(format!("copying `{}`: {e}", t.name)))?;
         out.write_at(&t.name, off, &buf)
             .map_err(CombineError::Write)?;
     }
-    Ok(t.byte_len())
-}
-
-/// Consecutive tensors of the same kind (averaged or carried over), in
-/// order; never empty.
-fn runs(tensors: &[TensorEntry]) -> impl Iterator<Item = &[TensorEntry]> {
-    tensors.chunk_by(|a, b| is_float(a) == is_float(b))
+    Ok((stripe.elements.len() * eb) as u64)
 }
 
 /// Combines one block; returns the optimizer-state bytes it read.
@@ -293,8 +308,11 @@ where
         };
         plan.round_combiner.combine_block(&block, &mut b.out)?;
     }
-    if let Some(noise) = plan.noise.as_mut() {
-        noise.add_block(&mut b.out);
+    if let Some(noise) = plan.noise {
+        noise.add_block(
+            ctx.element_offsets[&t.name] + range.start as u64,
+            &mut b.out,
+        );
     }
     let mut read = 0;
     if let Some(io) = &plan.optimizer {

@@ -23,6 +23,7 @@ pub mod measurements;
 pub mod model;
 pub mod personalization;
 mod quality;
+pub mod shard;
 pub mod share_cap;
 mod stages;
 mod statistics;

@@ -7,7 +7,8 @@ use rayon::prelude::*;
 
 use crate::float::{decode_into, elem_bytes, role, Acc, TensorRole};
 use crate::model::TensorEntry;
-use crate::stream::{for_each_block, ReadFailure, Source};
+use crate::shard::{Stripe, STRIPE_ELEMENTS};
+use crate::stream::{for_each_item, stripe_blocks, Lane, ReadFailure, Source, BLOCK_ALIGN};
 
 /// A value that is not finite, found in input `input` (index into the
 /// inputs given to the pass).
@@ -37,44 +38,84 @@ pub enum StatsError {
     },
 }
 
-pub struct Statistics {
-    /// gram[i][j] = ⟨u_i, u_j⟩ (only the diagonal unless `full`).
-    pub gram: Vec<Vec<f64>>,
+/// What a statistics pass over some stripes found: per float stripe, in
+/// order, its partial Gram matrix (n × n, row-major; only the diagonal is
+/// filled unless `full`).
+pub struct StripeGrams {
+    pub stripes: Vec<Vec<f64>>,
     pub bytes_read: u64,
 }
 
-const CHUNK: usize = 2048;
+const CHUNK: usize = BLOCK_ALIGN;
 
+/// The Gram matrix from every float stripe's partial, in stripe order.
+/// Each stripe's partial is the sum, in order, of its chunks' dot products
+/// (chunks of `CHUNK` elements from the stripe's start), so the result is
+/// the same bit for bit whether one pass or K shards computed the stripes.
+pub fn gram(stripes: &[Vec<f64>], n: usize) -> Vec<Vec<f64>> {
+    let mut sum = vec![0f64; n * n];
+    for partial in stripes {
+        for (a, b) in sum.iter_mut().zip(partial) {
+            *a += b;
+        }
+    }
+    (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| {
+                    if j <= i {
+                        sum[i * n + j]
+                    } else {
+                        sum[j * n + i]
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The statistics pass over `stripes` (of `reference`): every input's
+/// values checked, the partial Gram matrix of each float stripe.
 pub fn run(
     reference: &[TensorEntry],
+    stripes: &[Stripe],
     global: Option<&Source>,
     inputs: &[&Source],
     full: bool,
     block_elems: usize,
-) -> Result<Statistics, StatsError> {
+) -> Result<StripeGrams, StatsError> {
     let n = inputs.len();
-    let mut gram = vec![0f64; n * n];
+    let mut partials: Vec<Vec<f64>> = Vec::new();
     let mut bytes_read = 0u64;
-    let mut sources = inputs.to_vec();
-    sources.extend(global);
+    let mut sources: Vec<Lane<'_>> = inputs.iter().map(|&s| Lane::Values(s)).collect();
+    sources.extend(global.map(Lane::Values));
     let is_float = |t: &TensorEntry| {
         matches!(
             role(t.dtype),
             Some(TensorRole::Float32Acc | TensorRole::Float64Acc)
         )
     };
-    let result = for_each_block(reference, is_float, &sources, block_elems, |block| {
+    let items = stripe_blocks(reference, stripes, is_float, block_elems);
+    let result = for_each_item(items, &sources, |block| {
         let (xs, g) = block.raws.split_at(n);
         let g = g.first().map(Vec::as_slice);
         bytes_read += block.raws.iter().map(|r| r.len() as u64).sum::<u64>();
-        let partial = match role(block.tensor.dtype) {
+        // Stripes start at multiples of STRIPE_ELEMENTS of their tensor,
+        // and blocks at their stripe's start.
+        if block.range.start % STRIPE_ELEMENTS == 0 {
+            partials.push(vec![0f64; n * n]);
+        }
+        let stripe = partials.last_mut().expect("a block starts each stripe");
+        let chunks = match role(block.tensor.dtype) {
             Some(TensorRole::Float64Acc) => {
                 block_gram::<f64>(block.tensor, block.range.start, g, xs, full)?
             }
             _ => block_gram::<f32>(block.tensor, block.range.start, g, xs, full)?,
         };
-        for (a, b) in gram.iter_mut().zip(partial) {
-            *a += b;
+        for chunk in chunks {
+            for (a, b) in stripe.iter_mut().zip(chunk) {
+                *a += b;
+            }
         }
         Ok(block.raws)
     });
@@ -84,20 +125,10 @@ pub fn run(
         }
         other => other?,
     }
-    let gram = (0..n)
-        .map(|i| {
-            (0..n)
-                .map(|j| {
-                    if j <= i {
-                        gram[i * n + j]
-                    } else {
-                        gram[j * n + i]
-                    }
-                })
-                .collect()
-        })
-        .collect();
-    Ok(Statistics { gram, bytes_read })
+    Ok(StripeGrams {
+        stripes: partials,
+        bytes_read,
+    })
 }
 
 impl From<ReadFailure> for StatsError {
@@ -109,13 +140,14 @@ impl From<ReadFailure> for StatsError {
     }
 }
 
+/// Each chunk's partial Gram matrix, in chunk order.
 fn block_gram<A: Acc>(
     t: &TensorEntry,
     first: usize,
     global: Option<&[u8]>,
     raws: &[Vec<u8>],
     full: bool,
-) -> Result<Vec<f64>, StatsError> {
+) -> Result<Vec<Vec<f64>>, StatsError> {
     let n = raws.len();
     let eb = elem_bytes(t.dtype);
     let len = raws.first().map_or(0, |r| r.len() / eb);
@@ -170,13 +202,6 @@ fn block_gram<A: Acc>(
             }
             Ok(partial)
         })
-        .try_reduce(
-            || vec![0f64; n * n],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                Ok(a)
-            },
-        )
+        // In chunk order: the caller adds them up in that order.
+        .collect()
 }

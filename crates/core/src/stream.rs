@@ -10,6 +10,7 @@ use crate::bytes::Input;
 use crate::error::ModelError;
 use crate::limits::Limits;
 use crate::model::{self, ModelHeader, TensorEntry};
+use crate::shard::Stripe;
 
 /// An input whose header has been read and validated.
 pub struct Source {
@@ -75,21 +76,6 @@ pub struct ReadFailure {
     pub error: std::io::Error,
 }
 
-/// Calls `f` on every block of every selected tensor, in order, while a
-/// second thread reads the next block: reading (memory copies out of the
-/// page cache) overlaps with combining instead of alternating with it. Two
-/// buffer sets circulate, so memory stays at two blocks per source.
-pub fn for_each_block<'r, E: From<ReadFailure> + Send>(
-    reference: &'r [TensorEntry],
-    select: impl Fn(&TensorEntry) -> bool,
-    sources: &[&Source],
-    block_elems: usize,
-    f: impl FnMut(Block<'r>) -> Result<Vec<Vec<u8>>, E>,
-) -> Result<(), E> {
-    let lanes: Vec<Lane<'_>> = sources.iter().map(|s| Lane::Values(s)).collect();
-    for_each_block_of(reference, select, &lanes, block_elems, f)
-}
-
 /// What one buffer of a block holds.
 #[derive(Clone, Copy)]
 pub enum Lane<'s> {
@@ -100,21 +86,38 @@ pub enum Lane<'s> {
     Mask(&'s Source),
 }
 
-/// [`for_each_block`] over lanes: a block's buffers follow `lanes`, so a
-/// mask arrives with its values (same element range, same read-ahead).
-pub fn for_each_block_of<'r, E: From<ReadFailure> + Send>(
+/// The blocks of `stripes` (of `reference`) whose tensor `select` takes,
+/// in order: each stripe cut into blocks of `block_elems` from its own
+/// start, so a block never straddles two stripes.
+pub fn stripe_blocks<'r>(
     reference: &'r [TensorEntry],
+    stripes: &[Stripe],
     select: impl Fn(&TensorEntry) -> bool,
-    lanes: &[Lane<'_>],
     block_elems: usize,
+) -> Vec<(&'r TensorEntry, std::ops::Range<usize>)> {
+    stripes
+        .iter()
+        .filter(|s| select(&reference[s.tensor]))
+        .flat_map(|s| {
+            let first = s.elements.start;
+            blocks(s.elements.len(), block_elems)
+                .map(move |r| (&reference[s.tensor], first + r.start..first + r.end))
+        })
+        .collect()
+}
+
+/// Calls `f` on every block of `items` (tensor, element range), in order,
+/// while a second thread reads the next block: reading (memory copies out
+/// of the page cache, ranged GETs) overlaps with combining instead of
+/// alternating with it. Two buffer sets circulate, so memory stays at two
+/// blocks per lane. A block's buffers follow `lanes`, so a mask arrives
+/// with its values (same element range, same read-ahead).
+pub fn for_each_item<'r, E: From<ReadFailure> + Send>(
+    items: Vec<(&'r TensorEntry, std::ops::Range<usize>)>,
+    lanes: &[Lane<'_>],
     mut f: impl FnMut(Block<'r>) -> Result<Vec<Vec<u8>>, E>,
 ) -> Result<(), E> {
     let sources = lanes;
-    let items: Vec<(&'r TensorEntry, std::ops::Range<usize>)> = reference
-        .iter()
-        .filter(|t| select(t))
-        .flat_map(|t| blocks(t.elements(), block_elems).map(move |r| (t, r)))
-        .collect();
     std::thread::scope(|scope| {
         let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Block<'r>, ReadFailure>>(1);
         let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(2);
@@ -181,10 +184,16 @@ pub fn blocks(elements: usize, block: usize) -> impl Iterator<Item = std::ops::R
 
 /// How many elements a block holds so that all buffers fit `budget_bytes`:
 /// one raw block per input plus a handful of accumulator-sized buffers.
+/// A multiple of [`BLOCK_ALIGN`], so that the passes' chunks fall on the
+/// same grid whatever the block size (see `statistics.rs`).
 pub fn block_elements(budget_bytes: u64, inputs: usize, max_elem_bytes: usize) -> usize {
     let per_element = (inputs + 1) * max_elem_bytes + 6 * 8;
-    ((budget_bytes as usize) / per_element).clamp(1024, 1 << 24)
+    let fit = ((budget_bytes as usize) / per_element).clamp(BLOCK_ALIGN, 1 << 24);
+    fit / BLOCK_ALIGN * BLOCK_ALIGN
 }
+
+/// Blocks hold a multiple of this many elements (the passes' chunk size).
+pub const BLOCK_ALIGN: usize = 2048;
 
 #[cfg(test)]
 mod tests {

@@ -32,14 +32,45 @@ pub struct ModelWriter {
     len: u64,
 }
 
-impl ModelWriter {
-    /// Starts an output at `target` and writes the header. Tensor data is
-    /// laid out in the order of `tensors`.
-    pub fn create(
-        target: &dyn OutputTarget,
+/// Where every byte of an output goes, decided before anything is
+/// written: the header and each tensor's place. Shards use it to know
+/// which bytes of the output are theirs before any of them writes.
+#[derive(Debug, Clone)]
+pub struct OutputLayout {
+    /// The 8-byte length and the header JSON, padded.
+    head: Vec<u8>,
+    /// name → absolute offset of the tensor's first byte, and its length.
+    places: HashMap<String, (u64, u64)>,
+    len: u64,
+}
+
+/// A safetensors header with its metadata in key order and its tensors in
+/// data order: the same bytes for the same layout, in any process.
+struct Header<'a> {
+    metadata: &'a BTreeMap<String, String>,
+    tensors: &'a [(String, TensorInfo)],
+}
+
+impl serde::Serialize for Header<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.tensors.len() + 1))?;
+        if !self.metadata.is_empty() {
+            map.serialize_entry("__metadata__", self.metadata)?;
+        }
+        for (name, info) in self.tensors {
+            map.serialize_entry(name, info)?;
+        }
+        map.end()
+    }
+}
+
+impl OutputLayout {
+    /// Tensor data is laid out in the order of `tensors`.
+    pub fn new(
         tensors: &[TensorSpec],
         metadata: &BTreeMap<String, String>,
-    ) -> std::io::Result<Self> {
+    ) -> std::io::Result<OutputLayout> {
         let mut infos = Vec::with_capacity(tensors.len());
         let mut offset = 0usize;
         for t in tensors {
@@ -54,27 +85,31 @@ impl ModelWriter {
             ));
             offset += bytes;
         }
+        // Checked by the safetensors crate, written by us: its `Metadata`
+        // keeps `__metadata__` in a HashMap, whose order changes from one
+        // process to the next, and every shard, each in its own process,
+        // must compute the same header bytes.
         let meta = (!metadata.is_empty()).then(|| {
             metadata
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         });
-        let header =
-            Metadata::new(meta, infos.clone()).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let mut json = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        Metadata::new(meta, infos.clone()).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut json = serde_json::to_vec(&Header {
+            metadata,
+            tensors: &infos,
+        })
+        .map_err(std::io::Error::other)?;
         // Pad with spaces to a multiple of 8 so that data starts aligned, as
         // the reference implementation does; readers may then map it in place.
         while json.len() % 8 != 0 {
             json.push(b' ');
         }
         let data_start = 8 + json.len() as u64;
-        let len = data_start + offset as u64;
-        let sink = target.create(len)?;
         let mut head = Vec::with_capacity(data_start as usize);
         head.extend_from_slice(&(json.len() as u64).to_le_bytes());
         head.extend_from_slice(&json);
-        sink.write_at(0, &head)?;
         let places = infos
             .into_iter()
             .map(|(name, info)| {
@@ -82,7 +117,49 @@ impl ModelWriter {
                 (name, (data_start + s as u64, (e - s) as u64))
             })
             .collect();
-        Ok(ModelWriter { sink, places, len })
+        Ok(OutputLayout {
+            head,
+            places,
+            len: data_start + offset as u64,
+        })
+    }
+
+    /// Total size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: a layout has at least its header.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Where tensor `name` lies: its absolute offset and length in bytes.
+    pub fn place(&self, name: &str) -> Option<(u64, u64)> {
+        self.places.get(name).copied()
+    }
+}
+
+impl ModelWriter {
+    /// Starts an output at `target` and writes the header. Tensor data is
+    /// laid out in the order of `tensors`.
+    pub fn create(
+        target: &dyn OutputTarget,
+        tensors: &[TensorSpec],
+        metadata: &BTreeMap<String, String>,
+    ) -> std::io::Result<Self> {
+        Self::create_with(target, OutputLayout::new(tensors, metadata)?)
+    }
+
+    /// Starts an output of a layout decided beforehand.
+    pub fn create_with(target: &dyn OutputTarget, layout: OutputLayout) -> std::io::Result<Self> {
+        let sink = target.create(layout.len)?;
+        sink.write_at(0, &layout.head)?;
+        Ok(ModelWriter {
+            sink,
+            places: layout.places,
+            len: layout.len,
+        })
     }
 
     /// Writes `bytes` into tensor `name` starting `offset` bytes into it.

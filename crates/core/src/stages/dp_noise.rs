@@ -8,11 +8,15 @@
 //!
 //! Noise comes from ChaCha20. With a `seed` (tests, reproducible
 //! experiments) each round uses its own ChaCha stream, so rounds never reuse
-//! noise; without one the key comes from the OS's entropy.
+//! noise; without one the key comes from the OS's entropy. The noise of
+//! element k of the model is a function of k alone (Box–Muller on the two
+//! 64-bit words of pair k/2, read by seeking the stream), so a shard that
+//! writes elements a..b draws exactly what one pass over the whole model
+//! draws there, and blocks are noised in parallel.
 
-use rand::{Rng, SeedableRng};
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use rand_distr::StandardNormal;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -123,20 +127,52 @@ struct GaussianNoise {
 }
 
 impl<A: Acc> NoiseKernel<A> for GaussianNoise {
-    fn add_block(&mut self, out: &mut [A]) {
-        add_noise(&mut self.rng, self.sigma, out);
+    fn add_block(&self, first: u64, out: &mut [A]) {
+        add_noise(&self.rng, self.sigma, first, out);
     }
 }
 
-/// Adds N(0, σ²) to every value, drawing in order (deterministic for a seed).
-pub fn add_noise<A: Acc>(rng: &mut ChaCha20Rng, sigma: f64, values: &mut [A]) {
+/// Elements noised per parallel work item (even, so items start on pairs).
+const NOISE_CHUNK: usize = 4096;
+
+/// Adds N(0, σ²) to every value; `values[i]` is element `first + i` of the
+/// model and gets that element's draw from `stream` (a ChaCha20 stream
+/// positioned anywhere: it is sought for each chunk).
+pub fn add_noise<A: Acc>(stream: &ChaCha20Rng, sigma: f64, first: u64, values: &mut [A]) {
     if sigma == 0.0 {
         return;
     }
-    for v in values {
-        let z: f64 = rng.sample(StandardNormal);
-        *v += A::from_f64(sigma * z);
-    }
+    values
+        .par_chunks_mut(NOISE_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut rng = stream.clone();
+            let start = first + (c * NOISE_CHUNK) as u64;
+            // Two 64-bit words (four 32-bit ones) per pair of elements.
+            rng.set_word_pos(u128::from(start / 2) * 4);
+            let mut pending = None;
+            if start % 2 == 1 {
+                pending = Some(normal_pair(&mut rng).1);
+            }
+            for v in chunk {
+                let z = pending.take().unwrap_or_else(|| {
+                    let (z0, z1) = normal_pair(&mut rng);
+                    pending = Some(z1);
+                    z0
+                });
+                *v += A::from_f64(sigma * z);
+            }
+        });
+}
+
+/// Two independent standard normals from the next two 64-bit words
+/// (Box–Muller; the uniforms are in (0, 1), so the logarithm is finite).
+fn normal_pair(rng: &mut ChaCha20Rng) -> (f64, f64) {
+    let open01 = |x: u64| ((x >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
+    let (u1, u2) = (open01(rng.next_u64()), open01(rng.next_u64()));
+    let r = (-2.0 * u1.ln()).sqrt();
+    let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+    (r * c, r * s)
 }
 
 #[cfg(test)]
@@ -148,7 +184,7 @@ mod tests {
         let dp = DpNoise::new(1.0, Some(42)).unwrap();
         let draw = |round| {
             let mut v = vec![0f64; 4];
-            add_noise(&mut dp.rng(round), 1.0, &mut v);
+            add_noise(&dp.rng(round), 1.0, 0, &mut v);
             v
         };
         assert_eq!(draw(1), draw(1));
@@ -161,10 +197,31 @@ mod tests {
         let sigma = dp.stddev(0.5, 0.25); // 2 · 0.5 · 0.25 = 0.25
         assert_eq!(sigma, 0.25);
         let mut v = vec![0f64; 200_000];
-        add_noise(&mut dp.rng(0), sigma, &mut v);
+        add_noise(&dp.rng(0), sigma, 0, &mut v);
         let mean = v.iter().sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
         assert!(mean.abs() < 0.005, "{mean}");
         assert!((var.sqrt() - 0.25).abs() < 0.005, "{}", var.sqrt());
+    }
+
+    #[test]
+    fn any_block_draws_what_the_whole_pass_draws_at_its_elements() {
+        let dp = DpNoise::new(1.0, Some(3)).unwrap();
+        let whole = {
+            let mut v = vec![0f64; 3 * NOISE_CHUNK + 5];
+            add_noise(&dp.rng(9), 1.0, 0, &mut v);
+            v
+        };
+        for (a, b) in [
+            (0, 1),
+            (1, 2),
+            (1, 4100),
+            (4095, 8193),
+            (7, 3 * NOISE_CHUNK + 5),
+        ] {
+            let mut part = vec![0f64; b - a];
+            add_noise(&dp.rng(9), 1.0, a as u64, &mut part);
+            assert_eq!(part, whole[a..b], "elements {a}..{b}");
+        }
     }
 }

@@ -245,14 +245,17 @@ pub trait Combiner: StageInfo + AsInfo {
     fn for_round(&self, n: usize, round: u64) -> (Box<dyn RoundCombiner>, Option<Value>);
 }
 
-/// Adds noise to a block, drawing in order.
+/// Adds noise to a block whose first element is element `first` of the
+/// model (every tensor's elements counted in file order). The noise of an
+/// element depends only on its position, so a shard adds exactly what the
+/// whole pass would.
 pub trait NoiseKernel<A: Acc> {
-    fn add_block(&mut self, out: &mut [A]);
+    fn add_block(&self, first: u64, out: &mut [A]);
 }
 
-pub trait RoundNoise: NoiseKernel<f32> + NoiseKernel<f64> + Send {}
+pub trait RoundNoise: NoiseKernel<f32> + NoiseKernel<f64> + Send + Sync {}
 
-impl<T: NoiseKernel<f32> + NoiseKernel<f64> + Send> RoundNoise for T {}
+impl<T: NoiseKernel<f32> + NoiseKernel<f64> + Send + Sync> RoundNoise for T {}
 
 /// Phase 3: noise on the combined model.
 pub trait Noise: StageInfo + AsInfo {

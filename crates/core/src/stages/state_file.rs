@@ -22,12 +22,12 @@ use std::collections::BTreeMap;
 use safetensors::Dtype;
 
 use super::{Pipeline, Scalars, StageInfo, StateSpec};
-use crate::bytes::{Input, OutputTarget};
+use crate::bytes::Input;
 use crate::float::{role, TensorRole};
 use crate::limits::Limits;
 use crate::model::TensorEntry;
 use crate::stream::Source;
-use crate::writer::{ModelWriter, TensorSpec};
+use crate::writer::{OutputLayout, TensorSpec};
 
 const STEP: &str = "fedstep.step";
 
@@ -154,19 +154,19 @@ impl StateLayout {
         })
     }
 
-    /// Starts the next round's state file: its header (markers, step,
-    /// every stage's scalars) is fixed now, tensor slots are filled by the
-    /// combine pass.
-    pub fn create(
+    /// The state file's layout. Slot-major (every `m.*` in model order, then
+    /// every `v.*`), so the slice of the model one shard owns is one run of
+    /// bytes per slot. Files are read by tensor name, so a state written in
+    /// the older tensor-major order still opens.
+    pub fn output_layout(
         &self,
-        target: &dyn OutputTarget,
         reference: &[TensorEntry],
         step: u64,
         next: &BTreeMap<&'static str, Scalars>,
-    ) -> std::io::Result<ModelWriter> {
+    ) -> std::io::Result<OutputLayout> {
         let mut specs = Vec::new();
-        for t in reference.iter().filter(|t| is_float(t)) {
-            for slot in self.tensor_slots() {
+        for slot in self.tensor_slots() {
+            for t in reference.iter().filter(|t| is_float(t)) {
                 specs.push(TensorSpec {
                     name: slot_tensor(slot, &t.name),
                     dtype: state_dtype(t.dtype),
@@ -183,7 +183,18 @@ impl StateLayout {
                 metadata.insert(scalar_key(kind, key), value.clone());
             }
         }
-        ModelWriter::create(target, &specs, &metadata)
+        OutputLayout::new(&specs, &metadata)
+    }
+
+    /// The state tensors derived from model tensor `t` (one per slot; none
+    /// for a carried-over tensor).
+    pub fn tensors_of(&self, t: &TensorEntry) -> Vec<(String, Dtype)> {
+        if !is_float(t) {
+            return Vec::new();
+        }
+        self.tensor_slots()
+            .map(|slot| (slot_tensor(slot, &t.name), state_dtype(t.dtype)))
+            .collect()
     }
 }
 
