@@ -206,7 +206,7 @@ fn assert_same_for_every_sharding(fed: &Federation, config: &str, state_in: Opti
         h.tensors
     };
     for shards in [2, 3, 5] {
-        assert_eq!(ShardPlan::even(&reference, shards).len(), shards);
+        assert_eq!(ShardPlan::even(&reference, shards, 0).len(), shards);
         let (m, s, o) = run(fed, config, shards, state_in);
         assert!(
             m == model,
@@ -335,4 +335,103 @@ fn the_state_file_keeps_each_slot_in_one_run_of_bytes() {
         names,
         ["m.emb", "m.w", "m.b", "m.h", "v.emb", "v.w", "v.b", "v.h"]
     );
+}
+
+/// The workflow's tasks, each from a fresh `prepare` as a Lambda would
+/// (statistics per shard, the decision from them, each shard's parts
+/// uploaded whole), with everything between tasks passed as JSON: the
+/// parts put together are the file one pass writes.
+#[test]
+fn the_steps_run_as_separate_tasks_put_together_the_same_files() {
+    use fedstep_core::aggregate::{prepare, Decision, ShardDone, ShardStatistics, Sharding};
+    use fedstep_core::shard::{MemoryParts, PartDest};
+    use std::sync::Arc;
+
+    let fed = federation(false, None);
+    let cfg_text = "[[stages]]\nkind = \"clip\"\nmax_norm = 20.0\n\
+                    [[stages]]\nkind = \"dp_noise\"\nnoise_multiplier = 0.5\nseed = 11\n\
+                    [[stages]]\nkind = \"fedadam\"";
+    let (model, state, one_pass) = run(&fed, cfg_text, 1, None);
+    let cfg = PipelineConfig::from_toml(cfg_text).unwrap();
+    let out = FileTarget::new(fed.dir.path("unused.safetensors"));
+    let state_target = FileTarget::new(fed.dir.path("unused-state.safetensors"));
+    let req = AggregationRequest {
+        updates: &fed.updates,
+        global: Some(Input::file(&fed.global)),
+        config: &cfg,
+        out: &out,
+        state_in: None,
+        state_out: Some(&state_target as &dyn OutputTarget),
+        round: 3,
+    };
+    let none = BTreeMap::new();
+    let sharding = Sharding {
+        shards: 4,
+        min_shard_bytes: 0,
+    };
+    let shards = prepare(&req, sharding, &none).unwrap().shards().len();
+    assert_eq!(shards, 4);
+    let stats: Vec<ShardStatistics> = (0..shards)
+        .map(|s| {
+            let task = prepare(&req, sharding, &none).unwrap();
+            let json = serde_json::to_string(&task.statistics(s).unwrap()).unwrap();
+            serde_json::from_str(&json).unwrap()
+        })
+        .collect();
+    let decision: Decision = {
+        let task = prepare(&req, sharding, &none).unwrap();
+        serde_json::from_str(&serde_json::to_string(&task.decide(&stats).unwrap()).unwrap())
+            .unwrap()
+    };
+    let model_parts = Arc::new(MemoryParts::default());
+    let state_parts = Arc::new(MemoryParts::default());
+    // Out of order, as a Map runs them.
+    let done: Vec<ShardDone> = [2, 0, 3, 1]
+        .into_iter()
+        .map(|s| {
+            let task = prepare(&req, sharding, &none).unwrap();
+            let outputs = task.outputs(&decision).unwrap();
+            task.combine_shard(
+                &decision,
+                &outputs,
+                s,
+                PartDest::Whole(model_parts.clone()),
+                Some(PartDest::Whole(state_parts.clone())),
+            )
+            .unwrap()
+        })
+        .collect();
+    let task = prepare(&req, sharding, &none).unwrap();
+    let outputs = task.outputs(&decision).unwrap();
+    let concat = |parts: BTreeMap<u32, Vec<u8>>| -> Vec<u8> {
+        let numbers: Vec<u32> = parts.keys().copied().collect();
+        assert_eq!(numbers, (1..=numbers.len() as u32).collect::<Vec<_>>());
+        parts.into_values().flatten().collect()
+    };
+    assert!(
+        concat(model_parts.take()) == model,
+        "the model's parts make the model"
+    );
+    assert!(
+        Some(concat(state_parts.take())) == state,
+        "the state's parts make the state"
+    );
+    // Each shard's bytes fit one 16 MiB part.
+    assert_eq!(outputs.model_parts.len(), 4);
+    let outcome = task.outcome(
+        &decision,
+        &outputs,
+        &done,
+        Default::default(),
+        Default::default(),
+    );
+    let mut a = serde_json::to_value(&outcome.measurements).unwrap();
+    let mut b = serde_json::to_value(&one_pass.measurements).unwrap();
+    for v in [&mut a, &mut b] {
+        let o = v.as_object_mut().unwrap();
+        for k in ["seconds", "passes", "bytes_read"] {
+            o.remove(k);
+        }
+    }
+    assert_eq!(a, b);
 }

@@ -45,7 +45,7 @@ pub struct MaskedBlock<'a, A> {
 }
 
 /// What the masks said, summed over blocks.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Tally {
     /// Per input: elements it shared.
     pub shared: Vec<u64>,

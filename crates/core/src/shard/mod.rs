@@ -8,5 +8,5 @@ pub mod plan;
 pub mod stripes;
 
 pub use parts::{InPlace, MemoryParts, PartDest, PartStore, ShardOutput};
-pub use plan::{Part, ShardPlan, PART_BYTES};
+pub use plan::{Part, ShardPlan, MIN_PART_BYTES, PART_BYTES};
 pub use stripes::{Stripe, STRIPE_ELEMENTS};

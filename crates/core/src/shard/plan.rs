@@ -23,6 +23,9 @@ use crate::writer::OutputLayout;
 /// memory whole until it is uploaded.
 pub const PART_BYTES: u64 = 16 << 20;
 
+/// The smallest part S3 takes, but for an upload's last.
+pub const MIN_PART_BYTES: u64 = 5 << 20;
+
 /// Which stripes each shard owns.
 #[derive(Debug, Clone)]
 pub struct ShardPlan {
@@ -42,12 +45,18 @@ pub struct Part {
 
 impl ShardPlan {
     /// At most `k` shards (at least one) of about equal model bytes. Fewer
-    /// when the model has fewer stripes than `k`.
-    pub fn even(reference: &[TensorEntry], k: usize) -> ShardPlan {
+    /// when the model has fewer stripes than `k`, or when `k` shards would
+    /// hold less than `min_bytes` each (an upload's parts but the last must
+    /// be at least 5 MiB: [`MIN_PART_BYTES`]).
+    pub fn even(reference: &[TensorEntry], k: usize, min_bytes: u64) -> ShardPlan {
         let stripes = stripes(reference);
         let bytes: Vec<u64> = stripes.iter().map(|s| stripe_bytes(reference, s)).collect();
         let total: u64 = bytes.iter().sum();
-        let k = k.clamp(1, stripes.len().max(1)) as u64;
+        // No minimum (0) allows any number of shards.
+        let by_size = total
+            .checked_div(min_bytes)
+            .map_or(usize::MAX, |n| n.max(1) as usize);
+        let k = k.min(by_size).clamp(1, stripes.len().max(1)) as u64;
         let mut shards = Vec::new();
         let (mut start, mut done) = (0usize, 0u64);
         for (i, b) in bytes.iter().enumerate() {
@@ -233,7 +242,7 @@ mod tests {
     fn even_shards_split_by_bytes_at_stripe_boundaries() {
         let s = STRIPE_ELEMENTS;
         let (r, _) = reference(&[(3 * s, Dtype::F32), (5, Dtype::I64), (s + 7, Dtype::BF16)]);
-        let plan = ShardPlan::even(&r, 2);
+        let plan = ShardPlan::even(&r, 2, 0);
         assert_eq!(plan.stripes().len(), 6);
         assert_eq!(plan.len(), 2);
         // 12 MiB + 40 B + 2 MiB + 14 B: the first shard reaches half at its
@@ -241,11 +250,13 @@ mod tests {
         assert_eq!(plan.stripe_range(0), 0..2);
         assert_eq!(plan.stripe_range(1), 2..6);
         assert_eq!(
-            ShardPlan::even(&r, 100).len(),
+            ShardPlan::even(&r, 100, 0).len(),
             6,
             "at most one shard a stripe"
         );
-        assert_eq!(ShardPlan::even(&r, 0).len(), 1);
+        assert_eq!(ShardPlan::even(&r, 0, 0).len(), 1);
+        // 14 MiB: at most two shards of at least 5 MiB.
+        assert_eq!(ShardPlan::even(&r, 6, MIN_PART_BYTES).len(), 2);
         assert_eq!(ShardPlan::by_bytes(&r, 8 << 20).stripe_range(0), 0..2);
     }
 
@@ -254,7 +265,7 @@ mod tests {
         let s = STRIPE_ELEMENTS;
         let (r, layout) = reference(&[(3 * s, Dtype::F32), (5, Dtype::I64), (s + 7, Dtype::BF16)]);
         for k in 1..=6 {
-            let plan = ShardPlan::even(&r, k);
+            let plan = ShardPlan::even(&r, k, 0);
             let parts = plan.parts(&r, &layout, same, 5 << 20).unwrap();
             assert_eq!(parts[0].bytes.start, 0);
             assert_eq!(parts.last().unwrap().bytes.end, layout.len());
@@ -273,7 +284,7 @@ mod tests {
     fn parts_refuse_a_layout_the_plan_does_not_cover() {
         let (r, _) = reference(&[(10, Dtype::F32), (10, Dtype::F32)]);
         let (_, bigger) = reference(&[(10, Dtype::F32), (10, Dtype::F32), (3, Dtype::F32)]);
-        let plan = ShardPlan::even(&r, 2);
+        let plan = ShardPlan::even(&r, 2, 0);
         let err = plan.parts(&r, &bigger, same, 1 << 20).unwrap_err();
         assert!(err.contains("belong to no shard"), "{err}");
     }

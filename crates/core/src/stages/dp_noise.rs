@@ -20,7 +20,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{measured, params, Noise, NoiseKernel, RoundNoise, Stage, StageInfo, StageTable};
+use super::{
+    measured, params, Noise, NoiseKernel, NoiseKey, RoundNoise, Stage, StageInfo, StageTable,
+};
 use crate::float::Acc;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -69,15 +71,11 @@ impl DpNoise {
         self.noise_multiplier * clip_norm * max_weight
     }
 
-    pub fn rng(&self, round: u64) -> ChaCha20Rng {
-        match self.seed {
-            Some(seed) => {
-                let mut rng = ChaCha20Rng::seed_from_u64(seed);
-                rng.set_stream(round);
-                rng
-            }
-            None => ChaCha20Rng::from_os_rng(),
-        }
+    /// Round `round`'s stream under `key`: rounds never share noise.
+    pub fn rng(key: &NoiseKey, round: u64) -> ChaCha20Rng {
+        let mut rng = ChaCha20Rng::from_seed(*key);
+        rng.set_stream(round);
+        rng
     }
 }
 
@@ -96,11 +94,19 @@ impl StageInfo for DpNoise {
 }
 
 impl Noise for DpNoise {
+    fn draw_key(&self) -> NoiseKey {
+        match self.seed {
+            Some(seed) => ChaCha20Rng::seed_from_u64(seed).get_seed(),
+            None => ChaCha20Rng::from_os_rng().get_seed(),
+        }
+    }
+
     fn for_round(
         &self,
         norm_bound: Option<f64>,
         max_weight: f64,
         round: u64,
+        key: &NoiseKey,
     ) -> (Box<dyn RoundNoise>, Value) {
         // The pipeline refuses dp_noise without a clip before it.
         let clip = norm_bound.expect("checked by Pipeline::build");
@@ -113,7 +119,7 @@ impl Noise for DpNoise {
             seeded: self.seed.is_some(),
         });
         let noise = GaussianNoise {
-            rng: self.rng(round),
+            rng: Self::rng(key, round),
             sigma,
         };
         (Box::new(noise), m)
@@ -184,7 +190,7 @@ mod tests {
         let dp = DpNoise::new(1.0, Some(42)).unwrap();
         let draw = |round| {
             let mut v = vec![0f64; 4];
-            add_noise(&dp.rng(round), 1.0, 0, &mut v);
+            add_noise(&DpNoise::rng(&dp.draw_key(), round), 1.0, 0, &mut v);
             v
         };
         assert_eq!(draw(1), draw(1));
@@ -197,7 +203,7 @@ mod tests {
         let sigma = dp.stddev(0.5, 0.25); // 2 · 0.5 · 0.25 = 0.25
         assert_eq!(sigma, 0.25);
         let mut v = vec![0f64; 200_000];
-        add_noise(&dp.rng(0), sigma, 0, &mut v);
+        add_noise(&DpNoise::rng(&dp.draw_key(), 0), sigma, 0, &mut v);
         let mean = v.iter().sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
         assert!(mean.abs() < 0.005, "{mean}");
@@ -209,7 +215,7 @@ mod tests {
         let dp = DpNoise::new(1.0, Some(3)).unwrap();
         let whole = {
             let mut v = vec![0f64; 3 * NOISE_CHUNK + 5];
-            add_noise(&dp.rng(9), 1.0, 0, &mut v);
+            add_noise(&DpNoise::rng(&dp.draw_key(), 9), 1.0, 0, &mut v);
             v
         };
         for (a, b) in [
@@ -220,7 +226,7 @@ mod tests {
             (7, 3 * NOISE_CHUNK + 5),
         ] {
             let mut part = vec![0f64; b - a];
-            add_noise(&dp.rng(9), 1.0, a as u64, &mut part);
+            add_noise(&DpNoise::rng(&dp.draw_key(), 9), 1.0, a as u64, &mut part);
             assert_eq!(part, whole[a..b], "elements {a}..{b}");
         }
     }

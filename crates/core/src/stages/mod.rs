@@ -269,15 +269,26 @@ pub trait Noise: StageInfo + AsInfo {
         true
     }
 
+    /// The key of the round's noise stream, drawn once by whoever decides
+    /// the round and given to every shard, so that they all draw from one
+    /// stream (a key per shard would make the shards' noise differ from
+    /// one pass's, and a key shown to anyone who sees the output would
+    /// let them subtract the noise).
+    fn draw_key(&self) -> NoiseKey;
+
     /// The noise for this round, calibrated to the norm bound and the
-    /// largest normalized weight.
+    /// largest normalized weight, drawn from `key`'s stream.
     fn for_round(
         &self,
         norm_bound: Option<f64>,
         max_weight: f64,
         round: u64,
+        key: &NoiseKey,
     ) -> (Box<dyn RoundNoise>, Value);
 }
+
+/// The key of a round's noise stream (ChaCha20's 256-bit key).
+pub type NoiseKey = [u8; 32];
 
 /// A server optimizer's per-element step for accumulator type `A`.
 pub trait StepKernel<A: Acc> {
