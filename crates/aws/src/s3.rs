@@ -83,6 +83,10 @@ impl S3Store {
         &self.bucket
     }
 
+    pub(crate) fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
     /// The `fedstep-sha256` tag of a streamed object; empty when it has
     /// none. Empty matches no checksum, so an update uploaded without one
     /// is rejected by the validator with a clear reason.

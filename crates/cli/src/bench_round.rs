@@ -4,12 +4,15 @@
 //! process (`fedstep bench round-worker`) so its peak RSS and the bytes it
 //! wrote to local disk are its own.
 //!
-//! Two modes, measured the same way:
+//! Three modes, measured the same way:
 //! - `streamed` — what the engine does now: HEAD every input, read them in
 //!   place with ranged, pinned, read-ahead GETs, write the global model as
 //!   a multipart upload while it is produced, verify each input's SHA-256;
 //! - `staged` — what it did before: download every input to a scratch
-//!   directory one after another, aggregate the files, upload the result.
+//!   directory one after another, aggregate the files, upload the result;
+//! - `sharded` — the aggregation cut into `--shards` shards, each its own
+//!   worker process writing its own parts of one upload
+//!   (`bench_round_sharded.rs`).
 //!
 //! Only ratios within one run mean something: the machine is shared.
 
@@ -31,6 +34,8 @@ use crate::bench::{generate, layout, parse_count, BenchDtype};
 pub enum RoundMode {
     Streamed,
     Staged,
+    /// Cut into shards, each its own worker process (`--shards`).
+    Sharded,
 }
 
 #[derive(clap::Args)]
@@ -44,8 +49,12 @@ pub struct RoundBench {
     #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
     dtype: BenchDtype,
     /// Which aggregation to measure (repeat for both).
-    #[arg(long, value_enum, default_values_t = [RoundMode::Streamed, RoundMode::Staged])]
+    #[arg(long, value_enum, default_values_t = [RoundMode::Streamed, RoundMode::Staged, RoundMode::Sharded])]
     mode: Vec<RoundMode>,
+    /// Shards of the sharded mode (fewer when a shard would hold less than
+    /// the 5 MiB of an upload part).
+    #[arg(long, default_value_t = 4)]
+    shards: usize,
     /// Write the figures as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -57,23 +66,34 @@ pub struct RoundWorker {
     #[arg(long)]
     bucket: String,
     #[arg(long)]
-    prefix: String,
+    pub(crate) prefix: String,
     #[arg(long)]
-    clients: usize,
+    pub(crate) clients: usize,
     #[arg(long, value_enum)]
     mode: RoundMode,
+    /// Sharded mode: this worker's shard, out of `--shards`.
+    #[arg(long)]
+    pub(crate) shard: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub(crate) shards: usize,
+    /// Sharded mode: the upload in parts of the next global model.
+    #[arg(long)]
+    pub(crate) upload_id: Option<String>,
+    /// Sharded mode: the plan's decision (JSON).
+    #[arg(long)]
+    pub(crate) decision: Option<PathBuf>,
 }
 
-fn update_key(prefix: &str, i: usize) -> String {
+pub(crate) fn update_key(prefix: &str, i: usize) -> String {
     format!("{prefix}/updates/c{i:03}.safetensors")
 }
-fn global_key(prefix: &str) -> String {
+pub(crate) fn global_key(prefix: &str) -> String {
     format!("{prefix}/global.safetensors")
 }
-fn out_key(prefix: &str, mode: RoundMode) -> String {
+pub(crate) fn out_key(prefix: &str, mode: RoundMode) -> String {
     format!("{prefix}/next-{mode:?}.safetensors").to_lowercase()
 }
-fn num_examples(i: usize) -> u64 {
+pub(crate) fn num_examples(i: usize) -> u64 {
     100 + i as u64
 }
 
@@ -168,7 +188,19 @@ fn measure(
         "input_bytes": input_bytes, "read_floor_s": read_floor,
     });
     for &mode in &b.mode {
-        let child = worker_child(bucket, prefix, b.clients, mode)?;
+        let mut sharded = None;
+        let child = if mode == RoundMode::Sharded {
+            let f = crate::bench_round_sharded::run(rt, &store, prefix, b.clients, b.shards, dir)?;
+            let child = ChildFigures {
+                aggregate_s: f.aggregate_s,
+                peak_rss: f.peak_rss,
+                disk_bytes: f.disk_bytes,
+            };
+            sharded = Some(f);
+            child
+        } else {
+            worker_child(bucket, prefix, b.clients, mode)?
+        };
         let dst = dir.join("committed.safetensors");
         rt.block_on(store.get_file(&out_key(prefix, mode), &dst))?;
         let identical = std::fs::read(&dst)? == expected;
@@ -179,11 +211,17 @@ fn measure(
         println!("{tag}.peak_rss_mb: {:.1}", child.peak_rss as f64 / 1e6);
         println!("{tag}.local_disk_bytes: {}", child.disk_bytes);
         println!("{tag}.identical: {identical}");
-        json[tag] = serde_json::json!({
+        json[&tag] = serde_json::json!({
             "aggregate_s": child.aggregate_s, "ratio": ratio,
             "peak_rss_bytes": child.peak_rss, "local_disk_bytes": child.disk_bytes,
             "identical": identical,
         });
+        if let Some(f) = sharded {
+            println!("{tag}.shards: {}", f.shards);
+            println!("{tag}.max_read_share: {:.3}", f.max_read_share);
+            json[&tag]["shards"] = f.shards.into();
+            json[&tag]["max_read_share"] = f.max_read_share.into();
+        }
     }
     if let Some(p) = &b.json {
         std::fs::write(p, serde_json::to_vec_pretty(&json)?)?;
@@ -199,7 +237,6 @@ struct ChildFigures {
 
 /// Runs `fedstep bench round-worker` and reads its figures: its own
 /// timing and disk writes on stdout, its peak RSS from wait4.
-#[allow(unsafe_code)] // libc::wait4: the worker's peak RSS
 fn worker_child(
     bucket: &str,
     prefix: &str,
@@ -219,7 +256,23 @@ fn worker_child(
     .args(["--clients", &clients.to_string()])
     .args(["--mode", &format!("{mode:?}").to_lowercase()])
     .stdout(Stdio::piped());
-    let mut child = cmd.spawn().context("starting the round worker")?;
+    let child = cmd.spawn().context("starting the round worker")?;
+    let (out, peak_rss) = wait_worker(child, mode)?;
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("worker output: {out}"))?;
+    Ok(ChildFigures {
+        aggregate_s: v["aggregate_s"].as_f64().context("aggregate_s")?,
+        disk_bytes: v["disk_bytes"].as_u64().context("disk_bytes")?,
+        peak_rss,
+    })
+}
+
+/// Waits for a worker: its stdout, and its peak RSS from wait4.
+#[allow(unsafe_code)] // libc::wait4: the worker's peak RSS
+pub(crate) fn wait_worker(
+    mut child: std::process::Child,
+    mode: RoundMode,
+) -> Result<(String, u64)> {
     let mut out = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut out)?;
     let pid = child.id() as libc::pid_t;
@@ -234,14 +287,8 @@ fn worker_child(
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
         bail!("the {mode:?} round worker failed (status {status})");
     }
-    let v: serde_json::Value =
-        serde_json::from_str(out.trim()).with_context(|| format!("worker output: {out}"))?;
-    Ok(ChildFigures {
-        aggregate_s: v["aggregate_s"].as_f64().context("aggregate_s")?,
-        disk_bytes: v["disk_bytes"].as_u64().context("disk_bytes")?,
-        // ru_maxrss is in kilobytes on Linux.
-        peak_rss: usage.ru_maxrss as u64 * 1024,
-    })
+    // ru_maxrss is in kilobytes on Linux.
+    Ok((out, usage.ru_maxrss as u64 * 1024))
 }
 
 pub fn worker(w: RoundWorker) -> Result<()> {
@@ -252,16 +299,18 @@ pub fn worker(w: RoundWorker) -> Result<()> {
     let store = S3Store::new(cfg.s3(), &w.bucket);
     let disk_before = disk_write_bytes()?;
     let start = Instant::now();
-    match w.mode {
-        RoundMode::Streamed => rt.block_on(streamed(&store, &w))?,
-        RoundMode::Staged => rt.block_on(staged(&store, &w))?,
-    }
-    let aggregate_s = start.elapsed().as_secs_f64();
-    let disk_bytes = disk_write_bytes()? - disk_before;
-    println!(
-        "{}",
-        serde_json::json!({"aggregate_s": aggregate_s, "disk_bytes": disk_bytes})
-    );
+    let mut figures = match w.mode {
+        RoundMode::Streamed => rt
+            .block_on(streamed(&store, &w))
+            .map(|()| serde_json::json!({}))?,
+        RoundMode::Staged => rt
+            .block_on(staged(&store, &w))
+            .map(|()| serde_json::json!({}))?,
+        RoundMode::Sharded => rt.block_on(crate::bench_round_sharded::worker(&store, &w))?,
+    };
+    figures["aggregate_s"] = start.elapsed().as_secs_f64().into();
+    figures["disk_bytes"] = (disk_write_bytes()? - disk_before).into();
+    println!("{figures}");
     Ok(())
 }
 

@@ -232,3 +232,51 @@ async fn writer_uploads_parts_as_they_fill_and_tags_the_hash() {
     .await;
     assert_eq!(store.head(&key3).await.unwrap(), None);
 }
+
+/// One object written in parts by several writers (the shards of an
+/// aggregation, each in its own process): parts uploaded out of order by
+/// whoever owns them, invisible until the upload is completed from all
+/// the writers' receipts; a missing part is named, not guessed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_writers_upload_one_object_in_parts() {
+    let Some(env) = common::env().await else {
+        return;
+    };
+    let store = env.store();
+    let key = format!("jobs/{}/rounds/3/global.safetensors", unique("parts"));
+    let data = content(11 * (1 << 20) + 77, 5);
+    let cuts = [0, 5 << 20, 10 << 20, data.len()];
+    let upload_id = store.create_upload(&key).await.unwrap();
+    let first = Arc::new(store.part_writer(&key, &upload_id).unwrap());
+    let second = Arc::new(store.part_writer(&key, &upload_id).unwrap());
+    let (a, b, d) = (first.clone(), second.clone(), data.clone());
+    blocking(move || {
+        use fedstep_core::shard::PartStore;
+        // The second writer's part first, then the first writer's two.
+        b.put_part(2, &d[cuts[1]..cuts[2]]).unwrap();
+        a.put_part(3, &d[cuts[2]..cuts[3]]).unwrap();
+        a.put_part(1, &d[cuts[0]..cuts[1]]).unwrap();
+    })
+    .await;
+    assert_eq!(
+        store.head(&key).await.unwrap(),
+        None,
+        "invisible until completed"
+    );
+    let mut receipts = first.receipts();
+    assert_eq!(receipts.len(), 2);
+    let err = store
+        .complete_upload(&key, &upload_id, receipts.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("part 2 is missing"), "{err}");
+    receipts.extend(second.receipts());
+    store
+        .complete_upload(&key, &upload_id, receipts)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let got = store.get_file(&key, &dir.path().join("o")).await.unwrap();
+    assert_eq!(got.bytes, data.len() as u64);
+    assert_eq!(got.sha256, hex(&Sha256::digest(&data)));
+}
