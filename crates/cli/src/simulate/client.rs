@@ -67,6 +67,15 @@ pub struct SimClient {
     pub algorithm: Algorithm,
 }
 
+/// What local training handed back: the file to upload, the metrics to
+/// report, the claimed example count and, with SCAFFOLD, the variate files.
+struct Trained {
+    upload: PathBuf,
+    metrics: BTreeMap<String, f64>,
+    num_examples: usize,
+    variates: Option<VariateFiles>,
+}
+
 /// What a SCAFFOLD client produced beside its model.
 struct VariateFiles {
     /// Δc_i, to upload.
@@ -137,12 +146,16 @@ impl SimClient {
         };
         let me = Arc::clone(&self);
         let scratch = dir.clone();
-        let (local_path, metrics, num_examples, variates) =
-            tokio::task::spawn_blocking(move || {
-                me.train(&global_path, server_variate.as_deref(), &scratch, round)
-            })
-            .await
-            .map_err(|e| anyhow!("{id}: training task: {e}"))??;
+        let Trained {
+            upload: local_path,
+            metrics,
+            num_examples,
+            variates,
+        } = tokio::task::spawn_blocking(move || {
+            me.train(&global_path, server_variate.as_deref(), &scratch, round)
+        })
+        .await
+        .map_err(|e| anyhow!("{id}: training task: {e}"))??;
 
         if let Some(v) = &variates {
             store
@@ -200,15 +213,14 @@ impl SimClient {
     }
 
     /// Local training (CPU-bound; runs on a blocking thread). Writes the
-    /// file to send into `dir`; returns its path, the metrics to report,
-    /// the claimed example count and, with SCAFFOLD, the variate files.
+    /// file to send into `dir`.
     fn train(
         &self,
         global_path: &Path,
         server_variate: Option<&Path>,
         dir: &Path,
         round: u32,
-    ) -> Result<(PathBuf, BTreeMap<String, f64>, usize, Option<VariateFiles>)> {
+    ) -> Result<Trained> {
         let id = &self.share.id;
         let limits = Limits::default();
         let personal = self.personal_path();
@@ -273,7 +285,12 @@ impl SimClient {
                 );
             }
         }
-        Ok((upload, metrics, out.num_examples, variates))
+        Ok(Trained {
+            upload,
+            metrics,
+            num_examples: out.num_examples,
+            variates,
+        })
     }
 
     /// SCAFFOLD's local round: c from the round's file, c_i from this
