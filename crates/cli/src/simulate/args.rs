@@ -468,7 +468,7 @@ mod tests {
         assert_eq!(s.round_config()["algorithm"], "scaffold");
         let err = |flags: &[&str]| format!("{:#}", resolve(flags).unwrap_err());
         assert!(err(&["--mu", "0.1"]).contains("--algorithm fedprox"));
-        assert!(err(&["--algorithm", "fedprox", "--mu", "-1"]).contains("--mu"));
+        assert!(err(&["--algorithm", "fedprox", "--mu=-1"]).contains("--mu"));
         let dir = tempfile::tempdir().unwrap();
         let median = dir.path().join("median.toml");
         std::fs::write(&median, "[[stages]]\nkind = \"median\"\n").unwrap();
