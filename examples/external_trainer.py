@@ -25,6 +25,10 @@ Options (command-line, all optional):
   --epochs 1          local epochs (round_config.local_epochs overrides)
   --lr 0.1            SGD step size (round_config.learning_rate overrides)
   --batch-size 32     (round_config.batch_size overrides)
+
+round_config.mu (set with algorithm = "fedprox") adds FedProx's
+mu/2 * ||w - w_global||^2 to the local loss (mu * (w - w_global) to every
+gradient); any other algorithm than fedavg/fedprox is refused.
   --csv PATH          digits CSV (default: data/digits/digits.csv next to
                       this repository's examples/ directory)
 """
@@ -133,8 +137,10 @@ def loss_and_accuracy(params, x, y):
     return loss, accuracy
 
 
-def sgd(params, x, y, epochs, lr, batch_size, rng):
-    """Minibatch SGD on mean cross-entropy; gradients written out by hand."""
+def sgd(params, x, y, epochs, lr, batch_size, rng, mu=0.0):
+    """Minibatch SGD on mean cross-entropy; gradients written out by hand.
+    mu > 0: FedProx's proximal pull toward the weights training started from."""
+    anchor = {name: params[name].copy() for name in MLP_NAMES} if mu else None
     for _ in range(epochs):
         order = rng.permutation(len(y))
         for start in range(0, len(order), batch_size):
@@ -155,6 +161,8 @@ def sgd(params, x, y, epochs, lr, batch_size, rng):
                 "fc1.bias": d_h.sum(axis=0),
             }
             for name in MLP_NAMES:
+                if anchor is not None:
+                    grads[name] = grads[name] + mu * (params[name] - anchor[name])
                 params[name] -= lr * grads[name]
 
 
@@ -189,6 +197,12 @@ def main():
     batch_size = int(round_config.get("batch_size", args.batch_size))
     if epochs < 1 or batch_size < 1 or not lr > 0:
         fail("local_epochs and batch_size must be >= 1 and learning_rate > 0")
+    algorithm = round_config.get("algorithm", "fedavg")
+    if algorithm not in ("fedavg", "fedprox"):
+        fail(f"round_config.algorithm = {algorithm!r}: this trainer runs fedavg or fedprox")
+    mu = float(round_config.get("mu", 0.0))
+    if not mu >= 0:
+        fail("round_config.mu must be >= 0")
 
     tensors, metadata = read_safetensors(global_path)
     if sorted(tensors) != sorted(MLP_NAMES):
@@ -209,7 +223,7 @@ def main():
         fail("the class share is empty")
     x, y = x[share].astype(np.float64), y[share]
 
-    sgd(params, x, y, epochs, lr, batch_size, np.random.default_rng([args.seed, round_number]))
+    sgd(params, x, y, epochs, lr, batch_size, np.random.default_rng([args.seed, round_number]), mu)
     loss, accuracy = loss_and_accuracy(params, x, y)
     if not all(np.isfinite(p).all() for p in params.values()):
         fail("training diverged (non-finite weights); lower the learning rate")

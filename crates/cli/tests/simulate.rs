@@ -206,3 +206,109 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Reads every F32 tensor of a safetensors file as f64 values by name.
+fn tensors(path: &std::path::Path) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect();
+            (name, v)
+        })
+        .collect()
+}
+
+/// SCAFFOLD end to end in one process: report.json names the algorithm,
+/// each round records the server variate's update, and round 3's server
+/// variate is recomputed here from round 2's and the Δc_i the clients
+/// uploaded (c⁺ = c + (|S|/N)·mean Δc_i, all three clients taking part).
+#[test]
+fn simulate_scaffold_updates_the_server_variate_from_the_uploaded_deltas() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let output = fedstep()
+        .args([
+            "simulate",
+            "--algorithm",
+            "scaffold",
+            "--rounds",
+            "2",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["final"]["algorithm"], "scaffold");
+    assert_eq!(report["config"]["algorithm"], "scaffold");
+    for r in report["rounds"].as_array().unwrap() {
+        let s = &r["scaffold"];
+        assert_eq!(s["used"].as_array().unwrap().len(), 3, "{s}");
+        assert_eq!(s["participation"], 1.0, "{s}");
+        assert!(s["step_norm"].as_f64().unwrap() > 0.0, "{s}");
+    }
+
+    let round = out.join("store/jobs/simulate/rounds");
+    let c2 = tensors(&round.join("2/scaffold_variate.safetensors"));
+    let c3 = tensors(&round.join("3/scaffold_variate.safetensors"));
+    let deltas: Vec<_> = ["agent-1", "agent-2", "agent-3"]
+        .iter()
+        .map(|id| tensors(&round.join(format!("2/updates/{id}.scaffold_delta.safetensors"))))
+        .collect();
+    assert_eq!(c2.len(), 4);
+    let mut largest = 0f64;
+    for (name, c) in &c2 {
+        for (k, v) in c.iter().enumerate() {
+            let mean = deltas.iter().map(|d| d[name][k]).sum::<f64>() / 3.0;
+            let want = v + (3.0 / 3.0) * mean;
+            let got = c3[name][k];
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{name}[{k}]: {got} vs {want}"
+            );
+            largest = largest.max(got.abs());
+        }
+    }
+    assert!(largest > 0.0, "the server variate never moved");
+    // Each client kept its own variate, private, in its work directory.
+    for id in ["agent-1", "agent-2", "agent-3"] {
+        assert!(out
+            .join(format!("clients/{id}/scaffold_variate.safetensors"))
+            .is_file());
+    }
+
+    // FedProx: the report names it and its μ.
+    let prox = dir.path().join("prox");
+    let output = fedstep()
+        .args([
+            "simulate",
+            "--algorithm",
+            "fedprox",
+            "--mu",
+            "0.5",
+            "--rounds",
+            "1",
+            "--out",
+        ])
+        .arg(&prox)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(prox.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["final"]["algorithm"], "fedprox");
+    assert_eq!(report["final"]["mu"], 0.5);
+}

@@ -72,8 +72,12 @@ impl BuiltinTrainer {
     }
 }
 
-/// The job's `[round_config]` may set `local_epochs`, `batch_size` and
-/// `learning_rate` for everyone; other keys are for other trainers.
+/// The job's `[round_config]` may set `local_epochs`, `batch_size`,
+/// `learning_rate` and FedProx's `mu` for everyone; other keys are for
+/// other trainers. `algorithm` (fedavg | fedprox | scaffold, README
+/// "Client drift") must be one this trainer runs: SCAFFOLD needs control
+/// variate files the client does not exchange yet, so it is refused
+/// rather than silently trained as FedAvg.
 fn with_round_config(
     mut cfg: TrainConfig,
     rc: &Map<String, Value>,
@@ -108,6 +112,28 @@ fn with_round_config(
                     "round_config.learning_rate = {v} is not a positive number"
                 ))
             })?;
+    }
+    if let Some(v) = rc.get("mu") {
+        cfg.proximal_mu = v
+            .as_f64()
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .ok_or_else(|| TrainError(format!("round_config.mu = {v} is not a number >= 0")))?;
+    }
+    match rc.get("algorithm") {
+        None => {}
+        Some(Value::String(a)) if a == "fedavg" || a == "fedprox" => {}
+        Some(Value::String(a)) if a == "scaffold" => {
+            return Err(TrainError(
+                "round_config.algorithm = \"scaffold\": the client binary does not exchange \
+                 SCAFFOLD's control variates yet (fedstep simulate does); use fedavg or fedprox"
+                    .into(),
+            ))
+        }
+        Some(v) => {
+            return Err(TrainError(format!(
+                "round_config.algorithm = {v}: expected \"fedavg\", \"fedprox\" or \"scaffold\""
+            )))
+        }
     }
     Ok(cfg)
 }
@@ -149,7 +175,20 @@ mod tests {
         let cfg = with_round_config(base.clone(), rc.as_object().unwrap()).unwrap();
         assert_eq!((cfg.local_epochs, cfg.learning_rate), (3, 0.05));
         let rc = json!({"local_epochs": "three"});
-        let err = with_round_config(base, rc.as_object().unwrap()).unwrap_err();
+        let err = with_round_config(base.clone(), rc.as_object().unwrap()).unwrap_err();
         assert!(err.0.contains("local_epochs"), "{err}");
+        // FedProx's μ reaches the trainer; a bad one or SCAFFOLD is refused.
+        let rc = json!({"algorithm": "fedprox", "mu": 0.25});
+        let cfg = with_round_config(base.clone(), rc.as_object().unwrap()).unwrap();
+        assert_eq!(cfg.proximal_mu, 0.25);
+        for (rc, word) in [
+            (json!({"mu": -1}), "round_config.mu"),
+            (json!({"mu": "x"}), "round_config.mu"),
+            (json!({"algorithm": "scaffold"}), "scaffold"),
+            (json!({"algorithm": "fedsgd"}), "expected"),
+        ] {
+            let err = with_round_config(base.clone(), rc.as_object().unwrap()).unwrap_err();
+            assert!(err.0.contains(word), "{rc}: {err}");
+        }
     }
 }

@@ -21,6 +21,18 @@ pub fn server_state(job_id: &str, round: u32) -> String {
     format!("jobs/{job_id}/rounds/{round}/server_state.safetensors")
 }
 
+/// SCAFFOLD's server control variate c for round `round` (issue #19):
+/// what the clients of that round read beside the global model, and the
+/// server's state for the next update of c.
+pub fn server_variate(job_id: &str, round: u32) -> String {
+    format!("jobs/{job_id}/rounds/{round}/scaffold_variate.safetensors")
+}
+
+/// A SCAFFOLD client's Δc_i for round `round`, beside its update.
+pub fn variate_delta(job_id: &str, round: u32, client_id: &str) -> String {
+    format!("jobs/{job_id}/rounds/{round}/updates/{client_id}.scaffold_delta.safetensors")
+}
+
 /// The `updates` table's sort key: `{job_id}#{round:06}`.
 pub fn job_round(job_id: &str, round: u32) -> String {
     format!("{job_id}#{round:06}")

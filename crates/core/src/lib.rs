@@ -9,7 +9,8 @@
 //! configured from TOML or JSON as a [`PipelineConfig`], checked when it is
 //! parsed. The cloud crate and the CLI call [`aggregate()`] and nothing
 //! below it; clients that personalize (FedSelect) call [`personalization`]'s
-//! `split_update` and `merge_personal`. The other public modules are the
+//! `split_update` and `merge_personal`; SCAFFOLD's server variate is
+//! updated by [`scaffold`], beside the aggregation. The other public modules are the
 //! model format and the records other crates read or write.
 
 pub mod aggregate;
@@ -23,6 +24,7 @@ pub mod measurements;
 pub mod model;
 pub mod personalization;
 mod quality;
+pub mod scaffold;
 pub mod shard;
 pub mod share_cap;
 mod stages;

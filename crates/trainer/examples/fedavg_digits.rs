@@ -45,6 +45,7 @@ fn main() -> Result<()> {
         batch_size: arg(3).map_or(defaults.batch_size, |s| s.parse().expect("batch_size")),
         hidden: arg(4).map_or(defaults.hidden, |s| s.parse().expect("hidden")),
         seed: arg(5).map_or(defaults.seed, |s| s.parse().expect("seed")),
+        ..defaults.clone()
     };
     println!("{rounds} rounds, {cfg:?}");
 

@@ -22,6 +22,7 @@
 //! # Ok::<(), TrainerError>(())
 //! ```
 
+pub mod correction;
 pub mod dataset;
 pub mod digits;
 pub mod error;
@@ -29,6 +30,7 @@ pub mod eval;
 pub mod idx;
 pub mod model;
 pub mod noise;
+pub mod scaffold;
 mod seed;
 pub mod split;
 pub mod train;
@@ -40,8 +42,9 @@ pub use eval::{evaluate, evaluate_params, Eval};
 pub use idx::{load_mnist_idx, parse_mnist_idx};
 pub use model::{init_model, MlpParams, MlpShape, TENSOR_NAMES};
 pub use noise::shuffle_labels;
+pub use scaffold::{client_variate_update, ScaffoldOutcome};
 pub use split::{
     default_clients, federated_split, partition, partition_indices, train_test_split, ClientData,
     ClientSpec, FederatedData,
 };
-pub use train::{train_local, train_params, TrainConfig, TrainOutcome};
+pub use train::{train_local, train_params, train_scaffold, TrainConfig, TrainOutcome};

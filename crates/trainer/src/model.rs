@@ -81,6 +81,13 @@ impl MlpParams {
         Ok(Self { shape, tensors })
     }
 
+    /// All zeros: SCAFFOLD's control variates before the first round.
+    pub fn zeros(shape: MlpShape) -> Result<Self> {
+        shape.validate()?;
+        let tensors = shape.tensor_shapes().map(|s| vec![0.0; s.iter().product()]);
+        Ok(Self { shape, tensors })
+    }
+
     /// Builds parameters from explicit values (e.g. an averaged model).
     /// Takes the tensors in [`TENSOR_NAMES`] order.
     pub fn from_tensors(shape: MlpShape, tensors: [Vec<f32>; 4]) -> Result<Self> {

@@ -7,10 +7,12 @@ use candle_core::{Device, Tensor};
 use candle_nn::{Optimizer, SGD};
 use rand::seq::SliceRandom;
 
+use crate::correction::corrected_gradient;
 use crate::dataset::Dataset;
 use crate::error::{Result, TrainerError};
 use crate::eval::{check_compatible, evaluate_vars, Eval};
 use crate::model::MlpParams;
+use crate::scaffold::{client_variate_update, ScaffoldOutcome};
 use crate::seed::{rng, Purpose};
 
 /// Hyper-parameters of local training.
@@ -36,6 +38,10 @@ pub struct TrainConfig {
     /// Hidden width; used only when creating a fresh model. Training takes
     /// the architecture from the model it is given.
     pub hidden: usize,
+    /// FedProx's μ: each step adds μ·(w − w_global) to the gradient (the
+    /// gradient of μ/2·‖w − w_global‖², see `correction`). 0 is plain SGD
+    /// (FedAvg), bit for bit.
+    pub proximal_mu: f64,
 }
 
 impl Default for TrainConfig {
@@ -46,6 +52,7 @@ impl Default for TrainConfig {
             learning_rate: 0.05,
             seed: 0,
             hidden: 64,
+            proximal_mu: 0.0,
         }
     }
 }
@@ -68,6 +75,12 @@ impl TrainConfig {
         }
         if self.hidden == 0 {
             return Err(TrainerError::Config("hidden must be > 0".into()));
+        }
+        if !(self.proximal_mu.is_finite() && self.proximal_mu >= 0.0) {
+            return Err(TrainerError::Config(format!(
+                "proximal_mu (FedProx's mu) must be a number >= 0, got {}",
+                self.proximal_mu
+            )));
         }
         Ok(())
     }
@@ -125,15 +138,89 @@ pub fn train_params(
     cfg: &TrainConfig,
     round_seed: u64,
 ) -> Result<(MlpParams, Eval)> {
+    let (trained, eval, _) = run_sgd(params, data, cfg, round_seed, None)?;
+    Ok((trained, eval))
+}
+
+/// SCAFFOLD's local round: corrected steps from `params` (the global
+/// model x) with drift `c − c_i`, then the client's new variate and the
+/// Δc_i to upload (see [`crate::scaffold`]). FedProx's μ, if set, applies
+/// as well.
+pub fn train_scaffold(
+    params: &MlpParams,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    round_seed: u64,
+    server_variate: &MlpParams,
+    client_variate: &MlpParams,
+) -> Result<ScaffoldOutcome> {
+    let shape = params.shape();
+    server_variate.expect_shape(shape)?;
+    client_variate.expect_shape(shape)?;
+    let drift: [Vec<f32>; 4] = std::array::from_fn(|i| {
+        server_variate.tensors()[i]
+            .iter()
+            .zip(&client_variate.tensors()[i])
+            .map(|(c, ci)| c - ci)
+            .collect()
+    });
+    let (trained, eval, steps) = run_sgd(params, data, cfg, round_seed, Some(&drift))?;
+    let (next, delta) = client_variate_update(
+        client_variate,
+        server_variate,
+        params,
+        &trained,
+        steps,
+        cfg.learning_rate,
+    )?;
+    Ok(ScaffoldOutcome {
+        trained,
+        eval,
+        client_variate: next,
+        delta,
+        steps,
+    })
+}
+
+/// Minibatch SGD from `params`; returns the trained parameters, their
+/// evaluation on `data` and the number of steps taken (SCAFFOLD's K).
+/// Plain SGD (μ = 0, no drift) goes through candle's own SGD step so
+/// FedAvg's results stay bit for bit what they were.
+fn run_sgd(
+    params: &MlpParams,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    round_seed: u64,
+    drift: Option<&[Vec<f32>; 4]>,
+) -> Result<(MlpParams, Eval, usize)> {
     cfg.validate()?;
     let shape = params.shape();
     check_compatible(shape, data)?;
     let device = Device::Cpu;
     let net = params.to_vars(&device)?;
-    let mut sgd = SGD::new(net.vars(), cfg.learning_rate)?;
+    let vars = net.vars();
+    let corrected = cfg.proximal_mu != 0.0 || drift.is_some();
+    // The round's anchors: the global weights (FedProx) and c − c_i
+    // (SCAFFOLD), as tensors once rather than per step.
+    // Built from host values: a detached view of a Var would share its
+    // storage and follow the updates.
+    let tensors = |t: &[Vec<f32>; 4]| {
+        t.iter()
+            .zip(shape.tensor_shapes())
+            .map(|(v, s)| Tensor::from_slice(v, s.as_slice(), &device))
+            .collect::<candle_core::Result<Vec<_>>>()
+    };
+    let anchors: Vec<Tensor> = if corrected {
+        tensors(params.tensors())?
+    } else {
+        Vec::new()
+    };
+    let drift: Option<Vec<Tensor>> = drift.map(tensors).transpose()?;
+    let mut sgd = SGD::new(vars.clone(), cfg.learning_rate)?;
     let mut rng = rng(cfg.seed, Purpose::Minibatch, round_seed);
     let mut order: Vec<usize> = (0..data.len()).collect();
     let mut batch_x: Vec<f32> = Vec::with_capacity(cfg.batch_size * data.dim());
+    let mut steps = 0;
     for _ in 0..cfg.local_epochs {
         order.shuffle(&mut rng);
         for batch in order.chunks(cfg.batch_size) {
@@ -145,7 +232,23 @@ pub fn train_params(
             let y: Vec<u32> = batch.iter().map(|&i| u32::from(data.labels()[i])).collect();
             let y = Tensor::from_vec(y, batch.len(), &device)?;
             let loss = candle_nn::loss::cross_entropy(&net.forward(&x)?, &y)?;
-            sgd.backward_step(&loss)?;
+            if corrected {
+                let grads = loss.backward()?;
+                for (k, var) in vars.iter().enumerate() {
+                    let Some(g) = grads.get(var) else { continue };
+                    let g = corrected_gradient(
+                        g,
+                        var.as_tensor(),
+                        &anchors[k],
+                        cfg.proximal_mu,
+                        drift.as_ref().map(|d| &d[k]),
+                    )?;
+                    var.set(&var.as_tensor().sub(&(g * cfg.learning_rate)?)?)?;
+                }
+            } else {
+                sgd.backward_step(&loss)?;
+            }
+            steps += 1;
         }
     }
     let eval = evaluate_vars(&net, shape, data)?;
@@ -155,5 +258,5 @@ pub fn train_params(
         )),
         other => other,
     })?;
-    Ok((trained, eval))
+    Ok((trained, eval, steps))
 }

@@ -5,7 +5,8 @@
 
 use fedstep_trainer::{
     bundled_digits, default_clients, evaluate, federated_split, init_model, shuffle_labels,
-    train_local, train_test_split, MlpParams, TrainConfig, TrainerError,
+    train_local, train_params, train_scaffold, train_test_split, MlpParams, MlpShape, TrainConfig,
+    TrainerError,
 };
 
 fn average(models: &[Vec<u8>]) -> Vec<u8> {
@@ -146,4 +147,75 @@ fn fedavg_of_non_iid_clients_approaches_centralised_accuracy() {
         .unwrap()
         .accuracy;
     assert!(own > 0.8, "single client on its own test data: {own}");
+}
+
+/// FedProx's pull: the larger μ, the closer the trained model stays to the
+/// model it started from; μ = 0 is plain training bit for bit.
+#[test]
+fn proximal_term_keeps_local_models_near_the_global_one() {
+    let data = bundled_digits().unwrap();
+    let cfg = TrainConfig::default();
+    let init = MlpParams::init(
+        MlpShape {
+            input: data.dim(),
+            hidden: cfg.hidden,
+            classes: data.classes(),
+        },
+        0,
+    )
+    .unwrap();
+    let distance = |mu: f64| {
+        let cfg = TrainConfig {
+            proximal_mu: mu,
+            ..cfg.clone()
+        };
+        let (p, _) = train_params(&init, &data, &cfg, 7).unwrap();
+        p.tensors()
+            .iter()
+            .zip(init.tensors())
+            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let (d0, d1, d10) = (distance(0.0), distance(1.0), distance(10.0));
+    assert!(d0 > d1 && d1 > d10 && d10 > 0.0, "{d0} {d1} {d10}");
+    let bad = TrainConfig {
+        proximal_mu: -1.0,
+        ..cfg.clone()
+    };
+    assert!(matches!(
+        train_params(&init, &data, &bad, 0),
+        Err(TrainerError::Config(_))
+    ));
+}
+
+/// SCAFFOLD with both variates at zero takes plain SGD's steps; its Δc_i
+/// is then (x − y)/(K·η), the mean gradient it followed.
+#[test]
+fn scaffold_with_zero_variates_is_plain_sgd() {
+    let data = bundled_digits().unwrap();
+    let cfg = TrainConfig {
+        local_epochs: 1,
+        ..TrainConfig::default()
+    };
+    let shape = MlpShape {
+        input: data.dim(),
+        hidden: cfg.hidden,
+        classes: data.classes(),
+    };
+    let init = MlpParams::init(shape, 0).unwrap();
+    let zero = MlpParams::zeros(shape).unwrap();
+    let (plain, _) = train_params(&init, &data, &cfg, 3).unwrap();
+    let out = train_scaffold(&init, &data, &cfg, 3, &zero, &zero).unwrap();
+    assert_eq!(out.trained, plain);
+    assert_eq!(out.steps, data.len().div_ceil(cfg.batch_size));
+    assert_eq!(out.client_variate, out.delta);
+    let k_eta = out.steps as f64 * cfg.learning_rate;
+    let (x, y, d) = (init.tensors(), plain.tensors(), out.delta.tensors());
+    let want = (f64::from(x[3][0]) - f64::from(y[3][0])) / k_eta;
+    assert!(
+        (f64::from(d[3][0]) - want).abs() < 1e-4,
+        "{} vs {want}",
+        d[3][0]
+    );
 }

@@ -95,6 +95,16 @@ pub struct Args {
     /// share grows linearly from 0 to --personal-fraction (0: at once).
     #[arg(long, default_value_t = 3, value_name = "R")]
     pub personal_ramp: u32,
+    /// The local-training algorithm against client drift (issue #19):
+    /// `fedavg` (plain local SGD), `fedprox` (adds μ/2·‖w − w_global‖² to
+    /// the local loss; --mu) or `scaffold` (control variates: the server's
+    /// c travels with each round's model, each client keeps its own c_i and
+    /// sends Δc_i).
+    #[arg(long, value_enum, default_value = "fedavg")]
+    pub algorithm: Algorithm,
+    /// FedProx's μ (with --algorithm fedprox).
+    #[arg(long, value_name = "M")]
+    pub mu: Option<f64>,
     /// MNIST images (IDX, e.g. train-images-idx3-ubyte) instead of the
     /// bundled digits.
     #[arg(long, requires = "mnist_labels", value_name = "FILE")]
@@ -103,6 +113,30 @@ pub struct Args {
     #[arg(long, requires = "mnist_images", value_name = "FILE")]
     pub mnist_labels: Option<PathBuf>,
 }
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    Fedavg,
+    Fedprox,
+    Scaffold,
+}
+
+impl Algorithm {
+    /// Its name in reports and the round config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Fedavg => "fedavg",
+            Algorithm::Fedprox => "fedprox",
+            Algorithm::Scaffold => "scaffold",
+        }
+    }
+}
+
+/// FedProx's μ when --mu is not given. On simulate's defaults no μ of the
+/// sweep in `scripts/drift-table.sh` beats FedAvg (README, "Client
+/// drift"): 0.01 ties it, 0.1 costs a little, 1 costs 5-10 points.
+pub const DEFAULT_MU: f64 = 0.01;
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PersonalizationFlag {
@@ -167,6 +201,10 @@ pub struct Settings {
     pub pipeline: PipelineConfig,
     /// --personalization fedselect.
     pub personalization: Option<PersonalSettings>,
+    /// --algorithm.
+    pub algorithm: Algorithm,
+    /// FedProx's μ (0 unless --algorithm fedprox).
+    pub mu: f64,
     pub out: PathBuf,
 }
 
@@ -182,7 +220,21 @@ impl Settings {
             learning_rate: self.learning_rate,
             seed: self.seed,
             hidden: self.hidden,
+            proximal_mu: self.mu,
         }
+    }
+
+    /// The job's `[round_config]`: what real clients read the algorithm
+    /// and μ from (README, the external-trainer contract).
+    pub fn round_config(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut rc = serde_json::Map::new();
+        if self.algorithm != Algorithm::Fedavg {
+            rc.insert("algorithm".into(), self.algorithm.name().into());
+        }
+        if self.algorithm == Algorithm::Fedprox {
+            rc.insert("mu".into(), self.mu.into());
+        }
+        rc
     }
 
     /// Client k (0-based) trains on shuffled labels.
@@ -311,6 +363,27 @@ impl Args {
                 })
             }
         };
+        let mu = match (self.algorithm, self.mu) {
+            (Algorithm::Fedprox, mu) => {
+                let mu = mu.unwrap_or(DEFAULT_MU);
+                if !(mu.is_finite() && mu >= 0.0) {
+                    bail!("--mu must be a number >= 0, got {mu}");
+                }
+                mu
+            }
+            (_, Some(_)) => bail!("--mu is FedProx's μ: pass it with --algorithm fedprox"),
+            (_, None) => 0.0,
+        };
+        if self.algorithm == Algorithm::Scaffold {
+            fedstep_core::scaffold::check_pipeline(&pipeline)
+                .map_err(|e| anyhow::anyhow!("--algorithm scaffold with this pipeline: {e}"))?;
+            if self.byzantine_clients > 0 {
+                bail!(
+                    "--algorithm scaffold with --byzantine-clients: the simulated attack \
+                     rewrites the model update only"
+                );
+            }
+        }
         let data = match (self.mnist_images, self.mnist_labels) {
             (Some(images), Some(labels)) => DataSource::Mnist { images, labels },
             _ => DataSource::Digits,
@@ -336,6 +409,8 @@ impl Args {
             aggregation,
             pipeline,
             personalization,
+            algorithm: self.algorithm,
+            mu,
             out: self
                 .out
                 .unwrap_or_else(|| PathBuf::from("runs").join(timestamp::run_dir_name())),
@@ -373,6 +448,39 @@ mod tests {
     fn resolve(flags: &[&str]) -> Result<Settings> {
         let argv = std::iter::once("simulate").chain(flags.iter().copied());
         Cli::try_parse_from(argv)?.args.resolve()
+    }
+
+    #[test]
+    fn algorithm_and_mu() {
+        let s = resolve(&[]).unwrap();
+        assert_eq!((s.algorithm, s.mu), (Algorithm::Fedavg, 0.0));
+        assert!(s.round_config().is_empty());
+        let s = resolve(&["--algorithm", "fedprox"]).unwrap();
+        assert_eq!(
+            (s.mu, s.train_config().proximal_mu),
+            (DEFAULT_MU, DEFAULT_MU)
+        );
+        let s = resolve(&["--algorithm", "fedprox", "--mu", "0.5"]).unwrap();
+        assert_eq!(s.round_config()["mu"], 0.5);
+        assert_eq!(s.round_config()["algorithm"], "fedprox");
+        let s = resolve(&["--algorithm", "scaffold"]).unwrap();
+        assert_eq!(s.train_config().proximal_mu, 0.0);
+        assert_eq!(s.round_config()["algorithm"], "scaffold");
+        let err = |flags: &[&str]| format!("{:#}", resolve(flags).unwrap_err());
+        assert!(err(&["--mu", "0.1"]).contains("--algorithm fedprox"));
+        assert!(err(&["--algorithm", "fedprox", "--mu=-1"]).contains("--mu"));
+        let dir = tempfile::tempdir().unwrap();
+        let median = dir.path().join("median.toml");
+        std::fs::write(&median, "[[stages]]\nkind = \"median\"\n").unwrap();
+        let e = err(&[
+            "--algorithm",
+            "scaffold",
+            "--aggregation",
+            median.to_str().unwrap(),
+        ]);
+        assert!(e.contains("median"), "{e}");
+        let e = err(&["--algorithm", "scaffold", "--personalization", "fedselect"]);
+        assert!(e.contains("fedselect"), "{e}");
     }
 
     #[test]

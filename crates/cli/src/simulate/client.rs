@@ -23,6 +23,13 @@
 //! `split_update`, uploads the masked file through the same key and row,
 //! and keeps `personal.safetensors` in its work directory across rounds.
 //! The metrics it reports are its personalized model's.
+//!
+//! With SCAFFOLD (`algorithm = Scaffold`), a client also downloads the
+//! round's server variate c (`keys::server_variate`), trains with the
+//! drift correction c − c_i, uploads Δc_i to `keys::variate_delta` before
+//! its row, and only once the row is in replaces its own c_i
+//! (`scaffold_variate.safetensors` in its work directory, renamed into
+//! place: a crash leaves the old variate or the new one, never half).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,9 +42,10 @@ use fedstep_cloud::ports::{ClientQueue, Ledger, ObjectStore, PutUpdate};
 use fedstep_cloud::records::{Notification, UpdateRecord, SCHEMA};
 use fedstep_core::personalization::{merge_personal, split_update, Ramp};
 use fedstep_core::Limits;
-use fedstep_trainer::{evaluate, train_local, TrainConfig};
+use fedstep_trainer::{evaluate, train_local, train_scaffold, MlpParams, TrainConfig};
 use serde_json::Value;
 
+use super::args::Algorithm;
 use super::attack::sign_flip;
 use super::data::ClientShare;
 use super::timestamp::rfc3339_now;
@@ -55,6 +63,25 @@ pub struct SimClient {
     /// This client's directory: per-round scratch and, with FedSelect, its
     /// personal file (which never leaves it).
     pub workdir: PathBuf,
+    /// fedavg, fedprox (μ is in `cfg`) or scaffold.
+    pub algorithm: Algorithm,
+}
+
+/// What local training handed back: the file to upload, the metrics to
+/// report, the claimed example count and, with SCAFFOLD, the variate files.
+struct Trained {
+    upload: PathBuf,
+    metrics: BTreeMap<String, f64>,
+    num_examples: usize,
+    variates: Option<VariateFiles>,
+}
+
+/// What a SCAFFOLD client produced beside its model.
+struct VariateFiles {
+    /// Δc_i, to upload.
+    delta: PathBuf,
+    /// c_i⁺, to keep once the row is in.
+    next: PathBuf,
 }
 
 /// What one client did in one round: the row it wrote (the driver hands it
@@ -107,13 +134,34 @@ impl SimClient {
                 ready.checksum
             );
         }
+        let server_variate = if self.algorithm == Algorithm::Scaffold {
+            let path = dir.join("server_variate.safetensors");
+            store
+                .get_file(&keys::server_variate(job_id, round), &path)
+                .await
+                .with_context(|| format!("{id}: downloading round {round}'s server variate"))?;
+            Some(path)
+        } else {
+            None
+        };
         let me = Arc::clone(&self);
         let scratch = dir.clone();
-        let (local_path, metrics, num_examples) =
-            tokio::task::spawn_blocking(move || me.train(&global_path, &scratch, round))
-                .await
-                .map_err(|e| anyhow!("{id}: training task: {e}"))??;
+        let Trained {
+            upload: local_path,
+            metrics,
+            num_examples,
+            variates,
+        } = tokio::task::spawn_blocking(move || {
+            me.train(&global_path, server_variate.as_deref(), &scratch, round)
+        })
+        .await
+        .map_err(|e| anyhow!("{id}: training task: {e}"))??;
 
+        if let Some(v) = &variates {
+            store
+                .put_file(&keys::variate_delta(job_id, round, &id), &v.delta)
+                .await?;
+        }
         let key = keys::update(job_id, round, &id);
         let put = store.put_file(&key, &local_path).await?;
         let record = UpdateRecord {
@@ -140,6 +188,11 @@ impl SimClient {
                 other.checksum
             ),
         }
+        // The row is in: the server will count this Δc_i, so c_i moves on.
+        if let Some(v) = &variates {
+            std::fs::rename(&v.next, self.variate_path())
+                .with_context(|| format!("{id}: keeping its control variate"))?;
+        }
         queue.delete(&message.receipt).await?;
         std::fs::remove_dir_all(&dir).ok();
         Ok(ClientRound {
@@ -153,15 +206,21 @@ impl SimClient {
         self.workdir.join("personal.safetensors")
     }
 
+    /// This client's SCAFFOLD variate c_i (private; zeros until its first
+    /// round).
+    pub fn variate_path(&self) -> PathBuf {
+        self.workdir.join("scaffold_variate.safetensors")
+    }
+
     /// Local training (CPU-bound; runs on a blocking thread). Writes the
-    /// file to send into `dir`; returns its path, the metrics to report and
-    /// the claimed example count.
+    /// file to send into `dir`.
     fn train(
         &self,
         global_path: &Path,
+        server_variate: Option<&Path>,
         dir: &Path,
         round: u32,
-    ) -> Result<(PathBuf, BTreeMap<String, f64>, usize)> {
+    ) -> Result<Trained> {
         let id = &self.share.id;
         let limits = Limits::default();
         let personal = self.personal_path();
@@ -178,8 +237,14 @@ impl SimClient {
         };
         // A distinct, reproducible minibatch order per client and round.
         let round_seed = u64::from(round) * 1000 + self.index as u64;
-        let out = train_local(&start, &self.share.train, &self.cfg, round_seed)
-            .with_context(|| format!("{id}: local training"))?;
+        let (out, variates) = match server_variate {
+            None => (
+                train_local(&start, &self.share.train, &self.cfg, round_seed)
+                    .with_context(|| format!("{id}: local training"))?,
+                None,
+            ),
+            Some(c_path) => self.train_scaffold(&start, c_path, dir, round_seed)?,
+        };
         let val = evaluate(&out.model_bytes, &self.share.validation)?;
         let mut metrics = BTreeMap::from([
             ("loss".to_string(), val.loss),
@@ -220,6 +285,50 @@ impl SimClient {
                 );
             }
         }
-        Ok((upload, metrics, out.num_examples))
+        Ok(Trained {
+            upload,
+            metrics,
+            num_examples: out.num_examples,
+            variates,
+        })
+    }
+
+    /// SCAFFOLD's local round: c from the round's file, c_i from this
+    /// client's own (zeros at first), Δc_i and c_i⁺ written into `dir`.
+    fn train_scaffold(
+        &self,
+        global: &[u8],
+        server_variate: &Path,
+        dir: &Path,
+        round_seed: u64,
+    ) -> Result<(fedstep_trainer::TrainOutcome, Option<VariateFiles>)> {
+        let id = &self.share.id;
+        let params = MlpParams::from_safetensors(global)?;
+        let c = MlpParams::from_safetensors(&std::fs::read(server_variate)?)
+            .with_context(|| format!("{id}: the round's server variate"))?;
+        let mine = self.variate_path();
+        let c_i = if mine.exists() {
+            MlpParams::from_safetensors(&std::fs::read(&mine)?)
+                .with_context(|| format!("{id}: its own variate {}", mine.display()))?
+        } else {
+            MlpParams::zeros(params.shape())?
+        };
+        let out = train_scaffold(&params, &self.share.train, &self.cfg, round_seed, &c, &c_i)
+            .with_context(|| format!("{id}: local training (scaffold)"))?;
+        let files = VariateFiles {
+            delta: dir.join("scaffold_delta.safetensors"),
+            next: dir.join("scaffold_variate.next.safetensors"),
+        };
+        std::fs::write(&files.delta, out.delta.to_safetensors()?)?;
+        std::fs::write(&files.next, out.client_variate.to_safetensors()?)?;
+        let outcome = fedstep_trainer::TrainOutcome {
+            model_bytes: out.trained.to_safetensors()?,
+            num_examples: self.share.train.len(),
+            metrics: BTreeMap::from([
+                ("loss".to_string(), out.eval.loss),
+                ("accuracy".to_string(), out.eval.accuracy),
+            ]),
+        };
+        Ok((outcome, Some(files)))
     }
 }

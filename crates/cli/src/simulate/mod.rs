@@ -24,6 +24,7 @@ mod plot;
 mod progress;
 mod report;
 mod runner;
+mod scaffold;
 mod table;
 mod timestamp;
 

@@ -63,6 +63,10 @@ pub struct RoundReport {
     /// metrics (each client metric's median over the accepted clients, and
     /// its weighted mean as `<name>:mean`).
     pub aggregation: Value,
+    /// --algorithm scaffold: the server variate's update this round
+    /// (clients used and refused, |S|/N, ‖c⁺ − c‖).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaffold: Option<Value>,
     /// The baselines after the same number of epochs.
     pub single_agent_accuracy: f64,
     pub centralized_accuracy: f64,
@@ -72,6 +76,11 @@ pub struct RoundReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Final {
+    /// --algorithm: fedavg, fedprox or scaffold.
+    pub algorithm: &'static str,
+    /// FedProx's μ (fedprox only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mu: Option<f64>,
     pub federated_accuracy: f64,
     pub federated_loss: f64,
     pub single_agent_accuracy: f64,

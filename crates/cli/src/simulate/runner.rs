@@ -23,7 +23,7 @@ use fedstep_cloud::records::{ClosedBy, RoundResult};
 use fedstep_cloud::{EngineConfig, RoundEngine, UpdateOutcome};
 use fedstep_trainer::{evaluate, init_model};
 
-use super::args::Settings;
+use super::args::{Algorithm, Settings};
 use super::baselines;
 use super::client::{ClientRound, SimClient};
 use super::data::{self, SimData};
@@ -32,6 +32,7 @@ use super::personal;
 use super::plot::{self, Series};
 use super::progress::RoundBar;
 use super::report::{DatasetReport, Files, Final, Report, RoundReport, CLIENT_REPORTING};
+use super::scaffold;
 use super::table;
 use crate::job_report::{self, Curve};
 
@@ -90,18 +91,27 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         initial_model: Some(init_path.display().to_string()),
         stop: None,
         aggregation: settings.aggregation.clone(),
-        round_config: serde_json::Map::new(),
+        round_config: settings.round_config(),
     }
     .check()
     .map_err(|e| anyhow::anyhow!("simulated job: {e}"))?;
     ledger.put_job(&job).await?;
+    if settings.algorithm == Algorithm::Scaffold {
+        scaffold::publish_initial(&store, JOB_ID, &init, n, &out.join("engine")).await?;
+    }
 
-    // The baselines need no engine: train them beside the federation.
+    // The baselines need no engine: train them beside the federation, with
+    // plain SGD whatever the federation's algorithm (FedProx's pull toward
+    // the round's start would only slow a lone trainer down).
+    let plain_cfg = fedstep_trainer::TrainConfig {
+        proximal_mu: 0.0,
+        ..cfg.clone()
+    };
     let baselines = {
         let (init, data, cfg, rounds) = (
             init.clone(),
             Arc::clone(&data),
-            cfg.clone(),
+            plain_cfg.clone(),
             settings.rounds,
         );
         tokio::task::spawn_blocking(move || {
@@ -121,7 +131,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         let (init, data, cfg, rounds) = (
             init.clone(),
             Arc::clone(&data),
-            cfg.clone(),
+            plain_cfg.clone(),
             settings.rounds,
         );
         tokio::task::spawn_blocking(move || personal::local_only(&init, &data, &cfg, rounds))
@@ -139,6 +149,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
                 byzantine_scale: settings.byzantine_scale,
                 personal: settings.personalization.as_ref().map(|p| p.ramp.clone()),
                 workdir: out.join("clients").join(&share.id),
+                algorithm: settings.algorithm,
             })
         })
         .collect();
@@ -193,6 +204,21 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             .await
             .with_context(|| format!("close_round {round}"))?;
 
+        let scaffold_update = if settings.algorithm == Algorithm::Scaffold {
+            Some(
+                scaffold::update_after_close(
+                    &store,
+                    JOB_ID,
+                    round,
+                    &result.accepted,
+                    n,
+                    &out.join("engine"),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         bar.message(format!("round {round}: evaluating"));
         let eval =
             evaluate_global(&store, &result.global_model_key, &out.join("engine"), &data).await?;
@@ -205,6 +231,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             rejected: result.rejected.clone(),
             clients: client_reports(&client_rounds, &data, &measured),
             aggregation: aggregation_summary(&settings.pipeline, &result),
+            scaffold: scaffold_update,
             single_agent_accuracy: f64::NAN,
             centralized_accuracy: f64::NAN,
             seconds: t.elapsed().as_secs_f64(),
@@ -237,6 +264,8 @@ pub async fn run(mut settings: Settings) -> Result<()> {
     let single = baselines.single_agent[rounds_run as usize - 1].accuracy;
     let central = baselines.centralized[rounds_run as usize - 1].accuracy;
     let final_ = Final {
+        algorithm: settings.algorithm.name(),
+        mu: (settings.algorithm == Algorithm::Fedprox).then_some(settings.mu),
         federated_accuracy: fed.accuracy,
         federated_loss: fed.loss,
         single_agent_accuracy: single,
@@ -393,12 +422,23 @@ async fn evaluate_global(
     Ok(evaluate(&bytes, &data.test)?)
 }
 
-/// "FedAvg" or the --aggregation file's name.
+/// "FedAvg" or the --aggregation file's name, after the local algorithm
+/// when it is not plain FedAvg ("FedProx μ=0.1", "SCAFFOLD + fedadam").
 pub fn aggregation_name(settings: &Settings) -> String {
-    settings
+    let file = settings
         .aggregation_file
         .as_ref()
         .and_then(|p| p.file_stem())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "FedAvg".into())
+        .map(|s| s.to_string_lossy().into_owned());
+    let algorithm = match settings.algorithm {
+        Algorithm::Fedavg => None,
+        Algorithm::Fedprox => Some(format!("FedProx μ={}", settings.mu)),
+        Algorithm::Scaffold => Some("SCAFFOLD".to_string()),
+    };
+    match (algorithm, file) {
+        (None, None) => "FedAvg".into(),
+        (None, Some(f)) => f,
+        (Some(a), None) => a,
+        (Some(a), Some(f)) => format!("{a} + {f}"),
+    }
 }
