@@ -44,8 +44,9 @@ impl From<AggregateError> for StepError {
 }
 
 /// The round as decided: who is in, with which scale and weight, and what
-/// every stage decided, for the combine pass of every shard.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// every stage decided, for the combine pass of every shard. Its `Debug`
+/// leaves the noise key out, so that logging a decision cannot leak it.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Decision {
     /// The updates that reached the transforms (indices into the
     /// request's), in order; the per-client vectors below follow it.
@@ -313,9 +314,50 @@ impl Prepared<'_> {
     }
 }
 
+impl std::fmt::Debug for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decision")
+            .field("live", &self.live)
+            .field("scales", &self.scales)
+            .field("norms", &self.norms)
+            .field("left_out", &self.left_out)
+            .field("norm_bound", &self.norm_bound)
+            .field("next_state", &self.next_state)
+            .field("kept", &self.kept)
+            .field("weights", &self.weights)
+            .field("stages", &self.stages)
+            .field("noise_key", &self.noise_key.map(|_| "<secret>"))
+            .finish()
+    }
+}
+
 impl Decision {
     /// The largest normalized weight (what the DP noise is calibrated to).
     pub(super) fn max_weight(&self) -> f64 {
         self.weights.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decision_never_prints_its_noise_key() {
+        let d = Decision {
+            live: vec![0],
+            scales: vec![1.0],
+            norms: None,
+            left_out: vec![None],
+            norm_bound: Some(1.0),
+            next_state: BTreeMap::new(),
+            kept: vec![0],
+            weights: vec![1.0],
+            stages: BTreeMap::new(),
+            noise_key: Some([171; 32]),
+        };
+        let shown = format!("{d:?}");
+        assert!(shown.contains("<secret>"), "{shown}");
+        assert!(!shown.contains("171"), "{shown}");
     }
 }
