@@ -7,11 +7,13 @@
 //! pipeline of stages (clipping, adaptive clipping, zeroing, robust
 //! combiners, DP noise, server optimizers; one file each, see `stages`) is
 //! configured from TOML or JSON as a [`PipelineConfig`], checked when it is
-//! parsed. The cloud crate and the CLI call [`aggregate()`] and nothing
-//! below it; clients that personalize (FedSelect) call [`personalization`]'s
-//! `split_update` and `merge_personal`; SCAFFOLD's server variate is
-//! updated by [`scaffold`], beside the aggregation. The other public modules are the
-//! model format and the records other crates read or write.
+//! parsed. The cloud crate and the CLI call [`aggregate()`]; a sharded
+//! aggregation runs its steps (`aggregate::prepare` and `Prepared`'s
+//! methods, over the grid of [`shard`]) one task at a time. Clients that
+//! personalize (FedSelect) call [`personalization`]'s `split_update` and
+//! `merge_personal`; SCAFFOLD's server variate is updated by [`scaffold`],
+//! beside the aggregation. The other public modules are the model format
+//! and the records other crates read or write.
 
 pub mod aggregate;
 pub mod bytes;
