@@ -84,16 +84,16 @@ pub struct RoundWorker {
     pub(crate) decision: Option<PathBuf>,
 }
 
-pub(crate) fn update_key(prefix: &str, i: usize) -> String {
+fn update_key(prefix: &str, i: usize) -> String {
     format!("{prefix}/updates/c{i:03}.safetensors")
 }
-pub(crate) fn global_key(prefix: &str) -> String {
+fn global_key(prefix: &str) -> String {
     format!("{prefix}/global.safetensors")
 }
 pub(crate) fn out_key(prefix: &str, mode: RoundMode) -> String {
     format!("{prefix}/next-{mode:?}.safetensors").to_lowercase()
 }
-pub(crate) fn num_examples(i: usize) -> u64 {
+fn num_examples(i: usize) -> u64 {
     100 + i as u64
 }
 
@@ -314,10 +314,14 @@ pub fn worker(w: RoundWorker) -> Result<()> {
     Ok(())
 }
 
-/// What the engine does (`crates/cloud/src/engine/aggregation.rs`), minus
-/// the ledger: stat, pinned readers, a streamed output, hashes checked.
-async fn streamed(store: &S3Store, w: &RoundWorker) -> Result<()> {
-    let budget = fedstep_cloud::DEFAULT_READ_AHEAD_BYTES / (w.clients as u64 + 2);
+/// The round's inputs in place on S3: the global model and every update,
+/// stat'ed and opened for pinned, read-ahead reads.
+pub(crate) async fn open_inputs(
+    store: &S3Store,
+    prefix: &str,
+    clients: usize,
+) -> Result<(Arc<dyn ObjectReader>, Vec<Arc<dyn ObjectReader>>)> {
+    let budget = fedstep_cloud::DEFAULT_READ_AHEAD_BYTES / (clients as u64 + 2);
     let open = |key: String| async move {
         let stat = store
             .stat(&key)
@@ -325,22 +329,34 @@ async fn streamed(store: &S3Store, w: &RoundWorker) -> Result<()> {
             .with_context(|| format!("no `{key}`"))?;
         anyhow::Ok(store.reader(&key, &stat, budget)?)
     };
-    let global = open(global_key(&w.prefix)).await?;
-    let mut readers: Vec<Arc<dyn ObjectReader>> = Vec::new();
-    for i in 0..w.clients {
-        readers.push(open(update_key(&w.prefix, i)).await?);
+    let global = open(global_key(prefix)).await?;
+    let mut readers = Vec::new();
+    for i in 0..clients {
+        readers.push(open(update_key(prefix, i)).await?);
     }
+    Ok((global, readers))
+}
+
+/// The updates the bench's clients would have sent, read through `readers`.
+pub(crate) fn update_sources(readers: &[Arc<dyn ObjectReader>]) -> Vec<UpdateSource> {
+    readers
+        .iter()
+        .enumerate()
+        .map(|(i, r)| UpdateSource {
+            input: Input::new(r.clone()),
+            meta: UpdateMeta::new(format!("c{i:03}"), num_examples(i)),
+        })
+        .collect()
+}
+
+/// What the engine does (`crates/cloud/src/engine/aggregation.rs`), minus
+/// the ledger: stat, pinned readers, a streamed output, hashes checked.
+async fn streamed(store: &S3Store, w: &RoundWorker) -> Result<()> {
+    let (global, readers) = open_inputs(store, &w.prefix, w.clients).await?;
     let out = store.writer(&out_key(&w.prefix, RoundMode::Streamed))?;
     let (o, g, rs) = (out.clone(), global.clone(), readers.clone());
     tokio::task::spawn_blocking(move || -> Result<()> {
-        let updates: Vec<UpdateSource> = rs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| UpdateSource {
-                input: Input::new(r.clone()),
-                meta: UpdateMeta::new(format!("c{i:03}"), num_examples(i)),
-            })
-            .collect();
+        let updates = update_sources(&rs);
         let target: &dyn OutputTarget = o.as_ref();
         fedstep_core::aggregate(&AggregationRequest {
             updates: &updates,

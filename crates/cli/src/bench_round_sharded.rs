@@ -14,13 +14,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use fedstep_aws::{PartReceipt, S3Parts, S3Store};
-use fedstep_cloud::ports::{ObjectReader, StreamingStore};
+use fedstep_cloud::ports::ObjectReader;
 use fedstep_core::aggregate::{prepare, Decision, Sharding};
 use fedstep_core::shard::{PartDest, MIN_PART_BYTES};
-use fedstep_core::{AggregationRequest, Input, OutputTarget, PipelineConfig, UpdateMeta};
-use fedstep_core::{FileTarget, UpdateSource};
+use fedstep_core::UpdateSource;
+use fedstep_core::{AggregationRequest, FileTarget, Input, OutputTarget, PipelineConfig};
 
-use crate::bench_round::{global_key, num_examples, out_key, update_key, RoundMode, RoundWorker};
+use crate::bench_round::{open_inputs, out_key, update_sources, RoundMode, RoundWorker};
 
 /// What the sharded round measured.
 pub(crate) struct ShardedFigures {
@@ -87,39 +87,6 @@ pub(crate) fn run(
     })
 }
 
-/// The round's inputs in place on S3.
-async fn open(
-    store: &S3Store,
-    prefix: &str,
-    clients: usize,
-) -> Result<(Arc<dyn ObjectReader>, Vec<Arc<dyn ObjectReader>>)> {
-    let budget = fedstep_cloud::DEFAULT_READ_AHEAD_BYTES / (clients as u64 + 2);
-    let open = |key: String| async move {
-        let stat = store
-            .stat(&key)
-            .await?
-            .with_context(|| format!("no `{key}`"))?;
-        anyhow::Ok(store.reader(&key, &stat, budget)?)
-    };
-    let global = open(global_key(prefix)).await?;
-    let mut readers = Vec::new();
-    for i in 0..clients {
-        readers.push(open(update_key(prefix, i)).await?);
-    }
-    Ok((global, readers))
-}
-
-fn updates(readers: &[Arc<dyn ObjectReader>]) -> Vec<UpdateSource> {
-    readers
-        .iter()
-        .enumerate()
-        .map(|(i, r)| UpdateSource {
-            input: Input::new(r.clone()),
-            meta: UpdateMeta::new(format!("c{i:03}"), num_examples(i)),
-        })
-        .collect()
-}
-
 /// The plan step: headers read, the round decided; returns the shards.
 async fn plan(
     store: &S3Store,
@@ -128,10 +95,10 @@ async fn plan(
     shards: usize,
     decision_path: &Path,
 ) -> Result<usize> {
-    let (global, readers) = open(store, prefix, clients).await?;
+    let (global, readers) = open_inputs(store, prefix, clients).await?;
     let decision_path = decision_path.to_path_buf();
     tokio::task::spawn_blocking(move || -> Result<usize> {
-        let updates = updates(&readers);
+        let updates = update_sources(&readers);
         let config = PipelineConfig::default();
         // Never written: the plan only reads headers and decides.
         let unused = FileTarget::new(decision_path.with_extension("unused"));
@@ -219,13 +186,13 @@ pub(crate) async fn worker(store: &S3Store, w: &RoundWorker) -> Result<serde_jso
         bail!("a sharded worker needs --shard, --upload-id and --decision");
     };
     let decision: Decision = serde_json::from_slice(&std::fs::read(decision)?)?;
-    let (global, readers) = open(store, &w.prefix, w.clients).await?;
+    let (global, readers) = open_inputs(store, &w.prefix, w.clients).await?;
     let key = out_key(&w.prefix, RoundMode::Sharded);
     let parts: Arc<S3Parts> = Arc::new(store.part_writer(&key, upload_id)?);
     let shards = w.shards;
     let dest = parts.clone();
     let bytes_read = tokio::task::spawn_blocking(move || -> Result<u64> {
-        let updates = updates(&readers);
+        let updates = update_sources(&readers);
         let config = PipelineConfig::default();
         let unused = FileTarget::new("/nonexistent/fedstep-unused");
         let req = request(&updates, &global, &config, &unused);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use fedstep_core::aggregate::aggregate_sharded;
 use fedstep_core::float::encode_all_f64;
-use fedstep_core::measurements::ClientStatus;
+use fedstep_core::measurements::{ClientMeasurement, ClientStatus};
 use fedstep_core::shard::{ShardPlan, STRIPE_ELEMENTS};
 use fedstep_core::{AggregationOutcome, AggregationRequest, FileTarget, Input, Limits};
 use fedstep_core::{OutputTarget, PipelineConfig, UpdateMeta, UpdateSource};
@@ -188,6 +188,14 @@ fn run(
     (model, state, outcome)
 }
 
+fn client<'a>(o: &'a AggregationOutcome, id: &str) -> &'a ClientMeasurement {
+    o.measurements
+        .clients
+        .iter()
+        .find(|c| c.client_id == id)
+        .unwrap()
+}
+
 /// What must not depend on the shards: everything but timing.
 fn records(o: &AggregationOutcome) -> String {
     let mut m = serde_json::to_value(&o.measurements).unwrap();
@@ -235,12 +243,7 @@ fn clipping_and_seeded_dp_noise_are_the_same_with_any_number_of_shards() {
     let cfg = "[[stages]]\nkind = \"clip\"\nmax_norm = 20.0\n\
                [[stages]]\nkind = \"dp_noise\"\nnoise_multiplier = 0.5\nseed = 11";
     let (_, _, o) = run(&fed, cfg, 1, None);
-    let e = o
-        .measurements
-        .clients
-        .iter()
-        .find(|c| c.client_id == "e")
-        .unwrap();
+    let e = client(&o, "e");
     assert!(e.scale.unwrap() < 1.0, "e is clipped: {:?}", e.scale);
     assert_same_for_every_sharding(&fed, cfg, None);
 }
@@ -261,12 +264,7 @@ fn robust_combiners_are_the_same_with_any_number_of_shards() {
         4,
         None,
     );
-    let e = o
-        .measurements
-        .clients
-        .iter()
-        .find(|c| c.client_id == "e")
-        .unwrap();
+    let e = client(&o, "e");
     assert_eq!(
         e.status,
         ClientStatus::NotSelected,
@@ -301,12 +299,7 @@ fn a_client_rejected_in_a_late_shard_is_rejected_the_same_way() {
     let fed = federation(false, Some((2, 2 * STRIPE_ELEMENTS + 5)));
     for cfg in ["", "[[stages]]\nkind = \"clip\"\nmax_norm = 20.0"] {
         let (_, _, o) = run(&fed, cfg, 3, None);
-        let c = o
-            .measurements
-            .clients
-            .iter()
-            .find(|c| c.client_id == "c")
-            .unwrap();
+        let c = client(&o, "c");
         assert_eq!(c.status, ClientStatus::Rejected, "{cfg:?}");
         assert!(
             c.reason.as_deref().unwrap().contains("non-finite"),
@@ -425,13 +418,44 @@ fn the_steps_run_as_separate_tasks_put_together_the_same_files() {
         Default::default(),
         Default::default(),
     );
-    let mut a = serde_json::to_value(&outcome.measurements).unwrap();
-    let mut b = serde_json::to_value(&one_pass.measurements).unwrap();
-    for v in [&mut a, &mut b] {
-        let o = v.as_object_mut().unwrap();
-        for k in ["seconds", "passes", "bytes_read"] {
-            o.remove(k);
+    assert_eq!(records(&outcome), records(&one_pass));
+}
+
+/// A decision made over other updates (a task that opened its attempt
+/// after a client was rejected, and a stale decision from before) is
+/// refused with a reason, never indexed into.
+#[test]
+fn a_decision_over_other_updates_is_refused() {
+    use fedstep_core::aggregate::{prepare, Sharding, StepError};
+    use fedstep_core::shard::{MemoryParts, PartDest};
+    use std::sync::Arc;
+
+    let fed = federation(false, None);
+    let cfg = PipelineConfig::default();
+    let out = FileTarget::new(fed.dir.path("unused.safetensors"));
+    let req = AggregationRequest {
+        updates: &fed.updates,
+        global: Some(Input::file(&fed.global)),
+        config: &cfg,
+        out: &out,
+        state_in: None,
+        state_out: None,
+        round: 1,
+    };
+    let sharding = Sharding {
+        shards: 2,
+        min_shard_bytes: 0,
+    };
+    let all = prepare(&req, sharding, &BTreeMap::new()).unwrap();
+    let decision = all.decide(&[]).unwrap();
+    let without_b = BTreeMap::from([(1, "rejected earlier".to_string())]);
+    let fewer = prepare(&req, sharding, &without_b).unwrap();
+    let outputs = fewer.outputs(&decision).unwrap();
+    let dest = PartDest::Whole(Arc::new(MemoryParts::default()));
+    match fewer.combine_shard(&decision, &outputs, 0, dest, None) {
+        Err(StepError::Fatal(e)) => {
+            assert!(e.to_string().contains("different set of updates"), "{e}")
         }
+        other => panic!("expected a refusal, got {other:?}"),
     }
-    assert_eq!(a, b);
 }

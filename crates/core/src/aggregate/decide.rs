@@ -150,6 +150,26 @@ impl Prepared<'_> {
         Ok(d)
     }
 
+    /// Refuses a decision made over other updates than this attempt's (it
+    /// came from another task, through storage): indexing by it would be
+    /// wrong, or panic.
+    pub(super) fn check_decision(&self, d: &Decision) -> Result<(), AggregateError> {
+        let n = d.live.len();
+        let consistent = d.live == self.live()
+            && d.scales.len() == n
+            && d.left_out.len() == n
+            && d.norms.as_ref().is_none_or(|v| v.len() == n)
+            && d.weights.len() == d.kept.len()
+            && d.kept.iter().all(|&k| k < n);
+        if consistent {
+            Ok(())
+        } else {
+            Err(AggregateError::Config(
+                "the decision was made over a different set of updates than this attempt's".into(),
+            ))
+        }
+    }
+
     /// The update transforms (from the norms) and the combiner's selection
     /// (Krum, from the distances).
     fn screen(&self, d: &mut Decision, gram: &[Vec<f64>]) -> Result<(), StepError> {

@@ -111,6 +111,7 @@ impl Prepared<'_> {
         let setup = &self.setup;
         let (req, pipeline) = (setup.req, setup.pipeline);
         let d = decision;
+        self.check_decision(d)?;
         let inputs = self.inputs(&d.live);
         let kept_inputs: Vec<&Source> = d.kept.iter().map(|&i| inputs[i]).collect();
         let kept_scales: Vec<f64> = d.kept.iter().map(|&i| d.scales[i]).collect();

@@ -179,44 +179,24 @@ mod tests {
         // c⁺ = [1.1, -0.8 | 1.0]
         let c = v([1.0, -1.0], 0.5);
         let (a, b) = (bytes(&v([0.4, 0.2], -1.0)), bytes(&v([0.0, 0.6], 3.0)));
-        let out = update_server_variate(
-            &c,
-            &[
-                VariateDelta {
-                    client_id: "a",
-                    bytes: &a,
-                },
-                VariateDelta {
-                    client_id: "b",
-                    bytes: &b,
-                },
-            ],
-            4,
-            &Limits::default(),
-        )
-        .unwrap();
+        let deltas = [
+            VariateDelta {
+                client_id: "a",
+                bytes: &a,
+            },
+            VariateDelta {
+                client_id: "b",
+                bytes: &b,
+            },
+        ];
+        let out = update_server_variate(&c, &deltas, 4, &Limits::default()).unwrap();
         close(&out.variate, [1.1, -0.8], 1.0);
         let m = &out.measurement;
         assert_eq!(m.used, ["a", "b"]);
         assert_eq!(m.participation, 0.5);
         assert!((m.step_norm - (0.01f64 + 0.04 + 0.25).sqrt()).abs() < 1e-6);
         // Full participation: c⁺ = c + mean = [1.2, -0.6 | 1.5].
-        let full = update_server_variate(
-            &c,
-            &[
-                VariateDelta {
-                    client_id: "a",
-                    bytes: &a,
-                },
-                VariateDelta {
-                    client_id: "b",
-                    bytes: &b,
-                },
-            ],
-            2,
-            &Limits::default(),
-        )
-        .unwrap();
+        let full = update_server_variate(&c, &deltas, 2, &Limits::default()).unwrap();
         close(&full.variate, [1.2, -0.6], 1.5);
     }
 
