@@ -32,7 +32,7 @@ pub use dynamo::DynamoLedger;
 pub use error::sdk_error;
 pub use https_client::{https_client, sdk_defaults};
 pub use s3::{S3Store, DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE};
-pub use s3_parts::{PartReceipt, S3Parts};
+pub use s3_parts::S3Parts;
 pub use sfn::SfnCallback;
 pub use sns::SnsNotifier;
 pub use sqs::SqsQueue;

@@ -12,7 +12,8 @@ use aws_sdk_s3::types::{
 use aws_smithy_types::base64;
 use fedstep_cloud::error::Result;
 use fedstep_cloud::ports::{
-    ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter, StreamingStore,
+    ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter, PartReceipt, StreamingStore,
+    UploadParts,
 };
 use fedstep_cloud::CloudError;
 use sha2::{Digest, Sha256};
@@ -510,6 +511,24 @@ impl StreamingStore for S3Store {
             handle,
             staged: Default::default(),
         }))
+    }
+
+    async fn create_upload(&self, key: &str) -> Result<String> {
+        self.start_upload(key).await
+    }
+
+    fn upload_parts(&self, key: &str, upload_id: &str) -> Result<Arc<dyn UploadParts>> {
+        Ok(Arc::new(self.part_writer(key, upload_id)?))
+    }
+
+    async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        receipts: Vec<PartReceipt>,
+    ) -> Result<ObjectInfo> {
+        self.complete_parts(key, upload_id, receipts).await?;
+        self.hash_and_tag(key).await
     }
 }
 

@@ -1,34 +1,30 @@
 //! One S3 object written in parts by several writers: the shards of a
 //! sharded aggregation, each in its own process (a Lambda of the Map). The
-//! upload is created once ([`S3Store::create_upload`]), every shard
+//! upload is created once ([`S3Store::start_upload`]), every shard
 //! uploads its own parts through an [`S3Parts`] (fedstep-core's
 //! `PartStore`, fed by `ShardOutput`) and reports their receipts, and
 //! whoever commits completes the upload from all of them
-//! ([`S3Store::complete_upload`]). Until then nothing is visible; an
+//! ([`S3Store::complete_parts`]). Until then nothing is visible; an
 //! upload never completed is aborted by the bucket's lifecycle rule.
 
 use std::sync::Mutex;
 
+use aws_sdk_s3::operation::complete_multipart_upload::CompleteMultipartUploadError;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{Tag, Tagging};
 use aws_smithy_types::base64;
 use fedstep_cloud::error::Result;
+use fedstep_cloud::ports::{ObjectInfo, ObjectStore, PartReceipt, StreamingStore, UploadParts};
 use fedstep_cloud::CloudError;
 use fedstep_core::shard::PartStore;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 
 use crate::error::sdk_error;
-use crate::s3::S3Store;
+use crate::s3::{S3Store, SHA256_TAG};
 
-/// What S3 answered for one uploaded part: what completing the upload
-/// needs. Plain data, so a shard can hand its receipts to the commit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartReceipt {
-    pub number: u32,
-    pub etag: String,
-    pub sha256: Option<String>,
-}
+/// Read-ahead of the one pass that hashes a completed object.
+const HASH_READ_AHEAD: u64 = 32 << 20;
 
 /// One writer's handle on an upload in parts.
 pub struct S3Parts {
@@ -43,7 +39,7 @@ pub struct S3Parts {
 impl S3Store {
     /// Starts an upload in parts of `key` (parts carry SHA-256 checksums);
     /// returns its upload id.
-    pub async fn create_upload(&self, key: &str) -> Result<String> {
+    pub async fn start_upload(&self, key: &str) -> Result<String> {
         let created = self
             .client()
             .create_multipart_upload()
@@ -77,8 +73,10 @@ impl S3Store {
 
     /// Completes upload `upload_id` of `key` from every writer's receipts
     /// (in any order; numbers must run from 1 without a gap): the object
-    /// becomes visible whole.
-    pub async fn complete_upload(
+    /// becomes visible whole. An upload S3 no longer knows while an object
+    /// is at `key` was completed before (a retried commit: only the
+    /// commit completes, and nobody else holds this upload id).
+    pub async fn complete_parts(
         &self,
         key: &str,
         upload_id: &str,
@@ -107,7 +105,8 @@ impl S3Store {
                     .build()
             })
             .collect();
-        self.client()
+        let completed = self
+            .client()
             .complete_multipart_upload()
             .bucket(self.bucket())
             .key(key)
@@ -118,15 +117,75 @@ impl S3Store {
                     .build(),
             )
             .send()
+            .await;
+        match completed {
+            Ok(_) => Ok(()),
+            Err(e) if is_no_such_upload(&e) && self.stat(key).await?.is_some() => Ok(()),
+            Err(e) => Err(sdk_error(&format!("S3 CompleteMultipartUpload {key}"), e)),
+        }
+    }
+
+    /// The SHA-256 of the object at `key`: its tag, or (none yet) one pass
+    /// over its bytes, then kept as the tag `head` reads.
+    pub async fn hash_and_tag(&self, key: &str) -> Result<ObjectInfo> {
+        if let Some(info) = self.head(key).await? {
+            if !info.sha256.is_empty() {
+                return Ok(info);
+            }
+        }
+        let stat = self
+            .stat(key)
+            .await?
+            .ok_or_else(|| CloudError::NotFound(format!("object `{key}`")))?;
+        let reader = self.reader(key, &stat, HASH_READ_AHEAD)?;
+        let sha256 = tokio::task::spawn_blocking(move || reader.sha256())
             .await
-            .map_err(|e| sdk_error(&format!("S3 CompleteMultipartUpload {key}"), e))?;
-        Ok(())
+            .map_err(|e| CloudError::Other(format!("the hashing task panicked: {e}")))?
+            .map_err(|e| CloudError::Transient(format!("hashing `{key}`: {e}")))?;
+        let tag = Tag::builder()
+            .key(SHA256_TAG)
+            .value(&sha256)
+            .build()
+            .map_err(|e| CloudError::Other(format!("tagging `{key}`: {e}")))?;
+        let tagging = Tagging::builder()
+            .tag_set(tag)
+            .build()
+            .map_err(|e| CloudError::Other(format!("tagging `{key}`: {e}")))?;
+        self.client()
+            .put_object_tagging()
+            .bucket(self.bucket())
+            .key(key)
+            .set_version_id(
+                stat.pin
+                    .as_deref()
+                    .and_then(|p| p.strip_prefix("v:"))
+                    .map(str::to_string),
+            )
+            .tagging(tagging)
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("S3 PutObjectTagging {key}"), e))?;
+        Ok(ObjectInfo {
+            bytes: stat.bytes,
+            sha256,
+        })
     }
 }
 
-impl S3Parts {
-    /// The receipts of the parts this writer uploaded so far.
-    pub fn receipts(&self) -> Vec<PartReceipt> {
+fn is_no_such_upload(
+    e: &aws_sdk_s3::error::SdkError<
+        CompleteMultipartUploadError,
+        aws_smithy_runtime_api::http::Response,
+    >,
+) -> bool {
+    use aws_sdk_s3::error::ProvideErrorMetadata;
+    e.as_service_error()
+        .and_then(|s| s.code())
+        .is_some_and(|c| c == "NoSuchUpload")
+}
+
+impl UploadParts for S3Parts {
+    fn receipts(&self) -> Vec<PartReceipt> {
         self.receipts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -164,14 +223,13 @@ impl PartStore for S3Parts {
             .e_tag()
             .ok_or_else(|| std::io::Error::other("S3 UploadPart: no ETag"))?
             .to_string();
-        self.receipts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(PartReceipt {
-                number,
-                etag,
-                sha256: out.checksum_sha256().map(str::to_string),
-            });
+        let mut receipts = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        receipts.retain(|r| r.number != number);
+        receipts.push(PartReceipt {
+            number,
+            etag,
+            sha256: out.checksum_sha256().map(str::to_string),
+        });
         Ok(())
     }
 

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use fedstep_aws::{PartReceipt, S3Parts, S3Store};
+use fedstep_aws::{S3Parts, S3Store};
 use fedstep_cloud::ports::ObjectReader;
+use fedstep_cloud::ports::{PartReceipt, UploadParts};
 use fedstep_core::aggregate::{prepare, Decision, Sharding};
 use fedstep_core::shard::{PartDest, MIN_PART_BYTES};
 use fedstep_core::UpdateSource;
@@ -49,7 +50,7 @@ pub(crate) fn run(
     let key = out_key(prefix, RoundMode::Sharded);
     let decision_path = dir.join("decision.json");
     let shards = rt.block_on(plan(store, prefix, clients, shards, &decision_path))?;
-    let upload_id = rt.block_on(store.create_upload(&key))?;
+    let upload_id = rt.block_on(store.start_upload(&key))?;
     let children: Vec<Child> = (0..shards)
         .map(|shard| {
             spawn_worker(
@@ -76,7 +77,7 @@ pub(crate) fn run(
             v["receipts"].clone(),
         )?);
     }
-    rt.block_on(store.complete_upload(&key, &upload_id, receipts))?;
+    rt.block_on(store.complete_parts(&key, &upload_id, receipts))?;
     let total: u64 = reads.iter().sum();
     Ok(ShardedFigures {
         aggregate_s: start.elapsed().as_secs_f64(),

@@ -9,7 +9,9 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
+use fedstep_core::shard::PartStore;
 use fedstep_core::{ByteSource, OutputTarget};
+use serde::{Deserialize, Serialize};
 
 use serde_json::Value;
 
@@ -78,6 +80,44 @@ pub trait StreamingStore: ObjectStore {
     ) -> Result<Arc<dyn ObjectReader>>;
     /// An output at `key`, visible once an attempt finishes.
     fn writer(&self, key: &str) -> Result<Arc<dyn ObjectWriter>>;
+    /// Starts an output at `key` that several tasks write in parts (the
+    /// shards of a sharded aggregation, each in its own process); returns
+    /// the upload's id. Nothing is visible at `key` until
+    /// [`complete_upload`](Self::complete_upload).
+    fn create_upload(&self, key: &str) -> impl Future<Output = Result<String>> + Send;
+    /// One task's handle on upload `upload_id` of `key`: the core writes
+    /// whole parts into it, and its receipts go to whoever completes.
+    fn upload_parts(&self, key: &str, upload_id: &str) -> Result<Arc<dyn UploadParts>>;
+    /// Makes upload `upload_id` of `key` visible whole from every task's
+    /// receipts (any order; numbers run from 1 without a gap) and returns
+    /// the object's size and SHA-256 (no task saw the whole object, so the
+    /// store reads it back once to hash it, and keeps the hash where
+    /// [`ObjectStore::head`] finds it). Completing an upload that was
+    /// already completed (a retried commit) hashes what is at `key`.
+    fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        receipts: Vec<PartReceipt>,
+    ) -> impl Future<Output = Result<ObjectInfo>> + Send;
+}
+
+/// What the store answered for one uploaded part: what completing the
+/// upload needs. Plain data, so a shard task hands its receipts to the
+/// commit task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartReceipt {
+    pub number: u32,
+    pub etag: String,
+    /// The part's SHA-256 as the store checked it (S3: base64), if any.
+    pub sha256: Option<String>,
+}
+
+/// A task's handle on an upload in parts (see
+/// [`StreamingStore::upload_parts`]). Its writes are blocking.
+pub trait UploadParts: PartStore {
+    /// The receipts of the parts written through this handle so far.
+    fn receipts(&self) -> Vec<PartReceipt>;
 }
 
 /// The model registry (S3). Objects move as files: models can be large, so

@@ -247,11 +247,10 @@ async fn several_writers_upload_one_object_in_parts() {
     let data = content(11 * (1 << 20) + 77, 5);
     let cuts = [0, 5 << 20, 10 << 20, data.len()];
     let upload_id = store.create_upload(&key).await.unwrap();
-    let first = Arc::new(store.part_writer(&key, &upload_id).unwrap());
-    let second = Arc::new(store.part_writer(&key, &upload_id).unwrap());
+    let first = store.upload_parts(&key, &upload_id).unwrap();
+    let second = store.upload_parts(&key, &upload_id).unwrap();
     let (a, b, d) = (first.clone(), second.clone(), data.clone());
     blocking(move || {
-        use fedstep_core::shard::PartStore;
         // The second writer's part first, then the first writer's two.
         b.put_part(2, &d[cuts[1]..cuts[2]]).unwrap();
         a.put_part(3, &d[cuts[2]..cuts[3]]).unwrap();
@@ -271,12 +270,27 @@ async fn several_writers_upload_one_object_in_parts() {
         .unwrap_err();
     assert!(err.to_string().contains("part 2 is missing"), "{err}");
     receipts.extend(second.receipts());
-    store
-        .complete_upload(&key, &upload_id, receipts)
+    let completed = store
+        .complete_upload(&key, &upload_id, receipts.clone())
         .await
         .unwrap();
+    let want = hex(&Sha256::digest(&data));
+    assert_eq!(
+        (completed.bytes, completed.sha256.as_str()),
+        (data.len() as u64, want.as_str())
+    );
+    // Its hash is where HEAD-time checks look (the tag), and a retried
+    // commit completing the same upload again finds the object, not an error.
+    assert_eq!(store.head(&key).await.unwrap(), Some(completed.clone()));
+    assert_eq!(
+        store
+            .complete_upload(&key, &upload_id, receipts)
+            .await
+            .unwrap(),
+        completed
+    );
     let dir = tempfile::tempdir().unwrap();
     let got = store.get_file(&key, &dir.path().join("o")).await.unwrap();
     assert_eq!(got.bytes, data.len() as u64);
-    assert_eq!(got.sha256, hex(&Sha256::digest(&data)));
+    assert_eq!(got.sha256, want);
 }

@@ -15,10 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::fs_objects::{FsReader, FsWriter};
+use super::fs_parts::{self, FsParts};
 use crate::checksum::{sha256_file, Sha256Hasher};
 use crate::error::{CloudError, Result};
 use crate::ports::{
-    ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter, StreamingStore,
+    ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter, PartReceipt, StreamingStore,
+    UploadParts,
 };
 
 #[derive(Debug, Clone)]
@@ -171,6 +173,33 @@ impl StreamingStore for FsStore {
             key: key.to_string(),
             staged: Default::default(),
         }))
+    }
+
+    async fn create_upload(&self, key: &str) -> Result<String> {
+        self.path_of(key)?;
+        let id = fs_parts::new_upload_id();
+        std::fs::create_dir_all(fs_parts::upload_dir(&self.root, &id)?)?;
+        Ok(id)
+    }
+
+    fn upload_parts(&self, key: &str, upload_id: &str) -> Result<Arc<dyn UploadParts>> {
+        self.path_of(key)?;
+        Ok(Arc::new(FsParts {
+            dir: fs_parts::upload_dir(&self.root, upload_id)?,
+            key: key.to_string(),
+            receipts: Default::default(),
+        }))
+    }
+
+    async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        receipts: Vec<PartReceipt>,
+    ) -> Result<ObjectInfo> {
+        let dest = self.path_of(key)?;
+        let dir = fs_parts::upload_dir(&self.root, upload_id)?;
+        fs_parts::complete(&dir, &dest, key, receipts)
     }
 }
 

@@ -3,6 +3,7 @@
 //! several engines (racing aggregators) can share one store and one ledger.
 
 mod fs_objects;
+mod fs_parts;
 mod fs_store;
 mod local_bus;
 mod manual_clock;

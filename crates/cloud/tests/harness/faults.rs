@@ -19,11 +19,12 @@ use fedstep_cloud::error::{CloudError, Result};
 use fedstep_cloud::local::RecordingCallback;
 use fedstep_cloud::ports::{
     AddReceived, Callback, Ledger, ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter,
-    OpenRound, PutUpdate, StreamingStore, TaskCallback,
+    OpenRound, PartReceipt, PutUpdate, StreamingStore, TaskCallback, UploadParts,
 };
 use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 use fedstep_cloud::{Job, RoundFailure};
 use fedstep_core::bytes::Unavailable;
+use fedstep_core::shard::PartStore;
 use fedstep_core::{ByteSink, ByteSource, OutputTarget};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -48,9 +49,12 @@ pub enum Point {
     AddReceivedThenFail,
     /// Downloading a client's update fails (S3 hiccup).
     UpdateDownload,
+    /// Uploading one part of a shard's output fails (a shard task dying
+    /// mid-upload).
+    PartUpload,
 }
 
-pub const POINTS: [Point; 8] = [
+pub const POINTS: [Point; 9] = [
     Point::AfterClaim,
     Point::AfterGlobalWrite,
     Point::BeforeClose,
@@ -59,6 +63,7 @@ pub const POINTS: [Point; 8] = [
     Point::AddReceivedLost,
     Point::AddReceivedThenFail,
     Point::UpdateDownload,
+    Point::PartUpload,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -228,6 +233,68 @@ impl<S: StreamingStore + Clone> StreamingStore for FaultStore<S> {
             owner: self.owner.clone(),
             faults: self.faults.clone(),
         }))
+    }
+
+    async fn create_upload(&self, key: &str) -> Result<String> {
+        self.faults.alive(&self.owner)?;
+        self.inner.create_upload(key).await
+    }
+
+    fn upload_parts(&self, key: &str, upload_id: &str) -> Result<Arc<dyn UploadParts>> {
+        self.faults.alive(&self.owner)?;
+        Ok(Arc::new(FaultParts {
+            inner: self.inner.upload_parts(key, upload_id)?,
+            owner: self.owner.clone(),
+            faults: self.faults.clone(),
+        }))
+    }
+
+    async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        receipts: Vec<PartReceipt>,
+    ) -> Result<ObjectInfo> {
+        self.faults.alive(&self.owner)?;
+        let info = self.inner.complete_upload(key, upload_id, receipts).await?;
+        if key.ends_with("/global.safetensors") {
+            self.faults
+                .lock()
+                .global_writes
+                .entry(key.to_string())
+                .or_default()
+                .push(info.sha256.clone());
+            if let Some(e) = self.faults.fire(&self.owner, Point::AfterGlobalWrite) {
+                return Err(e);
+            }
+        }
+        Ok(info)
+    }
+}
+
+/// A shard's parts: an upload can die mid-way (`PartUpload`).
+struct FaultParts {
+    inner: Arc<dyn UploadParts>,
+    owner: String,
+    faults: Faults,
+}
+
+impl PartStore for FaultParts {
+    fn put_part(&self, number: u32, bytes: &[u8]) -> std::io::Result<()> {
+        self.faults.alive(&self.owner).map_err(as_io)?;
+        if let Some(e) = self.faults.fire(&self.owner, Point::PartUpload) {
+            return Err(as_io(e));
+        }
+        self.inner.put_part(number, bytes)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+impl UploadParts for FaultParts {
+    fn receipts(&self) -> Vec<PartReceipt> {
+        self.inner.receipts()
     }
 }
 
