@@ -20,6 +20,10 @@
 //!
 //! [round_config]                 # passed to clients untouched
 //! local_epochs = 2
+//!
+//! [sharding]                     # optional: how the aggregation is cut
+//! shard_mib = 512                # model bytes per shard task
+//! concurrency = 8                # shard tasks at once
 //! ```
 
 use std::collections::BTreeSet;
@@ -49,6 +53,83 @@ pub struct JobSpec {
     pub aggregation: toml::Table,
     #[serde(default)]
     pub round_config: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "ShardingSpec::is_default")]
+    pub sharding: ShardingSpec,
+}
+
+/// How a round's aggregation is cut into shard tasks (the workflow's Map,
+/// issue #14). A model up to `shard_mib` is one shard: the ordinary case.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShardingSpec {
+    /// Model bytes (MiB) one shard task aggregates; each task reads about
+    /// this much of every client's update and writes this much output.
+    #[serde(default = "ShardingSpec::default_shard_mib")]
+    pub shard_mib: u64,
+    /// How many shard tasks run at once.
+    #[serde(default = "ShardingSpec::default_concurrency")]
+    pub concurrency: u32,
+}
+
+impl ShardingSpec {
+    /// 512 MiB: a shard of 8 clients' updates is 4 GiB of ranged reads,
+    /// about a minute at S3's throughput per Lambda, well inside its 15.
+    const DEFAULT_SHARD_MIB: u64 = 512;
+    const DEFAULT_CONCURRENCY: u32 = 8;
+    /// An upload's parts (but the last) are at least 5 MiB.
+    const MIN_SHARD_MIB: u64 = 5;
+    /// An inline Map runs at most 40 iterations at once.
+    const MAX_CONCURRENCY: u32 = 40;
+    /// The plan lists the shards in the workflow's state: keep it small.
+    pub const MAX_SHARDS: usize = 256;
+
+    fn default_shard_mib() -> u64 {
+        Self::DEFAULT_SHARD_MIB
+    }
+
+    fn default_concurrency() -> u32 {
+        Self::DEFAULT_CONCURRENCY
+    }
+
+    fn is_default(&self) -> bool {
+        *self == ShardingSpec::default()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !(Self::MIN_SHARD_MIB..=1 << 20).contains(&self.shard_mib) {
+            return Err(format!(
+                "[sharding] shard_mib = {} must be between {} (S3's smallest part) and {}",
+                self.shard_mib,
+                Self::MIN_SHARD_MIB,
+                1u64 << 20
+            ));
+        }
+        if !(1..=Self::MAX_CONCURRENCY).contains(&self.concurrency) {
+            return Err(format!(
+                "[sharding] concurrency = {} must be between 1 and {} (Step Functions' inline Map)",
+                self.concurrency,
+                Self::MAX_CONCURRENCY
+            ));
+        }
+        Ok(())
+    }
+
+    /// How many shards a model of `model_bytes` is cut into (at most
+    /// [`Self::MAX_SHARDS`]; the plan may make fewer, see
+    /// `fedstep_core::shard::ShardPlan::even`).
+    pub fn shards_for(&self, model_bytes: u64) -> usize {
+        let shard = self.shard_mib << 20;
+        (model_bytes.div_ceil(shard).max(1) as usize).min(Self::MAX_SHARDS)
+    }
+}
+
+impl Default for ShardingSpec {
+    fn default() -> Self {
+        ShardingSpec {
+            shard_mib: Self::DEFAULT_SHARD_MIB,
+            concurrency: Self::DEFAULT_CONCURRENCY,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -182,6 +263,7 @@ impl JobSpec {
                 return Err("[stop] target must be a finite number".into());
             }
         }
+        self.sharding.check()?;
         self.check_state_size()?;
         let pipeline = self.parse_pipeline()?;
         self.check_krum(&pipeline)?;

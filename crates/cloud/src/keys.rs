@@ -33,6 +33,14 @@ pub fn variate_delta(job_id: &str, round: u32, client_id: &str) -> String {
     format!("jobs/{job_id}/rounds/{round}/updates/{client_id}.scaffold_delta.safetensors")
 }
 
+/// The folder of one attempt at aggregating round `round` (issue #14):
+/// the plan, each shard's statistics and receipts, the decision. Kept
+/// beside the round's objects, where clients cannot read (the decision
+/// holds the DP noise key), never in the workflow's history.
+pub fn attempt_dir(job_id: &str, round: u32, attempt: &str) -> String {
+    format!("jobs/{job_id}/rounds/{round}/attempts/{attempt}")
+}
+
 /// The `updates` table's sort key: `{job_id}#{round:06}`.
 pub fn job_round(job_id: &str, round: u32) -> String {
     format!("{job_id}#{round:06}")

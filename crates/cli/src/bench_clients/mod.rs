@@ -228,6 +228,7 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
         stop: None,
         aggregation: Default::default(),
         round_config: Default::default(),
+        sharding: Default::default(),
     }
     .check()
     .map_err(|e| anyhow!("the bench's job: {e}"))?;

@@ -92,6 +92,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         stop: None,
         aggregation: settings.aggregation.clone(),
         round_config: settings.round_config(),
+        sharding: Default::default(),
     }
     .check()
     .map_err(|e| anyhow::anyhow!("simulated job: {e}"))?;

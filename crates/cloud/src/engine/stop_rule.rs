@@ -76,6 +76,7 @@ mod tests {
             stop,
             aggregation: Default::default(),
             round_config: Default::default(),
+            sharding: Default::default(),
         }
     }
 

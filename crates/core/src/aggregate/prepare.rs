@@ -95,6 +95,12 @@ impl Prepared<'_> {
         &self.setup.shards
     }
 
+    /// Whether the attempt writes the stages' state beside the model (a
+    /// stage keeps state and the request has somewhere to write it).
+    pub fn writes_state(&self) -> bool {
+        self.setup.req.state_out.is_some() && !self.setup.state.is_empty()
+    }
+
     /// Whether a statistics pass runs before the combine pass (a stage
     /// needs norms or distances).
     pub fn needs_statistics(&self) -> bool {
