@@ -12,12 +12,14 @@ mod close;
 mod finalize;
 mod hand_over;
 mod metrics;
+mod sharded;
 mod start;
 mod stop_rule;
 mod update;
 mod validate;
 
 pub use finalize::UNTYPED;
+pub use sharded::{CommitOutcome, PlanOutcome, ShardTaskDone};
 
 use std::sync::Arc;
 

@@ -119,17 +119,24 @@ fn failures_with(mutant: Mutant, schedules: u64) -> Vec<String> {
 #[test]
 fn the_harness_catches_a_ledger_that_drops_rejections() {
     let failures = failures_with(Mutant::DropsRejections, 30);
+    // Either an invariant sees a rejected client missing from the round's
+    // record, or the commit sees the ledger lose the rejection it wrote.
     assert!(
-        failures.iter().any(|f| f.contains("must be exactly one")),
+        failures
+            .iter()
+            .any(|f| f.contains("must be exactly one") || f.contains("did not keep the rejection")),
         "{failures:?}"
     );
 }
 
+/// Before the round's aggregation became tasks, two aggregators over a
+/// ledger without conditional writes both closed the round, and the
+/// harness caught it ("closed 2 times"). Now every task of an attempt
+/// checks the attempt still holds the round's lease, and the commit reads
+/// the row before it closes: the attempts steal the round from each other
+/// until one finishes, and each round still closes once.
 #[test]
-fn the_harness_catches_a_ledger_without_conditional_writes() {
-    let failures = failures_with(Mutant::NoConditions, 40);
-    assert!(
-        failures.iter().any(|f| f.contains("closed 2 times")),
-        "{failures:?}"
-    );
+fn a_ledger_without_conditional_writes_still_closes_each_round_once() {
+    let failures = failures_with(Mutant::NoConditions, 10);
+    assert!(failures.is_empty(), "{failures:?}");
 }

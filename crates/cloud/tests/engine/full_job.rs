@@ -87,7 +87,9 @@ async fn three_clients_three_rounds() {
             .unwrap()
             .unwrap();
         assert_eq!(stored.status, RoundStatus::Closed);
-        assert_eq!(stored.lease_owner.as_deref(), Some("aggregator-1"));
+        // The lease is held by an attempt of this engine (named after it).
+        let owner = stored.lease_owner.as_deref().unwrap_or_default();
+        assert!(owner.starts_with("aggregator-1."), "{owner}");
         let outputs = fed.callback.succeeded(&token);
         assert_eq!(outputs.len(), 1, "one callback per round");
         assert_eq!(fed.callback.calls_for(&token).len(), 1);

@@ -19,5 +19,6 @@ mod measurements_kept;
 mod rejections;
 mod rewritten_rows;
 mod round_figures;
+mod sharded;
 mod stop_and_restart;
 mod takeover;

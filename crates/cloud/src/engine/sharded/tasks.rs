@@ -1,0 +1,364 @@
+//! The tasks between the plan and the commit, each run once per shard (or
+//! once) by the workflow, each in whatever process: a shard's statistics
+//! pass, the decision from all shards' statistics, and a shard's combine
+//! pass, which uploads its parts of the next global model (and state) and
+//! hashes its share of the inputs. Every task reopens the aggregation from
+//! the attempt's plan and stores its answer in the attempt's folder; run
+//! again, it computes and stores the same answer (parts of the same
+//! numbers replace the earlier ones).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fedstep_core::aggregate::{prepare, Prepared, Sharding, StepError};
+use fedstep_core::shard::{PartDest, PartStore, MIN_PART_BYTES};
+use fedstep_core::AggregationRequest;
+use serde::{Deserialize, Serialize};
+
+use super::attempt::{
+    decision_key, get_json, load_plan, put_json, shard_key, statistics_key, Decided, Opened, Plan,
+    ShardOutcome, StatisticsDone,
+};
+use crate::engine::RoundEngine;
+use crate::error::{CloudError, Result};
+use crate::job::Job;
+use crate::keys;
+use crate::ports::{Clock, Ledger, Notifier, ObjectReader, StreamingStore, TaskCallback};
+use crate::records::RoundStatus;
+
+/// What a shard task did, as the workflow sees it (it keeps nothing of it:
+/// the answer is in the attempt's folder).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardTaskDone {
+    pub shard: usize,
+    /// The attempt no longer holds the round (another attempt took it
+    /// over): nothing was computed; the commit sends the round back to
+    /// the plan.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
+}
+
+impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
+where
+    S: StreamingStore,
+    L: Ledger,
+    N: Notifier,
+    C: TaskCallback,
+    K: Clock,
+{
+    /// Whether `attempt` still holds round `round` (AGGREGATING under its
+    /// lease). A task of an attempt that lost the round does nothing.
+    pub(super) async fn holds_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+    ) -> Result<bool> {
+        let row = self
+            .ledger
+            .get_round(job_id, round)
+            .await?
+            .ok_or_else(|| CloudError::NotFound(format!("round {round} of job `{job_id}`")))?;
+        Ok(row.status == RoundStatus::Aggregating && row.lease_owner.as_deref() == Some(attempt))
+    }
+
+    /// ShardStatistics task: shard `shard`'s statistics pass (norms, the
+    /// partial Gram matrix), stored for the decide task.
+    pub async fn shard_statistics(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+        shard: usize,
+    ) -> Result<ShardTaskDone> {
+        let plan = load_plan(&self.store, job_id, round, attempt).await?;
+        check_shard(&plan, shard)?;
+        if !self.holds_round(job_id, round, attempt).await? {
+            return Ok(ShardTaskDone {
+                shard,
+                superseded: true,
+            });
+        }
+        let job = self.job_of(job_id).await?;
+        let opened = Opened::open(&self.store, &plan, self.config.read_ahead_bytes)?;
+        let p = plan.clone();
+        let done = blocking(move || {
+            with_attempt(&p, &job, &opened, |a| match a.statistics(shard) {
+                Ok(s) => Ok(StatisticsDone::Statistics(s)),
+                Err(StepError::Reject { input, reason }) => Ok(StatisticsDone::Rejected {
+                    client: p.updates[input].row.client_id.clone(),
+                    reason: format!("rejected: {reason}"),
+                }),
+                Err(StepError::Fatal(e)) => Err(super::core_error(e)),
+            })
+        })
+        .await?;
+        put_json(
+            &self.store,
+            &statistics_key(job_id, round, attempt, shard),
+            &done,
+        )
+        .await?;
+        Ok(ShardTaskDone {
+            shard,
+            superseded: false,
+        })
+    }
+
+    /// DecideRound task: the decision from every shard's statistics (who
+    /// is in, with which scale and weight; the noise key), stored for the
+    /// shard tasks. A shard that rejected a client decides the attempt:
+    /// it ends, and the commit plans a new one without that client.
+    pub async fn decide_round(&self, job_id: &str, round: u32, attempt: &str) -> Result<()> {
+        let plan = load_plan(&self.store, job_id, round, attempt).await?;
+        if !self.holds_round(job_id, round, attempt).await? {
+            return Ok(());
+        }
+        let mut stats = Vec::with_capacity(plan.shards);
+        let mut refused = None;
+        for shard in 0..plan.shards {
+            let key = statistics_key(job_id, round, attempt, shard);
+            match get_json::<_, StatisticsDone>(&self.store, &key).await? {
+                Some(StatisticsDone::Statistics(s)) => stats.push(s),
+                Some(StatisticsDone::Rejected { client, reason }) => {
+                    refused.get_or_insert(Decided::Rejected { client, reason });
+                }
+                None => {
+                    return Err(CloudError::Other(format!(
+                        "shard {shard} of attempt `{attempt}` stored no statistics at `{key}`"
+                    )))
+                }
+            }
+        }
+        let decided = match refused {
+            Some(refused) => refused,
+            None => {
+                let job = self.job_of(job_id).await?;
+                let opened = Opened::open(&self.store, &plan, self.config.read_ahead_bytes)?;
+                let p = plan.clone();
+                blocking(move || {
+                    with_attempt(&p, &job, &opened, |a| match a.decide(&stats) {
+                        Ok(d) => Ok(Decided::Decision(d)),
+                        Err(StepError::Reject { input, reason }) => Ok(Decided::Rejected {
+                            client: p.updates[input].row.client_id.clone(),
+                            reason: format!("rejected: {reason}"),
+                        }),
+                        Err(StepError::Fatal(e)) => Err(super::core_error(e)),
+                    })
+                })
+                .await?
+            }
+        };
+        put_json(&self.store, &decision_key(job_id, round, attempt), &decided).await
+    }
+
+    /// AggregateShard task: shard `shard`'s combine pass, its parts of the
+    /// next global model (and state) uploaded, and its share of the
+    /// checksums: inputs `i` with `i mod shards == shard` are read whole
+    /// and must hash to what their rows committed to (the global model,
+    /// input number `n`, to what the round was opened with). Bad values
+    /// or a mismatched hash reject that client; the commit plans again.
+    pub async fn aggregate_shard(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+        shard: usize,
+    ) -> Result<ShardTaskDone> {
+        let plan = load_plan(&self.store, job_id, round, attempt).await?;
+        check_shard(&plan, shard)?;
+        if !self.holds_round(job_id, round, attempt).await? {
+            return Ok(ShardTaskDone {
+                shard,
+                superseded: true,
+            });
+        }
+        let decided: Decided = get_json(&self.store, &decision_key(job_id, round, attempt))
+            .await?
+            .ok_or_else(|| CloudError::Other(format!("attempt `{attempt}` has no decision yet")))?;
+        let outcome = match decided {
+            Decided::Rejected { .. } => ShardOutcome::Skipped,
+            Decided::Decision(decision) => {
+                let job = self.job_of(job_id).await?;
+                let model = self
+                    .store
+                    .upload_parts(&keys::global_model(job_id, round + 1), &plan.model_upload)?;
+                let state = match &plan.state_upload {
+                    Some(id) => Some(
+                        self.store
+                            .upload_parts(&keys::server_state(job_id, round + 1), id)?,
+                    ),
+                    None => None,
+                };
+                let hashed = self.hash_share(&plan, shard).await?;
+                let opened = Opened::open(&self.store, &plan, self.config.read_ahead_bytes)?;
+                let p = plan.clone();
+                let (m, st) = (model.clone(), state.clone());
+                let combined = blocking(move || {
+                    with_attempt(&p, &job, &opened, |a| {
+                        let outputs = a.outputs(&decision).map_err(super::core_error)?;
+                        let model_dest: Arc<dyn PartStore> = m;
+                        let state_dest = st.map(|s| PartDest::Whole(s as Arc<dyn PartStore>));
+                        match a.combine_shard(
+                            &decision,
+                            &outputs,
+                            shard,
+                            PartDest::Whole(model_dest),
+                            state_dest,
+                        ) {
+                            Ok(done) => Ok(Ok(done)),
+                            Err(StepError::Reject { input, reason }) => Ok(Err((
+                                p.updates[input].row.client_id.clone(),
+                                format!("rejected: {reason}"),
+                            ))),
+                            Err(StepError::Fatal(e)) => Err(super::core_error(e)),
+                        }
+                    })
+                })
+                .await?;
+                match (combined, hashed) {
+                    (Err((client, reason)), _) | (Ok(_), Some((client, reason))) => {
+                        ShardOutcome::Rejected { client, reason }
+                    }
+                    (Ok(done), None) => ShardOutcome::Done {
+                        done,
+                        model: model.receipts(),
+                        state: state.map(|s| s.receipts()).unwrap_or_default(),
+                    },
+                }
+            }
+        };
+        put_json(
+            &self.store,
+            &shard_key(job_id, round, attempt, shard),
+            &outcome,
+        )
+        .await?;
+        Ok(ShardTaskDone {
+            shard,
+            superseded: false,
+        })
+    }
+
+    /// Hashes this shard's share of the inputs; the first client whose
+    /// object does not hash to its row's checksum, with the reason. The
+    /// global model not hashing to the round's checksum is not a client's
+    /// doing: an error.
+    async fn hash_share(&self, plan: &Plan, shard: usize) -> Result<Option<(String, String)>> {
+        let n = plan.updates.len();
+        let mine = |i: usize| i % plan.shards == shard;
+        let mut jobs: Vec<(Option<String>, String, String, Arc<dyn ObjectReader>)> = Vec::new();
+        for (i, u) in plan.updates.iter().enumerate().filter(|(i, _)| mine(*i)) {
+            let _ = i;
+            let reader = self.store.reader(
+                &u.object.key,
+                &u.object.stat(),
+                self.config.read_ahead_bytes,
+            )?;
+            jobs.push((
+                Some(u.row.client_id.clone()),
+                u.object.key.clone(),
+                u.row.checksum.clone(),
+                reader,
+            ));
+        }
+        if mine(n) {
+            let reader = self.store.reader(
+                &plan.global.key,
+                &plan.global.stat(),
+                self.config.read_ahead_bytes,
+            )?;
+            jobs.push((
+                None,
+                plan.global.key.clone(),
+                plan.global_checksum.clone(),
+                reader,
+            ));
+        }
+        for (client, key, want, reader) in jobs {
+            let got = blocking(move || Ok(reader.sha256())).await?;
+            let reason = match (got, &client) {
+                (Ok(sha), _) if sha.eq_ignore_ascii_case(&want) => continue,
+                (Ok(sha), None) => {
+                    return Err(CloudError::Invalid(format!(
+                        "global model `{key}` hashes to {sha} but round {} of job `{}` was opened with {want}",
+                        plan.round, plan.job_id
+                    )))
+                }
+                (Ok(sha), Some(_)) => {
+                    format!("checksum: the row says {want} but the object at `{key}` hashes to {sha}")
+                }
+                (Err(e), _) if fedstep_core::bytes::is_unavailable(&e) => {
+                    return Err(CloudError::Transient(format!("hashing `{key}`: {e}")))
+                }
+                (Err(e), None) => return Err(CloudError::Transient(format!("hashing `{key}`: {e}"))),
+                (Err(e), Some(_)) => {
+                    format!("model: reading it to verify its checksum failed: {e}")
+                }
+            };
+            return Ok(client.map(|c| (c, reason)));
+        }
+        Ok(None)
+    }
+
+    pub(super) async fn job_of(&self, job_id: &str) -> Result<Job> {
+        self.ledger
+            .get_job(job_id)
+            .await?
+            .ok_or_else(|| CloudError::NotFound(format!("job `{job_id}`")))
+    }
+}
+
+fn check_shard(plan: &Plan, shard: usize) -> Result<()> {
+    if shard < plan.shards {
+        Ok(())
+    } else {
+        Err(CloudError::Invalid(format!(
+            "shard {shard} is not one of the {} shards of attempt `{}`",
+            plan.shards, plan.attempt
+        )))
+    }
+}
+
+/// Runs `f` on a blocking thread (the core is synchronous and its reads
+/// block on the store).
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CloudError::Other(format!("the aggregation task panicked: {e}")))?
+}
+
+/// Opens the attempt `plan` describes (the same cut every task makes) and
+/// runs `f` on it.
+pub(super) fn with_attempt<T>(
+    plan: &Plan,
+    job: &Job,
+    opened: &Opened,
+    f: impl FnOnce(&Prepared<'_>) -> Result<T>,
+) -> Result<T> {
+    let req = AggregationRequest {
+        updates: &opened.sources,
+        global: Some(opened.global.clone()),
+        config: job.pipeline(),
+        out: &opened.out,
+        state_in: opened.state_in.clone(),
+        state_out: Some(&opened.state_out),
+        round: u64::from(plan.round),
+    };
+    let sharding = Sharding {
+        shards: plan.shards_requested,
+        min_shard_bytes: MIN_PART_BYTES,
+    };
+    let attempt = prepare(&req, sharding, &BTreeMap::new()).map_err(super::core_error)?;
+    if attempt.shards().len() != plan.shards {
+        return Err(CloudError::Other(format!(
+            "attempt `{}` reopened as {} shards, planned as {}",
+            plan.attempt,
+            attempt.shards().len(),
+            plan.shards
+        )));
+    }
+    f(&attempt)
+}
