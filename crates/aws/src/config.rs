@@ -26,10 +26,15 @@ pub struct Settings {
     /// names, and the SDK has no environment variable for it.
     pub s3_force_path_style: bool,
     /// Emulator worker only (fedstep-lambda local mode):
-    /// `FEDSTEP_START_ROUND_ACTIVITY_ARN`, `FEDSTEP_CLOSE_ROUND_ACTIVITY_ARN`,
-    /// `FEDSTEP_FINALIZE_ACTIVITY_ARN`, `FEDSTEP_UPDATES_STREAM_ARN`.
+    /// `FEDSTEP_{ACTION}_ACTIVITY_ARN` for each task action (START_ROUND,
+    /// PLAN_ROUND, SHARD_STATISTICS, DECIDE_ROUND, AGGREGATE_SHARD,
+    /// COMMIT_ROUND, FINALIZE), `FEDSTEP_UPDATES_STREAM_ARN`.
     pub start_round_activity_arn: Option<String>,
-    pub close_round_activity_arn: Option<String>,
+    pub plan_round_activity_arn: Option<String>,
+    pub shard_statistics_activity_arn: Option<String>,
+    pub decide_round_activity_arn: Option<String>,
+    pub aggregate_shard_activity_arn: Option<String>,
+    pub commit_round_activity_arn: Option<String>,
     pub finalize_activity_arn: Option<String>,
     pub updates_stream_arn: Option<String>,
 }
@@ -55,7 +60,11 @@ impl Settings {
             s3_force_path_style: get("FEDSTEP_S3_FORCE_PATH_STYLE")
                 .is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes")),
             start_round_activity_arn: get("FEDSTEP_START_ROUND_ACTIVITY_ARN"),
-            close_round_activity_arn: get("FEDSTEP_CLOSE_ROUND_ACTIVITY_ARN"),
+            plan_round_activity_arn: get("FEDSTEP_PLAN_ROUND_ACTIVITY_ARN"),
+            shard_statistics_activity_arn: get("FEDSTEP_SHARD_STATISTICS_ACTIVITY_ARN"),
+            decide_round_activity_arn: get("FEDSTEP_DECIDE_ROUND_ACTIVITY_ARN"),
+            aggregate_shard_activity_arn: get("FEDSTEP_AGGREGATE_SHARD_ACTIVITY_ARN"),
+            commit_round_activity_arn: get("FEDSTEP_COMMIT_ROUND_ACTIVITY_ARN"),
             finalize_activity_arn: get("FEDSTEP_FINALIZE_ACTIVITY_ARN"),
             updates_stream_arn: get("FEDSTEP_UPDATES_STREAM_ARN"),
         }

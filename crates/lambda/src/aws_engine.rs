@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use fedstep_aws::{AwsConfig, DynamoLedger, S3Store, SfnCallback, SnsNotifier};
-use fedstep_cloud::engine::{EngineConfig, RoundEngine, UpdateOutcome};
+use fedstep_cloud::engine::{
+    CommitOutcome, EngineConfig, PlanOutcome, RoundEngine, ShardTaskDone, UpdateOutcome,
+};
 use fedstep_cloud::ports::{Clock, Ledger, Notifier, StreamingStore, SystemClock, TaskCallback};
 use fedstep_cloud::records::{ClosedBy, RoundRecord, RoundResult, UpdateRecord};
 use fedstep_cloud::{CloudError, Job, DEFAULT_READ_AHEAD_BYTES};
@@ -71,13 +73,51 @@ where
         RoundEngine::on_update(self, update).await
     }
 
-    async fn close_round(
+    async fn plan_round(
         &self,
         job_id: &str,
         round: u32,
         closed_by: ClosedBy,
-    ) -> Result<RoundResult, CloudError> {
-        RoundEngine::close_round(self, job_id, round, closed_by).await
+    ) -> Result<PlanOutcome, CloudError> {
+        RoundEngine::plan_round(self, job_id, round, closed_by).await
+    }
+
+    async fn shard_statistics(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+        shard: usize,
+    ) -> Result<ShardTaskDone, CloudError> {
+        RoundEngine::shard_statistics(self, job_id, round, attempt, shard).await
+    }
+
+    async fn decide_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+    ) -> Result<(), CloudError> {
+        RoundEngine::decide_round(self, job_id, round, attempt).await
+    }
+
+    async fn aggregate_shard(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+        shard: usize,
+    ) -> Result<ShardTaskDone, CloudError> {
+        RoundEngine::aggregate_shard(self, job_id, round, attempt, shard).await
+    }
+
+    async fn commit_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+    ) -> Result<CommitOutcome, CloudError> {
+        RoundEngine::commit_round(self, job_id, round, attempt).await
     }
 
     async fn finalize(

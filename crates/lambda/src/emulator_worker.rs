@@ -1,6 +1,6 @@
 //! Local mode for the emulators, where Lambdas cannot run (no Docker): the
-//! worker polls the three Step Functions activities that stand in for the
-//! Lambda tasks (scripts/local-deploy.sh) and the updates table's DynamoDB
+//! worker polls the Step Functions activities that stand in for the
+//! Lambda tasks (one per task action) (scripts/local-deploy.sh) and the updates table's DynamoDB
 //! stream, and hands what it gets to the very handlers the Lambda runs.
 
 use std::collections::BTreeMap;
@@ -60,10 +60,38 @@ pub async fn run<A: RoundTasks>(
             )?,
         ),
         (
-            Action::CloseRound,
+            Action::PlanRound,
             need(
-                &s.close_round_activity_arn,
-                "FEDSTEP_CLOSE_ROUND_ACTIVITY_ARN",
+                &s.plan_round_activity_arn,
+                "FEDSTEP_PLAN_ROUND_ACTIVITY_ARN",
+            )?,
+        ),
+        (
+            Action::ShardStatistics,
+            need(
+                &s.shard_statistics_activity_arn,
+                "FEDSTEP_SHARD_STATISTICS_ACTIVITY_ARN",
+            )?,
+        ),
+        (
+            Action::DecideRound,
+            need(
+                &s.decide_round_activity_arn,
+                "FEDSTEP_DECIDE_ROUND_ACTIVITY_ARN",
+            )?,
+        ),
+        (
+            Action::AggregateShard,
+            need(
+                &s.aggregate_shard_activity_arn,
+                "FEDSTEP_AGGREGATE_SHARD_ACTIVITY_ARN",
+            )?,
+        ),
+        (
+            Action::CommitRound,
+            need(
+                &s.commit_round_activity_arn,
+                "FEDSTEP_COMMIT_ROUND_ACTIVITY_ARN",
             )?,
         ),
         (
@@ -90,7 +118,7 @@ pub async fn run<A: RoundTasks>(
         idle: opts.idle_poll,
     };
     tasks.spawn(poller.run(Arc::clone(&engine), shutdown.clone()));
-    tracing::info!(worker = %opts.worker_name, "local worker polling 3 activities and the updates stream");
+    tracing::info!(worker = %opts.worker_name, "local worker polling 7 activities and the updates stream");
     while let Some(done) = tasks.join_next().await {
         if let Err(e) = done {
             return Err(format!("a poller panicked: {e}"));
@@ -478,7 +506,7 @@ mod tests {
         assert_eq!(p["context"]["Task"]["Token"], "tok");
         assert_eq!(p["context"]["State"], serde_json::json!({}));
         let p =
-            activity_payload(r#"{"action":"close_round","job_id":"j","round":1}"#, "t2").unwrap();
+            activity_payload(r#"{"action":"plan_round","job_id":"j","round":1}"#, "t2").unwrap();
         assert_eq!(p["context"]["Task"]["Token"], "t2");
         assert!(activity_payload("[1]", "t").is_err());
         assert!(activity_payload("nope", "t").is_err());

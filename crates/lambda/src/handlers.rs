@@ -6,6 +6,7 @@
 use std::fmt::Debug;
 use std::future::Future;
 
+use fedstep_cloud::engine::{CommitOutcome, PlanOutcome, ShardTaskDone};
 use fedstep_cloud::records::{ClosedBy, RoundRecord, RoundResult, UpdateRecord};
 use fedstep_cloud::{CloudError, Job, JobSpec, TaskErrorName};
 use serde::Deserialize;
@@ -28,12 +29,38 @@ pub trait RoundTasks: Send + Sync + 'static {
         &self,
         update: &UpdateRecord,
     ) -> impl Future<Output = Result<Self::Outcome, CloudError>> + Send;
-    fn close_round(
+    fn plan_round(
         &self,
         job_id: &str,
         round: u32,
         closed_by: ClosedBy,
-    ) -> impl Future<Output = Result<RoundResult, CloudError>> + Send;
+    ) -> impl Future<Output = Result<PlanOutcome, CloudError>> + Send;
+    fn shard_statistics(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+        shard: usize,
+    ) -> impl Future<Output = Result<ShardTaskDone, CloudError>> + Send;
+    fn decide_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn aggregate_shard(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+        shard: usize,
+    ) -> impl Future<Output = Result<ShardTaskDone, CloudError>> + Send;
+    fn commit_round(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+    ) -> impl Future<Output = Result<CommitOutcome, CloudError>> + Send;
     fn finalize(
         &self,
         job_id: &str,
@@ -79,23 +106,39 @@ impl From<CloudError> for TaskError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     StartRound,
-    CloseRound,
+    PlanRound,
+    ShardStatistics,
+    DecideRound,
+    AggregateShard,
+    CommitRound,
     Finalize,
 }
 
 impl Action {
+    pub const ALL: [Action; 7] = [
+        Action::StartRound,
+        Action::PlanRound,
+        Action::ShardStatistics,
+        Action::DecideRound,
+        Action::AggregateShard,
+        Action::CommitRound,
+        Action::Finalize,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Action::StartRound => "start_round",
-            Action::CloseRound => "close_round",
+            Action::PlanRound => "plan_round",
+            Action::ShardStatistics => "shard_statistics",
+            Action::DecideRound => "decide_round",
+            Action::AggregateShard => "aggregate_shard",
+            Action::CommitRound => "commit_round",
             Action::Finalize => "finalize",
         }
     }
 
     fn parse(name: &str) -> Option<Action> {
-        [Action::StartRound, Action::CloseRound, Action::Finalize]
-            .into_iter()
-            .find(|a| a.name() == name)
+        Action::ALL.into_iter().find(|a| a.name() == name)
     }
 }
 
@@ -106,10 +149,17 @@ struct TaskPayload {
     round: u32,
     #[serde(default)]
     result: Option<Value>,
-    /// close_round: why the state machine closes the round (`"stream"`:
-    /// StartRound was handed over; `"deadline"`: it timed out).
+    /// plan_round: why the state machine closes the round (`"stream"`:
+    /// StartRound was handed over; `"deadline"`: it timed out). Also in
+    /// commit_round's payload, where the plan's stands.
     #[serde(default)]
     closed_by: Option<ClosedBy>,
+    /// The attempt PlanRound made (every task after it).
+    #[serde(default)]
+    attempt: Option<String>,
+    /// The shard of a Map iteration (shard_statistics, aggregate_shard).
+    #[serde(default)]
+    shard: Option<usize>,
     #[serde(default)]
     context: Value,
 }
@@ -151,14 +201,40 @@ pub async fn handle_task<A: RoundTasks>(engine: &A, payload: Value) -> Result<Va
                 "deadline": record.deadline,
             }))
         }
-        Action::CloseRound => {
+        Action::PlanRound => {
             let closed_by = task
                 .closed_by
-                .ok_or_else(|| TaskError::invalid("close_round without `closed_by`"))?;
-            let result = engine
-                .close_round(&task.job_id, task.round, closed_by)
+                .ok_or_else(|| TaskError::invalid("plan_round without `closed_by`"))?;
+            let planned = engine
+                .plan_round(&task.job_id, task.round, closed_by)
                 .await?;
-            serde_json::to_value(result).map_err(|e| CloudError::Other(e.to_string()).into())
+            to_output(&planned)
+        }
+        Action::ShardStatistics => {
+            let (attempt, shard) = (task.attempt()?, task.shard()?);
+            let done = engine
+                .shard_statistics(&task.job_id, task.round, attempt, shard)
+                .await?;
+            to_output(&done)
+        }
+        Action::DecideRound => {
+            engine
+                .decide_round(&task.job_id, task.round, task.attempt()?)
+                .await?;
+            Ok(serde_json::json!({"decided": true}))
+        }
+        Action::AggregateShard => {
+            let (attempt, shard) = (task.attempt()?, task.shard()?);
+            let done = engine
+                .aggregate_shard(&task.job_id, task.round, attempt, shard)
+                .await?;
+            to_output(&done)
+        }
+        Action::CommitRound => {
+            let committed = engine
+                .commit_round(&task.job_id, task.round, task.attempt()?)
+                .await?;
+            to_output(&committed)
         }
         Action::Finalize => {
             let raw = task
@@ -169,6 +245,23 @@ pub async fn handle_task<A: RoundTasks>(engine: &A, payload: Value) -> Result<Va
             Ok(engine.finalize(&task.job_id, task.round, &result).await?)
         }
     }
+}
+
+impl TaskPayload {
+    fn attempt(&self) -> Result<&str, TaskError> {
+        self.attempt
+            .as_deref()
+            .ok_or_else(|| TaskError::invalid(format!("{} without `attempt`", self.action)))
+    }
+
+    fn shard(&self) -> Result<usize, TaskError> {
+        self.shard
+            .ok_or_else(|| TaskError::invalid(format!("{} without `shard`", self.action)))
+    }
+}
+
+fn to_output<T: serde::Serialize>(value: &T) -> Result<Value, TaskError> {
+    serde_json::to_value(value).map_err(|e| CloudError::Other(e.to_string()).into())
 }
 
 /// The job is the execution input (written by `fedstep job start`: the
@@ -283,6 +376,12 @@ pub(crate) mod tests {
         }
     }
 
+    impl Fake {
+        fn call(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
     impl RoundTasks for Fake {
         type Outcome = &'static str;
 
@@ -326,25 +425,75 @@ pub(crate) mod tests {
             }
         }
 
-        async fn close_round(
+        async fn plan_round(
             &self,
             job_id: &str,
             round: u32,
             closed_by: ClosedBy,
-        ) -> Result<RoundResult, CloudError> {
-            self.calls
-                .lock()
-                .unwrap()
-                .push(format!("close {job_id} {round} {closed_by}"));
+        ) -> Result<PlanOutcome, CloudError> {
+            self.call(format!("plan {job_id} {round} {closed_by}"));
             if self.quorum_not_met {
                 return Err(CloudError::QuorumNotMet(
                     "quorum not met: 1 of min_clients 3 updates received".into(),
                 ));
             }
-            Ok(RoundResult {
-                closed_by,
-                ..result(job_id, round)
+            Ok(PlanOutcome::Planned {
+                attempt: "a1".into(),
+                shards: vec![0, 1],
+                statistics: true,
+                concurrency: 4,
             })
+        }
+
+        async fn shard_statistics(
+            &self,
+            job_id: &str,
+            round: u32,
+            attempt: &str,
+            shard: usize,
+        ) -> Result<ShardTaskDone, CloudError> {
+            self.call(format!("statistics {job_id} {round} {attempt} {shard}"));
+            Ok(ShardTaskDone {
+                shard,
+                superseded: false,
+            })
+        }
+
+        async fn decide_round(
+            &self,
+            job_id: &str,
+            round: u32,
+            attempt: &str,
+        ) -> Result<(), CloudError> {
+            self.call(format!("decide {job_id} {round} {attempt}"));
+            Ok(())
+        }
+
+        async fn aggregate_shard(
+            &self,
+            job_id: &str,
+            round: u32,
+            attempt: &str,
+            shard: usize,
+        ) -> Result<ShardTaskDone, CloudError> {
+            self.call(format!("shard {job_id} {round} {attempt} {shard}"));
+            Ok(ShardTaskDone {
+                shard,
+                superseded: false,
+            })
+        }
+
+        async fn commit_round(
+            &self,
+            job_id: &str,
+            round: u32,
+            attempt: &str,
+        ) -> Result<CommitOutcome, CloudError> {
+            self.call(format!("commit {job_id} {round} {attempt}"));
+            Ok(CommitOutcome::Closed(RoundResult {
+                closed_by: ClosedBy::Stream,
+                ..result(job_id, round)
+            }))
         }
 
         async fn finalize(
@@ -429,16 +578,28 @@ pub(crate) mod tests {
                 "unknown action",
             ),
             (
-                serde_json::json!({"action": "close_round", "round": 1, "closed_by": "stream"}),
+                serde_json::json!({"action": "plan_round", "round": 1, "closed_by": "stream"}),
                 "job_id",
             ),
             (
-                serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1}),
+                serde_json::json!({"action": "plan_round", "job_id": "j1", "round": 1}),
                 "closed_by",
             ),
             (
-                serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "closed_by": "early"}),
+                serde_json::json!({"action": "plan_round", "job_id": "j1", "round": 1, "closed_by": "early"}),
                 "expected `stream` or `deadline`",
+            ),
+            (
+                serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "closed_by": "stream"}),
+                "unknown action",
+            ),
+            (
+                serde_json::json!({"action": "aggregate_shard", "job_id": "j1", "round": 1, "attempt": "a1"}),
+                "without `shard`",
+            ),
+            (
+                serde_json::json!({"action": "commit_round", "job_id": "j1", "round": 1}),
+                "without `attempt`",
             ),
         ] {
             let err = handle_task(&fake, payload).await.unwrap_err();
@@ -449,14 +610,14 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn close_round_quorum_not_met_is_named() {
+    async fn plan_round_quorum_not_met_is_named() {
         let fake = Fake {
             quorum_not_met: true,
             ..Fake::default()
         };
         let err = handle_task(
             &fake,
-            serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "closed_by": "deadline", "context": {}}),
+            serde_json::json!({"action": "plan_round", "job_id": "j1", "round": 1, "closed_by": "deadline", "context": {}}),
         )
         .await
         .unwrap_err();
@@ -468,23 +629,50 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn close_and_finalize_return_their_output() {
+    async fn the_aggregation_tasks_and_finalize_return_their_output() {
         let fake = Fake::default();
-        let out = handle_task(
-            &fake,
-            serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "closed_by": "stream"}),
+        let task = |action: &str, extra: Value| {
+            let mut payload = serde_json::json!({"action": action, "job_id": "j1", "round": 1});
+            for (k, v) in extra.as_object().unwrap() {
+                payload[k] = v.clone();
+            }
+            handle_task(&fake, payload)
+        };
+        let plan = task("plan_round", serde_json::json!({"closed_by": "stream"}))
+            .await
+            .unwrap();
+        assert_eq!(
+            plan,
+            serde_json::json!({"attempt": "a1", "shards": [0, 1], "statistics": true, "concurrency": 4})
+        );
+        let shard = serde_json::json!({"attempt": "a1", "shard": 1});
+        let out = task("shard_statistics", shard.clone()).await.unwrap();
+        assert_eq!(out, serde_json::json!({"shard": 1}));
+        task("decide_round", serde_json::json!({"attempt": "a1"}))
+            .await
+            .unwrap();
+        task("aggregate_shard", shard).await.unwrap();
+        let out = task(
+            "commit_round",
+            serde_json::json!({"attempt": "a1", "closed_by": "stream"}),
         )
         .await
         .unwrap();
         assert_eq!(out["continue"], false);
         assert_eq!(out["closed_by"], "stream");
-        assert_eq!(fake.calls.lock().unwrap()[0], "close j1 1 stream");
-        let out = handle_task(
-            &fake,
-            serde_json::json!({"action": "finalize", "job_id": "j1", "round": 1, "result": out}),
-        )
-        .await
-        .unwrap();
+        assert_eq!(
+            *fake.calls.lock().unwrap(),
+            vec![
+                "plan j1 1 stream",
+                "statistics j1 1 a1 1",
+                "decide j1 1 a1",
+                "shard j1 1 a1 1",
+                "commit j1 1 a1"
+            ]
+        );
+        let out = task("finalize", serde_json::json!({"result": out}))
+            .await
+            .unwrap();
         assert_eq!(out["job_id"], "j1");
     }
 

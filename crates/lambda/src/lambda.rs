@@ -197,7 +197,7 @@ mod tests {
         };
         let err = dispatch(
             &fake,
-            serde_json::json!({"action": "close_round", "job_id": "j1", "round": 1, "closed_by": "deadline"}),
+            serde_json::json!({"action": "plan_round", "job_id": "j1", "round": 1, "closed_by": "deadline"}),
         )
         .await
         .unwrap_err();

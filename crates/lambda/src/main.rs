@@ -1,7 +1,8 @@
 //! fedstep-lambda: the aggregator.
 //!
 //! * `fedstep-lambda` (no arguments): the AWS Lambda bootstrap. It serves
-//!   the Step Functions tasks (start_round, close_round, finalize) and the
+//!   the Step Functions tasks (start_round, plan_round, the shard tasks,
+//!   commit_round, finalize) and the
 //!   updates table's DynamoDB stream; the event's shape picks the handler.
 //!   The CDK app deploys it twice: the aggregator (the tasks) and a small
 //!   stream function (counting and the hand-over; no S3 access).

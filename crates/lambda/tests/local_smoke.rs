@@ -204,9 +204,11 @@ async fn one_round_succeeds_and_an_unanswered_round_fails_with_quorum_not_met() 
         worker.log_tail()
     );
     let output: Value = serde_json::from_str(done.output().unwrap_or("{}")).unwrap();
-    // StartRound's output is the stream path's hand-over; CloseRound's the result.
+    // StartRound's output is the stream path's hand-over; CommitRound's the
+    // result, after PlanRound and one shard.
     assert_eq!(output["handover"]["closed_by"], "stream", "{output}");
     assert_eq!(output["handover"]["usable"], 1, "{output}");
+    assert_eq!(output["plan"]["shards"], serde_json::json!([0]), "{output}");
     assert_eq!(output["result"]["continue"], false);
     assert_eq!(output["result"]["closed_by"], "stream");
     assert_eq!(
@@ -222,7 +224,7 @@ async fn one_round_succeeds_and_an_unanswered_round_fails_with_quorum_not_met() 
         .unwrap()
         .is_some());
 
-    // Nobody answers within 2 s: CloseRound fails the execution.
+    // Nobody answers within 2 s: PlanRound fails the execution.
     let job_id = unique("quorum");
     let spec = job(&job_id, 2);
     store

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fedstep_cloud::engine::{CommitOutcome, PlanOutcome, ShardTaskDone};
 use fedstep_cloud::ports::{
     AddReceived, ClientQueue, Ledger, Notifier, OpenRound, PutUpdate, QueueMessage,
 };
@@ -301,13 +302,45 @@ impl<A: RoundTasks> RoundTasks for CountingRoundTasks<A> {
             .await
     }
 
-    async fn close_round(
+    async fn plan_round(
         &self,
         job_id: &str,
         round: u32,
         closed_by: ClosedBy,
-    ) -> Result<RoundResult> {
-        self.inner.close_round(job_id, round, closed_by).await
+    ) -> Result<PlanOutcome> {
+        self.inner.plan_round(job_id, round, closed_by).await
+    }
+
+    async fn shard_statistics(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+        shard: usize,
+    ) -> Result<ShardTaskDone> {
+        self.inner
+            .shard_statistics(job_id, round, attempt, shard)
+            .await
+    }
+
+    async fn decide_round(&self, job_id: &str, round: u32, attempt: &str) -> Result<()> {
+        self.inner.decide_round(job_id, round, attempt).await
+    }
+
+    async fn aggregate_shard(
+        &self,
+        job_id: &str,
+        round: u32,
+        attempt: &str,
+        shard: usize,
+    ) -> Result<ShardTaskDone> {
+        self.inner
+            .aggregate_shard(job_id, round, attempt, shard)
+            .await
+    }
+
+    async fn commit_round(&self, job_id: &str, round: u32, attempt: &str) -> Result<CommitOutcome> {
+        self.inner.commit_round(job_id, round, attempt).await
     }
 
     async fn finalize(&self, job_id: &str, round: u32, result: &RoundResult) -> Result<Value> {

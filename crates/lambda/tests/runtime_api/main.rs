@@ -3,8 +3,9 @@
 //! watch --only-lambda-apis`), invoked with the events AWS sends it:
 //!
 //! * the Step Functions task payloads of the AWS state machine (StartRound's
-//!   `lambda:invoke.waitForTaskToken` Payload, CloseRound's and Finalize's
-//!   direct-invoke Parameters), taken from a real execution on LocalStack
+//!   `lambda:invoke.waitForTaskToken` Payload, the direct-invoke Parameters
+//!   of PlanRound, the Map's AggregateShard iterations, CommitRound and
+//!   Finalize), taken from a real execution on LocalStack
 //!   where the emulator deployment runs the ASL with activities;
 //! * DynamoDB stream batches built from real rows read back from the
 //!   `updates` table's stream: INSERT, MODIFY and REMOVE records, NEW_IMAGE
@@ -192,30 +193,27 @@ async fn the_bootstrap_serves_aws_shaped_tasks_and_stream_batches() {
     let next = keys::global_model(&job_a.job_id, 2);
     assert!(store.head(&next).await.unwrap().is_none(), "{next} already");
 
-    // The hand-over (SendTaskSuccess) moved the execution on to CloseRound,
+    // The hand-over (SendTaskSuccess) moved the execution on to PlanRound,
     // whose event on AWS is the direct-invoke Parameters: the activity input,
-    // with `closed_by` from the hand-over.
-    let (token, close) = activity_task(
-        &env.sfn,
-        str_at(&env.deploy, "/activities/close_round"),
-        &job_a.job_id,
-    )
-    .await;
-    assert_eq!(close["action"], "close_round", "{close}");
-    assert_eq!(close["closed_by"], "stream", "{close}");
-    let answer = lambda.invoke(&close);
-    assert_eq!(answer.status, 200, "{answer:?}\n{}", lambda.logs());
-    assert_eq!(answer.body["closed_by"], "stream", "{answer:?}");
+    // with `closed_by` from the hand-over. Then the Map's AggregateShard
+    // iterations (one shard: a small model) and CommitRound, each answered
+    // with what the bootstrap returned, as Step Functions would take it.
+    let plan = run_activity(&env, &mut lambda, "plan_round", &job_a.job_id).await;
+    assert_eq!(plan["shards"], json!([0]), "{plan}");
+    assert_eq!(plan["statistics"], false, "{plan}");
+    let attempt = plan["attempt"].as_str().unwrap().to_string();
+    let shard = run_activity(&env, &mut lambda, "aggregate_shard", &job_a.job_id).await;
+    assert_eq!(shard, json!({"shard": 0}));
+    assert!(
+        store.head(&next).await.unwrap().is_none(),
+        "{next} before the commit"
+    );
+    let answer = run_activity(&env, &mut lambda, "commit_round", &job_a.job_id).await;
+    assert_eq!(answer["closed_by"], "stream", "{answer:?}");
     let round = ledger.get_round(&job_a.job_id, 1).await.unwrap().unwrap();
     assert_eq!(round.status, RoundStatus::Closed, "{}", lambda.logs());
+    assert_eq!(round.lease_owner.as_deref(), Some(attempt.as_str()));
     assert!(store.head(&next).await.unwrap().is_some(), "no {next}");
-    env.sfn
-        .send_task_success()
-        .task_token(token)
-        .output(answer.body.to_string())
-        .send()
-        .await
-        .unwrap();
 
     // Then Finalize, likewise.
     let (token, finalize) = activity_task(
@@ -287,10 +285,24 @@ async fn the_bootstrap_serves_aws_shaped_tasks_and_stream_batches() {
     assert_eq!(round.received, set(&["c1", "c2"]));
     assert_eq!(round.status, RoundStatus::Open);
 
-    // --- CloseRound (the deadline path): the direct-invoke Parameters. -------
+    // --- The deadline path: the direct-invoke Parameters of each task. ------
     let answer = lambda.invoke(&json!({
-        "action": "close_round", "job_id": job_c.job_id, "round": 1, "closed_by": "deadline",
-        "context": context(&job_c, "CloseRound", None),
+        "action": "plan_round", "job_id": job_c.job_id, "round": 1, "closed_by": "deadline",
+        "context": context(&job_c, "PlanRound", None),
+    }));
+    assert_eq!(answer.status, 200, "{answer:?}\n{}", lambda.logs());
+    let attempt = answer.body["attempt"].clone();
+    for shard in answer.body["shards"].as_array().unwrap() {
+        let done = lambda.invoke(&json!({
+            "action": "aggregate_shard", "job_id": job_c.job_id, "round": 1,
+            "attempt": attempt, "shard": shard,
+            "context": context(&job_c, "AggregateShardTask", None),
+        }));
+        assert_eq!(done.status, 200, "{done:?}\n{}", lambda.logs());
+    }
+    let answer = lambda.invoke(&json!({
+        "action": "commit_round", "job_id": job_c.job_id, "round": 1, "attempt": attempt,
+        "closed_by": "deadline", "context": context(&job_c, "CommitRound", None),
     }));
     assert_eq!(answer.status, 200, "{answer:?}\n{}", lambda.logs());
     assert_eq!(answer.body["continue"], false, "{answer:?}");
@@ -302,12 +314,12 @@ async fn the_bootstrap_serves_aws_shaped_tasks_and_stream_batches() {
     let round = ledger.get_round(&job_c.job_id, 1).await.unwrap().unwrap();
     assert_eq!(round.status, RoundStatus::Closed);
 
-    // --- CloseRound without a quorum: the error Step Functions matches on. ----
+    // --- PlanRound without a quorum: the error Step Functions matches on. -----
     let job_e = job(&unique("rt-e"), &["e1"], 1);
     start_round(&mut lambda, &store, &job_e, dir.path()).await;
     let answer = lambda.invoke(&json!({
-        "action": "close_round", "job_id": job_e.job_id, "round": 1, "closed_by": "deadline",
-        "context": context(&job_e, "CloseRound", None),
+        "action": "plan_round", "job_id": job_e.job_id, "round": 1, "closed_by": "deadline",
+        "context": context(&job_e, "PlanRound", None),
     }));
     expect_error(&answer, "QuorumNotMet", "quorum not met", &lambda);
     let round = ledger.get_round(&job_e.job_id, 1).await.unwrap().unwrap();
@@ -527,6 +539,34 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 /// The next task of an activity for `job_id`, as (token, input). Tasks of
 /// other executions (left by earlier tests on the shared deployment) are
 /// taken and left to time out.
+/// Takes `action`'s next activity task of `job_id` from the running
+/// execution, invokes the bootstrap with it (the event AWS would send) and
+/// answers the task with the bootstrap's output; returns that output.
+async fn run_activity(env: &TestEnv, lambda: &mut Runtime, action: &str, job_id: &str) -> Value {
+    let (token, event) = activity_task(
+        &env.sfn,
+        str_at(&env.deploy, &format!("/activities/{action}")),
+        job_id,
+    )
+    .await;
+    assert_eq!(event["action"], action, "{event}");
+    let answer = lambda.invoke(&event);
+    assert_eq!(
+        answer.status,
+        200,
+        "{action}: {answer:?}\n{}",
+        lambda.logs()
+    );
+    env.sfn
+        .send_task_success()
+        .task_token(token)
+        .output(answer.body.to_string())
+        .send()
+        .await
+        .unwrap();
+    answer.body
+}
+
 async fn activity_task(sfn: &aws_sdk_sfn::Client, arn: &str, job_id: &str) -> (String, Value) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
