@@ -135,7 +135,7 @@ class ActivityWorker:
         if self.execution_arn:
             taken = sum(1 for act, _ in self.seen if act == activity)
             while self.scheduled(activity) <= taken and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(0.1)
         while time.monotonic() < deadline:
             resp = self.sfn.get_activity_task(activityArn=self.activities[activity], workerName="pytest")
             token = resp.get("taskToken")
