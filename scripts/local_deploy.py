@@ -373,7 +373,8 @@ def deploy_workflow(aws: Aws, n: dict, account: str) -> dict:
     }
     # Never invoked on the emulators: the start_round activity worker
     # receives {"FunctionName": <this>, "Payload": {...}} and uses Payload.
-    substitutions["AggregatorFunctionArn"] = f"arn:aws:lambda:{aws.region}:{account}:function:{n['aggregator_function']}"
+    function_arn = f"arn:aws:lambda:{aws.region}:{account}:function:{n['aggregator_function']}"
+    substitutions["AggregatorFunctionArn"] = function_arn
     definition = substitute(ASL_PATH.read_text(), substitutions)
     arn = find_state_machine(sfn, n["state_machine"])
     if arn:
