@@ -142,8 +142,8 @@ def run_attempt(worker, job_input: dict, rnd: int, the_plan: dict, closed_by: st
     worker.succeed(token, commit)
 
 
-def close_round(worker, job_input: dict, rnd: int, closed_by: str, the_plan: dict, commit: dict,
-                poll_timeout: float = 30.0) -> None:
+def plan_and_commit(worker, job_input: dict, rnd: int, closed_by: str, the_plan: dict, commit: dict,
+                    poll_timeout: float = 30.0) -> None:
     """PlanRound (after the hand-over or the deadline) answered with `the_plan`,
     then the attempt; `the_plan` may also be {"closed": result}."""
     token, task_input = worker.poll("plan_round", timeout=poll_timeout)
@@ -227,7 +227,8 @@ def test_three_rounds_then_finalize(sfn, start_job):
         token, task_input = worker.poll("start_round")
         check_start_round_input(task_input, job_input, rnd)
         worker.succeed(token, handover(job_id, rnd))
-        close_round(worker, job_input, rnd, "stream", plans[rnd], round_result(job_id, rnd, cont, closed_by="stream"))
+        result = round_result(job_id, rnd, cont, closed_by="stream")
+        plan_and_commit(worker, job_input, rnd, "stream", plans[rnd], result)
 
     token, fin = worker.poll("finalize")
     assert fin["action"] == "finalize"
@@ -315,12 +316,12 @@ def test_timeout_then_next_round(sfn, start_job):
     arn, worker, job_input = start_job(round_timeout_seconds=ROUND_TIMEOUT)
     job_id = job_input["job_id"]
     worker.poll("start_round")
-    close_round(worker, job_input, 1, "deadline", plan("r1"), round_result(job_id, 1, True, closed_by="deadline"),
-                poll_timeout=ROUND_TIMEOUT + 30)
+    plan_and_commit(worker, job_input, 1, "deadline", plan("r1"), round_result(job_id, 1, True, closed_by="deadline"),
+                    poll_timeout=ROUND_TIMEOUT + 30)
     token, task_input = worker.poll("start_round")
     check_start_round_input(task_input, job_input, 2)
     worker.succeed(token, handover(job_id, 2))
-    close_round(worker, job_input, 2, "stream", plan("r2"), round_result(job_id, 2, False, closed_by="stream"))
+    plan_and_commit(worker, job_input, 2, "stream", plan("r2"), round_result(job_id, 2, False, closed_by="stream"))
     token, _ = worker.poll("finalize")
     worker.succeed(token, {})
     desc = wait_done(sfn, arn)
@@ -343,11 +344,11 @@ def test_stream_then_timed_out_round(sfn, start_job):
     job_id = job_input["job_id"]
     token, _ = worker.poll("start_round")
     worker.succeed(token, handover(job_id, 1))
-    close_round(worker, job_input, 1, "stream", plan("r1"), round_result(job_id, 1, True, closed_by="stream"))
+    plan_and_commit(worker, job_input, 1, "stream", plan("r1"), round_result(job_id, 1, True, closed_by="stream"))
     _, task_input = worker.poll("start_round")  # round 2: never answered
     check_start_round_input(task_input, job_input, 2)
-    close_round(worker, job_input, 2, "deadline", plan("r2"), round_result(job_id, 2, False, closed_by="deadline"),
-                poll_timeout=ROUND_TIMEOUT + 30)
+    plan_and_commit(worker, job_input, 2, "deadline", plan("r2"), round_result(job_id, 2, False, closed_by="deadline"),
+                    poll_timeout=ROUND_TIMEOUT + 30)
     token, _ = worker.poll("finalize")
     worker.succeed(token, {})
     desc = wait_done(sfn, arn)
@@ -365,11 +366,11 @@ def test_replan_runs_a_new_attempt(sfn, start_job):
     worker.succeed(token, handover(job_id, 1))
     first, second = plan("a1", shards=2, concurrency=2), plan("a2", shards=1, statistics=True)
     bad = replan(**{"site-b": "non-finite value in tensor fc1.weight"})
-    close_round(worker, job_input, 1, "stream", first, bad)
+    plan_and_commit(worker, job_input, 1, "stream", first, bad)
     # The second plan: same round, same closed_by; the new attempt's id
     # reaches every task after it.
     result = round_result(job_id, 1, False, closed_by="stream", rejected={"site-b": "non-finite value"})
-    close_round(worker, job_input, 1, "stream", second, result)
+    plan_and_commit(worker, job_input, 1, "stream", second, result)
     token, fin = worker.poll("finalize")
     assert fin["result"] == result
     worker.succeed(token, {})
@@ -574,7 +575,7 @@ def test_second_hand_over_is_ignored(sfn, start_job):
     # (The plan finds the round closed: what follows PlanRound is not what
     # this test is about.)
     closed = {"closed": round_result(job_id, 1, False, closed_by="stream")}
-    close_round(worker, job_input, 1, "stream", closed, {})
+    plan_and_commit(worker, job_input, 1, "stream", closed, {})
     fin_token, _ = worker.poll("finalize")
     worker.succeed(fin_token, {})
     desc = wait_done(sfn, arn)
@@ -622,7 +623,7 @@ def test_result_without_boolean_continue_fails(sfn, start_job, bad, closed_by, v
         worker.succeed(token, handover(job_id, 1))
     bad_result = {"job_id": job_id, "round": 1, **bad}
     the_plan = plan("a1") if via == "commit" else {"closed": bad_result}
-    close_round(worker, job_input, 1, closed_by, the_plan, bad_result, poll_timeout=ROUND_TIMEOUT + 30)
+    plan_and_commit(worker, job_input, 1, closed_by, the_plan, bad_result, poll_timeout=ROUND_TIMEOUT + 30)
     desc = wait_done(sfn, arn)
     assert desc["status"] == "FAILED"
     assert desc.get("error") == "FedstepContractViolation"
@@ -639,7 +640,7 @@ def test_hand_over_continue_is_not_read(sfn, start_job):
     token, _ = worker.poll("start_round")
     worker.succeed(token, {**round_result(job_id, 1, True), "closed_by": "stream"})
     closed = {"closed": round_result(job_id, 1, False, closed_by="stream")}
-    close_round(worker, job_input, 1, "stream", closed, {})
+    plan_and_commit(worker, job_input, 1, "stream", closed, {})
     token, _ = worker.poll("finalize")
     worker.succeed(token, {})
     desc = wait_done(sfn, arn)
