@@ -15,7 +15,9 @@ idempotently (a second run changes nothing, a changed ASL is updated):
   SQS queues       {prefix}-client-{id}   one per client, subscribed to global_model_ready
                                           and training_complete, with RawMessageDelivery
   IAM role         {prefix}-states        for the state machine (not enforced by LocalStack)
-  SFN activities   {prefix}-start_round, {prefix}-close_round, {prefix}-finalize
+  SFN activities   {prefix}-start_round, {prefix}-plan_round, {prefix}-shard_statistics,
+                   {prefix}-decide_round, {prefix}-aggregate_shard, {prefix}-commit_round,
+                   {prefix}-finalize (one per task action)
   State machine    {prefix}-federated-training (STANDARD), from
                    statemachine/federated_training.asl.json with its
                    placeholders substituted by the activity ARNs
@@ -62,10 +64,30 @@ AWS_SUBSTITUTIONS_PATH = ROOT / "statemachine" / "aws-substitutions.json"
 PLACEHOLDERS = (
     "StartRoundResource",
     "AggregatorFunctionArn",
-    "CloseRoundResource",
+    "PlanRoundResource",
+    "ShardStatisticsResource",
+    "DecideRoundResource",
+    "AggregateShardResource",
+    "CommitRoundResource",
     "FinalizeResource",
 )
-ACTIVITIES = ("start_round", "close_round", "finalize")
+# One activity per task action (the "action" field of the task input), named
+# {prefix}-{action}: the local worker polls each with the handler of that action.
+ACTIVITIES = (
+    "start_round", "plan_round", "shard_statistics", "decide_round", "aggregate_shard", "commit_round", "finalize",
+)
+# Activities an older version of this script created; --delete removes them too.
+LEGACY_ACTIVITIES = ("close_round",)
+# Placeholder -> the activity (action) it becomes on the emulators.
+ACTIVITY_PLACEHOLDERS = {
+    "StartRoundResource": "start_round",
+    "PlanRoundResource": "plan_round",
+    "ShardStatisticsResource": "shard_statistics",
+    "DecideRoundResource": "decide_round",
+    "AggregateShardResource": "aggregate_shard",
+    "CommitRoundResource": "commit_round",
+    "FinalizeResource": "finalize",
+}
 TOPICS = ("global_model_ready", "training_complete")
 ARTIFACTS_INDEX = "artifacts_by_type"
 
@@ -134,6 +156,7 @@ def ignore(codes: tuple[str, ...], fn, *args, **kwargs):
 
 def names(prefix: str, clients: list[str]) -> dict:
     return {
+        "prefix": prefix,
         "bucket": f"{prefix}-models",
         "rounds_table": f"{prefix}-rounds",
         "updates_table": f"{prefix}-updates",
@@ -346,13 +369,12 @@ def deploy_workflow(aws: Aws, n: dict, account: str) -> dict:
     activities = {key: sfn.create_activity(name=name)["activityArn"] for key, name in n["activities"].items()}
     role_arn = deploy_role(aws, n["role"])
     substitutions = {
-        "StartRoundResource": activities["start_round"],
-        # Never invoked on the emulators: the start_round activity worker
-        # receives {"FunctionName": <this>, "Payload": {...}} and uses Payload.
-        "AggregatorFunctionArn": f"arn:aws:lambda:{aws.region}:{account}:function:{n['aggregator_function']}",
-        "CloseRoundResource": activities["close_round"],
-        "FinalizeResource": activities["finalize"],
+        placeholder: activities[action] for placeholder, action in ACTIVITY_PLACEHOLDERS.items()
     }
+    # Never invoked on the emulators: the start_round activity worker
+    # receives {"FunctionName": <this>, "Payload": {...}} and uses Payload.
+    function_arn = f"arn:aws:lambda:{aws.region}:{account}:function:{n['aggregator_function']}"
+    substitutions["AggregatorFunctionArn"] = function_arn
     definition = substitute(ASL_PATH.read_text(), substitutions)
     arn = find_state_machine(sfn, n["state_machine"])
     if arn:
@@ -381,7 +403,9 @@ def delete_all(aws: Aws, n: dict) -> None:
             for ex in page["executions"]:
                 ignore(("ExecutionDoesNotExist",), sfn.stop_execution, executionArn=ex["executionArn"])
         sfn.delete_state_machine(stateMachineArn=arn)
-    wanted = set(n["activities"].values())
+    # Also the activity of the one-task round (close_round) that a deployment
+    # made before the sharded workflow still has.
+    wanted = set(n["activities"].values()) | {f"{n['prefix']}-{a}" for a in LEGACY_ACTIVITIES}
     for page in sfn.get_paginator("list_activities").paginate():
         for act in page["activities"]:
             if act["name"] in wanted:
@@ -485,9 +509,13 @@ def deploy(prefix: str, clients: list[str]) -> dict:
         "FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN": topics["training_complete"],
         "FEDSTEP_STATE_MACHINE_ARN": workflow["state_machine"]["arn"],
         # Emulator only: what fedstep-lambda's local mode polls instead of
-        # being invoked.
+        # being invoked: FEDSTEP_{ACTION}_ACTIVITY_ARN for every task action.
         "FEDSTEP_START_ROUND_ACTIVITY_ARN": workflow["activities"]["start_round"],
-        "FEDSTEP_CLOSE_ROUND_ACTIVITY_ARN": workflow["activities"]["close_round"],
+        "FEDSTEP_PLAN_ROUND_ACTIVITY_ARN": workflow["activities"]["plan_round"],
+        "FEDSTEP_SHARD_STATISTICS_ACTIVITY_ARN": workflow["activities"]["shard_statistics"],
+        "FEDSTEP_DECIDE_ROUND_ACTIVITY_ARN": workflow["activities"]["decide_round"],
+        "FEDSTEP_AGGREGATE_SHARD_ACTIVITY_ARN": workflow["activities"]["aggregate_shard"],
+        "FEDSTEP_COMMIT_ROUND_ACTIVITY_ARN": workflow["activities"]["commit_round"],
         "FEDSTEP_FINALIZE_ACTIVITY_ARN": workflow["activities"]["finalize"],
         "FEDSTEP_UPDATES_STREAM_ARN": tables["updates_stream_arn"],
     }

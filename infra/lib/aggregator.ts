@@ -93,9 +93,11 @@ export interface AggregatorProps {
  * least-privilege role and log group, and the `updates` stream event source
  * with a DLQ:
  *
- * - `function`, the aggregator: the state machine's tasks (start_round,
- *   close_round, which aggregates, finalize). The memory and timeout of the
- *   settings; S3 under jobs/, the ledger, the topic, task callbacks.
+ * - `function`, the aggregator: the state machine's tasks (start_round;
+ *   the round's aggregation as plan_round, shard_statistics, decide_round,
+ *   aggregate_shard and commit_round, the shard tasks one invocation per
+ *   shard; finalize). The memory and timeout of the settings; S3 under
+ *   jobs/, the ledger, the topic, task callbacks.
  * - `streamFunction`: the `updates` stream. It validates and counts each row
  *   on the round's item and, once every expected client is in, answers
  *   StartRound's task token with the hand-over. It never reads or writes S3
@@ -116,7 +118,7 @@ export interface AggregatorProps {
  * X-Ray) or wildcard actions (`s3:GetObject*`, `s3:List*`).
  */
 export class Aggregator extends Construct {
-  /** The aggregator: StartRound, CloseRound and Finalize. */
+  /** The aggregator: every task of the state machine. */
   readonly function: lambda.Function;
   readonly role: iam.Role;
   readonly logGroup: logs.LogGroup;
@@ -152,8 +154,15 @@ export class Aggregator extends Construct {
       's3:GetObject', 's3:GetObjectVersion', 's3:GetObjectAttributes',
       's3:GetObjectTagging', 's3:GetObjectVersionTagging',
     ], [`${bucketArn}/${KEYS.allJobObjects}`]);
+    // A sharded aggregation's outputs are uploads in parts written by
+    // several invocations (crates/aws/src/s3_parts.rs): the commit completes
+    // them, an attempt given up aborts them, and the round's tasks may read
+    // an upload's parts back (ListParts needs s3:ListMultipartUploadParts).
+    // Attempts keep their plan, statistics, decision and receipts under
+    // jobs/{job}/rounds/{r}/attempts/, inside this same jobs/ scope.
     allow('WriteModels', [
-      's3:PutObject', 's3:AbortMultipartUpload', 's3:PutObjectTagging', 's3:PutObjectVersionTagging',
+      's3:PutObject', 's3:AbortMultipartUpload', 's3:ListMultipartUploadParts',
+      's3:PutObjectTagging', 's3:PutObjectVersionTagging',
     ], [`${bucketArn}/${KEYS.allJobObjects}`]);
     allow('ListJobs', ['s3:ListBucket'], [bucketArn], { StringLike: { 's3:prefix': [KEYS.allJobObjects] } });
     allow('RoundsTable',
@@ -191,7 +200,7 @@ export class Aggregator extends Construct {
       RUST_LOG: props.rustLog,
     };
     const common: lambda.FunctionOptions = {
-      description: 'fedstep round engine: start_round, close_round (aggregation), finalize',
+      description: 'fedstep round engine: start_round, the sharded aggregation\'s tasks, finalize',
       architecture,
       memorySize: props.memoryMb,
       timeout,
@@ -302,7 +311,7 @@ export class Aggregator extends Construct {
 
     // Records that still fail after the bounded retries (or are too old) are
     // parked here; the round's deadline (StartRound's timeout, then
-    // CloseRound) still closes the round.
+    // PlanRound) still closes the round.
     this.streamDlq = new sqs.Queue(this, 'StreamDlq', {
       encryption: sqs.QueueEncryption.SQS_MANAGED,
       enforceSSL: true,

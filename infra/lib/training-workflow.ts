@@ -23,8 +23,16 @@ export function definitionSubstitutions(fn: lambda.IFunction): Record<string, st
     StartRoundResource: `arn:${Stack.of(fn).partition}:states:::lambda:invoke.waitForTaskToken`,
     AggregatorFunctionArn: fn.functionArn,
     // Plain invocations: the task's result is the Lambda's return value
-    // (CloseRound's is the round result: it aggregates every round).
-    CloseRoundResource: fn.functionArn,
+    // (PlanRound's is the plan, CommitRound's the round result). The round's
+    // aggregation is PlanRound, the Maps' shard tasks (ShardStatistics,
+    // AggregateShard: one invocation per shard), DecideRound and CommitRound;
+    // all invoke the same function, which picks the handler by the event's
+    // action.
+    PlanRoundResource: fn.functionArn,
+    ShardStatisticsResource: fn.functionArn,
+    DecideRoundResource: fn.functionArn,
+    AggregateShardResource: fn.functionArn,
+    CommitRoundResource: fn.functionArn,
     FinalizeResource: fn.functionArn,
   };
 }
@@ -44,8 +52,9 @@ export interface TrainingWorkflowProps {
  *
  * Its role is created here and handed to the state machine without policy
  * updates, so that every statement is explicit: lambda:InvokeFunction on
- * exactly the aggregator, plus the one isolated, justified "*" policy that
- * log delivery and X-Ray require.
+ * exactly the aggregator (every task invokes it, the Maps' iterations too,
+ * with this role), plus the one isolated, justified "*" policy that log
+ * delivery and X-Ray require.
  */
 export class TrainingWorkflow extends Construct {
   readonly stateMachine: sfn.StateMachine;

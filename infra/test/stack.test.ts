@@ -80,6 +80,10 @@ function clientIds(client: string): { queue: string; role: string; stack: string
 
 const bucketObjects = (bucketId: string, pattern: string): Json => ({ 'Fn::Join': ['', [getAttArn(bucketId), `/${pattern}`]] });
 
+/** Every state of an ASL document, the Maps' inner states included. */
+const allStates = (asl: Json): Json[] => Object.values<Json>(asl.States).flatMap((st) =>
+  [st, ...(st.ItemProcessor ? allStates(st.ItemProcessor) : [])]);
+
 describe('cdk-nag', () => {
   test('AwsSolutions reports no errors in any stack (suppressions are per resource, each with a reason)', () => {
     expect(s.deployment.batches.size).toBeGreaterThan(1);
@@ -318,8 +322,31 @@ describe('aggregator Lambda', () => {
     });
     expect(byId.WriteModels).toEqual({
       Sid: 'WriteModels', Effect: 'Allow', Resource: objects,
-      Action: ['s3:AbortMultipartUpload', 's3:PutObject', 's3:PutObjectTagging', 's3:PutObjectVersionTagging'],
+      Action: ['s3:AbortMultipartUpload', 's3:ListMultipartUploadParts', 's3:PutObject', 's3:PutObjectTagging',
+        's3:PutObjectVersionTagging'],
     });
+  });
+
+  test('S3: the sharded round\'s tasks read and write an attempt\'s objects and uploads in parts, nothing outside jobs/', () => {
+    // statemachine/README.md: a round's attempts keep their plan, statistics,
+    // decision and part receipts under jobs/{job}/rounds/{r}/attempts/; the
+    // outputs are uploads in parts that several invocations write, one
+    // completes, and an attempt given up aborts.
+    const bucketArn = 'arn:aws:s3:::fedstep-models';
+    const resolve = (r: Json): string => {
+      if (typeof r === 'string') return r;
+      const parts = r['Fn::Join']?.[1] as Json[] | undefined;
+      if (parts?.length === 2 && JSON.stringify(parts[0]) === JSON.stringify(getAttArn(ids().bucket))) return `${bucketArn}${parts[1]}`;
+      return 'arn:aws:not-the-bucket';
+    };
+    const stmts = roleStatements(ids().fnRole);
+    const s3 = (action: string, key: string): Decision => decide(stmts, { action, resource: `${bucketArn}/${key}` }, resolve);
+    const actions = ['s3:GetObject', 's3:PutObject', 's3:AbortMultipartUpload', 's3:ListMultipartUploadParts'];
+    for (const key of ['jobs/job-1/rounds/3/attempts/a1/plan.json', 'jobs/job-1/rounds/3/attempts/a1/shards/0/statistics.bin',
+      'jobs/job-1/rounds/4/global.safetensors']) {
+      for (const action of actions) expect([action, key, s3(action, key)]).toEqual([action, key, 'allowed']);
+    }
+    for (const action of actions) expect([action, s3(action, 'other/job-1/x')]).toEqual([action, 'implicitly denied']);
   });
 
   test('the default code path is cargo-lambda-cdk RustFunction (bundling skipped here)', () => {
@@ -498,9 +525,10 @@ describe('state machine', () => {
     const p = t.Resources[ids().sm].Properties;
     const subs: Record<string, Json> = p.DefinitionSubstitutions;
     const lambdaArn = getAttArn(ids().fn);
-    expect(subs.AggregatorFunctionArn).toEqual(lambdaArn);
-    expect(subs.CloseRoundResource).toEqual(lambdaArn);
-    expect(subs.FinalizeResource).toEqual(lambdaArn);
+    for (const name of ['AggregatorFunctionArn', 'PlanRoundResource', 'ShardStatisticsResource', 'DecideRoundResource',
+      'AggregateShardResource', 'CommitRoundResource', 'FinalizeResource']) {
+      expect([name, subs[name]]).toEqual([name, lambdaArn]);
+    }
     expect(fakeResolve(subs.StartRoundResource)).toBe('arn:aws:states:::lambda:invoke.waitForTaskToken');
     const fnArn = fakeResolve(lambdaArn);
 
@@ -522,8 +550,9 @@ describe('state machine', () => {
     // (A literal "${...}" in prose, like the file's Comment, is not a placeholder.)
     expect(deployed).not.toMatch(/\$\{[A-Za-z0-9_]+\}/);
     const asl = JSON.parse(deployed);
-    const tasks = Object.values<Json>(asl.States).filter((st) => st.Type === 'Task');
-    expect(tasks.length).toBeGreaterThanOrEqual(3);
+    const tasks = allStates(asl).filter((st) => st.Type === 'Task');
+    // StartRound, PlanRound, the two Maps' tasks, DecideRound, CommitRound, Finalize.
+    expect(tasks).toHaveLength(7);
     for (const task of tasks) {
       if (task.Resource === 'arn:aws:states:::lambda:invoke.waitForTaskToken') {
         expect(task.Parameters.FunctionName).toBe(fnArn);
@@ -533,29 +562,39 @@ describe('state machine', () => {
     }
   });
 
-  test('the round as deployed: StartRound waits for the hand-over, CloseRound invokes the function to aggregate', () => {
+  test('the round as deployed: StartRound waits for the hand-over, then the plan, the shard Maps and the commit invoke the function', () => {
     // statemachine/README.md: the stream path answers StartRound's token
-    // with a hand-over (never a result); every round's aggregation is the
-    // CloseRound invocation, after the hand-over or the deadline.
+    // with a hand-over (never a result); every round's aggregation is
+    // PlanRound, a Map of shard tasks (two with the statistics pass, and
+    // DecideRound between them), and CommitRound, each invoking the function.
     const p = t.Resources[ids().sm].Properties;
     const fnArn = fakeResolve(getAttArn(ids().fn));
     const asl = JSON.parse(substitute(fs.readFileSync(aslPath, 'utf8'), p.DefinitionSubstitutions));
-    const { StartRound: start, DeadlinePassed: deadline, CloseRound: close } = asl.States;
+    const { StartRound: start, DeadlinePassed: deadline, PlanRound: plan, CommitRound: commit } = asl.States;
     expect(start.Resource).toBe('arn:aws:states:::lambda:invoke.waitForTaskToken');
     expect(start.Parameters.FunctionName).toBe(fnArn);
     expect(start.ResultPath).toBe('$.handover');
-    expect(start.Next).toBe('CloseRound');
+    expect(start.Next).toBe('PlanRound');
     expect(start.Catch[0]).toEqual({ ErrorEquals: ['States.Timeout'], ResultPath: null, Next: 'DeadlinePassed' });
-    expect(deadline).toMatchObject({ Type: 'Pass', Result: { closed_by: 'deadline' }, ResultPath: '$.handover', Next: 'CloseRound' });
-    expect(close.Resource).toBe(fnArn);
-    expect(close.Parameters['closed_by.$']).toBe('$.handover.closed_by');
-    expect(close.ResultPath).toBe('$.result');
-    expect(close.Next).toBe('ShouldContinue');
-    // The aggregation must be able to use the function's whole timeout
-    // (and the lease is derived from it): the task outlasts it.
+    expect(deadline).toMatchObject({ Type: 'Pass', Result: { closed_by: 'deadline' }, ResultPath: '$.handover', Next: 'PlanRound' });
+    expect(plan).toMatchObject({ Resource: fnArn, ResultPath: '$.plan', Next: 'Planned' });
+    expect(plan.Parameters['closed_by.$']).toBe('$.handover.closed_by');
+    for (const name of ['ShardStatistics', 'AggregateShards']) {
+      const map = asl.States[name];
+      expect(map).toMatchObject({ Type: 'Map', ItemsPath: '$.plan.shards', MaxConcurrencyPath: '$.plan.concurrency', ResultPath: null });
+      const inner = Object.values<Json>(map.ItemProcessor.States);
+      expect(inner).toHaveLength(1);
+      expect(inner[0].Resource).toBe(fnArn);
+    }
+    expect(asl.States.DecideRound).toMatchObject({ Resource: fnArn, ResultPath: null, Next: 'AggregateShards' });
+    expect(commit).toMatchObject({ Resource: fnArn, ResultPath: '$.result', Next: 'Committed' });
+    expect(commit.Parameters['closed_by.$']).toBe('$.handover.closed_by');
+    // Each invocation must be able to use the function's whole timeout (and
+    // the lease is derived from it): every direct task outlasts it.
     const fnTimeout: number = t.Resources[ids().fn].Properties.Timeout;
-    expect(close.TimeoutSeconds).toBeGreaterThan(fnTimeout);
-    expect(asl.States.Finalize.TimeoutSeconds).toBeGreaterThan(fnTimeout);
+    const direct = allStates(asl).filter((st) => st.Type === 'Task' && st.Resource === fnArn);
+    expect(direct).toHaveLength(6);
+    for (const task of direct) expect(task.TimeoutSeconds).toBeGreaterThan(fnTimeout);
   });
 
   test('role may invoke exactly the aggregator; the only "*" is the isolated log-delivery/X-Ray policy', () => {

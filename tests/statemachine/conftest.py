@@ -102,10 +102,11 @@ class ActivityWorker:
     failed test) are failed with StrayTask so they cannot confuse this test.
     """
 
-    def __init__(self, sfn, activities: dict, job_id: str):
+    def __init__(self, sfn, activities: dict, job_id: str, execution_arn: str | None = None):
         self.sfn = sfn
         self.activities = activities
         self.job_id = job_id
+        self.execution_arn = execution_arn
         self.seen: list[tuple[str, dict]] = []
 
     @staticmethod
@@ -113,8 +114,28 @@ class ActivityWorker:
         payload = task_input.get("Payload", task_input)
         return payload.get("job_id")
 
+    def scheduled(self, activity: str) -> int:
+        """How many tasks of `activity` this worker's execution has scheduled so far."""
+        arn = self.activities[activity]
+        return sum(
+            1
+            for page in self.sfn.get_paginator("get_execution_history").paginate(executionArn=self.execution_arn)
+            for ev in page["events"]
+            if ev["type"] == "ActivityScheduled" and ev["activityScheduledEventDetails"]["resource"] == arn
+        )
+
     def poll(self, activity: str, timeout: float = 30.0) -> tuple[str, dict]:
         deadline = time.monotonic() + timeout
+        # LocalStack 4.8.1 answers a GetActivityTask that finds no task only
+        # after sleeping a whole second, and under load it takes a few
+        # hundred milliseconds to schedule the next task after an answer:
+        # asking at once costs a second per task. Wait instead until the
+        # execution's history shows a task this worker has not taken yet
+        # (LocalStack queues a task before it records ActivityScheduled).
+        if self.execution_arn:
+            taken = sum(1 for act, _ in self.seen if act == activity)
+            while self.scheduled(activity) <= taken and time.monotonic() < deadline:
+                time.sleep(0.1)
         while time.monotonic() < deadline:
             resp = self.sfn.get_activity_task(activityArn=self.activities[activity], workerName="pytest")
             token = resp.get("taskToken")
@@ -149,7 +170,7 @@ def start_job(sfn, deployment):
             input=json.dumps(job_input),
         )["executionArn"]
         started.append(arn)
-        return arn, ActivityWorker(sfn, deployment["activities"], job_id), job_input
+        return arn, ActivityWorker(sfn, deployment["activities"], job_id, arn), job_input
 
     yield start
     for arn in started:  # leave nothing running behind a failed test

@@ -16,6 +16,29 @@ ASL = json.loads(ASL_TEXT)
 STATES = ASL["States"]
 
 
+MAPS = {name: state for name, state in STATES.items() if state["Type"] == "Map"}
+
+
+def scopes() -> list[tuple[str, dict]]:
+    """(StartAt, States) of the workflow and of every Map's iterations: a
+    state can only go to a state of its own scope."""
+    return [(ASL["StartAt"], STATES)] + [
+        (m["ItemProcessor"]["StartAt"], m["ItemProcessor"]["States"]) for m in MAPS.values()
+    ]
+
+
+def all_states() -> dict[str, dict]:
+    """Every state, the Maps' inner ones included (names are unique across scopes)."""
+    out: dict[str, dict] = {}
+    for _, states in scopes():
+        assert not set(out) & set(states), f"state names used twice: {set(out) & set(states)}"
+        out.update(states)
+    return out
+
+
+TASKS = {name: state for name, state in all_states().items() if state["Type"] == "Task"}
+
+
 def targets(state: dict) -> list[str]:
     out = [state[k] for k in ("Next", "Default") if k in state]
     out += [c["Next"] for c in state.get("Catch", [])]
@@ -24,22 +47,24 @@ def targets(state: dict) -> list[str]:
 
 
 def test_every_transition_target_exists():
-    assert ASL["StartAt"] in STATES
-    for name, state in STATES.items():
-        for t in targets(state):
-            assert t in STATES, f"{name} -> {t}: no such state"
-        if state["Type"] not in ("Succeed", "Fail", "Choice"):
-            assert "Next" in state or state.get("End") is True, f"{name} neither Next nor End"
+    for start, states in scopes():
+        assert start in states
+        for name, state in states.items():
+            for t in targets(state):
+                assert t in states, f"{name} -> {t}: no such state in its scope"
+            if state["Type"] not in ("Succeed", "Fail", "Choice"):
+                assert "Next" in state or state.get("End") is True, f"{name} neither Next nor End"
 
 
 def test_every_state_is_reachable():
-    seen, todo = set(), [ASL["StartAt"]]
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo += targets(STATES[name])
-    assert seen == set(STATES), f"unreachable: {set(STATES) - seen}"
+    for start, states in scopes():
+        seen, todo = set(), [start]
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo += targets(states[name])
+        assert seen == set(states), f"unreachable: {set(states) - seen}"
 
 
 def test_placeholders_are_known_and_documented():
@@ -52,9 +77,12 @@ def test_placeholders_are_known_and_documented():
 
 
 def test_task_resources_are_placeholders():
-    for name, state in STATES.items():
-        if state["Type"] == "Task":
-            assert re.fullmatch(r"\$\{[A-Za-z0-9_]+\}", state["Resource"]), name
+    assert set(TASKS) == {
+        "StartRound", "PlanRound", "ShardStatisticsTask", "DecideRound", "AggregateShardTask", "CommitRound",
+        "Finalize",
+    }
+    for name, state in TASKS.items():
+        assert re.fullmatch(r"\$\{[A-Za-z0-9_]+\}", state["Resource"]), name
 
 
 def test_aws_substitution_is_valid_json():
@@ -66,10 +94,22 @@ def test_aws_substitution_is_valid_json():
     out = json.loads(local_deploy.substitute(ASL_TEXT, subs))
     assert out["States"]["StartRound"]["Resource"] == "arn:aws:states:::lambda:invoke.waitForTaskToken"
     assert out["States"]["StartRound"]["Parameters"]["FunctionName"] == fn
-    # The direct (legacy) form: the task's output is the function's return value.
-    assert out["States"]["CloseRound"]["Resource"] == fn
-    assert out["States"]["Finalize"]["Resource"] == fn
+    # The direct (legacy) form for every other task, the Maps' included:
+    # the task's output is the function's return value.
+    for name in set(TASKS) - {"StartRound"}:
+        state = out["States"].get(name) or next(
+            m["ItemProcessor"]["States"][name] for m in out["States"].values()
+            if name in m.get("ItemProcessor", {}).get("States", {}))
+        assert state["Resource"] == fn, name
     assert "${" not in json.dumps(out)
+
+
+CATCH_TO_FAILED = [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Failed"}]
+
+
+def into(name: str) -> set[str]:
+    """The states that can go to `name`."""
+    return {src for src, st in STATES.items() if name in targets(st)}
 
 
 def test_round_shape():
@@ -78,43 +118,128 @@ def test_round_shape():
     # Not "$$.Task.Token": that path does not exist for activities (emulators).
     assert start["Parameters"]["Payload"]["context.$"] == "$$"
     # StartRound's output is the stream path's hand-over, never a round
-    # result: every round goes on to CloseRound, which aggregates.
+    # result: every round goes on to PlanRound, which plans the aggregation.
     assert start["ResultPath"] == "$.handover"
-    assert start["Next"] == "CloseRound"
+    assert start["Next"] == "PlanRound"
     # The deadline: caught first (before States.ALL), state kept as it was.
     assert start["Catch"][0] == {"ErrorEquals": ["States.Timeout"], "ResultPath": None, "Next": "DeadlinePassed"}
-    assert start["Catch"][1:] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Failed"}]
+    assert start["Catch"][1:] == CATCH_TO_FAILED
     assert {k: v for k, v in STATES["DeadlinePassed"].items() if k != "Comment"} == {
         "Type": "Pass",
         "Result": {"closed_by": "deadline"},
         "ResultPath": "$.handover",
-        "Next": "CloseRound",
+        "Next": "PlanRound",
     }
-    close = STATES["CloseRound"]
+    plan = STATES["PlanRound"]
     # closed_by comes from the hand-over (stream) or from DeadlinePassed.
-    assert close["Parameters"] == {
-        "action": "close_round",
+    assert plan["Parameters"] == {
+        "action": "plan_round",
         "job_id.$": "$.job_id",
         "round.$": "$.round",
         "closed_by.$": "$.handover.closed_by",
         "context.$": "$$",
     }
-    assert close["ResultPath"] == "$.result"
-    assert close["Next"] == "ShouldContinue"
-    assert close["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Failed"}]
-    # CloseRound is the only way into ShouldContinue, and StartRound (with
-    # DeadlinePassed) the only way into CloseRound.
-    into = lambda name: {src for src, st in STATES.items() if name in targets(st)}  # noqa: E731
-    assert into("ShouldContinue") == {"CloseRound"}
-    assert into("CloseRound") == {"StartRound", "DeadlinePassed"}
+    assert plan["ResultPath"] == "$.plan"
+    assert plan["Next"] == "Planned"
+    assert plan["TimeoutSeconds"] == 960
+    # The plan: closed short-cut first, then statistics, each comparison
+    # behind a rule that has shown its field present (comparing a missing
+    # field is a runtime error).
+    planned = STATES["Planned"]
+    assert planned["Choices"] == [
+        {"Variable": "$.plan.closed", "IsPresent": True, "Next": "AlreadyClosed"},
+        {"Variable": "$.plan.statistics", "IsPresent": False, "Next": "AggregateShards"},
+        {"Variable": "$.plan.statistics", "BooleanEquals": True, "Next": "ShardStatistics"},
+    ]
+    assert planned["Default"] == "AggregateShards"
+    assert {k: v for k, v in STATES["AlreadyClosed"].items() if k != "Comment"} == {
+        "Type": "Pass", "InputPath": "$.plan.closed", "ResultPath": "$.result", "Next": "ShouldContinue",
+    }
+    assert STATES["ShardStatistics"]["Next"] == "DecideRound"
+    decide = STATES["DecideRound"]
+    assert decide["Parameters"] == {
+        "action": "decide_round",
+        "job_id.$": "$.job_id",
+        "round.$": "$.round",
+        "attempt.$": "$.plan.attempt",
+        "context.$": "$$",
+    }
+    # The decision holds a secret: never in the state.
+    assert decide["ResultPath"] is None
+    assert decide["Next"] == "AggregateShards"
+    assert STATES["AggregateShards"]["Next"] == "CommitRound"
+    commit = STATES["CommitRound"]
+    assert commit["Parameters"] == {
+        "action": "commit_round",
+        "job_id.$": "$.job_id",
+        "round.$": "$.round",
+        "attempt.$": "$.plan.attempt",
+        "closed_by.$": "$.handover.closed_by",
+        "context.$": "$$",
+    }
+    assert commit["ResultPath"] == "$.result"
+    assert commit["Next"] == "Committed"
+    assert STATES["Committed"]["Choices"] == [{"Variable": "$.result.replan", "IsPresent": True, "Next": "PlanRound"}]
+    assert STATES["Committed"]["Default"] == "ShouldContinue"
+    for name in ("PlanRound", "ShardStatistics", "DecideRound", "AggregateShards", "CommitRound", "Finalize"):
+        assert STATES[name]["Catch"] == CATCH_TO_FAILED, name
+    # The ways into each step of the round: ShouldContinue only after a
+    # commit or a closed plan, the commit only after the shards.
+    assert into("PlanRound") == {"StartRound", "DeadlinePassed", "Committed"}
     assert into("DeadlinePassed") == {"StartRound"}
+    assert into("ShardStatistics") == {"Planned"}
+    assert into("DecideRound") == {"ShardStatistics"}
+    assert into("AggregateShards") == {"Planned", "DecideRound"}
+    assert into("CommitRound") == {"AggregateShards"}
+    assert into("ShouldContinue") == {"AlreadyClosed", "Committed"}
     assert STATES["Init"]["Result"] == 1 and STATES["Init"]["ResultPath"] == "$.round"
     assert STATES["NextRound"]["Parameters"] == {"round.$": "States.MathAdd($.round, 1)"}
     assert STATES["Failed"]["CausePath"] == "$.error.Cause"
 
 
+def test_shard_maps():
+    """Both Maps run one task per shard of the plan, as many at a time as the
+    plan says, and keep the tasks' outputs out of the state."""
+    assert set(MAPS) == {"ShardStatistics", "AggregateShards"}
+    for name, action, task in (
+        ("ShardStatistics", "shard_statistics", "ShardStatisticsTask"),
+        ("AggregateShards", "aggregate_shard", "AggregateShardTask"),
+    ):
+        m = MAPS[name]
+        assert m["ItemsPath"] == "$.plan.shards"
+        assert m["MaxConcurrencyPath"] == "$.plan.concurrency"
+        assert "MaxConcurrency" not in m
+        assert m["ItemSelector"] == {
+            "action": action,
+            "job_id.$": "$.job_id",
+            "round.$": "$.round",
+            "attempt.$": "$.plan.attempt",
+            "shard.$": "$$.Map.Item.Value",
+        }
+        # Outputs live in S3, never in the history's state (size; secrets).
+        assert m["ResultPath"] is None
+        assert m["Catch"] == CATCH_TO_FAILED
+        # No Retry on the Map itself: it would rerun every shard.
+        assert "Retry" not in m
+        proc = m["ItemProcessor"]
+        assert proc["ProcessorConfig"] == {"Mode": "INLINE"}
+        assert proc["StartAt"] == task and list(proc["States"]) == [task]
+        st = proc["States"][task]
+        assert st["Parameters"] == {
+            "action.$": "$.action",
+            "job_id.$": "$.job_id",
+            "round.$": "$.round",
+            "attempt.$": "$.attempt",
+            "shard.$": "$.shard",
+            "context.$": "$$",
+        }
+        assert st["TimeoutSeconds"] == 960
+        assert st["End"] is True
+        assert "Catch" not in st  # the Map's Catch takes a failed iteration
+
+
 def test_closed_by_values_are_the_aggregators():
-    """The two closed_by values CloseRound can get are the ones the Rust
+    """The two closed_by values PlanRound and CommitRound can get are the ones the Rust
     ClosedBy enum (serde, lowercase) accepts: "stream" from the hand-over
     (crates/cloud/src/records.rs, HandOver), "deadline" from DeadlinePassed."""
     records = (ROOT / "crates" / "cloud" / "src" / "records.rs").read_text()
@@ -173,10 +298,15 @@ def test_task_error_names_are_classified():
         assert not re.search(r'error_type: "[A-Za-z]+"', text), rs
 
 
+def test_every_task_retries_alike():
+    """One set of retriers for every task: what the tests check of one
+    task's retries (test_aws_variant.py) holds for all of them."""
+    for name, state in TASKS.items():
+        assert state["Retry"] == STATES["Finalize"]["Retry"], name
+
+
 def test_tasks_retry_system_errors_with_backoff_and_never_permanent_ones():
-    tasks = {name: state for name, state in STATES.items() if state["Type"] == "Task"}
-    assert set(tasks) == {"StartRound", "CloseRound", "Finalize"}
-    for name, state in tasks.items():
+    for name, state in TASKS.items():
         transient = retrier_for(state, "Transient")
         assert transient is not None, f"{name} does not retry Transient"
         # Exponential backoff with jitter, so retries of many executions spread out.
@@ -213,7 +343,7 @@ def test_retries_are_documented():
     section = README[README.index("## Retries and timeouts"):]
     for error in SYSTEM_ERRORS:
         assert f"`{error}`" in section, error
-    for state in ("StartRound", "CloseRound", "Finalize"):
-        for retry in STATES[state]["Retry"]:
+    for state in TASKS.values():
+        for retry in state["Retry"]:
             if "MaxDelaySeconds" in retry:
                 assert f"{retry['MaxDelaySeconds']} s" in section

@@ -1,9 +1,10 @@
 """The AWS variant of statemachine/federated_training.asl.json, executed on LocalStack.
 
 On AWS every task invokes the aggregator Lambda: StartRound through the
-lambda:invoke.waitForTaskToken integration, CloseRound and Finalize through
-the function ARN directly (the legacy form: the task's output is the
-function's return value). The placeholder values come from
+lambda:invoke.waitForTaskToken integration, every other task (PlanRound,
+the Maps' ShardStatisticsTask and AggregateShardTask, DecideRound,
+CommitRound, Finalize) through the function ARN directly (the legacy form:
+the task's output is the function's return value). The placeholder values come from
 statemachine/aws-substitutions.json, the table the CDK app's
 definitionSubstitutions is held to (infra/test/stack.test.ts).
 
@@ -12,8 +13,9 @@ answered by LocalStack's mocked service integrations: scripts/emulators.sh
 starts LocalStack with SFN_MOCK_CONFIG naming a file this module writes, and
 an execution started as `<state machine ARN>#<test case>` takes the listed
 states' answers from it instead of invoking anything. Parameters, the
-context object, TimeoutSecondsPath, Retry, Catch, ResultPath, Choice and
-the round loop are LocalStack's interpreter running the deployed definition.
+context object, TimeoutSecondsPath, Retry, Catch, ResultPath, Choice, the
+Maps (ItemsPath, ItemSelector, MaxConcurrencyPath) and the round loop are
+LocalStack's interpreter running the deployed definition.
 
 What a mocked answer stands for (LocalStack 4.8.1, read in its source and
 checked here; statemachine/README.md, "The AWS variant on the emulators"):
@@ -22,24 +24,28 @@ checked here; statemachine/README.md, "The AWS variant on the emulators"):
   path's SendTaskSuccess (the hand-over) would deliver on AWS. The task
   token is still generated into the context object, but nothing waits for
   a callback.
-- CloseRound, Finalize: a Return is the Lambda Invoke response
+- The direct-ARN tasks: a Return is the Lambda Invoke response
   {StatusCode, Payload[, FunctionError]}; LocalStack passes Payload on, and
   turns a FunctionError payload {errorType, errorMessage} into Error =
   errorType, Cause = that JSON, as for a real function error.
 - Lambda service errors (Lambda.ServiceException, ...) are Throws.
 - The answer is chosen by the state's RetryCount, which every entry of the
-  state resets: all rounds of one execution get the same answer. A run of
-  several rounds therefore loops until it is stopped; the loop tests stop it
-  once they have seen the rounds they check.
+  state resets: all rounds of one execution get the same answer, and so do
+  all iterations of a Map (each counts its own retries). A run of several
+  rounds, or a commit answering replan, therefore loops until it is
+  stopped; the loop tests stop it once they have seen what they check.
 - StartRound's States.Timeout cannot be mocked (a Throw may not use a
   States.* name, and a mocked callback task never waits). It comes from
   round_timeout_seconds = 0, which LocalStack accepts (AWS would reject it
   as a TimeoutSecondsPath value): the timeout fires when the task starts,
-  and DeadlinePassed (a Pass state, nothing to mock) leads to CloseRound.
+  and DeadlinePassed (a Pass state, nothing to mock) leads to PlanRound.
 
 The executions that end by themselves are started together by one module
-fixture (most of their time is retry backoff, spent asleep), so the module
-takes about as long as the slowest of them.
+fixture (their retry backoff is spent asleep), so the module takes about as
+long as the slowest of them, or as LocalStack needs to run them all: it
+works on one core, and LocalStack 4.8.1 builds a new JSONPath parser for
+every path it evaluates (about 30 ms of CPU each), so every Map iteration
+costs it a few hundred milliseconds. Hence one shard in most cases.
 """
 
 from __future__ import annotations
@@ -59,7 +65,9 @@ from botocore.exceptions import ClientError
 import local_deploy
 from conftest import unavailable, wait_done
 from test_asl import LAMBDA_SERVICE_ERRORS, PERMANENT_ERRORS, STATES
-from test_contract import DEADLINE, handover, round_result
+from test_contract import (
+    DEADLINE, TASK_FIELDS, handover, most_outstanding, plan, replan, round_result, round_states,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ASL_TEXT = (ROOT / "statemachine" / "federated_training.asl.json").read_text()
@@ -71,7 +79,7 @@ MOCK_CONFIG = Path(
 )
 
 ROUND_TIMEOUT = 30  # round_timeout_seconds where StartRound answers (a mock never waits)
-DIRECT_TIMEOUT = STATES["CloseRound"]["TimeoutSeconds"]  # 960, CloseRound's and Finalize's
+DIRECT_TIMEOUT = STATES["PlanRound"]["TimeoutSeconds"]  # 960, every direct-ARN task's
 LAMBDA_RETRIES = next(r for r in STATES["StartRound"]["Retry"] if "Lambda.ServiceException" in r["ErrorEquals"])[
     "MaxAttempts"
 ]
@@ -90,12 +98,12 @@ def callback(output) -> dict:
 
 
 def returns(payload) -> dict:
-    """CloseRound/Finalize: the Invoke response of a function that returned `payload`."""
+    """A direct-ARN task: the Invoke response of a function that returned `payload`."""
     return {"Return": {"StatusCode": 200, "Payload": payload}}
 
 
 def function_error(error_type: str, message: str) -> dict:
-    """CloseRound/Finalize: the Invoke response of a function that failed.
+    """A direct-ARN task: the Invoke response of a function that failed.
 
     The payload is what the Rust lambda_runtime sends for an error whose
     Diagnostic has error_type / error_message (statemachine/README.md).
@@ -123,6 +131,15 @@ def job_id_of(prefix: str, case: str) -> str:
 
 # --- the test cases -----------------------------------------------------------
 
+# What the Maps' tasks and DecideRound return: small objects the workflow ignores.
+SHARD_DONE = {"shard_done": True, "bytes_read": 1024}
+DECIDED = {"decided": True}
+# The plan most cases run: no statistics pass, one shard. Every Map
+# iteration costs LocalStack time, and all the batch's executions share it:
+# only the cases about the Maps run more shards.
+DEFAULT_PLAN = plan("a1", shards=1, statistics=False, concurrency=1)
+TWO_SHARDS = plan("a1", shards=2, statistics=False, concurrency=2)
+
 
 @dataclass
 class Case:
@@ -133,6 +150,21 @@ class Case:
     # Started by the module fixture (runs to its end by itself); False: the
     # test starts it and stops it (the round loops).
     batch: bool = True
+    plan: dict = field(default_factory=lambda: DEFAULT_PLAN)
+    closed_by: str = "stream"
+
+
+def attempt_answers(the_plan: dict, commit: dict) -> dict[str, list[dict]]:
+    """PlanRound answering `the_plan`, and the tasks that plan leads to."""
+    states = {"PlanRound": [returns(the_plan)]}
+    if "closed" in the_plan:
+        return states  # no Map, no commit: a mocked answer there would go unused
+    if the_plan["statistics"]:
+        states["ShardStatisticsTask"] = [returns(SHARD_DONE)]
+        states["DecideRound"] = [returns(DECIDED)]
+    states["AggregateShardTask"] = [returns(SHARD_DONE)]
+    states["CommitRound"] = [returns(commit)]
+    return states
 
 
 def cases(prefix: str) -> dict[str, Case]:
@@ -147,133 +179,134 @@ def cases(prefix: str) -> dict[str, Case]:
         job = job_id_of(prefix, case)
         return {"job_id": job, "artifact_id": f"{job}-model", "final_model_key": f"jobs/{job}/final.safetensors"}
 
-    timed_out = {"round_timeout_seconds": 0}
     # StartRound's answer where the round times out: never used (the timeout
-    # fires first); if it were, CloseRound's closed_by would show its marker.
+    # fires first); if it were, PlanRound's closed_by would show its marker.
     not_used = [callback({"closed_by": "not-a-timeout", "continue": True})]
+
+    def case(name: str, closed_by: str = "stream", the_plan: dict = DEFAULT_PLAN, commit: dict | None = None,
+             finalize: bool = True, answers: dict | None = None, extra_input: dict | None = None,
+             batch: bool = True) -> Case:
+        """A round handed over (or timed out: round_timeout_seconds 0), planned
+        with `the_plan`, committed with `commit` (default: a result with
+        continue=false), finalized; `answers` replaces the answers of single
+        states."""
+        states = {"StartRound": ho(name) if closed_by == "stream" else not_used}
+        states.update(attempt_answers(the_plan, rr(name, 1, False, closed_by) if commit is None else commit))
+        if finalize:
+            states["Finalize"] = [returns(final(name))]
+        states.update(answers or {})
+        job_input = {**({"round_timeout_seconds": 0} if closed_by == "deadline" else {}), **(extra_input or {})}
+        return Case(states, job_input, batch, the_plan, closed_by)
+
+    def service_errors(reverse: bool = False) -> list[dict]:
+        """Every Lambda service error once: one retrier's whole allowance (4 retries)."""
+        return [service_error(e) for e in sorted(LAMBDA_SERVICE_ERRORS, reverse=reverse)]
+
+    def function_errors() -> list[dict]:
+        """The aggregator's own retried errors, as function errors of the
+        direct form: errorType becomes the error name the retriers match."""
+        return [function_error("Transient", "DynamoDB UpdateItem: ThrottlingException"),
+                function_error("AggregatorError", "model read broke off")]
+
+    with_statistics = plan("a1", shards=3, statistics=True, concurrency=2)
+    one_shard = plan("a1", shards=1, statistics=True, concurrency=1)
     out = {
-        "one_round": Case({
-            "StartRound": ho("one_round"),
-            "CloseRound": [returns(rr("one_round", 1, False))],
-            "Finalize": [returns(final("one_round"))],
-        }),
-        "timeout_close_finalize": Case({
-            "StartRound": not_used,
-            "CloseRound": [returns(rr("timeout_close_finalize", 1, False, "deadline"))],
-            "Finalize": [returns(final("timeout_close_finalize"))],
-        }, {**timed_out, "min_clients": 2}),
-        # Every Lambda service error once, in one retrier (4 retries), then success.
-        "start_round_retried": Case({
-            "StartRound": [service_error(e) for e in sorted(LAMBDA_SERVICE_ERRORS)] + ho("start_round_retried"),
-            "CloseRound": [returns(rr("start_round_retried", 1, False))],
-            "Finalize": [returns(final("start_round_retried"))],
-        }),
-        "close_round_retried": Case({
-            "StartRound": not_used,
-            "CloseRound": [service_error(e) for e in sorted(LAMBDA_SERVICE_ERRORS, reverse=True)]
-            + [returns(rr("close_round_retried", 1, False, "deadline"))],
-            "Finalize": [returns(final("close_round_retried"))],
-        }, timed_out),
-        "close_round_retried_stream": Case({
-            "StartRound": ho("close_round_retried_stream"),
-            "CloseRound": [service_error(e) for e in sorted(LAMBDA_SERVICE_ERRORS, reverse=True)]
-            + [returns(rr("close_round_retried_stream", 1, False))],
-            "Finalize": [returns(final("close_round_retried_stream"))],
-        }),
-        "finalize_retried": Case({
-            "StartRound": ho("finalize_retried"),
-            "CloseRound": [returns(rr("finalize_retried", 1, False))],
-            "Finalize": [service_error(e) for e in sorted(LAMBDA_SERVICE_ERRORS)]
-            + [returns(final("finalize_retried"))],
-        }),
+        # The statistics path: 3 shards, 2 at a time.
+        "one_round": case("one_round", the_plan=with_statistics),
+        # The no-statistics path, after the deadline.
+        "timeout_close_finalize": case("timeout_close_finalize", "deadline", extra_input={"min_clients": 2}),
+        # The plan finds the round closed: its stored result, no Map.
+        "already_closed": case("already_closed", the_plan={"closed": rr("already_closed", 1, False)}),
+        "start_round_retried": case("start_round_retried",
+                                    answers={"StartRound": service_errors() + ho("start_round_retried")}),
+        "plan_round_retried": case("plan_round_retried", "deadline", answers={
+            "PlanRound": service_errors(reverse=True) + [returns(DEFAULT_PLAN)]}),
+        "commit_round_retried_stream": case("commit_round_retried_stream", answers={
+            "CommitRound": service_errors(reverse=True) + [returns(rr("commit_round_retried_stream", 1, False))]}),
+        # Every iteration gets the same answers: each shard retried on its own.
+        "shard_retried": case("shard_retried", the_plan=TWO_SHARDS, answers={
+            "AggregateShardTask": service_errors() + [returns(SHARD_DONE)]}),
+        "finalize_retried": case("finalize_retried", answers={
+            "Finalize": service_errors() + [returns(final("finalize_retried"))]}),
         # One service error more than the retrier allows; the answer after it
         # would succeed, so a retry too many shows as SUCCEEDED.
-        "lambda_retries_exhausted": Case({
+        "lambda_retries_exhausted": case("lambda_retries_exhausted", answers={
             "StartRound": [service_error("Lambda.ServiceException")] * (LAMBDA_RETRIES + 1)
-            + ho("lambda_retries_exhausted"),
-            "CloseRound": [returns(rr("lambda_retries_exhausted", 1, False))],
-            "Finalize": [returns(final("lambda_retries_exhausted"))],
-        }),
-        "aggregator_error_exhausted": Case({
-            "StartRound": ho("aggregator_error_exhausted"),
-            "CloseRound": [returns(rr("aggregator_error_exhausted", 1, False))],
+            + ho("lambda_retries_exhausted")}),
+        "aggregator_error_exhausted": case("aggregator_error_exhausted", answers={
             "Finalize": [function_error("AggregatorError", "AccessDenied on PutObject")] * (AGGREGATOR_RETRIES + 1)
-            + [returns(final("aggregator_error_exhausted"))],
-        }),
-        # CloseRound's result decides, after a hand-over or the deadline.
-        "bad_result_empty": Case({
-            "StartRound": ho("bad_result_empty"),
-            "CloseRound": [returns({"job_id": job_id_of(prefix, "bad_result_empty"), "round": 1})],
-        }),
-        "bad_result_string": Case({
-            "StartRound": ho("bad_result_string"),
-            "CloseRound": [returns(rr("bad_result_string", 1, "yes"))],
-        }),
-        "bad_result_deadline": Case({
-            "StartRound": not_used,
-            "CloseRound": [returns({"job_id": job_id_of(prefix, "bad_result_deadline"), "round": 1})],
-        }, timed_out),
-        # A hand-over without closed_by: CloseRound's "closed_by.$" path is
-        # missing. CloseRound's answer would succeed, so an invocation shows.
-        "handover_without_closed_by": Case({
+            + [returns(final("aggregator_error_exhausted"))]}),
+        # The same inside a Map: the iteration's retries run out, the Map fails.
+        "shard_aggregator_error_exhausted": case("shard_aggregator_error_exhausted", the_plan=one_shard, answers={
+            "ShardStatisticsTask": [function_error("AggregatorError", "AccessDenied on GetObject")]
+            * (AGGREGATOR_RETRIES + 1) + [returns(SHARD_DONE)]}),
+        # The round's result decides, after a hand-over or the deadline,
+        # from CommitRound or from a closed plan.
+        "bad_result_empty": case("bad_result_empty", finalize=False,
+                                 commit={"job_id": job_id_of(prefix, "bad_result_empty"), "round": 1}),
+        "bad_result_string": case("bad_result_string", commit=rr("bad_result_string", 1, "yes"), finalize=False),
+        "bad_result_deadline": case("bad_result_deadline", "deadline", finalize=False,
+                                    commit={"job_id": job_id_of(prefix, "bad_result_deadline"), "round": 1}),
+        "bad_result_closed": case("bad_result_closed", finalize=False, the_plan={
+            "closed": {"job_id": job_id_of(prefix, "bad_result_closed"), "round": 1}}),
+        # A hand-over without closed_by: PlanRound's "closed_by.$" path is
+        # missing. PlanRound's answer would succeed, so an invocation shows.
+        "handover_without_closed_by": case("handover_without_closed_by", answers={
             "StartRound": [callback({k: v for k, v in handover(job_id_of(prefix, "handover_without_closed_by"), 1)
-                                     .items() if k != "closed_by"})],
-            "CloseRound": [returns(rr("handover_without_closed_by", 1, False))],
-            "Finalize": [returns(final("handover_without_closed_by"))],
-        }),
+                                     .items() if k != "closed_by"})]}),
         # The round loops (see the module docstring): stopped by their tests.
-        "rounds_loop": Case({
-            "StartRound": ho("rounds_loop"),
-            "CloseRound": [returns(rr("rounds_loop", 1, True))],
-        }, batch=False),
-        "timeout_loop": Case({
-            "StartRound": not_used,
-            "CloseRound": [returns(rr("timeout_loop", 1, True, "deadline"))],
-        }, timed_out, batch=False),
+        "rounds_loop": case("rounds_loop", commit=rr("rounds_loop", 1, True), finalize=False, batch=False),
+        "timeout_loop": case("timeout_loop", "deadline", commit=rr("timeout_loop", 1, True, "deadline"),
+                             finalize=False, batch=False),
+        "replan_loop": case("replan_loop", the_plan=plan("a1", shards=1), finalize=False, batch=False,
+                            commit=replan(**{"site-b": "non-finite value in tensor fc1.weight"})),
+        # Transient, then AggregatorError, then success: each retried by its
+        # own retrier; on PlanRound after the deadline, on CommitRound after
+        # a hand-over, and on a Map's task (each shard on its own).
+        "function_errors_retried": case("function_errors_retried", "deadline", answers={
+            "PlanRound": function_errors() + [returns(DEFAULT_PLAN)]}),
+        "function_errors_retried_stream": case("function_errors_retried_stream", answers={
+            "CommitRound": function_errors() + [returns(rr("function_errors_retried_stream", 1, False))]}),
+        "function_errors_retried_shard": case("function_errors_retried_shard", the_plan=TWO_SHARDS, answers={
+            "AggregateShardTask": function_errors() + [returns(SHARD_DONE)]}),
     }
-    # The aggregator's own retried errors, as function errors of the direct
-    # form: errorType becomes the error name the retriers match. Both ways
-    # into CloseRound.
-    for closed_by in ("deadline", "stream"):
-        case = "function_errors_retried" + ("_stream" if closed_by == "stream" else "")
-        out[case] = Case({
-            "StartRound": ho(case) if closed_by == "stream" else not_used,
-            "CloseRound": [
-                function_error("Transient", "DynamoDB UpdateItem: ThrottlingException"),
-                function_error("AggregatorError", "model read broke off"),
-                returns(rr(case, 1, False, closed_by)),
-            ],
-            "Finalize": [returns(final(case))],
-        }, timed_out if closed_by == "deadline" else {})
     # A permanent error fails the execution at the first attempt; the answer
     # after it would succeed, so a retry shows as SUCCEEDED.
     for state, error, closed_by in permanent_error_cases():
-        case = permanent_case(state, error, closed_by)
+        name = permanent_case(state, error, closed_by)
         message = f"{error}: mocked {state} failure"
         if state == "StartRound":
             # Through the callback integration only a Throw can be mocked:
             # here the Error/Cause of a failed invocation (a SendTaskFailure
             # to the token would look the same, with its own cause).
-            answers = [throw(error, lambda_error_cause(error, message))] + ho(case)
+            answers = [throw(error, lambda_error_cause(error, message))] + ho(name)
         else:
-            answers = [function_error(error, message), returns(rr(case, 1, False, closed_by or "stream"))]
-        states = {state: answers}
-        if state in ("CloseRound", "Finalize"):
-            states["StartRound"] = not_used if closed_by == "deadline" else ho(case)
-        if state == "Finalize":
-            states["CloseRound"] = [returns(rr(case, 1, False))]
-        out[case] = Case(states, timed_out if closed_by == "deadline" else {})
+            ok = {"PlanRound": returns(PERMANENT_PLAN), "ShardStatisticsTask": returns(SHARD_DONE),
+                  "DecideRound": returns(DECIDED), "AggregateShardTask": returns(SHARD_DONE),
+                  "CommitRound": returns(rr(name, 1, False, closed_by or "stream")),
+                  "Finalize": returns(final(name))}[state]
+            answers = [function_error(error, message), ok]
+        out[name] = case(name, closed_by or "stream", the_plan=PERMANENT_PLAN, answers={state: answers})
     return out
 
 
+# One shard, with the statistics pass: every task state runs once per attempt,
+# so a permanent error is invoked exactly once wherever it is raised.
+PERMANENT_PLAN = plan("a1", shards=1, statistics=True, concurrency=1)
+
+
 def permanent_error_cases() -> list[tuple[str, str, str | None]]:
-    """(state, error, closed_by): every permanent error name as a CloseRound
-    function error after a hand-over (the realistic place for most of
-    them), QuorumNotMet also after the deadline (where it really happens),
+    """(state, error, closed_by): every permanent error name as a PlanRound
+    function error after a hand-over (the plan claims the round and checks
+    its inputs: the realistic place for most of them), QuorumNotMet also
+    after the deadline (where it really happens), one from inside a Map,
     plus StartRound (a bad task input; a retried StartRound on a FAILED
-    round) and Finalize."""
-    return [("CloseRound", e, "stream") for e in sorted(PERMANENT_ERRORS)] + [
-        ("CloseRound", "QuorumNotMet", "deadline"),
+    round) and Finalize. Every task has the same retriers (test_asl.py), so
+    the names need not be repeated on every task; the activity variant
+    fails the other tasks of the round (test_contract.py)."""
+    return [("PlanRound", e, "stream") for e in sorted(PERMANENT_ERRORS)] + [
+        ("PlanRound", "QuorumNotMet", "deadline"),
+        ("ShardStatisticsTask", "InvalidTaskInput", "stream"),
         ("StartRound", "InvalidTaskInput", None),
         ("StartRound", "NoUsableUpdate", None),
         ("Finalize", "NotFound", "stream"),
@@ -397,7 +430,7 @@ def aws_variant(aws, sfn):
         # emulator feature, not a test failure (skip locally, fail in CI).
         probe = Case({
             "StartRound": [callback({"closed_by": "stream"})],
-            "CloseRound": [returns({"continue": False})],
+            "PlanRound": [returns({"closed": {"continue": False}})],
             "Finalize": [returns({})],
         })
         install(sm_name, {"probe": probe})
@@ -446,8 +479,11 @@ class History:
         self.events = events
         self.state_of: dict[int, str | None] = {}
         for ev in events:
-            entered = ev.get("stateEnteredEventDetails")
-            self.state_of[ev["id"]] = entered["name"] if entered else self.state_of.get(ev.get("previousEventId"))
+            # A state's own entered and exited events name it; following
+            # previousEventId from a Map's exit would lead into its last
+            # iteration's inner state.
+            named = ev.get("stateEnteredEventDetails") or ev.get("stateExitedEventDetails")
+            self.state_of[ev["id"]] = named["name"] if named else self.state_of.get(ev.get("previousEventId"))
 
     @classmethod
     def of(cls, sfn, arn: str) -> History:
@@ -533,23 +569,51 @@ def check_start_round_call(call: dict, env: Variant, case: str, rnd: int, retry_
     return payload
 
 
+# The action of each direct-ARN task state (test_contract.TASK_FIELDS maps
+# actions to their states and fields).
+ACTION_OF = {state: action for action, (state, _) in TASK_FIELDS.items()} | {"Finalize": "finalize"}
+
+
 def check_direct_call(call: dict, env: Variant, case: str, state: str, rnd: int, retry_count: int = 0,
-                      closed_by: str | None = None) -> dict:
-    """The event a direct-ARN task (CloseRound, Finalize) invokes the function
-    with; CloseRound's carries closed_by (required: pass it)."""
+                      **fields) -> dict:
+    """The event a direct-ARN task invokes the function with: exactly
+    action, job_id, round, context and the action's own fields (PlanRound's
+    and CommitRound's closed_by is required: pass it; the plan's attempt
+    where the task has one)."""
     assert call["resource"] == env.function_arn
     assert call["timeoutInSeconds"] == DIRECT_TIMEOUT
     event = call["input"]
-    keys = {"action", "job_id", "round", "context"} | {"CloseRound": {"closed_by"}, "Finalize": {"result"}}[state]
-    assert set(event) == keys, event
-    assert event["action"] == {"CloseRound": "close_round", "Finalize": "finalize"}[state]
+    action = ACTION_OF[state]
+    own = TASK_FIELDS[action][1] if action in TASK_FIELDS else {"result"}
+    assert set(event) == {"action", "job_id", "round", "context"} | own, event
+    assert event["action"] == action
     assert event["job_id"] == env.job_inputs[case]["job_id"]
     assert event["round"] == rnd
-    if state == "CloseRound":
-        assert closed_by in ("stream", "deadline")
-        assert event["closed_by"] == closed_by
+    if "closed_by" in own:
+        assert fields.get("closed_by") in ("stream", "deadline")
+    if "attempt" in own and "attempt" not in fields:
+        fields["attempt"] = env.cases[case].plan["attempt"]
+    for key, value in fields.items():
+        assert event[key] == value, (key, event)
     check_context(event["context"], env, case, state, retry_count)
     return event
+
+
+def check_shard_calls(hist: History, env: Variant, case: str, state: str, rnd: int = 1, attempts: int = 1) -> None:
+    """A Map's task ran once per shard of the plan (`attempts` invocations
+    each, retry counts 0, 1, ...), each with the plan's attempt."""
+    the_plan = env.cases[case].plan
+    calls = hist.direct_calls(state)
+    assert len(calls) == attempts * len(the_plan["shards"]), calls
+    per_shard: dict[int, list[dict]] = {}
+    for call in calls:
+        per_shard.setdefault(call["input"]["shard"], []).append(call)
+    assert sorted(per_shard) == the_plan["shards"]
+    for shard, shard_calls in per_shard.items():
+        for attempt, call in enumerate(shard_calls):
+            check_direct_call(call, env, case, state, rnd, retry_count=attempt, shard=shard)
+        # A retry does not re-enter the iteration's state.
+        assert len({c["input"]["context"]["State"]["EnteredTime"] for c in shard_calls}) == 1
 
 
 def check_timed_out_start_round(hist: History) -> None:
@@ -568,39 +632,49 @@ def check_timed_out_start_round(hist: History) -> None:
     )
     assert outcomes[0]["taskTimedOutEventDetails"]["error"] == "States.Timeout"
     # ResultPath null: DeadlinePassed gets StartRound's input unchanged (no
-    # hand-over, no error) and adds the deadline marker for CloseRound.
+    # hand-over, no error) and adds the deadline marker for PlanRound.
     assert hist.outputs("StartRound") == [entered]
     assert hist.inputs("DeadlinePassed") == [entered]
     assert hist.outputs("DeadlinePassed") == [{**entered, "handover": DEADLINE}]
-    assert hist.inputs("CloseRound")[0] == {**entered, "handover": DEADLINE}
+    assert hist.inputs("PlanRound")[0] == {**entered, "handover": DEADLINE}
 
 
 def check_handed_over(hist: History, env: Variant, case: str) -> None:
     """StartRound answered with the hand-over: it lands in $.handover and
-    CloseRound runs next, on that state."""
+    PlanRound runs next, on that state."""
     job_input = env.job_inputs[case]
     (entered,) = hist.inputs("StartRound")
     assert entered == {**job_input, "round": 1}
     after = {**entered, "handover": handover(job_input["job_id"], 1)}
     assert hist.outputs("StartRound") == [after]
-    assert hist.inputs("CloseRound")[0] == after
+    assert hist.inputs("PlanRound")[0] == after
     assert "DeadlinePassed" not in hist.entered()
 
 
-def round_states(closed_by: str) -> list[str]:
-    """The states of one round up to the Choice."""
-    return ["StartRound"] + (["DeadlinePassed"] if closed_by == "deadline" else []) + ["CloseRound", "ShouldContinue"]
+def check_way_in(hist: History, env: Variant, case: str) -> None:
+    if env.cases[case].closed_by == "deadline":
+        check_timed_out_start_round(hist)
+    else:
+        check_handed_over(hist, env, case)
+
+
+def states_of(env: Variant, case: str) -> list[str]:
+    """The states of the case's one round, up to ShouldContinue."""
+    return round_states(env.cases[case].closed_by, env.cases[case].plan)
 
 
 # --- the tests -----------------------------------------------------------------------------
 
 
 def test_one_round_then_finalize(sfn, aws_variant):
+    """The statistics path, 3 shards at most 2 at a time: every task's event,
+    where each output lands, and the execution's output."""
     env, case = aws_variant, "one_round"
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "SUCCEEDED", desc
-    assert hist.entered() == ["Init"] + round_states("stream") + ["Finalize", "Succeeded"]
+    assert hist.entered() == ["Init"] + states_of(env, case) + ["Finalize", "Succeeded"]
     job_input = env.job_inputs[case]
+    the_plan = env.cases[case].plan
     ho = handover(job_input["job_id"], 1)
     result = round_result(job_input["job_id"], 1, False, closed_by="stream")
 
@@ -610,48 +684,93 @@ def test_one_round_then_finalize(sfn, aws_variant):
     # the state is kept.
     check_handed_over(hist, env, case)
 
-    (close,) = hist.direct_calls("CloseRound")
-    check_direct_call(close, env, case, "CloseRound", 1, closed_by="stream")
+    (plan_call,) = hist.direct_calls("PlanRound")
+    check_direct_call(plan_call, env, case, "PlanRound", 1, closed_by="stream")
     # The direct form's output is the function's return value (the Invoke
-    # response's Payload), kept as $.result next to the hand-over.
-    assert hist.outputs("CloseRound") == [{**job_input, "round": 1, "handover": ho, "result": result}]
+    # response's Payload), kept as $.plan next to the hand-over.
+    planned = {**job_input, "round": 1, "handover": ho, "plan": the_plan}
+    assert hist.outputs("PlanRound") == [planned]
+
+    # Every shard once per Map, with the plan's attempt; neither the Maps
+    # nor DecideRound change the state (ResultPath null).
+    check_shard_calls(hist, env, case, "ShardStatisticsTask")
+    (decide,) = hist.direct_calls("DecideRound")
+    check_direct_call(decide, env, case, "DecideRound", 1)
+    check_shard_calls(hist, env, case, "AggregateShardTask")
+    for state in ("ShardStatistics", "DecideRound", "AggregateShards"):
+        assert hist.inputs(state) == [planned] and hist.outputs(state) == [planned], state
+    # The plan's concurrency is a limit (mocked answers come at once, so
+    # whether two ran together is up to the timing; test_contract.py checks
+    # that they do).
+    for map_state, task in (("ShardStatistics", "ShardStatisticsTask"), ("AggregateShards", "AggregateShardTask")):
+        (most,) = most_outstanding(hist.events, map_state, task)
+        assert 1 <= most <= the_plan["concurrency"], (map_state, most)
+
+    (commit,) = hist.direct_calls("CommitRound")
+    check_direct_call(commit, env, case, "CommitRound", 1, closed_by="stream")
+    assert hist.outputs("CommitRound") == [{**planned, "result": result}]
 
     (fin,) = hist.direct_calls("Finalize")
     event = check_direct_call(fin, env, case, "Finalize", 1)
     assert event["result"] == result
     final = {"job_id": job_input["job_id"], "artifact_id": f"{job_input['job_id']}-model",
              "final_model_key": f"jobs/{job_input['job_id']}/final.safetensors"}
-    assert hist.outputs("Finalize") == [{**job_input, "round": 1, "handover": ho, "result": result, "final": final}]
-    assert json.loads(desc["output"]) == {**job_input, "round": 1, "handover": ho, "result": result, "final": final}
+    assert hist.outputs("Finalize") == [{**planned, "result": result, "final": final}]
+    assert json.loads(desc["output"]) == {**planned, "result": result, "final": final}
 
 
 def test_timeout_closes_round(sfn, aws_variant):
+    """After the deadline, the no-statistics path: PlanRound and CommitRound
+    get closed_by=deadline, AggregateShards runs every shard."""
     env, case = aws_variant, "timeout_close_finalize"
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "SUCCEEDED", desc
-    assert hist.entered() == ["Init"] + round_states("deadline") + ["Finalize", "Succeeded"]
+    assert hist.entered() == ["Init"] + states_of(env, case) + ["Finalize", "Succeeded"]
+    assert "ShardStatistics" not in hist.entered() and "DecideRound" not in hist.entered()
     check_timed_out_start_round(hist)
     job_input = env.job_inputs[case]
 
-    (close,) = hist.direct_calls("CloseRound")
-    check_direct_call(close, env, case, "CloseRound", 1, closed_by="deadline")
+    (plan_call,) = hist.direct_calls("PlanRound")
+    check_direct_call(plan_call, env, case, "PlanRound", 1, closed_by="deadline")
+    check_shard_calls(hist, env, case, "AggregateShardTask")
+    (commit,) = hist.direct_calls("CommitRound")
+    check_direct_call(commit, env, case, "CommitRound", 1, closed_by="deadline")
     result = round_result(job_input["job_id"], 1, False, closed_by="deadline")
-    assert hist.outputs("CloseRound") == [{**job_input, "round": 1, "handover": DEADLINE, "result": result}]
+    planned = {**job_input, "round": 1, "handover": DEADLINE, "plan": env.cases[case].plan}
+    assert hist.outputs("CommitRound") == [{**planned, "result": result}]
     (fin,) = hist.direct_calls("Finalize")
     assert check_direct_call(fin, env, case, "Finalize", 1)["result"] == result
     out = json.loads(desc["output"])
     assert out["result"] == result and out["round"] == 1 and out["handover"] == DEADLINE and "error" not in out
 
 
+def test_closed_plan_goes_straight_to_should_continue(sfn, aws_variant):
+    """PlanRound finds the round closed (a retry, or a racing attempt won):
+    AlreadyClosed copies the stored result to $.result, no Map, no commit."""
+    env, case = aws_variant, "already_closed"
+    desc, hist = finished(sfn, env, case)
+    assert desc["status"] == "SUCCEEDED", desc
+    assert hist.entered() == ["Init", "StartRound", "PlanRound", "Planned", "AlreadyClosed", "ShouldContinue",
+                              "Finalize", "Succeeded"]
+    the_plan = env.cases[case].plan
+    (planned,) = hist.outputs("PlanRound")
+    assert planned["plan"] == the_plan
+    assert hist.outputs("AlreadyClosed") == [{**planned, "result": the_plan["closed"]}]
+    (fin,) = hist.direct_calls("Finalize")
+    assert check_direct_call(fin, env, case, "Finalize", 1)["result"] == the_plan["closed"]
+    for state in ("ShardStatisticsTask", "DecideRound", "AggregateShardTask", "CommitRound"):
+        assert hist.direct_calls(state) == [], state
+
+
 def test_hand_over_without_closed_by_fails_the_execution(sfn, aws_variant):
-    """CloseRound's "closed_by.$" path must exist: a hand-over without it
+    """PlanRound's "closed_by.$" path must exist: a hand-over without it
     fails the execution before the function is invoked (its mocked answer
     would succeed), and nothing retries it.
 
     On AWS that is a States.Runtime error, which States.ALL does not catch:
-    the execution fails at CloseRound. LocalStack 4.8.1's direct-ARN Lambda
+    the execution fails at PlanRound. LocalStack 4.8.1's direct-ARN Lambda
     task reports it differently: a LambdaFunctionFailed with error
-    `Exception` and the JSONPath message as cause, which CloseRound's Catch
+    `Exception` and the JSONPath message as cause, which PlanRound's Catch
     takes to Failed (the activity variant gets States.Runtime, see
     test_contract.py). Asserted: one of the two, the JSONPath message as the
     cause, no invocation, no retry, no Finalize.
@@ -660,15 +779,15 @@ def test_hand_over_without_closed_by_fails_the_execution(sfn, aws_variant):
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "FAILED", desc
     entered = hist.entered()
-    assert entered[:3] == ["Init", "StartRound", "CloseRound"], entered
+    assert entered[:3] == ["Init", "StartRound", "PlanRound"], entered
     if desc["error"] == "Exception":  # LocalStack 4.8.1
         assert entered[3:] == ["Failed"], entered
-        assert hist.failures("CloseRound") == [("Exception", desc["cause"])]
+        assert hist.failures("PlanRound") == [("Exception", desc["cause"])]
     else:  # AWS
         assert desc["error"] == "States.Runtime", desc
         assert entered[3:] == [], entered
     assert "The JSONPath '$.handover.closed_by' could not be found" in desc["cause"]
-    assert hist.direct_calls("CloseRound") == []
+    assert hist.direct_calls("PlanRound") == []
     (start_out,) = hist.outputs("StartRound")
     assert "closed_by" not in start_out["handover"]
 
@@ -701,13 +820,15 @@ def stop_loop(sfn, env: Variant, case: str, enough) -> History:
 
 
 def test_rounds_advance(sfn, aws_variant):
-    """Rounds 1, 2, 3, each handed over and closed: the round number, the
-    carried hand-over and result and the scratch `next` (one execution cannot
-    also reach Finalize: see the module docstring)."""
+    """Rounds 1, 2, 3, each handed over, planned, aggregated and committed:
+    the round number in every task, the carried hand-over, plan and result
+    and the scratch `next` (one execution cannot also reach Finalize: see
+    the module docstring)."""
     env, case = aws_variant, "rounds_loop"
     # Round 4 entered: rounds 1 to 3 have gone all the way round.
     hist = stop_loop(sfn, env, case, lambda h: len(h.inputs("StartRound")) >= 4)
     job_input = env.job_inputs[case]
+    the_plan = env.cases[case].plan
     ho = handover(job_input["job_id"], 1)  # the same answer every round
     result = round_result(job_input["job_id"], 1, True, closed_by="stream")
 
@@ -716,76 +837,105 @@ def test_rounds_advance(sfn, aws_variant):
     tokens = [check_start_round_call(c, env, case, rnd)["context"]["Task"]["Token"]
               for rnd, c in zip((1, 2, 3), calls[:3])]
     assert len(set(tokens)) == 3, f"a new task token every round: {tokens}"
-    closes = hist.direct_calls("CloseRound")
-    for rnd, close in zip((1, 2, 3), closes[:3]):
-        check_direct_call(close, env, case, "CloseRound", rnd, closed_by="stream")
+    for state, per_round in (("PlanRound", 1), ("AggregateShardTask", len(the_plan["shards"])), ("CommitRound", 1)):
+        calls = hist.direct_calls(state)
+        assert len(calls) >= 3 * per_round, state
+        for i, call in enumerate(calls[:3 * per_round]):
+            fields = {"closed_by": "stream"} if state != "AggregateShardTask" else {}
+            check_direct_call(call, env, case, state, 1 + i // per_round, **fields)
 
     inputs = hist.inputs("StartRound")
     assert inputs[0] == {**job_input, "round": 1}
     for rnd in (2, 3):
-        # The last round's hand-over and result stay in the state (not in
-        # the payload); NextRound's scratch `next` stays too.
-        assert inputs[rnd - 1] == {**job_input, "round": rnd, "handover": ho, "result": result, "next": {"round": rnd}}
+        # The last round's hand-over, plan and result stay in the state (not
+        # in the payload); NextRound's scratch `next` stays too.
+        assert inputs[rnd - 1] == {**job_input, "round": rnd, "handover": ho, "plan": the_plan, "result": result,
+                                   "next": {"round": rnd}}
     assert [o["next"] for o in hist.outputs("NextRound")[:2]] == [{"round": 2}, {"round": 3}]
     assert [o["round"] for o in hist.outputs("AdvanceRound")[:2]] == [2, 3]
-    loop = round_states("stream") + ["NextRound", "AdvanceRound"]
+    loop = states_of(env, case) + ["NextRound", "AdvanceRound"]
     assert hist.entered()[:1 + 3 * len(loop)] == ["Init"] + loop * 3
     assert "DeadlinePassed" not in hist.entered() and "Finalize" not in hist.entered()
 
 
 def test_timeout_then_next_round(sfn, aws_variant):
-    """A timed-out round that CloseRound closes with continue=true loops on to
+    """A timed-out round that CommitRound closes with continue=true loops on to
     StartRound of round 2 (which times out too: one answer per state)."""
     env, case = aws_variant, "timeout_loop"
-    hist = stop_loop(sfn, env, case, lambda h: len(h.outputs("CloseRound")) >= 2)
-    closes = hist.direct_calls("CloseRound")
-    assert len(closes) >= 2
-    for rnd, close in zip((1, 2), closes):
-        check_direct_call(close, env, case, "CloseRound", rnd, closed_by="deadline")
+    hist = stop_loop(sfn, env, case, lambda h: len(h.outputs("CommitRound")) >= 2)
+    for state in ("PlanRound", "CommitRound"):
+        calls = hist.direct_calls(state)
+        assert len(calls) >= 2
+        for rnd, call in zip((1, 2), calls):
+            check_direct_call(call, env, case, state, rnd, closed_by="deadline")
     starts = hist.inputs("StartRound")
     assert [i["round"] for i in starts[:2]] == [1, 2]
     # Round 1's marker is still in the state when round 2 starts; round 2's
     # DeadlinePassed writes it again.
     assert starts[1]["handover"] == DEADLINE
-    loop = round_states("deadline") + ["NextRound", "AdvanceRound"]
-    assert hist.entered()[:len(loop) + 4] == ["Init"] + loop + round_states("deadline")[:3]
+    loop = states_of(env, case) + ["NextRound", "AdvanceRound"]
+    assert hist.entered()[:len(loop) + 4] == ["Init"] + loop + states_of(env, case)[:3]
 
 
-@pytest.mark.parametrize("case, state, closed_by", [
-    ("start_round_retried", "StartRound", "stream"),
-    ("close_round_retried", "CloseRound", "deadline"),
-    ("close_round_retried_stream", "CloseRound", "stream"),
-    ("finalize_retried", "Finalize", "stream"),
+def test_replan_goes_back_to_plan_round(sfn, aws_variant):
+    """CommitRound answering replan: Committed sends the round back to
+    PlanRound, with the same round and hand-over, the replan answer in
+    $.result (every entry gets the same mocked answers, so it replans until
+    stopped; test_contract.py shows the round going on after a replan)."""
+    env, case = aws_variant, "replan_loop"
+    hist = stop_loop(sfn, env, case, lambda h: len(h.outputs("CommitRound")) >= 2)
+    job_input = env.job_inputs[case]
+    the_plan = env.cases[case].plan
+    attempt = ["PlanRound", "Planned", "AggregateShards", "AggregateShardTask", "CommitRound", "Committed"]
+    assert hist.entered()[:2 + 2 * len(attempt)] == ["Init", "StartRound"] + attempt * 2
+    assert "ShouldContinue" not in hist.entered()
+    plan_inputs = hist.inputs("PlanRound")
+    bad = replan(**{"site-b": "non-finite value in tensor fc1.weight"})
+    assert plan_inputs[0] == {**job_input, "round": 1, "handover": handover(job_input["job_id"], 1)}
+    assert plan_inputs[1] == {**plan_inputs[0], "plan": the_plan, "result": bad}
+    for call in hist.direct_calls("PlanRound")[:2]:
+        check_direct_call(call, env, case, "PlanRound", 1, closed_by="stream")
+
+
+@pytest.mark.parametrize("case, state", [
+    ("start_round_retried", "StartRound"),
+    ("plan_round_retried", "PlanRound"),
+    ("commit_round_retried_stream", "CommitRound"),
+    ("shard_retried", "AggregateShardTask"),
+    ("finalize_retried", "Finalize"),
 ])
-def test_lambda_service_errors_are_retried(sfn, aws_variant, case, state, closed_by):
+def test_lambda_service_errors_are_retried(sfn, aws_variant, case, state):
     """Each of Lambda's transient service errors once: 1 + 4 attempts, then
-    success; CloseRound's on both ways into it."""
+    success; PlanRound after the deadline, CommitRound after a hand-over, a
+    Map's task (every shard on its own)."""
     env = aws_variant
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "SUCCEEDED", desc
-    assert hist.entered() == ["Init"] + round_states(closed_by) + ["Finalize", "Succeeded"]
-    errors = [e for e, _ in hist.failures(state)]
-    expected = sorted(LAMBDA_SERVICE_ERRORS, reverse=state == "CloseRound")
-    assert errors == expected
+    assert hist.entered() == ["Init"] + states_of(env, case) + ["Finalize", "Succeeded"]
+    shards = len(env.cases[case].plan["shards"]) if state == "AggregateShardTask" else 1
+    expected = sorted(LAMBDA_SERVICE_ERRORS, reverse=state in ("PlanRound", "CommitRound"))
     assert len(expected) == LAMBDA_RETRIES  # the retrier's whole allowance is used
-    calls = hist.start_round_calls() if state == "StartRound" else hist.direct_calls(state)
-    assert len(calls) == 1 + LAMBDA_RETRIES
-    rnd = 1
-    entered_time = set()
-    for attempt, call in enumerate(calls):
-        if state == "StartRound":
-            payload = check_start_round_call(call, env, case, rnd, retry_count=attempt)
-        else:
-            payload = check_direct_call(call, env, case, state, rnd, retry_count=attempt,
-                                        closed_by=closed_by if state == "CloseRound" else None)
-        entered_time.add(payload["context"]["State"]["EnteredTime"])
-    # A retry does not re-enter the state.
-    assert len(entered_time) == 1
-    assert hist.entered().count(state) == 1
-    if closed_by == "deadline":
-        check_timed_out_start_round(hist)
+    errors = [e for e, _ in hist.failures(state)]
+    assert sorted(errors) == sorted(expected * shards)
+    if shards == 1:
+        assert errors == expected
+    closed_by = env.cases[case].closed_by
+    if state == "StartRound":
+        calls = hist.start_round_calls()
+        assert len(calls) == 1 + LAMBDA_RETRIES
+        payloads = [check_start_round_call(call, env, case, 1, retry_count=i) for i, call in enumerate(calls)]
+        # A retry does not re-enter the state.
+        assert len({p["context"]["State"]["EnteredTime"] for p in payloads}) == 1
+    elif state == "AggregateShardTask":
+        check_shard_calls(hist, env, case, state, attempts=1 + LAMBDA_RETRIES)
     else:
-        check_handed_over(hist, env, case)
+        calls = hist.direct_calls(state)
+        assert len(calls) == 1 + LAMBDA_RETRIES
+        fields = {"closed_by": closed_by} if state != "Finalize" else {}
+        events = [check_direct_call(call, env, case, state, 1, retry_count=i, **fields) for i, call in enumerate(calls)]
+        assert len({e["context"]["State"]["EnteredTime"] for e in events}) == 1
+    assert hist.entered().count(state) == shards
+    check_way_in(hist, env, case)
     assert json.loads(desc["output"])["result"]["closed_by"] == closed_by
 
 
@@ -801,43 +951,54 @@ def test_lambda_service_errors_exhaust_their_retrier(sfn, aws_variant):
     assert failed_input["error"] == {"Error": desc["error"], "Cause": desc["cause"]}
 
 
-@pytest.mark.parametrize("case, closed_by", [
-    ("function_errors_retried", "deadline"),
-    ("function_errors_retried_stream", "stream"),
+@pytest.mark.parametrize("case, state", [
+    ("function_errors_retried", "PlanRound"),
+    ("function_errors_retried_stream", "CommitRound"),
+    ("function_errors_retried_shard", "AggregateShardTask"),
 ])
-def test_function_errors_are_retried_by_name(sfn, aws_variant, case, closed_by):
+def test_function_errors_are_retried_by_name(sfn, aws_variant, case, state):
     """Transient and AggregatorError, raised by the function (errorType), each
-    retried by its own retrier; then CloseRound's result is used. After the
-    deadline and after a hand-over."""
+    retried by its own retrier; then the task's result is used. PlanRound
+    after the deadline, CommitRound after a hand-over, a Map's task."""
     env = aws_variant
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "SUCCEEDED", desc
-    if closed_by == "deadline":
-        check_timed_out_start_round(hist)
-    else:
-        check_handed_over(hist, env, case)
-    failures = hist.failures("CloseRound")
-    assert [e for e, _ in failures] == ["Transient", "AggregatorError"]
+    check_way_in(hist, env, case)
+    shards = len(env.cases[case].plan["shards"]) if state == "AggregateShardTask" else 1
+    failures = hist.failures(state)
+    assert sorted(e for e, _ in failures) == sorted(["Transient", "AggregatorError"] * shards)
     # The Cause is the function's error payload.
-    assert json.loads(failures[0][1]) == {
-        "errorType": "Transient", "errorMessage": "DynamoDB UpdateItem: ThrottlingException",
-    }
-    calls = hist.direct_calls("CloseRound")
-    assert len(calls) == 3
-    for attempt, call in enumerate(calls):
-        check_direct_call(call, env, case, "CloseRound", 1, retry_count=attempt, closed_by=closed_by)
-    assert json.loads(desc["output"])["result"]["closed_by"] == closed_by
-    assert hist.entered() == ["Init"] + round_states(closed_by) + ["Finalize", "Succeeded"]
+    assert {"errorType": "Transient", "errorMessage": "DynamoDB UpdateItem: ThrottlingException"} in [
+        json.loads(cause) for _, cause in failures]
+    if state == "AggregateShardTask":
+        check_shard_calls(hist, env, case, state, attempts=3)
+    else:
+        assert [e for e, _ in failures] == ["Transient", "AggregatorError"]
+        calls = hist.direct_calls(state)
+        assert len(calls) == 3
+        for attempt, call in enumerate(calls):
+            check_direct_call(call, env, case, state, 1, retry_count=attempt, closed_by=env.cases[case].closed_by)
+    assert json.loads(desc["output"])["result"]["closed_by"] == env.cases[case].closed_by
+    assert hist.entered() == ["Init"] + states_of(env, case) + ["Finalize", "Succeeded"]
 
 
-def test_aggregator_error_exhausts_its_retrier(sfn, aws_variant):
-    env, case = aws_variant, "aggregator_error_exhausted"
+@pytest.mark.parametrize("case, state, message", [
+    ("aggregator_error_exhausted", "Finalize", "AccessDenied on PutObject"),
+    ("shard_aggregator_error_exhausted", "ShardStatisticsTask", "AccessDenied on GetObject"),
+])
+def test_aggregator_error_exhausts_its_retrier(sfn, aws_variant, case, state, message):
+    """AggregatorError's retrier runs out: the execution fails with it, also
+    from inside a Map (the iteration fails the Map, whose Catch goes to Failed)."""
+    env = aws_variant
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "FAILED", desc
     assert desc["error"] == "AggregatorError"
-    assert json.loads(desc["cause"]) == {"errorType": "AggregatorError", "errorMessage": "AccessDenied on PutObject"}
-    assert len(hist.direct_calls("Finalize")) == 1 + AGGREGATOR_RETRIES
-    assert hist.entered() == ["Init"] + round_states("stream") + ["Finalize", "Failed"]
+    assert json.loads(desc["cause"]) == {"errorType": "AggregatorError", "errorMessage": message}
+    assert len(hist.direct_calls(state)) == 1 + AGGREGATOR_RETRIES
+    full = ["Init"] + states_of(env, case) + ["Finalize"]
+    assert hist.entered() == full[:full.index(state) + 1] + ["Failed"]
+    (failed_input,) = hist.inputs("Failed")
+    assert failed_input["error"] == {"Error": desc["error"], "Cause": desc["cause"]}
 
 
 @pytest.mark.parametrize("state, error, closed_by", permanent_error_cases())
@@ -852,29 +1013,24 @@ def test_permanent_error_fails_at_once(sfn, aws_variant, state, error, closed_by
     calls = hist.start_round_calls() if state == "StartRound" else hist.direct_calls(state)
     assert len(calls) == 1, "a permanent error must not be retried"
     assert hist.failures(state) == [(desc["error"], desc["cause"])]
-    before = {"StartRound": [], "CloseRound": round_states(closed_by)[:-2],
-              "Finalize": round_states(closed_by or "stream")}[state]
-    assert hist.entered() == ["Init"] + before + [state, "Failed"]
+    # Everything up to the failing task, then Failed.
+    full = ["Init"] + states_of(env, case) + ["Finalize"]
+    assert hist.entered() == full[:full.index(state) + 1] + ["Failed"]
     (failed_input,) = hist.inputs("Failed")
     assert failed_input["error"] == {"Error": error, "Cause": desc["cause"]}
-    if closed_by == "deadline":
-        check_timed_out_start_round(hist)
-    elif closed_by == "stream":
-        check_handed_over(hist, env, case)
-    if state == "CloseRound":
-        check_direct_call(hist.direct_calls("CloseRound")[0], env, case, "CloseRound", 1, closed_by=closed_by)
+    if state != "StartRound":
+        check_way_in(hist, env, case)
+    if state in ("PlanRound", "CommitRound"):
+        check_direct_call(calls[0], env, case, state, 1, closed_by=closed_by)
 
 
-@pytest.mark.parametrize("case, closed_by", [
-    ("bad_result_empty", "stream"),
-    ("bad_result_string", "stream"),
-    ("bad_result_deadline", "deadline"),
-])
-def test_result_without_boolean_continue_fails(sfn, aws_variant, case, closed_by):
-    """CloseRound's result decides, whichever way it was reached."""
+@pytest.mark.parametrize("case", ["bad_result_empty", "bad_result_string", "bad_result_deadline", "bad_result_closed"])
+def test_result_without_boolean_continue_fails(sfn, aws_variant, case):
+    """The round's result decides, whichever way it was reached: from
+    CommitRound after a hand-over or the deadline, or from a closed plan."""
     env = aws_variant
     desc, hist = finished(sfn, env, case)
     assert desc["status"] == "FAILED", desc
     assert desc["error"] == "FedstepContractViolation"
     assert desc["cause"] == BAD_RESULT_CAUSE
-    assert hist.entered() == ["Init"] + round_states(closed_by) + ["BadResult"]
+    assert hist.entered() == ["Init"] + states_of(env, case) + ["BadResult"]

@@ -82,6 +82,13 @@ def test_aggregator_env_points_at_the_deployment(deployment):
     assert env["FEDSTEP_UPDATES_TABLE"] == deployment["tables"]["updates"]
     assert env["FEDSTEP_TOPIC_ARN"] == deployment["topics"]["global_model_ready"]
     assert env["FEDSTEP_STATE_MACHINE_ARN"] == deployment["state_machine"]["arn"]
-    for action in ("start_round", "close_round", "finalize"):
+    # One activity per task action; the local worker polls each.
+    actions = ("start_round", "plan_round", "shard_statistics", "decide_round", "aggregate_shard", "commit_round",
+               "finalize")
+    assert set(deployment["activities"]) == set(actions)
+    prefix = deployment["prefix"]
+    for action in actions:
+        assert deployment["activities"][action].endswith(f":activity:{prefix}-{action}")
         assert env[f"FEDSTEP_{action.upper()}_ACTIVITY_ARN"] == deployment["activities"][action]
+    assert not {k for k in env if k.endswith("_ACTIVITY_ARN")} - {f"FEDSTEP_{a.upper()}_ACTIVITY_ARN" for a in actions}
     assert env["FEDSTEP_UPDATES_STREAM_ARN"] == deployment["tables"]["updates_stream_arn"]
