@@ -2,10 +2,10 @@
 //! two handlers racing to hand the round over, still exactly one hand-over
 //! and exactly one aggregation. Two workers run on one deployment, each
 //! reading the whole updates stream (so each record reaches two handlers at
-//! about the same time) and both serving CloseRound; each client's row is
+//! about the same time) and both serving the aggregation's tasks; each client's row is
 //! written twice (the second write is a no-op); after the job, a third
 //! worker replays the stream from its start. Counted: versions of the next
-//! global model in S3, StartRound and CloseRound answers in the execution
+//! global model in S3, StartRound, PlanRound and CommitRound answers in the execution
 //! history, HandedOver outcomes in the worker logs.
 
 use std::time::{Duration, Instant};
@@ -189,7 +189,7 @@ async fn duplicates_and_racing_handlers_aggregate_and_call_back_once() {
     assert_eq!(writes, 1, "versions of {key}: {:?}", versions.versions());
 
     // One hand-over: StartRound answered once, never timed out or failed;
-    // then one CloseRound.
+    // then one plan and one commit.
     let events = execution::events_by_state(&d.sfn, &arn).await;
     eprintln!("history by state: {events:?}");
     assert_eq!(
@@ -207,11 +207,13 @@ async fn duplicates_and_racing_handlers_aggregate_and_call_back_once() {
         0,
         "{events:?}"
     );
-    assert_eq!(
-        execution::count(&events, "CloseRound", "ActivitySucceeded"),
-        1,
-        "{events:?}"
-    );
+    for state in ["PlanRound", "CommitRound"] {
+        assert_eq!(
+            execution::count(&events, state, "ActivitySucceeded"),
+            1,
+            "{state}: {events:?}"
+        );
+    }
 
     let round = ledger.get_round(&job_id, 1).await.unwrap().unwrap();
     assert_eq!(round.status, RoundStatus::Closed);

@@ -214,7 +214,8 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
     }
 
     // Every StartRound was handed over exactly once by the stream path,
-    // and every round aggregated by one CloseRound, never by the deadline.
+    // and every round aggregated by one plan and one commit, never by the
+    // deadline.
     let events = execution::events_by_state(&d.sfn, &arn).await;
     assert_eq!(
         execution::count(&events, "StartRound", "ActivitySucceeded"),
@@ -226,11 +227,13 @@ async fn three_clients_three_rounds_succeed_with_the_weighted_mean() {
         0,
         "{events:?}"
     );
-    assert_eq!(
-        execution::count(&events, "CloseRound", "ActivitySucceeded"),
-        3,
-        "{events:?}"
-    );
+    for state in ["PlanRound", "CommitRound"] {
+        assert_eq!(
+            execution::count(&events, state, "ActivitySucceeded"),
+            3,
+            "{state}: {events:?}"
+        );
+    }
     assert_eq!(
         execution::count(&events, "DeadlinePassed", "PassStateEntered"),
         0,

@@ -11,6 +11,7 @@ mod external_trainer;
 mod full_job;
 mod missing_client;
 mod personalization;
+mod sharded;
 
 use tokio::sync::{Mutex, MutexGuard};
 

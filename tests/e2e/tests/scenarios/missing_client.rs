@@ -133,14 +133,15 @@ async fn a_silent_client_closes_the_round_at_the_deadline_or_fails_the_quorum() 
     assert_eq!(accepted, ["site-a", "site-b"]);
     let events = execution::events_by_state(&d.sfn, &d.execution_arn(&quorum2)).await;
     // The deadline is StartRound's TimeoutSeconds: its activity times out
-    // once and the Catch on States.Timeout runs CloseRound.
+    // once and the Catch on States.Timeout runs PlanRound.
     assert_eq!(
         execution::count(&events, "StartRound", "ActivityTimedOut"),
         1,
         "{events:?}"
     );
     assert!(
-        execution::count(&events, "CloseRound", "ActivitySucceeded") == 1,
+        execution::count(&events, "PlanRound", "ActivitySucceeded") == 1
+            && execution::count(&events, "CommitRound", "ActivitySucceeded") == 1,
         "the deadline path did not run once: {events:?}"
     );
 
