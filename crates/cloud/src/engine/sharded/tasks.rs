@@ -247,35 +247,38 @@ where
     async fn hash_share(&self, plan: &Plan, shard: usize) -> Result<Option<(String, String)>> {
         let n = plan.updates.len();
         let mine = |i: usize| i % plan.shards == shard;
-        let mut jobs: Vec<(Option<String>, String, String, Arc<dyn ObjectReader>)> = Vec::new();
-        for (i, u) in plan.updates.iter().enumerate().filter(|(i, _)| mine(*i)) {
-            let _ = i;
-            let reader = self.store.reader(
-                &u.object.key,
-                &u.object.stat(),
-                self.config.read_ahead_bytes,
-            )?;
-            jobs.push((
-                Some(u.row.client_id.clone()),
-                u.object.key.clone(),
-                u.row.checksum.clone(),
-                reader,
-            ));
+        let mut share: Vec<ToHash> = Vec::new();
+        for (_, u) in plan.updates.iter().enumerate().filter(|(i, _)| mine(*i)) {
+            share.push(ToHash {
+                client: Some(u.row.client_id.clone()),
+                key: u.object.key.clone(),
+                want: u.row.checksum.clone(),
+                reader: self.store.reader(
+                    &u.object.key,
+                    &u.object.stat(),
+                    self.config.read_ahead_bytes,
+                )?,
+            });
         }
         if mine(n) {
-            let reader = self.store.reader(
-                &plan.global.key,
-                &plan.global.stat(),
-                self.config.read_ahead_bytes,
-            )?;
-            jobs.push((
-                None,
-                plan.global.key.clone(),
-                plan.global_checksum.clone(),
-                reader,
-            ));
+            share.push(ToHash {
+                client: None,
+                key: plan.global.key.clone(),
+                want: plan.global_checksum.clone(),
+                reader: self.store.reader(
+                    &plan.global.key,
+                    &plan.global.stat(),
+                    self.config.read_ahead_bytes,
+                )?,
+            });
         }
-        for (client, key, want, reader) in jobs {
+        for ToHash {
+            client,
+            key,
+            want,
+            reader,
+        } in share
+        {
             let got = blocking(move || Ok(reader.sha256())).await?;
             let reason = match (got, &client) {
                 (Ok(sha), _) if sha.eq_ignore_ascii_case(&want) => continue,
@@ -307,6 +310,15 @@ where
             .await?
             .ok_or_else(|| CloudError::NotFound(format!("job `{job_id}`")))
     }
+}
+
+/// An object a shard hashes: a client's update (`client`), or the global
+/// model (`None`), and the SHA-256 it must have.
+struct ToHash {
+    client: Option<String>,
+    key: String,
+    want: String,
+    reader: Arc<dyn ObjectReader>,
 }
 
 fn check_shard(plan: &Plan, shard: usize) -> Result<()> {
