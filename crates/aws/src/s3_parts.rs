@@ -121,7 +121,35 @@ impl S3Store {
         match completed {
             Ok(_) => Ok(()),
             Err(e) if is_no_such_upload(&e) && self.stat(key).await?.is_some() => Ok(()),
-            Err(e) => Err(sdk_error(&format!("S3 CompleteMultipartUpload {key}"), e)),
+            Err(e) => {
+                // Name what S3 holds: which parts, of which sizes.
+                let held = self
+                    .client()
+                    .list_parts()
+                    .bucket(self.bucket())
+                    .key(key)
+                    .upload_id(upload_id)
+                    .send()
+                    .await
+                    .map(|l| {
+                        l.parts()
+                            .iter()
+                            .map(|p| {
+                                format!(
+                                    "#{}: {} B",
+                                    p.part_number().unwrap_or(0),
+                                    p.size().unwrap_or(0)
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                Err(sdk_error(
+                    &format!("S3 CompleteMultipartUpload {key} (parts held: {held})"),
+                    e,
+                ))
+            }
         }
     }
 

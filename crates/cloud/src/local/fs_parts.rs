@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use fedstep_core::bytes::temp_beside;
-use fedstep_core::shard::PartStore;
+use fedstep_core::shard::{PartStore, MIN_PART_BYTES};
 
 use crate::checksum::{sha256_file, Sha256Hasher};
 use crate::error::{CloudError, Result};
@@ -153,6 +153,14 @@ pub(super) fn complete(
                 return Err(CloudError::Other(format!(
                     "upload of `{key}`: part {} is not the one its receipt names",
                     r.number
+                )));
+            }
+            // S3's rule, kept here so that local runs refuse what S3 would.
+            if (part.len() as u64) < MIN_PART_BYTES && r.number as usize != receipts.len() {
+                return Err(CloudError::Other(format!(
+                    "upload of `{key}`: part {} is {} bytes; every part but the last must hold at least {MIN_PART_BYTES} (S3's EntityTooSmall)",
+                    r.number,
+                    part.len()
                 )));
             }
             h.update(&part);

@@ -13,8 +13,9 @@ use fedstep_cloud::records::{ClosedBy, RoundStatus};
 use fedstep_cloud::{Job, JobSpec};
 use fedstep_test_support::federation::*;
 
-/// 3M f32 parameters: 12 MiB a model, two shards of at least 5 MiB.
-const PARAMS: usize = 3 << 20;
+/// 8M f32 parameters: 32 MiB a model, four shards of 8 MiB at
+/// `shard_mib = 8`.
+const PARAMS: usize = 8 << 20;
 
 fn sharded_job(job_id: &str, shard_mib: u64, stages: &str) -> Job {
     JobSpec::from_toml(&format!(
@@ -149,10 +150,10 @@ async fn shard_tasks_in_any_order_make_the_one_shard_outputs_bit_for_bit() {
         ),
     ] {
         let sharded = Fed::new();
-        let job = sharded_job(name, 5, stages);
+        let job = sharded_job(name, 8, stages);
         open_full_round(&sharded, &job, false).await;
         let (shards, statistics) = through_the_tasks(&sharded, &job).await;
-        assert_eq!(shards, 2, "{name}");
+        assert_eq!(shards, 4, "{name}");
         assert_eq!(statistics, stateful, "{name}: clip needs norms");
 
         let whole = Fed::new();
@@ -172,7 +173,7 @@ async fn shard_tasks_in_any_order_make_the_one_shard_outputs_bit_for_bit() {
         for key in keys_to_compare {
             let (a, b) = (bytes_at(&sharded, &key).await, bytes_at(&whole, &key).await);
             assert!(a.len() > PARAMS * 4, "{key}");
-            assert!(a == b, "{name}: {key} differs between 2 shards and 1");
+            assert!(a == b, "{name}: {key} differs between 4 shards and 1");
         }
         // Clients verify the model against the round's checksum: the
         // committed model's hash is where HEAD finds it.
@@ -190,7 +191,7 @@ async fn shard_tasks_in_any_order_make_the_one_shard_outputs_bit_for_bit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_that_finds_a_mismatched_hash_sends_the_round_back_to_the_plan() {
     let fed = Fed::new();
-    let job = sharded_job("swap", 5, "");
+    let job = sharded_job("swap", 8, "");
     open_full_round(&fed, &job, true).await;
     let PlanOutcome::Planned {
         attempt, shards, ..

@@ -47,7 +47,8 @@ impl ShardPlan {
     /// At most `k` shards (at least one) of about equal model bytes. Fewer
     /// when the model has fewer stripes than `k`, or when `k` shards would
     /// hold less than `min_bytes` each (an upload's parts but the last must
-    /// be at least 5 MiB: [`MIN_PART_BYTES`]).
+    /// be at least 5 MiB: [`MIN_PART_BYTES`]); every shard but the last
+    /// holds at least `min_bytes`.
     pub fn even(reference: &[TensorEntry], k: usize, min_bytes: u64) -> ShardPlan {
         let stripes = stripes(reference);
         let bytes: Vec<u64> = stripes.iter().map(|s| stripe_bytes(reference, s)).collect();
@@ -58,15 +59,20 @@ impl ShardPlan {
             .map_or(usize::MAX, |n| n.max(1) as usize);
         let k = k.min(by_size).clamp(1, stripes.len().max(1)) as u64;
         let mut shards = Vec::new();
-        let (mut start, mut done) = (0usize, 0u64);
+        let (mut start, mut done, mut this) = (0usize, 0u64, 0u64);
         for (i, b) in bytes.iter().enumerate() {
             done += b;
+            this += b;
             let cut = shards.len() as u64 + 1;
             // Cut once this shard reaches its share of the total
-            // (cumulative, so rounding never piles up on the last shard).
-            if cut < k && done * k >= total * cut && i + 1 < stripes.len() {
+            // (cumulative, so rounding never piles up on the last shard)
+            // and holds at least `min_bytes`: shares fall between stripes,
+            // so a shard could otherwise end up one small stripe, under
+            // S3's smallest part (found on the emulators: EntityTooSmall).
+            if cut < k && done * k >= total * cut && this >= min_bytes && i + 1 < stripes.len() {
                 shards.push(start..i + 1);
                 start = i + 1;
+                this = 0;
             }
         }
         shards.push(start..stripes.len());
@@ -258,6 +264,21 @@ mod tests {
         // 14 MiB: at most two shards of at least 5 MiB.
         assert_eq!(ShardPlan::even(&r, 6, MIN_PART_BYTES).len(), 2);
         assert_eq!(ShardPlan::by_bytes(&r, 8 << 20).stripe_range(0), 0..2);
+        // 22 MiB of f32 (stripes of 4, 4, 4, 4, 4, 2 MiB) asked for 4
+        // shards of at least 5 MiB: the shares fall after 8, 12 and 20 MiB,
+        // which would leave 4 MiB shards; every shard but the last keeps
+        // at least 5 MiB instead.
+        let (r, _) = reference(&[(5 * s + s / 2, Dtype::F32)]);
+        let plan = ShardPlan::even(&r, 4, MIN_PART_BYTES);
+        let sizes: Vec<u64> = (0..plan.len())
+            .map(|i| {
+                plan.shard(i)
+                    .iter()
+                    .map(|st| st.elements.len() as u64 * 4)
+                    .sum()
+            })
+            .collect();
+        assert_eq!(sizes, [8 << 20, 8 << 20, 6 << 20]);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Issue #14: a round aggregated as four shards by two workers. The job
-//! cuts the model every 5 MiB (`[sharding] shard_mib = 5`), so a 22 MiB
+//! cuts the model every 8 MiB (`[sharding] shard_mib = 8`), so a 32 MiB
 //! model makes four shards; two workers serve the Map's AggregateShard
 //! tasks side by side, each shard uploading its own parts of the next
 //! global model. The committed model must be the clients' weighted mean,
@@ -15,8 +15,8 @@ use fedstep_e2e::{execution, fedavg, launch, Binaries, Deployment, Process};
 use serde_json::Value;
 
 const CLIENTS: [&str; 3] = ["site-a", "site-b", "site-c"];
-/// 22 MiB of f32: four shards of at least 5 MiB.
-const PARAMS: usize = 5_767_168;
+/// 32 MiB of f32: four shards of 8 MiB (two stripes of 2^20 elements each).
+const PARAMS: usize = 8 << 20;
 
 fn model(path: &std::path::Path, seed: u32) {
     let bytes: Vec<u8> = (0..PARAMS as u32)
@@ -59,7 +59,7 @@ async fn two_workers_aggregate_four_shards_into_the_weighted_mean() {
         format!(
             "job_id = \"{job_id}\"\ninitial_model = \"init.safetensors\"\nrounds = 1\n\
              clients = [\"site-a\", \"site-b\", \"site-c\"]\nmin_clients = 3\nround_timeout_seconds = 120\n\
-             [aggregation]\nweighting = \"examples\"\n[sharding]\nshard_mib = 5\nconcurrency = 4\n"
+             [aggregation]\nweighting = \"examples\"\n[sharding]\nshard_mib = 8\nconcurrency = 4\n"
         ),
     )
     .unwrap();
