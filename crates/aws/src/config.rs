@@ -98,8 +98,17 @@ impl AwsConfig {
     }
 
     pub fn s3(&self) -> aws_sdk_s3::Client {
+        // Responses are not checked against S3's checksums by the SDK: a
+        // ranged GET gets none, and a multipart object's is a checksum of
+        // its parts the SDK cannot check (it logged a warning for every
+        // such GET). fedstep hashes what it reads itself (the aggregator
+        // every input, clients the global model) against the SHA-256 the
+        // ledger holds.
         let conf = aws_sdk_s3::config::Builder::from(&self.sdk)
             .force_path_style(self.settings.s3_force_path_style)
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            )
             .build();
         aws_sdk_s3::Client::from_conf(conf)
     }

@@ -10,6 +10,7 @@
 //! and the decision holds the DP noise key.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use fedstep_core::aggregate::{Decision, ShardDone, ShardStatistics};
 use fedstep_core::{ByteSink, Input, OutputTarget, UpdateMeta, UpdateSource};
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CloudError, Result};
 use crate::keys;
-use crate::ports::{ObjectStat, PartReceipt, StreamingStore};
+use crate::ports::{ObjectReader, ObjectStat, PartReceipt, StreamingStore};
 use crate::records::{ClosedBy, UpdateRecord};
 
 /// The largest attempt document a task reads back (a shard's statistics
@@ -266,6 +267,12 @@ pub(crate) async fn load_plan<S: StreamingStore>(
 /// them in errors.
 pub(crate) struct Opened {
     pub sources: Vec<UpdateSource>,
+    /// The same readers as `sources` and `global`, for their hashes: a
+    /// reader hashes what it reads in order on the way, so an input the
+    /// combine pass read front to back (one shard) hashes without another
+    /// read.
+    pub update_readers: Vec<Arc<dyn ObjectReader>>,
+    pub global_reader: Arc<dyn ObjectReader>,
     pub global: Input,
     pub state_in: Option<Input>,
     pub out: NamedOutput,
@@ -276,8 +283,10 @@ impl Opened {
     pub fn open<S: StreamingStore>(store: &S, plan: &Plan, read_ahead_total: u64) -> Result<Self> {
         let read_ahead = read_ahead_total / (plan.updates.len() as u64 + 2);
         let mut sources = Vec::with_capacity(plan.updates.len());
+        let mut update_readers = Vec::with_capacity(plan.updates.len());
         for u in &plan.updates {
             let reader = store.reader(&u.object.key, &u.object.stat(), read_ahead)?;
+            update_readers.push(reader.clone());
             sources.push(UpdateSource {
                 input: Input::new(reader),
                 meta: UpdateMeta {
@@ -295,6 +304,8 @@ impl Opened {
         };
         Ok(Opened {
             sources,
+            update_readers,
+            global_reader: global.clone(),
             global: Input::new(global),
             state_in,
             out: NamedOutput(keys::global_model(&plan.job_id, plan.round + 1)),

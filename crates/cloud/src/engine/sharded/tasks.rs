@@ -190,12 +190,11 @@ where
                     ),
                     None => None,
                 };
-                let hashed = self.hash_share(&plan, shard).await?;
                 let opened = Opened::open(&self.store, &plan, self.config.read_ahead_bytes)?;
                 let p = plan.clone();
                 let (m, st) = (model.clone(), state.clone());
-                let combined = blocking(move || {
-                    with_attempt(&p, &job, &opened, |a| {
+                let (combined, hashed) = blocking(move || {
+                    let combined = with_attempt(&p, &job, &opened, |a| {
                         let outputs = a.outputs(&decision).map_err(super::core_error)?;
                         let model_dest: Arc<dyn PartStore> = m;
                         let state_dest = st.map(|s| PartDest::Whole(s as Arc<dyn PartStore>));
@@ -213,7 +212,11 @@ where
                             ))),
                             Err(StepError::Fatal(e)) => Err(super::core_error(e)),
                         }
-                    })
+                    })?;
+                    // After the pass, with its readers: what it read in
+                    // order is hashed already.
+                    let hashed = hash_share(&p, &opened, shard)?;
+                    Ok((combined, hashed))
                 })
                 .await?;
                 match (combined, hashed) {
@@ -240,70 +243,6 @@ where
         })
     }
 
-    /// Hashes this shard's share of the inputs; the first client whose
-    /// object does not hash to its row's checksum, with the reason. The
-    /// global model not hashing to the round's checksum is not a client's
-    /// doing: an error.
-    async fn hash_share(&self, plan: &Plan, shard: usize) -> Result<Option<(String, String)>> {
-        let n = plan.updates.len();
-        let mine = |i: usize| i % plan.shards == shard;
-        let mut share: Vec<ToHash> = Vec::new();
-        for (_, u) in plan.updates.iter().enumerate().filter(|(i, _)| mine(*i)) {
-            share.push(ToHash {
-                client: Some(u.row.client_id.clone()),
-                key: u.object.key.clone(),
-                want: u.row.checksum.clone(),
-                reader: self.store.reader(
-                    &u.object.key,
-                    &u.object.stat(),
-                    self.config.read_ahead_bytes,
-                )?,
-            });
-        }
-        if mine(n) {
-            share.push(ToHash {
-                client: None,
-                key: plan.global.key.clone(),
-                want: plan.global_checksum.clone(),
-                reader: self.store.reader(
-                    &plan.global.key,
-                    &plan.global.stat(),
-                    self.config.read_ahead_bytes,
-                )?,
-            });
-        }
-        for ToHash {
-            client,
-            key,
-            want,
-            reader,
-        } in share
-        {
-            let got = blocking(move || Ok(reader.sha256())).await?;
-            let reason = match (got, &client) {
-                (Ok(sha), _) if sha.eq_ignore_ascii_case(&want) => continue,
-                (Ok(sha), None) => {
-                    return Err(CloudError::Invalid(format!(
-                        "global model `{key}` hashes to {sha} but round {} of job `{}` was opened with {want}",
-                        plan.round, plan.job_id
-                    )))
-                }
-                (Ok(sha), Some(_)) => {
-                    format!("checksum: the row says {want} but the object at `{key}` hashes to {sha}")
-                }
-                (Err(e), _) if fedstep_core::bytes::is_unavailable(&e) => {
-                    return Err(CloudError::Transient(format!("hashing `{key}`: {e}")))
-                }
-                (Err(e), None) => return Err(CloudError::Transient(format!("hashing `{key}`: {e}"))),
-                (Err(e), Some(_)) => {
-                    format!("model: reading it to verify its checksum failed: {e}")
-                }
-            };
-            return Ok(client.map(|c| (c, reason)));
-        }
-        Ok(None)
-    }
-
     pub(super) async fn job_of(&self, job_id: &str) -> Result<Job> {
         self.ledger
             .get_job(job_id)
@@ -314,11 +253,65 @@ where
 
 /// An object a shard hashes: a client's update (`client`), or the global
 /// model (`None`), and the SHA-256 it must have.
-struct ToHash {
-    client: Option<String>,
-    key: String,
-    want: String,
-    reader: Arc<dyn ObjectReader>,
+struct ToHash<'a> {
+    client: Option<&'a str>,
+    key: &'a str,
+    want: &'a str,
+    reader: &'a Arc<dyn ObjectReader>,
+}
+
+/// Hashes shard `shard`'s share of the inputs (input `i` when `i mod K`
+/// is `shard`; the global model counts as input `n`) with the readers the
+/// combine pass used; the first client whose object does not hash to its
+/// row's checksum, with the reason. The global model not hashing to the
+/// round's checksum is not a client's doing: an error. Blocking.
+fn hash_share(plan: &Plan, opened: &Opened, shard: usize) -> Result<Option<(String, String)>> {
+    let mine = |i: usize| i % plan.shards == shard;
+    let updates = plan.updates.iter().zip(&opened.update_readers).enumerate();
+    let mut share: Vec<ToHash<'_>> = updates
+        .filter(|(i, _)| mine(*i))
+        .map(|(_, (u, reader))| ToHash {
+            client: Some(u.row.client_id.as_str()),
+            key: &u.object.key,
+            want: &u.row.checksum,
+            reader,
+        })
+        .collect();
+    if mine(plan.updates.len()) {
+        share.push(ToHash {
+            client: None,
+            key: &plan.global.key,
+            want: &plan.global_checksum,
+            reader: &opened.global_reader,
+        });
+    }
+    for ToHash {
+        client,
+        key,
+        want,
+        reader,
+    } in share
+    {
+        let reason = match (reader.sha256(), client) {
+            (Ok(sha), _) if sha.eq_ignore_ascii_case(want) => continue,
+            (Ok(sha), None) => {
+                return Err(CloudError::Invalid(format!(
+                    "global model `{key}` hashes to {sha} but round {} of job `{}` was opened with {want}",
+                    plan.round, plan.job_id
+                )))
+            }
+            (Ok(sha), Some(_)) => {
+                format!("checksum: the row says {want} but the object at `{key}` hashes to {sha}")
+            }
+            (Err(e), None) => return Err(CloudError::Transient(format!("hashing `{key}`: {e}"))),
+            (Err(e), Some(_)) if fedstep_core::bytes::is_unavailable(&e) => {
+                return Err(CloudError::Transient(format!("hashing `{key}`: {e}")))
+            }
+            (Err(e), Some(_)) => format!("model: reading it to verify its checksum failed: {e}"),
+        };
+        return Ok(client.map(|c| (c.to_string(), reason)));
+    }
+    Ok(None)
 }
 
 fn check_shard(plan: &Plan, shard: usize) -> Result<()> {
