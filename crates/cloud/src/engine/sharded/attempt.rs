@@ -67,8 +67,9 @@ pub(crate) struct Plan {
     /// The attempt's id: also the round's lease owner while it runs.
     pub attempt: String,
     pub closed_by: ClosedBy,
-    /// Unix seconds the attempt began (the measurements' duration).
-    pub started_at: i64,
+    /// Unix milliseconds (wall clock) the attempt began: the
+    /// measurements' `seconds` span plan to commit, across processes.
+    pub started_ms: u64,
     pub global: Pinned,
     /// What the round was opened with: the global model must hash to it.
     pub global_checksum: String,
@@ -146,6 +147,13 @@ pub(crate) fn shard_key(job_id: &str, round: u32, attempt: &str, shard: usize) -
         "{}/shards/{shard:05}.json",
         keys::attempt_dir(job_id, round, attempt)
     )
+}
+
+/// Unix milliseconds now, by the wall clock.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A fresh attempt id from the engine's owner name: unique per claim, and

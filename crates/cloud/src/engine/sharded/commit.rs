@@ -14,8 +14,8 @@ use fedstep_core::measurements::ClientStatus;
 use serde::{Deserialize, Serialize};
 
 use super::attempt::{
-    decision_key, get_json, load_plan, shard_key, statistics_key, Decided, Opened, ShardOutcome,
-    StatisticsDone,
+    decision_key, get_json, load_plan, shard_key, statistics_key, unix_ms, Decided, Opened,
+    ShardOutcome, StatisticsDone,
 };
 use super::tasks::{blocking, with_attempt};
 use crate::engine::{metrics, stop_rule, RoundEngine};
@@ -156,8 +156,7 @@ where
                 }
             }
         }
-        let elapsed =
-            Duration::from_secs(self.clock.now().saturating_sub(plan.started_at).max(0) as u64);
+        let elapsed = Duration::from_millis(unix_ms().saturating_sub(plan.started_ms));
         let job = self.job_of(job_id).await?;
         let opened = Opened::open(&self.store, &plan, self.config.read_ahead_bytes)?;
         let (p, j) = (plan.clone(), job.clone());

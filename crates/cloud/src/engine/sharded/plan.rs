@@ -16,7 +16,8 @@ use fedstep_core::{AggregateError, AggregationRequest};
 use serde::{Deserialize, Serialize};
 
 use super::attempt::{
-    decision_key, new_attempt_id, plan_key, put_json, Decided, Opened, Pinned, PinnedUpdate, Plan,
+    decision_key, new_attempt_id, plan_key, put_json, unix_ms, Decided, Opened, Pinned,
+    PinnedUpdate, Plan,
 };
 use crate::engine::aggregation::participants;
 use crate::engine::close::{quorum_not_met, stored_failure};
@@ -167,7 +168,7 @@ where
             round,
             attempt: attempt.to_string(),
             closed_by,
-            started_at: self.clock.now(),
+            started_ms: unix_ms(),
             global: Pinned::new(global_key, &global_stat),
             global_checksum: row.global_checksum.clone(),
             state_in,
