@@ -154,10 +154,11 @@ where
 
     /// AggregateShard task: shard `shard`'s combine pass, its parts of the
     /// next global model (and state) uploaded, and its share of the
-    /// checksums: inputs `i` with `i mod shards == shard` are read whole
-    /// and must hash to what their rows committed to (the global model,
-    /// input number `n`, to what the round was opened with). Bad values
-    /// or a mismatched hash reject that client; the commit plans again.
+    /// checksums: inputs `i` with `i mod shards == shard` must hash to
+    /// what their rows committed to (the global model, input number `n`,
+    /// to what the round was opened with), hashed after the pass with its
+    /// readers. Bad values or a mismatched hash reject that client; the
+    /// commit plans again.
     pub async fn aggregate_shard(
         &self,
         job_id: &str,
