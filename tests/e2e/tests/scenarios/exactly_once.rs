@@ -156,16 +156,15 @@ async fn duplicates_and_racing_handlers_aggregate_and_call_back_once() {
     for (name, seen) in &all {
         eprintln!("{name}: {} records: {seen:?}", seen.len());
     }
-    // Both racing workers may see the round complete; Step Functions takes
-    // the first answer (counted in the history below).
+    // Both racing workers may see the round complete, a worker that reads
+    // the stream late on every one of its records (a counted row replayed
+    // while the round is still OPEN hands it over again); Step Functions
+    // takes the first answer (one StartRound success in the history below).
     let handed_over: usize = all
         .iter()
         .map(|(_, seen)| seen.iter().filter(|o| o.starts_with("HandedOver")).count())
         .sum();
-    assert!(
-        (1..=2).contains(&handed_over),
-        "hand-overs across the workers: {all:?}"
-    );
+    assert!(handed_over >= 1, "hand-overs across the workers: {all:?}");
     assert!(
         all[2].1.iter().all(|o| o.starts_with("Late")),
         "the replay after the close must change nothing: {:?}",
