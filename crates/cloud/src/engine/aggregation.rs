@@ -64,22 +64,7 @@ where
         stored: &RoundMeasurements,
     ) -> Result<()> {
         let bytes = stored.to_json_bytes()?;
-        let writer = self.store.writer(key)?;
-        let written = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            let sink = writer.create(bytes.len() as u64)?;
-            sink.write_at(0, &bytes)?;
-            sink.finish()?;
-            writer.commit()
-        })
-        .await
-        .map_err(|e| CloudError::Other(format!("the measurements task panicked: {e}")))?;
-        match written {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(CloudError::Other(format!(
-                "the measurements at `{key}` were written but not committed"
-            ))),
-            Err(e) => Err(CloudError::Transient(format!("writing `{key}`: {e}"))),
-        }
+        super::sharded::put_bytes(&self.store, key, bytes).await
     }
 
     /// Records a rejection in the ledger and in this attempt's map, bounded

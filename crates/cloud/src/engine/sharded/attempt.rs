@@ -205,8 +205,17 @@ pub(crate) async fn put_json<S: StreamingStore, T: Serialize>(
 ) -> Result<()> {
     let bytes = serde_json::to_vec(value)
         .map_err(|e| CloudError::Other(format!("`{key}` does not encode: {e}")))?;
+    put_bytes(store, key, bytes).await
+}
+
+/// Writes `bytes` at `key` through the streaming port (no local file),
+/// visible at once. The store refusing it is the system's failure: retried.
+pub(crate) async fn put_bytes<S: StreamingStore>(
+    store: &S,
+    key: &str,
+    bytes: Vec<u8>,
+) -> Result<()> {
     let writer = store.writer(key)?;
-    let key_owned = key.to_string();
     let written = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
         let sink = writer.create(bytes.len() as u64)?;
         sink.write_at(0, &bytes)?;
@@ -214,7 +223,7 @@ pub(crate) async fn put_json<S: StreamingStore, T: Serialize>(
         writer.commit()
     })
     .await
-    .map_err(|e| CloudError::Other(format!("writing `{key_owned}` panicked: {e}")))?;
+    .map_err(|e| CloudError::Other(format!("writing `{key}` panicked: {e}")))?;
     match written {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(CloudError::Other(format!(

@@ -20,6 +20,8 @@ pub use commit::CommitOutcome;
 pub use plan::PlanOutcome;
 pub use tasks::ShardTaskDone;
 
+pub(super) use attempt::put_bytes;
+
 use fedstep_core::AggregateError;
 
 use crate::error::CloudError;
