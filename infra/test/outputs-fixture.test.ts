@@ -97,7 +97,7 @@ test('the CLI fixture is what `cdk deploy --all --outputs-file` would write for 
   }
   expect(fs.existsSync(FIXTURE)).toBe(true);
   // On a mismatch: FEDSTEP_UPDATE_FIXTURES=1 npx jest outputs-fixture, then
-  // run the CLI's tests (cargo test --release -p fedstep --test infra_client_config).
+  // run the CLI's tests (cargo test --release -p fedstep --test cli infra_client_config).
   expect(fs.readFileSync(FIXTURE, 'utf8')).toBe(want);
 });
 

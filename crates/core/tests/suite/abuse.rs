@@ -1,4 +1,4 @@
-//! Issue #6, hostile inputs to the numeric core. What tests/aggregate.rs
+//! Issue #6, hostile inputs to the numeric core. What aggregate.rs
 //! already covers through whole aggregations (a 500 MB header bomb from a
 //! file, overlapping offsets, NaN/Inf, truncation, zeroing a huge update)
 //! is not repeated; this file adds the bytes entry point
