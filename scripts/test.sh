@@ -5,7 +5,8 @@
 #
 # Installs what it needs itself (emulators, numpy, cfn-lint and cargo-lambda from
 # PyPI into venvs under .emu/, npm packages for infra/ with `npm ci`, Debian's
-# chromium with apt-get), then runs, in order:
+# chromium with apt-get) and starts the glibc-2.17 zig builds in the
+# background at idle priority (scripts/zig-prebuild.sh), then runs, in order:
 # formatting and lints, every Rust test (unit, golden, property, and the
 # integration tests against LocalStack + moto, among them the Lambda bootstrap
 # behind cargo-lambda's Runtime API), the state machine's contract
@@ -73,6 +74,7 @@ install_pid=$!
 step "zig builds in the background at idle priority (log: .emu/zig-prebuild.log)"
 idle=(nice -n 19)
 if chrt --idle 0 true 2>/dev/null; then idle=(chrt --idle 0); fi
+if ionice -c 3 true 2>/dev/null; then idle+=(ionice -c 3); fi
 # Its own process group (setsid), so that an early exit stops cargo too.
 setsid "${idle[@]}" scripts/zig-prebuild.sh >.emu/zig-prebuild.log 2>&1 </dev/null &
 zig_pid=$!
