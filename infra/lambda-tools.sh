@@ -19,12 +19,6 @@ venv="${FEDSTEP_LAMBDA_TOOLS:-$root/.emu/lambda-tools}"
 pins="cargo-lambda==$CARGO_LAMBDA_VERSION ziglang==$ZIGLANG_VERSION"
 stamp="$venv/.fedstep-pins"
 
-# One install at a time: scripts/test.sh asks from two background jobs at
-# once (the tool installs and the zig prebuild).
-mkdir -p "$(dirname "$venv")"
-exec 9>"$venv.lock"
-flock 9
-
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$pins" && -x "$venv/bin/cargo-lambda" && -x "$venv/bin/zig" ]]; then
   echo "lambda tools: $pins already in $venv" >&2
 else

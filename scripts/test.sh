@@ -5,8 +5,7 @@
 #
 # Installs what it needs itself (emulators, numpy, cfn-lint and cargo-lambda from
 # PyPI into venvs under .emu/, npm packages for infra/ with `npm ci`, Debian's
-# chromium with apt-get) and starts the glibc-2.17 zig builds in the
-# background at idle priority (scripts/zig-prebuild.sh), then runs, in order:
+# chromium with apt-get), then runs, in order:
 # formatting and lints, every Rust test (unit, golden, property, and the
 # integration tests against LocalStack + moto, among them the Lambda bootstrap
 # behind cargo-lambda's Runtime API), the state machine's contract
@@ -61,26 +60,6 @@ step "installing emulators and tools in the background (log: .emu/install.log)"
 ) >.emu/install.log 2>&1 </dev/null &
 install_pid=$!
 
-# The zig builds (the Lambda that infra/test.sh's synth stages, and
-# scripts/dist.sh's downloadable binaries) compile the dependency tree a
-# second time, for the glibc-2.17 target: 800 s + 523 s of a cold run that
-# took 4094 s here. Nothing else can share that work, but it can fill the
-# gaps: the workspace build often runs one rustc on two cores (aws-sdk-s3,
-# candle-core, the last links), and the emulator tests mostly wait. So the
-# same builds start now at idle CPU priority (SCHED_IDLE: a core only when
-# nothing else wants it, so neither the foreground build nor the tests'
-# timing feel it), and the later steps, running their own commands, find
-# them up to date or finish them.
-step "zig builds in the background at idle priority (log: .emu/zig-prebuild.log)"
-idle=(nice -n 19)
-if chrt --idle 0 true 2>/dev/null; then idle=(chrt --idle 0); fi
-if ionice -c 3 true 2>/dev/null; then idle+=(ionice -c 3); fi
-# Its own process group (setsid), so that an early exit stops cargo too.
-setsid "${idle[@]}" scripts/zig-prebuild.sh >.emu/zig-prebuild.log 2>&1 </dev/null &
-zig_pid=$!
-stop_zig_prebuild() { kill -- "-$zig_pid" 2>/dev/null || true; }
-trap stop_zig_prebuild EXIT
-
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -115,7 +94,6 @@ prefix="rt$(date +%s)-$$"
 export FEDSTEP_TEST_DEPLOY="$ROOT/.emu/deploy-$prefix.json"
 cleanup() {
   local rc=$?
-  stop_zig_prebuild
   scripts/local-deploy.sh --prefix "$prefix" --delete >/dev/null 2>&1 || true
   if [[ "$emu_started" == 1 && "${FEDSTEP_EMU_KEEP:-0}" != 1 ]]; then
     scripts/emulators.sh down >/dev/null 2>&1 || true
@@ -130,16 +108,6 @@ cargo test --workspace --release --locked
 
 step "state machine contract tests on LocalStack"
 FEDSTEP_EMU_KEEP=1 scripts/test-emulators.sh -q
-
-# Alone now, the idle-priority build gets the cores it still needs. A
-# failure there is not fatal by itself: infra/test.sh and dist.sh run the
-# same builds again and fail with their own message if they really fail.
-step "waiting for the background zig builds"
-if ! wait "$zig_pid"; then
-  tail -n 20 .emu/zig-prebuild.log >&2
-  echo "test.sh: the background zig builds failed (full log: .emu/zig-prebuild.log); the next steps build again" >&2
-fi
-grep '^zig-prebuild:' .emu/zig-prebuild.log || true
 
 step "infra: CDK app offline tests"
 infra/test.sh
