@@ -9,6 +9,19 @@ fedstep-client runs it (client.toml: trainer.kind = "external") with:
   FEDSTEP_ROUND         the round number (1-based)
   FEDSTEP_ROUND_CONFIG  the job's [round_config] as JSON
 
+and, only when round_config.algorithm = "scaffold", with:
+
+  FEDSTEP_SERVER_VARIATE     the server's control variate c (safetensors: one
+                             F32 tensor per float tensor of the model, same
+                             names and shapes; metadata, if any, is ignored)
+  FEDSTEP_CLIENT_VARIATE     this client's own variate c_i, same layout (zeros
+                             on the client's first round); only read
+  FEDSTEP_VARIATE_DELTA_OUT  where to write Delta c_i = c_i+ - c_i (F32, same
+                             names and shapes as c, no metadata)
+
+fedstep-client keeps c_i itself (c_i+ = c_i + Delta c_i); this trainer never
+writes it. A scaffold round without all three variables fails.
+
 It trains fedstep-trainer's MLP layout (fc1.weight [hidden, 64], fc1.bias,
 fc2.weight [10, hidden], fc2.bias; PyTorch nn.Linear convention) on the UCI
 digits CSV shipped in data/digits/ with minibatch SGD: the same model and
@@ -25,12 +38,26 @@ Options (command-line, all optional):
   --epochs 1          local epochs (round_config.local_epochs overrides)
   --lr 0.1            SGD step size (round_config.learning_rate overrides)
   --batch-size 32     (round_config.batch_size overrides)
-
-round_config.mu (set with algorithm = "fedprox") adds FedProx's
-mu/2 * ||w - w_global||^2 to the local loss (mu * (w - w_global) to every
-gradient); any other algorithm than fedavg/fedprox is refused.
   --csv PATH          digits CSV (default: data/digits/digits.csv next to
                       this repository's examples/ directory)
+
+Algorithms (round_config.algorithm, default fedavg; anything else than
+fedavg, fedprox or scaffold is refused). Each local step is
+w <- w - lr * (g + mu * (w - w_global) + (c - c_i)), as in fedstep-trainer:
+
+  fedavg    plain minibatch SGD (g alone).
+  fedprox   round_config.mu adds FedProx's mu/2 * ||w - w_global||^2 to the
+            local loss, i.e. mu * (w - w_global) to every gradient (mu is
+            applied whenever it is set, with any algorithm, like the
+            built-in trainer does).
+  scaffold  SCAFFOLD (Karimireddy et al. 2020, option II): every gradient
+            also gets the drift correction c - c_i (computed in F32 from the
+            variate files). After K local steps (minibatches over all
+            epochs) from the global model x to the trained model y (as
+            written, in its own dtype), the trainer writes, per element in
+            float64 and stored as F32,
+              Delta c_i = (x - y) / (K * lr) - c
+            so that c_i+ = c_i - c + (x - y) / (K * lr).
 """
 
 import argparse
@@ -137,10 +164,13 @@ def loss_and_accuracy(params, x, y):
     return loss, accuracy
 
 
-def sgd(params, x, y, epochs, lr, batch_size, rng, mu=0.0):
+def sgd(params, x, y, epochs, lr, batch_size, rng, mu=0.0, drift=None):
     """Minibatch SGD on mean cross-entropy; gradients written out by hand.
-    mu > 0: FedProx's proximal pull toward the weights training started from."""
+    mu > 0: FedProx's proximal pull toward the weights training started from.
+    drift: SCAFFOLD's c - c_i per tensor, added to every gradient.
+    Returns the number of steps taken (SCAFFOLD's K)."""
     anchor = {name: params[name].copy() for name in MLP_NAMES} if mu else None
+    steps = 0
     for _ in range(epochs):
         order = rng.permutation(len(y))
         for start in range(0, len(order), batch_size):
@@ -163,7 +193,27 @@ def sgd(params, x, y, epochs, lr, batch_size, rng, mu=0.0):
             for name in MLP_NAMES:
                 if anchor is not None:
                     grads[name] = grads[name] + mu * (params[name] - anchor[name])
+                if drift is not None:
+                    grads[name] = grads[name] + drift[name]
                 params[name] -= lr * grads[name]
+            steps += 1
+    return steps
+
+
+def read_variate(path, what, model):
+    """A SCAFFOLD control variate: the model's tensor names and shapes, F32."""
+    tensors, _ = read_safetensors(path)  # metadata is ignored
+    if sorted(tensors) != sorted(model):
+        fail(f"{what} {path}: expected the model's tensors {sorted(model)}, found {sorted(tensors)}")
+    for name, t in tensors.items():
+        if t.dtype != DTYPES["F32"]:
+            fail(f"{what} {path}: tensor {name} is {t.dtype}, expected F32")
+        if t.shape != model[name].shape:
+            fail(f"{what} {path}: tensor {name} has shape {list(t.shape)}, "
+                 f"the model's has {list(model[name].shape)}")
+        if not np.isfinite(t).all():
+            fail(f"{what} {path}: tensor {name} has non-finite values")
+    return tensors
 
 
 def env(name):
@@ -198,11 +248,20 @@ def main():
     if epochs < 1 or batch_size < 1 or not lr > 0:
         fail("local_epochs and batch_size must be >= 1 and learning_rate > 0")
     algorithm = round_config.get("algorithm", "fedavg")
-    if algorithm not in ("fedavg", "fedprox"):
-        fail(f"round_config.algorithm = {algorithm!r}: this trainer runs fedavg or fedprox")
+    if algorithm not in ("fedavg", "fedprox", "scaffold"):
+        fail(f"round_config.algorithm = {algorithm!r}: this trainer runs fedavg, fedprox or scaffold")
     mu = float(round_config.get("mu", 0.0))
     if not mu >= 0:
         fail("round_config.mu must be >= 0")
+    variate_paths = None
+    if algorithm == "scaffold":
+        names = ["FEDSTEP_SERVER_VARIATE", "FEDSTEP_CLIENT_VARIATE", "FEDSTEP_VARIATE_DELTA_OUT"]
+        missing = [name for name in names if not os.environ.get(name)]
+        if missing:
+            fail(f"round_config.algorithm = 'scaffold' but {', '.join(missing)} "
+                 f"{'is' if len(missing) == 1 else 'are'} not set (fedstep-client sets "
+                 f"{', '.join(names)} for scaffold rounds)")
+        variate_paths = [os.environ[name] for name in names]
 
     tensors, metadata = read_safetensors(global_path)
     if sorted(tensors) != sorted(MLP_NAMES):
@@ -223,12 +282,36 @@ def main():
         fail("the class share is empty")
     x, y = x[share].astype(np.float64), y[share]
 
-    sgd(params, x, y, epochs, lr, batch_size, np.random.default_rng([args.seed, round_number]), mu)
+    drift = None
+    if variate_paths is not None:
+        server_path, client_path, delta_path = variate_paths
+        c = read_variate(server_path, "FEDSTEP_SERVER_VARIATE", tensors)
+        c_i = read_variate(client_path, "FEDSTEP_CLIENT_VARIATE", tensors)
+        # c - c_i in F32, as the built-in trainer forms it.
+        drift = {name: (c[name] - c_i[name]).astype(np.float64) for name in MLP_NAMES}
+
+    steps = sgd(params, x, y, epochs, lr, batch_size,
+                np.random.default_rng([args.seed, round_number]), mu, drift)
     loss, accuracy = loss_and_accuracy(params, x, y)
     if not all(np.isfinite(p).all() for p in params.values()):
         fail("training diverged (non-finite weights); lower the learning rate")
 
     ordered = {name: params[name] for name in tensors}  # keep the global order
+    if drift is not None:
+        # Option II: Delta c_i = (x - y)/(K*lr) - c per element in float64,
+        # x the global model as read, y the trained model as written (in its
+        # own dtype); sent as F32.
+        if steps == 0:
+            fail("SCAFFOLD needs at least one local step")
+        scale = 1.0 / (steps * lr)
+        delta = {}
+        for name in tensors:
+            start = tensors[name].astype(np.float64)
+            trained = ordered[name].astype(DTYPES[dtypes[name]]).astype(np.float64)
+            delta[name] = ((start - trained) * scale - c[name].astype(np.float64)).astype(np.float32)
+            if not np.isfinite(delta[name]).all():
+                fail(f"SCAFFOLD variate update for {name} is not finite; lower the learning rate")
+        write_safetensors(delta_path, delta, {name: "F32" for name in delta})
     write_safetensors(output_path, ordered, dtypes, metadata)
     with open(metrics_path, "w") as f:
         json.dump(
