@@ -34,9 +34,10 @@ export interface ClientAccessProps {
  * (dead-lettering into the shared DLQ) and an IAM role it assumes, allowed
  * exactly:
  * - SQS: receive/delete/extend visibility on its own queue;
- * - S3: read the global models of its `jobs` (of every job without the
- *   setting); write (and read back) only its own update key, tagged
- *   `fedstep-kind=update` so the bucket's lifecycle rule expires it, and
+ * - S3: read the global models and SCAFFOLD server control variates of its
+ *   `jobs` (of every job without the setting); write (and read back) only
+ *   its own update key and its own SCAFFOLD Δc_i key beside it, both tagged
+ *   `fedstep-kind=update` so the bucket's lifecycle rule expires them, and
  *   never in another storage class than STANDARD nor under a customer-
  *   provided key (two Deny statements, see below);
  * - DynamoDB: PutItem/GetItem/Query on `updates` rows whose partition key is
@@ -94,13 +95,23 @@ export class ClientAccess extends Construct {
           resources: globalModelKeys(client).map((key) => `${bucketArn}/${key}`),
         }),
         new iam.PolicyStatement({
-          // Read-back of its own upload: a retried client compares checksums
-          // (HeadObject) instead of uploading again. PutObjectTagging: the
-          // upload carries the fedstep-kind=update tag (PutObject and
-          // CreateMultipartUpload with tags need it).
+          // SCAFFOLD's server control variate c, beside each global model:
+          // scoped exactly like ReadGlobalModels (the same jobs).
+          sid: 'ReadScaffoldVariates',
+          actions: ['s3:GetObject'],
+          resources: scaffoldVariateKeys(client).map((key) => `${bucketArn}/${key}`),
+        }),
+        new iam.PolicyStatement({
           sid: 'OwnUpdates',
-          actions: ['s3:PutObject', 's3:PutObjectTagging', 's3:AbortMultipartUpload', 's3:GetObject'],
+          actions: OWN_UPLOAD_ACTIONS,
           resources: [`${bucketArn}/${KEYS.clientUpdate(client.id)}`],
+        }),
+        new iam.PolicyStatement({
+          // SCAFFOLD's Δc_i, uploaded beside the update and like it (tagged
+          // fedstep-kind=update, so it expires with it; read back on retry).
+          sid: 'OwnScaffoldDeltas',
+          actions: OWN_UPLOAD_ACTIONS,
+          resources: [`${bucketArn}/${KEYS.clientScaffoldDelta(client.id)}`],
         }),
         ...uploadGuards(bucketArn),
         new iam.PolicyStatement({
@@ -130,17 +141,22 @@ export class ClientAccess extends Construct {
 
     // Justified: keys contain the run-time job id and round number
     // (jobs/{job}/rounds/{r}/...), so the patterns fix everything else: the
-    // file name global.safetensors (and the job, where the client lists its
-    // jobs), or updates/<this client>.safetensors. (cdk-nag does not report
-    // the Deny statements' bucket-wide resource: a Deny grants nothing.)
+    // file name global.safetensors or scaffold_variate.safetensors (and the
+    // job, where the client lists its jobs), or updates/<this
+    // client>.safetensors or updates/<this client>.scaffold_delta.safetensors.
+    // (cdk-nag does not report the Deny statements' bucket-wide resource: a
+    // Deny grants nothing.)
     const jobPattern = client.jobs === undefined ? '\\*' : `(${client.jobs.map(escapeRegex).join('|')})`;
+    const ownUpdate = `jobs\\/\\*\\/rounds\\/\\*\\/updates\\/${escapeRegex(client.id)}`;
     NagSuppressions.addResourceSuppressions(this.role, [
       {
         id: 'AwsSolutions-IAM5',
-        reason: 'S3 keys embed run-time job ids and round numbers; the patterns pin the object name (global model, or this client\'s own update).',
+        reason: 'S3 keys embed run-time job ids and round numbers; the patterns pin the object name (global model or SCAFFOLD server variate, or this client\'s own update or SCAFFOLD delta).',
         appliesTo: [
           { regex: bucketObjectsRegex(`jobs\\/${jobPattern}\\/rounds\\/\\*\\/global\\.safetensors`) },
-          { regex: bucketObjectsRegex(`jobs\\/\\*\\/rounds\\/\\*\\/updates\\/${escapeRegex(client.id)}\\.safetensors`) },
+          { regex: bucketObjectsRegex(`jobs\\/${jobPattern}\\/rounds\\/\\*\\/scaffold_variate\\.safetensors`) },
+          { regex: bucketObjectsRegex(`${ownUpdate}\\.safetensors`) },
+          { regex: bucketObjectsRegex(`${ownUpdate}\\.scaffold_delta\\.safetensors`) },
         ],
       },
     ]);
@@ -174,6 +190,24 @@ export function globalModelKeys(client: ClientSettings): string[] {
 }
 
 /**
+ * The SCAFFOLD server control variates a client may read: those of the jobs
+ * whose global models it may read (globalModelKeys), nothing else.
+ */
+export function scaffoldVariateKeys(client: ClientSettings): string[] {
+  return client.jobs === undefined ? [KEYS.scaffoldVariate] : client.jobs.map(KEYS.jobScaffoldVariate);
+}
+
+/**
+ * What a client may do on an object it uploads (its update, its SCAFFOLD
+ * Δc_i). PutObject also authorizes CreateMultipartUpload, UploadPart and
+ * CompleteMultipartUpload. Read-back (GetObject): a retried client compares
+ * checksums (HeadObject) instead of uploading again. PutObjectTagging: the
+ * upload carries the fedstep-kind=update tag (PutObject and
+ * CreateMultipartUpload with tags need it).
+ */
+const OWN_UPLOAD_ACTIONS = ['s3:PutObject', 's3:PutObjectTagging', 's3:AbortMultipartUpload', 's3:GetObject'];
+
+/**
  * Deny statements on every object of the bucket that refuse an upload
  * (s3:PutObject: PutObject, CopyObject and the multipart calls) in another
  * storage class than STANDARD or with a customer-provided key (SSE-C). The
@@ -185,11 +219,13 @@ export function globalModelKeys(client: ClientSettings): string[] {
  * classes: updates live days and are read once or twice, where the
  * infrequent-access classes only add retrieval fees and minimum durations.
  *
- * Why Deny statements rather than conditions on the OwnUpdates Allow:
+ * Why Deny statements rather than conditions on the OwnUpdates and
+ * OwnScaffoldDeltas Allows:
  * - An explicit Deny beats every Allow, so the guarantee holds however the
  *   role comes to be allowed s3:PutObject (a statement added later, a
  *   managed policy an operator attaches, a bucket policy), not only through
- *   OwnUpdates.
+ *   OwnUpdates and OwnScaffoldDeltas (the Δc_i is read in place like the
+ *   update, so the same holds for it).
  * - Conditions on the Allow would apply to its other actions too
  *   (GetObject, PutObjectTagging, AbortMultipartUpload).
  *

@@ -1,5 +1,6 @@
 import * as fs from 'fs';
 import * as path from 'path';
+import { KEYS } from './model-store';
 
 /**
  * Deployment settings of one fedstep stack, resolved from CDK context and an
@@ -40,20 +41,28 @@ const MAX_CA_BUNDLE_CHARS = 8000;
 
 /**
  * IAM allows a role 10,240 characters of inline policy (whitespace not
- * counted), and each of a client's `jobs` adds one ARN to its role's
- * ReadGlobalModels statement (lib/client-access.ts):
- * `"<bucket ARN>/jobs/<job>/rounds/*\/global.safetensors",`. The job ids of
- * one client may take this many characters of it, counted with
- * JOB_ARN_OVERHEAD each; the rest of the policy needs less than 3,000 even
- * with the longest names (test/stack.test.ts checks the sum).
+ * counted), and each of a client's `jobs` adds two ARNs to its role
+ * (lib/client-access.ts): one to ReadGlobalModels,
+ * `"<bucket ARN>/jobs/<job>/rounds/*\/global.safetensors",`, and one to
+ * ReadScaffoldVariates, `"<bucket ARN>/jobs/<job>/rounds/*\/scaffold_variate.safetensors",`.
+ * The job ARNs of one client may take this many characters of it, counted
+ * with jobPolicyChars each; the rest of the policy needs less than 3,000
+ * even with the longest names (test/stack.test.ts checks the sum).
  */
 export const JOB_ARNS_POLICY_BUDGET = 7000;
+/** The longest bucket ARN: `arn:aws-us-gov:s3:::` and a 63-character name. */
+const LONGEST_BUCKET_ARN = `arn:aws-us-gov:s3:::${'b'.repeat(63)}`;
 /**
- * What one job's ARN costs besides the job id: the longest bucket ARN
- * (`arn:aws-us-gov:s3:::` + a 63-character name), the key around the id,
- * two quotes and a comma.
+ * What one job's ARNs cost in its client's role policy: for each of its keys
+ * (KEYS.jobGlobalModel, KEYS.jobScaffoldVariate) the longest bucket ARN, `/`,
+ * the key, two quotes and a comma.
  */
-export const JOB_ARN_OVERHEAD = 'arn:aws-us-gov:s3:::'.length + 63 + '/jobs/'.length + '/rounds/*/global.safetensors'.length + 3;
+export function jobPolicyChars(job: string): number {
+  return [KEYS.jobGlobalModel(job), KEYS.jobScaffoldVariate(job)]
+    .reduce((sum, key) => sum + LONGEST_BUCKET_ARN.length + 1 + key.length + 3, 0);
+}
+/** What one job's ARNs cost besides the job id (which each of them holds once). */
+export const JOB_ARN_OVERHEAD = jobPolicyChars('');
 
 export type LambdaArch = 'arm64' | 'x86_64';
 
@@ -388,11 +397,11 @@ function parseClientSettings(obj: Raw, id: string): PartialClient {
       return job;
     });
     if (out.jobs.length > 150) throw new ConfigError(`client ${id}: at most 150 jobs in an SNS filter policy`);
-    const policyChars = out.jobs.reduce((sum, job) => sum + job.length + JOB_ARN_OVERHEAD, 0);
+    const policyChars = out.jobs.reduce((sum, job) => sum + jobPolicyChars(job), 0);
     if (policyChars > JOB_ARNS_POLICY_BUDGET) {
       throw new ConfigError(
         `client ${id}: ${out.jobs.length} jobs make its role's policy too long for IAM ` +
-        `(${policyChars} of ${JOB_ARNS_POLICY_BUDGET} characters for the jobs' S3 ARNs, ${JOB_ARN_OVERHEAD} + the id each): ` +
+        `(${policyChars} of ${JOB_ARNS_POLICY_BUDGET} characters for the jobs' S3 ARNs, ${JOB_ARN_OVERHEAD} + twice the id each): ` +
         'list fewer or shorter job ids, or none (then the client reads every job\'s global models)');
     }
   }

@@ -16,8 +16,18 @@ export const KEYS = {
   globalModel: 'jobs/*/rounds/*/global.safetensors',
   /** The global models of one job (job ids hold no `*` or `?`: lib/config.ts). */
   jobGlobalModel: (jobId: string): string => `jobs/${jobId}/rounds/*/global.safetensors`,
+  /** SCAFFOLD's server control variate c of a round, beside its global model. */
+  scaffoldVariate: 'jobs/*/rounds/*/scaffold_variate.safetensors',
+  /** The server control variates of one job. */
+  jobScaffoldVariate: (jobId: string): string => `jobs/${jobId}/rounds/*/scaffold_variate.safetensors`,
   /** One client's local model for a round. */
   clientUpdate: (clientId: string): string => `jobs/*/rounds/*/updates/${clientId}.safetensors`,
+  /**
+   * One client's SCAFFOLD Δc_i for a round, beside its update (uploaded tagged
+   * like the update, UPDATE_TAG, so it expires with it). No other client's
+   * update key matches: client ids hold no `.` (lib/config.ts CLIENT_ID_RE).
+   */
+  clientScaffoldDelta: (clientId: string): string => `jobs/*/rounds/*/updates/${clientId}.scaffold_delta.safetensors`,
 };
 
 /**

@@ -1,7 +1,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { ConfigError, DEFAULTS, INFRA_DIR, JOB_ARN_OVERHEAD, JOB_ARNS_POLICY_BUDGET, resolveSettings } from '../lib/config';
+import { ConfigError, DEFAULTS, INFRA_DIR, JOB_ARN_OVERHEAD, JOB_ARNS_POLICY_BUDGET, jobPolicyChars, resolveSettings } from '../lib/config';
 
 const ctx = (values: Record<string, unknown>) => (key: string): unknown => values[key];
 /** A base dir without fedstep.config.json, so a developer's local file cannot leak into tests. */
@@ -97,10 +97,13 @@ describe('resolveSettings', () => {
   });
 
   test('jobs up to the role policy budget are accepted', () => {
-    // 50 ids of 20 characters: 50 × (20 + 120) = 7,000, exactly the budget.
-    const jobs = Array.from({ length: 50 }, (_, i) => `job-${String(i).padStart(16, '0')}`);
-    expect(jobs[0]).toHaveLength(20);
-    expect(50 * (20 + JOB_ARN_OVERHEAD)).toBe(JOB_ARNS_POLICY_BUDGET);
+    // Two ARNs a job (global model, SCAFFOLD variate), each with the id:
+    // 25 ids of 15 characters: 25 × (250 + 2 × 15) = 7,000, exactly the budget.
+    expect(JOB_ARN_OVERHEAD).toBe(250);
+    expect(jobPolicyChars('x'.repeat(15))).toBe(250 + 2 * 15);
+    const jobs = Array.from({ length: 25 }, (_, i) => `job-${String(i).padStart(11, '0')}`);
+    expect(jobs[0]).toHaveLength(15);
+    expect(25 * (2 * 15 + JOB_ARN_OVERHEAD)).toBe(JOB_ARNS_POLICY_BUDGET);
     expect(resolveSettings(ctx({ clients: { a: { jobs } } }), base).clients[0].jobs).toEqual(jobs);
     expect(() => resolveSettings(ctx({ clients: { a: { jobs: [...jobs, 'j'] } } }), base)).toThrow(/too long for IAM/);
   });
@@ -153,7 +156,7 @@ describe('resolveSettings', () => {
     [{ clients: { a: { jobs: [] } } }, /non-empty list/],
     [{ clients: { a: { jobs: ['ok', 'not ok'] } } }, /bad job id/],
     [{ clients: { a: { jobs: ['job-*'] } } }, /bad job id/],
-    // 40 jobs of 100+ characters: 40 S3 ARNs too many for the role's inline policy.
+    // 40 jobs of 100+ characters: 80 S3 ARNs too many for the role's inline policy.
     [{ clients: { a: { jobs: Array.from({ length: 40 }, (_, i) => `job-${i}-${'x'.repeat(100)}`) } } }, /too long for IAM/],
     [{ clients: { a: { typo: 1 } } }, /unknown setting "typo"/],
     [{ arch: 'mips' }, /arch must be/],

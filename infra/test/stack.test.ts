@@ -7,7 +7,7 @@ import { RustFunction } from 'cargo-lambda-cdk';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { LEASE_MARGIN, STREAM_SETTINGS, STREAM_TIMEOUT } from '../lib/aggregator';
 import { CLIENT_RESOURCES, ROLES_ANYWHERE_RESOURCES } from '../lib/client-batches';
-import { JOB_ARN_OVERHEAD, JOB_ARNS_POLICY_BUDGET, resolveSettings } from '../lib/config';
+import { JOB_ARN_OVERHEAD, JOB_ARNS_POLICY_BUDGET, jobPolicyChars, resolveSettings } from '../lib/config';
 import { addFedstep } from '../lib/fedstep-app';
 import { FedstepStack } from '../lib/fedstep-stack';
 import { ARTIFACTS_INDEX } from '../lib/ledger';
@@ -644,10 +644,23 @@ describe('client access', () => {
           : bucketObjects(bucket, 'jobs/*/rounds/*/global.safetensors'),
       },
       {
+        // SCAFFOLD's server variate beside each global model, the same jobs.
+        Sid: 'ReadScaffoldVariates', Effect: 'Allow', Action: 's3:GetObject',
+        Resource: client === 'site-b'
+          ? [bucketObjects(bucket, 'jobs/job-1/rounds/*/scaffold_variate.safetensors'), bucketObjects(bucket, 'jobs/job-2/rounds/*/scaffold_variate.safetensors')]
+          : bucketObjects(bucket, 'jobs/*/rounds/*/scaffold_variate.safetensors'),
+      },
+      {
         // PutObjectTagging: updates are uploaded tagged fedstep-kind=update (lifecycle expiry).
         Sid: 'OwnUpdates', Effect: 'Allow',
         Action: ['s3:AbortMultipartUpload', 's3:GetObject', 's3:PutObject', 's3:PutObjectTagging'],
         Resource: bucketObjects(bucket, `jobs/*/rounds/*/updates/${client}.safetensors`),
+      },
+      {
+        // SCAFFOLD's Δc_i beside the update, with the same actions (tagged like it).
+        Sid: 'OwnScaffoldDeltas', Effect: 'Allow',
+        Action: ['s3:AbortMultipartUpload', 's3:GetObject', 's3:PutObject', 's3:PutObjectTagging'],
+        Resource: bucketObjects(bucket, `jobs/*/rounds/*/updates/${client}.scaffold_delta.safetensors`),
       },
       {
         Sid: 'DenyUploadsNotInStandardStorage', Effect: 'Deny', Action: 's3:PutObject',
@@ -680,39 +693,99 @@ describe('client access', () => {
     return decide(roleStatements(clientIds(client).role), { action, resource: `${bucketArn}/${key}`, context }, resolve);
   };
 
-  test.each(CLIENTS)('%s: uploads its update in STANDARD (or without a storage class) only, never with SSE-C', (client) => {
-    const own = `jobs/job-1/rounds/3/updates/${client}.safetensors`;
-    // What the client sends (crates/aws/src/s3.rs): no storage class, no
-    // encryption headers; UploadPart and CompleteMultipartUpload never carry them.
-    expect(s3Decision(client, 's3:PutObject', own)).toBe('allowed');
-    expect(s3Decision(client, 's3:PutObject', own, { 's3:x-amz-storage-class': 'STANDARD' })).toBe('allowed');
-    expect(s3Decision(client, 's3:PutObject', own, { 's3:x-amz-server-side-encryption': 'AES256' })).toBe('allowed');
-    for (const storageClass of ['GLACIER', 'DEEP_ARCHIVE', 'GLACIER_IR', 'STANDARD_IA', 'ONEZONE_IA', 'INTELLIGENT_TIERING', 'REDUCED_REDUNDANCY']) {
-      expect([storageClass, s3Decision(client, 's3:PutObject', own, { 's3:x-amz-storage-class': storageClass })]).toEqual([storageClass, 'denied']);
+  // Its update and its SCAFFOLD Δc_i: the same rules for both.
+  const ownUploads = (client: string, job = 'job-1', round = 3): [string, string][] => [
+    ['update', `jobs/${job}/rounds/${round}/updates/${client}.safetensors`],
+    ['scaffold delta', `jobs/${job}/rounds/${round}/updates/${client}.scaffold_delta.safetensors`],
+  ];
+
+  test.each(CLIENTS)('%s: uploads its update and Δc_i in STANDARD (or without a storage class) only, never with SSE-C', (client) => {
+    for (const [kind, own] of ownUploads(client)) {
+      const decision = (action: string, context: Record<string, string> = {}): [string, string, Decision] =>
+        [kind, JSON.stringify(context), s3Decision(client, action, own, context)];
+      const ok = (context: Record<string, string> = {}): [string, string, Decision] => [kind, JSON.stringify(context), 'allowed'];
+      const denied = (context: Record<string, string>): [string, string, Decision] => [kind, JSON.stringify(context), 'denied'];
+      // What the client sends (crates/aws/src/s3.rs): no storage class, no
+      // encryption headers; UploadPart and CompleteMultipartUpload never carry them.
+      expect(decision('s3:PutObject')).toEqual(ok());
+      expect(decision('s3:PutObject', { 's3:x-amz-storage-class': 'STANDARD' })).toEqual(ok({ 's3:x-amz-storage-class': 'STANDARD' }));
+      expect(decision('s3:PutObject', { 's3:x-amz-server-side-encryption': 'AES256' })).toEqual(ok({ 's3:x-amz-server-side-encryption': 'AES256' }));
+      for (const storageClass of ['GLACIER', 'DEEP_ARCHIVE', 'GLACIER_IR', 'STANDARD_IA', 'ONEZONE_IA', 'INTELLIGENT_TIERING', 'REDUCED_REDUNDANCY']) {
+        const context = { 's3:x-amz-storage-class': storageClass };
+        expect(decision('s3:PutObject', context)).toEqual(denied(context));
+      }
+      const sseC = { 's3:x-amz-server-side-encryption-customer-algorithm': 'AES256' };
+      expect(decision('s3:PutObject', sseC)).toEqual(denied(sseC));
+      const both = { 's3:x-amz-storage-class': 'STANDARD', ...sseC };
+      expect(decision('s3:PutObject', both)).toEqual(denied(both));
+      // Only PutObject is guarded: reading back, tagging and aborting a
+      // multipart upload of the own object stay allowed.
+      for (const action of ['s3:GetObject', 's3:PutObjectTagging', 's3:AbortMultipartUpload']) {
+        expect([action, ...decision(action)]).toEqual([action, ...ok()]);
+      }
+      // Nothing else on it (no delete, no ACLs, no other object's tagging).
+      for (const action of ['s3:DeleteObject', 's3:DeleteObjectVersion', 's3:PutObjectAcl', 's3:GetObjectTagging']) {
+        expect([action, ...decision(action)]).toEqual([action, kind, '{}', 'implicitly denied']);
+      }
     }
-    expect(s3Decision(client, 's3:PutObject', own, { 's3:x-amz-server-side-encryption-customer-algorithm': 'AES256' })).toBe('denied');
-    expect(s3Decision(client, 's3:PutObject', own, {
-      's3:x-amz-storage-class': 'STANDARD', 's3:x-amz-server-side-encryption-customer-algorithm': 'AES256',
-    })).toBe('denied');
-    // The guards are explicit denies on every object, not just the own key:
+    // The guards are explicit denies on every object, not just the own keys:
     // they hold whatever else may ever allow the role to write.
     expect(s3Decision(client, 's3:PutObject', 'jobs/job-1/rounds/3/global.safetensors')).toBe('implicitly denied');
-    // Only PutObject is guarded: reading back and tagging the own update stay allowed.
-    expect(s3Decision(client, 's3:GetObject', own)).toBe('allowed');
-    expect(s3Decision(client, 's3:PutObjectTagging', own)).toBe('allowed');
-    // Another client's key: never.
-    expect(s3Decision(client, 's3:PutObject', 'jobs/job-1/rounds/3/updates/site-x.safetensors')).toBe('implicitly denied');
+    expect(s3Decision(client, 's3:PutObject', 'jobs/job-1/rounds/3/global.safetensors', { 's3:x-amz-storage-class': 'GLACIER' })).toBe('denied');
+    expect(s3Decision(client, 's3:PutObject', 'jobs/job-1/rounds/3/scaffold_variate.safetensors')).toBe('implicitly denied');
+    // Another client's keys: never, neither its update nor its Δc_i (nor
+    // one named like this client's with another client's id around it).
+    for (const other of ['site-x', CLIENTS.find((c) => c !== client)!, `${client}-2`, `x${client}`]) {
+      for (const [kind, key] of ownUploads(other)) {
+        for (const action of ['s3:PutObject', 's3:PutObjectTagging', 's3:AbortMultipartUpload', 's3:GetObject']) {
+          expect([other, kind, action, s3Decision(client, action, key)]).toEqual([other, kind, action, 'implicitly denied']);
+        }
+      }
+    }
+    // Its own id, but not exactly its two keys: no other file under updates/.
+    for (const key of [
+      `jobs/job-1/rounds/3/updates/${client}.scaffold_variate.safetensors`,
+      `jobs/job-1/rounds/3/updates/${client}.safetensors.scaffold_delta`,
+      `jobs/job-1/rounds/3/updates/${client}.json`,
+      `jobs/job-1/rounds/3/${client}.scaffold_delta.safetensors`,
+      'jobs/job-1/rounds/3/scaffold_delta.safetensors',
+    ]) {
+      expect([key, s3Decision(client, 's3:PutObject', key)]).toEqual([key, 'implicitly denied']);
+    }
   });
 
-  test.each(CLIENTS)('%s: reads the global models of its jobs (every job when it lists none)', (client) => {
+  test.each(CLIENTS)('%s: uploads its update and Δc_i in any job and round (its jobs list scopes reads only)', (client) => {
+    for (const [job, round] of [['job-1', 1], ['job-3', 42], ['a.b_c-9', 1000]] as [string, number][]) {
+      for (const [kind, key] of ownUploads(client, job, round)) {
+        expect([kind, key, s3Decision(client, 's3:PutObject', key)]).toEqual([kind, key, 'allowed']);
+      }
+    }
+  });
+
+  test.each(CLIENTS)('%s: reads the global models and SCAFFOLD variates of its jobs (every job when it lists none)', (client) => {
     const model = (job: string, round: number): string => `jobs/${job}/rounds/${round}/global.safetensors`;
-    for (const job of ['job-1', 'job-2']) expect(s3Decision(client, 's3:GetObject', model(job, 7))).toBe('allowed');
-    // site-b lists job-1 and job-2; the others list no jobs.
-    const others = client === 'site-b' ? 'implicitly denied' : 'allowed';
-    for (const job of ['job-3', 'job-10', 'job-1x']) expect([job, s3Decision(client, 's3:GetObject', model(job, 1))]).toEqual([job, others]);
-    // Never another client's update, nor the server state.
-    expect(s3Decision(client, 's3:GetObject', 'jobs/job-1/rounds/1/updates/site-x.safetensors')).toBe('implicitly denied');
-    expect(s3Decision(client, 's3:GetObject', 'jobs/job-1/rounds/1/server_state.safetensors')).toBe('implicitly denied');
+    const variate = (job: string, round: number): string => `jobs/${job}/rounds/${round}/scaffold_variate.safetensors`;
+    for (const key of [model, variate]) {
+      for (const job of ['job-1', 'job-2']) expect([job, s3Decision(client, 's3:GetObject', key(job, 7))]).toEqual([job, 'allowed']);
+      // site-b lists job-1 and job-2; the others list no jobs.
+      const others = client === 'site-b' ? 'implicitly denied' : 'allowed';
+      for (const job of ['job-3', 'job-10', 'job-1x']) expect([job, key(job, 1), s3Decision(client, 's3:GetObject', key(job, 1))]).toEqual([job, key(job, 1), others]);
+      // Read only: never written by a client.
+      for (const action of ['s3:PutObject', 's3:PutObjectTagging', 's3:DeleteObject']) {
+        expect([action, s3Decision(client, action, key('job-1', 7))]).toEqual([action, 'implicitly denied']);
+      }
+    }
+    // Never another client's update or Δc_i, nor the server state, nor
+    // anything else beside the global model.
+    for (const key of [
+      'jobs/job-1/rounds/1/updates/site-x.safetensors',
+      'jobs/job-1/rounds/1/updates/site-x.scaffold_delta.safetensors',
+      'jobs/job-1/rounds/1/server_state.safetensors',
+      'jobs/job-1/rounds/1/measurements.json',
+      'jobs/job-1/rounds/1/scaffold_variate.json',
+    ]) {
+      expect([key, s3Decision(client, 's3:GetObject', key)]).toEqual([key, 'implicitly denied']);
+    }
   });
 
   test('the evaluator is faithful where it matters: StringNotEqualsIfExists alone would deny the normal upload', () => {
@@ -729,13 +802,17 @@ describe('client access', () => {
   test('a client\'s role policy stays within IAM\'s 10,240 characters with as many jobs as the config allows', () => {
     // Longest job ids that fit JOB_ARNS_POLICY_BUDGET, in a fresh synth.
     const id = (i: number): string => `${String(i).padStart(3, '0')}-${'j'.repeat(124)}`;
-    const jobs = Array.from({ length: Math.floor(JOB_ARNS_POLICY_BUDGET / (128 + JOB_ARN_OVERHEAD)) }, (_, i) => id(i));
+    const jobs = Array.from({ length: Math.floor(JOB_ARNS_POLICY_BUDGET / jobPolicyChars(id(0))) }, (_, i) => id(i));
+    expect(jobPolicyChars(id(0))).toBe(2 * 128 + JOB_ARN_OVERHEAD);
+    expect(jobs.length).toBeGreaterThan(0);
     const big = synthFedstep({ clients: { many: { jobs } } }, { nag: false });
     const everything = allResources(big);
     const access = big.deployment.clients.get('many')!;
     const roleId = logicalId(big.deployment.stackOf.get('many')!, access.role);
     const [inline] = everything[roleId].Properties.Policies;
-    expect(inline.PolicyDocument.Statement[1].Resource).toHaveLength(jobs.length);
+    const bySid = (sid: string): Json => inline.PolicyDocument.Statement.find((st: Json) => st.Sid === sid);
+    expect(bySid('ReadGlobalModels').Resource).toHaveLength(jobs.length);
+    expect(bySid('ReadScaffoldVariates').Resource).toHaveLength(jobs.length);
     // Every CloudFormation expression at the longest value it could take.
     const longest = (v: Json): Json => {
       if (Array.isArray(v)) return v.map(longest);
@@ -757,7 +834,8 @@ describe('client access', () => {
     const chars = JSON.stringify(longest(inline.PolicyDocument)).length;
     expect(chars).toBeLessThanOrEqual(10_240);
     // And the budget's premise: the policy without the job ARNs needs less than 3,000.
-    const withoutJobs = JSON.stringify(longest({ ...inline.PolicyDocument, Statement: inline.PolicyDocument.Statement.filter((st: Json) => st.Sid !== 'ReadGlobalModels') }));
+    const perJob = ['ReadGlobalModels', 'ReadScaffoldVariates'];
+    const withoutJobs = JSON.stringify(longest({ ...inline.PolicyDocument, Statement: inline.PolicyDocument.Statement.filter((st: Json) => !perJob.includes(st.Sid)) }));
     expect(withoutJobs.length).toBeLessThan(3000);
   }, 120_000);
 
