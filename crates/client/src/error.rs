@@ -31,6 +31,9 @@ pub enum ClientError {
     /// Merging or splitting for FedSelect failed (names the file and rule).
     #[error("personalization: {0}")]
     Personalization(String),
+    /// SCAFFOLD's variate files could not be made (names the rule).
+    #[error("scaffold: {0}")]
+    Scaffold(String),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

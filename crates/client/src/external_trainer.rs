@@ -1,7 +1,9 @@
 //! The external trainer: runs a command with the file contract of
 //! docs/design.md §5 (env FEDSTEP_GLOBAL_MODEL, FEDSTEP_OUTPUT_MODEL,
-//! FEDSTEP_METRICS_OUT, FEDSTEP_ROUND, FEDSTEP_ROUND_CONFIG) and reads back
-//! the model it wrote and its JSON report.
+//! FEDSTEP_METRICS_OUT, FEDSTEP_ROUND, FEDSTEP_ROUND_CONFIG; in SCAFFOLD
+//! rounds also FEDSTEP_SERVER_VARIATE and FEDSTEP_CLIENT_VARIATE to read
+//! and FEDSTEP_VARIATE_DELTA_OUT to write Δc_i) and reads back the model
+//! it wrote, its JSON report and, SCAFFOLD, its Δc_i.
 
 use std::time::Duration;
 
@@ -39,7 +41,15 @@ impl Trainer for ExternalTrainer {
             return Err(TrainError("trainer.command is empty".into()));
         };
         let round_config = serde_json::Value::Object(req.round_config.clone()).to_string();
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        // SCAFFOLD rounds only: c and c_i to read, where to write Δc_i.
+        if let Some(f) = &req.scaffold {
+            command
+                .env("FEDSTEP_SERVER_VARIATE", &f.server_variate)
+                .env("FEDSTEP_CLIENT_VARIATE", &f.client_variate)
+                .env("FEDSTEP_VARIATE_DELTA_OUT", &f.delta_out);
+        }
+        let mut child = command
             .args(args)
             .env("FEDSTEP_GLOBAL_MODEL", &req.global_model)
             .env("FEDSTEP_OUTPUT_MODEL", &req.output_model)
@@ -75,6 +85,13 @@ impl Trainer for ExternalTrainer {
                 "`{}` exited 0 but wrote no model at FEDSTEP_OUTPUT_MODEL ({})",
                 self.shown(),
                 req.output_model.display()
+            )));
+        }
+        if let Some(f) = req.scaffold.as_ref().filter(|f| !f.delta_out.is_file()) {
+            return Err(TrainError(format!(
+                "`{}` exited 0 but wrote no Δc_i at FEDSTEP_VARIATE_DELTA_OUT ({}) in a SCAFFOLD round",
+                self.shown(),
+                f.delta_out.display()
             )));
         }
         external_report::read(&req.metrics_out)

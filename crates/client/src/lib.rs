@@ -18,6 +18,8 @@
 //! download, train, upload, record) · [`trainer`] (the trainer port) with
 //! [`builtin_trainer`] and [`external_trainer`] ([`external_report`] is its
 //! JSON contract) · [`output_check`] (what any trainer hands back) ·
+//! [`personalize`] (FedSelect's personal file) · [`scaffold`] (SCAFFOLD's
+//! variate files) ·
 //! [`heartbeat`] (visibility extension) · [`retry`] (backoff + jitter) ·
 //! [`progress`] (spinner on a TTY, log lines otherwise) · [`workdir`] (private
 //! to this user).
@@ -34,6 +36,7 @@ pub mod personalize;
 pub mod progress;
 pub mod retry;
 pub mod round;
+pub mod scaffold;
 pub mod trainer;
 pub mod workdir;
 pub mod worker;

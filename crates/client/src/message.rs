@@ -102,6 +102,21 @@ fn check_ready(m: &GlobalModelReady) -> Result<(), String> {
     if m.deadline <= 0 {
         return Err(format!("deadline {} is not a Unix time", m.deadline));
     }
+    if let Some(c) = &m.server_variate {
+        let want = keys::server_variate(&m.job_id, m.round);
+        if c.key != want {
+            return Err(format!(
+                "server_variate.key `{}` is not this round's server variate key `{want}`",
+                c.key
+            ));
+        }
+        if !is_sha256_hex(&c.checksum) {
+            return Err(format!(
+                "server_variate.checksum `{}` is not a SHA-256 in lowercase hex",
+                c.checksum
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -190,6 +205,23 @@ mod tests {
         assert!(matches!(decode(&big), Err(Rejection::Malformed(w)) if w.contains("bytes")));
         let deep = "[".repeat(10_000);
         assert!(matches!(decode(&deep), Err(Rejection::Malformed(_))));
+    }
+
+    #[test]
+    fn a_scaffold_rounds_server_variate_is_checked_like_the_model() {
+        let mut v = ready();
+        v["server_variate"] = json!({"key": "jobs/j1/rounds/2/scaffold_variate.safetensors",
+                                     "checksum": "b".repeat(64)});
+        let Ok(Notification::GlobalModelReady(m)) = decode(&v.to_string()) else {
+            panic!()
+        };
+        assert_eq!(m.server_variate.unwrap().checksum, "b".repeat(64));
+        let mut bad = v.clone();
+        bad["server_variate"]["key"] = json!("jobs/j1/rounds/2/updates/x.safetensors");
+        assert!(malformed(&bad).contains("server_variate.key"));
+        let mut bad = v.clone();
+        bad["server_variate"]["checksum"] = json!("B".repeat(64));
+        assert!(malformed(&bad).contains("server_variate.checksum"));
     }
 
     #[test]

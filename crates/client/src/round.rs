@@ -1,6 +1,7 @@
 //! Taking part in one round (docs/design.md §3 step 2): skip if our row is
-//! already there, download and verify the global model, train, check the
-//! output, upload it to our key, and write our `updates` row. Every step is
+//! already there, download and verify the global model (and, SCAFFOLD, the
+//! server variate), train, check the output, upload it to our key (and
+//! Δc_i to its own), and write our `updates` row. Every step is
 //! safe to repeat: the key is deterministic and the row is a conditional
 //! put, so a crash between any two steps only means doing some of them
 //! again on redelivery.
@@ -17,6 +18,7 @@ use crate::error::ClientError;
 use crate::output_check::check_output;
 use crate::progress::Progress;
 use crate::retry::retry;
+use crate::scaffold::ClientVariates;
 use crate::trainer::{TrainRequest, Trainer};
 use crate::worker::Worker;
 use fedstep_cloud::timefmt::rfc3339_utc;
@@ -85,6 +87,36 @@ where
 
         // FedSelect: train from the global model with our personal values.
         let personal = self.opts.personalization.as_ref();
+
+        // SCAFFOLD: the round's server variate, verified like the model,
+        // and our own variate (zeros before our first SCAFFOLD round).
+        let variates = ClientVariates::new(&self.opts.workdir);
+        let scaffold = match &m.server_variate {
+            None => None,
+            Some(_) if personal.is_some() => {
+                return Err(ClientError::Scaffold(
+                    "this client personalizes (FedSelect) and the job trains SCAFFOLD: \
+                     the two do not run together (README, \"Client drift\")"
+                        .into(),
+                ))
+            }
+            Some(c) => {
+                progress.stage("downloading the server variate");
+                let path = dir.path().join("server_variate.safetensors");
+                let got = retry("download server variate", b, || {
+                    self.store.get_file(&c.key, &path)
+                })
+                .await?;
+                if got.sha256 != c.checksum {
+                    return Err(ClientError::Checksum {
+                        key: c.key.clone(),
+                        expected: c.checksum.clone(),
+                        actual: got.sha256,
+                    });
+                }
+                Some(variates.files(&m.job_id, &global_header, path, dir.path())?)
+            }
+        };
         let start = match personal {
             Some(p) => p.start_from(&m.job_id, &global, dir.path(), &self.opts.limits)?,
             None => global.clone(),
@@ -100,10 +132,18 @@ where
                 output_model: output.clone(),
                 metrics_out,
                 round_config: m.round_config.clone(),
+                scaffold: scaffold.clone(),
             })
             .await?;
         check_output(&global_header, &output, &report, &self.opts.limits)
             .map_err(ClientError::Output)?;
+        let pending_variate = match &scaffold {
+            Some(files) => Some((
+                files.delta_out.clone(),
+                variates.next(&m.job_id, &global_header, files, &self.opts.limits)?,
+            )),
+            None => None,
+        };
 
         // FedSelect: upload the shared values and masks; the personal
         // values stay here (kept once our row is in).
@@ -129,6 +169,21 @@ where
         })
         .await?;
 
+        // SCAFFOLD: Δc_i beside the update, before the row that commits
+        // to its checksum (expired with the updates: tagged like them).
+        let variate_delta_checksum = match &pending_variate {
+            Some((delta, _)) => {
+                progress.stage("uploading Δc_i");
+                let key = keys::variate_delta(&m.job_id, m.round, me);
+                let put = retry("upload Δc_i", b, || {
+                    self.store.put_update_file(&key, delta)
+                })
+                .await?;
+                Some(put.sha256)
+            }
+            None => None,
+        };
+
         progress.stage("recording the update");
         let record = UpdateRecord {
             client_id: me.to_string(),
@@ -147,6 +202,7 @@ where
             bytes: put.bytes,
             trained_at: rfc3339_utc(self.clock.now()),
             schema: Some(SCHEMA),
+            variate_delta_checksum,
         };
         let outcome = match retry("put_update", b, || self.ledger.put_update(&record)).await? {
             PutUpdate::Created => RoundOutcome::Submitted {
@@ -163,6 +219,13 @@ where
         if let (Some(p), Some(pending)) = (personal, pending) {
             if !matches!(outcome, RoundOutcome::Conflict { .. }) {
                 p.keep(pending)?;
+            }
+        }
+        // SCAFFOLD: likewise c_i⁺, so c_i stays the sum of the Δc_i the
+        // server was told about.
+        if let Some((_, pending)) = pending_variate {
+            if !matches!(outcome, RoundOutcome::Conflict { .. }) {
+                variates.keep(pending)?;
             }
         }
         Ok(outcome)

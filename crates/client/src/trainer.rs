@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::builtin_trainer::BuiltinTrainer;
 use crate::external_trainer::ExternalTrainer;
+use crate::scaffold::ScaffoldFiles;
 
 /// One round's training job. The files live in a fresh per-message
 /// directory; the trainer writes `output_model` (and, if it reports through
@@ -24,6 +25,9 @@ pub struct TrainRequest {
     pub metrics_out: PathBuf,
     /// The job's `[round_config]`, untouched.
     pub round_config: Map<String, Value>,
+    /// SCAFFOLD rounds (the message named a server variate): the control
+    /// variates to read and where to write Δc_i.
+    pub scaffold: Option<ScaffoldFiles>,
 }
 
 /// What the trainer says about the model it wrote.

@@ -164,6 +164,7 @@ pub enum StopMode {
 pub struct Job {
     spec: JobSpec,
     pipeline: PipelineConfig,
+    scaffold: bool,
 }
 
 impl Job {
@@ -174,6 +175,13 @@ impl Job {
     /// The aggregation pipeline of `[aggregation]`.
     pub fn pipeline(&self) -> &PipelineConfig {
         &self.pipeline
+    }
+
+    /// Whether the clients train SCAFFOLD (`round_config.algorithm =
+    /// "scaffold"`): the server then keeps the control variate c beside
+    /// each round's global model and updates it from the clients' Δc_i.
+    pub fn scaffold(&self) -> bool {
+        self.scaffold
     }
 
     /// Whether `round` is one of the job's rounds (1..=rounds).
@@ -268,10 +276,33 @@ impl JobSpec {
         let pipeline = self.parse_pipeline()?;
         self.check_krum(&pipeline)?;
         self.check_share_cap(&pipeline)?;
+        let scaffold = self.check_algorithm(&pipeline)?;
         Ok(Job {
             spec: self,
             pipeline,
+            scaffold,
         })
+    }
+
+    /// `round_config.algorithm` is the trainers' business, except SCAFFOLD,
+    /// whose server side runs here and needs a pipeline it is defined for
+    /// (`fedstep_core::scaffold::check_pipeline`). Returns whether it is
+    /// SCAFFOLD. Other names pass to the trainers, which refuse those they
+    /// do not run.
+    fn check_algorithm(&self, pipeline: &PipelineConfig) -> Result<bool, String> {
+        match self.round_config.get("algorithm") {
+            None => Ok(false),
+            Some(serde_json::Value::String(a)) if a == "scaffold" => {
+                fedstep_core::scaffold::check_pipeline(pipeline)
+                    .map_err(|e| format!("round_config.algorithm = \"scaffold\": {e}"))?;
+                Ok(true)
+            }
+            Some(serde_json::Value::String(_)) => Ok(false),
+            Some(other) => Err(format!(
+                "round_config.algorithm must be a string (fedavg, fedprox, scaffold), not {}",
+                crate::bounded::quote(&other.to_string())
+            )),
+        }
     }
 
     /// Shares of at most s over n clients sum to at most n·s, so a cap

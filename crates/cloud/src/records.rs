@@ -147,6 +147,19 @@ pub struct UpdateRecord {
     pub trained_at: String,
     #[serde(default)]
     pub schema: Option<u32>,
+    /// SCAFFOLD jobs: SHA-256 (lowercase hex) of the client's Δc_i at
+    /// `keys::variate_delta`. The server counts the Δc_i only if its bytes
+    /// hash to this, so a rewritten or stale object is left out of c.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variate_delta_checksum: Option<String>,
+}
+
+/// Where a SCAFFOLD round's server control variate c is, and its SHA-256:
+/// clients verify what they download against it, as for the model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServerVariateRef {
+    pub key: String,
+    pub checksum: String,
 }
 
 /// Published on the `global_model_ready` topic when a round opens.
@@ -161,6 +174,9 @@ pub struct GlobalModelReady {
     pub deadline: i64,
     #[serde(default)]
     pub round_config: serde_json::Map<String, Value>,
+    /// SCAFFOLD jobs only: the round's server control variate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_variate: Option<ServerVariateRef>,
 }
 
 /// Published when the job ends.

@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 
 use fedstep_core::measurements::{ClientMeasurement, ClientStatus, Measurements};
+use fedstep_core::scaffold::ServerUpdateMeasurement;
 use serde::{Deserialize, Serialize};
 
 use crate::bounded;
@@ -34,6 +35,11 @@ pub struct RoundMeasurements {
     /// global model.
     pub round: u32,
     pub measurements: Measurements,
+    /// SCAFFOLD jobs: the server variate's update (which Δc_i went into c,
+    /// which were left out and why). The clients' models are in
+    /// `measurements` as for any job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaffold: Option<ServerUpdateMeasurement>,
 }
 
 impl RoundMeasurements {
@@ -74,6 +80,7 @@ impl RoundMeasurements {
             job_id: job_id.to_string(),
             round,
             measurements,
+            scaffold: None,
         }
     }
 

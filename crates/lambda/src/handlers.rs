@@ -531,6 +531,7 @@ pub(crate) mod tests {
             bytes: 1,
             trained_at: "2026-01-01T00:00:00Z".into(),
             schema: Some(1),
+            variate_delta_checksum: None,
         }
     }
 

@@ -107,6 +107,7 @@ impl Fed {
             bytes: info.bytes,
             trained_at: "2027-01-15T08:00:00Z".into(),
             schema: Some(SCHEMA),
+            variate_delta_checksum: None,
         };
         assert_eq!(
             self.ledger.put_update(&row).await.unwrap(),

@@ -479,6 +479,7 @@ fn update(client: &str, job_id: &str, r: u32, checksum: &str) -> UpdateRecord {
         bytes: 4096,
         trained_at: "2026-11-21T23:00:00Z".into(),
         schema: Some(SCHEMA),
+        variate_delta_checksum: None,
     }
 }
 
@@ -581,6 +582,7 @@ async fn sns_to_sqs_delivers_the_notification_with_job_id() {
         checksum: "ef".repeat(32),
         deadline: 1_900_000_000,
         round_config: serde_json::Map::from_iter([("local_epochs".to_string(), 2.into())]),
+        server_variate: None,
     });
     notifier.publish(&message).await.unwrap();
 

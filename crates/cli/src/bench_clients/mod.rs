@@ -452,6 +452,7 @@ mod tests {
             output_model: dir.path().join("out.safetensors"),
             metrics_out: dir.path().join("m.json"),
             round_config: serde_json::Map::new(),
+            scaffold: None,
         };
         let out = req.output_model.clone();
         let rt = tokio::runtime::Runtime::new().unwrap();

@@ -25,9 +25,10 @@
 //! The metrics it reports are its personalized model's.
 //!
 //! With SCAFFOLD (`algorithm = Scaffold`), a client also downloads the
-//! round's server variate c (`keys::server_variate`), trains with the
-//! drift correction c − c_i, uploads Δc_i to `keys::variate_delta` before
-//! its row, and only once the row is in replaces its own c_i
+//! round's server variate c (the message names it and its checksum),
+//! trains with the drift correction c − c_i, uploads Δc_i to
+//! `keys::variate_delta` before its row (which commits to its checksum;
+//! the engine's commit updates c), and only once the row is in replaces its own c_i
 //! (`scaffold_variate.safetensors` in its work directory, renamed into
 //! place: a crash leaves the old variate or the new one, never half).
 
@@ -135,11 +136,22 @@ impl SimClient {
             );
         }
         let server_variate = if self.algorithm == Algorithm::Scaffold {
+            let Some(c) = &ready.server_variate else {
+                bail!("{id}: round {round}'s global_model_ready names no server variate");
+            };
             let path = dir.join("server_variate.safetensors");
-            store
-                .get_file(&keys::server_variate(job_id, round), &path)
+            let got = store
+                .get_file(&c.key, &path)
                 .await
                 .with_context(|| format!("{id}: downloading round {round}'s server variate"))?;
+            if got.sha256 != c.checksum {
+                bail!(
+                    "{id}: server variate {} has sha256 {} but the message says {}",
+                    c.key,
+                    got.sha256,
+                    c.checksum
+                );
+            }
             Some(path)
         } else {
             None
@@ -157,11 +169,15 @@ impl SimClient {
         .await
         .map_err(|e| anyhow!("{id}: training task: {e}"))??;
 
-        if let Some(v) = &variates {
-            store
-                .put_file(&keys::variate_delta(job_id, round, &id), &v.delta)
-                .await?;
-        }
+        let variate_delta_checksum = match &variates {
+            Some(v) => Some(
+                store
+                    .put_update_file(&keys::variate_delta(job_id, round, &id), &v.delta)
+                    .await?
+                    .sha256,
+            ),
+            None => None,
+        };
         let key = keys::update(job_id, round, &id);
         let put = store.put_file(&key, &local_path).await?;
         let record = UpdateRecord {
@@ -180,6 +196,7 @@ impl SimClient {
             bytes: put.bytes,
             trained_at: rfc3339_now(),
             schema: Some(SCHEMA),
+            variate_delta_checksum,
         };
         match ledger.put_update(&record).await? {
             PutUpdate::Created | PutUpdate::AlreadyThere => {}

@@ -24,7 +24,6 @@ mod plot;
 mod progress;
 mod report;
 mod runner;
-mod scaffold;
 mod table;
 mod timestamp;
 

@@ -32,7 +32,6 @@ use super::personal;
 use super::plot::{self, Series};
 use super::progress::RoundBar;
 use super::report::{DatasetReport, Files, Final, Report, RoundReport, CLIENT_REPORTING};
-use super::scaffold;
 use super::table;
 use crate::job_report::{self, Curve};
 
@@ -97,9 +96,6 @@ pub async fn run(mut settings: Settings) -> Result<()> {
     .check()
     .map_err(|e| anyhow::anyhow!("simulated job: {e}"))?;
     ledger.put_job(&job).await?;
-    if settings.algorithm == Algorithm::Scaffold {
-        scaffold::publish_initial(&store, JOB_ID, &init, n, &out.join("engine")).await?;
-    }
 
     // The baselines need no engine: train them beside the federation, with
     // plain SGD whatever the federation's algorithm (FedProx's pull toward
@@ -205,21 +201,6 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             .await
             .with_context(|| format!("close_round {round}"))?;
 
-        let scaffold_update = if settings.algorithm == Algorithm::Scaffold {
-            Some(
-                scaffold::update_after_close(
-                    &store,
-                    JOB_ID,
-                    round,
-                    &result.accepted,
-                    n,
-                    &out.join("engine"),
-                )
-                .await?,
-            )
-        } else {
-            None
-        };
         bar.message(format!("round {round}: evaluating"));
         let eval =
             evaluate_global(&store, &result.global_model_key, &out.join("engine"), &data).await?;
@@ -232,7 +213,12 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             rejected: result.rejected.clone(),
             clients: client_reports(&client_rounds, &data, &measured),
             aggregation: aggregation_summary(&settings.pipeline, &result),
-            scaffold: scaffold_update,
+            // The engine's commit updated c (SCAFFOLD) and measured it.
+            scaffold: measured
+                .scaffold
+                .as_ref()
+                .map(serde_json::to_value)
+                .transpose()?,
             single_agent_accuracy: f64::NAN,
             centralized_accuracy: f64::NAN,
             seconds: t.elapsed().as_secs_f64(),

@@ -122,6 +122,7 @@ fn request(dir: &std::path::Path) -> TrainRequest {
         output_model: dir.join("out.safetensors"),
         metrics_out: dir.join("metrics.json"),
         round_config: serde_json::json!({"k": 1}).as_object().unwrap().clone(),
+        scaffold: None,
     }
 }
 

@@ -186,6 +186,7 @@ async fn a_conflicting_row_stays_and_the_message_is_deleted() {
         bytes: 1,
         trained_at: "2027-01-01T00:00:00Z".into(),
         schema: Some(1),
+        variate_delta_checksum: None,
     };
     r.ledger
         .rows

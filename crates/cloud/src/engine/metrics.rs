@@ -166,6 +166,7 @@ mod tests {
                     bytes: 0,
                     trained_at: String::new(),
                     schema: None,
+                    variate_delta_checksum: None,
                 };
                 (id.to_string(), row)
             })

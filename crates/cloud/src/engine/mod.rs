@@ -12,6 +12,7 @@ mod close;
 mod finalize;
 mod hand_over;
 mod metrics;
+mod scaffold;
 mod sharded;
 mod start;
 mod stop_rule;

@@ -22,7 +22,8 @@ where
     /// header if absent, opens the round row (token, expected clients,
     /// min_clients, deadline = now + timeout, the global model's key and
     /// checksum — that model must already be in the store) and publishes
-    /// `global_model_ready`.
+    /// `global_model_ready` (with SCAFFOLD, naming the round's server
+    /// variate too: `scaffold.rs`).
     ///
     /// Idempotent: a retry (new token) replaces the stored token and
     /// publishes again (clients dedupe by job and round). The stream path
@@ -50,6 +51,11 @@ where
                  (round 1's is uploaded by `fedstep job start`, round r+1's by round r's aggregation)",
                 job.job_id
             )));
+        };
+        let server_variate = if job.scaffold() {
+            Some(self.round_server_variate(job, round).await?)
+        } else {
+            None
         };
         let timeout = i64::try_from(job.round_timeout_seconds).unwrap_or(i64::MAX);
         let fresh = RoundRecord {
@@ -85,6 +91,7 @@ where
                     checksum: row.global_checksum.clone(),
                     deadline: row.deadline,
                     round_config: job.round_config.clone(),
+                    server_variate: server_variate.clone(),
                 });
                 self.notifier.publish(&message).await?;
                 if matches!(opened, OpenRound::TokenReplaced) && hand_over::ready(&row).is_some() {

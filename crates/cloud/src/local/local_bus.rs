@@ -281,6 +281,7 @@ mod tests {
             checksum: "c".into(),
             deadline: 0,
             round_config: Default::default(),
+            server_variate: None,
         })
     }
 

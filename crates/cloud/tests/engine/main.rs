@@ -19,6 +19,7 @@ mod measurements_kept;
 mod rejections;
 mod rewritten_rows;
 mod round_figures;
+mod scaffold;
 mod sharded;
 mod stop_and_restart;
 mod takeover;

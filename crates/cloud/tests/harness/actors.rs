@@ -121,6 +121,7 @@ impl<B: Backend> Sim<B> {
             bytes: info.bytes,
             trained_at: "2027-01-15T08:00:00Z".into(),
             schema: Some(SCHEMA),
+            variate_delta_checksum: None,
         };
         let put = infra("put_update", self.ledger.put_update(&row).await)?;
         match (&put, attempt) {

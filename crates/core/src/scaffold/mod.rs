@@ -28,6 +28,8 @@ pub mod state;
 pub mod variate;
 
 pub use pipeline_rule::check_pipeline;
-pub use server_update::{update_server_variate, ServerUpdate, VariateDelta};
+pub use server_update::{
+    update_server_variate, ServerUpdate, ServerUpdateMeasurement, VariateDelta, VariateSum,
+};
 pub use state::{read_state, write_state, ServerState};
 pub use variate::{ControlVariate, VariateLayout};

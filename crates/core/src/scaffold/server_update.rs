@@ -11,7 +11,7 @@
 //! out with a reason and the update goes on with the others; with none
 //! left, c stays as it was.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::variate::{ControlVariate, VariateLayout};
 use crate::limits::Limits;
@@ -30,7 +30,7 @@ pub struct ServerUpdate {
 }
 
 /// The round's record of the update (JSON under `scaffold`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerUpdateMeasurement {
     /// Clients whose Δc_i went into the mean (|S|).
     pub used: Vec<String>,
@@ -45,74 +45,116 @@ pub struct ServerUpdateMeasurement {
 }
 
 /// `c⁺ = c + (|S|/N)·mean Δc_i` over the Δc_i that parse against
-/// `layout`. `total_clients` is the job's N (≥ 1).
+/// `layout`. `total_clients` is the job's N (≥ 1). All the Δc_i at once:
+/// [`VariateSum`] takes them one at a time.
 pub fn update_server_variate(
     current: &ControlVariate,
     deltas: &[VariateDelta<'_>],
     total_clients: usize,
     limits: &Limits,
 ) -> Result<ServerUpdate, String> {
-    let layout: &VariateLayout = current.layout();
-    if total_clients == 0 {
-        return Err("SCAFFOLD needs the job's client count (N ≥ 1)".into());
-    }
-    let mut sum: Vec<Vec<f64>> = current
-        .values()
-        .iter()
-        .map(|v| vec![0.0; v.len()])
-        .collect();
-    let mut used = Vec::new();
-    let mut rejected = Vec::new();
+    let mut sum = VariateSum::new(current.layout());
     for d in deltas {
-        match ControlVariate::parse(d.bytes, layout, limits) {
-            Ok((delta, _)) => {
-                for (acc, v) in sum.iter_mut().zip(delta.values()) {
-                    acc.iter_mut().zip(v).for_each(|(a, x)| *a += f64::from(*x));
-                }
-                used.push(d.client_id.to_string());
-            }
-            Err(reason) => {
-                rejected.push((d.client_id.to_string(), format!("scaffold Δc: {reason}")))
-            }
+        sum.add(d.client_id, d.bytes, limits);
+    }
+    sum.finish(current, total_clients)
+}
+
+/// The running Σ Δc_i, fed one client's bytes at a time, so the server
+/// holds c, the sum and one Δc_i, never every client's at once (the
+/// deployed aggregator reads them from the store in turn).
+pub struct VariateSum {
+    layout: VariateLayout,
+    sum: Vec<Vec<f64>>,
+    used: Vec<String>,
+    rejected: Vec<(String, String)>,
+}
+
+impl VariateSum {
+    pub fn new(layout: &VariateLayout) -> VariateSum {
+        VariateSum {
+            layout: layout.clone(),
+            sum: layout
+                .tensors()
+                .iter()
+                .map(|(_, s)| vec![0.0; s.iter().product()])
+                .collect(),
+            used: Vec::new(),
+            rejected: Vec::new(),
         }
     }
-    // (|S|/N)·(1/|S|)·Σ = Σ/N; written as the paper's two factors so the
-    // measurement's participation is the one applied.
-    let participation = used.len() as f64 / total_clients as f64;
-    let mean_scale = if used.is_empty() {
-        0.0
-    } else {
-        participation / used.len() as f64
-    };
-    let mut step_sq = 0.0;
-    let values = current
-        .values()
-        .iter()
-        .zip(&sum)
-        .map(|(c, s)| {
-            c.iter()
-                .zip(s)
-                .map(|(c, s)| {
-                    let next = (f64::from(*c) + mean_scale * s) as f32;
-                    step_sq += (f64::from(next) - f64::from(*c)).powi(2);
-                    next
-                })
-                .collect()
+
+    /// Adds one client's Δc_i, or leaves it out with the reason it does
+    /// not parse. Clients are counted in the order they are added.
+    pub fn add(&mut self, client_id: &str, bytes: &[u8], limits: &Limits) {
+        match ControlVariate::parse(bytes, &self.layout, limits) {
+            Ok((delta, _)) => {
+                for (acc, v) in self.sum.iter_mut().zip(delta.values()) {
+                    acc.iter_mut().zip(v).for_each(|(a, x)| *a += f64::from(*x));
+                }
+                self.used.push(client_id.to_string());
+            }
+            Err(reason) => self.reject(client_id, format!("scaffold Δc: {reason}")),
+        }
+    }
+
+    /// Leaves a client's Δc_i out for a reason found before parsing (not
+    /// readable, not the bytes its row committed to).
+    pub fn reject(&mut self, client_id: &str, reason: String) {
+        self.rejected.push((client_id.to_string(), reason));
+    }
+
+    /// `c⁺ = c + (|S|/N)·(1/|S|)·Σ` over the clients added; c unchanged
+    /// when none was usable.
+    pub fn finish(
+        self,
+        current: &ControlVariate,
+        total_clients: usize,
+    ) -> Result<ServerUpdate, String> {
+        if total_clients == 0 {
+            return Err("SCAFFOLD needs the job's client count (N ≥ 1)".into());
+        }
+        if current.layout() != &self.layout {
+            return Err("the server variate and the Δc_i have different layouts".into());
+        }
+        // (|S|/N)·(1/|S|)·Σ = Σ/N; written as the paper's two factors so
+        // the measurement's participation is the one applied.
+        let participation = self.used.len() as f64 / total_clients as f64;
+        let mean_scale = if self.used.is_empty() {
+            0.0
+        } else {
+            participation / self.used.len() as f64
+        };
+        let mut step_sq = 0.0;
+        let values = current
+            .values()
+            .iter()
+            .zip(&self.sum)
+            .map(|(c, s)| {
+                c.iter()
+                    .zip(s)
+                    .map(|(c, s)| {
+                        let next = (f64::from(*c) + mean_scale * s) as f32;
+                        step_sq += (f64::from(next) - f64::from(*c)).powi(2);
+                        next
+                    })
+                    .collect()
+            })
+            .collect();
+        // Finite Δc_i of finite size can still overflow F32 in the sum.
+        let variate = ControlVariate::from_values(&self.layout, values)
+            .map_err(|e| format!("the updated server variate is not finite: {e}"))?;
+        Ok(ServerUpdate {
+            variate,
+            measurement: ServerUpdateMeasurement {
+                used: self.used,
+                rejected: self.rejected,
+                total_clients,
+                participation,
+                step_norm: step_sq.sqrt(),
+            },
         })
-        .collect();
-    // Finite Δc_i of finite size can still overflow F32 in the sum.
-    let variate = ControlVariate::from_values(layout, values)
-        .map_err(|e| format!("the updated server variate is not finite: {e}"))?;
-    Ok(ServerUpdate {
-        variate,
-        measurement: ServerUpdateMeasurement {
-            used,
-            rejected,
-            total_clients,
-            participation,
-            step_norm: step_sq.sqrt(),
-        },
-    })
+    }
 }
 
 #[cfg(test)]

@@ -520,6 +520,7 @@ async fn client_update(
         bytes: up.bytes,
         trained_at: "2026-11-30T06:00:00Z".into(),
         schema: Some(SCHEMA),
+        variate_delta_checksum: None,
     };
     assert_eq!(ledger.put_update(&row).await.unwrap(), PutUpdate::Created);
     row

@@ -70,6 +70,7 @@ impl Evil<'_> {
             bytes: body.len() as u64,
             trained_at: "2026-11-29T00:00:00Z".into(),
             schema: Some(SCHEMA),
+            variate_delta_checksum: None,
         }
     }
 

@@ -2,9 +2,10 @@
 //! either send the round back to the plan (a shard rejected a client: its
 //! rejection is recorded, the lease given up, and the plan opens a new
 //! attempt without it) or make the outputs visible (the state first: a
-//! model whose state is missing would restart the optimizer's moments),
-//! write the measurements beside them and close the round under the
-//! attempt's lease, with `continue`.
+//! model whose state is missing would restart the optimizer's moments;
+//! with SCAFFOLD, the next server variate after the model), write the
+//! measurements beside them and close the round under the attempt's
+//! lease, with `continue`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -210,15 +211,28 @@ where
             self.reject(&row, &c.client_id, &reason, &mut rejected)
                 .await?;
         }
-        let stored = RoundMeasurements::new(job_id, round, measurements, &plan.engine_rejected);
-        self.write_measurements(&keys::round_measurements(job_id, round + 1), &stored)
-            .await?;
-        let measurements = stored.measurements;
+        let mut stored = RoundMeasurements::new(job_id, round, measurements, &plan.engine_rejected);
         let rows: BTreeMap<String, UpdateRecord> = plan
             .updates
             .iter()
             .map(|u| (u.row.client_id.clone(), u.row.clone()))
             .collect();
+        let accepted: Vec<String> = stored
+            .measurements
+            .clients
+            .iter()
+            .filter(|c| c.status == ClientStatus::Accepted)
+            .map(|c| c.client_id.clone())
+            .collect();
+        if job.scaffold() {
+            stored.scaffold = Some(
+                self.next_server_variate(&job, round, &accepted, &rows)
+                    .await?,
+            );
+        }
+        self.write_measurements(&keys::round_measurements(job_id, round + 1), &stored)
+            .await?;
+        let measurements = stored.measurements;
         let metrics = metrics::round_metrics(&measurements, &rows, rejected.len());
         let history = self.stop_history(&job, round).await?;
         let result = RoundResult {
@@ -228,12 +242,7 @@ where
             continue_training: stop_rule::should_continue(&job, round, &history, &metrics),
             metrics,
             closed_by: plan.closed_by,
-            accepted: measurements
-                .clients
-                .iter()
-                .filter(|c| c.status == ClientStatus::Accepted)
-                .map(|c| c.client_id.clone())
-                .collect(),
+            accepted,
             rejected,
         };
         if !self
