@@ -19,8 +19,9 @@
 //! [`pipeline_rule`] (which aggregation pipelines it runs with, and why).
 //!
 //! The model itself is aggregated by [`crate::aggregate()`] unchanged; c
-//! is updated beside it, in memory (two model-sized buffers: the running
-//! sum and one Δc_i), not by the streaming combine pass.
+//! is updated beside it, in memory, not by the streaming combine pass:
+//! [`VariateSum`] takes the Δc_i one at a time (c, the f64 running sum and
+//! one Δc_i are held), which is how the round engine's commit feeds it.
 
 pub mod pipeline_rule;
 pub mod server_update;
