@@ -433,9 +433,22 @@ function finishClient(id: string, s: PartialClient): ClientSettings {
   return { id, trustedPrincipal: s.trustedPrincipal, externalId, jobs: s.jobs, batch: s.batch, rolesAnywhere: s.rolesAnywhere };
 }
 
+/**
+ * Ids whose update key a read pattern of every client would match: `*` in
+ * an IAM resource also matches `/`, so `jobs/*\/rounds/*\/global.safetensors`
+ * matches `jobs/j/rounds/1/updates/global.safetensors`, the update of a
+ * client named `global` (likewise the SCAFFOLD server variate's name).
+ */
+export const RESERVED_CLIENT_IDS = ['global', 'scaffold_variate'];
+
 function checkClientId(id: string): string {
   if (!CLIENT_ID_RE.test(id)) {
     throw new ConfigError(`bad client id "${id}": letters, digits, '-' and '_' only, at most 60 characters`);
+  }
+  if (RESERVED_CLIENT_IDS.includes(id)) {
+    throw new ConfigError(
+      `client id "${id}" is reserved: its update key would match the ${id}.safetensors every client may read`,
+    );
   }
   return id;
 }

@@ -150,6 +150,9 @@ describe('resolveSettings', () => {
     [{ clientBatches: 4, clients: { a: { batch: 4 } } }, /client a: batch 4 is not below clientBatches \(4\)/],
     [{ clients: 'a*' }, /bad client id/],
     [{ clients: 'a#1' }, /bad client id/],
+    // Their update keys would match a pattern every client reads.
+    [{ clients: 'global' }, /client id "global" is reserved/],
+    [{ clients: 'scaffold_variate' }, /client id "scaffold_variate" is reserved/],
     [{ clients: { a: { trustedPrincipal: '123456789012' } } }, /needs an explicit externalId/],
     [{ clients: { a: { trustedPrincipal: 'someone', externalId: 'xx' } } }, /trustedPrincipal must be/],
     [{ clients: { a: { externalId: 'x' } } }, /externalId must be/],

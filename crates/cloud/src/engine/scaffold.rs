@@ -15,15 +15,17 @@
 //!   (like the model: a closed round's outputs are all there). A Δc_i that
 //!   is missing, larger than a variate of this model can be, not the bytes
 //!   the client's row committed to (`variate_delta_checksum`), or that
-//!   does not parse is left out of c with a bounded reason; the client's
-//!   model still counts. A store that fails to answer is the system's
-//!   failure: the task is retried.
+//!   does not parse, or that changed or vanished between its HEAD and its
+//!   read, is left out of c with a bounded reason; the client's model
+//!   still counts. A store that fails to answer (`Unavailable`) is the
+//!   system's failure: the task is retried.
 //! - **Memory**: c, the running sum (f64) and one Δc_i at a time, about
 //!   5× the model's float tensors as F32: c is not cut into shards.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use fedstep_core::bytes::is_unavailable;
 use fedstep_core::model::read_header_from;
 use fedstep_core::scaffold::{
     read_state, write_state, ServerState, ServerUpdateMeasurement, VariateLayout, VariateSum,
@@ -36,7 +38,9 @@ use crate::checksum::Sha256Hasher;
 use crate::error::{CloudError, Result};
 use crate::job::Job;
 use crate::keys;
-use crate::ports::{Clock, Ledger, Notifier, ObjectReader, StreamingStore, TaskCallback};
+use crate::ports::{
+    Clock, Ledger, Notifier, ObjectReader, ObjectStat, StreamingStore, TaskCallback,
+};
 use crate::records::{ServerVariateRef, UpdateRecord};
 
 /// Room for a variate file's header beyond its F32 values.
@@ -123,9 +127,12 @@ where
                 );
                 continue;
             }
-            let Some((bytes, got)) = self.read_whole(&key, true).await? else {
-                sum.reject(client, format!("scaffold Δc: nothing at `{key}`"));
-                continue;
+            let (bytes, got) = match self.read_delta(&key, &stat).await? {
+                Ok(read) => read,
+                Err(reason) => {
+                    sum.reject(client, bounded::reason(&format!("scaffold Δc: {reason}")));
+                    continue;
+                }
             };
             if got != want {
                 sum.reject(
@@ -180,8 +187,42 @@ where
         Ok(VariateLayout::of(&header))
     }
 
-    /// The whole object at `key` and its SHA-256, `None` if absent. With
-    /// `keep` false only the hash is kept (the bytes come back empty).
+    /// A client's Δc_i and its SHA-256, read as pinned by `stat`. A read
+    /// the store could not serve (`Unavailable`: throttled, unreachable) is
+    /// the system's failure, retried; any other (the object changed or
+    /// vanished since its HEAD) is the client's, a reason.
+    async fn read_delta(
+        &self,
+        key: &str,
+        stat: &ObjectStat,
+    ) -> Result<std::result::Result<(Vec<u8>, String), String>> {
+        let reader = self.store.reader(key, stat, stat.bytes.min(8 << 20))?;
+        let (key_owned, size) = (key.to_string(), stat.bytes as usize);
+        tokio::task::spawn_blocking(move || {
+            let read = |e: std::io::Error| {
+                if is_unavailable(&e) {
+                    Err(CloudError::Transient(format!("reading `{key_owned}`: {e}")))
+                } else {
+                    Ok(Err(format!("reading `{key_owned}`: {e}")))
+                }
+            };
+            let mut buf = vec![0u8; size];
+            if let Err(e) = reader.read_exact_at(&mut buf, 0) {
+                return read(e);
+            }
+            match reader.sha256() {
+                Ok(sha) => Ok(Ok((buf, sha))),
+                Err(e) => read(e),
+            }
+        })
+        .await
+        .map_err(|e| CloudError::Other(format!("reading `{key}` panicked: {e}")))?
+    }
+
+    /// One of the system's own objects (c, written by the engine) whole,
+    /// and its SHA-256; `None` if absent. With `keep` false only the hash
+    /// is kept (the bytes come back empty). Any read failure is the
+    /// system's.
     async fn read_whole(&self, key: &str, keep: bool) -> Result<Option<(Vec<u8>, String)>> {
         let Some(stat) = self.store.stat(key).await? else {
             return Ok(None);
