@@ -96,7 +96,7 @@ where
             Some(_) if personal.is_some() => {
                 return Err(ClientError::Scaffold(
                     "this client personalizes (FedSelect) and the job trains SCAFFOLD: \
-                     the two do not run together (README, \"Client drift\")"
+                     the two do not run together (ARCHITECTURE.md, \"Client drift\")"
                         .into(),
                 ))
             }
