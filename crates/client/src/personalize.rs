@@ -127,16 +127,10 @@ impl Personalizer {
         ))
     }
 
-    /// Makes a split's personal file the one to keep (after the row is in).
-    /// Copy to a temporary name in the target directory, then rename: the
-    /// kept file is whole or absent, never half-written.
+    /// Makes a split's personal file the one to keep (after the row is in;
+    /// whole or absent: `workdir::keep_file`).
     pub fn keep(&self, pending: PendingPersonal) -> Result<(), ClientError> {
-        std::fs::create_dir_all(&self.dir).map_err(ClientError::io(&self.dir))?;
-        let target = self.personal_file(&pending.job_id);
-        let tmp = self.dir.join(format!(".{}.tmp", pending.job_id));
-        std::fs::copy(&pending.file, &tmp).map_err(ClientError::io(&tmp))?;
-        std::fs::rename(&tmp, &target).map_err(ClientError::io(&target))?;
-        Ok(())
+        crate::workdir::keep_file(&pending.file, &self.personal_file(&pending.job_id))
     }
 }
 

@@ -132,16 +132,10 @@ impl ClientVariates {
         })
     }
 
-    /// Makes c_i⁺ the variate to keep (after the row is in): copied to a
-    /// temporary name beside the target, then renamed, so the kept file is
-    /// whole or absent, never half-written.
+    /// Makes c_i⁺ the variate to keep (after the row is in; whole or
+    /// absent: `workdir::keep_file`).
     pub fn keep(&self, pending: PendingVariate) -> Result<(), ClientError> {
-        std::fs::create_dir_all(&self.dir).map_err(ClientError::io(&self.dir))?;
-        let target = self.variate_file(&pending.job_id);
-        let tmp = self.dir.join(format!(".{}.tmp", pending.job_id));
-        std::fs::copy(&pending.file, &tmp).map_err(ClientError::io(&tmp))?;
-        std::fs::rename(&tmp, &target).map_err(ClientError::io(&target))?;
-        Ok(())
+        crate::workdir::keep_file(&pending.file, &self.variate_file(&pending.job_id))
     }
 }
 

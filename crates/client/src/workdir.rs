@@ -113,3 +113,16 @@ mod tests {
         assert_eq!(mode(&dir), before, "refused means untouched");
     }
 }
+/// Makes `file` (in a round's scratch directory) the kept `target`, a file
+/// that outlives the round (FedSelect's personal values, SCAFFOLD's c_i):
+/// copied to a temporary name beside `target`, then renamed, so the kept
+/// file is whole or absent, never half-written.
+pub fn keep_file(file: &Path, target: &Path) -> Result<(), ClientError> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(ClientError::io(dir))?;
+    let name = target.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::copy(file, &tmp).map_err(ClientError::io(&tmp))?;
+    std::fs::rename(&tmp, target).map_err(ClientError::io(target))?;
+    Ok(())
+}

@@ -23,7 +23,6 @@
 //!   5× the model's float tensors as F32: c is not cut into shards.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use fedstep_core::bytes::is_unavailable;
 use fedstep_core::model::read_header_from;
@@ -38,9 +37,7 @@ use crate::checksum::Sha256Hasher;
 use crate::error::{CloudError, Result};
 use crate::job::Job;
 use crate::keys;
-use crate::ports::{
-    Clock, Ledger, Notifier, ObjectReader, ObjectStat, StreamingStore, TaskCallback,
-};
+use crate::ports::{Clock, Ledger, Notifier, ObjectStat, StreamingStore, TaskCallback};
 use crate::records::{ServerVariateRef, UpdateRecord};
 
 /// Room for a variate file's header beyond its F32 values.
@@ -61,8 +58,16 @@ where
         round: u32,
     ) -> Result<ServerVariateRef> {
         let key = keys::server_variate(&job.job_id, round);
-        if let Some((_, checksum)) = self.read_whole(&key, false).await? {
-            return Ok(ServerVariateRef { key, checksum });
+        // Its hash as the store keeps it, like the global model's (the
+        // writer tags what it wrote in order).
+        if let Some(stored) = self.store.head(&key).await? {
+            if stored.sha256.is_empty() {
+                return Err(CloudError::Other(format!("`{key}` has no SHA-256")));
+            }
+            return Ok(ServerVariateRef {
+                key,
+                checksum: stored.sha256,
+            });
         }
         if round != 1 {
             return Err(CloudError::NotFound(format!(
@@ -91,7 +96,7 @@ where
         let limits = Limits::default();
         let layout = self.variate_layout(job, round).await?;
         let current_key = keys::server_variate(&job.job_id, round);
-        let (current, _) = self.read_whole(&current_key, true).await?.ok_or_else(|| {
+        let current = self.read_own(&current_key).await?.ok_or_else(|| {
             CloudError::NotFound(format!("the SCAFFOLD server variate `{current_key}`"))
         })?;
         let state = read_state(&current, &layout, job.clients.len(), &limits).map_err(|e| {
@@ -219,33 +224,23 @@ where
         .map_err(|e| CloudError::Other(format!("reading `{key}` panicked: {e}")))?
     }
 
-    /// One of the system's own objects (c, written by the engine) whole,
-    /// and its SHA-256; `None` if absent. With `keep` false only the hash
-    /// is kept (the bytes come back empty). Any read failure is the
-    /// system's.
-    async fn read_whole(&self, key: &str, keep: bool) -> Result<Option<(Vec<u8>, String)>> {
+    /// One of the system's own objects (c, written by the engine), whole;
+    /// `None` if absent. Any read failure is the system's.
+    async fn read_own(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let Some(stat) = self.store.stat(key).await? else {
             return Ok(None);
         };
-        let reader: Arc<dyn ObjectReader> =
-            self.store.reader(key, &stat, stat.bytes.min(8 << 20))?;
+        let reader = self.store.reader(key, &stat, stat.bytes.min(8 << 20))?;
         let key_owned = key.to_string();
-        let (bytes, sha) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, String)> {
-            let transient =
-                |e: std::io::Error| CloudError::Transient(format!("reading `{key_owned}`: {e}"));
-            let bytes = if keep {
-                let mut buf = vec![0u8; stat.bytes as usize];
-                reader.read_exact_at(&mut buf, 0).map_err(transient)?;
-                buf
-            } else {
-                Vec::new()
-            };
-            let sha = reader.sha256().map_err(transient)?;
-            Ok((bytes, sha))
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; stat.bytes as usize];
+            reader
+                .read_exact_at(&mut buf, 0)
+                .map_err(|e| CloudError::Transient(format!("reading `{key_owned}`: {e}")))?;
+            Ok(Some(buf))
         })
         .await
-        .map_err(|e| CloudError::Other(format!("reading `{key}` panicked: {e}")))??;
-        Ok(Some((bytes, sha)))
+        .map_err(|e| CloudError::Other(format!("reading `{key}` panicked: {e}")))?
     }
 }
 

@@ -141,9 +141,28 @@ impl VariateSum {
                     .collect()
             })
             .collect();
-        // Finite Δc_i of finite size can still overflow F32 in the sum.
-        let variate = ControlVariate::from_values(&self.layout, values)
-            .map_err(|e| format!("the updated server variate is not finite: {e}"))?;
+        // Finite Δc_i can still overflow F32 in c⁺: the clients' doing, not
+        // the round's failure. Which one cannot be told apart, so none of
+        // this round's Δc_i count and c stays as it was.
+        let variate = match ControlVariate::from_values(&self.layout, values) {
+            Ok(v) => v,
+            Err(e) => {
+                let reason =
+                    format!("scaffold Δc: c + (|S|/N)·mean Δc_i is not finite ({e}); c kept");
+                let mut rejected = self.rejected;
+                rejected.extend(self.used.into_iter().map(|c| (c, reason.clone())));
+                return Ok(ServerUpdate {
+                    variate: current.clone(),
+                    measurement: ServerUpdateMeasurement {
+                        used: Vec::new(),
+                        rejected,
+                        total_clients,
+                        participation: 0.0,
+                        step_norm: 0.0,
+                    },
+                });
+            }
+        };
         Ok(ServerUpdate {
             variate,
             measurement: ServerUpdateMeasurement {
@@ -282,6 +301,27 @@ mod tests {
         .unwrap();
         assert_eq!(none.variate, c);
         assert_eq!(none.measurement.participation, 0.0);
+    }
+
+    #[test]
+    fn an_overflowing_sum_keeps_c_and_counts_no_delta_instead_of_failing() {
+        let c = v([3.0e38, 0.0], 0.0);
+        let big = bytes(&v([3.0e38, 0.0], 0.0));
+        let out = update_server_variate(
+            &c,
+            &[VariateDelta {
+                client_id: "a",
+                bytes: &big,
+            }],
+            1,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(out.variate, c);
+        assert!(out.measurement.used.is_empty());
+        assert_eq!(out.measurement.participation, 0.0);
+        assert_eq!(out.measurement.rejected[0].0, "a");
+        assert!(out.measurement.rejected[0].1.contains("not finite"));
     }
 
     #[test]
