@@ -704,6 +704,7 @@ mod tests {
             global_checksum: "c".into(),
             result: None,
             failure: None,
+            buffer: None,
         }
     }
 

@@ -547,6 +547,7 @@ local_epochs = 2
             global_checksum: "0".repeat(64),
             result: None,
             failure: None,
+            buffer: None,
         };
         closed.result = Some(RoundResult {
             job_id: "j".into(),

@@ -137,6 +137,7 @@ mod tests {
             global_checksum: String::new(),
             result: None,
             failure: None,
+            buffer: None,
         };
         let p = RoundProgress::of(&row, 959);
         assert_eq!((p.accounted, p.expected, p.seconds_left), (2, 4, 41));

@@ -203,6 +203,7 @@ where
             trained_at: rfc3339_utc(self.clock.now()),
             schema: Some(SCHEMA),
             variate_delta_checksum,
+            base_round: None,
         };
         let outcome = match retry("put_update", b, || self.ledger.put_update(&record)).await? {
             PutUpdate::Created => RoundOutcome::Submitted {

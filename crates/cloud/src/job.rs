@@ -25,6 +25,10 @@
 //! shard_mib = 512                # model bytes per shard task
 //! concurrency = 8                # shard tasks at once
 //! ```
+//!
+//! `mode = "async"` with an `[async]` table makes versions from the first
+//! K updates instead of rounds that wait for every client
+//! (`crate::asynchronous`).
 
 use std::collections::BTreeSet;
 use std::ops::Deref;
@@ -32,6 +36,7 @@ use std::ops::Deref;
 use fedstep_core::PipelineConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::asynchronous::{self, AsyncSettings, AsyncSpec, JobMode};
 use crate::capacity;
 use crate::keys::check_id;
 
@@ -55,6 +60,12 @@ pub struct JobSpec {
     pub round_config: serde_json::Map<String, serde_json::Value>,
     #[serde(default, skip_serializing_if = "ShardingSpec::is_default")]
     pub sharding: ShardingSpec,
+    /// `sync` (rounds wait for every client) or `async` (versions).
+    #[serde(default, skip_serializing_if = "JobMode::is_sync")]
+    pub mode: JobMode,
+    /// Async jobs' settings (defaults when absent).
+    #[serde(default, rename = "async", skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<AsyncSpec>,
 }
 
 /// How a round's aggregation is cut into shard tasks (the workflow's Map,
@@ -165,6 +176,7 @@ pub struct Job {
     spec: JobSpec,
     pipeline: PipelineConfig,
     scaffold: bool,
+    asynchronous: Option<AsyncSettings>,
 }
 
 impl Job {
@@ -182,6 +194,11 @@ impl Job {
     /// each round's global model and updates it from the clients' Δc_i.
     pub fn scaffold(&self) -> bool {
         self.scaffold
+    }
+
+    /// An async job's settings; `None` for a sync job.
+    pub fn asynchronous(&self) -> Option<&AsyncSettings> {
+        self.asynchronous.as_ref()
     }
 
     /// Whether `round` is one of the job's rounds (1..=rounds).
@@ -277,10 +294,19 @@ impl JobSpec {
         self.check_krum(&pipeline)?;
         self.check_share_cap(&pipeline)?;
         let scaffold = self.check_algorithm(&pipeline)?;
+        let asynchronous = asynchronous::check(
+            self.mode,
+            self.asynchronous.as_ref(),
+            self.clients.len(),
+            self.min_clients,
+            scaffold,
+            &pipeline,
+        )?;
         Ok(Job {
             spec: self,
             pipeline,
             scaffold,
+            asynchronous,
         })
     }
 
@@ -524,6 +550,70 @@ local_epochs = 2
         for (min_clients, byzantine) in [(5, 1), (3, 0), (7, 2)] {
             let job = with(min_clients, byzantine).unwrap();
             assert_eq!(job.pipeline().pipeline().combiner_name(), "krum");
+        }
+    }
+
+    #[test]
+    fn an_async_job_is_parsed_once_with_defaults() {
+        use fedstep_core::staleness::Staleness;
+        let sync = JobSpec::from_toml(GOOD).unwrap();
+        assert!(sync.asynchronous().is_none());
+        let job = JobSpec::from_toml(&format!("mode = \"async\"\n{GOOD}")).unwrap();
+        let a = job.asynchronous().unwrap();
+        assert_eq!((a.buffer_size, a.max_staleness), (2, 20));
+        assert_eq!(a.staleness, Staleness::default());
+        // The job as the workflow carries it parses back to the same.
+        let again: JobSpec = serde_json::from_str(&serde_json::to_string(&*job).unwrap()).unwrap();
+        assert_eq!(again.check().unwrap().asynchronous(), Some(a));
+        let hinge = JobSpec::from_toml(&format!(
+            "mode = \"async\"\n{GOOD}\n[async]\nbuffer_size = 3\nstaleness = \"hinge\"\nhinge_cutoff = 2\nmax_staleness = 5\n"
+        ))
+        .unwrap();
+        let a = hinge.asynchronous().unwrap();
+        assert_eq!((a.buffer_size, a.max_staleness), (3, 5));
+        assert_eq!(
+            a.staleness,
+            Staleness::Hinge {
+                slope: 1.0,
+                cutoff: 2
+            }
+        );
+    }
+
+    #[test]
+    fn async_contradictions_are_named() {
+        let async_job = |table: &str| format!("mode = \"async\"\n{GOOD}\n[async]\n{table}\n");
+        for (text, want) in [
+            (
+                format!("{GOOD}\n[async]\nbuffer_size = 2\n"),
+                "mode is \"sync\"",
+            ),
+            (async_job("buffer_size = 4"), "between 1 and the 3 clients"),
+            (async_job("buffer_size = 0"), "between 1 and the 3 clients"),
+            (
+                async_job("buffer_size = 1"),
+                "min_clients = 2 exceeds [async] buffer_size = 1",
+            ),
+            (async_job("staleness_exponent = -1.0"), "staleness_exponent"),
+            (
+                async_job("staleness = \"constant\"\nhinge_cutoff = 1"),
+                "hinge",
+            ),
+            (
+                async_job("staleness = \"hinge\"\nstaleness_exponent = 1.0"),
+                "polynomial",
+            ),
+            (async_job("stale = 1"), "unknown field"),
+            (
+                format!(
+                    "mode = \"async\"\n{}",
+                    GOOD.replace("local_epochs = 2", "algorithm = \"scaffold\"")
+                ),
+                "SCAFFOLD",
+            ),
+        ] {
+            let err = JobSpec::from_toml(&text).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
         }
     }
 }

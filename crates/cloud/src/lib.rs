@@ -2,6 +2,7 @@
 //! small ports so that the same code runs in the Lambda (AWS adapters), in
 //! the emulator worker, and in `fedstep simulate` (local adapters).
 
+pub mod asynchronous;
 pub mod bounded;
 pub mod capacity;
 pub mod checksum;

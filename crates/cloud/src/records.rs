@@ -57,6 +57,20 @@ pub struct RoundRecord {
     pub result: Option<RoundResult>,
     #[serde(default)]
     pub failure: Option<RoundFailure>,
+    /// Async jobs: the round is a version's buffer (hand over at K usable
+    /// updates, however many clients are still training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer: Option<VersionBuffer>,
+}
+
+/// An async round's buffer rules, fixed when it opens.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionBuffer {
+    /// K: usable updates that make the version.
+    pub size: u32,
+    /// Rows trained from a version older than `round − max_staleness` are
+    /// rejected.
+    pub max_staleness: u32,
 }
 
 /// What a round produced: the StartRound callback output and the CloseRound
@@ -152,6 +166,11 @@ pub struct UpdateRecord {
     /// hash to this, so a rewritten or stale object is left out of c.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variate_delta_checksum: Option<String>,
+    /// Async jobs: the version (round) whose global model the client
+    /// trained from, at most `round` (the version it is counted into).
+    /// Absent: `round` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_round: Option<u32>,
 }
 
 /// Where a SCAFFOLD round's server control variate c is, and its SHA-256:

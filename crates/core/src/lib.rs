@@ -12,7 +12,8 @@
 //! methods, over the grid of [`shard`]) one task at a time. Clients that
 //! personalize (FedSelect) call [`personalization`]'s `split_update` and
 //! `merge_personal`; SCAFFOLD's server variate is updated by [`scaffold`],
-//! beside the aggregation. The other public modules are the model format
+//! beside the aggregation; asynchronous mode's staleness discount and
+//! rebased inputs are [`staleness`]. The other public modules are the model format
 //! and the records other crates read or write.
 
 pub mod aggregate;
@@ -30,6 +31,7 @@ pub mod scaffold;
 pub mod shard;
 pub mod share_cap;
 mod stages;
+pub mod staleness;
 mod statistics;
 mod stream;
 pub mod update_meta;

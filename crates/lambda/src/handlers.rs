@@ -411,6 +411,7 @@ pub(crate) mod tests {
                 global_checksum: String::new(),
                 result: None,
                 failure: None,
+                buffer: None,
             })
         }
 
@@ -532,6 +533,7 @@ pub(crate) mod tests {
             trained_at: "2026-01-01T00:00:00Z".into(),
             schema: Some(1),
             variate_delta_checksum: None,
+            base_round: None,
         }
     }
 

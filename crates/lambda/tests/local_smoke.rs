@@ -186,6 +186,7 @@ async fn one_round_succeeds_and_an_unanswered_round_fails_with_quorum_not_met() 
         trained_at: "2026-11-21T23:59:00Z".into(),
         schema: Some(SCHEMA),
         variate_delta_checksum: None,
+        base_round: None,
     };
     assert_eq!(ledger.put_update(&row).await.unwrap(), PutUpdate::Created);
 

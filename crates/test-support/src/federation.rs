@@ -88,6 +88,23 @@ impl Fed {
         num_examples: u64,
         metrics: &[(&str, f64)],
     ) -> UpdateRecord {
+        self.submit_from(job, round, None, client, values, num_examples, metrics)
+            .await
+    }
+
+    /// [`Fed::submit`] for an async job's client that trained from
+    /// version `base_round` (None: from `round` itself).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit_from(
+        &self,
+        job: &Job,
+        round: u32,
+        base_round: Option<u32>,
+        client: &str,
+        values: &[f32],
+        num_examples: u64,
+        metrics: &[(&str, f64)],
+    ) -> UpdateRecord {
         let f = self.model_file(&format!("{}-{round}-{client}", job.job_id), values);
         let key = keys::update(&job.job_id, round, client);
         let info = self.store.put_file(&key, &f).await.unwrap();
@@ -108,6 +125,7 @@ impl Fed {
             trained_at: "2027-01-15T08:00:00Z".into(),
             schema: Some(SCHEMA),
             variate_delta_checksum: None,
+            base_round,
         };
         assert_eq!(
             self.ledger.put_update(&row).await.unwrap(),

@@ -253,6 +253,7 @@ fn round(job_id: &str, r: u32, token: &str) -> RoundRecord {
         global_checksum: "ab".repeat(32),
         result: None,
         failure: None,
+        buffer: None,
     }
 }
 
@@ -480,6 +481,7 @@ fn update(client: &str, job_id: &str, r: u32, checksum: &str) -> UpdateRecord {
         trained_at: "2026-11-21T23:00:00Z".into(),
         schema: Some(SCHEMA),
         variate_delta_checksum: None,
+        base_round: None,
     }
 }
 

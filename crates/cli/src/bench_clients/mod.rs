@@ -229,6 +229,8 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
         aggregation: Default::default(),
         round_config: Default::default(),
         sharding: Default::default(),
+        mode: Default::default(),
+        asynchronous: None,
     }
     .check()
     .map_err(|e| anyhow!("the bench's job: {e}"))?;

@@ -184,6 +184,7 @@ mod tests {
             global_checksum: "ab".repeat(32),
             result: None,
             failure: None,
+            buffer: None,
         }
     }
 

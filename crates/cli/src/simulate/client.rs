@@ -197,6 +197,7 @@ impl SimClient {
             trained_at: rfc3339_now(),
             schema: Some(SCHEMA),
             variate_delta_checksum,
+            base_round: None,
         };
         match ledger.put_update(&record).await? {
             PutUpdate::Created | PutUpdate::AlreadyThere => {}

@@ -92,6 +92,8 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         aggregation: settings.aggregation.clone(),
         round_config: settings.round_config(),
         sharding: Default::default(),
+        mode: Default::default(),
+        asynchronous: None,
     }
     .check()
     .map_err(|e| anyhow::anyhow!("simulated job: {e}"))?;

@@ -187,6 +187,7 @@ async fn a_conflicting_row_stays_and_the_message_is_deleted() {
         trained_at: "2027-01-01T00:00:00Z".into(),
         schema: Some(1),
         variate_delta_checksum: None,
+        base_round: None,
     };
     r.ledger
         .rows

@@ -19,9 +19,13 @@ use crate::records::{ClosedBy, HandOver, RoundRecord};
 /// The usable updates of a round that is ready to be handed over: every
 /// expected client received or rejected, and at least min_clients usable.
 /// (A rejected client counts as in: it has one row per round, so it cannot
-/// send a better one.)
+/// send a better one.) An async round (a version's buffer) is also ready
+/// as soon as its K usable updates are in.
 pub(super) fn ready(row: &RoundRecord) -> Option<usize> {
     let usable = participants(row).len();
+    if row.buffer.is_some_and(|b| usable >= b.size as usize) {
+        return Some(usable);
+    }
     let all_in = row
         .expected_clients
         .iter()

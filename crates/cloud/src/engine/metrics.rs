@@ -167,6 +167,7 @@ mod tests {
                     trained_at: String::new(),
                     schema: None,
                     variate_delta_checksum: None,
+                    base_round: None,
                 };
                 (id.to_string(), row)
             })

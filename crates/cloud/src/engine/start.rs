@@ -7,7 +7,9 @@ use crate::error::{CloudError, Result};
 use crate::job::Job;
 use crate::keys;
 use crate::ports::{Clock, Ledger, Notifier, OpenRound, StreamingStore, TaskCallback};
-use crate::records::{ClosedBy, GlobalModelReady, Notification, RoundRecord, RoundStatus, SCHEMA};
+use crate::records::{
+    ClosedBy, GlobalModelReady, Notification, RoundRecord, RoundStatus, VersionBuffer, SCHEMA,
+};
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
 where
@@ -74,6 +76,10 @@ where
             global_checksum: global.sha256,
             result: None,
             failure: None,
+            buffer: job.asynchronous().map(|a| VersionBuffer {
+                size: a.buffer_size,
+                max_staleness: a.max_staleness,
+            }),
         };
         match self.ledger.open_round(&fresh).await? {
             opened @ (OpenRound::Created | OpenRound::TokenReplaced) => {

@@ -77,6 +77,8 @@ mod tests {
             aggregation: Default::default(),
             round_config: Default::default(),
             sharding: Default::default(),
+            mode: Default::default(),
+            asynchronous: None,
         }
     }
 

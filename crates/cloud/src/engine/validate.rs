@@ -69,6 +69,7 @@ impl CheckedUpdate {
             ))));
         }
         against_round(&u).map_err(|r| Refusal::BreaksRule(bounded::reason(&r)))?;
+        base_round(&u, row).map_err(|r| Refusal::BreaksRule(bounded::reason(&r)))?;
         Ok(CheckedUpdate(u))
     }
 
@@ -79,6 +80,34 @@ impl CheckedUpdate {
     pub(super) fn into_row(self) -> UpdateRecord {
         self.0
     }
+}
+
+/// The version the row says its client trained from: only an async round
+/// takes an older one, and only within its max_staleness.
+fn base_round(u: &UpdateRecord, row: &RoundRecord) -> Result<(), String> {
+    let Some(base) = u.base_round.filter(|&b| b != u.round) else {
+        return Ok(());
+    };
+    let Some(buffer) = row.buffer else {
+        return Err(format!(
+            "base_round: round {} of job `{}` is synchronous; an update must be trained from              that round's model (base_round {base})",
+            u.round, u.job_id
+        ));
+    };
+    if base == 0 || base > u.round {
+        return Err(format!(
+            "base_round: {base} is not a version before {} (versions are numbered from 1)",
+            u.round
+        ));
+    }
+    let staleness = u.round - base;
+    if staleness > buffer.max_staleness {
+        return Err(format!(
+            "stale: trained from version {base}, {staleness} versions before {};              max_staleness is {}",
+            u.round, buffer.max_staleness
+        ));
+    }
+    Ok(())
 }
 
 fn against_round(u: &UpdateRecord) -> Result<(), String> {

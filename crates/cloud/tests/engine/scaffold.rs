@@ -90,6 +90,7 @@ async fn submit(fed: &Fed, client: &str, delta: [f32; 2], commit: bool) -> Updat
         trained_at: "2027-01-15T08:00:00Z".into(),
         schema: Some(SCHEMA),
         variate_delta_checksum: commit.then_some(put.sha256),
+        base_round: None,
     };
     assert_eq!(
         fed.ledger.put_update(&row).await.unwrap(),

@@ -122,6 +122,7 @@ impl<B: Backend> Sim<B> {
             trained_at: "2027-01-15T08:00:00Z".into(),
             schema: Some(SCHEMA),
             variate_delta_checksum: None,
+            base_round: None,
         };
         let put = infra("put_update", self.ledger.put_update(&row).await)?;
         match (&put, attempt) {

@@ -521,6 +521,7 @@ async fn client_update(
         trained_at: "2026-11-30T06:00:00Z".into(),
         schema: Some(SCHEMA),
         variate_delta_checksum: None,
+        base_round: None,
     };
     assert_eq!(ledger.put_update(&row).await.unwrap(), PutUpdate::Created);
     row

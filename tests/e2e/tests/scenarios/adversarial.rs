@@ -71,6 +71,7 @@ impl Evil<'_> {
             trained_at: "2026-11-29T00:00:00Z".into(),
             schema: Some(SCHEMA),
             variate_delta_checksum: None,
+            base_round: None,
         }
     }
 

@@ -99,6 +99,7 @@ async fn duplicates_and_racing_handlers_aggregate_and_call_back_once() {
             trained_at: "2026-11-22T00:00:00Z".into(),
             schema: Some(SCHEMA),
             variate_delta_checksum: None,
+            base_round: None,
         });
     }
     for row in &rows {

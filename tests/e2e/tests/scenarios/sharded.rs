@@ -99,6 +99,7 @@ async fn two_workers_aggregate_four_shards_into_the_weighted_mean() {
             trained_at: "2026-11-30T00:00:00Z".into(),
             schema: Some(SCHEMA),
             variate_delta_checksum: None,
+            base_round: None,
         };
         assert_eq!(ledger.put_update(&row).await.unwrap(), PutUpdate::Created);
     }

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fedstep_core::aggregate::{Decision, ShardDone, ShardStatistics};
-use fedstep_core::{ByteSink, Input, OutputTarget, UpdateMeta, UpdateSource};
+use fedstep_core::staleness::Rebased;
+use fedstep_core::{ByteSink, Input, Limits, OutputTarget, UpdateMeta, UpdateSource};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +58,19 @@ impl Pinned {
 pub(crate) struct PinnedUpdate {
     pub row: UpdateRecord,
     pub object: Pinned,
+    /// Async: the update was trained from an older version, and enters as
+    /// rebased onto this round's global model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebase: Option<RebaseFrom>,
+}
+
+/// The older version a stale update is rebased from, and its discount.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct RebaseFrom {
+    /// The version's global model, pinned like every input.
+    pub model: Pinned,
+    /// s(τ) (`fedstep_core::staleness`).
+    pub weight: f64,
 }
 
 /// What the plan decided for the attempt.
@@ -297,15 +311,40 @@ pub(crate) struct Opened {
 }
 
 impl Opened {
-    pub fn open<S: StreamingStore>(store: &S, plan: &Plan, read_ahead_total: u64) -> Result<Self> {
-        let read_ahead = read_ahead_total / (plan.updates.len() as u64 + 2);
+    pub fn open<S: StreamingStore>(
+        store: &S,
+        plan: &Plan,
+        read_ahead_total: u64,
+        limits: &Limits,
+    ) -> Result<Self> {
+        // A rebased update reads two global models beside its own.
+        let rebased = plan.updates.iter().filter(|u| u.rebase.is_some()).count();
+        let readers = plan.updates.len() + 2 * rebased + 2;
+        let read_ahead = read_ahead_total / readers as u64;
         let mut sources = Vec::with_capacity(plan.updates.len());
         let mut update_readers = Vec::with_capacity(plan.updates.len());
         for u in &plan.updates {
             let reader = store.reader(&u.object.key, &u.object.stat(), read_ahead)?;
             update_readers.push(reader.clone());
+            // The hash is taken by `reader` whether or not the update is
+            // rebased: a rebased read reads the same ranges of it.
+            let input = match &u.rebase {
+                None => Input::new(reader),
+                Some(r) => {
+                    let base = store.reader(&r.model.key, &r.model.stat(), read_ahead)?;
+                    let current =
+                        store.reader(&plan.global.key, &plan.global.stat(), read_ahead)?;
+                    Input::new(Arc::new(Rebased::new(
+                        Input::new(reader),
+                        Input::new(base),
+                        Input::new(current),
+                        r.weight,
+                        limits.clone(),
+                    )))
+                }
+            };
             sources.push(UpdateSource {
-                input: Input::new(reader),
+                input,
                 meta: UpdateMeta {
                     client_id: u.row.client_id.clone(),
                     num_examples: u.row.num_examples.clone(),

@@ -159,7 +159,12 @@ where
         }
         let elapsed = Duration::from_millis(unix_ms().saturating_sub(plan.started_ms));
         let job = self.job_of(job_id).await?;
-        let opened = Opened::open(&self.store, &plan, self.config.read_ahead_bytes)?;
+        let opened = Opened::open(
+            &self.store,
+            &plan,
+            self.config.read_ahead_bytes,
+            job.pipeline().limits(),
+        )?;
         let (p, j) = (plan.clone(), job.clone());
         let measurements = blocking(move || {
             with_attempt(&p, &j, &opened, |a| {

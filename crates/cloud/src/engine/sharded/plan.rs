@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attempt::{
     decision_key, new_attempt_id, plan_key, put_json, unix_ms, Decided, Opened, Pinned,
-    PinnedUpdate, Plan,
+    PinnedUpdate, Plan, RebaseFrom,
 };
 use crate::engine::aggregation::participants;
 use crate::engine::close::{quorum_not_met, stored_failure};
@@ -26,7 +26,7 @@ use crate::error::{CloudError, Result};
 use crate::job::Job;
 use crate::keys;
 use crate::ports::{Clock, Ledger, Notifier, StreamingStore, TaskCallback};
-use crate::records::{ClosedBy, RoundRecord, RoundResult, RoundStatus};
+use crate::records::{ClosedBy, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
 use crate::round_failure::RoundFailure;
 
 /// How often to look again while another attempt holds the round.
@@ -148,9 +148,11 @@ where
             match self.check_update(row, &client).await? {
                 Ok((checked, stat)) => {
                     let object = Pinned::new(&checked.row().model_key, &stat);
+                    let rebase = self.rebase_from(job, checked.row()).await?;
                     updates.push(PinnedUpdate {
                         row: checked.into_row(),
                         object,
+                        rebase,
                     });
                 }
                 Err(reason) => self.reject(row, &client, &reason, &mut rejected).await?,
@@ -191,7 +193,12 @@ where
                 self.ledger.fail_round(job_id, round, &failure).await?;
                 return Err(failure.into());
             }
-            let opened = Opened::open(&self.store, &plan, self.config.read_ahead_bytes)?;
+            let opened = Opened::open(
+                &self.store,
+                &plan,
+                self.config.read_ahead_bytes,
+                job.pipeline().limits(),
+            )?;
             let config = job.pipeline().clone();
             let (requested, r) = (plan.shards_requested, u64::from(round));
             let outcome = tokio::task::spawn_blocking(move || {
@@ -268,6 +275,40 @@ where
             statistics: cut.statistics,
             concurrency: job.sharding.concurrency,
         })
+    }
+}
+
+impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
+where
+    S: StreamingStore,
+    L: Ledger,
+    N: Notifier,
+    C: TaskCallback,
+    K: Clock,
+{
+    /// Async: where a row trained from an older version is rebased from
+    /// (that version's global model, pinned now) and its staleness
+    /// discount. The row's base_round was checked against the round.
+    async fn rebase_from(&self, job: &Job, row: &UpdateRecord) -> Result<Option<RebaseFrom>> {
+        let (Some(base), Some(settings)) = (row.base_round, job.asynchronous()) else {
+            return Ok(None);
+        };
+        if base >= row.round {
+            return Ok(None);
+        }
+        let key = keys::global_model(&row.job_id, base);
+        // The server's own output, kept in the registry: gone is a system
+        // failure, not the client's.
+        let stat = self.store.stat(&key).await?.ok_or_else(|| {
+            CloudError::NotFound(format!(
+                "version {base} of job `{}` (the model `{}` trained from) is gone from `{key}`",
+                row.job_id, row.client_id
+            ))
+        })?;
+        Ok(Some(RebaseFrom {
+            model: Pinned::new(&key, &stat),
+            weight: settings.staleness.weight(row.round - base),
+        }))
     }
 }
 

@@ -80,7 +80,12 @@ where
             });
         }
         let job = self.job_of(job_id).await?;
-        let opened = Opened::open(&self.store, &plan, self.config.read_ahead_bytes)?;
+        let opened = Opened::open(
+            &self.store,
+            &plan,
+            self.config.read_ahead_bytes,
+            job.pipeline().limits(),
+        )?;
         let p = plan.clone();
         let done = blocking(move || {
             with_attempt(&p, &job, &opened, |a| match a.statistics(shard) {
@@ -134,7 +139,12 @@ where
             Some(refused) => refused,
             None => {
                 let job = self.job_of(job_id).await?;
-                let opened = Opened::open(&self.store, &plan, self.config.read_ahead_bytes)?;
+                let opened = Opened::open(
+                    &self.store,
+                    &plan,
+                    self.config.read_ahead_bytes,
+                    job.pipeline().limits(),
+                )?;
                 let p = plan.clone();
                 blocking(move || {
                     with_attempt(&p, &job, &opened, |a| match a.decide(&stats) {
@@ -191,7 +201,12 @@ where
                     ),
                     None => None,
                 };
-                let opened = Opened::open(&self.store, &plan, self.config.read_ahead_bytes)?;
+                let opened = Opened::open(
+                    &self.store,
+                    &plan,
+                    self.config.read_ahead_bytes,
+                    job.pipeline().limits(),
+                )?;
                 let p = plan.clone();
                 let (m, st) = (model.clone(), state.clone());
                 let (combined, hashed) = blocking(move || {

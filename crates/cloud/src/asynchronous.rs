@@ -1,0 +1,177 @@
+//! Asynchronous (buffered, FedBuff-style) jobs: `mode = "async"` and the
+//! job file's `[async]` table, parsed once into [`AsyncSettings`].
+//!
+//! ```toml
+//! mode = "async"
+//!
+//! [async]
+//! buffer_size = 2            # K: a version is aggregated once K updates are in
+//! staleness = "polynomial"   # or "constant", "hinge"
+//! staleness_exponent = 0.5   # polynomial: s(τ) = 1/(1+τ)^a
+//! hinge_slope = 1.0          # hinge: s(τ) = 1/(slope·(τ−cutoff)+1) past cutoff
+//! hinge_cutoff = 4
+//! max_staleness = 20         # older updates are rejected with that reason
+//! ```
+//!
+//! A version is a round whose hand-over waits for K usable updates rather
+//! than for every client (ARCHITECTURE.md, "Asynchronous jobs").
+
+use fedstep_core::personalization::Personalization;
+use fedstep_core::staleness::Staleness;
+use fedstep_core::PipelineConfig;
+use serde::{Deserialize, Serialize};
+
+/// `mode`: whether rounds wait for every client (`sync`) or versions are
+/// made from the first K updates (`async`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum JobMode {
+    #[default]
+    Sync,
+    Async,
+}
+
+impl JobMode {
+    pub fn is_sync(&self) -> bool {
+        *self == JobMode::Sync
+    }
+}
+
+/// The discount's form, as the job file names it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StalenessForm {
+    #[default]
+    Polynomial,
+    Constant,
+    Hinge,
+}
+
+/// The `[async]` table as written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AsyncSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer_size: Option<u32>,
+    #[serde(default)]
+    pub staleness: StalenessForm,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staleness_exponent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hinge_slope: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hinge_cutoff: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_staleness: Option<u32>,
+}
+
+/// An async job's settings, checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AsyncSettings {
+    /// K: updates a version is made from.
+    pub buffer_size: u32,
+    pub staleness: Staleness,
+    /// An update trained more than this many versions ago is rejected.
+    pub max_staleness: u32,
+}
+
+impl AsyncSettings {
+    /// Versions an update may lag behind by default: with the polynomial
+    /// discount it then still weighs 1/√21 ≈ 0.22.
+    pub const DEFAULT_MAX_STALENESS: u32 = 20;
+
+    /// K by default: half the clients (rounded up), so a version never
+    /// waits for the slower half.
+    pub fn default_buffer_size(clients: usize) -> u32 {
+        u32::try_from(clients.div_ceil(2).max(1)).unwrap_or(u32::MAX)
+    }
+}
+
+/// Checks `mode` and `[async]` against the job: `None` for a sync job.
+pub(crate) fn check(
+    mode: JobMode,
+    spec: Option<&AsyncSpec>,
+    clients: usize,
+    min_clients: u32,
+    scaffold: bool,
+    pipeline: &PipelineConfig,
+) -> Result<Option<AsyncSettings>, String> {
+    let spec = match (mode, spec) {
+        (JobMode::Sync, None) => return Ok(None),
+        (JobMode::Sync, Some(_)) => {
+            return Err("[async] is set but mode is \"sync\": add mode = \"async\"".into())
+        }
+        (JobMode::Async, spec) => spec.cloned().unwrap_or_default(),
+    };
+    let buffer_size = spec
+        .buffer_size
+        .unwrap_or_else(|| AsyncSettings::default_buffer_size(clients));
+    if buffer_size == 0 || buffer_size as usize > clients {
+        return Err(format!(
+            "[async] buffer_size = {buffer_size} must be between 1 and the {clients} clients listed"
+        ));
+    }
+    if min_clients > buffer_size {
+        return Err(format!(
+            "min_clients = {min_clients} exceeds [async] buffer_size = {buffer_size}: a version \
+             is aggregated from buffer_size updates, and min_clients is the fewest a version \
+             may be made from at the deadline"
+        ));
+    }
+    let misplaced =
+        |name: &str, form: &str| format!("[async] {name} applies to staleness = \"{form}\" only");
+    let staleness = match spec.staleness {
+        StalenessForm::Polynomial => {
+            if spec.hinge_slope.is_some() || spec.hinge_cutoff.is_some() {
+                return Err(misplaced("hinge_slope/hinge_cutoff", "hinge"));
+            }
+            Staleness::Polynomial {
+                exponent: spec
+                    .staleness_exponent
+                    .unwrap_or(Staleness::DEFAULT_EXPONENT),
+            }
+        }
+        StalenessForm::Constant => {
+            if spec.staleness_exponent.is_some() {
+                return Err(misplaced("staleness_exponent", "polynomial"));
+            }
+            if spec.hinge_slope.is_some() || spec.hinge_cutoff.is_some() {
+                return Err(misplaced("hinge_slope/hinge_cutoff", "hinge"));
+            }
+            Staleness::Constant
+        }
+        StalenessForm::Hinge => {
+            if spec.staleness_exponent.is_some() {
+                return Err(misplaced("staleness_exponent", "polynomial"));
+            }
+            Staleness::Hinge {
+                slope: spec.hinge_slope.unwrap_or(Staleness::DEFAULT_HINGE_SLOPE),
+                cutoff: spec.hinge_cutoff.unwrap_or(Staleness::DEFAULT_HINGE_CUTOFF),
+            }
+        }
+    };
+    staleness.check().map_err(|e| format!("[async] {e}"))?;
+    // Both need one client's state across versions that async mixes up.
+    if scaffold {
+        return Err(
+            "mode = \"async\" with round_config.algorithm = \"scaffold\": SCAFFOLD's control \
+             variates assume every client's correction is computed against the same c, which a \
+             stale update was not"
+                .into(),
+        );
+    }
+    if pipeline.personalization() == Personalization::Fedselect {
+        return Err(
+            "mode = \"async\" with personalization = \"fedselect\": a stale masked update would \
+             be rebased onto elements its client never shared"
+                .into(),
+        );
+    }
+    Ok(Some(AsyncSettings {
+        buffer_size,
+        staleness,
+        max_staleness: spec
+            .max_staleness
+            .unwrap_or(AsyncSettings::DEFAULT_MAX_STALENESS),
+    }))
+}

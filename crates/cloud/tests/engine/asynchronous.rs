@@ -1,0 +1,106 @@
+//! Async jobs in the round engine (issue #17): a version is a round whose
+//! hand-over comes at K usable updates, and a row trained from an older
+//! version is rebased onto the newest with its staleness discount:
+//! x' = g_r + s(τ)·(x − g_b), then the pipeline's weighted mean.
+
+use fedstep_cloud::ports::Ledger;
+use fedstep_cloud::records::ClosedBy;
+use fedstep_cloud::{JobSpec, UpdateOutcome};
+use fedstep_test_support::federation::*;
+
+const JOB: &str = "buffered";
+
+/// Three clients, K = 2, s(τ) = 1/(1+τ), at most one version stale.
+fn async_job() -> fedstep_cloud::Job {
+    JobSpec::from_toml(&format!(
+        "job_id = \"{JOB}\"\nrounds = 5\nclients = [\"a\", \"b\", \"c\"]\nmin_clients = 1\n\
+         round_timeout_seconds = 600\nmode = \"async\"\n[aggregation]\nweighting = \"examples\"\n\
+         [async]\nbuffer_size = 2\nstaleness_exponent = 1.0\nmax_staleness = 1\n"
+    ))
+    .unwrap()
+}
+
+fn close(got: &[f32], want: &[f32]) -> bool {
+    got.len() == want.len() && got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6)
+}
+
+#[tokio::test]
+async fn versions_are_made_from_the_first_k_updates_with_stale_ones_rebased() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = async_job();
+    fed.upload_initial(&job, &[0.0, 0.0]).await;
+
+    // Version 1: a and b are in, c is still training. K = 2 hands over.
+    engine.start_round(&job, 1, "t1").await.unwrap();
+    let a = fed.submit(&job, 1, "a", &[1.0, 1.0], 10, &[]).await;
+    let b = fed.submit(&job, 1, "b", &[3.0, 5.0], 10, &[]).await;
+    assert!(matches!(
+        engine.on_update(&a).await.unwrap(),
+        UpdateOutcome::Recorded { usable: 1, .. }
+    ));
+    assert!(matches!(
+        engine.on_update(&b).await.unwrap(),
+        UpdateOutcome::HandedOver { usable: 2, .. }
+    ));
+    let v1 = engine.close_round(JOB, 1, ClosedBy::Stream).await.unwrap();
+    assert_eq!(v1.accepted, ["a", "b"]);
+    assert!(v1.continue_training);
+    let g2 = fed.global(&job, 2).await;
+    assert!(close(&g2, &[2.0, 3.0]), "{g2:?}");
+
+    // Version 2: c's update trained from version 1 arrives (τ = 1, s = 1/2)
+    // beside a's fresh one.
+    engine.start_round(&job, 2, "t2").await.unwrap();
+    let c = fed
+        .submit_from(&job, 2, Some(1), "c", &[5.0, -1.0], 10, &[])
+        .await;
+    let a2 = fed
+        .submit_from(&job, 2, Some(2), "a", &[2.5, 3.5], 10, &[])
+        .await;
+    engine.on_update(&c).await.unwrap();
+    assert!(matches!(
+        engine.on_update(&a2).await.unwrap(),
+        UpdateOutcome::HandedOver { usable: 2, .. }
+    ));
+    engine.close_round(JOB, 2, ClosedBy::Stream).await.unwrap();
+    // c' = g2 + ½·(c − g1) = [2, 3] + ½·[5, −1] = [4.5, 2.5]; the mean
+    // with a's [2.5, 3.5] (equal examples) is [3.5, 3].
+    let g3 = fed.global(&job, 3).await;
+    assert!(close(&g3, &[3.5, 3.0]), "{g3:?}");
+
+    // Version 3: a row two versions stale is rejected with that reason,
+    // and does not take a place in the buffer.
+    engine.start_round(&job, 3, "t3").await.unwrap();
+    let stale = fed
+        .submit_from(&job, 3, Some(1), "b", &[9.0, 9.0], 10, &[])
+        .await;
+    let UpdateOutcome::Rejected(reason) = engine.on_update(&stale).await.unwrap() else {
+        panic!("a row past max_staleness must be rejected")
+    };
+    assert!(reason.starts_with("stale:"), "{reason}");
+    let round = fed.ledger.get_round(JOB, 3).await.unwrap().unwrap();
+    assert!(round.rejections["b"].starts_with("stale:"));
+    // A version from the future is no version the client trained from.
+    let future = fed
+        .submit_from(&job, 3, Some(4), "c", &[0.0, 0.0], 10, &[])
+        .await;
+    let UpdateOutcome::Rejected(reason) = engine.on_update(&future).await.unwrap() else {
+        panic!("a base_round after the round must be rejected")
+    };
+    assert!(reason.starts_with("base_round:"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_sync_round_refuses_an_update_trained_from_another_round() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = job("sync", 3, &["a", "b"], 1);
+    fed.upload_initial(&job, &[0.0]).await;
+    engine.start_round(&job, 1, "t1").await.unwrap();
+    let row = fed.submit_from(&job, 1, Some(2), "a", &[1.0], 1, &[]).await;
+    let UpdateOutcome::Rejected(reason) = engine.on_update(&row).await.unwrap() else {
+        panic!("a sync round takes only rows trained from it")
+    };
+    assert!(reason.contains("synchronous"), "{reason}");
+}
