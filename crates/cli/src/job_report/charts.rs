@@ -71,20 +71,33 @@ pub fn safe_label(s: &str) -> String {
         .collect()
 }
 
-/// A line chart of `series` over rounds 1..=`rounds`. `y_range`: fixed, or
-/// (None) the data's range with a margin.
+/// A chart's x axis: rounds 1..=n, or simulated seconds 0..=max.
+#[derive(Debug, Clone, Copy)]
+pub enum XAxis {
+    Rounds(u32),
+    Seconds(f64),
+}
+
+/// A line chart of `series` over `x`. `y_range`: fixed, or (None) the
+/// data's range with a margin.
 pub fn line_chart(
     path: &Path,
     title: &str,
     y_desc: &str,
-    rounds: u32,
+    x: XAxis,
     y_range: Option<(f64, f64)>,
     legend: Legend,
     series: &[Series],
 ) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
     let (lo, hi) = y_range.unwrap_or_else(|| data_range(series));
-    let rounds = f64::from(rounds.max(1));
+    let (x_range, x_desc, x_labels) = match x {
+        XAxis::Rounds(n) => {
+            let n = f64::from(n.max(1));
+            (0.5f64..n + 0.5, "round", (n as usize).min(20))
+        }
+        XAxis::Seconds(max) => (0.0f64..max.max(1.0) * 1.02, "simulated seconds", 10),
+    };
     let root = SVGBackend::new(path, (800, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -92,13 +105,13 @@ pub fn line_chart(
         .margin(14)
         .x_label_area_size(40)
         .y_label_area_size(64)
-        .build_cartesian_2d(0.5f64..rounds + 0.5, lo..hi)
+        .build_cartesian_2d(x_range, lo..hi)
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
-        .x_desc("round")
+        .x_desc(x_desc)
         .y_desc(y_desc)
-        .x_labels((rounds as usize).min(20))
+        .x_labels(x_labels)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_labels(8)
         .light_line_style(RGBColor(235, 235, 235))
@@ -168,7 +181,15 @@ pub fn draw_all(report: &JobReport, out: &Path) -> Result<Vec<Chart>> {
         } else {
             Legend::UpperRight
         };
-        line_chart(&path, &title, y, rounds, range, legend, &series)?;
+        line_chart(
+            &path,
+            &title,
+            y,
+            XAxis::Rounds(rounds),
+            range,
+            legend,
+            &series,
+        )?;
         charts.push(Chart { title, path });
         anyhow::Ok(())
     };

@@ -20,7 +20,7 @@ use fedstep_cloud::records::ClosedBy;
 use serde::Serialize;
 use serde_json::Value;
 
-pub use charts::{line_chart, Legend, Series};
+pub use charts::{line_chart, Legend, Series, XAxis};
 pub use collect::collect;
 
 /// Everything the page shows, as `report.json` holds it.

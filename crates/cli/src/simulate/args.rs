@@ -105,6 +105,33 @@ pub struct Args {
     /// FedProx's μ (with --algorithm fedprox).
     #[arg(long, value_name = "M")]
     pub mu: Option<f64>,
+    /// `sync` (each round waits for every client) or `async` (FedBuff,
+    /// issue #17: a new version from every --buffer-size updates, stale
+    /// ones discounted). Async runs on a simulated clock (--client-speeds)
+    /// beside the sync federation at the same speeds, and reports the
+    /// simulated time each needs to reach --target-accuracy.
+    #[arg(long, value_enum, default_value = "sync")]
+    pub mode: ModeFlag,
+    /// With --mode async: K, the updates a version is made from [default:
+    /// half the clients, rounded up].
+    #[arg(long, value_name = "K")]
+    pub buffer_size: Option<u32>,
+    /// With --mode async: the simulated seconds one local training takes on
+    /// each client, one per client (`1,1,4`: the third is four times
+    /// slower) [default: 1 for every client].
+    #[arg(long, value_name = "S,S,..", value_delimiter = ',')]
+    pub client_speeds: Vec<f64>,
+    /// With --mode async: the accuracy whose simulated time to reach is
+    /// compared [default: 0.95 × the sync run's final accuracy].
+    #[arg(long, value_name = "A")]
+    pub target_accuracy: Option<f64>,
+    /// With --mode async: a in the staleness discount s(τ) = 1/(1+τ)^a.
+    #[arg(long, value_name = "A")]
+    pub staleness_exponent: Option<f64>,
+    /// With --mode async: updates more than this many versions old are
+    /// rejected [default: 20].
+    #[arg(long, value_name = "V")]
+    pub max_staleness: Option<u32>,
     /// MNIST images (IDX, e.g. train-images-idx3-ubyte) instead of the
     /// bundled digits.
     #[arg(long, requires = "mnist_labels", value_name = "FILE")]
@@ -137,6 +164,24 @@ impl Algorithm {
 /// sweep in `scripts/drift-table.sh` beats FedAvg (README, "Client
 /// drift"): 0.01 ties it, 0.1 costs a little, 1 costs 5-10 points.
 pub const DEFAULT_MU: f64 = 0.01;
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeFlag {
+    Sync,
+    Async,
+}
+
+/// --mode async's settings, checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct AsyncSim {
+    pub buffer_size: u32,
+    /// Simulated seconds of one local training, per client.
+    pub client_speeds: Vec<f64>,
+    /// None: 0.95 × the sync run's final accuracy.
+    pub target_accuracy: Option<f64>,
+    pub staleness_exponent: f64,
+    pub max_staleness: u32,
+}
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PersonalizationFlag {
@@ -205,6 +250,9 @@ pub struct Settings {
     pub algorithm: Algorithm,
     /// FedProx's μ (0 unless --algorithm fedprox).
     pub mu: f64,
+    /// --mode async.
+    #[serde(rename = "async")]
+    pub asynchronous: Option<AsyncSim>,
     pub out: PathBuf,
 }
 
@@ -255,6 +303,74 @@ const DEFAULT_CLIENTS: usize = 3;
 const DIGIT_CLASSES: usize = 10;
 
 impl Args {
+    /// --mode async and its flags, for `n` clients; the flags without it
+    /// are refused, naming it.
+    fn async_settings(&self, n: usize) -> Result<Option<AsyncSim>> {
+        if self.mode == ModeFlag::Sync {
+            for (flag, given) in [
+                ("--buffer-size", self.buffer_size.is_some()),
+                ("--client-speeds", !self.client_speeds.is_empty()),
+                ("--target-accuracy", self.target_accuracy.is_some()),
+                ("--staleness-exponent", self.staleness_exponent.is_some()),
+                ("--max-staleness", self.max_staleness.is_some()),
+            ] {
+                if given {
+                    bail!("{flag} applies to --mode async only");
+                }
+            }
+            return Ok(None);
+        }
+        if self.personalization != PersonalizationFlag::None
+            || self.algorithm == Algorithm::Scaffold
+        {
+            bail!(
+                "--mode async with --personalization fedselect or --algorithm scaffold: both \
+                 keep per-client state against one global model, which a stale update was not \
+                 trained from (ARCHITECTURE.md, \"Asynchronous jobs\")"
+            );
+        }
+        let buffer_size = self
+            .buffer_size
+            .unwrap_or_else(|| fedstep_cloud::asynchronous::AsyncSettings::default_buffer_size(n));
+        if buffer_size == 0 || buffer_size as usize > n {
+            bail!("--buffer-size {buffer_size} must be between 1 and the {n} clients");
+        }
+        let client_speeds = if self.client_speeds.is_empty() {
+            vec![1.0; n]
+        } else {
+            self.client_speeds.clone()
+        };
+        if client_speeds.len() != n {
+            bail!(
+                "--client-speeds gives {} values for {n} clients: one per client",
+                client_speeds.len()
+            );
+        }
+        if let Some(s) = client_speeds.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            bail!("--client-speeds: {s} is not a positive number of simulated seconds");
+        }
+        if let Some(a) = self.target_accuracy.filter(|a| !(*a > 0.0 && *a <= 1.0)) {
+            bail!("--target-accuracy must be in (0, 1], got {a}");
+        }
+        let staleness_exponent = self
+            .staleness_exponent
+            .unwrap_or(fedstep_core::staleness::Staleness::DEFAULT_EXPONENT);
+        fedstep_core::staleness::Staleness::Polynomial {
+            exponent: staleness_exponent,
+        }
+        .check()
+        .map_err(|e| anyhow::anyhow!("--staleness-exponent: {e}"))?;
+        Ok(Some(AsyncSim {
+            buffer_size,
+            client_speeds,
+            target_accuracy: self.target_accuracy,
+            staleness_exponent,
+            max_staleness: self
+                .max_staleness
+                .unwrap_or(fedstep_cloud::asynchronous::AsyncSettings::DEFAULT_MAX_STALENESS),
+        }))
+    }
+
     pub fn resolve(self) -> Result<Settings> {
         let (groups, default) = match (&self.classes, self.clients) {
             (Some(text), n) => {
@@ -384,6 +500,7 @@ impl Args {
                 );
             }
         }
+        let asynchronous = self.async_settings(n)?;
         let data = match (self.mnist_images, self.mnist_labels) {
             (Some(images), Some(labels)) => DataSource::Mnist { images, labels },
             _ => DataSource::Digits,
@@ -411,6 +528,7 @@ impl Args {
             personalization,
             algorithm: self.algorithm,
             mu,
+            asynchronous,
             out: self
                 .out
                 .unwrap_or_else(|| PathBuf::from("runs").join(timestamp::run_dir_name())),
@@ -481,6 +599,60 @@ mod tests {
         assert!(e.contains("median"), "{e}");
         let e = err(&["--algorithm", "scaffold", "--personalization", "fedselect"]);
         assert!(e.contains("fedselect"), "{e}");
+    }
+
+    #[test]
+    fn async_flags() {
+        assert!(resolve(&[]).unwrap().asynchronous.is_none());
+        let a = resolve(&["--mode", "async"]).unwrap().asynchronous.unwrap();
+        assert_eq!((a.buffer_size, a.max_staleness), (2, 20));
+        assert_eq!(a.client_speeds, [1.0, 1.0, 1.0]);
+        let a = resolve(&[
+            "--mode",
+            "async",
+            "--client-speeds",
+            "1,1,4",
+            "--buffer-size",
+            "1",
+        ])
+        .unwrap()
+        .asynchronous
+        .unwrap();
+        assert_eq!((a.buffer_size, a.client_speeds[2]), (1, 4.0));
+        let err = |flags: &[&str]| format!("{:#}", resolve(flags).unwrap_err());
+        for (flags, want) in [
+            (
+                &["--buffer-size", "2"][..],
+                "--buffer-size applies to --mode async",
+            ),
+            (
+                &["--mode", "async", "--buffer-size", "4"][..],
+                "between 1 and the 3",
+            ),
+            (
+                &["--mode", "async", "--client-speeds", "1,2"][..],
+                "2 values for 3 clients",
+            ),
+            (
+                &["--mode", "async", "--client-speeds", "1,0,2"][..],
+                "not a positive number",
+            ),
+            (
+                &["--mode", "async", "--target-accuracy", "2"][..],
+                "--target-accuracy",
+            ),
+            (
+                &["--mode", "async", "--staleness-exponent=-1"][..],
+                "--staleness-exponent",
+            ),
+            (
+                &["--mode", "async", "--algorithm", "scaffold"][..],
+                "--mode async with",
+            ),
+        ] {
+            let e = err(flags);
+            assert!(e.contains(want), "{flags:?}: {e}");
+        }
     }
 
     #[test]

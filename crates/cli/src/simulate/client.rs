@@ -40,7 +40,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{ClientQueue, Ledger, ObjectStore, PutUpdate};
-use fedstep_cloud::records::{Notification, UpdateRecord, SCHEMA};
+use fedstep_cloud::records::{GlobalModelReady, Notification, UpdateRecord, SCHEMA};
 use fedstep_core::personalization::{merge_personal, split_update, Ramp};
 use fedstep_core::Limits;
 use fedstep_trainer::{evaluate, train_local, train_scaffold, MlpParams, TrainConfig};
@@ -90,6 +90,13 @@ struct VariateFiles {
 pub struct ClientRound {
     pub record: UpdateRecord,
     pub seconds: f64,
+}
+
+/// Async: an update trained from version `base_round`, not yet submitted.
+pub struct Pending {
+    trained: Trained,
+    pub base_round: u32,
+    dir: PathBuf,
 }
 
 impl SimClient {
@@ -158,54 +165,15 @@ impl SimClient {
         };
         let me = Arc::clone(&self);
         let scratch = dir.clone();
-        let Trained {
-            upload: local_path,
-            metrics,
-            num_examples,
-            variates,
-        } = tokio::task::spawn_blocking(move || {
+        let trained = tokio::task::spawn_blocking(move || {
             me.train(&global_path, server_variate.as_deref(), &scratch, round)
         })
         .await
         .map_err(|e| anyhow!("{id}: training task: {e}"))??;
-
-        let variate_delta_checksum = match &variates {
-            Some(v) => Some(
-                store
-                    .put_update_file(&keys::variate_delta(job_id, round, &id), &v.delta)
-                    .await?
-                    .sha256,
-            ),
-            None => None,
-        };
-        let key = keys::update(job_id, round, &id);
-        let put = store.put_file(&key, &local_path).await?;
-        let record = UpdateRecord {
-            client_id: id.clone(),
-            job_round: keys::job_round(job_id, round),
-            job_id: job_id.to_string(),
-            round,
-            model_key: key,
-            checksum: put.sha256,
-            num_examples: Value::from(num_examples as u64),
-            llm_type: Some(LLM_TYPE.to_string()),
-            metrics: metrics
-                .into_iter()
-                .map(|(k, v)| (k, Value::from(v)))
-                .collect(),
-            bytes: put.bytes,
-            trained_at: rfc3339_now(),
-            schema: Some(SCHEMA),
-            variate_delta_checksum,
-            base_round: None,
-        };
-        match ledger.put_update(&record).await? {
-            PutUpdate::Created | PutUpdate::AlreadyThere => {}
-            PutUpdate::Conflict(other) => bail!(
-                "{id}: a different update (sha256 {}) is already recorded for round {round}",
-                other.checksum
-            ),
-        }
+        let record = self
+            .submit(store, ledger, job_id, round, None, &trained)
+            .await?;
+        let variates = trained.variates;
         // The row is in: the server will count this Δc_i, so c_i moves on.
         if let Some(v) = &variates {
             std::fs::rename(&v.next, self.variate_path())
@@ -217,6 +185,126 @@ impl SimClient {
             record,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Uploads what was trained (Δc_i first, with SCAFFOLD) and writes the
+    /// row for `round`; `base_round`: an async client's version it trained
+    /// from, when older.
+    async fn submit<S, L>(
+        &self,
+        store: &S,
+        ledger: &L,
+        job_id: &str,
+        round: u32,
+        base_round: Option<u32>,
+        trained: &Trained,
+    ) -> Result<UpdateRecord>
+    where
+        S: ObjectStore,
+        L: Ledger,
+    {
+        let id = &self.share.id;
+        let variate_delta_checksum = match &trained.variates {
+            Some(v) => Some(
+                store
+                    .put_update_file(&keys::variate_delta(job_id, round, id), &v.delta)
+                    .await?
+                    .sha256,
+            ),
+            None => None,
+        };
+        let key = keys::update(job_id, round, id);
+        let put = store.put_file(&key, &trained.upload).await?;
+        let record = UpdateRecord {
+            client_id: id.clone(),
+            job_round: keys::job_round(job_id, round),
+            job_id: job_id.to_string(),
+            round,
+            model_key: key,
+            checksum: put.sha256,
+            num_examples: Value::from(trained.num_examples as u64),
+            llm_type: Some(LLM_TYPE.to_string()),
+            metrics: trained
+                .metrics
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(*v)))
+                .collect(),
+            bytes: put.bytes,
+            trained_at: rfc3339_now(),
+            schema: Some(SCHEMA),
+            variate_delta_checksum,
+            base_round,
+        };
+        match ledger.put_update(&record).await? {
+            PutUpdate::Created | PutUpdate::AlreadyThere => Ok(record),
+            PutUpdate::Conflict(other) => bail!(
+                "{id}: a different update (sha256 {}) is already recorded for round {round}",
+                other.checksum
+            ),
+        }
+    }
+
+    /// Async: downloads version `ready` (checksum verified) and trains from
+    /// it; the result waits in this client's directory until the driver's
+    /// clock says it is done.
+    pub async fn train_version<S: ObjectStore>(
+        self: Arc<Self>,
+        store: &S,
+        ready: &GlobalModelReady,
+    ) -> Result<Pending> {
+        let id = self.share.id.clone();
+        let version = ready.round;
+        let dir = self.workdir.join(format!("version-{version}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let global_path = dir.join("global.safetensors");
+        let got = store.get_file(&ready.model_key, &global_path).await?;
+        if got.sha256 != ready.checksum {
+            bail!(
+                "{id}: version {version} {} has sha256 {} but the message says {}",
+                ready.model_key,
+                got.sha256,
+                ready.checksum
+            );
+        }
+        let me = Arc::clone(&self);
+        let scratch = dir.clone();
+        let trained =
+            tokio::task::spawn_blocking(move || me.train(&global_path, None, &scratch, version))
+                .await
+                .map_err(|e| anyhow!("{id}: training task: {e}"))??;
+        Ok(Pending {
+            trained,
+            base_round: version,
+            dir,
+        })
+    }
+
+    /// Async: writes `pending` as this client's row for `round` (the version
+    /// being buffered), naming the version it was trained from.
+    pub async fn submit_pending<S, L>(
+        &self,
+        store: &S,
+        ledger: &L,
+        job_id: &str,
+        round: u32,
+        pending: Pending,
+    ) -> Result<UpdateRecord>
+    where
+        S: ObjectStore,
+        L: Ledger,
+    {
+        let record = self
+            .submit(
+                store,
+                ledger,
+                job_id,
+                round,
+                Some(pending.base_round),
+                &pending.trained,
+            )
+            .await?;
+        std::fs::remove_dir_all(&pending.dir).ok();
+        Ok(record)
     }
 
     /// This client's personal file (FedSelect).

@@ -13,6 +13,7 @@
 //! [`progress`] · [`timestamp`].
 
 mod args;
+mod asynchronous;
 mod attack;
 mod baselines;
 mod classes;

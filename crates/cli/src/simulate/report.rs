@@ -129,7 +129,37 @@ pub struct Report {
     pub personalization: Option<PersonalizationReport>,
     /// The engine's finalize output.
     pub finalize: Value,
+    /// --mode async: the async run beside the sync one, on simulated time.
+    #[serde(rename = "async", skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<AsyncReport>,
     pub files: Files,
+}
+
+/// --mode async's comparison (simulated seconds throughout).
+#[derive(Debug, Clone, Serialize)]
+pub struct AsyncReport {
+    pub target_accuracy: f64,
+    /// When each first reached the target (null: never within the run).
+    pub sync_time_to_target: Option<f64>,
+    pub async_time_to_target: Option<f64>,
+    /// async / sync time to target, when both reached it.
+    pub time_to_target_ratio: Option<f64>,
+    pub sync_final_accuracy: f64,
+    pub async_final_accuracy: f64,
+    /// The simulated time both runs had: the sync rounds × the slowest
+    /// client's seconds.
+    pub simulated_seconds: f64,
+    pub buffer_size: u32,
+    pub client_speeds: Vec<f64>,
+    pub staleness_exponent: f64,
+    pub max_staleness: u32,
+    pub updates_submitted: u32,
+    /// "client: rule" → rows the stream rejected (e.g. stale).
+    pub rejected_at_stream: std::collections::BTreeMap<String, u32>,
+    /// The sync run: (simulated seconds, accuracy) after each round.
+    pub sync: Vec<(f64, f64)>,
+    pub versions: Vec<super::asynchronous::VersionReport>,
+    pub plot: PathBuf,
 }
 
 pub const CLIENT_REPORTING: &str =

@@ -23,7 +23,8 @@ use fedstep_cloud::records::{ClosedBy, RoundResult};
 use fedstep_cloud::{EngineConfig, RoundEngine, UpdateOutcome};
 use fedstep_trainer::{evaluate, init_model};
 
-use super::args::{Algorithm, Settings};
+use super::args::{Algorithm, AsyncSim, Settings};
+use super::asynchronous;
 use super::baselines;
 use super::client::{ClientRound, SimClient};
 use super::data::{self, SimData};
@@ -31,7 +32,9 @@ use super::measurements::{self, aggregation_summary, client_reports};
 use super::personal;
 use super::plot::{self, Series};
 use super::progress::RoundBar;
-use super::report::{DatasetReport, Files, Final, Report, RoundReport, CLIENT_REPORTING};
+use super::report::{
+    AsyncReport, DatasetReport, Files, Final, Report, RoundReport, CLIENT_REPORTING,
+};
 use super::table;
 use crate::job_report::{self, Curve};
 
@@ -316,6 +319,22 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         ],
     )?;
 
+    let asynchronous = match settings.asynchronous.clone() {
+        Some(sim) => Some(
+            run_async(
+                &settings,
+                &sim,
+                &data,
+                &init,
+                &out,
+                &rounds,
+                &format!("{} — {n} clients, {aggregation_name}", data.name),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+
     let report_path = out.join("report.json");
     let summary = table::summary(&final_, n, &aggregation_name);
     let report = Report {
@@ -334,6 +353,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         final_,
         personalization,
         finalize,
+        asynchronous,
         files: Files {
             report: report_path.clone(),
             plot: plot_path.clone(),
@@ -397,7 +417,7 @@ fn prepare_run_dir(out: &Path) -> Result<()> {
 
 /// Downloads the new global model through the store and scores it on the
 /// global test split.
-async fn evaluate_global(
+pub(super) async fn evaluate_global(
     store: &FsStore,
     key: &str,
     scratch: &Path,
@@ -430,4 +450,94 @@ pub fn aggregation_name(settings: &Settings) -> String {
         (Some(a), None) => a,
         (Some(a), Some(f)) => format!("{a} + {f}"),
     }
+}
+
+/// --mode async: the same federation as an async job on a simulated clock,
+/// given the simulated time the sync rounds took; the comparison, and
+/// `async.svg` (accuracy against simulated time, both runs).
+async fn run_async(
+    settings: &Settings,
+    sim: &AsyncSim,
+    data: &Arc<SimData>,
+    init: &[u8],
+    out: &Path,
+    rounds: &[RoundReport],
+    title: &str,
+) -> Result<AsyncReport> {
+    // Every sync round waits for its slowest client.
+    let round_seconds = sim.client_speeds.iter().copied().fold(0.0, f64::max);
+    let sync: Vec<(f64, f64)> = rounds
+        .iter()
+        .map(|r| (f64::from(r.round) * round_seconds, r.accuracy))
+        .collect();
+    let budget = sync.last().map_or(0.0, |p| p.0);
+    let dir = out.join("async");
+    std::fs::create_dir_all(&dir)?;
+    println!(
+        "\nasync: buffer {} of {} clients, speeds {:?}, {budget} simulated seconds",
+        sim.buffer_size,
+        data.clients.len(),
+        sim.client_speeds
+    );
+    let run = asynchronous::Federation {
+        settings,
+        sim,
+        data,
+        init,
+        dir: &dir,
+        budget,
+    }
+    .run()
+    .await
+    .context("the async run")?;
+    let curve: Vec<(f64, f64)> = run.versions.iter().map(|v| (v.time, v.accuracy)).collect();
+    let sync_final = sync.last().map_or(f64::NAN, |p| p.1);
+    let async_final = curve.last().map_or(f64::NAN, |p| p.1);
+    let target = sim.target_accuracy.unwrap_or(0.95 * sync_final);
+    let sync_time = asynchronous::time_to(&sync, target);
+    let async_time = asynchronous::time_to(&curve, target);
+    let plot_path = out.join("async.svg");
+    plot::time_svg(
+        &plot_path,
+        &format!("{title}: sync vs async (K = {})", sim.buffer_size),
+        budget,
+        &[
+            plot::TimeSeries {
+                label: "sync",
+                points: &sync,
+                color: plot::CENTRAL,
+            },
+            plot::TimeSeries {
+                label: "async",
+                points: &curve,
+                color: plot::FEDERATED,
+            },
+        ],
+    )?;
+    let fmt = |t: Option<f64>| t.map_or("never".to_string(), |t| format!("{t:.0} s"));
+    println!(
+        "async: {} versions; target accuracy {target:.4}: sync reaches it at {}, async at {}; \
+         final accuracy sync {sync_final:.4}, async {async_final:.4}",
+        run.versions.len(),
+        fmt(sync_time),
+        fmt(async_time)
+    );
+    Ok(AsyncReport {
+        target_accuracy: target,
+        sync_time_to_target: sync_time,
+        async_time_to_target: async_time,
+        time_to_target_ratio: sync_time.zip(async_time).map(|(s, a)| a / s),
+        sync_final_accuracy: sync_final,
+        async_final_accuracy: async_final,
+        simulated_seconds: budget,
+        buffer_size: sim.buffer_size,
+        client_speeds: sim.client_speeds.clone(),
+        staleness_exponent: sim.staleness_exponent,
+        max_staleness: sim.max_staleness,
+        updates_submitted: run.updates_submitted,
+        rejected_at_stream: run.rejected_at_stream,
+        sync,
+        versions: run.versions,
+        plot: plot_path,
+    })
 }

@@ -312,3 +312,120 @@ fn simulate_scaffold_updates_the_server_variate_from_the_uploaded_deltas() {
     assert_eq!(report["final"]["algorithm"], "fedprox");
     assert_eq!(report["final"]["mu"], 0.5);
 }
+
+/// --mode async (issue #17) end to end in one process: the async run's
+/// versions sit on the simulated clock inside the sync run's time, the
+/// slow client's updates arrive stale, and one version with a stale update
+/// is recomputed here from the stored files: g_{r+1} = g_r + Σ wᵢ·s(τᵢ)·
+/// (xᵢ − g_{r−τᵢ}), with the weights the round's measurements recorded and
+/// s(τ) = 1/(1+τ)^0.5.
+#[test]
+fn simulate_async_rebases_stale_updates_on_a_simulated_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let output = fedstep()
+        .args([
+            "simulate",
+            "--mode",
+            "async",
+            "--rounds",
+            "3",
+            "--client-speeds",
+            "1,1,4",
+            "--buffer-size",
+            "2",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let a = &report["async"];
+    assert_eq!(a["simulated_seconds"], 12.0, "{a}");
+    let sync: Vec<f64> = a["sync"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_f64().unwrap())
+        .collect();
+    assert_eq!(sync, [4.0, 8.0, 12.0]);
+    for key in [
+        "sync_time_to_target",
+        "async_time_to_target",
+        "sync_final_accuracy",
+        "async_final_accuracy",
+    ] {
+        assert!(a.get(key).is_some(), "{key} missing: {a}");
+    }
+    assert!(out.join("async.svg").is_file());
+    let versions = a["versions"].as_array().unwrap();
+    // Two fast clients make a version about every simulated second.
+    assert!(versions.len() >= 10, "{}", versions.len());
+    let mut last = 0.0;
+    for v in versions {
+        let t = v["time"].as_f64().unwrap();
+        assert!(t >= last && t <= 12.0, "{v}");
+        last = t;
+    }
+    let target = a["target_accuracy"].as_f64().unwrap();
+    let first = versions
+        .iter()
+        .find(|v| v["accuracy"].as_f64().unwrap() >= target)
+        .map(|v| v["time"].as_f64().unwrap());
+    assert_eq!(a["async_time_to_target"].as_f64(), first);
+
+    // A version made with the slow client's stale update, recomputed.
+    let stale = versions
+        .iter()
+        .find(|v| v["staleness"]["agent-3"].as_u64().is_some_and(|t| t > 0))
+        .expect("the slow client's update arrives stale");
+    let made = stale["version"].as_u64().unwrap();
+    let round = made - 1;
+    let rounds = out.join("async/store/jobs/simulate-async/rounds");
+    let measured: Value = serde_json::from_str(
+        &std::fs::read_to_string(rounds.join(format!("{made}/measurements.json"))).unwrap(),
+    )
+    .unwrap();
+    let g = tensors(&rounds.join(format!("{round}/global.safetensors")));
+    let next = tensors(&rounds.join(format!("{made}/global.safetensors")));
+    let mut want = g.clone();
+    for c in measured["measurements"]["clients"].as_array().unwrap() {
+        let id = c["client_id"].as_str().unwrap();
+        let w = c["weight"].as_f64().unwrap();
+        let tau = stale["staleness"][id].as_u64().unwrap();
+        let s = (1.0 + tau as f64).powf(-0.5);
+        let x = tensors(&rounds.join(format!("{round}/updates/{id}.safetensors")));
+        let base = tensors(&rounds.join(format!("{}/global.safetensors", round - tau)));
+        for (name, values) in want.iter_mut() {
+            for (k, v) in values.iter_mut().enumerate() {
+                *v += w * s * (x[name][k] - base[name][k]);
+            }
+        }
+    }
+    let mut largest = 0f64;
+    for (name, values) in &want {
+        for (k, v) in values.iter().enumerate() {
+            let got = next[name][k];
+            assert!(
+                (got - v).abs() <= 1e-5 * v.abs().max(1.0),
+                "{name}[{k}]: {got} vs {v}"
+            );
+            largest = largest.max((got - g[name][k]).abs());
+        }
+    }
+    assert!(largest > 0.0, "the version did not move");
+
+    // The flags of --mode async are refused without it.
+    let output = fedstep()
+        .args(["simulate", "--client-speeds", "1,1,4"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--mode async"));
+}
