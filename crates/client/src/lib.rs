@@ -38,6 +38,7 @@ pub mod retry;
 pub mod round;
 pub mod scaffold;
 pub mod trainer;
+pub mod version;
 pub mod workdir;
 pub mod worker;
 

@@ -20,6 +20,7 @@ use crate::progress::Progress;
 use crate::retry::retry;
 use crate::scaffold::ClientVariates;
 use crate::trainer::{TrainRequest, Trainer};
+use crate::version::Destination;
 use crate::worker::Worker;
 use fedstep_cloud::timefmt::rfc3339_utc;
 
@@ -27,8 +28,13 @@ use fedstep_cloud::timefmt::rfc3339_utc;
 /// be deleted"; failures are errors.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RoundOutcome {
-    /// Our model is uploaded and our row written.
-    Submitted { checksum: String, bytes: u64 },
+    /// Our model is uploaded and our row written, in `round` (async: the
+    /// newest version when we finished; else the message's round).
+    Submitted {
+        checksum: String,
+        bytes: u64,
+        round: u32,
+    },
     /// Our row was already there before we started: the round is done.
     AlreadyDone,
     /// We trained again, but the identical row was already there (a retry
@@ -36,6 +42,8 @@ pub enum RoundOutcome {
     AlreadyThere,
     /// A different row exists for us in this round; it stays.
     Conflict { existing_checksum: String },
+    /// Async: the job ended while the update waited for a version to go to.
+    JobEnded,
 }
 
 impl<Q, S, L, T> Worker<Q, S, L, T>
@@ -55,7 +63,9 @@ where
             self.ledger.get_update(me, &m.job_id, m.round)
         })
         .await?;
-        if existing.is_some() {
+        // Async: a row of ours in this version that was trained from an
+        // older one does not mean we trained from this one.
+        if existing.is_some_and(|row| row.base_round.is_none_or(|b| b == row.round)) {
             return Ok(RoundOutcome::AlreadyDone);
         }
 
@@ -162,8 +172,19 @@ where
             None => (output.clone(), None),
         };
 
+        // Async: the newest version announced by now (version.rs).
+        let round = if m.asynchronous {
+            progress.stage("finding the newest version");
+            match self.destination(m).await? {
+                Destination::Version(v) => v,
+                Destination::JobEnded => return Ok(RoundOutcome::JobEnded),
+            }
+        } else {
+            m.round
+        };
+
         progress.stage("uploading the local model");
-        let key = keys::update(&m.job_id, m.round, me);
+        let key = keys::update(&m.job_id, round, me);
         let put = retry("upload local model", b, || {
             self.store.put_update_file(&key, &upload)
         })
@@ -174,7 +195,7 @@ where
         let variate_delta_checksum = match &pending_variate {
             Some((delta, _)) => {
                 progress.stage("uploading Δc_i");
-                let key = keys::variate_delta(&m.job_id, m.round, me);
+                let key = keys::variate_delta(&m.job_id, round, me);
                 let put = retry("upload Δc_i", b, || {
                     self.store.put_update_file(&key, delta)
                 })
@@ -187,9 +208,9 @@ where
         progress.stage("recording the update");
         let record = UpdateRecord {
             client_id: me.to_string(),
-            job_round: keys::job_round(&m.job_id, m.round),
+            job_round: keys::job_round(&m.job_id, round),
             job_id: m.job_id.clone(),
-            round: m.round,
+            round,
             model_key: key,
             checksum: put.sha256.clone(),
             num_examples: Value::from(report.num_examples),
@@ -203,12 +224,13 @@ where
             trained_at: rfc3339_utc(self.clock.now()),
             schema: Some(SCHEMA),
             variate_delta_checksum,
-            base_round: None,
+            base_round: (round != m.round).then_some(m.round),
         };
         let outcome = match retry("put_update", b, || self.ledger.put_update(&record)).await? {
             PutUpdate::Created => RoundOutcome::Submitted {
                 checksum: put.sha256,
                 bytes: put.bytes,
+                round,
             },
             PutUpdate::AlreadyThere => RoundOutcome::AlreadyThere,
             PutUpdate::Conflict(other) => RoundOutcome::Conflict {

@@ -84,8 +84,22 @@ impl WorkerOptions {
 pub enum Outcome {
     Submitted {
         job_id: String,
+        /// The round (async: version) the row went to.
         round: u32,
+        /// The round the model trained from (async: may be older).
+        trained_from: u32,
         checksum: String,
+    },
+    /// Async: a newer version is announced already; this one is skipped.
+    Superseded {
+        job_id: String,
+        round: u32,
+    },
+    /// Async: the job ended before a version to submit the update trained
+    /// from `round` to was announced; the update is dropped.
+    JobEndedFirst {
+        job_id: String,
+        round: u32,
     },
     AlreadyDone {
         job_id: String,
@@ -319,6 +333,19 @@ where
         if self.clock.now() > g.deadline {
             return Outcome::DeadlinePassed { job_id, round };
         }
+        // Async: train from the newest version only (version.rs).
+        if g.asynchronous {
+            match self.superseded(&g).await {
+                Ok(true) => return Outcome::Superseded { job_id, round },
+                Ok(false) => {}
+                Err(e) => {
+                    return Outcome::Failed {
+                        reason: format!("{job_id} version {round}: {e}"),
+                        retry_in_seconds: self.failure_delay(m.receive_count),
+                    }
+                }
+            }
+        }
         let _heartbeat = heartbeat::start(
             Arc::clone(&self.queue),
             m.receipt.clone(),
@@ -326,11 +353,17 @@ where
             self.opts.heartbeat_every,
         );
         match self.take_part(&g).await {
-            Ok(RoundOutcome::Submitted { checksum, .. }) => Outcome::Submitted {
+            Ok(RoundOutcome::Submitted {
+                checksum,
+                round: submitted_to,
+                ..
+            }) => Outcome::Submitted {
                 job_id,
-                round,
+                round: submitted_to,
+                trained_from: round,
                 checksum,
             },
+            Ok(RoundOutcome::JobEnded) => Outcome::JobEndedFirst { job_id, round },
             Ok(RoundOutcome::AlreadyDone | RoundOutcome::AlreadyThere) => {
                 Outcome::AlreadyDone { job_id, round }
             }
@@ -401,9 +434,21 @@ where
 /// the queue or is dropped for a reason an operator should look into.
 fn log(o: &Outcome, me: &str, id: &str) {
     match o {
-        Outcome::Submitted { job_id, round, checksum } => {
+        Outcome::Submitted { job_id, round, trained_from, checksum } if trained_from != round => {
+            tracing::info!(
+                "{me}: {job_id} version {round}: update trained from version {trained_from} submitted (sha256 {checksum})"
+            )
+        }
+        Outcome::Submitted { job_id, round, checksum, .. } => {
             tracing::info!("{me}: {job_id} round {round}: update submitted (sha256 {checksum})")
         }
+        Outcome::Superseded { job_id, round } => tracing::info!(
+            "{me}: {job_id} version {round}: a newer version is announced; skipped"
+        ),
+        Outcome::JobEndedFirst { job_id, round } => tracing::info!(
+            "{me}: {job_id}: the job ended before a newer version than our last row's was announced; \
+             the update trained from version {round} is dropped"
+        ),
         Outcome::AlreadyDone { job_id, round } => {
             tracing::info!("{me}: {job_id} round {round}: already submitted; message dropped")
         }

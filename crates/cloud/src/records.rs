@@ -196,6 +196,11 @@ pub struct GlobalModelReady {
     /// SCAFFOLD jobs only: the round's server control variate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_variate: Option<ServerVariateRef>,
+    /// Async jobs: the round is a version; a client submits what it
+    /// trained from it to the newest version announced when it finishes
+    /// (`crates/client/src/version.rs`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub asynchronous: bool,
 }
 
 /// Published when the job ends.

@@ -585,6 +585,7 @@ async fn sns_to_sqs_delivers_the_notification_with_job_id() {
         deadline: 1_900_000_000,
         round_config: serde_json::Map::from_iter([("local_epochs".to_string(), 2.into())]),
         server_variate: None,
+        asynchronous: false,
     });
     notifier.publish(&message).await.unwrap();
 

@@ -8,6 +8,7 @@
 mod common;
 
 mod abuse_messages;
+mod async_versions;
 mod external_trainer;
 mod message_props;
 mod with_the_engine;

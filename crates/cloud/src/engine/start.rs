@@ -98,6 +98,7 @@ where
                     deadline: row.deadline,
                     round_config: job.round_config.clone(),
                     server_variate: server_variate.clone(),
+                    asynchronous: job.asynchronous().is_some(),
                 });
                 self.notifier.publish(&message).await?;
                 if matches!(opened, OpenRound::TokenReplaced) && hand_over::ready(&row).is_some() {

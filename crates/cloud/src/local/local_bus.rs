@@ -282,6 +282,7 @@ mod tests {
             deadline: 0,
             round_config: Default::default(),
             server_variate: None,
+            asynchronous: false,
         })
     }
 
