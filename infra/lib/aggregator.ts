@@ -168,7 +168,11 @@ export class Aggregator extends Construct {
     allow('RoundsTable',
       ['dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:UpdateItem', 'dynamodb:Query', 'dynamodb:ConditionCheckItem'],
       [ledger.rounds.tableArn, ledger.artifactsIndexArn]);
-    allow('UpdatesTable', ['dynamodb:GetItem', 'dynamodb:BatchGetItem', 'dynamodb:Query'], [ledger.updates.tableArn]);
+    // PutItem: StartRound of an async job's version carries the rows that
+    // came late for an earlier version into it (crates/cloud/src/engine/
+    // carry.rs): a conditional put of a copy of the client's own row.
+    allow('UpdatesTable', ['dynamodb:GetItem', 'dynamodb:BatchGetItem', 'dynamodb:Query', 'dynamodb:PutItem'],
+      [ledger.updates.tableArn]);
     allow('Publish', ['sns:Publish'], [messaging.topic.topicArn]);
     allow('TopicKey', ['kms:GenerateDataKey', 'kms:Decrypt'], [messaging.key.keyArn]);
     allow('TaskCallbacks', ['states:SendTaskSuccess', 'states:SendTaskFailure', 'states:SendTaskHeartbeat'], [props.stateMachineArn]);

@@ -349,6 +349,19 @@ describe('aggregator Lambda', () => {
     for (const action of actions) expect([action, s3(action, 'other/job-1/x')]).toEqual([action, 'implicitly denied']);
   });
 
+  test('updates table: reads rows, and puts one only to carry an async job\'s late row into the next version', () => {
+    // crates/cloud/src/engine/aggregation.rs reads rows (GetItem); carry.rs
+    // puts a copy of a late row (conditional PutItem). Nothing deletes or
+    // rewrites a row, and nothing reaches the table's stream from here.
+    const byId = Object.fromEntries(roleStatements(ids().fnRole).map((st) => [st.Sid, st]));
+    expect(byId.UpdatesTable).toEqual({
+      Sid: 'UpdatesTable', Effect: 'Allow', Resource: getAttArn(ids().updates),
+      Action: ['dynamodb:BatchGetItem', 'dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:Query'],
+    });
+    const actions = roleStatements(ids().fnRole).flatMap((st) => asArray<string>(st.Action));
+    for (const a of ['dynamodb:DeleteItem', 'dynamodb:Scan', 'dynamodb:BatchWriteItem']) expect(actions).not.toContain(a);
+  });
+
   test('the default code path is cargo-lambda-cdk RustFunction (bundling skipped here)', () => {
     expect(s.stack.aggregator.function).toBeInstanceOf(RustFunction);
   });

@@ -8,6 +8,7 @@
 
 mod aggregation;
 mod answered;
+mod carry;
 mod close;
 mod finalize;
 mod hand_over;

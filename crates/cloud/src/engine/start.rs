@@ -83,6 +83,16 @@ where
         };
         match self.ledger.open_round(&fresh).await? {
             opened @ (OpenRound::Created | OpenRound::TokenReplaced) => {
+                // Async: the previous version's late rows come along
+                // (carry.rs), before the clients hear of this one.
+                if let Some(a) = job.asynchronous() {
+                    self.carry_late_rows_into(
+                        &job.job_id,
+                        round,
+                        a.max_staleness.saturating_add(1),
+                    )
+                    .await?;
+                }
                 // Publish what is stored (a retry keeps the first deadline).
                 let row = self
                     .ledger

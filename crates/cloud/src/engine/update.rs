@@ -7,6 +7,7 @@
 //! model size.
 
 use super::aggregation::participants;
+use super::carry::{LATE, PENDING};
 use super::validate::{check_ids, CheckedUpdate, Refusal};
 use super::{hand_over, RoundEngine, UpdateOutcome};
 use crate::bounded;
@@ -110,7 +111,8 @@ where
     }
 
     /// A row of an expected client for a round that is AGGREGATING, CLOSED
-    /// or FAILED.
+    /// or FAILED. An async version's late row waits to be carried into the
+    /// next version (carry.rs).
     async fn on_update_past_open(&self, row: &RoundRecord, client: &str) -> Result<UpdateOutcome> {
         let reason = if row.received.contains(client) {
             format!(
@@ -125,10 +127,16 @@ where
                 row.round, row.status
             ))
         } else {
-            let reason = format!(
-                "late: round {} is {:?}; updates are no longer accepted",
-                row.round, row.status
-            );
+            let reason = match row.buffer {
+                None => format!(
+                    "{LATE} round {} is {:?}; updates are no longer accepted",
+                    row.round, row.status
+                ),
+                Some(_) => format!(
+                    "{LATE} version {} is {:?}; {PENDING}",
+                    row.round, row.status
+                ),
+            };
             let reason = capacity::stored_reason(&reason, row.expected_clients.len());
             self.ledger
                 .record_rejection(&row.job_id, row.round, client, &reason)

@@ -68,8 +68,8 @@ impl CheckedUpdate {
                 row.expected_clients.join(", ")
             ))));
         }
-        against_round(&u).map_err(|r| Refusal::BreaksRule(bounded::reason(&r)))?;
         base_round(&u, row).map_err(|r| Refusal::BreaksRule(bounded::reason(&r)))?;
+        against_round(&u).map_err(|r| Refusal::BreaksRule(bounded::reason(&r)))?;
         Ok(CheckedUpdate(u))
     }
 
@@ -126,7 +126,13 @@ fn against_round(u: &UpdateRecord) -> Result<(), String> {
         ));
     }
     let want = keys::update(&u.job_id, u.round, &u.client_id);
-    if u.model_key != want {
+    // A row carried from a version it was late for keeps its object
+    // there (engine/carry.rs): any version from its base on is this
+    // client's (base_round was checked first).
+    let carried = u.base_round.is_some_and(|base| {
+        (base..u.round).any(|k| u.model_key == keys::update(&u.job_id, k, &u.client_id))
+    });
+    if u.model_key != want && !carried {
         return Err(format!(
             "model_key: `{}` is not this client's update key `{want}`",
             quote(&u.model_key)

@@ -104,3 +104,89 @@ async fn a_sync_round_refuses_an_update_trained_from_another_round() {
     };
     assert!(reason.contains("synchronous"), "{reason}");
 }
+
+/// A row that reaches its version after the version was claimed is carried
+/// into the next version that opens, once, by its StartRound.
+#[tokio::test]
+async fn a_late_row_is_carried_into_the_next_version_not_lost() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = async_job();
+    fed.upload_initial(&job, &[0.0, 0.0]).await;
+
+    engine.start_round(&job, 1, "t1").await.unwrap();
+    for (client, x) in [("a", [1.0, 1.0]), ("b", [3.0, 3.0])] {
+        let row = fed.submit(&job, 1, client, &x, 10, &[]).await;
+        engine.on_update(&row).await.unwrap();
+    }
+    engine.close_round(JOB, 1, ClosedBy::Stream).await.unwrap();
+    // c trained from version 1 too, and its row arrives after the close.
+    let late = fed.submit(&job, 1, "c", &[6.0, 6.0], 10, &[]).await;
+    let UpdateOutcome::Late(reason) = engine.on_update(&late).await.unwrap() else {
+        panic!("a row for a closed version is late")
+    };
+    assert!(reason.contains("waiting to be carried"), "{reason}");
+    assert!(fed.ledger.get_update("c", JOB, 2).await.unwrap().is_none());
+
+    // Version 2 opens: c's row comes along, still naming version 1.
+    engine.start_round(&job, 2, "t2").await.unwrap();
+    let carried = fed.ledger.get_update("c", JOB, 2).await.unwrap().unwrap();
+    assert_eq!(carried.base_round, Some(1));
+    assert_eq!(carried.model_key, late.model_key);
+    assert_eq!(carried.checksum, late.checksum);
+    let v1 = fed.ledger.get_round(JOB, 1).await.unwrap().unwrap();
+    assert!(
+        v1.rejections["c"].ends_with("carried into version 2"),
+        "{:?}",
+        v1.rejections
+    );
+    engine.on_update(&carried).await.unwrap();
+    let a2 = fed
+        .submit_from(&job, 2, Some(2), "a", &[2.0, 2.0], 10, &[])
+        .await;
+    assert!(matches!(
+        engine.on_update(&a2).await.unwrap(),
+        UpdateOutcome::HandedOver { usable: 2, .. }
+    ));
+    let v2 = engine.close_round(JOB, 2, ClosedBy::Stream).await.unwrap();
+    assert_eq!(v2.accepted, ["a", "c"]);
+    // g2 = [2, 2]; c' = g2 + ½(c − g1) = [5, 5]; mean with a's [2, 2].
+    let g3 = fed.global(&job, 3).await;
+    assert!(close(&g3, &[3.5, 3.5]), "{g3:?}");
+
+    // b's row for version 2 is recorded late after version 3 opened: the
+    // next StartRound carries it; nothing is carried twice.
+    engine.start_round(&job, 3, "t3").await.unwrap();
+    let late_b = fed
+        .submit_from(&job, 2, Some(2), "b", &[4.0, 4.0], 10, &[])
+        .await;
+    assert!(matches!(
+        engine.on_update(&late_b).await.unwrap(),
+        UpdateOutcome::Late(_)
+    ));
+    assert!(fed.ledger.get_update("b", JOB, 3).await.unwrap().is_none());
+    let c3 = fed
+        .submit_from(&job, 3, Some(3), "c", &[1.0, 1.0], 10, &[])
+        .await;
+    let a3 = fed
+        .submit_from(&job, 3, Some(3), "a", &[1.0, 1.0], 10, &[])
+        .await;
+    for row in [&c3, &a3] {
+        engine.on_update(row).await.unwrap();
+    }
+    engine.close_round(JOB, 3, ClosedBy::Stream).await.unwrap();
+    engine.start_round(&job, 4, "t4").await.unwrap();
+    let carried_b = fed.ledger.get_update("b", JOB, 4).await.unwrap().unwrap();
+    assert_eq!(
+        (carried_b.base_round, carried_b.checksum.as_str()),
+        (Some(2), late_b.checksum.as_str())
+    );
+    assert!(fed.ledger.get_update("c", JOB, 4).await.unwrap().is_none());
+    // Its staleness counts from the version it was trained from: 4 − 2 = 2
+    // is past max_staleness 1, so it is rejected as stale there, with that
+    // reason, not lost.
+    let UpdateOutcome::Rejected(reason) = engine.on_update(&carried_b).await.unwrap() else {
+        panic!("a carried row past max_staleness is rejected")
+    };
+    assert!(reason.starts_with("stale:"), "{reason}");
+}

@@ -22,7 +22,7 @@ use fedstep_e2e::client_config::{ClientSetup, Trainer};
 use fedstep_e2e::fedavg::{read_f32, Tensors};
 use fedstep_e2e::{emulators, execution, fedavg, launch, Binaries, Deployment};
 
-fn python_with_numpy() -> Option<String> {
+pub(crate) fn python_with_numpy() -> Option<String> {
     let root = fedstep_e2e::repo_root();
     let candidates = [
         std::env::var("FEDSTEP_PYTHON").ok(),

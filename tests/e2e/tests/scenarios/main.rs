@@ -6,6 +6,7 @@
 //! small machine, and their timing checks assume nothing else is running.
 
 mod adversarial;
+mod asynchronous;
 mod exactly_once;
 mod external_trainer;
 mod full_job;

@@ -1,0 +1,102 @@
+//! Async jobs: a row that reaches its version after the version was
+//! claimed (late) is carried into the next version that opens, so a slow
+//! client's update is not lost to the race with the fast clients that
+//! filled the buffer. The carried row is a copy of the client's row: the
+//! same object (its key stays the late version's), checksum and claims,
+//! with `base_round` still naming the version it was trained from; it
+//! arrives through the stream like any row and is counted, or rejected as
+//! stale, there.
+//!
+//! The stream path only records the row as late, with a reason that says
+//! it is waiting ([`PENDING`]): it has no write access to the updates table
+//! (infra: the stream role reads the table only through its stream).
+//! StartRound of each version carries every row still waiting in the
+//! versions before it (max_staleness + 1 back: a row late for an older
+//! version would be stale; at most [`MAX_LOOK_BACK`]) and then rewrites the reason to say where it went, so
+//! a row recorded late after one StartRound looked is carried by the next,
+//! and none is carried twice. A crash between the copy and the rewrite
+//! repeats the copy on StartRound's retry: a conditional put of identical
+//! content, harmless. A client that already has a row in the version
+//! keeps it (one row per version); the late update then stays rejected,
+//! with that reason.
+
+use super::RoundEngine;
+use crate::bounded;
+use crate::error::{CloudError, Result};
+use crate::keys;
+use crate::ports::{Clock, Ledger, Notifier, PutUpdate, StreamingStore, TaskCallback};
+use crate::records::UpdateRecord;
+
+/// How a late rejection's reason starts.
+pub(super) const LATE: &str = "late:";
+/// What an async version's late reason ends with until StartRound of a
+/// later version carries the row.
+pub(super) const PENDING: &str = "waiting to be carried into the next version";
+/// Versions StartRound looks back for late rows: a row later than this is
+/// staler than any sensible max_staleness.
+pub(super) const MAX_LOOK_BACK: u32 = 32;
+
+impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
+where
+    S: StreamingStore,
+    L: Ledger,
+    N: Notifier,
+    C: TaskCallback,
+    K: Clock,
+{
+    /// StartRound of async version `round`: carries the rows waiting in
+    /// the `look_back` versions before it.
+    pub(super) async fn carry_late_rows_into(
+        &self,
+        job_id: &str,
+        round: u32,
+        look_back: u32,
+    ) -> Result<()> {
+        let first = round.saturating_sub(look_back.min(MAX_LOOK_BACK)).max(1);
+        for previous in first..round {
+            let Some(prev) = self.ledger.get_round(job_id, previous).await? else {
+                continue;
+            };
+            let waiting: Vec<&String> = prev
+                .rejections
+                .iter()
+                .filter(|(_, reason)| reason.starts_with(LATE) && reason.ends_with(PENDING))
+                .map(|(c, _)| c)
+                .collect();
+            for client in waiting {
+                let row = match self.ledger.get_update(client, job_id, previous).await {
+                    Ok(Some(row)) => row,
+                    Ok(None) => continue,
+                    // A row that no longer decodes is the client's: not carried.
+                    Err(CloudError::Invalid(_)) => continue,
+                    Err(e) => return Err(e),
+                };
+                let went = match self.put_carried(&row, round).await? {
+                    PutUpdate::Created | PutUpdate::AlreadyThere => {
+                        format!("carried into version {round}")
+                    }
+                    PutUpdate::Conflict(_) => {
+                        format!("not carried: the client has its own row in version {round}")
+                    }
+                };
+                let reason = bounded::reason(&format!(
+                    "{LATE} version {previous} was being aggregated when it arrived; {went}"
+                ));
+                self.ledger
+                    .record_rejection(job_id, previous, client, &reason)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn put_carried(&self, row: &UpdateRecord, into: u32) -> Result<PutUpdate> {
+        let carried = UpdateRecord {
+            round: into,
+            job_round: keys::job_round(&row.job_id, into),
+            base_round: Some(row.base_round.unwrap_or(row.round)),
+            ..row.clone()
+        };
+        self.ledger.put_update(&carried).await
+    }
+}
