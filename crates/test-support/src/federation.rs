@@ -135,11 +135,16 @@ impl Fed {
     }
 
     pub async fn global(&self, job: &Job, round: u32) -> Vec<f32> {
-        let out = self.dir.path().join(format!("read-{}-{round}", job.job_id));
-        self.store
-            .get_file(&keys::global_model(&job.job_id, round), &out)
-            .await
-            .unwrap();
+        self.values(&keys::global_model(&job.job_id, round)).await
+    }
+
+    /// The `w` tensor of the one-tensor model stored at `key`.
+    pub async fn values(&self, key: &str) -> Vec<f32> {
+        let out = self
+            .dir
+            .path()
+            .join(format!("read-{}", key.replace('/', "_")));
+        self.store.get_file(key, &out).await.unwrap();
         let bytes = std::fs::read(&out).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         st.tensor("w")

@@ -9,6 +9,7 @@
 //! round over the ports) · [`attack`] (byzantine updates) · [`runner`]
 //! (the engine driver) · [`baselines`] · [`measurements`] (per-client
 //! report rows) · [`personal`] (FedSelect's per-client yardstick) ·
+//! [`asynchronous`] (`--mode async` on a simulated clock) ·
 //! [`report`] (report.json) · [`table`] · [`plot`] ·
 //! [`progress`] · [`timestamp`].
 

@@ -9,6 +9,7 @@
 mod harness;
 
 mod abuse_rows;
+mod async_schedules;
 mod asynchronous;
 mod callback_after_crash;
 mod deadline;
