@@ -19,8 +19,9 @@
 #      federated >= 0.95 x centralized (seed 0; scripts/drift-table.sh has
 #      seeds 0-4 and the other algorithms). SCAFFOLD alone and FedProx are
 #      printed for reference.
-#   6. defaults as an async job (issue #17: --mode async, K = 2, client
-#      speeds 1,1,4): its final accuracy within 2 points of the sync run at
+#   6. defaults as an async job (issue #17: --mode async, the default K
+#      (1 for 3 clients), client speeds 1,1,4): its final accuracy within
+#      2 points of the sync run at
 #      the same speeds and simulated time. The time-to-target ratio (issue
 #      #17 asks for <= 0.5; not met on this split, see
 #      scripts/async-table.sh) is printed for reference.
@@ -87,7 +88,7 @@ run scaffold --algorithm scaffold
 run fedprox --algorithm fedprox --mu 0.01
 run fedselect-bias --personalization fedselect --personal-fraction 0 --personal-tensor fc2.bias=0.5
 run fedselect-0.2 --personalization fedselect --personal-fraction 0.2
-run async --mode async --buffer-size 2 --client-speeds 1,1,4
+run async --mode async --client-speeds 1,1,4
 
 python3 - "$root" <<'EOF'
 import json, sys
@@ -156,7 +157,7 @@ for name in ("scaffold", "fedprox"):
 
 with open(f"{root}/async/report.json") as f:
     a = json.load(f)["async"]
-check("async (K 2, speeds 1,1,4): final accuracy within 2 points of sync",
+check("async (default K, speeds 1,1,4): final accuracy within 2 points of sync",
       a["async_final_accuracy"] >= a["sync_final_accuracy"] - 0.02,
       f"{a['async_final_accuracy']:.4f} vs {a['sync_final_accuracy']:.4f} "
       f"({100 * (a['async_final_accuracy'] - a['sync_final_accuracy']):+.1f} pts)")

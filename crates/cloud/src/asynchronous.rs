@@ -6,12 +6,17 @@
 //!
 //! [async]
 //! buffer_size = 2            # K: a version is aggregated once K updates are in
+//!                            # (default: a tenth of the clients, at least min_clients)
 //! staleness = "polynomial"   # or "constant", "hinge"
 //! staleness_exponent = 0.5   # polynomial: s(τ) = 1/(1+τ)^a
 //! hinge_slope = 1.0          # hinge: s(τ) = 1/(slope·(τ−cutoff)+1) past cutoff
 //! hinge_cutoff = 4
 //! max_staleness = 20         # older updates are rejected with that reason
+//! max_updates = 500          # optional: stop once this many updates were accepted
+//! max_seconds = 86400        # optional: stop at the first version after this long
 //! ```
+//!
+//! `rounds` caps the versions and `[stop]` applies as for rounds.
 //!
 //! A version is a round whose hand-over waits for K usable updates rather
 //! than for every client (ARCHITECTURE.md, "Asynchronous jobs").
@@ -63,6 +68,10 @@ pub struct AsyncSpec {
     pub hinge_cutoff: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_staleness: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_updates: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_seconds: Option<u64>,
 }
 
 /// An async job's settings, checked.
@@ -73,6 +82,10 @@ pub struct AsyncSettings {
     pub staleness: Staleness,
     /// An update trained more than this many versions ago is rejected.
     pub max_staleness: u32,
+    /// Stop once the versions so far accepted this many updates in all.
+    pub max_updates: Option<u64>,
+    /// Stop at the first version made this long after version 1 opened.
+    pub max_seconds: Option<u64>,
 }
 
 impl AsyncSettings {
@@ -80,10 +93,13 @@ impl AsyncSettings {
     /// discount it then still weighs 1/√21 ≈ 0.22.
     pub const DEFAULT_MAX_STALENESS: u32 = 20;
 
-    /// K by default: half the clients (rounded up), so a version never
-    /// waits for the slower half.
-    pub fn default_buffer_size(clients: usize) -> u32 {
-        u32::try_from(clients.div_ceil(2).max(1)).unwrap_or(u32::MAX)
+    /// K by default: a tenth of the clients, rounded up (FedBuff's K = 10
+    /// with 100 clients training at once), and at least `min_clients`, the
+    /// fewest a version may be made from.
+    pub fn default_buffer_size(clients: usize, min_clients: u32) -> u32 {
+        u32::try_from(clients.div_ceil(10).max(1))
+            .unwrap_or(u32::MAX)
+            .max(min_clients)
     }
 }
 
@@ -105,7 +121,7 @@ pub(crate) fn check(
     };
     let buffer_size = spec
         .buffer_size
-        .unwrap_or_else(|| AsyncSettings::default_buffer_size(clients));
+        .unwrap_or_else(|| AsyncSettings::default_buffer_size(clients, min_clients));
     if buffer_size == 0 || buffer_size as usize > clients {
         return Err(format!(
             "[async] buffer_size = {buffer_size} must be between 1 and the {clients} clients listed"
@@ -151,6 +167,14 @@ pub(crate) fn check(
         }
     };
     staleness.check().map_err(|e| format!("[async] {e}"))?;
+    for (name, value) in [
+        ("max_updates", spec.max_updates),
+        ("max_seconds", spec.max_seconds),
+    ] {
+        if value == Some(0) {
+            return Err(format!("[async] {name} must be at least 1"));
+        }
+    }
     // Both need one client's state across versions that async mixes up.
     if scaffold {
         return Err(
@@ -173,5 +197,30 @@ pub(crate) fn check(
         max_staleness: spec
             .max_staleness
             .unwrap_or(AsyncSettings::DEFAULT_MAX_STALENESS),
+        max_updates: spec.max_updates,
+        max_seconds: spec.max_seconds,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AsyncSettings;
+
+    #[test]
+    fn the_default_buffer_is_a_tenth_of_the_clients_and_at_least_the_quorum() {
+        for (clients, min_clients, k) in [
+            (3, 1, 1),
+            (10, 1, 1),
+            (11, 1, 2),
+            (100, 1, 10),
+            (3, 2, 2),
+            (25, 1, 3),
+        ] {
+            assert_eq!(
+                AsyncSettings::default_buffer_size(clients, min_clients),
+                k,
+                "{clients} {min_clients}"
+            );
+        }
+    }
 }

@@ -113,7 +113,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "sync")]
     pub mode: ModeFlag,
     /// With --mode async: K, the updates a version is made from [default:
-    /// half the clients, rounded up].
+    /// a tenth of the clients, rounded up].
     #[arg(long, value_name = "K")]
     pub buffer_size: Option<u32>,
     /// With --mode async: the simulated seconds one local training takes on
@@ -329,9 +329,9 @@ impl Args {
                  trained from (ARCHITECTURE.md, \"Asynchronous jobs\")"
             );
         }
-        let buffer_size = self
-            .buffer_size
-            .unwrap_or_else(|| fedstep_cloud::asynchronous::AsyncSettings::default_buffer_size(n));
+        let buffer_size = self.buffer_size.unwrap_or_else(|| {
+            fedstep_cloud::asynchronous::AsyncSettings::default_buffer_size(n, 1)
+        });
         if buffer_size == 0 || buffer_size as usize > n {
             bail!("--buffer-size {buffer_size} must be between 1 and the {n} clients");
         }
@@ -605,7 +605,7 @@ mod tests {
     fn async_flags() {
         assert!(resolve(&[]).unwrap().asynchronous.is_none());
         let a = resolve(&["--mode", "async"]).unwrap().asynchronous.unwrap();
-        assert_eq!((a.buffer_size, a.max_staleness), (2, 20));
+        assert_eq!((a.buffer_size, a.max_staleness), (1, 20));
         assert_eq!(a.client_speeds, [1.0, 1.0, 1.0]);
         let a = resolve(&[
             "--mode",

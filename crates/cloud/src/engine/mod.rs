@@ -8,6 +8,7 @@
 
 mod aggregation;
 mod answered;
+mod async_stop;
 mod carry;
 mod close;
 mod finalize;

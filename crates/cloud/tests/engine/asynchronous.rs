@@ -190,3 +190,47 @@ async fn a_late_row_is_carried_into_the_next_version_not_lost() {
     };
     assert!(reason.starts_with("stale:"), "{reason}");
 }
+
+/// `[async] max_updates` and `max_seconds` end the job at the first
+/// version that reaches them (`continue` false); `rounds` still caps it.
+#[tokio::test]
+async fn an_async_job_stops_on_its_update_count_or_its_time() {
+    for (limit, want_versions) in [("max_updates = 3", 2), ("max_seconds = 100", 2)] {
+        let fed = Fed::new();
+        let engine = fed.engine("agg");
+        let job = JobSpec::from_toml(&format!(
+            "job_id = \"{JOB}\"\nrounds = 5\nclients = [\"a\", \"b\", \"c\"]\nmin_clients = 1\n\
+             round_timeout_seconds = 600\nmode = \"async\"\n[async]\nbuffer_size = 2\n{limit}\n"
+        ))
+        .unwrap();
+        fed.upload_initial(&job, &[0.0]).await;
+        let mut versions = 0;
+        for round in 1..=5 {
+            engine
+                .start_round(&job, round, &format!("t{round}"))
+                .await
+                .unwrap();
+            for client in ["a", "b"] {
+                let row = fed.submit(&job, round, client, &[1.0], 1, &[]).await;
+                engine.on_update(&row).await.unwrap();
+            }
+            // Each version takes a minute.
+            fed.clock.advance(60);
+            let result = engine
+                .close_round(JOB, round, ClosedBy::Stream)
+                .await
+                .unwrap();
+            versions += 1;
+            if !result.continue_training {
+                break;
+            }
+        }
+        assert_eq!(versions, want_versions, "{limit}");
+    }
+    let err = JobSpec::from_toml(&format!(
+        "job_id = \"{JOB}\"\nrounds = 5\nclients = [\"a\"]\nmin_clients = 1\n\
+         round_timeout_seconds = 600\nmode = \"async\"\n[async]\nmax_updates = 0\n"
+    ))
+    .unwrap_err();
+    assert!(err.contains("max_updates must be at least 1"), "{err}");
+}

@@ -244,7 +244,8 @@ where
             job_id: job_id.to_string(),
             round,
             global_model_key: keys::global_model(job_id, round + 1),
-            continue_training: stop_rule::should_continue(&job, round, &history, &metrics),
+            continue_training: stop_rule::should_continue(&job, round, &history, &metrics)
+                && self.async_goes_on(&job, round, accepted.len()).await?,
             metrics,
             closed_by: plan.closed_by,
             accepted,
