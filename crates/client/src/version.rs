@@ -44,8 +44,9 @@ where
     T: Trainer,
 {
     /// Whether a newer version than `m`'s is announced on the queue already
-    /// (then `m` is skipped: the worker trains from the newest). What the
-    /// look took off the queue is made visible again.
+    /// (then `m` is skipped: the worker trains from the newest). Older
+    /// announcements of the job are deleted; the rest of what the look
+    /// took off the queue is made visible again.
     pub(crate) async fn superseded(&self, m: &GlobalModelReady) -> Result<bool, ClientError> {
         let b = &self.opts.backoff;
         let messages = retry("receive", b, || self.queue.receive(10, 0)).await?;
@@ -53,7 +54,12 @@ where
         for q in messages {
             let delay = match decode(&q.body) {
                 Ok(Notification::GlobalModelReady(g)) if g.job_id == m.job_id => {
-                    newer |= g.round > m.round;
+                    if g.round <= m.round {
+                        // Older than (or a duplicate of) the one in hand.
+                        self.queue.delete(&q.receipt).await?;
+                        continue;
+                    }
+                    newer = true;
                     0
                 }
                 Ok(Notification::TrainingComplete(t)) if t.job_id == m.job_id => 0,

@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::OnceLock;
 
-use crate::bytes::{ByteSource, Input};
+use crate::bytes::{ByteSource, Input, Unavailable};
 use crate::float::{decode_into, elem_bytes, encode_from, role, TensorRole};
 use crate::limits::Limits;
 use crate::model::{read_header_from, TensorEntry};
@@ -16,9 +16,11 @@ use crate::model::{read_header_from, TensorEntry};
 ///
 /// x is untrusted: a header the core would refuse is passed through
 /// untouched, so the core rejects the update with its usual reason. The
-/// two global models are the server's own; a tensor of x that they do not
-/// both have with x's dtype and shape is passed through as well, and the
-/// core's layout check then rejects x against the current version.
+/// two global models are the server's own: a failure to read either is
+/// the system's (marked unavailable, so the attempt is retried rather than
+/// the client rejected). A tensor of x that they do not both have with x's
+/// dtype and shape is passed through, and the core's layout check then
+/// rejects x against the current version.
 pub struct Rebased {
     update: Input,
     base: Input,
@@ -64,9 +66,9 @@ impl Rebased {
             Err(_) => Plan::default(),
             Ok(x) => {
                 let base = read_header_from(self.base.source(), &self.limits)
-                    .map_err(|e| io::Error::other(format!("the base version's model: {e}")))?;
+                    .map_err(|e| servers("the base version's model", e))?;
                 let current = read_header_from(self.current.source(), &self.limits)
-                    .map_err(|e| io::Error::other(format!("the current version's model: {e}")))?;
+                    .map_err(|e| servers("the current version's model", e))?;
                 let same = |t: &TensorEntry, other: Option<&TensorEntry>| {
                     other
                         .filter(|o| o.dtype == t.dtype && o.shape == t.shape)
@@ -113,8 +115,10 @@ impl Rebased {
         };
         let (mut x, mut b, mut r) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
         read(&self.update, m.x.start, &mut x)?;
-        read(&self.base, m.base_start, &mut b)?;
-        read(&self.current, m.current_start, &mut r)?;
+        read(&self.base, m.base_start, &mut b)
+            .map_err(|e| servers("reading the base version's model", e))?;
+        read(&self.current, m.current_start, &mut r)
+            .map_err(|e| servers("reading the current version's model", e))?;
         for ((v, b), r) in x.iter_mut().zip(&b).zip(&r) {
             *v = r + self.weight * (*v - b);
         }
@@ -123,6 +127,13 @@ impl Rebased {
         out.copy_from_slice(&raw[skip..skip + out.len()]);
         Ok(())
     }
+}
+
+/// A failure on one of the two global models is the system's, not the
+/// client's: marked [`Unavailable`], so the aggregation is retried (and can
+/// fail the round) instead of rejecting the update.
+fn servers(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(Unavailable(format!("{what}: {e}")))
 }
 
 impl ByteSource for Rebased {
@@ -324,5 +335,22 @@ mod tests {
             Limits::default(),
         );
         assert_eq!(whole(&rebased), x);
+    }
+
+    #[test]
+    fn a_global_model_that_cannot_be_read_is_the_systems_failure() {
+        let x = model(|i| i as f64, "x");
+        let g = model(|i| i as f64, "g");
+        let truncated = g[..g.len() - 4].to_vec();
+        let rebased = Rebased::new(
+            input(x.clone()),
+            input(truncated),
+            input(g),
+            0.5,
+            Limits::default(),
+        );
+        let mut buf = vec![0u8; x.len()];
+        let err = rebased.read_exact_at(&mut buf, 0).unwrap_err();
+        assert!(crate::bytes::is_unavailable(&err), "{err}");
     }
 }

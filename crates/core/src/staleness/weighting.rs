@@ -1,12 +1,9 @@
 //! The staleness discount s(τ) of an update τ versions old.
 
-use serde::{Deserialize, Serialize};
-
 /// How an update's delta is discounted by its staleness τ (versions between
 /// the one it was trained from and the one it is counted into). Every form
 /// gives s(0) = 1 and never increases with τ.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Staleness {
     /// s(τ) = 1 / (1 + τ)^exponent (FedBuff's choice, exponent 0.5).
     Polynomial { exponent: f64 },
