@@ -142,15 +142,29 @@ impl ByteSource for Rebased {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        // x's own bytes first, then each float tensor's overlap recomputed.
-        self.update.source().read_exact_at(buf, offset)?;
+        // Each float tensor's overlap is recomputed (its x bytes read there,
+        // once); x's own bytes are read only for what lies between.
         let end = offset + buf.len() as u64;
+        let own = |from: u64, to: u64, buf: &mut [u8]| {
+            let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            self.update.source().read_exact_at(out, from)
+        };
+        let mut at = offset;
+        // In data order (the header lists them so), so `at` only grows.
         for m in &self.plan()?.tensors {
             let (from, to) = (m.x.start.max(offset), m.x.end.min(end));
-            if from < to {
-                let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
-                self.rebase(m, from, to, out)?;
+            if from >= to {
+                continue;
             }
+            if at < from {
+                own(at, from, buf)?;
+            }
+            let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            self.rebase(m, from, to, out)?;
+            at = to;
+        }
+        if at < end {
+            own(at, end, buf)?;
         }
         Ok(())
     }
