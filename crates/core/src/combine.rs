@@ -57,7 +57,8 @@ pub struct OptimizerIo<'a> {
     pub optimizer: &'a (dyn ServerStep + 'static),
     pub slots: &'static [&'static str],
     pub state_in: Option<&'a Source>,
-    pub state_out: &'a ModelWriter,
+    /// `None` for a stateless step (no slots).
+    pub state_out: Option<&'a ModelWriter>,
 }
 
 pub enum CombineError {
@@ -396,10 +397,13 @@ where
         .for_each(|(c, (o, mut slots))| {
             opt.step(&g[c * CHUNK..c * CHUNK + o.len()], o, &mut slots)
         });
+    let Some(state_out) = io.state_out else {
+        return Ok(read);
+    };
     for (slot, buf) in io.slots.iter().zip(&b.slots) {
         b.state_raw.resize(len * seb, 0);
         encode_from(sdt, buf, &mut b.state_raw);
-        io.state_out
+        state_out
             .write_at(&slot_tensor(slot, &t.name), off, &b.state_raw)
             .map_err(CombineError::Write)?;
     }

@@ -58,8 +58,9 @@ impl Prepared<'_> {
                 measured(&tally.measurement(&ids, float_elements)),
             );
         }
-        if let (Some(opt), Some(state)) = (&setup.pipeline.optimizer, &outputs.state) {
-            stages.insert(opt.kind().to_string(), opt.measurement(state.step));
+        if let Some(opt) = &setup.pipeline.optimizer {
+            let step = outputs.state.as_ref().map(|state| state.step);
+            stages.insert(opt.kind().to_string(), opt.measurement(step));
         }
         let clients = self.records(decision);
         let count = |s: ClientStatus| clients.iter().filter(|r| r.status == s).count();

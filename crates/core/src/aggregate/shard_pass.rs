@@ -166,7 +166,14 @@ impl Prepared<'_> {
                     optimizer: optimizer.as_ref(),
                     slots: optimizer.state().map_or(&[], |s| s.tensor_slots),
                     state_in: setup.state_in.as_ref().map(|s| &s.source),
-                    state_out: w,
+                    state_out: Some(w),
+                }),
+                // Server SGD (FedAvgM without momentum) steps with no state.
+                (Some(optimizer), None) if optimizer.state().is_none() => Some(OptimizerIo {
+                    optimizer: optimizer.as_ref(),
+                    slots: &[],
+                    state_in: None,
+                    state_out: None,
                 }),
                 _ => None,
             },

@@ -300,8 +300,9 @@ pub trait StepKernel<A: Acc> {
 
 /// Phase 4: a server optimizer.
 pub trait ServerStep: StageInfo + AsInfo + StepKernel<f32> + StepKernel<f64> {
-    /// Its measurement for a round that took step `step`.
-    fn measurement(&self, step: u64) -> Value;
+    /// Its measurement for a round that took step `step` of its state
+    /// (`None`: it keeps none).
+    fn measurement(&self, step: Option<u64>) -> Value;
 }
 
 /// Parses a stage's parameters from its table (`kind` left out), with the

@@ -47,8 +47,10 @@ pub struct ServerOptimizer {
 /// What the optimizer did this round.
 #[derive(Debug, Serialize)]
 pub struct OptimizerMeasurement {
-    /// Rounds this state has been stepped (1 on the first).
-    pub step: u64,
+    /// Rounds this state has been stepped (1 on the first); absent for a
+    /// stateless step (FedAvgM without momentum).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
     pub learning_rate: f64,
 }
 
@@ -175,14 +177,25 @@ impl ServerOptimizer {
         })
     }
 
+    /// FedAvgM without momentum is server SGD, x ← g + η·Δ: nothing to
+    /// carry from one round to the next, so no state file is kept.
+    fn is_stateless(&self) -> bool {
+        self.kind == OptimizerKind::FedAvgM && self.beta1 == 0.0
+    }
+
     /// One block: `x` holds the combined values on entry and the new global
     /// values on return; `g` is the old global; `m`/`v` the state (in/out;
-    /// `v` is empty for FedAvgM).
+    /// `v` is empty for FedAvgM, both are empty when stateless).
     pub fn step_moments<A: Acc>(&self, g: &[A], x: &mut [A], m: &mut [A], v: &mut [A]) {
         let lr = A::from_f64(self.learning_rate);
         let b1 = A::from_f64(self.beta1);
         let one = A::from_f64(1.0);
         match self.kind {
+            OptimizerKind::FedAvgM if self.is_stateless() => {
+                for j in 0..x.len() {
+                    x[j] = g[j] + lr * (x[j] - g[j]);
+                }
+            }
             OptimizerKind::FedAvgM => {
                 for j in 0..x.len() {
                     let delta = x[j] - g[j];
@@ -217,6 +230,9 @@ impl StageInfo for ServerOptimizer {
     /// Tensors `m.<name>` (and `v.<name>`), metadata `fedstep.optimizer`:
     /// the names files were written with before any other stage kept state.
     fn state(&self) -> Option<StateSpec> {
+        if self.is_stateless() {
+            return None;
+        }
         let tensor_slots: &'static [&'static str] = match self.kind {
             OptimizerKind::FedAvgM => &["m"],
             _ => &["m", "v"],
@@ -232,6 +248,7 @@ impl StageInfo for ServerOptimizer {
 impl<A: Acc> StepKernel<A> for ServerOptimizer {
     fn step(&self, g: &[A], x: &mut [A], slots: &mut [&mut [A]]) {
         match slots {
+            [] => self.step_moments(g, x, &mut [], &mut []),
             [m] => self.step_moments(g, x, m, &mut []),
             [m, v] => self.step_moments(g, x, m, v),
             _ => unreachable!("the state file gives each slot of `state()` a buffer"),
@@ -240,7 +257,7 @@ impl<A: Acc> StepKernel<A> for ServerOptimizer {
 }
 
 impl ServerStep for ServerOptimizer {
-    fn measurement(&self, step: u64) -> Value {
+    fn measurement(&self, step: Option<u64>) -> Value {
         measured(&OptimizerMeasurement {
             step,
             learning_rate: self.learning_rate,
@@ -278,6 +295,20 @@ mod tests {
         let mut x = vec![1.0];
         o.step_moments(&[2.0], &mut x, &mut m, &mut v);
         assert!((m[0] - 0.8).abs() < 1e-12 && (x[0] - 2.4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fedavgm_without_momentum_is_server_sgd_and_keeps_no_state() {
+        // η = 0.5 from g = 1 with combined 3: x = 1 + 0.5 · 2 = 2, twice the
+        // same, since nothing carries over.
+        let o = opt("kind = \"fedavgm\"\nlearning_rate = 0.5\nmomentum = 0.0");
+        assert!(o.state().is_none());
+        for _ in 0..2 {
+            let mut x = vec![3.0f64];
+            StepKernel::step(&o, &[1.0], &mut x, &mut []);
+            assert_eq!(x[0], 2.0);
+        }
+        assert!(opt("kind = \"fedavgm\"\nmomentum = 0.1").state().is_some());
     }
 
     #[test]
