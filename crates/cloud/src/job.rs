@@ -290,7 +290,7 @@ impl JobSpec {
         }
         self.sharding.check()?;
         self.check_state_size()?;
-        let pipeline = self.parse_pipeline()?;
+        let mut pipeline = self.parse_pipeline()?;
         self.check_krum(&pipeline)?;
         self.check_share_cap(&pipeline)?;
         let scaffold = self.check_algorithm(&pipeline)?;
@@ -302,6 +302,11 @@ impl JobSpec {
             scaffold,
             &pipeline,
         )?;
+        if let Some(settings) = &asynchronous {
+            pipeline = pipeline
+                .with_server_learning_rate(settings.server_learning_rate)
+                .map_err(|e| format!("[async] {e}"))?;
+        }
         Ok(Job {
             spec: self,
             pipeline,
@@ -578,6 +583,37 @@ local_epochs = 2
                 cutoff: 2
             }
         );
+    }
+
+    #[test]
+    fn an_async_server_learning_rate_is_the_pipelines_last_stage() {
+        let with = |table: &str, stages: &str| {
+            JobSpec::from_toml(&format!(
+                "mode = \"async\"\n{GOOD}\n[async]\n{table}\n{stages}\n"
+            ))
+        };
+        let job = with("server_learning_rate = 0.5", "").unwrap();
+        assert_eq!(job.asynchronous().unwrap().server_learning_rate, 0.5);
+        let optimizer = job.pipeline().pipeline().optimizer.as_ref().unwrap();
+        assert_eq!(optimizer.kind(), "fedavgm");
+        // At the default η = 1 the pipeline is the job's own.
+        let plain = with("", "").unwrap();
+        assert!(plain.pipeline().pipeline().optimizer.is_none());
+        // The job as the workflow carries it checks to the same pipeline.
+        let again: JobSpec = serde_json::from_str(&serde_json::to_string(&*job).unwrap()).unwrap();
+        assert_eq!(again.check().unwrap().pipeline(), job.pipeline());
+        let adam = "[[aggregation.stages]]\nkind = \"fedadam\"";
+        let err = with("server_learning_rate = 0.5", adam).unwrap_err();
+        assert!(
+            err.starts_with("[async] ") && err.contains("`fedadam`"),
+            "{err}"
+        );
+        assert!(
+            with("", adam).is_ok(),
+            "η = 1 leaves the job's optimizer alone"
+        );
+        let err = with("server_learning_rate = 0.0", "").unwrap_err();
+        assert!(err.contains("must be positive"), "{err}");
     }
 
     #[test]

@@ -140,6 +140,34 @@ impl PipelineConfig {
         PipelineConfig::try_from(raw)
     }
 
+    /// The same configuration whose global model moves only `rate` of the
+    /// way from the old global model to the pipeline's result: FedBuff's
+    /// server learning rate η, as a last stage of server SGD (`fedavgm`
+    /// without momentum, which keeps no state). `rate` = 1 is the
+    /// configuration itself. A pipeline with a server optimizer of its own
+    /// is refused: its `learning_rate` is the one to set.
+    pub fn with_server_learning_rate(&self, rate: f64) -> Result<Self, String> {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(format!("server_learning_rate must be positive, got {rate}"));
+        }
+        if rate == 1.0 {
+            return Ok(self.clone());
+        }
+        if let Some(optimizer) = &self.pipeline.optimizer {
+            return Err(format!(
+                "server_learning_rate with a `{}` stage: set that stage's learning_rate instead",
+                optimizer.kind()
+            ));
+        }
+        let mut raw = self.raw.clone();
+        let mut stage = StageTable::new();
+        stage.insert("kind".into(), "fedavgm".into());
+        stage.insert("learning_rate".into(), rate.into());
+        stage.insert("momentum".into(), 0.0.into());
+        raw.stages.push(stage);
+        PipelineConfig::try_from(raw)
+    }
+
     pub fn weighting(&self) -> Weighting {
         self.raw.weighting
     }
@@ -209,6 +237,31 @@ mod tests {
             let err = PipelineConfig::from_toml(&format!("max_client_share = {bad}")).unwrap_err();
             assert!(err.contains("max_client_share"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_server_learning_rate_is_a_last_stage_of_server_sgd() {
+        let cfg = PipelineConfig::from_toml("[[stages]]\nkind = \"clip\"\nmax_norm = 1.0").unwrap();
+        assert_eq!(cfg.with_server_learning_rate(1.0).unwrap(), cfg);
+        let stepped = cfg.with_server_learning_rate(0.5).unwrap();
+        let optimizer = stepped.pipeline().optimizer.as_ref().unwrap();
+        assert_eq!(optimizer.kind(), "fedavgm");
+        assert!(optimizer.state().is_none(), "server SGD keeps no state");
+        assert_eq!(stepped.pipeline().transforms.len(), 1);
+        for bad in [0.0, -0.5, f64::INFINITY, f64::NAN] {
+            let err = cfg.with_server_learning_rate(bad).unwrap_err();
+            assert!(err.contains("must be positive"), "{bad}: {err}");
+        }
+        let adam = PipelineConfig::from_toml("[[stages]]\nkind = \"fedadam\"").unwrap();
+        let err = adam.with_server_learning_rate(0.5).unwrap_err();
+        assert!(
+            err.contains("`fedadam`") && err.contains("learning_rate"),
+            "{err}"
+        );
+        // Rebuilt from what it writes, it is the same pipeline.
+        let again: PipelineConfig =
+            serde_json::from_value(serde_json::to_value(&stepped).unwrap()).unwrap();
+        assert_eq!(again, stepped);
     }
 
     const FULL: &str = r#"

@@ -132,6 +132,10 @@ pub struct Args {
     /// rejected [default: 20].
     #[arg(long, value_name = "V")]
     pub max_staleness: Option<u32>,
+    /// With --mode async: η, how far each version moves the global model
+    /// towards the buffer's discounted mean [default: 1, the mean itself].
+    #[arg(long, value_name = "ETA")]
+    pub server_learning_rate: Option<f64>,
     /// MNIST images (IDX, e.g. train-images-idx3-ubyte) instead of the
     /// bundled digits.
     #[arg(long, requires = "mnist_labels", value_name = "FILE")]
@@ -181,6 +185,8 @@ pub struct AsyncSim {
     pub target_accuracy: Option<f64>,
     pub staleness_exponent: f64,
     pub max_staleness: u32,
+    /// η; None: the job's default.
+    pub server_learning_rate: Option<f64>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,6 +319,10 @@ impl Args {
                 ("--target-accuracy", self.target_accuracy.is_some()),
                 ("--staleness-exponent", self.staleness_exponent.is_some()),
                 ("--max-staleness", self.max_staleness.is_some()),
+                (
+                    "--server-learning-rate",
+                    self.server_learning_rate.is_some(),
+                ),
             ] {
                 if given {
                     bail!("{flag} applies to --mode async only");
@@ -360,6 +370,12 @@ impl Args {
         }
         .check()
         .map_err(|e| anyhow::anyhow!("--staleness-exponent: {e}"))?;
+        if let Some(eta) = self
+            .server_learning_rate
+            .filter(|eta| !(eta.is_finite() && *eta > 0.0))
+        {
+            bail!("--server-learning-rate must be positive, got {eta}");
+        }
         Ok(Some(AsyncSim {
             buffer_size,
             client_speeds,
@@ -368,6 +384,7 @@ impl Args {
             max_staleness: self
                 .max_staleness
                 .unwrap_or(fedstep_cloud::asynchronous::AsyncSettings::DEFAULT_MAX_STALENESS),
+            server_learning_rate: self.server_learning_rate,
         }))
     }
 
@@ -619,6 +636,9 @@ mod tests {
         .asynchronous
         .unwrap();
         assert_eq!((a.buffer_size, a.client_speeds[2]), (1, 4.0));
+        assert_eq!(a.server_learning_rate, None, "the job's default");
+        let a = resolve(&["--mode", "async", "--server-learning-rate", "1.5"]).unwrap();
+        assert_eq!(a.asynchronous.unwrap().server_learning_rate, Some(1.5));
         let err = |flags: &[&str]| format!("{:#}", resolve(flags).unwrap_err());
         for (flags, want) in [
             (
@@ -648,6 +668,14 @@ mod tests {
             (
                 &["--mode", "async", "--algorithm", "scaffold"][..],
                 "--mode async with",
+            ),
+            (
+                &["--server-learning-rate", "0.5"][..],
+                "--server-learning-rate applies to --mode async",
+            ),
+            (
+                &["--mode", "async", "--server-learning-rate", "0"][..],
+                "must be positive",
             ),
         ] {
             let e = err(flags);

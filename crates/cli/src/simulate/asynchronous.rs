@@ -132,6 +132,7 @@ impl Federation<'_> {
                 staleness: StalenessForm::Polynomial,
                 staleness_exponent: Some(self.sim.staleness_exponent),
                 max_staleness: Some(self.sim.max_staleness),
+                server_learning_rate: self.sim.server_learning_rate,
                 ..Default::default()
             }),
         }

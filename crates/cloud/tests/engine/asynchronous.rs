@@ -92,6 +92,28 @@ async fn versions_are_made_from_the_first_k_updates_with_stale_ones_rebased() {
 }
 
 #[tokio::test]
+async fn a_server_learning_rate_moves_the_global_model_part_of_the_way() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = JobSpec::from_toml(&format!(
+        "job_id = \"{JOB}\"\nrounds = 5\nclients = [\"a\", \"b\", \"c\"]\nmin_clients = 1\n\
+         round_timeout_seconds = 600\nmode = \"async\"\n[aggregation]\nweighting = \"examples\"\n\
+         [async]\nbuffer_size = 2\nserver_learning_rate = 0.5\n"
+    ))
+    .unwrap();
+    fed.upload_initial(&job, &[2.0, 0.0]).await;
+    engine.start_round(&job, 1, "t1").await.unwrap();
+    for (client, weights) in [("a", [4.0, 2.0]), ("b", [6.0, 6.0])] {
+        let row = fed.submit(&job, 1, client, &weights, 10, &[]).await;
+        engine.on_update(&row).await.unwrap();
+    }
+    engine.close_round(JOB, 1, ClosedBy::Stream).await.unwrap();
+    // The buffer's mean is [5, 4]; η = ½ moves [2, 0] half way there.
+    let g2 = fed.global(&job, 2).await;
+    assert!(close(&g2, &[3.5, 2.0]), "{g2:?}");
+}
+
+#[tokio::test]
 async fn a_sync_round_refuses_an_update_trained_from_another_round() {
     let fed = Fed::new();
     let engine = fed.engine("agg");
