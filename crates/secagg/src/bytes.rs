@@ -16,14 +16,20 @@ pub struct FixedBytes<const N: usize>(pub [u8; N]);
 impl<const N: usize> std::fmt::Debug for FixedBytes<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Short and enough to tell values apart in test output.
-        write!(f, "FixedBytes<{N}>({})", STANDARD.encode(&self.0[..N.min(6)]))
+        write!(
+            f,
+            "FixedBytes<{N}>({})",
+            STANDARD.encode(&self.0[..N.min(6)])
+        )
     }
 }
 
 impl<const N: usize> FixedBytes<N> {
     /// Parses base64 that must decode to exactly `N` bytes.
     pub fn from_base64(text: &str) -> Result<Self, String> {
-        let bytes = STANDARD.decode(text).map_err(|e| format!("not base64: {e}"))?;
+        let bytes = STANDARD
+            .decode(text)
+            .map_err(|e| format!("not base64: {e}"))?;
         let array: [u8; N] = bytes
             .as_slice()
             .try_into()
@@ -59,7 +65,9 @@ mod tests {
         let b = FixedBytes([9u8; 32]);
         let json = serde_json::to_string(&b).unwrap();
         assert_eq!(serde_json::from_str::<FixedBytes<32>>(&json).unwrap(), b);
-        let err = serde_json::from_str::<FixedBytes<33>>(&json).unwrap_err().to_string();
+        let err = serde_json::from_str::<FixedBytes<33>>(&json)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("expected 33 bytes, got 32"), "{err}");
         assert!(serde_json::from_str::<FixedBytes<32>>("\"!!\"").is_err());
         assert!(serde_json::from_str::<FixedBytes<32>>("17").is_err());

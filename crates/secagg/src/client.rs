@@ -108,7 +108,13 @@ impl Client {
         let s_keys = KeyPair::generate(rng);
         let mut seed = Secret32::new([0u8; 32]);
         rng.fill_bytes(seed.as_mut());
-        Client { id, params, c_keys, s_keys, self_mask_seed: seed }
+        Client {
+            id,
+            params,
+            c_keys,
+            s_keys,
+            self_mask_seed: seed,
+        }
     }
 
     /// This client's id.
@@ -148,7 +154,10 @@ impl Client {
             return Err(ClientError::NotInRoster);
         }
         if keys.len() < self.params.min_clients {
-            return Err(ClientError::RosterTooSmall { have: keys.len(), needed: self.params.min_clients });
+            return Err(ClientError::RosterTooSmall {
+                have: keys.len(),
+                needed: self.params.min_clients,
+            });
         }
         let ids: Vec<ClientId> = keys.keys().copied().collect();
         let graph = NeighbourGraph::new(&self.params.round, &ids, self.params.neighbours);
@@ -158,16 +167,38 @@ impl Client {
             return Err(ClientError::Neighbourhood { degree, threshold });
         }
         let neighbours: Vec<ClientId> = graph.neighbours_of(self.id).collect();
-        let self_mask_shares = shamir::split(&self.self_mask_seed, threshold, neighbours.len(), rng)?;
-        let secret_key_shares = shamir::split(&self.s_keys.secret_bytes(), threshold, neighbours.len(), rng)?;
+        let self_mask_shares =
+            shamir::split(&self.self_mask_seed, threshold, neighbours.len(), rng)?;
+        let secret_key_shares = shamir::split(
+            &self.s_keys.secret_bytes(),
+            threshold,
+            neighbours.len(),
+            rng,
+        )?;
         let mut shares = Vec::with_capacity(neighbours.len());
-        for ((&to, self_mask), secret_key) in neighbours.iter().zip(self_mask_shares).zip(secret_key_shares) {
+        for ((&to, self_mask), secret_key) in neighbours
+            .iter()
+            .zip(self_mask_shares)
+            .zip(secret_key_shares)
+        {
             let key = self
                 .c_keys
-                .derive_pairwise(&keys[&to].c_pk, Purpose::ShareEncryption, &self.params.round, self.id, to)
+                .derive_pairwise(
+                    &keys[&to].c_pk,
+                    Purpose::ShareEncryption,
+                    &self.params.round,
+                    self.id,
+                    to,
+                )
                 .map_err(|_| ClientError::BadPeerKey(to))?;
-            let pair = SharePair { self_mask, secret_key };
-            shares.push(AddressedShare { to, ciphertext: seal(&key, &self.params.round, self.id, to, &pair) });
+            let pair = SharePair {
+                self_mask,
+                secret_key,
+            };
+            shares.push(AddressedShare {
+                to,
+                ciphertext: seal(&key, &self.params.round, self.id, to, &pair),
+            });
         }
         let peers = keys.into_iter().map(|(id, k)| (id, k.s_pk)).collect();
         let shared = SharedClient {
@@ -178,9 +209,19 @@ impl Client {
             self_mask_seed: self.self_mask_seed,
             graph,
             peers_s_pk: peers,
-            peers_c_pk: roster.clients.iter().map(|k| (k.client, k.c_pk.clone())).collect(),
+            peers_c_pk: roster
+                .clients
+                .iter()
+                .map(|k| (k.client, k.c_pk.clone()))
+                .collect(),
         };
-        Ok((shared, ShareKeys { from: self.id, shares }))
+        Ok((
+            shared,
+            ShareKeys {
+                from: self.id,
+                shares,
+            },
+        ))
     }
 }
 
@@ -209,10 +250,16 @@ impl SharedClient {
         weight: u64,
     ) -> Result<(MaskedClient, MaskedInput, Vec<u64>), ClientError> {
         if forwarded.to != self.id {
-            return Err(ClientError::WrongRecipient { expected: self.id, got: forwarded.to });
+            return Err(ClientError::WrongRecipient {
+                expected: self.id,
+                got: forwarded.to,
+            });
         }
         if values.len() as u64 != self.params.vector_len {
-            return Err(ClientError::WrongLength { expected: self.params.vector_len, got: values.len() as u64 });
+            return Err(ClientError::WrongLength {
+                expected: self.params.vector_len,
+                got: values.len() as u64,
+            });
         }
         let q = self.params.quantization;
         let ring = q.ring();
@@ -227,9 +274,13 @@ impl SharedClient {
             if !self.graph.are_neighbours(self.id, from) || !seen.insert(from) {
                 return Err(ClientError::UnexpectedShare(from));
             }
-            let Ok(key) =
-                self.c_keys.derive_pairwise(&self.peers_c_pk[&from], Purpose::ShareEncryption, round, self.id, from)
-            else {
+            let Ok(key) = self.c_keys.derive_pairwise(
+                &self.peers_c_pk[&from],
+                Purpose::ShareEncryption,
+                round,
+                self.id,
+                from,
+            ) else {
                 complaints.push(complaint(from, "c public key is a low-order point"));
                 continue;
             };
@@ -237,13 +288,21 @@ impl SharedClient {
                 complaints.push(complaint(from, "sealed share failed to decrypt"));
                 continue;
             };
-            let Ok(seed) =
-                self.s_keys.derive_pairwise(&self.peers_s_pk[&from], Purpose::PairwiseMask, round, self.id, from)
-            else {
+            let Ok(seed) = self.s_keys.derive_pairwise(
+                &self.peers_s_pk[&from],
+                Purpose::PairwiseMask,
+                round,
+                self.id,
+                from,
+            ) else {
                 complaints.push(complaint(from, "s public key is a low-order point"));
                 continue;
             };
-            let sign = if self.id < from { MaskSign::Add } else { MaskSign::Subtract };
+            let sign = if self.id < from {
+                MaskSign::Add
+            } else {
+                MaskSign::Subtract
+            };
             apply_mask(&seed, sign, 0, &mut vector, ring);
             held.insert(from, pair);
         }
@@ -259,7 +318,10 @@ impl SharedClient {
 }
 
 fn complaint(from: ClientId, reason: &str) -> ShareComplaint {
-    ShareComplaint { from, reason: bounded_reason(reason) }
+    ShareComplaint {
+        from,
+        reason: bounded_reason(reason),
+    }
 }
 
 /// Phase 3 done: the client holds its neighbours' shares until asked.
@@ -279,17 +341,30 @@ impl MaskedClient {
     /// `s` secret key of one client unmask its individual input.
     pub fn unmask(&self, request: &UnmaskRequest) -> Result<Unmask, ClientError> {
         if request.to != self.id {
-            return Err(ClientError::WrongRecipient { expected: self.id, got: request.to });
+            return Err(ClientError::WrongRecipient {
+                expected: self.id,
+                got: request.to,
+            });
         }
         let self_mask_of: BTreeSet<ClientId> = request.self_mask_of.iter().copied().collect();
-        let both: Vec<ClientId> =
-            request.secret_key_of.iter().copied().filter(|c| self_mask_of.contains(c)).collect();
+        let both: Vec<ClientId> = request
+            .secret_key_of
+            .iter()
+            .copied()
+            .filter(|c| self_mask_of.contains(c))
+            .collect();
         if !both.is_empty() {
             return Err(ClientError::RevealBoth(both));
         }
-        let pick = |clients: &mut dyn Iterator<Item = ClientId>, which: fn(&SharePair) -> &shamir::ShamirShare| {
+        let pick = |clients: &mut dyn Iterator<Item = ClientId>,
+                    which: fn(&SharePair) -> &shamir::ShamirShare| {
             clients
-                .filter_map(|of| self.held.get(&of).map(|pair| ShareOf { of_client: of, share: which(pair).clone() }))
+                .filter_map(|of| {
+                    self.held.get(&of).map(|pair| ShareOf {
+                        of_client: of,
+                        share: which(pair).clone(),
+                    })
+                })
                 .collect::<Vec<_>>()
         };
         let secret_keys: BTreeSet<ClientId> = request.secret_key_of.iter().copied().collect();

@@ -35,16 +35,24 @@ impl NeighbourGraph {
         let mut neighbours: BTreeMap<ClientId, BTreeSet<ClientId>> =
             distinct.iter().map(|&c| (c, BTreeSet::new())).collect();
         if n == 0 {
-            return NeighbourGraph { neighbours, degree: 0 };
+            return NeighbourGraph {
+                neighbours,
+                degree: 0,
+            };
         }
         if even_k >= n - 1 {
             for (&c, set) in neighbours.iter_mut() {
                 set.extend(distinct.iter().copied().filter(|&d| d != c));
             }
-            return NeighbourGraph { neighbours, degree: n - 1 };
+            return NeighbourGraph {
+                neighbours,
+                degree: n - 1,
+            };
         }
-        let mut cycle: Vec<(ClientId, [u8; 32])> =
-            distinct.iter().map(|&c| (c, position_key(round, c))).collect();
+        let mut cycle: Vec<(ClientId, [u8; 32])> = distinct
+            .iter()
+            .map(|&c| (c, position_key(round, c)))
+            .collect();
         cycle.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
         // even_k <= n - 2, so the offsets 1..=k/2 on both sides are distinct.
         for (i, &(c, _)) in cycle.iter().enumerate() {
@@ -54,7 +62,10 @@ impl NeighbourGraph {
                 neighbours.entry(c).or_default().extend([right, left]);
             }
         }
-        NeighbourGraph { neighbours, degree: even_k }
+        NeighbourGraph {
+            neighbours,
+            degree: even_k,
+        }
     }
 
     /// The neighbours of `client` (empty for a client not in the graph).
@@ -80,7 +91,11 @@ impl NeighbourGraph {
     /// The x-coordinate (1-based position among `dealer`'s sorted
     /// neighbours) of the share `dealer` deals to `holder`.
     pub fn share_coordinate(&self, dealer: ClientId, holder: ClientId) -> Option<u8> {
-        let position = self.neighbours.get(&dealer)?.iter().position(|&c| c == holder)?;
+        let position = self
+            .neighbours
+            .get(&dealer)?
+            .iter()
+            .position(|&c| c == holder)?;
         u8::try_from(position + 1).ok()
     }
 }

@@ -107,10 +107,18 @@ impl KeyPair {
 /// server to exclude such keys in phase 1, before anyone derives from them.
 pub fn is_low_order(public: &PublicKeyBytes) -> bool {
     let probe = StaticSecret::random_from_rng(rand_core::OsRng);
-    !probe.diffie_hellman(&PublicKey::from(public.0)).was_contributory()
+    !probe
+        .diffie_hellman(&PublicKey::from(public.0))
+        .was_contributory()
 }
 
-fn hkdf_label(ikm: &[u8; 32], purpose: Purpose, round: &RoundId, a: ClientId, b: ClientId) -> Secret32 {
+fn hkdf_label(
+    ikm: &[u8; 32],
+    purpose: Purpose,
+    round: &RoundId,
+    a: ClientId,
+    b: ClientId,
+) -> Secret32 {
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
     let mut info = Vec::with_capacity(64 + round.as_bytes().len());
     info.extend_from_slice(b"fedstep-secagg/v1/");
@@ -140,13 +148,21 @@ mod tests {
         let (a, b) = (KeyPair::generate(&mut rng), KeyPair::generate(&mut rng));
         let round = RoundId::new("r1").unwrap();
         let (u, v) = (ClientId(3), ClientId(9));
-        let ab = a.derive_pairwise(&b.public_bytes(), Purpose::PairwiseMask, &round, u, v).unwrap();
-        let ba = b.derive_pairwise(&a.public_bytes(), Purpose::PairwiseMask, &round, v, u).unwrap();
+        let ab = a
+            .derive_pairwise(&b.public_bytes(), Purpose::PairwiseMask, &round, u, v)
+            .unwrap();
+        let ba = b
+            .derive_pairwise(&a.public_bytes(), Purpose::PairwiseMask, &round, v, u)
+            .unwrap();
         assert_eq!(*ab, *ba);
-        let enc = a.derive_pairwise(&b.public_bytes(), Purpose::ShareEncryption, &round, u, v).unwrap();
+        let enc = a
+            .derive_pairwise(&b.public_bytes(), Purpose::ShareEncryption, &round, u, v)
+            .unwrap();
         assert_ne!(*ab, *enc);
         let other_round = RoundId::new("r2").unwrap();
-        let ab2 = a.derive_pairwise(&b.public_bytes(), Purpose::PairwiseMask, &other_round, u, v).unwrap();
+        let ab2 = a
+            .derive_pairwise(&b.public_bytes(), Purpose::PairwiseMask, &other_round, u, v)
+            .unwrap();
         assert_ne!(*ab, *ab2);
     }
 
@@ -161,7 +177,13 @@ mod tests {
         for bad in [zero, FixedBytes(one)] {
             assert!(is_low_order(&bad));
             assert_eq!(
-                a.derive_pairwise(&bad, Purpose::PairwiseMask, &round, ClientId(1), ClientId(2)),
+                a.derive_pairwise(
+                    &bad,
+                    Purpose::PairwiseMask,
+                    &round,
+                    ClientId(1),
+                    ClientId(2)
+                ),
                 Err(NonContributoryKey)
             );
         }

@@ -94,7 +94,10 @@ mod tests {
         for ring in [Ring::U32, Ring::U64, Ring::new(20).unwrap()] {
             let whole = mask_range(&seed, 0, 3000, ring);
             for (a, b) in [(0, 1), (1, 9), (5, 1500), (1023, 2049), (2999, 3000)] {
-                assert_eq!(mask_range(&seed, a, (b - a) as usize, ring), whole[a as usize..b as usize]);
+                assert_eq!(
+                    mask_range(&seed, a, (b - a) as usize, ring),
+                    whole[a as usize..b as usize]
+                );
             }
             assert!(whole.iter().all(|&x| ring.contains(x)));
         }
@@ -107,6 +110,9 @@ mod tests {
         assert_ne!(v, (0..100).collect::<Vec<u64>>());
         apply_mask(&[1; 32], MaskSign::Subtract, 10, &mut v, Ring::U32);
         assert_eq!(v, (0..100).collect::<Vec<u64>>());
-        assert_ne!(mask_range(&[1; 32], 0, 8, Ring::U64), mask_range(&[2; 32], 0, 8, Ring::U64));
+        assert_ne!(
+            mask_range(&[1; 32], 0, 8, Ring::U64),
+            mask_range(&[2; 32], 0, 8, Ring::U64)
+        );
     }
 }

@@ -46,7 +46,13 @@ struct QuantizationFields {
 impl TryFrom<QuantizationFields> for QuantizationConfig {
     type Error = QuantizationError;
     fn try_from(f: QuantizationFields) -> Result<Self, Self::Error> {
-        QuantizationConfig::new(f.clip, f.quant_bits, f.field_bits, f.max_weight, f.max_clients)
+        QuantizationConfig::new(
+            f.clip,
+            f.quant_bits,
+            f.field_bits,
+            f.max_weight,
+            f.max_clients,
+        )
     }
 }
 
@@ -127,7 +133,10 @@ impl QuantizationConfig {
         }
         let ring = Ring::new(field_bits)?;
         if max_weight == 0 || max_clients == 0 {
-            return Err(QuantizationError::Zero { max_weight, max_clients });
+            return Err(QuantizationError::Zero {
+                max_weight,
+                max_clients,
+            });
         }
         let levels = (1u128 << quant_bits) - 1;
         // Each factor is below 2^64 and levels below 2^31: the product of the
@@ -143,7 +152,13 @@ impl QuantizationConfig {
                 worst_sum: worst_sum.unwrap_or(u128::MAX),
             });
         }
-        Ok(QuantizationConfig { clip, quant_bits, ring, max_weight, max_clients })
+        Ok(QuantizationConfig {
+            clip,
+            quant_bits,
+            ring,
+            max_weight,
+            max_clients,
+        })
     }
 
     /// The ring the encoded values live in.
@@ -180,7 +195,10 @@ impl QuantizationConfig {
     /// Checks a client weight against `1..=max_weight`.
     pub fn check_weight(&self, weight: u64) -> Result<(), QuantizationError> {
         if weight == 0 || weight > self.max_weight {
-            return Err(QuantizationError::Weight { weight, max_weight: self.max_weight });
+            return Err(QuantizationError::Weight {
+                weight,
+                max_weight: self.max_weight,
+            });
         }
         Ok(())
     }
@@ -188,7 +206,11 @@ impl QuantizationConfig {
     /// One value onto the grid `0..=2^q − 1` (NaN encodes as 0, the midpoint).
     pub fn quantize_value(&self, x: f32) -> u64 {
         let c = self.clip as f64;
-        let x = if x.is_nan() { 0.0 } else { (x as f64).clamp(-c, c) };
+        let x = if x.is_nan() {
+            0.0
+        } else {
+            (x as f64).clamp(-c, c)
+        };
         let scaled = (x + c) / (2.0 * c) * self.levels() as f64;
         // In range by construction; round() is to nearest, ties away from 0.
         (scaled.round() as u64).min(self.levels())
@@ -197,7 +219,10 @@ impl QuantizationConfig {
     /// `weight × q(x_i)` for every coordinate, as ring elements.
     pub fn quantize(&self, values: &[f32], weight: u64) -> Result<Vec<u64>, QuantizationError> {
         self.check_weight(weight)?;
-        Ok(values.iter().map(|&x| self.ring.reduce(self.quantize_value(x) * weight)).collect())
+        Ok(values
+            .iter()
+            .map(|&x| self.ring.reduce(self.quantize_value(x) * weight))
+            .collect())
     }
 
     /// The weighted mean from the unmasked sum `Σ w_i q(x_i)` and `Σ w_i`.
@@ -205,7 +230,9 @@ impl QuantizationConfig {
         let c = self.clip as f64;
         let step = 2.0 * c / self.levels() as f64;
         let w = total_weight.max(1) as f64;
-        sum.iter().map(|&s| (s as f64 / w * step - c) as f32).collect()
+        sum.iter()
+            .map(|&s| (s as f64 / w * step - c) as f32)
+            .collect()
     }
 }
 
@@ -253,7 +280,10 @@ mod tests {
     fn serde_validates() {
         let q = QuantizationConfig::new(1.0, 8, 32, 5, 10).unwrap();
         let json = serde_json::to_string(&q).unwrap();
-        assert_eq!(serde_json::from_str::<QuantizationConfig>(&json).unwrap(), q);
+        assert_eq!(
+            serde_json::from_str::<QuantizationConfig>(&json).unwrap(),
+            q
+        );
         let bad = json.replace("\"field_bits\":32", "\"field_bits\":8");
         assert!(serde_json::from_str::<QuantizationConfig>(&bad).is_err());
     }

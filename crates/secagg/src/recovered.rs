@@ -11,6 +11,7 @@
 //! pairwise seed belongs to a client whose input is not in the sum.
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 use crate::bytes::FixedBytes;
 use crate::ids::ClientId;
@@ -64,18 +65,35 @@ pub enum UnmaskError {
     },
 }
 
+impl Drop for RecoveredMasks {
+    fn drop(&mut self) {
+        // The seeds are secrets until the sum is unmasked; wipe them.
+        for c in &mut self.corrections {
+            c.seed.zeroize();
+        }
+    }
+}
+
 impl RecoveredMasks {
     /// Unmasks elements `[start, start + slice.len())` of the masked sum, in
     /// place.
     pub fn unmask_range_in_place(&self, slice: &mut [u64], start: u64) -> Result<(), UnmaskError> {
-        let out_of_range = UnmaskError::OutOfRange { start, len: slice.len(), vector_len: self.vector_len };
-        let end = start.checked_add(slice.len() as u64).ok_or(out_of_range.clone())?;
+        let out_of_range = UnmaskError::OutOfRange {
+            start,
+            len: slice.len(),
+            vector_len: self.vector_len,
+        };
+        let end = start
+            .checked_add(slice.len() as u64)
+            .ok_or(out_of_range.clone())?;
         if end > self.vector_len {
             return Err(out_of_range);
         }
         let ring = self.quantization.ring();
         if let Some(i) = slice.iter().position(|&x| !ring.contains(x)) {
-            return Err(UnmaskError::NotInRing { index: start + i as u64 });
+            return Err(UnmaskError::NotInRing {
+                index: start + i as u64,
+            });
         }
         for c in &self.corrections {
             apply_mask(&c.seed.0, c.sign, start, slice, ring);
@@ -93,7 +111,11 @@ impl RecoveredMasks {
     /// The unmasked sum `Σ w_u q(x_u)` of the whole masked sum.
     pub fn unmask(&self, masked_sum: &[u64]) -> Result<Vec<u64>, UnmaskError> {
         if masked_sum.len() as u64 != self.vector_len {
-            return Err(UnmaskError::OutOfRange { start: 0, len: masked_sum.len(), vector_len: self.vector_len });
+            return Err(UnmaskError::OutOfRange {
+                start: 0,
+                len: masked_sum.len(),
+                vector_len: self.vector_len,
+            });
         }
         self.unmask_range(masked_sum, 0)
     }
@@ -101,6 +123,7 @@ impl RecoveredMasks {
     /// The weighted mean from an unmasked sum (whole or a shard: the map is
     /// element-wise): dequantized and divided by the total weight.
     pub fn mean(&self, unmasked_sum: &[u64]) -> Vec<f32> {
-        self.quantization.dequantize_mean(unmasked_sum, self.total_weight)
+        self.quantization
+            .dequantize_mean(unmasked_sum, self.total_weight)
     }
 }

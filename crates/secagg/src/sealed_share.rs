@@ -78,10 +78,17 @@ pub fn seal(
     plaintext[33..].copy_from_slice(&shares.secret_key.0);
     let aad = associated_data(round, sender, recipient);
     let ciphertext = ChaCha20Poly1305::new(key.into())
-        .encrypt(&nonce(sender, recipient).into(), Payload { msg: plaintext.as_slice(), aad: &aad })
+        .encrypt(
+            &nonce(sender, recipient).into(),
+            Payload {
+                msg: plaintext.as_slice(),
+                aad: &aad,
+            },
+        )
         .expect("ChaCha20-Poly1305 encrypts any message shorter than 2^38 bytes");
-    let array: [u8; SEALED_SHARE_LEN] =
-        ciphertext.try_into().expect("ciphertext is plaintext plus a 16-byte tag");
+    let array: [u8; SEALED_SHARE_LEN] = ciphertext
+        .try_into()
+        .expect("ciphertext is plaintext plus a 16-byte tag");
     FixedBytes(array)
 }
 
@@ -96,7 +103,13 @@ pub fn open(
     let aad = associated_data(round, sender, recipient);
     let plaintext = Zeroizing::new(
         ChaCha20Poly1305::new(key.into())
-            .decrypt(&nonce(sender, recipient).into(), Payload { msg: &sealed.0, aad: &aad })
+            .decrypt(
+                &nonce(sender, recipient).into(),
+                Payload {
+                    msg: &sealed.0,
+                    aad: &aad,
+                },
+            )
             .map_err(|_| OpenError)?,
     );
     if plaintext.len() != PLAINTEXT_LEN {
@@ -106,7 +119,10 @@ pub fn open(
     let mut secret_key = [0u8; 33];
     self_mask.copy_from_slice(&plaintext[..33]);
     secret_key.copy_from_slice(&plaintext[33..]);
-    Ok(SharePair { self_mask: FixedBytes(self_mask), secret_key: FixedBytes(secret_key) })
+    Ok(SharePair {
+        self_mask: FixedBytes(self_mask),
+        secret_key: FixedBytes(secret_key),
+    })
 }
 
 #[cfg(test)]
@@ -114,7 +130,10 @@ mod tests {
     use super::*;
 
     fn pair() -> SharePair {
-        SharePair { self_mask: FixedBytes([1; 33]), secret_key: FixedBytes([2; 33]) }
+        SharePair {
+            self_mask: FixedBytes([1; 33]),
+            secret_key: FixedBytes([2; 33]),
+        }
     }
 
     #[test]
@@ -125,7 +144,10 @@ mod tests {
         let sealed = seal(&key, &round, u, v, &pair());
         assert_eq!(open(&key, &round, u, v, &sealed).unwrap(), pair());
         assert_eq!(open(&[6; 32], &round, u, v, &sealed), Err(OpenError));
-        assert_eq!(open(&key, &RoundId::new("r2").unwrap(), u, v, &sealed), Err(OpenError));
+        assert_eq!(
+            open(&key, &RoundId::new("r2").unwrap(), u, v, &sealed),
+            Err(OpenError)
+        );
         assert_eq!(open(&key, &round, v, u, &sealed), Err(OpenError));
         let mut tampered = sealed.clone();
         tampered.0[0] ^= 1;

@@ -170,23 +170,42 @@ impl Server {
 
     fn exclude(&mut self, client: ClientId, phase: Phase, reason: impl AsRef<str>) {
         if self.excluded.insert(client) {
-            self.exclusions.push(Exclusion { client, phase, reason: bounded_reason(reason) });
+            self.exclusions.push(Exclusion {
+                client,
+                phase,
+                reason: bounded_reason(reason),
+            });
         }
     }
 
     /// Common checks of an incoming message: the open phase, the sender the
     /// transport vouches for, exclusion, membership in the previous phase,
     /// and repetition. Returns whether to go on.
-    fn admit(&mut self, phase: Phase, sender: ClientId, claimed: ClientId, eligible: bool, seen: bool) -> bool {
+    fn admit(
+        &mut self,
+        phase: Phase,
+        sender: ClientId,
+        claimed: ClientId,
+        eligible: bool,
+        seen: bool,
+    ) -> bool {
         if self.excluded.contains(&sender) {
             return false;
         }
         if phase != self.phase {
-            self.exclude(sender, self.phase, format!("{phase} message arrived while phase {} is open", self.phase));
+            self.exclude(
+                sender,
+                self.phase,
+                format!("{phase} message arrived while phase {} is open", self.phase),
+            );
             return false;
         }
         if claimed != sender {
-            self.exclude(sender, phase, format!("message claims to be from client {claimed}"));
+            self.exclude(
+                sender,
+                phase,
+                format!("message claims to be from client {claimed}"),
+            );
             return false;
         }
         if !eligible {
@@ -200,7 +219,12 @@ impl Server {
         true
     }
 
-    fn parse<T: serde::de::DeserializeOwned>(&mut self, phase: Phase, sender: ClientId, json: &str) -> Option<T> {
+    fn parse<T: serde::de::DeserializeOwned>(
+        &mut self,
+        phase: Phase,
+        sender: ClientId,
+        json: &str,
+    ) -> Option<T> {
         match serde_json::from_str(json) {
             Ok(message) => Some(message),
             Err(e) => {
@@ -212,12 +236,20 @@ impl Server {
 
     fn open(&self, phase: Phase) -> Result<(), RoundError> {
         if self.phase != phase {
-            return Err(RoundError::OutOfOrder { expected: self.phase, got: phase });
+            return Err(RoundError::OutOfOrder {
+                expected: self.phase,
+                got: phase,
+            });
         }
         Ok(())
     }
 
-    fn too_few(&mut self, phase: Phase, have: &BTreeSet<ClientId>, before: &BTreeSet<ClientId>) -> RoundError {
+    fn too_few(
+        &mut self,
+        phase: Phase,
+        have: &BTreeSet<ClientId>,
+        before: &BTreeSet<ClientId>,
+    ) -> RoundError {
         self.phase = Phase::Done;
         RoundError::TooFewClients {
             phase,
@@ -247,16 +279,26 @@ impl Server {
         }
         for (name, key) in [("c_pk", &message.c_pk), ("s_pk", &message.s_pk)] {
             if is_low_order(key) {
-                self.exclude(sender, Phase::AdvertiseKeys, format!("{name} is a low-order point"));
+                self.exclude(
+                    sender,
+                    Phase::AdvertiseKeys,
+                    format!("{name} is a low-order point"),
+                );
                 return;
             }
         }
         if message.c_pk == message.s_pk {
-            self.exclude(sender, Phase::AdvertiseKeys, "c_pk and s_pk are the same key");
+            self.exclude(
+                sender,
+                Phase::AdvertiseKeys,
+                "c_pk and s_pk are the same key",
+            );
             return;
         }
         let copied = self.advertised.values().find(|other| {
-            [&other.c_pk, &other.s_pk].iter().any(|k| **k == message.c_pk || **k == message.s_pk)
+            [&other.c_pk, &other.s_pk]
+                .iter()
+                .any(|k| **k == message.c_pk || **k == message.s_pk)
         });
         if let Some(other) = copied {
             let reason = format!("reuses a public key of client {}", other.client);
@@ -270,9 +312,15 @@ impl Server {
     pub fn close_advertise_keys(&mut self) -> Result<Roster, RoundError> {
         self.open(Phase::AdvertiseKeys)?;
         let survivors: BTreeSet<ClientId> = self.advertised.keys().copied().collect();
-        if survivors.len() < self.params.min_clients.max(3) {
+        // Fewer than 3 clients leave a neighbourhood too small for t >= 2.
+        let needed = self.params.min_clients.max(3);
+        if survivors.len() < needed {
             let excluded = self.excluded.clone();
-            return Err(self.too_few(Phase::AdvertiseKeys, &survivors, &excluded));
+            let mut error = self.too_few(Phase::AdvertiseKeys, &survivors, &excluded);
+            if let RoundError::TooFewClients { needed: n, .. } = &mut error {
+                *n = needed;
+            }
+            return Err(error);
         }
         let ids: Vec<ClientId> = survivors.iter().copied().collect();
         self.graph = NeighbourGraph::new(&self.params.round, &ids, self.params.neighbours);
@@ -288,7 +336,10 @@ impl Server {
             });
         }
         self.phase = Phase::ShareKeys;
-        Ok(Roster { round: self.params.round.clone(), clients: self.advertised.values().cloned().collect() })
+        Ok(Roster {
+            round: self.params.round.clone(),
+            clients: self.advertised.values().cloned().collect(),
+        })
     }
 
     // ---- Phase 2 -------------------------------------------------------
@@ -314,17 +365,33 @@ impl Server {
         let mut recipients = BTreeSet::new();
         for share in &message.shares {
             if !self.graph.are_neighbours(sender, share.to) {
-                self.exclude(sender, Phase::ShareKeys, format!("share addressed to non-neighbour {}", share.to));
+                self.exclude(
+                    sender,
+                    Phase::ShareKeys,
+                    format!("share addressed to non-neighbour {}", share.to),
+                );
                 return;
             }
             if !recipients.insert(share.to) {
-                self.exclude(sender, Phase::ShareKeys, format!("two shares addressed to {}", share.to));
+                self.exclude(
+                    sender,
+                    Phase::ShareKeys,
+                    format!("two shares addressed to {}", share.to),
+                );
                 return;
             }
         }
-        let missing: Vec<ClientId> = self.graph.neighbours_of(sender).filter(|c| !recipients.contains(c)).collect();
+        let missing: Vec<ClientId> = self
+            .graph
+            .neighbours_of(sender)
+            .filter(|c| !recipients.contains(c))
+            .collect();
         if !missing.is_empty() {
-            self.exclude(sender, Phase::ShareKeys, format!("no share for neighbours {missing:?}"));
+            self.exclude(
+                sender,
+                Phase::ShareKeys,
+                format!("no share for neighbours {missing:?}"),
+            );
             return;
         }
         self.share_keys.insert(sender, message);
@@ -344,12 +411,18 @@ impl Server {
         for (from, message) in &self.share_keys {
             for share in &message.shares {
                 if let Some(inbox) = forwarded.get_mut(&share.to) {
-                    inbox.push(ReceivedShare { from: *from, ciphertext: share.ciphertext.clone() });
+                    inbox.push(ReceivedShare {
+                        from: *from,
+                        ciphertext: share.ciphertext.clone(),
+                    });
                 }
             }
         }
         self.phase = Phase::MaskedInput;
-        Ok(forwarded.into_iter().map(|(to, shares)| ForwardedShares { to, shares }).collect())
+        Ok(forwarded
+            .into_iter()
+            .map(|(to, shares)| ForwardedShares { to, shares })
+            .collect())
     }
 
     // ---- Phase 3 -------------------------------------------------------
@@ -378,8 +451,10 @@ impl Server {
             return;
         }
         if message.vector_len != self.params.vector_len {
-            let reason =
-                format!("vector has {} elements, the round's have {}", message.vector_len, self.params.vector_len);
+            let reason = format!(
+                "vector has {} elements, the round's have {}",
+                message.vector_len, self.params.vector_len
+            );
             self.exclude(sender, Phase::MaskedInput, reason);
             return;
         }
@@ -388,7 +463,10 @@ impl Server {
             let forwarded = self.graph.are_neighbours(sender, complaint.from)
                 && self.share_keys.contains_key(&complaint.from);
             if !forwarded || !accused.insert(complaint.from) {
-                let reason = format!("complains about client {}, who sent it no share", complaint.from);
+                let reason = format!(
+                    "complains about client {}, who sent it no share",
+                    complaint.from
+                );
                 self.exclude(sender, Phase::MaskedInput, reason);
                 return;
             }
@@ -404,20 +482,33 @@ impl Server {
         let complaints: Vec<(ClientId, ClientId, String)> = self
             .masked
             .values()
-            .flat_map(|m| m.rejected_shares.iter().map(|c| (c.from, m.client, c.reason.clone())))
+            .flat_map(|m| {
+                m.rejected_shares
+                    .iter()
+                    .map(|c| (c.from, m.client, c.reason.clone()))
+            })
             .collect();
         for (dealer, recipient, reason) in complaints {
             let reason = format!("share to client {recipient} rejected: {reason}");
             self.exclude(dealer, Phase::ShareKeys, reason);
         }
         let shared: BTreeSet<ClientId> = self.share_keys.keys().copied().collect();
-        self.summed = self.masked.keys().copied().filter(|c| !self.excluded.contains(c)).collect();
+        self.summed = self
+            .masked
+            .keys()
+            .copied()
+            .filter(|c| !self.excluded.contains(c))
+            .collect();
         if self.summed.len() < self.params.min_clients {
             let summed = self.summed.clone();
             return Err(self.too_few(Phase::MaskedInput, &summed, &shared));
         }
         for &client in &self.summed {
-            let rejected: BTreeSet<ClientId> = self.masked[&client].rejected_shares.iter().map(|c| c.from).collect();
+            let rejected: BTreeSet<ClientId> = self.masked[&client]
+                .rejected_shares
+                .iter()
+                .map(|c| c.from)
+                .collect();
             let partners = self
                 .graph
                 .neighbours_of(client)
@@ -428,7 +519,14 @@ impl Server {
         for (&client, partners) in &self.partners {
             let (self_mask_of, secret_key_of): (Vec<ClientId>, Vec<ClientId>) =
                 partners.iter().partition(|v| self.summed.contains(v));
-            self.requests.insert(client, UnmaskRequest { to: client, self_mask_of, secret_key_of });
+            self.requests.insert(
+                client,
+                UnmaskRequest {
+                    to: client,
+                    self_mask_of,
+                    secret_key_of,
+                },
+            );
         }
         self.phase = Phase::Unmask;
         Ok(self.requests.values().cloned().collect())
@@ -458,18 +556,31 @@ impl Server {
             return;
         }
         for (kind, shares, requested) in [
-            ("self-mask", &message.self_mask_shares, &request.self_mask_of),
-            ("secret-key", &message.secret_key_shares, &request.secret_key_of),
+            (
+                "self-mask",
+                &message.self_mask_shares,
+                &request.self_mask_of,
+            ),
+            (
+                "secret-key",
+                &message.secret_key_shares,
+                &request.secret_key_of,
+            ),
         ] {
             let mut given = BTreeSet::new();
             for ShareOf { of_client, share } in shares {
                 if !requested.contains(of_client) || !given.insert(*of_client) {
-                    let reason = format!("unrequested or repeated {kind} share of client {of_client}");
+                    let reason =
+                        format!("unrequested or repeated {kind} share of client {of_client}");
                     self.exclude(sender, Phase::Unmask, reason);
                     return;
                 }
-                if self.graph.share_coordinate(*of_client, sender) != Some(shamir::x_coordinate(share)) {
-                    let reason = format!("{kind} share of client {of_client} has another holder's coordinate");
+                if self.graph.share_coordinate(*of_client, sender)
+                    != Some(shamir::x_coordinate(share))
+                {
+                    let reason = format!(
+                        "{kind} share of client {of_client} has another holder's coordinate"
+                    );
                     self.exclude(sender, Phase::Unmask, reason);
                     return;
                 }
@@ -482,11 +593,20 @@ impl Server {
         self.unmasks
             .iter()
             .filter(|(holder, _)| !self.excluded.contains(holder))
-            .flat_map(|(_, m)| pick(m).iter().filter(|s| s.of_client == client).map(|s| s.share.clone()))
+            .flat_map(|(_, m)| {
+                pick(m)
+                    .iter()
+                    .filter(|s| s.of_client == client)
+                    .map(|s| s.share.clone())
+            })
             .collect()
     }
 
-    fn reconstruct(&self, client: ClientId, shares: &[ShamirShare]) -> Result<crate::keys::Secret32, RoundError> {
+    fn reconstruct(
+        &self,
+        client: ClientId,
+        shares: &[ShamirShare],
+    ) -> Result<crate::keys::Secret32, RoundError> {
         shamir::reconstruct(shares, self.threshold).map_err(|_| RoundError::CannotReconstruct {
             client,
             have: shares.len(),
@@ -502,16 +622,30 @@ impl Server {
         self.phase = Phase::Done;
         let mut corrections = Vec::new();
         for &client in &self.summed {
-            let seed = self.reconstruct(client, &self.shares_of(client, |m| &m.self_mask_shares))?;
-            corrections.push(MaskCorrection { seed: FixedBytes(*seed), sign: MaskSign::Subtract });
+            let seed =
+                self.reconstruct(client, &self.shares_of(client, |m| &m.self_mask_shares))?;
+            corrections.push(MaskCorrection {
+                seed: FixedBytes(*seed),
+                sign: MaskSign::Subtract,
+            });
         }
-        let dropped: BTreeSet<ClientId> =
-            self.partners.values().flatten().copied().filter(|v| !self.summed.contains(v)).collect();
+        let dropped: BTreeSet<ClientId> = self
+            .partners
+            .values()
+            .flatten()
+            .copied()
+            .filter(|v| !self.summed.contains(v))
+            .collect();
         for dropped_client in dropped {
-            let secret = self.reconstruct(dropped_client, &self.shares_of(dropped_client, |m| &m.secret_key_shares))?;
+            let secret = self.reconstruct(
+                dropped_client,
+                &self.shares_of(dropped_client, |m| &m.secret_key_shares),
+            )?;
             let keys = KeyPair::from_secret_bytes(*secret);
             if keys.public_bytes() != self.advertised[&dropped_client].s_pk {
-                return Err(RoundError::KeyMismatch { client: dropped_client });
+                return Err(RoundError::KeyMismatch {
+                    client: dropped_client,
+                });
             }
             for (&survivor, partners) in &self.partners {
                 if !partners.contains(&dropped_client) {
@@ -527,8 +661,15 @@ impl Server {
                     )
                     .map_err(|_| RoundError::KeyMismatch { client: survivor })?;
                 // The survivor added the mask if its id is the smaller one.
-                let applied = if survivor < dropped_client { MaskSign::Add } else { MaskSign::Subtract };
-                corrections.push(MaskCorrection { seed: FixedBytes(*seed), sign: applied.opposite() });
+                let applied = if survivor < dropped_client {
+                    MaskSign::Add
+                } else {
+                    MaskSign::Subtract
+                };
+                corrections.push(MaskCorrection {
+                    seed: FixedBytes(*seed),
+                    sign: applied.opposite(),
+                });
             }
         }
         Ok(RecoveredMasks {

@@ -84,7 +84,10 @@ pub fn x_coordinate(share: &ShamirShare) -> u8 {
 /// used). Fewer shares are an error, never a wrong secret.
 pub fn reconstruct(shares: &[ShamirShare], threshold: usize) -> Result<Secret32, ShamirError> {
     if shares.len() < threshold || threshold < 2 {
-        return Err(ShamirError::TooFewShares { have: shares.len(), needed: threshold.max(2) });
+        return Err(ShamirError::TooFewShares {
+            have: shares.len(),
+            needed: threshold.max(2),
+        });
     }
     let used = &shares[..threshold];
     let mut xs: Vec<u8> = used.iter().map(x_coordinate).collect();
@@ -117,7 +120,10 @@ mod tests {
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
         let shares = split(&secret, 3, 5, &mut rng).unwrap();
-        assert_eq!(shares.iter().map(x_coordinate).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(
+            shares.iter().map(x_coordinate).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
         for subset in [[0, 1, 2], [4, 2, 0], [1, 3, 4]] {
             let chosen: Vec<_> = subset.iter().map(|&i| shares[i].clone()).collect();
             assert_eq!(*reconstruct(&chosen, 3).unwrap(), secret);
@@ -158,6 +164,9 @@ mod tests {
         assert_eq!(reconstruct(&dup, 2), Err(ShamirError::BadCoordinates));
         let mut zero = shares[1].clone();
         zero.0[0] = 0;
-        assert_eq!(reconstruct(&[shares[0].clone(), zero], 2), Err(ShamirError::BadCoordinates));
+        assert_eq!(
+            reconstruct(&[shares[0].clone(), zero], 2),
+            Err(ShamirError::BadCoordinates)
+        );
     }
 }

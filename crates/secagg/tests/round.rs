@@ -16,16 +16,19 @@ use rand_chacha::ChaCha20Rng;
 /// JSON messages with the sender the transport vouches for.
 type Inbox = Vec<(ClientId, String)>;
 
+/// Edits one phase's inbox.
+type Hook<'a> = Box<dyn FnMut(&mut Inbox) + 'a>;
+
 /// Edits the messages of each phase before the server sees them.
 #[derive(Default)]
 struct Hooks<'a> {
-    advertise: Option<Box<dyn FnMut(&mut Inbox) + 'a>>,
-    share: Option<Box<dyn FnMut(&mut Inbox) + 'a>>,
-    masked: Option<Box<dyn FnMut(&mut Inbox) + 'a>>,
-    unmask: Option<Box<dyn FnMut(&mut Inbox) + 'a>>,
+    advertise: Option<Hook<'a>>,
+    share: Option<Hook<'a>>,
+    masked: Option<Hook<'a>>,
+    unmask: Option<Hook<'a>>,
 }
 
-fn apply(hook: &mut Option<Box<dyn FnMut(&mut Inbox) + '_>>, inbox: &mut Inbox) {
+fn apply(hook: &mut Option<Hook<'_>>, inbox: &mut Inbox) {
     if let Some(h) = hook {
         h(inbox);
     }
@@ -55,7 +58,10 @@ impl Outcome {
     fn masked_sum(&self) -> Vec<u64> {
         let r = self.recovered();
         let ring = self.params.quantization.ring();
-        ring.sum(self.params.vector_len as usize, r.summed_clients.iter().map(|c| self.masked[c].as_slice()))
+        ring.sum(
+            self.params.vector_len as usize,
+            r.summed_clients.iter().map(|c| self.masked[c].as_slice()),
+        )
     }
 
     /// The mean from the protocol against the plaintext weighted mean of
@@ -74,7 +80,10 @@ impl Outcome {
                 .sum::<f64>()
                 / total as f64;
             let bound = self.params.quantization.error_bound() + 1e-5;
-            assert!((*m as f64 - exact).abs() <= bound, "coordinate {i}: {m} vs {exact} (bound {bound})");
+            assert!(
+                (*m as f64 - exact).abs() <= bound,
+                "coordinate {i}: {m} vs {exact} (bound {bound})"
+            );
         }
     }
 
@@ -103,7 +112,9 @@ fn run(n: u32, k: usize, len: u64, seed: u64, hooks: &mut Hooks) -> Outcome {
     let ids: Vec<ClientId> = (0..n).map(|i| ClientId(10 + 3 * i)).collect();
     let mut inputs = BTreeMap::new();
     for &id in &ids {
-        let values: Vec<f32> = (0..len).map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.4 - 1.2).collect();
+        let values: Vec<f32> = (0..len)
+            .map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.4 - 1.2)
+            .collect();
         let weight = 1 + rng.next_u64() % 50;
         inputs.insert(id, (values, weight));
     }
@@ -118,10 +129,14 @@ fn run(n: u32, k: usize, len: u64, seed: u64, hooks: &mut Hooks) -> Outcome {
     };
 
     // Phase 1.
-    let clients: BTreeMap<ClientId, Client> =
-        ids.iter().map(|&id| (id, Client::new(id, params.clone(), &mut rng))).collect();
-    let mut inbox: Inbox =
-        clients.values().map(|c| (c.id(), serde_json::to_string(&c.advertise()).unwrap())).collect();
+    let clients: BTreeMap<ClientId, Client> = ids
+        .iter()
+        .map(|&id| (id, Client::new(id, params.clone(), &mut rng)))
+        .collect();
+    let mut inbox: Inbox = clients
+        .values()
+        .map(|c| (c.id(), serde_json::to_string(&c.advertise()).unwrap()))
+        .collect();
     apply(&mut hooks.advertise, &mut inbox);
     for (sender, json) in &inbox {
         server.receive_advertise_keys_json(*sender, json);
@@ -227,12 +242,18 @@ fn sparse_graph_rounds_work() {
 fn a_client_dropping_after_sharing_keys_has_its_pairwise_masks_recovered() {
     // 13 is client index 1; sparse and complete graphs.
     for k in [4, 100] {
-        let mut hooks = Hooks { masked: Some(drop_clients(&[13])), ..Hooks::default() };
+        let mut hooks = Hooks {
+            masked: Some(drop_clients(&[13])),
+            ..Hooks::default()
+        };
         let o = run(9, k, 30, 7, &mut hooks);
         let r = o.recovered();
         assert!(!r.summed_clients.contains(&ClientId(13)));
         assert_eq!(r.summed_clients.len(), 8);
-        assert!(o.requests.iter().any(|q| q.secret_key_of.contains(&ClientId(13))));
+        assert!(o
+            .requests
+            .iter()
+            .any(|q| q.secret_key_of.contains(&ClientId(13))));
         o.check_mean();
     }
 }
@@ -240,7 +261,10 @@ fn a_client_dropping_after_sharing_keys_has_its_pairwise_masks_recovered() {
 #[test]
 fn a_client_dropping_after_its_masked_input_stays_in_the_sum() {
     for k in [4, 100] {
-        let mut hooks = Hooks { unmask: Some(drop_clients(&[16])), ..Hooks::default() };
+        let mut hooks = Hooks {
+            unmask: Some(drop_clients(&[16])),
+            ..Hooks::default()
+        };
         let o = run(9, k, 30, 8, &mut hooks);
         assert!(o.recovered().summed_clients.contains(&ClientId(16)));
         o.check_mean();
@@ -264,7 +288,10 @@ fn drops_in_every_phase_together() {
 
 #[test]
 fn too_few_survivors_fail_naming_the_phase_and_the_missing_clients() {
-    let mut hooks = Hooks { masked: Some(drop_clients(&[10, 13])), ..Hooks::default() };
+    let mut hooks = Hooks {
+        masked: Some(drop_clients(&[10, 13])),
+        ..Hooks::default()
+    };
     let o = run(4, 100, 5, 10, &mut hooks);
     let err = o.result.unwrap_err();
     assert_eq!(
@@ -278,19 +305,45 @@ fn too_few_survivors_fail_naming_the_phase_and_the_missing_clients() {
     );
     assert!(err.to_string().contains("masked_input"), "{err}");
 
-    let mut hooks = Hooks { share: Some(drop_clients(&[10, 13])), ..Hooks::default() };
+    let mut hooks = Hooks {
+        share: Some(drop_clients(&[10, 13])),
+        ..Hooks::default()
+    };
     let err = run(4, 100, 5, 10, &mut hooks).result.unwrap_err();
-    assert!(matches!(err, RoundError::TooFewClients { phase: Phase::ShareKeys, have: 2, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RoundError::TooFewClients {
+                phase: Phase::ShareKeys,
+                have: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn too_few_shares_in_the_last_phase_cannot_reconstruct() {
     // Complete graph of 5: degree 4, threshold 3. Two of the five drop
     // after their masked input: each summed client has 2 shareholders left.
-    let mut hooks = Hooks { unmask: Some(drop_clients(&[10, 13])), ..Hooks::default() };
+    let mut hooks = Hooks {
+        unmask: Some(drop_clients(&[10, 13])),
+        ..Hooks::default()
+    };
     let o = run(5, 100, 5, 11, &mut hooks);
     let err = o.result.unwrap_err();
-    assert!(matches!(err, RoundError::CannotReconstruct { have: 2, needed: 3, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RoundError::CannotReconstruct {
+                have: 2,
+                needed: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -300,12 +353,14 @@ fn a_malformed_key_excludes_its_client_and_the_round_goes_on() {
             // Wrong length: 31 bytes.
             let e = inbox.iter_mut().find(|(c, _)| c.0 == 13).unwrap();
             let mut v: serde_json::Value = serde_json::from_str(&e.1).unwrap();
-            v["c_pk"] = serde_json::Value::String("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==".into());
+            v["c_pk"] =
+                serde_json::Value::String("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==".into());
             e.1 = v.to_string();
             // Low-order point (all zero).
             let e = inbox.iter_mut().find(|(c, _)| c.0 == 16).unwrap();
             let mut v: serde_json::Value = serde_json::from_str(&e.1).unwrap();
-            v["s_pk"] = serde_json::Value::String("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into());
+            v["s_pk"] =
+                serde_json::Value::String("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into());
             e.1 = v.to_string();
         })),
         ..Hooks::default()
@@ -314,7 +369,11 @@ fn a_malformed_key_excludes_its_client_and_the_round_goes_on() {
     let e = o.excluded(13);
     assert_eq!(e.phase, Phase::AdvertiseKeys);
     assert!(e.reason.contains("expected 32 bytes"), "{}", e.reason);
-    assert!(o.excluded(16).reason.contains("low-order"), "{}", o.excluded(16).reason);
+    assert!(
+        o.excluded(16).reason.contains("low-order"),
+        "{}",
+        o.excluded(16).reason
+    );
     assert_eq!(o.recovered().summed_clients.len(), 6);
     o.check_mean();
 }
@@ -329,9 +388,17 @@ fn a_wrong_size_vector_or_weight_excludes_its_client() {
         ..Hooks::default()
     };
     let o = run(8, 100, 12, 13, &mut hooks);
-    assert!(o.excluded(13).reason.contains("13 elements"), "{}", o.excluded(13).reason);
+    assert!(
+        o.excluded(13).reason.contains("13 elements"),
+        "{}",
+        o.excluded(13).reason
+    );
     assert_eq!(o.excluded(13).phase, Phase::MaskedInput);
-    assert!(o.excluded(19).reason.contains("weight 51"), "{}", o.excluded(19).reason);
+    assert!(
+        o.excluded(19).reason.contains("weight 51"),
+        "{}",
+        o.excluded(19).reason
+    );
     // Both are treated as dropped after sharing: their masks are recovered.
     assert_eq!(o.recovered().summed_clients.len(), 6);
     o.check_mean();
@@ -385,7 +452,10 @@ fn a_share_for_a_non_neighbour_excludes_its_dealer() {
                 let mut extra = m.shares[0].clone();
                 // With k = 4 of 10 clients, 5 clients are not neighbours of 10.
                 let neighbours: Vec<u32> = m.shares.iter().map(|s| s.to.0).collect();
-                let stranger = (0..10).map(|i| 10 + 3 * i).find(|c| *c != 10 && !neighbours.contains(c)).unwrap();
+                let stranger = (0..10)
+                    .map(|i| 10 + 3 * i)
+                    .find(|c| *c != 10 && !neighbours.contains(c))
+                    .unwrap();
                 extra.to = ClientId(stranger);
                 m.shares.push(extra);
             });
@@ -393,7 +463,11 @@ fn a_share_for_a_non_neighbour_excludes_its_dealer() {
         ..Hooks::default()
     };
     let o = run(10, 4, 12, 16, &mut hooks);
-    assert!(o.excluded(10).reason.contains("non-neighbour"), "{}", o.excluded(10).reason);
+    assert!(
+        o.excluded(10).reason.contains("non-neighbour"),
+        "{}",
+        o.excluded(10).reason
+    );
     assert_eq!(o.recovered().summed_clients.len(), 9);
     o.check_mean();
 }
@@ -417,7 +491,10 @@ fn messages_from_impostors_and_unrequested_shares_are_excluded() {
         ..Hooks::default()
     };
     let o = run(8, 100, 12, 17, &mut hooks);
-    assert!(o.excluded(22).reason.contains("claims to be from client 25"));
+    assert!(o
+        .excluded(22)
+        .reason
+        .contains("claims to be from client 25"));
     assert!(o.excluded(10).reason.contains("unrequested"));
     o.check_mean();
 }
@@ -432,14 +509,29 @@ fn every_reason_is_bounded() {
         ..Hooks::default()
     };
     let o = run(6, 100, 4, 18, &mut hooks);
-    assert!(o.excluded(13).reason.starts_with("malformed masked_input message"));
-    assert!(o.exclusions.iter().all(|e| e.reason.chars().count() <= MAX_REASON_LEN));
+    assert!(o
+        .excluded(13)
+        .reason
+        .starts_with("malformed masked_input message"));
+    assert!(o
+        .exclusions
+        .iter()
+        .all(|e| e.reason.chars().count() <= MAX_REASON_LEN));
     o.check_mean();
 }
 
 #[test]
 fn unmasking_shards_equals_unmasking_the_whole() {
-    let o = run(7, 4, 2500, 19, &mut Hooks { masked: Some(drop_clients(&[13])), ..Hooks::default() });
+    let o = run(
+        7,
+        4,
+        2500,
+        19,
+        &mut Hooks {
+            masked: Some(drop_clients(&[13])),
+            ..Hooks::default()
+        },
+    );
     let r = o.recovered();
     let sum = o.masked_sum();
     let whole = r.unmask(&sum).unwrap();
@@ -490,21 +582,44 @@ fn a_client_refuses_to_reveal_both_shares_of_one_client() {
     let o = run(5, 100, 4, 21, &mut Hooks::default());
     let holder = &o.holders[&ClientId(10)];
     let victim = holder.holds_shares_of().next().unwrap();
-    let request = UnmaskRequest { to: ClientId(10), self_mask_of: vec![victim], secret_key_of: vec![victim] };
-    assert_eq!(holder.unmask(&request), Err(ClientError::RevealBoth(vec![victim])));
+    let request = UnmaskRequest {
+        to: ClientId(10),
+        self_mask_of: vec![victim],
+        secret_key_of: vec![victim],
+    };
+    assert_eq!(
+        holder.unmask(&request),
+        Err(ClientError::RevealBoth(vec![victim]))
+    );
     // Asked for one kind only, it answers.
-    let request = UnmaskRequest { to: ClientId(10), self_mask_of: vec![victim], secret_key_of: vec![] };
+    let request = UnmaskRequest {
+        to: ClientId(10),
+        self_mask_of: vec![victim],
+        secret_key_of: vec![],
+    };
     assert_eq!(holder.unmask(&request).unwrap().self_mask_shares.len(), 1);
 }
 
 #[test]
 fn recovered_masks_survive_a_serde_round_trip() {
-    let o = run(8, 4, 50, 22, &mut Hooks { masked: Some(drop_clients(&[13])), ..Hooks::default() });
+    let o = run(
+        8,
+        4,
+        50,
+        22,
+        &mut Hooks {
+            masked: Some(drop_clients(&[13])),
+            ..Hooks::default()
+        },
+    );
     let r = o.recovered();
     let json = serde_json::to_string(r).unwrap();
     let back: RecoveredMasks = serde_json::from_str(&json).unwrap();
     assert_eq!(&back, r);
-    assert_eq!(back.unmask(&o.masked_sum()).unwrap(), r.unmask(&o.masked_sum()).unwrap());
+    assert_eq!(
+        back.unmask(&o.masked_sum()).unwrap(),
+        r.unmask(&o.masked_sum()).unwrap()
+    );
     // A seed of the wrong length is refused.
     let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
     v["corrections"][0]["seed"] = serde_json::Value::String("AAAA".into());
