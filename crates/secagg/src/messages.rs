@@ -140,3 +140,85 @@ pub struct ShareOf {
     /// The share.
     pub share: ShamirShare,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bytes::FixedBytes;
+
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(m: &T) {
+        let json = serde_json::to_string(m).unwrap();
+        assert_eq!(&serde_json::from_str::<T>(&json).unwrap(), m, "{json}");
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let a = AdvertiseKeys {
+            client: ClientId(1),
+            c_pk: FixedBytes([1; 32]),
+            s_pk: FixedBytes([2; 32]),
+        };
+        round_trip(&a);
+        round_trip(&Roster {
+            round: RoundId::new("r").unwrap(),
+            clients: vec![a],
+        });
+        let sealed = FixedBytes([3; crate::sealed_share::SEALED_SHARE_LEN]);
+        round_trip(&ShareKeys {
+            from: ClientId(1),
+            shares: vec![AddressedShare {
+                to: ClientId(2),
+                ciphertext: sealed.clone(),
+            }],
+        });
+        round_trip(&ForwardedShares {
+            to: ClientId(2),
+            shares: vec![ReceivedShare {
+                from: ClientId(1),
+                ciphertext: sealed,
+            }],
+        });
+        round_trip(&MaskedInput {
+            client: ClientId(1),
+            weight: 3,
+            vector_len: 10,
+            rejected_shares: vec![ShareComplaint {
+                from: ClientId(4),
+                reason: "x".into(),
+            }],
+        });
+        round_trip(&UnmaskRequest {
+            to: ClientId(1),
+            self_mask_of: vec![ClientId(2)],
+            secret_key_of: vec![ClientId(3)],
+        });
+        let share = ShareOf {
+            of_client: ClientId(2),
+            share: FixedBytes([4; 33]),
+        };
+        round_trip(&Unmask {
+            client: ClientId(1),
+            self_mask_shares: vec![share.clone()],
+            secret_key_shares: vec![share],
+        });
+    }
+
+    #[test]
+    fn wrong_lengths_and_unknown_fields_are_refused() {
+        let short_share =
+            serde_json::json!({"of_client": 2, "share": FixedBytes([4; 32]).to_base64()});
+        let err = serde_json::from_value::<ShareOf>(short_share)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected 33 bytes, got 32"), "{err}");
+        let short_ct = serde_json::json!({"to": 2, "ciphertext": FixedBytes([0; 81]).to_base64()});
+        assert!(serde_json::from_value::<AddressedShare>(short_ct).is_err());
+        let long_key = serde_json::json!({
+            "client": 1, "c_pk": FixedBytes([1; 33]).to_base64(), "s_pk": FixedBytes([2; 32]).to_base64()
+        });
+        assert!(serde_json::from_value::<AdvertiseKeys>(long_key).is_err());
+        let extra =
+            serde_json::json!({"client": 1, "weight": 1, "vector_len": 1, "vector": [1, 2]});
+        assert!(serde_json::from_value::<MaskedInput>(extra).is_err());
+    }
+}
