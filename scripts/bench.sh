@@ -8,7 +8,9 @@
 # 2. the same in bf16;
 # 3. peak RSS as the client count grows 2 → 8 → 64 (target: flat);
 # 4. one round against S3 on the emulators, streamed vs staged (issue #14);
-# 5. a federation of 50, 100 and 200 clients on the emulators (issue #20).
+# 5. a federation of 50, 100 and 200 clients on the emulators (issue #20);
+# 6. SecAgg+'s cost per round for 8, 32, 64 clients × 1M params against
+#    plain FedAvg (issue #18), in process.
 # Figures are ratios within one run: the machine is shared and noisy.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,6 +30,12 @@ for n in 2 8 64; do
   $bin bench aggregate --clients "$n" --params 25M --runs 1 --dir "$dir/n$n" | grep -E "bench aggregate|peak RSS|ratio"
   rm -rf "$dir/n$n"
 done
+
+echo "== secure aggregation: SecAgg+ against plain FedAvg, 1M params"
+for n in 8 32 64; do
+  $bin bench secagg --clients "$n" --params 1M
+done
+$bin bench secagg --clients 32 --params 1M --dropouts 3 | grep -E "^(clients|dropouts|client_s|aggregator_s|aggregator_time_ratio|within_bound)"
 
 # 4. One round against S3 on the emulators (issue #14): in place (streamed)
 #    and staged on local disk, beside GETting every input once. Needs the

@@ -29,6 +29,9 @@ pub enum BenchCommand {
     /// A federation of N clients on the emulators (its own stack): round
     /// close and fan-out latency, ledger calls per update, lost/double.
     Clients(crate::bench_clients::ClientsBench),
+    /// SecAgg+'s cost per round (client and aggregator time and bytes)
+    /// against plain FedAvg over the same vectors, in process.
+    Secagg(crate::bench_secagg::SecaggBench),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -95,6 +98,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Round(b) => crate::bench_round::run(b),
         BenchCommand::RoundWorker(w) => crate::bench_round::worker(w),
         BenchCommand::Clients(b) => crate::bench_clients::run(b),
+        BenchCommand::Secagg(b) => crate::bench_secagg::run(b),
     }
 }
 

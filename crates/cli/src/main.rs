@@ -10,6 +10,7 @@ mod bench;
 mod bench_clients;
 mod bench_round;
 mod bench_round_sharded;
+mod bench_secagg;
 mod infra_cmd;
 mod job_cmd;
 mod job_report;

@@ -161,6 +161,19 @@ impl QuantizationConfig {
         })
     }
 
+    /// [`QuantizationConfig::new`] in the narrowest ring (32 or 64 bits) in
+    /// which the sum cannot wrap: masked vectors are half the bytes when 32
+    /// bits suffice.
+    pub fn narrowest(
+        clip: f32,
+        quant_bits: u32,
+        max_weight: u64,
+        max_clients: u64,
+    ) -> Result<Self, QuantizationError> {
+        QuantizationConfig::new(clip, quant_bits, 32, max_weight, max_clients)
+            .or_else(|_| QuantizationConfig::new(clip, quant_bits, 64, max_weight, max_clients))
+    }
+
     /// The ring the encoded values live in.
     pub fn ring(&self) -> Ring {
         self.ring
@@ -238,6 +251,16 @@ impl QuantizationConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_narrowest_ring_that_cannot_wrap_is_chosen() {
+        use super::QuantizationConfig;
+        let narrow = QuantizationConfig::narrowest(1.0, 16, 100, 64).unwrap();
+        assert_eq!(narrow.ring().bits(), 32);
+        let wide = QuantizationConfig::narrowest(1.0, 16, 100_000, 64).unwrap();
+        assert_eq!(wide.ring().bits(), 64);
+        assert!(QuantizationConfig::narrowest(1.0, 31, u64::MAX, 64).is_err());
+    }
+
     use super::*;
     use proptest::prelude::*;
 
