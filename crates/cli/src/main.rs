@@ -48,7 +48,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Run a whole federation in one process (round engine + local adapters):
     /// non-IID clients on the bundled digits, baselines, report and plot.
-    Simulate(simulate::Args),
+    // Boxed: its many flags make it several times any other command.
+    Simulate(Box<simulate::Args>),
 }
 
 fn main() -> ExitCode {
@@ -59,7 +60,7 @@ fn main() -> ExitCode {
         Command::Infra(cmd) => infra_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Simulate(args) => simulate::run(args),
+        Command::Simulate(args) => simulate::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@ use fedstep_trainer::{TrainConfig, TENSOR_NAMES};
 use serde::Serialize;
 
 use super::classes::{default_groups, parse_groups};
+use super::secure::SecureSim;
 use super::timestamp;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -136,6 +137,19 @@ pub struct Args {
     /// towards the buffer's discounted mean [default: 1, the mean itself].
     #[arg(long, value_name = "ETA")]
     pub server_learning_rate: Option<f64>,
+    /// Also run the federation with every round's mean computed by SecAgg+
+    /// (all four phases in process: the aggregator sees only masked
+    /// vectors), and report its accuracy beside the plain run's.
+    #[arg(long)]
+    pub secure_aggregation: bool,
+    /// With --secure-aggregation: each coordinate of an update delta is
+    /// clipped to [−C, C] before quantization [default: 1].
+    #[arg(long, value_name = "C", requires = "secure_aggregation")]
+    pub secagg_clip: Option<f32>,
+    /// With --secure-aggregation: neighbours per client, k [default: every
+    /// other client].
+    #[arg(long, value_name = "K", requires = "secure_aggregation")]
+    pub secagg_neighbours: Option<usize>,
     /// MNIST images (IDX, e.g. train-images-idx3-ubyte) instead of the
     /// bundled digits.
     #[arg(long, requires = "mnist_labels", value_name = "FILE")]
@@ -259,6 +273,8 @@ pub struct Settings {
     /// --mode async.
     #[serde(rename = "async")]
     pub asynchronous: Option<AsyncSim>,
+    /// --secure-aggregation.
+    pub secure_aggregation: Option<SecureSim>,
     pub out: PathBuf,
 }
 
@@ -385,6 +401,60 @@ impl Args {
                 .max_staleness
                 .unwrap_or(fedstep_cloud::asynchronous::AsyncSettings::DEFAULT_MAX_STALENESS),
             server_learning_rate: self.server_learning_rate,
+        }))
+    }
+
+    /// --secure-aggregation and its flags. SecAgg+ sums examples-weighted
+    /// deltas; what needs one client's update on its own is refused.
+    fn secure_settings(&self, n: usize) -> Result<Option<SecureSim>> {
+        if !self.secure_aggregation {
+            return Ok(None);
+        }
+        for (given, what) in [
+            (
+                self.aggregation.is_some(),
+                "--aggregation (robust combiners, server-side clipping and type-aware \
+                 weights need individual updates or metrics)",
+            ),
+            (
+                self.personalization != PersonalizationFlag::None,
+                "--personalization fedselect (masked updates of different supports)",
+            ),
+            (
+                self.algorithm == Algorithm::Scaffold,
+                "--algorithm scaffold (its control variates travel beside the update)",
+            ),
+            (
+                self.mode == ModeFlag::Async,
+                "--mode async (a version is made from one buffer, not one round of \
+                 all clients)",
+            ),
+            (
+                self.byzantine_clients > 0,
+                "--byzantine-clients (nothing could tell the attack apart)",
+            ),
+        ] {
+            if given {
+                bail!("--secure-aggregation with {what}");
+            }
+        }
+        if n < 3 {
+            bail!("--secure-aggregation needs at least 3 clients (a sum of fewer reveals one)");
+        }
+        let clip = self.secagg_clip.unwrap_or(SecureSim::DEFAULT_CLIP);
+        if !(clip.is_finite() && clip > 0.0) {
+            bail!("--secagg-clip must be positive, got {clip}");
+        }
+        if let Some(k) = self.secagg_neighbours.filter(|&k| k < 2 || k >= n) {
+            bail!(
+                "--secagg-neighbours {k}: between 2 and the {} other clients",
+                n - 1
+            );
+        }
+        Ok(Some(SecureSim {
+            clip,
+            quant_bits: SecureSim::DEFAULT_QUANT_BITS,
+            neighbours: self.secagg_neighbours,
         }))
     }
 
@@ -518,6 +588,7 @@ impl Args {
             }
         }
         let asynchronous = self.async_settings(n)?;
+        let secure_aggregation = self.secure_settings(n)?;
         let data = match (self.mnist_images, self.mnist_labels) {
             (Some(images), Some(labels)) => DataSource::Mnist { images, labels },
             _ => DataSource::Digits,
@@ -546,6 +617,7 @@ impl Args {
             algorithm: self.algorithm,
             mu,
             asynchronous,
+            secure_aggregation,
             out: self
                 .out
                 .unwrap_or_else(|| PathBuf::from("runs").join(timestamp::run_dir_name())),
@@ -676,6 +748,41 @@ mod tests {
             (
                 &["--mode", "async", "--server-learning-rate", "0"][..],
                 "must be positive",
+            ),
+        ] {
+            let e = err(flags);
+            assert!(e.contains(want), "{flags:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn secure_aggregation_flags() {
+        assert!(resolve(&[]).unwrap().secure_aggregation.is_none());
+        let s = resolve(&["--secure-aggregation"]).unwrap();
+        let sim = s.secure_aggregation.unwrap();
+        assert_eq!((sim.clip, sim.neighbours), (SecureSim::DEFAULT_CLIP, None));
+        let err = |flags: &[&str]| format!("{:#}", resolve(flags).unwrap_err());
+        for (flags, want) in [
+            (&["--secagg-clip", "0.5"][..], "--secure-aggregation"),
+            (
+                &["--secure-aggregation", "--secagg-clip", "0"][..],
+                "must be positive",
+            ),
+            (
+                &["--secure-aggregation", "--secagg-neighbours", "3"][..],
+                "between 2 and the 2 other clients",
+            ),
+            (
+                &["--secure-aggregation", "--algorithm", "scaffold"][..],
+                "--secure-aggregation with --algorithm scaffold",
+            ),
+            (
+                &["--secure-aggregation", "--mode", "async"][..],
+                "--secure-aggregation with --mode async",
+            ),
+            (
+                &["--secure-aggregation", "--clients", "2"][..],
+                "at least 3 clients",
             ),
         ] {
             let e = err(flags);

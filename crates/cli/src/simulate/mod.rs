@@ -26,6 +26,7 @@ mod plot;
 mod progress;
 mod report;
 mod runner;
+mod secure;
 mod table;
 mod timestamp;
 

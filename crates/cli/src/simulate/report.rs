@@ -132,6 +132,10 @@ pub struct Report {
     /// --mode async: the async run beside the sync one, on simulated time.
     #[serde(rename = "async", skip_serializing_if = "Option::is_none")]
     pub asynchronous: Option<AsyncReport>,
+    /// --secure-aggregation: the same federation with SecAgg+ computing
+    /// each round's mean, beside the plain run above.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<super::secure::SecureReport>,
     pub files: Files,
 }
 

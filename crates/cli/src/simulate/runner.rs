@@ -35,6 +35,7 @@ use super::progress::RoundBar;
 use super::report::{
     AsyncReport, DatasetReport, Files, Final, Report, RoundReport, CLIENT_REPORTING,
 };
+use super::secure;
 use super::table;
 use crate::job_report::{self, Curve};
 
@@ -335,6 +336,30 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         None => None,
     };
 
+    let secure_aggregation = match settings.secure_aggregation.clone() {
+        Some(sim) => {
+            let (init, data, cfg) = (init.clone(), Arc::clone(&data), cfg.clone());
+            let plain = final_.federated_accuracy;
+            println!("\nsecure aggregation: {rounds_run} rounds of SecAgg+ in process");
+            let r = tokio::task::spawn_blocking(move || {
+                secure::run(&sim, &init, &data, &cfg, rounds_run, plain)
+            })
+            .await
+            .context("secure aggregation task")??;
+            println!(
+                "secure aggregation (SecAgg+, k = {}, t = {}): final accuracy {:.4}, plain {:.4} \
+                 ({:+.2} points)",
+                r.neighbours,
+                r.threshold,
+                r.final_accuracy,
+                r.plain_final_accuracy,
+                r.points_vs_plain
+            );
+            Some(r)
+        }
+        None => None,
+    };
+
     let report_path = out.join("report.json");
     let summary = table::summary(&final_, n, &aggregation_name);
     let report = Report {
@@ -354,6 +379,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         personalization,
         finalize,
         asynchronous,
+        secure_aggregation,
         files: Files {
             report: report_path.clone(),
             plot: plot_path.clone(),
