@@ -56,13 +56,13 @@ pub fn color(i: usize) -> RGBColor {
     P[i % P.len()]
 }
 
-/// Letters, digits, space and `_.:-()/` kept, anything else `?`, at most
-/// 40 chars (no `<`, `&` or quote reaches the SVG).
+/// Letters, digits, space and `_.:-()/+,` kept, anything else `?`, at
+/// most 40 chars (no `<`, `&` or quote reaches the SVG).
 pub fn safe_label(s: &str) -> String {
     s.chars()
         .take(40)
         .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.:- ()/".contains(c) {
+            if c.is_ascii_alphanumeric() || "_.:- ()/+,".contains(c) {
                 c
             } else {
                 '?'

@@ -1,5 +1,6 @@
 //! `accuracy.svg`: test accuracy per round for the federation, the single
-//! agent and the centralized bound, drawn by the report's line chart; with
+//! agent and the centralized bound (and, with --secure-aggregation, the
+//! SecAgg+ run), drawn by the report's line chart; with
 //! --mode async, `async.svg`: accuracy against simulated time, sync and
 //! async.
 
@@ -21,6 +22,7 @@ pub struct Series<'a> {
 pub const FEDERATED: RGBColor = RGBColor(31, 119, 180);
 pub const SINGLE: RGBColor = RGBColor(214, 39, 40);
 pub const CENTRAL: RGBColor = RGBColor(44, 160, 44);
+pub const SECURE: RGBColor = RGBColor(148, 103, 189);
 
 pub fn accuracy_svg(path: &Path, title: &str, series: &[Series<'_>]) -> Result<()> {
     let rounds = series.iter().map(|s| s.values.len()).max().unwrap_or(1);

@@ -269,6 +269,30 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         seconds: started.elapsed().as_secs_f64(),
     };
 
+    let secure_aggregation = match settings.secure_aggregation.clone() {
+        Some(sim) => {
+            let (init, data, cfg) = (init.clone(), Arc::clone(&data), cfg.clone());
+            let plain = final_.federated_accuracy;
+            println!("\nsecure aggregation: {rounds_run} rounds of SecAgg+ in process");
+            let r = tokio::task::spawn_blocking(move || {
+                secure::run(&sim, &init, &data, &cfg, rounds_run, plain)
+            })
+            .await
+            .context("secure aggregation task")??;
+            println!(
+                "secure aggregation (SecAgg+, k = {}, t = {}): final accuracy {:.4}, plain {:.4} \
+                 ({:+.2} points)",
+                r.neighbours,
+                r.threshold,
+                r.final_accuracy,
+                r.plain_final_accuracy,
+                r.points_vs_plain
+            );
+            Some(r)
+        }
+        None => None,
+    };
+
     let personalization = match local_only {
         Some(task) => {
             let curves = task.await.context("local-only task")??;
@@ -290,6 +314,9 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         None => None,
     };
 
+    let secure_curve: Option<Vec<f64>> = secure_aggregation
+        .as_ref()
+        .map(|r| r.rounds.iter().map(|r| r.accuracy).collect());
     let plot_path = out.join("accuracy.svg");
     let fed_curve: Vec<f64> = rounds.iter().map(|r| r.accuracy).collect();
     let single_curve: Vec<f64> = baselines.single_agent.iter().map(|p| p.accuracy).collect();
@@ -317,7 +344,15 @@ pub async fn run(mut settings: Settings) -> Result<()> {
                 color: plot::CENTRAL,
                 dashed: true,
             },
-        ],
+        ]
+        .into_iter()
+        .chain(secure_curve.as_deref().map(|values| Series {
+            label: "federated, SecAgg+",
+            values,
+            color: plot::SECURE,
+            dashed: true,
+        }))
+        .collect::<Vec<_>>(),
     )?;
 
     let asynchronous = match settings.asynchronous.clone() {
@@ -333,30 +368,6 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             )
             .await?,
         ),
-        None => None,
-    };
-
-    let secure_aggregation = match settings.secure_aggregation.clone() {
-        Some(sim) => {
-            let (init, data, cfg) = (init.clone(), Arc::clone(&data), cfg.clone());
-            let plain = final_.federated_accuracy;
-            println!("\nsecure aggregation: {rounds_run} rounds of SecAgg+ in process");
-            let r = tokio::task::spawn_blocking(move || {
-                secure::run(&sim, &init, &data, &cfg, rounds_run, plain)
-            })
-            .await
-            .context("secure aggregation task")??;
-            println!(
-                "secure aggregation (SecAgg+, k = {}, t = {}): final accuracy {:.4}, plain {:.4} \
-                 ({:+.2} points)",
-                r.neighbours,
-                r.threshold,
-                r.final_accuracy,
-                r.plain_final_accuracy,
-                r.points_vs_plain
-            );
-            Some(r)
-        }
         None => None,
     };
 
@@ -415,6 +426,12 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             values: central_curve.into_iter().take(rounds_run).collect(),
         },
     ];
+    if let Some(values) = secure_curve {
+        page.baselines.push(Curve {
+            label: "federated, SecAgg+".into(),
+            values,
+        });
+    }
     let page = job_report::write(&page, &out, "job-report.json")?;
 
     println!("\n{summary}");

@@ -429,3 +429,61 @@ fn simulate_async_rebases_stale_updates_on_a_simulated_clock() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--mode async"));
 }
+
+/// --secure-aggregation (issue #18): the SecAgg+ run beside the plain one
+/// learns as the plain run does (the same trainer, data and seeds; only
+/// the mean is computed under masks), and a clip range that cuts the
+/// updates shows in both the clipped fraction and the accuracy.
+#[test]
+fn simulate_secure_aggregation_reports_the_secagg_run_beside_the_plain_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| -> Value {
+        let out = dir.path().join(name);
+        let output = fedstep()
+            .args(["simulate", "--rounds", "4", "--secure-aggregation"])
+            .args(extra)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "stderr:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let svg = std::fs::read_to_string(out.join("accuracy.svg")).unwrap();
+        assert!(svg.contains("SecAgg+"), "the secure curve is drawn");
+        let report: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        let s = report["secure_aggregation"].clone();
+        assert_eq!(
+            s["plain_final_accuracy"], report["final"]["federated_accuracy"],
+            "{s}"
+        );
+        assert_eq!(s["rounds"].as_array().unwrap().len(), 4, "{s}");
+        s
+    };
+    let s = run("default", &[]);
+    assert_eq!(
+        (s["neighbours"].as_u64(), s["threshold"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let (secure, plain) = (
+        s["final_accuracy"].as_f64().unwrap(),
+        s["plain_final_accuracy"].as_f64().unwrap(),
+    );
+    assert!((secure - plain).abs() <= 0.005, "{s}");
+    assert!(secure > 0.5, "the secure run learns: {s}");
+    for r in s["rounds"].as_array().unwrap() {
+        assert_eq!(r["clipped_fraction"], 0.0, "{r}");
+    }
+
+    let cut = run("cut", &["--secagg-clip", "0.01"]);
+    let clipped = cut["rounds"][0]["clipped_fraction"].as_f64().unwrap();
+    assert!(clipped > 0.01, "{cut}");
+    assert!(
+        cut["final_accuracy"].as_f64().unwrap() < plain - 0.02,
+        "{cut}"
+    );
+}
