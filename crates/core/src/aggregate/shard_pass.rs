@@ -161,22 +161,15 @@ impl Prepared<'_> {
             combiner: pipeline.combiner.as_ref(),
             round_combiner,
             noise: noise.as_deref(),
-            optimizer: match (&pipeline.optimizer, &state_writer) {
-                (Some(optimizer), Some(w)) => Some(OptimizerIo {
-                    optimizer: optimizer.as_ref(),
-                    slots: optimizer.state().map_or(&[], |s| s.tensor_slots),
-                    state_in: setup.state_in.as_ref().map(|s| &s.source),
-                    state_out: Some(w),
-                }),
-                // Server SGD (FedAvgM without momentum) steps with no state.
-                (Some(optimizer), None) if optimizer.state().is_none() => Some(OptimizerIo {
-                    optimizer: optimizer.as_ref(),
-                    slots: &[],
-                    state_in: None,
-                    state_out: None,
-                }),
-                _ => None,
-            },
+            // A stateful optimizer always has a state writer (prepare
+            // refuses a stateful pipeline without a state destination);
+            // server SGD (FedAvgM without momentum) has no slots to write.
+            optimizer: pipeline.optimizer.as_ref().map(|optimizer| OptimizerIo {
+                optimizer: optimizer.as_ref(),
+                slots: optimizer.state().map_or(&[], |s| s.tensor_slots),
+                state_in: setup.state_in.as_ref().map(|s| &s.source),
+                state_out: state_writer.as_ref(),
+            }),
             out: &writer,
             block_elems: self.block_size(inputs.len()),
             masked_weights: (setup.cfg.personalization() == Personalization::Fedselect)
