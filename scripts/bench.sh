@@ -7,14 +7,15 @@
 #    the inputs once (target ≤ 2×), peak RSS (target ≤ 1.5 × model + 64 MB);
 # 2. the same in bf16;
 # 3. peak RSS as the client count grows 2 → 8 → 64 (target: flat);
-# 4. one round against S3 on the emulators, streamed vs staged (issue #14);
+# 4. one round against S3 on the emulators, streamed vs staged vs sharded,
+#    and through a deployed stack of its own (issue #14);
 # 5. a federation of 50, 100 and 200 clients on the emulators (issue #20);
 # 6. SecAgg+'s cost per round for 8, 32, 64 clients × 1M params against
 #    plain FedAvg (issue #18), in process.
 # Figures are ratios within one run: the machine is shared and noisy.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo build --release --locked -p fedstep
+cargo build --release --locked -p fedstep -p fedstep-lambda
 bin=target/release/fedstep
 dir="${FEDSTEP_BENCH_DIR:-$(mktemp -d)}"
 trap 'rm -rf "$dir"' EXIT
@@ -47,6 +48,10 @@ if scripts/emulators.sh status >/dev/null 2>&1; then
   echo "== one round on S3: peak RSS as clients grow (25M f32 each, streamed)"
   for n in 2 8 32; do
     $bin bench round --clients "$n" --params 25M --mode streamed | grep -E "^clients|read_floor|streamed\."
+  done
+  echo "== one round through a deployed stack of its own: 8 clients × 25M f32, 1 and 4 shards"
+  for k in 1 4; do
+    $bin bench round --mode deployed --clients 8 --params 25M --shards "$k"
   done
   echo "== clients: 50, 100, 200 clients × 3 rounds (issue #20)"
   for n in 50 100 200; do

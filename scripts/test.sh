@@ -159,5 +159,9 @@ step "load test: 50 clients, 3 rounds on the emulators (fails on a lost or doubl
 
 step "benchmark smoke run (figures are not asserted here: see scripts/bench.sh)"
 "$bin_dir/fedstep" bench aggregate --clients 4 --params 2M --runs 1
+# Through a deployed stack of its own, two workers, three shards: exits
+# non-zero unless the committed model is bit for bit what `fedstep
+# aggregate` computes and neither worker touched its scratch directories.
+"$bin_dir/fedstep" bench round --mode deployed --clients 3 --params 6M --shards 3
 
 step "all tests passed in $((SECONDS - started))s"

@@ -12,7 +12,11 @@
 //!   directory one after another, aggregate the files, upload the result;
 //! - `sharded` — the aggregation cut into `--shards` shards, each its own
 //!   worker process writing its own parts of one upload
-//!   (`bench_round_sharded.rs`).
+//!   (`bench_round_sharded.rs`);
+//! - `deployed` — the whole path users deploy: its own stack on the
+//!   emulators, `--workers` aggregator workers serving the workflow's
+//!   plan, shard and commit tasks, the round handed over by the stream
+//!   (`bench_round_deployed.rs`). It runs alone.
 //!
 //! Only ratios within one run mean something: the machine is shared.
 
@@ -36,6 +40,8 @@ pub enum RoundMode {
     Staged,
     /// Cut into shards, each its own worker process (`--shards`).
     Sharded,
+    /// Through a stack of its own, its workflow and `--workers` workers.
+    Deployed,
 }
 
 #[derive(clap::Args)]
@@ -55,6 +61,13 @@ pub struct RoundBench {
     /// the 5 MiB of an upload part).
     #[arg(long, default_value_t = 4)]
     shards: usize,
+    /// Deployed mode: aggregator workers (`fedstep-lambda local`) serving
+    /// the workflow's tasks side by side.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Deployed mode: give up after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
     /// Write the figures as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -109,6 +122,12 @@ async fn s3_config() -> AwsConfig {
 pub fn run(b: RoundBench) -> Result<()> {
     if b.clients == 0 {
         bail!("--clients must be at least 1");
+    }
+    if b.mode.contains(&RoundMode::Deployed) {
+        if b.mode.len() > 1 {
+            bail!("--mode deployed runs alone: it deploys a stack of its own");
+        }
+        return deployed(&b);
     }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let dir = tempfile::tempdir()?;
@@ -229,6 +248,48 @@ fn measure(
     Ok(())
 }
 
+fn deployed(b: &RoundBench) -> Result<()> {
+    let dtype = b.dtype.dtype();
+    let f = crate::bench_round_deployed::run(&crate::bench_round_deployed::DeployedRound {
+        clients: b.clients,
+        params: b.params,
+        dtype,
+        shards: b.shards,
+        workers: b.workers,
+        timeout: std::time::Duration::from_secs(b.timeout),
+    })?;
+    let ratio = f.aggregate_s / f.read_floor_s;
+    println!("clients: {}", b.clients);
+    println!("params: {}", b.params);
+    println!("dtype: {dtype:?}");
+    println!("read_floor_s: {:.3}", f.read_floor_s);
+    println!("deployed.workers: {}", b.workers);
+    println!("deployed.shards: {}", f.shards);
+    println!("deployed.aggregate_s: {:.3}", f.aggregate_s);
+    println!("deployed.ratio: {ratio:.2}");
+    println!("deployed.row_to_closed_s: {:.3}", f.row_to_closed_s);
+    println!("deployed.peak_rss_mb: {:.1}", f.peak_rss as f64 / 1e6);
+    println!("deployed.local_disk_bytes: {}", f.disk_bytes);
+    println!("deployed.identical: {}", f.identical);
+    if let Some(p) = &b.json {
+        let json = serde_json::json!({
+            "clients": b.clients, "params": b.params, "dtype": format!("{dtype:?}"),
+            "read_floor_s": f.read_floor_s,
+            "deployed": {
+                "workers": b.workers, "shards": f.shards, "aggregate_s": f.aggregate_s,
+                "ratio": ratio, "row_to_closed_s": f.row_to_closed_s,
+                "peak_rss_bytes": f.peak_rss, "local_disk_bytes": f.disk_bytes,
+                "identical": f.identical,
+            },
+        });
+        std::fs::write(p, serde_json::to_vec_pretty(&json)?)?;
+    }
+    if !f.identical {
+        bail!("bench round: the committed model differs from what `fedstep aggregate` computes");
+    }
+    Ok(())
+}
+
 struct ChildFigures {
     aggregate_s: f64,
     peak_rss: u64,
@@ -307,6 +368,7 @@ pub fn worker(w: RoundWorker) -> Result<()> {
             .block_on(staged(&store, &w))
             .map(|()| serde_json::json!({}))?,
         RoundMode::Sharded => rt.block_on(crate::bench_round_sharded::worker(&store, &w))?,
+        RoundMode::Deployed => bail!("the deployed mode's workers are fedstep-lambda's"),
     };
     figures["aggregate_s"] = start.elapsed().as_secs_f64().into();
     figures["disk_bytes"] = (disk_write_bytes()? - disk_before).into();
@@ -423,7 +485,11 @@ fn disk_write_bytes() -> Result<u64> {
         .context("no write_bytes in /proc/self/io")
 }
 
-async fn read_all_once(s3: &aws_sdk_s3::Client, bucket: &str, keys: &[String]) -> Result<f64> {
+pub(crate) async fn read_all_once(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    keys: &[String],
+) -> Result<f64> {
     let start = Instant::now();
     let mut jobs = Vec::new();
     for key in keys {

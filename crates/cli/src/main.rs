@@ -9,6 +9,7 @@ mod aggregate_cmd;
 mod bench;
 mod bench_clients;
 mod bench_round;
+mod bench_round_deployed;
 mod bench_round_sharded;
 mod bench_secagg;
 mod infra_cmd;

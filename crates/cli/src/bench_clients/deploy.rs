@@ -1,5 +1,6 @@
-//! The load test's own stack on the emulators: scripts/local-deploy.sh
-//! under a fresh prefix, read back from its JSON, removed afterwards.
+//! A bench's own stack on the emulators (`bench clients`, `bench round
+//! --mode deployed`): scripts/local-deploy.sh under a fresh prefix, read
+//! back from its JSON, removed afterwards.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ pub struct Deployment {
     /// What the aggregator gets (FEDSTEP_* names of infra/lib/aggregator.ts).
     pub settings: Settings,
     pub queue_urls: BTreeMap<String, String>,
+    /// The deploy JSON (`fedstep-lambda local --deploy` reads it).
+    pub json_path: PathBuf,
     script: PathBuf,
 }
 
@@ -55,7 +58,7 @@ impl Deployment {
     pub fn create(prefix: &str, clients: &[String], dir: &Path) -> Result<Deployment> {
         if std::env::var_os("AWS_ENDPOINT_URL").is_none() {
             bail!(
-                "bench clients deploys its own stack on the emulators and AWS_ENDPOINT_URL is not set: \
+                "this bench deploys its own stack on the emulators and AWS_ENDPOINT_URL is not set: \
                  run `scripts/emulators.sh up` and `eval \"$(scripts/emulators.sh env)\"` first"
             );
         }
@@ -93,6 +96,7 @@ impl Deployment {
             clients: clients.to_vec(),
             settings,
             queue_urls,
+            json_path: out,
             script,
         })
     }

@@ -34,7 +34,7 @@
 //! a client misses an announcement, when an (honest) update is rejected, or
 //! when the execution does not succeed.
 
-mod deploy;
+pub(crate) mod deploy;
 mod figures;
 mod observed;
 
