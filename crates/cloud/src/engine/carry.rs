@@ -19,6 +19,13 @@
 //! content, harmless. A client that already has a row in the version
 //! keeps it (one row per version); the late update then stays rejected,
 //! with that reason.
+//!
+//! No version follows the job's last one, so nothing carries its late
+//! rows: Finalize settles every row still waiting in the versions it
+//! looks back over ([`RoundEngine::settle_late_rows_at_end`]), and a row
+//! late for the last version after that is recorded as such at once
+//! (update.rs). Every update is thus counted in one version or rejected
+//! with a reason that is final.
 
 use super::RoundEngine;
 use crate::bounded;
@@ -90,6 +97,31 @@ where
         Ok(())
     }
 
+    /// Finalize of an async job that ended with version `last`: every row
+    /// still waiting to be carried in the versions up to `last` is
+    /// rejected for good, with a reason that says the job ended.
+    /// Idempotent (a retried Finalize finds nothing waiting).
+    pub(super) async fn settle_late_rows_at_end(&self, job_id: &str, last: u32) -> Result<()> {
+        let first = last.saturating_sub(MAX_LOOK_BACK).max(1);
+        for version in first..=last {
+            let Some(row) = self.ledger.get_round(job_id, version).await? else {
+                continue;
+            };
+            for (client, reason) in &row.rejections {
+                if reason.starts_with(LATE) && reason.ends_with(PENDING) {
+                    let reason = bounded::reason(&format!(
+                        "{LATE} version {version} was being aggregated when it arrived; {}",
+                        ended_with(last)
+                    ));
+                    self.ledger
+                        .record_rejection(job_id, version, client, &reason)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn put_carried(&self, row: &UpdateRecord, into: u32) -> Result<PutUpdate> {
         let carried = UpdateRecord {
             round: into,
@@ -99,4 +131,10 @@ where
         };
         self.ledger.put_update(&carried).await
     }
+}
+
+/// Why a late row of an async job that ended with version `last` is not
+/// carried.
+pub(super) fn ended_with(last: u32) -> String {
+    format!("the job ended with version {last}, so no later version took it")
 }

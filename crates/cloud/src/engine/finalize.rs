@@ -1,5 +1,6 @@
 //! Finalize: register the last round's model as an artifact and announce
-//! the end of training. Idempotent: the artifact id is `{job}:{round}` and
+//! the end of training; an async job's late rows that no version will
+//! carry get their final reason (carry.rs). Idempotent: the artifact id is `{job}:{round}` and
 //! the registry keeps the first registration.
 
 use serde_json::{json, Value};
@@ -50,6 +51,9 @@ where
                 )))
             }
         };
+        if job.asynchronous().is_some() {
+            self.settle_late_rows_at_end(job_id, round).await?;
+        }
         let key = stored.global_model_key.clone();
         let info = self.store.head(&key).await?.ok_or_else(|| {
             CloudError::NotFound(format!("the final model of job `{job_id}` at `{key}`"))

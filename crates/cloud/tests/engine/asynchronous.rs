@@ -3,7 +3,7 @@
 //! version is rebased onto the newest with its staleness discount:
 //! x' = g_r + s(τ)·(x − g_b), then the pipeline's weighted mean.
 
-use fedstep_cloud::ports::Ledger;
+use fedstep_cloud::ports::{Clock, Ledger};
 use fedstep_cloud::records::ClosedBy;
 use fedstep_cloud::{JobSpec, UpdateOutcome};
 use fedstep_test_support::federation::*;
@@ -255,4 +255,84 @@ async fn an_async_job_stops_on_its_update_count_or_its_time() {
     ))
     .unwrap_err();
     assert!(err.contains("max_updates must be at least 1"), "{err}");
+}
+
+/// No version follows the job's last one: rows still waiting to be
+/// carried when the job ends are rejected for good by Finalize, and a row
+/// late for the last version after its commit is told so at once. None is
+/// left waiting, none is carried into a version that never opens.
+#[tokio::test]
+async fn late_rows_of_the_last_version_are_settled_when_the_job_ends() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = JobSpec::from_toml(&format!(
+        "job_id = \"{JOB}\"\nrounds = 2\nclients = [\"a\", \"b\", \"c\", \"d\"]\nmin_clients = 1\n\
+         round_timeout_seconds = 600\nmode = \"async\"\n[async]\nbuffer_size = 2\nmax_staleness = 1\n"
+    ))
+    .unwrap();
+    fed.upload_initial(&job, &[0.0]).await;
+    engine.start_round(&job, 1, "t1").await.unwrap();
+    for client in ["a", "b"] {
+        let row = fed.submit(&job, 1, client, &[1.0], 1, &[]).await;
+        engine.on_update(&row).await.unwrap();
+    }
+    engine.close_round(JOB, 1, ClosedBy::Stream).await.unwrap();
+    engine.start_round(&job, 2, "t2").await.unwrap();
+    for client in ["a", "b"] {
+        let row = fed
+            .submit_from(&job, 2, Some(2), client, &[2.0], 1, &[])
+            .await;
+        engine.on_update(&row).await.unwrap();
+    }
+    // While version 2 is being aggregated: c's row for it, and c's row for
+    // version 1, recorded after version 2's StartRound looked. Both wait.
+    let now = fed.clock.now();
+    fed.ledger
+        .claim_round(JOB, 2, "elsewhere", now, 10)
+        .await
+        .unwrap()
+        .expect("version 2 is open");
+    for (round, base) in [(2, 2), (1, 1)] {
+        let row = fed
+            .submit_from(&job, round, Some(base), "c", &[3.0], 1, &[])
+            .await;
+        let UpdateOutcome::Late(reason) = engine.on_update(&row).await.unwrap() else {
+            panic!("c's row for version {round} is late")
+        };
+        assert!(reason.contains("waiting to be carried"), "{reason}");
+    }
+    // That aggregator's lease runs out; the close takes the version over.
+    fed.clock.advance(60);
+    let last = engine.close_round(JOB, 2, ClosedBy::Stream).await.unwrap();
+    assert!(!last.continue_training, "rounds = 2 ends the job");
+
+    // After the commit, d's late row is told at once that the job ended.
+    let d = fed.submit_from(&job, 2, Some(2), "d", &[4.0], 1, &[]).await;
+    let UpdateOutcome::Late(reason) = engine.on_update(&d).await.unwrap() else {
+        panic!("d's row for the closed last version is late")
+    };
+    assert!(reason.contains("the job ended with version 2"), "{reason}");
+
+    // Finalize settles c's two rows; a retried Finalize changes nothing.
+    for _ in 0..2 {
+        engine.finalize(JOB, 2, &last).await.unwrap();
+        for version in [1, 2] {
+            let row = fed.ledger.get_round(JOB, version).await.unwrap().unwrap();
+            let reason = &row.rejections["c"];
+            assert!(
+                reason.starts_with("late:")
+                    && reason
+                        .ends_with("the job ended with version 2, so no later version took it"),
+                "version {version}: {reason}"
+            );
+        }
+    }
+    for client in ["c", "d"] {
+        assert!(fed
+            .ledger
+            .get_update(client, JOB, 3)
+            .await
+            .unwrap()
+            .is_none());
+    }
 }
