@@ -174,22 +174,16 @@ fn data_range(series: &[Series]) -> (f64, f64) {
 pub fn draw_all(report: &JobReport, out: &Path) -> Result<Vec<Chart>> {
     let rounds = report.rounds.iter().map(|r| r.round).max().unwrap_or(1);
     let mut charts = Vec::new();
-    let mut chart = |file: &str, title: String, y: &str, range, series: Vec<Series>| {
+    let by_round = XAxis::Rounds(rounds);
+    let mut chart = |x: XAxis, file: &str, title: String, y: &str, range, series: Vec<Series>| {
         let path = out.join(file);
-        let legend = if file == "baselines.svg" {
+        // Accuracy curves rise: their legend goes where they are not.
+        let legend = if matches!(file, "baselines.svg" | "async.svg") {
             Legend::LowerRight
         } else {
             Legend::UpperRight
         };
-        line_chart(
-            &path,
-            &title,
-            y,
-            XAxis::Rounds(rounds),
-            range,
-            legend,
-            &series,
-        )?;
+        line_chart(&path, &title, y, x, range, legend, &series)?;
         charts.push(Chart { title, path });
         anyhow::Ok(())
     };
@@ -220,6 +214,7 @@ pub fn draw_all(report: &JobReport, out: &Path) -> Result<Vec<Chart>> {
         })
         .collect();
     chart(
+        by_round,
         "aggregate.svg",
         "Aggregated metrics (median of the accepted clients' reports)".into(),
         "value",
@@ -246,8 +241,31 @@ pub fn draw_all(report: &JobReport, out: &Path) -> Result<Vec<Chart>> {
             })
             .collect();
         chart(
+            by_round,
             "baselines.svg",
             "Test accuracy: federated and baselines".into(),
+            "test accuracy",
+            Some((0.0, 1.0)),
+            series,
+        )?;
+    }
+
+    if let Some(t) = &report.against_time {
+        let series = t
+            .curves
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Series {
+                label: c.label.clone(),
+                points: c.points.clone(),
+                color: color(i),
+                dashed: false,
+            })
+            .collect();
+        chart(
+            XAxis::Seconds(t.seconds),
+            "async.svg",
+            t.title.clone(),
             "test accuracy",
             Some((0.0, 1.0)),
             series,
@@ -283,6 +301,7 @@ pub fn draw_all(report: &JobReport, out: &Path) -> Result<Vec<Chart>> {
         .collect();
     let most = report.clients.len().max(1) as f64;
     chart(
+        by_round,
         "participation.svg",
         "Participation: clients per round".into(),
         "clients",
@@ -292,6 +311,7 @@ pub fn draw_all(report: &JobReport, out: &Path) -> Result<Vec<Chart>> {
 
     let weights = per_client(report, |c| c.weight);
     chart(
+        by_round,
         "weights.svg",
         "Each client's aggregation weight".into(),
         "weight",
@@ -314,6 +334,7 @@ pub fn draw_all(report: &JobReport, out: &Path) -> Result<Vec<Chart>> {
     for (i, (name, _)) in reported.into_iter().take(MAX_REPORTED_CHARTS).enumerate() {
         let per = per_client(report, |c| c.reported.get(name).copied());
         chart(
+            by_round,
             &format!("client-metric-{}.svg", i + 1),
             format!("Reported by each client: {}", safe_label(name)),
             &safe_label(name),
@@ -328,6 +349,7 @@ pub fn draw_all(report: &JobReport, out: &Path) -> Result<Vec<Chart>> {
         .filter_map(|r| Some((f64::from(r.round), r.timings.aggregation_seconds?)))
         .collect();
     chart(
+        by_round,
         "aggregation-seconds.svg",
         "Aggregation time per round".into(),
         "seconds",

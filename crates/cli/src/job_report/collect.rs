@@ -91,6 +91,7 @@ pub async fn collect<S: ObjectStore, L: Ledger>(
         clients: job.spec().clients.clone(),
         rounds,
         baselines: Vec::new(),
+        against_time: None,
     })
 }
 

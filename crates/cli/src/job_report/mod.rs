@@ -38,6 +38,25 @@ pub struct JobReport {
     /// federated model and of its baselines).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub baselines: Vec<Curve>,
+    /// Curves against time rather than rounds (`fedstep simulate --mode
+    /// async`: sync and async accuracy against simulated seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub against_time: Option<TimeCurves>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TimeCurves {
+    pub title: String,
+    /// The x axis runs from 0 to this many seconds.
+    pub seconds: f64,
+    pub curves: Vec<TimeCurve>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TimeCurve {
+    pub label: String,
+    /// (seconds, value), in time order.
+    pub points: Vec<(f64, f64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]

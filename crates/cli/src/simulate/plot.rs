@@ -1,8 +1,8 @@
 //! `accuracy.svg`: test accuracy per round for the federation, the single
 //! agent and the centralized bound (and, with --secure-aggregation, the
-//! SecAgg+ run), drawn by the report's line chart; with
-//! --mode async, `async.svg`: accuracy against simulated time, sync and
-//! async.
+//! SecAgg+ run), drawn by the report's line chart. (With --mode async,
+//! `async.svg`, accuracy against simulated time, is one of the report
+//! page's charts: `job_report::charts`.)
 
 use std::path::Path;
 
@@ -45,36 +45,6 @@ pub fn accuracy_svg(path: &Path, title: &str, series: &[Series<'_>]) -> Result<(
         title,
         "test accuracy",
         XAxis::Rounds(u32::try_from(rounds).unwrap_or(u32::MAX)),
-        Some((0.0, 1.0)),
-        Legend::LowerRight,
-        &lines,
-    )
-}
-
-/// One run's accuracy against simulated seconds.
-pub struct TimeSeries<'a> {
-    pub label: &'a str,
-    /// (simulated seconds, accuracy), in time order.
-    pub points: &'a [(f64, f64)],
-    pub color: RGBColor,
-}
-
-/// Accuracy against simulated seconds, one line per run.
-pub fn time_svg(path: &Path, title: &str, seconds: f64, runs: &[TimeSeries<'_>]) -> Result<()> {
-    let lines: Vec<Line> = runs
-        .iter()
-        .map(|r| Line {
-            label: r.label.to_string(),
-            points: r.points.to_vec(),
-            color: r.color,
-            dashed: false,
-        })
-        .collect();
-    line_chart(
-        path,
-        title,
-        "test accuracy",
-        XAxis::Seconds(seconds),
         Some((0.0, 1.0)),
         Legend::LowerRight,
         &lines,

@@ -37,7 +37,7 @@ use super::report::{
 };
 use super::secure;
 use super::table;
-use crate::job_report::{self, Curve};
+use crate::job_report::{self, Curve, TimeCurve, TimeCurves};
 
 /// The simulated job's id (keys live under `store/jobs/simulate/`).
 pub const JOB_ID: &str = "simulate";
@@ -356,20 +356,27 @@ pub async fn run(mut settings: Settings) -> Result<()> {
     )?;
 
     let asynchronous = match settings.asynchronous.clone() {
-        Some(sim) => Some(
-            run_async(
-                &settings,
-                &sim,
-                &data,
-                &init,
-                &out,
-                &rounds,
-                &format!("{} — {n} clients, {aggregation_name}", data.name),
-            )
-            .await?,
-        ),
+        Some(sim) => Some(run_async(&settings, &sim, &data, &init, &out, &rounds).await?),
         None => None,
     };
+
+    let against_time = asynchronous.as_ref().map(|a| TimeCurves {
+        title: format!(
+            "{} — {n} clients, {aggregation_name}: sync vs async (K = {})",
+            data.name, a.buffer_size
+        ),
+        seconds: a.simulated_seconds,
+        curves: vec![
+            TimeCurve {
+                label: "sync".into(),
+                points: a.sync.clone(),
+            },
+            TimeCurve {
+                label: "async".into(),
+                points: a.versions.iter().map(|v| (v.time, v.accuracy)).collect(),
+            },
+        ],
+    });
 
     let report_path = out.join("report.json");
     let summary = table::summary(&final_, n, &aggregation_name);
@@ -432,6 +439,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
             values,
         });
     }
+    page.against_time = against_time;
     let page = job_report::write(&page, &out, "job-report.json")?;
 
     println!("\n{summary}");
@@ -505,7 +513,6 @@ async fn run_async(
     init: &[u8],
     out: &Path,
     rounds: &[RoundReport],
-    title: &str,
 ) -> Result<AsyncReport> {
     // Every sync round waits for its slowest client.
     let round_seconds = sim.client_speeds.iter().copied().fold(0.0, f64::max);
@@ -539,24 +546,8 @@ async fn run_async(
     let target = sim.target_accuracy.unwrap_or(0.95 * sync_final);
     let sync_time = asynchronous::time_to(&sync, target);
     let async_time = asynchronous::time_to(&curve, target);
+    // Drawn with the report page (job_report's charts), as `async.svg`.
     let plot_path = out.join("async.svg");
-    plot::time_svg(
-        &plot_path,
-        &format!("{title}: sync vs async (K = {})", sim.buffer_size),
-        budget,
-        &[
-            plot::TimeSeries {
-                label: "sync",
-                points: &sync,
-                color: plot::CENTRAL,
-            },
-            plot::TimeSeries {
-                label: "async",
-                points: &curve,
-                color: plot::FEDERATED,
-            },
-        ],
-    )?;
     let fmt = |t: Option<f64>| t.map_or("never".to_string(), |t| format!("{t:.0} s"));
     println!(
         "async: {} versions; target accuracy {target:.4}: sync reaches it at {}, async at {}; \

@@ -364,6 +364,19 @@ fn simulate_async_rebases_stale_updates_on_a_simulated_clock() {
         assert!(a.get(key).is_some(), "{key} missing: {a}");
     }
     assert!(out.join("async.svg").is_file());
+    // The same chart is on the report page, inline, with both runs.
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    let at = page
+        .find("sync vs async (K = 2)")
+        .expect("the report page shows accuracy against simulated time");
+    let figure = &page[at..];
+    let figure = &figure[..figure.find("</svg>").expect("an inline SVG")];
+    for label in [">\nsync\n<", ">\nasync\n<"] {
+        assert!(
+            figure.contains(label),
+            "{label} missing from the time chart"
+        );
+    }
     let versions = a["versions"].as_array().unwrap();
     // Two fast clients make a version about every simulated second.
     assert!(versions.len() >= 10, "{}", versions.len());
