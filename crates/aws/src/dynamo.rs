@@ -467,6 +467,39 @@ impl Ledger for DynamoLedger {
         }
     }
 
+    async fn renew_lease(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        now: i64,
+        lease_seconds: i64,
+    ) -> Result<bool> {
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.rounds_table)
+            .set_key(Some(Self::round_key(job_id, round)))
+            .update_expression("SET lease_expires_at = :exp")
+            .condition_expression("lease_owner = :me AND #s = :agg")
+            .expression_attribute_names("#s", "status")
+            .expression_attribute_values(":agg", status("AGGREGATING"))
+            .expression_attribute_values(":me", s(owner))
+            .expression_attribute_values(":exp", n(now.saturating_add(lease_seconds)))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e) => match sdk_error(
+                &format!("DynamoDB UpdateItem {} (renew)", self.rounds_table),
+                e,
+            ) {
+                CloudError::ConditionFailed(_) => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
     async fn close_round(
         &self,
         job_id: &str,

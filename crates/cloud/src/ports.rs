@@ -223,6 +223,19 @@ pub trait Ledger: Send + Sync {
         now: i64,
         lease_seconds: i64,
     ) -> impl Future<Output = Result<Option<RoundRecord>>> + Send;
+    /// Extends the lease of a round AGGREGATING under `owner` to `now +
+    /// lease_seconds`. False when `owner` no longer holds it (another
+    /// owner took it over, or it is closed or failed). Each task of an
+    /// aggregation renews as it starts, so a Map longer than one lease is
+    /// not taken over while its attempt makes progress.
+    fn renew_lease(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        now: i64,
+        lease_seconds: i64,
+    ) -> impl Future<Output = Result<bool>> + Send;
     /// AGGREGATING (held by `owner`) → CLOSED with the result. False if the
     /// lease was lost (another owner took over). The reasons in
     /// `result.rejected` are the ones recorded with `record_rejection`: a

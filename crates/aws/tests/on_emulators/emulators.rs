@@ -377,6 +377,23 @@ async fn ledger_job_header_and_round_lifecycle() {
         .unwrap()
         .unwrap();
     assert_eq!(taken.lease_owner.as_deref(), Some(loser));
+    // Only the holder renews; a renewed lease holds past the old expiry.
+    assert!(!ledger
+        .renew_lease(&id, 1, winner, now + 100, 60)
+        .await
+        .unwrap());
+    assert!(ledger
+        .renew_lease(&id, 1, loser, now + 100, 60)
+        .await
+        .unwrap());
+    assert_eq!(
+        ledger
+            .claim_round(&id, 1, winner, now + 150, 60)
+            .await
+            .unwrap(),
+        None,
+        "the renewed lease runs to now + 160"
+    );
     // Past OPEN, `received` is frozen: what the claimer aggregates.
     match ledger.add_received(&id, 1, "d").await.unwrap() {
         AddReceived::PastOpen(now) => {
@@ -400,6 +417,13 @@ async fn ledger_job_header_and_round_lifecycle() {
     let closed = ledger.get_round(&id, 1).await.unwrap().unwrap();
     assert_eq!(closed.status, RoundStatus::Closed);
     assert_eq!(closed.result, Some(res));
+    assert!(
+        !ledger
+            .renew_lease(&id, 1, loser, now + 200, 60)
+            .await
+            .unwrap(),
+        "a closed round has no lease to renew"
+    );
     // Stored once: the result's reason in the item is empty, read back
     // from `rejections`.
     let raw = env

@@ -151,6 +151,19 @@ impl<L: Ledger> Ledger for ObservedLedger<L> {
             .claim_round(job_id, round, owner, now, lease_seconds)
             .await
     }
+    async fn renew_lease(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        now: i64,
+        lease_seconds: i64,
+    ) -> Result<bool> {
+        self.count();
+        self.inner
+            .renew_lease(job_id, round, owner, now, lease_seconds)
+            .await
+    }
     async fn close_round(
         &self,
         job_id: &str,

@@ -270,6 +270,16 @@ impl Ledger for MemLedger {
     ) -> Result<Option<RoundRecord>, CloudError> {
         unused()
     }
+    async fn renew_lease(
+        &self,
+        _: &str,
+        _: u32,
+        _: &str,
+        _: i64,
+        _: i64,
+    ) -> Result<bool, CloudError> {
+        unused()
+    }
     async fn close_round(
         &self,
         _: &str,

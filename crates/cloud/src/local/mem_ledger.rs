@@ -207,6 +207,26 @@ impl Ledger for MemLedger {
         Ok(Some(row.clone()))
     }
 
+    async fn renew_lease(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        now: i64,
+        lease_seconds: i64,
+    ) -> Result<bool> {
+        let mut t = self.lock();
+        let row = t
+            .rounds
+            .get_mut(&(job_id.to_string(), round))
+            .ok_or_else(|| not_found(job_id, round))?;
+        if row.status != RoundStatus::Aggregating || row.lease_owner.as_deref() != Some(owner) {
+            return Ok(false);
+        }
+        row.lease_expires_at = Some(now.saturating_add(lease_seconds));
+        Ok(true)
+    }
+
     async fn close_round(
         &self,
         job_id: &str,

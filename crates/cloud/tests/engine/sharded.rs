@@ -8,7 +8,7 @@
 
 use fedstep_cloud::engine::{CommitOutcome, PlanOutcome};
 use fedstep_cloud::keys;
-use fedstep_cloud::ports::{Ledger, ObjectStore};
+use fedstep_cloud::ports::{Clock, Ledger, ObjectStore};
 use fedstep_cloud::records::{ClosedBy, RoundStatus};
 use fedstep_cloud::{Job, JobSpec};
 use fedstep_test_support::federation::*;
@@ -239,4 +239,61 @@ async fn a_shard_that_finds_a_mismatched_hash_sends_the_round_back_to_the_plan()
     assert!(late.superseded);
     let row = fed.ledger.get_round("swap", 1).await.unwrap().unwrap();
     assert_eq!(row.status, RoundStatus::Closed);
+}
+
+/// A Map longer than one lease: each shard task renews the attempt's lease
+/// as it starts, so the round cannot be claimed by another plan while the
+/// attempt makes progress, and the commit closes it. Once the attempt
+/// stops renewing, the lease runs out and a new plan may take over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_tasks_renew_the_lease_so_a_long_map_is_not_taken_over() {
+    let fed = Fed::new();
+    let job = sharded_job("long", 8, "");
+    open_full_round(&fed, &job, false).await;
+    let PlanOutcome::Planned {
+        attempt, shards, ..
+    } = fed
+        .engine("plan")
+        .plan_round("long", 1, ClosedBy::Stream)
+        .await
+        .unwrap()
+    else {
+        panic!("planned");
+    };
+    // One wave of the Map after another, each most of a lease long: three
+    // leases pass in all.
+    for &s in &shards[..3] {
+        fed.clock.advance(LEASE - 5);
+        let done = fed
+            .engine("shard")
+            .aggregate_shard("long", 1, &attempt, s)
+            .await
+            .unwrap();
+        assert!(!done.superseded, "shard {s}");
+        let now = fed.clock.now();
+        assert!(
+            fed.ledger
+                .claim_round("long", 1, "rival", now, LEASE)
+                .await
+                .unwrap()
+                .is_none(),
+            "the round was claimable after shard {s}"
+        );
+    }
+    // The attempt stalls for more than a lease: the round is free again.
+    fed.clock.advance(LEASE + 1);
+    let now = fed.clock.now();
+    let rival = fed
+        .ledger
+        .claim_round("long", 1, "rival", now, LEASE)
+        .await
+        .unwrap();
+    assert!(rival.is_some(), "an expired lease can be taken over");
+    // The stalled attempt's last shard finds it lost the round.
+    let late = fed
+        .engine("shard")
+        .aggregate_shard("long", 1, &attempt, shards[3])
+        .await
+        .unwrap();
+    assert!(late.superseded);
 }

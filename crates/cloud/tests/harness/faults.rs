@@ -502,6 +502,20 @@ impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
         Ok(claimed)
     }
 
+    async fn renew_lease(
+        &self,
+        job_id: &str,
+        round: u32,
+        owner: &str,
+        now: i64,
+        lease_seconds: i64,
+    ) -> Result<bool> {
+        self.faults.step(&self.owner).await?;
+        self.inner
+            .renew_lease(job_id, round, owner, now, lease_seconds)
+            .await
+    }
+
     async fn close_round(
         &self,
         job_id: &str,

@@ -24,7 +24,6 @@ use crate::error::{CloudError, Result};
 use crate::job::Job;
 use crate::keys;
 use crate::ports::{Clock, Ledger, Notifier, ObjectReader, StreamingStore, TaskCallback};
-use crate::records::RoundStatus;
 
 /// What a shard task did, as the workflow sees it (it keeps nothing of it:
 /// the answer is in the attempt's folder).
@@ -47,19 +46,25 @@ where
     K: Clock,
 {
     /// Whether `attempt` still holds round `round` (AGGREGATING under its
-    /// lease). A task of an attempt that lost the round does nothing.
+    /// lease), renewing the lease when it does: one conditional write. A
+    /// task of an attempt that lost the round does nothing; a task of one
+    /// that holds it has a whole lease ahead (the lease outlasts any one
+    /// task), so a Map of many waves is never taken over mid-way.
     pub(super) async fn holds_round(
         &self,
         job_id: &str,
         round: u32,
         attempt: &str,
     ) -> Result<bool> {
-        let row = self
-            .ledger
-            .get_round(job_id, round)
-            .await?
-            .ok_or_else(|| CloudError::NotFound(format!("round {round} of job `{job_id}`")))?;
-        Ok(row.status == RoundStatus::Aggregating && row.lease_owner.as_deref() == Some(attempt))
+        self.ledger
+            .renew_lease(
+                job_id,
+                round,
+                attempt,
+                self.clock.now(),
+                self.config.lease_seconds,
+            )
+            .await
     }
 
     /// ShardStatistics task: shard `shard`'s statistics pass (norms, the
