@@ -458,7 +458,7 @@ impl Drop for Workers {
 }
 
 /// The bytes `pid` caused to be written to storage (`write_bytes` of
-/// /proc/<pid>/io: page-cache writes count when dirtied).
+/// `/proc/<pid>/io`: page-cache writes count when dirtied).
 fn proc_write_bytes(pid: libc::pid_t) -> Result<u64> {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
         .with_context(|| format!("reading /proc/{pid}/io"))?;
