@@ -57,8 +57,8 @@ pub struct RoundBench {
     /// Which aggregation to measure (repeat for both).
     #[arg(long, value_enum, default_values_t = [RoundMode::Streamed, RoundMode::Staged, RoundMode::Sharded])]
     mode: Vec<RoundMode>,
-    /// Shards of the sharded mode (fewer when a shard would hold less than
-    /// the 5 MiB of an upload part).
+    /// Shards of the sharded and deployed modes (fewer when a shard would
+    /// hold less than the 5 MiB of an upload part).
     #[arg(long, default_value_t = 4)]
     shards: usize,
     /// Deployed mode: aggregator workers (`fedstep-lambda local`) serving

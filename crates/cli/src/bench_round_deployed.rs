@@ -91,7 +91,7 @@ pub(crate) fn run(r: &DeployedRound) -> Result<DeployedFigures> {
     if let Err(e) = deployment.delete(dir.path()) {
         eprintln!("bench round: removing the stack {prefix}: {e:#}");
     }
-    let (mut figures, logs) = match (measured, stopped) {
+    let (mut figures, stopped) = match (measured, stopped) {
         (Ok(f), Ok(stopped)) => (f, stopped),
         (Err(e), stopped) => {
             let logs = stopped.map(|s| s.logs).unwrap_or_default();
@@ -99,8 +99,8 @@ pub(crate) fn run(r: &DeployedRound) -> Result<DeployedFigures> {
         }
         (Ok(_), Err(e)) => return Err(e),
     };
-    figures.peak_rss = logs.peak_rss;
-    figures.disk_bytes = logs.disk_bytes;
+    figures.peak_rss = stopped.peak_rss;
+    figures.disk_bytes = stopped.disk_bytes;
     for (i, scratch) in workers.scratch.iter().enumerate() {
         let left = std::fs::read_dir(&scratch.cwd)?.count();
         if left > 0 || scratch.tmpdir.exists() {
