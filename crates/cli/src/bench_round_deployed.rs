@@ -32,7 +32,7 @@ use fedstep_core::{AggregationRequest, FileTarget, Input, UpdateMeta, UpdateSour
 use safetensors::Dtype;
 
 use crate::bench::{generate, layout};
-use crate::bench_clients::deploy::Deployment;
+use crate::bench_clients::deploy::{self, Deployment};
 
 /// What the deployed round is asked to do.
 pub(crate) struct DeployedRound {
@@ -314,33 +314,16 @@ async fn plan_shards(
     job_id: &str,
     deadline: Instant,
 ) -> Result<usize> {
-    let arn = crate::job_cmd::execution_arn(state_machine, job_id)?;
-    loop {
-        let out = cfg
-            .sfn()
-            .describe_execution()
-            .execution_arn(&arn)
-            .send()
-            .await
-            .map_err(|e| {
-                anyhow!(
-                    "DescribeExecution: {}",
-                    fedstep_aws::sdk_error("DescribeExecution", e)
-                )
-            })?;
-        match out.status().as_str() {
-            "RUNNING" if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            "SUCCEEDED" => {
-                let output: serde_json::Value = serde_json::from_str(out.output().unwrap_or("{}"))?;
-                return output["plan"]["shards"]
-                    .as_array()
-                    .map(Vec::len)
-                    .ok_or_else(|| anyhow!("the execution's output has no plan: {output}"));
-            }
-            status => bail!("the execution is {status}: {:?}", out.cause()),
+    let out = deploy::execution_when_done(cfg, state_machine, job_id, deadline).await?;
+    match out.status().as_str() {
+        "SUCCEEDED" => {
+            let output: serde_json::Value = serde_json::from_str(out.output().unwrap_or("{}"))?;
+            output["plan"]["shards"]
+                .as_array()
+                .map(Vec::len)
+                .ok_or_else(|| anyhow!("the execution's output has no plan: {output}"))
         }
+        status => bail!("the execution is {status}: {:?}", out.cause()),
     }
 }
 

@@ -5,9 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fedstep_aws::Settings;
+use fedstep_aws::aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput;
+use fedstep_aws::{AwsConfig, Settings};
 use serde_json::Value;
 
 pub struct Deployment {
@@ -108,5 +110,34 @@ impl Deployment {
             &["--prefix", &self.prefix, "--clients", &list, "--delete"],
             &dir.join("delete.log"),
         )
+    }
+}
+
+/// The job's execution once it is no longer RUNNING, or as it is at
+/// `until`.
+pub async fn execution_when_done(
+    cfg: &AwsConfig,
+    state_machine: &str,
+    job_id: &str,
+    until: Instant,
+) -> Result<DescribeExecutionOutput> {
+    let arn = crate::job_cmd::execution_arn(state_machine, job_id)?;
+    let sfn = cfg.sfn();
+    loop {
+        let out = sfn
+            .describe_execution()
+            .execution_arn(&arn)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "DescribeExecution: {}",
+                    fedstep_aws::sdk_error("DescribeExecution", e)
+                )
+            })?;
+        if out.status().as_str() != "RUNNING" || Instant::now() >= until {
+            return Ok(out);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

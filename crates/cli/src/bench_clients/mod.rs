@@ -394,27 +394,9 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
 /// The execution's status, waiting up to a minute for it to end (the last
 /// client hears `training_complete` before Finalize has returned).
 async fn execution_status(cfg: &AwsConfig, state_machine: &str, job_id: &str) -> Result<String> {
-    let arn = crate::job_cmd::execution_arn(state_machine, job_id)?;
-    let sfn = cfg.sfn();
-    for _ in 0..120 {
-        let out = sfn
-            .describe_execution()
-            .execution_arn(&arn)
-            .send()
-            .await
-            .map_err(|e| {
-                anyhow!(
-                    "DescribeExecution: {}",
-                    fedstep_aws::sdk_error("DescribeExecution", e)
-                )
-            })?;
-        let status = out.status().as_str().to_string();
-        if status != "RUNNING" {
-            return Ok(status);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Ok("RUNNING".into())
+    let until = Instant::now() + Duration::from_secs(60);
+    let out = deploy::execution_when_done(cfg, state_machine, job_id, until).await?;
+    Ok(out.status().as_str().to_string())
 }
 
 /// How many versions of `key` the versioned bucket holds.
