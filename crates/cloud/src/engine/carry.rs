@@ -24,15 +24,20 @@
 //! rows: Finalize settles every row still waiting in the versions it
 //! looks back over ([`RoundEngine::settle_late_rows_at_end`]), and a row
 //! late for the last version after that is recorded as such at once
-//! (update.rs). Every update is thus counted in one version or rejected
-//! with a reason that is final.
+//! (update.rs). A row recorded as waiting that no StartRound still to run
+//! would carry (the job ended, or versions moved on past every later
+//! StartRound's look-back) is settled by the stream path right after it
+//! is recorded ([`RoundEngine::settle_if_never_carried`]). Every update of
+//! a job that finishes is thus counted in one version or rejected with a
+//! reason that is final; only a failed job can leave rows waiting.
 
 use super::RoundEngine;
 use crate::bounded;
+use crate::capacity;
 use crate::error::{CloudError, Result};
 use crate::keys;
 use crate::ports::{Clock, Ledger, Notifier, PutUpdate, StreamingStore, TaskCallback};
-use crate::records::UpdateRecord;
+use crate::records::{RoundRecord, RoundStatus, UpdateRecord};
 
 /// How a late rejection's reason starts.
 pub(super) const LATE: &str = "late:";
@@ -120,6 +125,63 @@ where
             }
         }
         Ok(())
+    }
+
+    /// The stream path, just after recording `client`'s row in async
+    /// version `late.round` as waiting: whether any StartRound still to
+    /// run will carry it. None will when the job has already ended, or when
+    /// versions have moved on so far that every later StartRound looks
+    /// back past it (a row trained from an old version that reaches the
+    /// ledger long after). Then the row gets its final reason now, and
+    /// that reason is returned. Otherwise `None`: the next StartRound
+    /// carries it, or Finalize settles it (both read the rejection after
+    /// it was recorded, so neither misses it).
+    ///
+    /// At most `look_back + 1` reads of round rows, and only for late rows.
+    pub(super) async fn settle_if_never_carried(
+        &self,
+        late: &RoundRecord,
+        client: &str,
+        max_staleness: u32,
+    ) -> Result<Option<String>> {
+        let (job_id, version) = (&late.job_id, late.round);
+        let look_back = max_staleness.saturating_add(1).min(MAX_LOOK_BACK);
+        let mut newest = None;
+        for next in version.saturating_add(1)..=version.saturating_add(look_back) {
+            match self.ledger.get_round(job_id, next).await? {
+                Some(row) => newest = Some(row),
+                None => break,
+            }
+        }
+        let Some(newest) = newest else {
+            return Ok(None);
+        };
+        let ended = newest.status == RoundStatus::Closed
+            && newest.result.as_ref().is_some_and(|r| !r.continue_training);
+        let why = if ended {
+            ended_with(newest.round)
+        } else if newest.round >= version.saturating_add(look_back) {
+            // StartRound of `newest` looked back to `version` before this
+            // row was recorded, and every later one starts after it. (Were
+            // that StartRound still running and carrying it, the copy in
+            // `newest` would be at least max_staleness + 1 versions stale
+            // there, and rejected as such.)
+            format!(
+                "version {} had already opened, and a version carries late rows from at most \
+                 {look_back} versions back",
+                newest.round
+            )
+        } else {
+            return Ok(None);
+        };
+        let reason = capacity::stored_reason(
+            &format!("{LATE} version {version} was being aggregated when it arrived; {why}"),
+            late.expected_clients.len(),
+        );
+        self.ledger
+            .record_rejection(job_id, version, client, &reason)
+            .await?;
+        Ok(Some(reason))
     }
 
     async fn put_carried(&self, row: &UpdateRecord, into: u32) -> Result<PutUpdate> {

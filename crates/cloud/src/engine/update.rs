@@ -148,7 +148,15 @@ where
             self.ledger
                 .record_rejection(&row.job_id, row.round, client, &reason)
                 .await?;
-            reason
+            // Recorded as waiting first, then looked at: a StartRound that
+            // runs after this record sees it (carry.rs).
+            match row.buffer {
+                Some(buffer) if reason.ends_with(PENDING) => self
+                    .settle_if_never_carried(row, client, buffer.max_staleness)
+                    .await?
+                    .unwrap_or(reason),
+                _ => reason,
+            }
         };
         Ok(UpdateOutcome::Late(reason))
     }

@@ -336,3 +336,92 @@ async fn late_rows_of_the_last_version_are_settled_when_the_job_ends() {
             .is_none());
     }
 }
+
+/// A late row that no StartRound still to run would carry gets its final
+/// reason when it is recorded: one for a version so far back that every
+/// later version looks past it, and one that reaches the ledger after the
+/// job's Finalize. A late row that a later StartRound will carry still
+/// waits, and is carried.
+#[tokio::test]
+async fn late_rows_no_version_will_carry_are_settled_when_they_arrive() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    // max_staleness 1: a version carries late rows from 2 versions back.
+    let job = JobSpec::from_toml(&format!(
+        "job_id = \"{JOB}\"\nrounds = 4\nclients = [\"a\", \"b\", \"c\"]\nmin_clients = 1\n\
+         round_timeout_seconds = 600\nmode = \"async\"\n[async]\nbuffer_size = 2\nmax_staleness = 1\n"
+    ))
+    .unwrap();
+    fed.upload_initial(&job, &[0.0]).await;
+    let make_version = |round: u32| {
+        let (fed, engine, job) = (&fed, &engine, &job);
+        async move {
+            engine
+                .start_round(job, round, &format!("t{round}"))
+                .await
+                .unwrap();
+            for client in ["a", "b"] {
+                let row = fed
+                    .submit_from(job, round, Some(round), client, &[1.0], 1, &[])
+                    .await;
+                engine.on_update(&row).await.unwrap();
+            }
+            engine
+                .close_round(JOB, round, ClosedBy::Stream)
+                .await
+                .unwrap()
+        }
+    };
+    for round in 1..=2 {
+        make_version(round).await;
+    }
+    engine.start_round(&job, 3, "t3").await.unwrap();
+
+    // Version 3 is open: StartRound of 3 looked back to version 1 before
+    // c's row for it arrived, and StartRound of 4 looks back to 2 only.
+    let c1 = fed.submit_from(&job, 1, Some(1), "c", &[3.0], 1, &[]).await;
+    let UpdateOutcome::Late(reason) = engine.on_update(&c1).await.unwrap() else {
+        panic!("c's row for version 1 is late")
+    };
+    assert!(
+        reason.contains("version 3 had already opened") && !reason.contains("waiting"),
+        "{reason}"
+    );
+    let stored = fed.ledger.get_round(JOB, 1).await.unwrap().unwrap();
+    assert_eq!(stored.rejections["c"], reason);
+    // Version 2 is within reach of StartRound 4: that row waits.
+    let c2 = fed.submit_from(&job, 2, Some(2), "c", &[3.0], 1, &[]).await;
+    let UpdateOutcome::Late(reason) = engine.on_update(&c2).await.unwrap() else {
+        panic!("c's row for version 2 is late")
+    };
+    assert!(reason.contains("waiting to be carried"), "{reason}");
+
+    for client in ["a", "b"] {
+        let row = fed
+            .submit_from(&job, 3, Some(3), client, &[1.0], 1, &[])
+            .await;
+        engine.on_update(&row).await.unwrap();
+    }
+    engine.close_round(JOB, 3, ClosedBy::Stream).await.unwrap();
+    let last = make_version(4).await;
+    assert!(!last.continue_training, "rounds = 4 ends the job");
+    // StartRound 4 carried version 2's row and not version 1's.
+    let carried = fed.ledger.get_update("c", JOB, 4).await.unwrap().unwrap();
+    assert_eq!(carried.base_round, Some(2));
+    let v2 = fed.ledger.get_round(JOB, 2).await.unwrap().unwrap();
+    assert!(v2.rejections["c"].contains("carried into version 4"));
+    engine.finalize(JOB, 4, &last).await.unwrap();
+
+    // After Finalize, a row late for version 3 (which nothing reads again)
+    // is told at once that the job ended.
+    let c3 = fed.submit_from(&job, 3, Some(3), "c", &[3.0], 1, &[]).await;
+    let UpdateOutcome::Late(reason) = engine.on_update(&c3).await.unwrap() else {
+        panic!("c's row for version 3 is late")
+    };
+    assert!(
+        reason.ends_with("the job ended with version 4, so no later version took it"),
+        "{reason}"
+    );
+    let v3 = fed.ledger.get_round(JOB, 3).await.unwrap().unwrap();
+    assert_eq!(v3.rejections["c"], reason);
+}
