@@ -3,6 +3,7 @@
 //! parses its arguments and picks one; the library exists so that tests
 //! (and the fuzz target) reach the decoder and handlers directly.
 
+pub mod allocator;
 pub mod aws_engine;
 pub mod emf;
 pub mod emulator_worker;

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fedstep_aws::{AwsConfig, Settings};
-use fedstep_lambda::{aws_engine, emulator_worker, lambda, logging};
+use fedstep_lambda::{allocator, aws_engine, emulator_worker, lambda, logging};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -66,6 +66,7 @@ enum Start {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init();
+    allocator::return_large_blocks_to_the_os();
     let result = match cli.command {
         None => run_lambda(),
         Some(Command::Local {
