@@ -80,6 +80,8 @@ pub mod client;
 pub mod graph;
 pub mod ids;
 pub mod keys;
+pub mod masked_file;
+pub mod masked_sum;
 pub mod messages;
 pub mod params;
 pub mod prg;

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use fedstep_secagg::client::{Client, ClientError, MaskedClient};
 use fedstep_secagg::ids::{ClientId, RoundId, MAX_REASON_LEN};
+use fedstep_secagg::masked_file::{encode, MaskedFile, MaskedFileError, TENSOR};
+use fedstep_secagg::masked_sum::{mean_over_range, SumError};
 use fedstep_secagg::messages::{MaskedInput, ShareKeys, Unmask, UnmaskRequest};
 use fedstep_secagg::params::RoundParams;
 use fedstep_secagg::quantize::QuantizationConfig;
@@ -106,7 +108,11 @@ fn params(n: u32, k: usize, len: u64) -> RoundParams {
 }
 
 fn run(n: u32, k: usize, len: u64, seed: u64, hooks: &mut Hooks) -> Outcome {
-    let params = params(n, k, len);
+    run_with(n, params(n, k, len), seed, hooks)
+}
+
+fn run_with(n: u32, params: RoundParams, seed: u64, hooks: &mut Hooks) -> Outcome {
+    let len = params.vector_len;
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let mut server = Server::new(params.clone());
     let ids: Vec<ClientId> = (0..n).map(|i| ClientId(10 + 3 * i)).collect();
@@ -624,4 +630,141 @@ fn recovered_masks_survive_a_serde_round_trip() {
     let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
     v["corrections"][0]["seed"] = serde_json::Value::String("AAAA".into());
     assert!(serde_json::from_value::<RecoveredMasks>(v).is_err());
+}
+
+/// An in-memory object, as S3 or a file would serve it.
+struct Bytes(Vec<u8>);
+
+impl fedstep_core::ByteSource for Bytes {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.0.len() as u64)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(offset).map_err(std::io::Error::other)?;
+        let src = self
+            .0
+            .get(start..start + buf.len())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
+
+fn open_masked(bytes: Vec<u8>, params: &RoundParams) -> Result<MaskedFile, MaskedFileError> {
+    MaskedFile::open(
+        std::sync::Arc::new(Bytes(bytes)),
+        params.quantization.ring(),
+        params.vector_len,
+        &fedstep_core::Limits::default(),
+    )
+}
+
+/// The phase-3 vectors as the files clients upload, summed by shards of
+/// any cut, in blocks, with a client that dropped after sharing keys: the
+/// mean is the in-memory protocol's, bit for bit, for 32- and 64-bit rings.
+#[test]
+fn masked_files_summed_by_ranges_give_the_protocols_mean() {
+    let len = 300_000u64; // more than two blocks
+    for (seed, bits) in [(7u64, 32u32), (8, 64)] {
+        let mut hooks = Hooks {
+            masked: Some(drop_clients(&[13])),
+            ..Hooks::default()
+        };
+        let mut p = params(5, 100, len);
+        p.quantization = QuantizationConfig::new(1.0, 16, bits, 50, 5).unwrap();
+        let o = run_with(5, p.clone(), seed, &mut hooks);
+        let r = o.recovered();
+        let want = r.mean(&r.unmask(&o.masked_sum()).unwrap());
+        let files: BTreeMap<ClientId, MaskedFile> = r
+            .summed_clients
+            .iter()
+            .map(|c| {
+                let bytes = encode(&o.masked[c], p.quantization.ring()).unwrap();
+                (*c, open_masked(bytes, &p).unwrap())
+            })
+            .collect();
+        for cuts in [vec![0, len], vec![0, 1, 131_073, 200_000, len]] {
+            let mut got = vec![f32::NAN; len as usize];
+            for range in cuts.windows(2) {
+                mean_over_range(&files, r, range[0]..range[1], |start, block| {
+                    got[start as usize..start as usize + block.len()].copy_from_slice(block);
+                    Ok(())
+                })
+                .unwrap();
+            }
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "ring {bits}, cuts {cuts:?}"
+            );
+        }
+        // Leaving out a summed client, or adding one the masks were not
+        // recovered for, is refused: the masks would not cancel.
+        let mut fewer = files.clone();
+        fewer.pop_first();
+        let err = mean_over_range(&fewer, r, 0..len, |_, _| Ok(())).unwrap_err();
+        assert!(matches!(err, SumError::WrongClients { .. }), "{err}");
+        let err = mean_over_range(&files, r, 0..len + 1, |_, _| Ok(())).unwrap_err();
+        assert!(matches!(err, SumError::Range(_)), "{err}");
+    }
+}
+
+/// A masked file is a client's upload: anything but exactly the round's
+/// one integer tensor is refused when it is opened (phase 3, while the
+/// client can still be excluded), with a reason.
+#[test]
+fn a_masked_file_of_the_wrong_layout_is_refused_when_opened() {
+    let p = params(3, 100, 10);
+    let ring = p.quantization.ring();
+    let good = encode(&[1; 10], ring).unwrap();
+    assert!(open_masked(good.clone(), &p).is_ok());
+    let tensor = |name: &str, dtype: safetensors::Dtype, shape: Vec<usize>| {
+        let bytes = vec![0u8; shape.iter().product::<usize>() * dtype.bitsize() / 8];
+        let view = safetensors::tensor::TensorView::new(dtype, shape, &bytes).unwrap();
+        safetensors::serialize([(name, view)], None).unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "a float tensor",
+            tensor(TENSOR, safetensors::Dtype::F32, vec![10]),
+            "F32",
+        ),
+        (
+            "a wider ring's dtype",
+            tensor(TENSOR, safetensors::Dtype::U64, vec![10]),
+            "U64",
+        ),
+        ("the wrong length", encode(&[1; 9], ring).unwrap(), "[9]"),
+        (
+            "two dimensions",
+            tensor(TENSOR, safetensors::Dtype::U32, vec![2, 5]),
+            "[2, 5]",
+        ),
+        (
+            "another name",
+            tensor("weights", safetensors::Dtype::U32, vec![10]),
+            "weights",
+        ),
+        ("truncated", good[..good.len() - 3].to_vec(), "masked input"),
+        (
+            "not safetensors",
+            b"plain text, no header".to_vec(),
+            "masked input",
+        ),
+    ];
+    for (what, bytes, says) in cases {
+        let Err(err) = open_masked(bytes, &p) else {
+            panic!("{what} was accepted")
+        };
+        assert!(!err.is_unavailable(), "{what}");
+        let reason = err.to_string();
+        assert!(
+            reason.contains(says) && reason.len() < 300,
+            "{what}: {reason}"
+        );
+    }
 }
