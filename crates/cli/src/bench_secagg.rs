@@ -12,11 +12,20 @@
 //! (plain: 4 bytes an f32). The global model a client downloads is the same
 //! in both and left out. `within_bound` checks the unmasked mean against
 //! the plaintext weighted mean within the quantization bound.
+//!
+//! The masked vectors are also written as the files clients upload
+//! (`fedstep_secagg::masked_file`), and the aggregator's sum is redone from
+//! them the way a shard task does it (`masked_sum`, block by block):
+//! `aggregator_files_s` against reading those files once
+//! (`files_read_floor_s`), and `files_identical` (the same mean, bit for
+//! bit, or the bench fails).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use fedstep_secagg::masked_file::{encode, MaskedFile};
+use fedstep_secagg::masked_sum::mean_over_range;
 use fedstep_secagg::messages::Unmask;
 use fedstep_secagg::{Client, ClientId, QuantizationConfig, RoundId, RoundParams, Server};
 use rand_core::OsRng;
@@ -157,6 +166,12 @@ pub fn run(b: SecaggBench) -> Result<()> {
     // sums each masked vector as it arrives and keeps only the sum.
     let ring = quantization.ring();
     let mut masked_sum = vec![0u64; len as usize];
+    let upload_dir = tempfile::tempdir().context("a directory for the masked files")?;
+    let masked_path = |id: ClientId| {
+        upload_dir
+            .path()
+            .join(format!("masked-{}.safetensors", id.0))
+    };
     let mut phase3 = BTreeMap::new();
     for f in forwarded {
         let message = json(&f);
@@ -175,6 +190,10 @@ pub fn run(b: SecaggBench) -> Result<()> {
         let vector_bytes = len * element_bytes;
         cost.sent += message.len() as u64 + vector_bytes;
         server.received += message.len() as u64 + vector_bytes;
+        // The upload, as the file a shard task reads (not timed: the
+        // network's, not the client's work).
+        let file = encode(&vector, ring).context("encoding a masked file")?;
+        std::fs::write(masked_path(f.to), file)?;
         server.timed(|| {
             aggregator.receive_masked_input_json(f.to, &message);
             ring.add_assign(&mut masked_sum, &vector);
@@ -197,11 +216,35 @@ pub fn run(b: SecaggBench) -> Result<()> {
         server.received += answer.len() as u64;
         server.timed(|| aggregator.receive_unmask_json(request.to, &answer));
     }
-    let mean = server.timed(|| {
-        let recovered = aggregator.close_unmask()?;
-        let unmasked = recovered.unmask(&masked_sum)?;
-        anyhow::Ok(recovered.mean(&unmasked))
+    let recovered = server.timed(|| aggregator.close_unmask())?;
+    let mean = server.timed(|| anyhow::Ok(recovered.mean(&recovered.unmask(&masked_sum)?)))?;
+
+    // The aggregator's sum again, from the uploaded files as a shard task
+    // reads them (masked_sum.rs: in blocks, nothing held but a block),
+    // beside reading those files once.
+    let started = Instant::now();
+    for id in &recovered.summed_clients {
+        std::hint::black_box(std::fs::read(masked_path(*id))?);
+    }
+    let files_read_floor = started.elapsed();
+    let started = Instant::now();
+    let mut files = BTreeMap::new();
+    for id in &recovered.summed_clients {
+        let input = fedstep_core::Input::file(masked_path(*id));
+        let file = MaskedFile::open(input, ring, len, &fedstep_core::Limits::default())?;
+        files.insert(*id, file);
+    }
+    let mut from_files = vec![f32::NAN; len as usize];
+    mean_over_range(&files, &recovered, 0..len, |start, block| {
+        let start = start as usize;
+        from_files[start..start + block.len()].copy_from_slice(block);
+        Ok(())
     })?;
+    let files_aggregate = started.elapsed();
+    let files_identical = from_files
+        .iter()
+        .zip(&mean)
+        .all(|(f, m)| f.to_bits() == m.to_bits());
     if !aggregator.exclusions().is_empty() {
         bail!(
             "honest clients were excluded: {:?}",
@@ -271,11 +314,21 @@ pub fn run(b: SecaggBench) -> Result<()> {
         "aggregator_received_ratio: {:.3}",
         server.received as f64 / plain_in
     );
+    println!("aggregator_files_s: {:.4}", files_aggregate.as_secs_f64());
+    println!("files_read_floor_s: {:.4}", files_read_floor.as_secs_f64());
+    println!(
+        "aggregator_files_ratio: {:.2}",
+        files_aggregate.as_secs_f64() / files_read_floor.as_secs_f64()
+    );
+    println!("files_identical: {files_identical}");
     println!("max_error: {error:.3e}");
     println!("error_bound: {bound:.3e}");
     println!("within_bound: {}", error <= bound);
     if error > bound {
         bail!("the unmasked mean is {error:e} from the plaintext mean, past the bound {bound:e}");
+    }
+    if !files_identical {
+        bail!("the mean summed from the masked files differs from the in-memory one");
     }
     Ok(())
 }

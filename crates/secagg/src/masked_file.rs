@@ -14,10 +14,8 @@
 //! (`fedstep_core::bytes::Unavailable`) is the system's failure, not the
 //! client's ([`MaskedFileError::is_unavailable`]).
 
-use std::sync::Arc;
-
 use fedstep_core::model::{read_header_from, TensorEntry};
-use fedstep_core::{ByteSource, Limits, ModelError};
+use fedstep_core::{Input, Limits, ModelError};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -106,7 +104,7 @@ pub fn encode(masked: &[u64], ring: Ring) -> Result<Vec<u8>, safetensors::SafeTe
 /// ranged reads of its elements.
 #[derive(Clone)]
 pub struct MaskedFile {
-    source: Arc<dyn ByteSource>,
+    source: Input,
     data_start: u64,
     element_bytes: usize,
     ring: Ring,
@@ -117,12 +115,12 @@ impl MaskedFile {
     /// Reads and checks the header: exactly [`TENSOR`], of the ring's
     /// dtype and shape `[vector_len]`.
     pub fn open(
-        source: Arc<dyn ByteSource>,
+        source: Input,
         ring: Ring,
         vector_len: u64,
         limits: &Limits,
     ) -> Result<MaskedFile, MaskedFileError> {
-        let header = read_header_from(source.as_ref(), limits)?;
+        let header = read_header_from(source.source(), limits)?;
         let entry: &TensorEntry = match header.tensors.as_slice() {
             [only] if only.name == TENSOR => only,
             others => {
@@ -170,6 +168,7 @@ impl MaskedFile {
         buf.resize(sum.len() * self.element_bytes, 0);
         let offset = self.data_start + start * self.element_bytes as u64;
         self.source
+            .source()
             .read_exact_at(buf, offset)
             .map_err(MaskedFileError::Read)?;
         let ring = self.ring;

@@ -655,7 +655,7 @@ impl fedstep_core::ByteSource for Bytes {
 
 fn open_masked(bytes: Vec<u8>, params: &RoundParams) -> Result<MaskedFile, MaskedFileError> {
     MaskedFile::open(
-        std::sync::Arc::new(Bytes(bytes)),
+        fedstep_core::Input::new(std::sync::Arc::new(Bytes(bytes))),
         params.quantization.ring(),
         params.vector_len,
         &fedstep_core::Limits::default(),
