@@ -165,6 +165,7 @@ async fn measure(
         sharding: sharding_for(model_bytes, r.shards),
         mode: Default::default(),
         asynchronous: None,
+        secure_aggregation: None,
     }
     .check()
     .map_err(|e| anyhow!("the bench's job: {e}"))?;

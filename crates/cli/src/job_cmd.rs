@@ -19,6 +19,7 @@ use fedstep_aws::{AwsConfig, DynamoLedger, S3Store};
 use fedstep_cloud::keys;
 use fedstep_cloud::ports::{Ledger, ObjectStore};
 use fedstep_cloud::records::{RoundRecord, RoundStatus};
+use fedstep_cloud::secure::SecureSettings;
 use fedstep_cloud::{Job, JobSpec};
 use fedstep_core::{model, Limits};
 
@@ -110,6 +111,9 @@ pub fn prepare_start(config: &Path) -> Result<PreparedStart> {
     let shown = config.display();
     let text = std::fs::read_to_string(config).with_context(|| format!("reading {shown}"))?;
     let job = JobSpec::from_toml(&text).map_err(|e| anyhow!("{shown}: {e}"))?;
+    if job.secure_aggregation().is_some() {
+        bail!("{shown}: {}", SecureSettings::NOT_RUNNABLE_YET);
+    }
     let Some(initial) = &job.initial_model else {
         bail!(
             "{shown}: initial_model is required: the path of the round-1 global model \
@@ -527,6 +531,16 @@ local_epochs = 2
         std::fs::write(&job, JOB.replace("min_clients = 2", "min_clients = 5")).unwrap();
         let err = prepare_start(&job).unwrap_err();
         assert!(err.to_string().contains("min_clients"), "{err}");
+
+        // A secure job: checked first (a contradiction is named), then
+        // refused, before any AWS call, since no round can run it yet.
+        let secure = format!("{JOB}[secure_aggregation]\n");
+        std::fs::write(&job, secure.replace("min_clients = 2", "min_clients = 3")).unwrap();
+        let err = prepare_start(&job).unwrap_err();
+        assert!(err.to_string().contains("does not run SecAgg+"), "{err}");
+        std::fs::write(&job, format!("{secure}neighbours = 1\n")).unwrap();
+        let err = prepare_start(&job).unwrap_err();
+        assert!(err.to_string().contains("neighbours = 1"), "{err}");
     }
 
     #[test]

@@ -28,7 +28,8 @@
 //!
 //! `mode = "async"` with an `[async]` table makes versions from the first
 //! K updates instead of rounds that wait for every client
-//! (`crate::asynchronous`).
+//! (`crate::asynchronous`). A `[secure_aggregation]` table is checked
+//! (`crate::secure`) but cannot run yet.
 
 use std::collections::BTreeSet;
 use std::ops::Deref;
@@ -39,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::asynchronous::{self, AsyncSettings, AsyncSpec, JobMode};
 use crate::capacity;
 use crate::keys::check_id;
+use crate::secure::{self, SecureSettings, SecureSpec};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +68,9 @@ pub struct JobSpec {
     /// Async jobs' settings (defaults when absent).
     #[serde(default, rename = "async", skip_serializing_if = "Option::is_none")]
     pub asynchronous: Option<AsyncSpec>,
+    /// Secure aggregation (`crate::secure`); absent: plain FedAvg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecureSpec>,
 }
 
 /// How a round's aggregation is cut into shard tasks (the workflow's Map,
@@ -177,6 +182,7 @@ pub struct Job {
     pipeline: PipelineConfig,
     scaffold: bool,
     asynchronous: Option<AsyncSettings>,
+    secure_aggregation: Option<SecureSettings>,
 }
 
 impl Job {
@@ -199,6 +205,11 @@ impl Job {
     /// An async job's settings; `None` for a sync job.
     pub fn asynchronous(&self) -> Option<&AsyncSettings> {
         self.asynchronous.as_ref()
+    }
+
+    /// A secure job's SecAgg+ settings; `None` for plain FedAvg.
+    pub fn secure_aggregation(&self) -> Option<&SecureSettings> {
+        self.secure_aggregation.as_ref()
     }
 
     /// Whether `round` is one of the job's rounds (1..=rounds).
@@ -302,6 +313,14 @@ impl JobSpec {
             scaffold,
             &pipeline,
         )?;
+        let secure_aggregation = secure::check(
+            self.secure_aggregation.as_ref(),
+            self.clients.len(),
+            self.min_clients,
+            self.mode,
+            scaffold,
+            &pipeline,
+        )?;
         if let Some(settings) = &asynchronous {
             pipeline = pipeline
                 .with_server_learning_rate(settings.server_learning_rate)
@@ -312,6 +331,7 @@ impl JobSpec {
             pipeline,
             scaffold,
             asynchronous,
+            secure_aggregation,
         })
     }
 

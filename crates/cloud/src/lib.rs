@@ -16,6 +16,7 @@ pub mod records;
 pub mod round_failure;
 pub mod round_figures;
 pub mod round_measurements;
+pub mod secure;
 pub mod task_error_name;
 pub mod timefmt;
 

@@ -231,6 +231,7 @@ async fn measure(b: &ClientsBench, d: &Deployment, dir: &Path) -> Result<Report>
         sharding: Default::default(),
         mode: Default::default(),
         asynchronous: None,
+        secure_aggregation: None,
     }
     .check()
     .map_err(|e| anyhow!("the bench's job: {e}"))?;

@@ -135,6 +135,7 @@ impl Federation<'_> {
                 server_learning_rate: self.sim.server_learning_rate,
                 ..Default::default()
             }),
+            secure_aggregation: None,
         }
         .check()
         .map_err(|e| anyhow::anyhow!("simulated async job: {e}"))?;

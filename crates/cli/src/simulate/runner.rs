@@ -98,6 +98,7 @@ pub async fn run(mut settings: Settings) -> Result<()> {
         sharding: Default::default(),
         mode: Default::default(),
         asynchronous: None,
+        secure_aggregation: None,
     }
     .check()
     .map_err(|e| anyhow::anyhow!("simulated job: {e}"))?;

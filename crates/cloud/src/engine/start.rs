@@ -41,6 +41,13 @@ where
         task_token: &str,
     ) -> Result<RoundRecord> {
         job.check_round(round).map_err(CloudError::Invalid)?;
+        // `fedstep job start` refuses such a job; an execution started
+        // some other way fails here, before any client is told of a round.
+        if job.secure_aggregation().is_some() {
+            return Err(CloudError::Invalid(
+                crate::secure::SecureSettings::NOT_RUNNABLE_YET.into(),
+            ));
+        }
         if task_token.is_empty() {
             return Err(CloudError::Invalid("the task token is empty".into()));
         }

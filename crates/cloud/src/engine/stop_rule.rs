@@ -79,6 +79,7 @@ mod tests {
             sharding: Default::default(),
             mode: Default::default(),
             asynchronous: None,
+            secure_aggregation: None,
         }
     }
 

@@ -137,3 +137,21 @@ async fn three_clients_three_rounds() {
         }
     }
 }
+
+/// A job with `[secure_aggregation]` passes its checks but cannot run yet
+/// (issue #18): StartRound refuses it before any round is opened or any
+/// client told, whoever started the execution.
+#[tokio::test]
+async fn a_secure_job_is_refused_before_any_round_opens() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    let job = fedstep_cloud::JobSpec::from_toml(
+        "job_id = \"secure\"\nrounds = 2\nclients = [\"a\", \"b\", \"c\"]\nmin_clients = 3\n\
+         round_timeout_seconds = 600\n[secure_aggregation]\nneighbours = 2\n",
+    )
+    .unwrap();
+    fed.upload_initial(&job, &[0.0]).await;
+    let err = engine.start_round(&job, 1, "t1").await.unwrap_err();
+    assert!(err.to_string().contains("does not run SecAgg+"), "{err}");
+    assert!(fed.ledger.get_round("secure", 1).await.unwrap().is_none());
+}
