@@ -164,8 +164,9 @@ where
             // StartRound of `newest` looked back to `version` before this
             // row was recorded, and every later one starts after it. (Were
             // that StartRound still running and carrying it, the copy in
-            // `newest` would be at least max_staleness + 1 versions stale
-            // there, and rejected as such.)
+            // `newest` would be at least `look_back` versions stale there:
+            // rejected as stale unless max_staleness is past MAX_LOOK_BACK,
+            // the one case where this reason could outrun a late carry.)
             format!(
                 "version {} had already opened, and a version carries late rows from at most \
                  {look_back} versions back",
