@@ -24,6 +24,11 @@ use crate::ring::Ring;
 /// The one tensor of a masked file.
 pub const TENSOR: &str = "secagg.masked";
 
+/// How many tensor names or dimensions an error quotes, and how much of a
+/// name: a refusal's reason stays short whatever the header holds.
+const SHOWN: usize = 4;
+const NAME_CHARS: usize = 48;
+
 /// The element type a ring's elements are stored as.
 pub fn dtype_for(ring: Ring) -> Dtype {
     if ring.bits() <= 32 {
@@ -51,7 +56,8 @@ pub enum MaskedFileError {
     /// Tensors other than exactly [`TENSOR`].
     #[error("masked input: holds {found:?}, not the one tensor `{TENSOR}`")]
     Tensors {
-        /// The tensor names found (at most a few, bounded by the caller).
+        /// The first few tensor names found, each cut to a few dozen
+        /// characters (the header is the client's writing).
         found: Vec<String>,
     },
     /// The tensor's dtype or shape does not fit the round.
@@ -59,7 +65,7 @@ pub enum MaskedFileError {
     Layout {
         /// What the file declares.
         dtype: Dtype,
-        /// Its declared shape.
+        /// Its declared shape (the first few dimensions).
         shape: Vec<usize>,
         /// What the round's ring needs.
         want: Dtype,
@@ -125,7 +131,11 @@ impl MaskedFile {
             [only] if only.name == TENSOR => only,
             others => {
                 return Err(MaskedFileError::Tensors {
-                    found: others.iter().take(4).map(|t| t.name.clone()).collect(),
+                    found: others
+                        .iter()
+                        .take(SHOWN)
+                        .map(|t| t.name.chars().take(NAME_CHARS).collect())
+                        .collect(),
                 })
             }
         };
@@ -133,7 +143,7 @@ impl MaskedFile {
         if entry.dtype != want || entry.shape.len() != 1 || entry.elements() as u64 != vector_len {
             return Err(MaskedFileError::Layout {
                 dtype: entry.dtype,
-                shape: entry.shape.clone(),
+                shape: entry.shape.iter().take(SHOWN).copied().collect(),
                 want,
                 len: vector_len,
             });

@@ -755,6 +755,17 @@ fn a_masked_file_of_the_wrong_layout_is_refused_when_opened() {
             b"plain text, no header".to_vec(),
             "masked input",
         ),
+        // A refusal quotes a few names and dimensions, each cut short.
+        (
+            "a huge name",
+            tensor(&"x".repeat(5000), safetensors::Dtype::U32, vec![10]),
+            "xxx",
+        ),
+        (
+            "many dimensions",
+            tensor(TENSOR, safetensors::Dtype::U32, vec![1; 500]),
+            "[1, 1",
+        ),
     ];
     for (what, bytes, says) in cases {
         let Err(err) = open_masked(bytes, &p) else {
