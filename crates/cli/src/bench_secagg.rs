@@ -27,6 +27,7 @@ use anyhow::{bail, Context, Result};
 use fedstep_secagg::masked_file::{encode, MaskedFile};
 use fedstep_secagg::masked_sum::mean_over_range;
 use fedstep_secagg::messages::Unmask;
+use fedstep_secagg::params::default_neighbours;
 use fedstep_secagg::{Client, ClientId, QuantizationConfig, RoundId, RoundParams, Server};
 use rand_core::OsRng;
 
@@ -56,12 +57,6 @@ pub struct SecaggBench {
 /// largest weight a client is given.
 const CLIP: f32 = 1.0;
 const MAX_WEIGHT: u64 = 100;
-
-/// SecAgg+'s O(log n) degree: 2⌈log₂ n⌉, the complete graph below that.
-fn default_neighbours(n: u32) -> usize {
-    let log2 = (u32::BITS - (n.max(2) - 1).leading_zeros()) as usize;
-    (2 * log2).min(n as usize - 1)
-}
 
 /// One client's deterministic synthetic update and weight.
 fn input(client: u32, len: u64) -> (Vec<f32>, u64) {
@@ -107,7 +102,9 @@ pub fn run(b: SecaggBench) -> Result<()> {
         );
     }
     let len = b.params;
-    let k = b.neighbours.unwrap_or_else(|| default_neighbours(n));
+    let k = b
+        .neighbours
+        .unwrap_or_else(|| default_neighbours(n as usize));
     let quantization = QuantizationConfig::narrowest(CLIP, b.quant_bits, MAX_WEIGHT, n.into())
         .context("--quant-bits")?;
     let params = RoundParams {
@@ -336,15 +333,6 @@ pub fn run(b: SecaggBench) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_degree_is_logarithmic_and_at_most_the_others() {
-        assert_eq!(default_neighbours(3), 2);
-        assert_eq!(default_neighbours(8), 6);
-        assert_eq!(default_neighbours(32), 10);
-        assert_eq!(default_neighbours(64), 12);
-        assert_eq!(default_neighbours(65), 14);
-    }
 
     #[test]
     fn a_small_round_unmasks_within_the_bound_with_a_dropout() {

@@ -27,7 +27,7 @@
 use fedstep_core::personalization::Personalization;
 use fedstep_core::weighting::{TypeFilter, Weighting};
 use fedstep_core::PipelineConfig;
-use fedstep_secagg::params::threshold_for_degree;
+use fedstep_secagg::params::{default_neighbours, degree_for, threshold_for_degree};
 use fedstep_secagg::QuantizationConfig;
 use serde::{Deserialize, Serialize};
 
@@ -93,12 +93,6 @@ impl SecureSettings {
     pub const NOT_RUNNABLE_YET: &'static str =
         "[secure_aggregation] is checked, but the round engine does not run SecAgg+'s phases \
          yet (issue #18): `fedstep simulate --secure-aggregation` runs the protocol in process";
-
-    /// SecAgg+'s O(log n) degree: 2⌈log₂ n⌉, the complete graph below that.
-    pub fn default_neighbours(clients: usize) -> usize {
-        let log2 = (usize::BITS - (clients.max(2) - 1).leading_zeros()) as usize;
-        (2 * log2).min(clients.saturating_sub(1))
-    }
 }
 
 /// Checks `[secure_aggregation]` against the rest of the job; `None` when
@@ -123,15 +117,14 @@ pub fn check(
     refuse_what_needs_one_update(mode, scaffold, pipeline)?;
     let k = spec
         .neighbours
-        .unwrap_or_else(|| SecureSettings::default_neighbours(clients));
+        .unwrap_or_else(|| default_neighbours(clients));
     if !(2..=SecureSettings::MAX_NEIGHBOURS).contains(&k) {
         return Err(format!(
             "[secure_aggregation] neighbours = {k} must be between 2 and {} (Shamir over GF(2^8))",
             SecureSettings::MAX_NEIGHBOURS
         ));
     }
-    // As the neighbour graph makes it (crates/secagg/src/graph.rs).
-    let degree = (k + k % 2).min(clients - 1);
+    let degree = degree_for(clients, k);
     let threshold = threshold_for_degree(degree);
     if let Some(t) = spec.threshold.filter(|&t| t != threshold) {
         return Err(format!(
@@ -271,8 +264,6 @@ mod tests {
         assert_eq!(s.quantization.ring().bits(), 64);
         let uniform = checked("", "weighting = \"uniform\"", "").unwrap();
         assert_eq!(uniform.quantization.ring().bits(), 32);
-        assert_eq!(SecureSettings::default_neighbours(3), 2);
-        assert_eq!(SecureSettings::default_neighbours(64), 12);
     }
 
     #[test]

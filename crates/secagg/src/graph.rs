@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use sha2::{Digest, Sha256};
 
 use crate::ids::{ClientId, RoundId};
+use crate::params::degree_for;
 
 /// Each client's neighbours.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +32,7 @@ impl NeighbourGraph {
     pub fn new(round: &RoundId, clients: &[ClientId], k: usize) -> Self {
         let distinct: BTreeSet<ClientId> = clients.iter().copied().collect();
         let n = distinct.len();
-        let even_k = k.saturating_add(k % 2);
+        let degree = degree_for(n, k);
         let mut neighbours: BTreeMap<ClientId, BTreeSet<ClientId>> =
             distinct.iter().map(|&c| (c, BTreeSet::new())).collect();
         if n == 0 {
@@ -40,7 +41,7 @@ impl NeighbourGraph {
                 degree: 0,
             };
         }
-        if even_k >= n - 1 {
+        if degree == n - 1 {
             for (&c, set) in neighbours.iter_mut() {
                 set.extend(distinct.iter().copied().filter(|&d| d != c));
             }
@@ -54,18 +55,16 @@ impl NeighbourGraph {
             .map(|&c| (c, position_key(round, c)))
             .collect();
         cycle.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-        // even_k <= n - 2, so the offsets 1..=k/2 on both sides are distinct.
+        // degree <= n - 2, so the offsets 1..=degree/2 on both sides are
+        // distinct.
         for (i, &(c, _)) in cycle.iter().enumerate() {
-            for off in 1..=even_k / 2 {
+            for off in 1..=degree / 2 {
                 let right = cycle[(i + off) % n].0;
                 let left = cycle[(i + n - off) % n].0;
                 neighbours.entry(c).or_default().extend([right, left]);
             }
         }
-        NeighbourGraph {
-            neighbours,
-            degree: even_k,
-        }
+        NeighbourGraph { neighbours, degree }
     }
 
     /// The neighbours of `client` (empty for a client not in the graph).

@@ -40,9 +40,32 @@ pub fn threshold_for_degree(degree: usize) -> usize {
     (2 * degree / 3 + 1).max(2)
 }
 
+/// The degree of the neighbour graph of `clients` clients asked for `k`
+/// neighbours each: k rounded up to even (one step each way around the
+/// cycle), at most n − 1, which is plain SecAgg's complete graph.
+pub fn degree_for(clients: usize, k: usize) -> usize {
+    k.saturating_add(k % 2).min(clients.saturating_sub(1))
+}
+
+/// SecAgg+'s O(log n) neighbourhood for `clients` clients: 2⌈log₂ n⌉,
+/// the complete graph (n − 1) below that.
+pub fn default_neighbours(clients: usize) -> usize {
+    let log2 = (usize::BITS - (clients.max(2) - 1).leading_zeros()) as usize;
+    (2 * log2).min(clients.saturating_sub(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_degree_is_logarithmic_and_at_most_the_others() {
+        assert_eq!(default_neighbours(3), 2);
+        assert_eq!(default_neighbours(8), 6);
+        assert_eq!(default_neighbours(32), 10);
+        assert_eq!(default_neighbours(64), 12);
+        assert_eq!(default_neighbours(65), 14);
+    }
 
     #[test]
     fn threshold_is_a_two_thirds_majority() {
