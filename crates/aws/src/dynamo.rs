@@ -735,6 +735,7 @@ mod tests {
             lease_expires_at: None,
             global_model_key: "k".into(),
             global_checksum: "c".into(),
+            global_store_checksum: None,
             result: None,
             failure: None,
             buffer: None,

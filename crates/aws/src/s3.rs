@@ -119,14 +119,17 @@ impl S3Store {
         tagging: Option<&str>,
     ) -> Result<ObjectInfo> {
         let digest = digest_file(path, self.part_size).await?;
-        if digest.bytes >= self.multipart_threshold && digest.parts.len() > 1 {
-            self.put_multipart(key, path, &digest, tagging).await?;
+        // S3 answers with the checksum it verified and stored (whole or
+        // composite): the token a row commits to (`store_checksum`).
+        let store_checksum = if digest.bytes >= self.multipart_threshold && digest.parts.len() > 1 {
+            self.put_multipart(key, path, &digest, tagging).await?
         } else {
-            self.put_single(key, path, &digest, tagging).await?;
-        }
+            self.put_single(key, path, &digest, tagging).await?
+        };
         Ok(ObjectInfo {
             bytes: digest.bytes,
             sha256: hex(&digest.sha256),
+            store_checksum,
         })
     }
 
@@ -136,11 +139,12 @@ impl S3Store {
         path: &Path,
         digest: &FileDigest,
         tagging: Option<&str>,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         let body = ByteStream::from_path(path)
             .await
             .map_err(|e| CloudError::Io(std::io::Error::other(e)))?;
-        self.client
+        let out = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
@@ -155,7 +159,7 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| sdk_error(&format!("S3 PutObject {key}"), e))?;
-        Ok(())
+        Ok(out.checksum_sha256().map(str::to_string))
     }
 
     async fn put_multipart(
@@ -164,7 +168,7 @@ impl S3Store {
         path: &Path,
         digest: &FileDigest,
         tagging: Option<&str>,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         let created = self
             .client
             .create_multipart_upload()
@@ -195,11 +199,13 @@ impl S3Store {
                     )
                     .send()
                     .await;
-                if let Err(e) = done {
-                    self.abort(key, &upload_id).await;
-                    return Err(sdk_error(&format!("S3 CompleteMultipartUpload {key}"), e));
+                match done {
+                    Ok(out) => Ok(out.checksum_sha256().map(str::to_string)),
+                    Err(e) => {
+                        self.abort(key, &upload_id).await;
+                        Err(sdk_error(&format!("S3 CompleteMultipartUpload {key}"), e))
+                    }
                 }
-                Ok(())
             }
             Err(e) => {
                 // Parts of an unfinished upload are billed until aborted.
@@ -390,6 +396,8 @@ impl ObjectStore for S3Store {
         Ok(ObjectInfo {
             bytes,
             sha256: hex(&hasher.finalize()),
+            // Computed over the bytes received, not told by the store.
+            store_checksum: None,
         })
     }
 
@@ -427,7 +435,11 @@ impl ObjectStore for S3Store {
             Some(sha) => sha,
             None => self.sha256_tag(key, out.version_id()).await?,
         };
-        Ok(Some(ObjectInfo { bytes, sha256 }))
+        Ok(Some(ObjectInfo {
+            bytes,
+            sha256,
+            store_checksum: out.checksum_sha256().map(str::to_string),
+        }))
     }
 }
 
@@ -438,6 +450,7 @@ impl StreamingStore for S3Store {
             .head_object()
             .bucket(&self.bucket)
             .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
             .send()
             .await
         {
@@ -453,6 +466,7 @@ impl StreamingStore for S3Store {
                     CloudError::Other(reason) => Ok(Some(ObjectStat {
                         bytes: 0,
                         pin: None,
+                        store_checksum: None,
                         unreadable: Some(reason),
                     })),
                     transient => Err(transient),
@@ -482,6 +496,7 @@ impl StreamingStore for S3Store {
         Ok(Some(ObjectStat {
             bytes: out.content_length().unwrap_or(0).max(0) as u64,
             pin,
+            store_checksum: out.checksum_sha256().map(str::to_string),
             unreadable,
         }))
     }
@@ -498,6 +513,23 @@ impl StreamingStore for S3Store {
             key.to_string(),
             stat,
             read_ahead,
+            true,
+        )?))
+    }
+
+    fn reader_unhashed(
+        &self,
+        key: &str,
+        stat: &ObjectStat,
+        read_ahead: u64,
+    ) -> Result<Arc<dyn ObjectReader>> {
+        Ok(Arc::new(S3Reader::new(
+            self.client.clone(),
+            self.bucket.clone(),
+            key.to_string(),
+            stat,
+            read_ahead,
+            false,
         )?))
     }
 

@@ -196,6 +196,7 @@ impl S3Store {
         Ok(ObjectInfo {
             bytes: stat.bytes,
             sha256,
+            store_checksum: stat.store_checksum.clone(),
         })
     }
 }

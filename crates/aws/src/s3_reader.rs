@@ -10,7 +10,8 @@
 //! the object's SHA-256 afterwards costs no second download.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use bytes::Bytes;
@@ -47,7 +48,12 @@ pub(crate) struct S3Reader {
     window: u64,
     handle: Handle,
     state: Mutex<State>,
+    /// Hash what is read in order on the way (off for an object whose
+    /// content the engine already bound by its store checksum).
+    hash_on_the_way: bool,
     sha256: OnceLock<String>,
+    /// Body bytes of every GET this reader made (read-ahead included).
+    fetched: Arc<AtomicU64>,
 }
 
 type Fetch = JoinHandle<std::io::Result<Bytes>>;
@@ -56,6 +62,15 @@ type Fetch = JoinHandle<std::io::Result<Bytes>>;
 struct State {
     /// Window index → its bytes, or the GET still under way.
     windows: BTreeMap<u64, Window>,
+    /// The window the last read was served from, and how many windows in
+    /// a row the reads have moved forward one at a time: without advice,
+    /// read-ahead grows with that run (a header read fetches nothing
+    /// ahead; a scan soon has [`DEPTH`] windows in flight).
+    last_window: Option<u64>,
+    run: u64,
+    /// The byte ranges the reads to come fall in ([`ByteSource::will_read`]),
+    /// sorted; read-ahead then fetches only windows that overlap them.
+    planned: Option<Vec<std::ops::Range<u64>>>,
     hasher: Sha256,
     /// Bytes `[0, hashed)` went through `hasher`, in order.
     hashed: u64,
@@ -75,6 +90,7 @@ impl S3Reader {
         key: String,
         stat: &ObjectStat,
         read_ahead: u64,
+        hash_on_the_way: bool,
     ) -> Result<S3Reader, CloudError> {
         let handle = Handle::try_current()
             .map_err(|e| CloudError::Other(format!("S3 reader outside a Tokio runtime: {e}")))?;
@@ -92,7 +108,9 @@ impl S3Reader {
             window: (read_ahead / DEPTH).clamp(MIN_WINDOW, MAX_WINDOW),
             handle,
             state: Mutex::new(State::default()),
+            hash_on_the_way,
             sha256: OnceLock::new(),
+            fetched: Arc::default(),
         })
     }
 
@@ -105,7 +123,7 @@ impl S3Reader {
         let start = w * self.window;
         let end = (start + self.window).min(self.len);
         self.handle
-            .spawn(get_range(self.request(), self.key.clone(), start, end))
+            .spawn(self.counted(get_range(self.request(), self.key.clone(), start, end)))
     }
 
     fn request(&self) -> aws_sdk_s3::operation::get_object::builders::GetObjectFluentBuilder {
@@ -117,28 +135,69 @@ impl S3Reader {
         }
     }
 
-    /// The bytes of window `w`, keeping windows `w..w+DEPTH` requested and
-    /// dropping every other one.
+    /// The windows to have requested while window `w` is read: `w`, then
+    /// up to `DEPTH − 1` after it — the next planned ones when the reads
+    /// to come were announced, else as many as the run of forward reads.
+    fn keep(&self, st: &State, w: u64) -> Vec<u64> {
+        let last = self.windows();
+        let after = (w + 1)..last;
+        let want = (DEPTH - 1) as usize;
+        let ahead: Vec<u64> = match &st.planned {
+            Some(ranges) => {
+                // The planned ranges that end past window w, in order.
+                let from = ranges.partition_point(|r| r.end <= after.start * self.window);
+                let mut ahead = Vec::with_capacity(want);
+                let mut next = after.start;
+                for r in &ranges[from..] {
+                    let first = (r.start / self.window).max(next);
+                    let end = r.end.div_ceil(self.window).min(last);
+                    ahead.extend((first..end).take(want - ahead.len()));
+                    next = next.max(end);
+                    if ahead.len() == want {
+                        break;
+                    }
+                }
+                ahead
+            }
+            None => after.take(st.run.min(DEPTH - 1) as usize).collect(),
+        };
+        std::iter::once(w).chain(ahead).collect()
+    }
+
+    /// The bytes of window `w`, keeping the windows [`Self::keep`] names
+    /// requested and dropping every other one.
     fn window_bytes(&self, w: u64) -> std::io::Result<Bytes> {
         let pending = {
             let mut st = self.lock();
-            let keep = w..(w + DEPTH).min(self.windows());
-            let stale: Vec<u64> = st
-                .windows
-                .keys()
-                .copied()
-                .filter(|i| !keep.contains(i))
-                .collect();
-            for i in stale {
-                if let Some(Window::Pending(job)) = st.windows.remove(&i) {
-                    job.abort();
+            // Another read from the same window leaves the read-ahead as it is.
+            if st.last_window != Some(w) {
+                st.run = if st.last_window.is_some_and(|l| l + 1 == w) {
+                    st.run + 1
+                } else {
+                    0
+                };
+                st.last_window = Some(w);
+                let keep = self.keep(&st, w);
+                let stale: Vec<u64> = st
+                    .windows
+                    .keys()
+                    .copied()
+                    .filter(|i| !keep.contains(i))
+                    .collect();
+                for i in stale {
+                    if let Some(Window::Pending(job)) = st.windows.remove(&i) {
+                        job.abort();
+                    }
+                }
+                for i in keep {
+                    st.windows
+                        .entry(i)
+                        .or_insert_with(|| Window::Pending(self.fetch(i)));
                 }
             }
-            for i in keep {
-                st.windows
-                    .entry(i)
-                    .or_insert_with(|| Window::Pending(self.fetch(i)));
-            }
+            st.windows
+                .entry(w)
+                .or_insert_with(|| Window::Pending(self.fetch(w)));
             match st.windows.remove(&w) {
                 Some(Window::Ready(b)) => {
                     st.windows.insert(w, Window::Ready(b.clone()));
@@ -154,12 +213,25 @@ impl S3Reader {
             .block_on(pending)
             .map_err(|e| std::io::Error::other(Unavailable(format!("S3 GET task: {e}"))))??;
         let mut st = self.lock();
-        if w * self.window == st.hashed {
+        if self.hash_on_the_way && w * self.window == st.hashed {
             st.hasher.update(&bytes);
             st.hashed += bytes.len() as u64;
         }
         st.windows.insert(w, Window::Ready(bytes.clone()));
         Ok(bytes)
+    }
+
+    /// `get` with its body's bytes added to [`Self::fetched`].
+    fn counted(
+        &self,
+        get: impl std::future::Future<Output = std::io::Result<Bytes>>,
+    ) -> impl std::future::Future<Output = std::io::Result<Bytes>> {
+        let fetched = self.fetched.clone();
+        async move {
+            let bytes = get.await?;
+            fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Ok(bytes)
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -199,6 +271,21 @@ impl ByteSource for S3Reader {
     fn describe(&self) -> String {
         self.key.clone()
     }
+
+    fn will_read(&self, ranges: &[std::ops::Range<u64>]) {
+        let mut st = self.lock();
+        let mut planned: Vec<_> = ranges.iter().filter(|r| r.start < r.end).cloned().collect();
+        planned.sort_by_key(|r| r.start);
+        // Overlaps merged: ends then rise with starts (the search needs it).
+        let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(planned.len());
+        for r in planned {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        st.planned = Some(merged);
+    }
 }
 
 impl ObjectReader for S3Reader {
@@ -212,14 +299,21 @@ impl ObjectReader for S3Reader {
         while st.hashed < self.len {
             let start = st.hashed;
             let end = (start + self.window).min(self.len);
-            let bytes =
-                self.handle
-                    .block_on(get_range(self.request(), self.key.clone(), start, end))?;
+            let bytes = self.handle.block_on(self.counted(get_range(
+                self.request(),
+                self.key.clone(),
+                start,
+                end,
+            )))?;
             st.hasher.update(&bytes);
             st.hashed = end;
         }
         let hex = hex(&st.hasher.clone().finalize());
         Ok(self.sha256.get_or_init(|| hex).clone())
+    }
+
+    fn bytes_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
     }
 }
 

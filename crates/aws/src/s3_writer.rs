@@ -153,6 +153,7 @@ impl ObjectWriter for S3Writer {
         Ok(Some(ObjectInfo {
             bytes: staged.len,
             sha256: staged.sha256,
+            store_checksum: None,
         }))
     }
 }

@@ -265,6 +265,7 @@ fn deployed(b: &RoundBench) -> Result<()> {
     println!("read_floor_s: {:.3}", f.read_floor_s);
     println!("deployed.workers: {}", b.workers);
     println!("deployed.shards: {}", f.shards);
+    println!("deployed.max_read_share: {:.3}", f.max_read_share);
     println!("deployed.aggregate_s: {:.3}", f.aggregate_s);
     println!("deployed.ratio: {ratio:.2}");
     println!("deployed.row_to_closed_s: {:.3}", f.row_to_closed_s);
@@ -276,7 +277,8 @@ fn deployed(b: &RoundBench) -> Result<()> {
             "clients": b.clients, "params": b.params, "dtype": format!("{dtype:?}"),
             "read_floor_s": f.read_floor_s,
             "deployed": {
-                "workers": b.workers, "shards": f.shards, "aggregate_s": f.aggregate_s,
+                "workers": b.workers, "shards": f.shards, "max_read_share": f.max_read_share,
+                "aggregate_s": f.aggregate_s,
                 "ratio": ratio, "row_to_closed_s": f.row_to_closed_s,
                 "peak_rss_bytes": f.peak_rss, "local_disk_bytes": f.disk_bytes,
                 "identical": f.identical,

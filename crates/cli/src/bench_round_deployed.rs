@@ -58,6 +58,10 @@ pub(crate) struct DeployedFigures {
     pub disk_bytes: u64,
     /// Shards the round's plan made.
     pub shards: usize,
+    /// The most any one shard task fetched from S3, as a share of the
+    /// inputs' bytes (the updates and the global model): 1/K plus headers
+    /// when no shard has to read inputs through to hash them.
+    pub max_read_share: f64,
     pub identical: bool,
 }
 
@@ -217,6 +221,7 @@ async fn measure(
             round: 1,
             model_key: key,
             checksum: up.sha256,
+            store_checksum: up.store_checksum,
             num_examples: num_examples(i).into(),
             llm_type: None,
             metrics: Default::default(),
@@ -265,6 +270,13 @@ async fn measure(
     let stored: RoundMeasurements =
         serde_json::from_slice(&std::fs::read(&path)?).context("reading round 1's measurements")?;
     let aggregate_s = stored.measurements.seconds;
+    let input_bytes = model_bytes * (r.clients as u64 + 1);
+    let max_read_share = stored
+        .shard_bytes_fetched
+        .iter()
+        .max()
+        .map(|&b| b as f64 / input_bytes as f64)
+        .ok_or_else(|| anyhow!("round 1's measurements name no shard"))?;
 
     // What `fedstep aggregate` computes from the same files and pipeline.
     let expected = dir.join("expected.safetensors");
@@ -303,6 +315,7 @@ async fn measure(
         peak_rss: 0,
         disk_bytes: 0,
         shards,
+        max_read_share,
         identical,
     })
 }

@@ -559,6 +559,7 @@ local_epochs = 2
             lease_expires_at: None,
             global_model_key: "jobs/j/rounds/1/global.safetensors".into(),
             global_checksum: "0".repeat(64),
+            global_store_checksum: None,
             result: None,
             failure: None,
             buffer: None,

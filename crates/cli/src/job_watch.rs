@@ -135,6 +135,7 @@ mod tests {
             lease_expires_at: None,
             global_model_key: String::new(),
             global_checksum: String::new(),
+            global_store_checksum: None,
             result: None,
             failure: None,
             buffer: None,

@@ -213,6 +213,7 @@ where
             round,
             model_key: key,
             checksum: put.sha256.clone(),
+            store_checksum: put.store_checksum.clone(),
             num_examples: Value::from(report.num_examples),
             llm_type: report.llm_type,
             metrics: report

@@ -25,6 +25,13 @@ use crate::round_failure::RoundFailure;
 pub struct ObjectInfo {
     pub bytes: u64,
     pub sha256: String,
+    /// The checksum the store itself verified against the bytes when they
+    /// were written, exactly as its HEAD reports it (S3: the object's
+    /// `x-amz-checksum-sha256`, the whole object's SHA-256 in base64 or,
+    /// for an upload in parts, the composite `…-N` over the parts'
+    /// SHA-256s). An opaque token: equal tokens mean equal bytes. `None`
+    /// when the store keeps none (a directory).
+    pub store_checksum: Option<String>,
 }
 
 /// What a HEAD tells about a stored object before any byte of it is read.
@@ -35,6 +42,11 @@ pub struct ObjectStat {
     /// ETag), so an object replaced after this stat fails the read instead
     /// of mixing two objects. `None`: the store cannot pin (a directory).
     pub pin: Option<String>,
+    /// The store's own verified checksum of the object (see
+    /// [`ObjectInfo::store_checksum`]). When it equals what a row
+    /// committed to, the pinned bytes are the ones that row names, without
+    /// reading them.
+    pub store_checksum: Option<String>,
     /// Why the object cannot be read although it exists (an archived
     /// storage class, a customer-provided encryption key); `None` when it
     /// can.
@@ -50,6 +62,9 @@ pub trait ObjectReader: ByteSource {
     /// (nothing, when the aggregation read the object front to back).
     /// Blocking.
     fn sha256(&self) -> std::io::Result<String>;
+    /// Bytes this reader has fetched from the store so far (reads,
+    /// read-ahead and hashing): what a shard's measurements report.
+    fn bytes_fetched(&self) -> u64;
 }
 
 /// An object the aggregation writes as it produces it (S3: a multipart
@@ -78,6 +93,19 @@ pub trait StreamingStore: ObjectStore {
         stat: &ObjectStat,
         read_ahead: u64,
     ) -> Result<Arc<dyn ObjectReader>>;
+    /// Like [`reader`](Self::reader), for an object whose content the
+    /// engine has already bound by its store checksum: nothing is hashed
+    /// on the way (its [`ObjectReader::sha256`] still works, by reading the
+    /// object through). Stores whose readers never hash on the way keep
+    /// this default.
+    fn reader_unhashed(
+        &self,
+        key: &str,
+        stat: &ObjectStat,
+        read_ahead: u64,
+    ) -> Result<Arc<dyn ObjectReader>> {
+        self.reader(key, stat, read_ahead)
+    }
     /// An output at `key`, visible once an attempt finishes.
     fn writer(&self, key: &str) -> Result<Arc<dyn ObjectWriter>>;
     /// Starts an output at `key` that several tasks write in parts (the

@@ -53,6 +53,11 @@ pub struct RoundRecord {
     /// The model clients train in this round, and its SHA-256 (hex).
     pub global_model_key: String,
     pub global_checksum: String,
+    /// The store's own checksum of that model when the round opened
+    /// (`ObjectInfo::store_checksum`): the plan matches it instead of
+    /// hashing the model. Absent: the store keeps none, and it is hashed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_store_checksum: Option<String>,
     #[serde(default)]
     pub result: Option<RoundResult>,
     #[serde(default)]
@@ -150,6 +155,14 @@ pub struct UpdateRecord {
     pub model_key: String,
     /// SHA-256 of the model file, lowercase hex.
     pub checksum: String,
+    /// The checksum the store verified when the client uploaded the model
+    /// (`ObjectInfo::store_checksum`, as the upload's answer gave it). When
+    /// the object's HEAD reports the same, the aggregator reads it pinned
+    /// without hashing it; when it reports another, the object was
+    /// replaced after the row and the update is rejected. Absent: the
+    /// aggregator hashes the bytes against `checksum`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_checksum: Option<String>,
     /// As claimed; validated by the weighting stage.
     pub num_examples: Value,
     #[serde(default)]

@@ -17,7 +17,8 @@
 //! the round's rejections, but the aggregation never saw them).
 //! Every reason is [`bounded`](crate::bounded::reason): it may quote what a
 //! client sent. Sorted by client id, so a rerun of the same aggregation
-//! writes the same file (but for the measured `seconds`).
+//! writes the same file (but for what is measured: `seconds`, and the bytes
+//! the shard tasks fetched, which depend on the store's read-ahead).
 
 use std::collections::BTreeMap;
 
@@ -40,6 +41,11 @@ pub struct RoundMeasurements {
     /// `measurements` as for any job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaffold: Option<ServerUpdateMeasurement>,
+    /// Bytes each shard task fetched from the store, in shard order:
+    /// headers, its ranges of every input, and whatever it read to hash
+    /// the inputs it verifies (none when the store's checksums bound them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shard_bytes_fetched: Vec<u64>,
 }
 
 impl RoundMeasurements {
@@ -81,6 +87,7 @@ impl RoundMeasurements {
             round,
             measurements,
             scaffold: None,
+            shard_bytes_fetched: Vec::new(),
         }
     }
 

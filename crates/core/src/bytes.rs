@@ -21,6 +21,13 @@ pub trait ByteSource: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
     /// What to call this input in messages (a path, an object key).
     fn describe(&self) -> String;
+    /// A hint: the reads to come fall within `ranges`. A source that reads
+    /// ahead (an S3 object) may fetch only what they cover, so a shard
+    /// fetches its share of an input and not the bytes after it. Reads
+    /// outside them still work. The default ignores it.
+    fn will_read(&self, ranges: &[std::ops::Range<u64>]) {
+        let _ = ranges;
+    }
 }
 
 /// The marker of a read that failed for reasons of the system's, not the

@@ -98,6 +98,9 @@ pub fn run(mut plan: CombinePlan<'_>) -> Result<CombineOutput, CombineError> {
     if masked {
         lanes.extend(plan.inputs.iter().map(|&s| Lane::Mask(s)));
     }
+    if !masked {
+        announce_reads(&plan, need_g);
+    }
     let mut tally = masked.then(|| Tally::new(n));
     // Noise is drawn by element position in the model, so a shard draws
     // what the whole pass would at the same elements.
@@ -184,6 +187,39 @@ pub fn run(mut plan: CombinePlan<'_>) -> Result<CombineOutput, CombineError> {
         }
         Err(e) => Err(e),
         Ok(()) => Ok(CombineOutput { bytes_read, tally }),
+    }
+}
+
+/// Tells every source the pass reads which of its bytes that is (a
+/// reader fetching ahead then fetches only those): the float stripes of
+/// each lane, and the other stripes of the source they are carried from.
+/// Not with FedSelect, whose masks are tensors of their own.
+fn announce_reads(plan: &CombinePlan<'_>, need_g: bool) {
+    let reference = plan.reference;
+    let (float, other): (Vec<&Stripe>, Vec<&Stripe>) = plan
+        .stripes
+        .iter()
+        .partition(|s| is_float(&reference[s.tensor]));
+    let lanes = plan
+        .inputs
+        .iter()
+        .copied()
+        .chain(plan.global.filter(|_| need_g));
+    let mut announced: Vec<&Source> = Vec::new();
+    for source in lanes.chain([plan.carry_source]) {
+        if announced.iter().any(|a| std::ptr::eq(*a, source)) {
+            continue;
+        }
+        announced.push(source);
+        let is_lane = plan.inputs.iter().any(|i| std::ptr::eq(*i, source))
+            || (need_g && plan.global.is_some_and(|g| std::ptr::eq(g, source)));
+        let carries = std::ptr::eq(plan.carry_source, source);
+        let stripes = float
+            .iter()
+            .filter(|_| is_lane)
+            .chain(other.iter().filter(|_| carries))
+            .copied();
+        source.will_read_stripes(reference, stripes);
     }
 }
 

@@ -95,6 +95,13 @@ pub fn run(
             Some(TensorRole::Float32Acc | TensorRole::Float64Acc)
         )
     };
+    // A reader fetching ahead then fetches only the stripes read here.
+    for source in inputs.iter().copied().chain(global) {
+        source.will_read_stripes(
+            reference,
+            stripes.iter().filter(|s| is_float(&reference[s.tensor])),
+        );
+    }
     let items = stripe_blocks(reference, stripes, is_float, block_elems);
     let result = for_each_item(items, &sources, |block| {
         let (xs, g) = block.raws.split_at(n);

@@ -40,6 +40,35 @@ impl Source {
         })
     }
 
+    /// Tells the input which of its bytes a pass over `stripes` (of the
+    /// `reference` layout) reads: each stripe's span of this input's tensor
+    /// of the same name, merged where they touch ([`ByteSource::will_read`]:
+    /// a hint, nothing is read).
+    ///
+    /// [`ByteSource::will_read`]: crate::ByteSource::will_read
+    pub fn will_read_stripes<'s>(
+        &self,
+        reference: &[TensorEntry],
+        stripes: impl IntoIterator<Item = &'s Stripe>,
+    ) {
+        let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+        for s in stripes {
+            let Some(t) = self.entry(&reference[s.tensor].name) else {
+                continue;
+            };
+            let Some(size) = t.byte_len().checked_div(t.elements() as u64) else {
+                continue;
+            };
+            let span =
+                t.start + s.elements.start as u64 * size..t.start + s.elements.end as u64 * size;
+            match ranges.last_mut() {
+                Some(last) if last.end == span.start => last.end = span.end,
+                _ => ranges.push(span),
+            }
+        }
+        self.input.source().will_read(&ranges);
+    }
+
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
         self.index.get(name).map(|&i| &self.header.tensors[i])
     }

@@ -179,6 +179,7 @@ async fn one_round_succeeds_and_an_unanswered_round_fails_with_quorum_not_met() 
         round: 1,
         model_key: key,
         checksum: up.sha256.clone(),
+        store_checksum: None,
         num_examples: 10.into(),
         llm_type: None,
         metrics: [("loss".to_string(), Value::from(0.5))].into(),

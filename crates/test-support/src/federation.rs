@@ -115,6 +115,7 @@ impl Fed {
             round,
             model_key: key,
             checksum: info.sha256,
+            store_checksum: info.store_checksum,
             num_examples: num_examples.into(),
             llm_type: None,
             metrics: metrics

@@ -294,3 +294,90 @@ async fn several_writers_upload_one_object_in_parts() {
     assert_eq!(got.bytes, data.len() as u64);
     assert_eq!(got.sha256, want);
 }
+
+/// What a client's upload answers as the store's checksum is what the
+/// aggregator's HEADs report, for one part and for many (S3's composite
+/// `…-N`); a replacement of the same size reports another, so the plan
+/// rejects it without reading a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploads_store_checksum_is_what_head_and_stat_report_until_it_is_replaced() {
+    let Some(env) = common::env().await else {
+        return;
+    };
+    // Parts of 5 MiB (S3's smallest) above 6 MiB: 12 MiB is 3 parts.
+    let store = env.store().with_multipart(6 << 20, 5 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    for (name, len) in [("single", 300_001usize), ("parts", 12 << 20)] {
+        let key = format!("jobs/{}/rounds/1/updates/site-a.safetensors", unique(name));
+        let file = dir.path().join(name);
+        std::fs::write(&file, content(len, 7)).unwrap();
+        let put = store.put_update_file(&key, &file).await.unwrap();
+        let told = put
+            .store_checksum
+            .clone()
+            .expect("S3 answers the checksum it verified");
+        assert_eq!(told.ends_with("-3"), name == "parts", "{name}: {told}");
+        let stat = store.stat(&key).await.unwrap().unwrap();
+        assert_eq!(
+            stat.store_checksum.as_deref(),
+            Some(told.as_str()),
+            "{name}"
+        );
+        let head = store.head(&key).await.unwrap().unwrap();
+        assert_eq!(
+            head.store_checksum.as_deref(),
+            Some(told.as_str()),
+            "{name}"
+        );
+        assert_eq!(head.sha256, put.sha256, "{name}");
+
+        std::fs::write(&file, content(len, 8)).unwrap();
+        store.put_update_file(&key, &file).await.unwrap();
+        let replaced = store.stat(&key).await.unwrap().unwrap();
+        assert_eq!(replaced.bytes, stat.bytes);
+        assert_ne!(replaced.store_checksum, stat.store_checksum, "{name}");
+    }
+}
+
+/// A reader told which ranges will be read fetches those and the window
+/// its header read fell in, none of the read-ahead past them; an unhashed
+/// reader still hashes on request, by reading the object through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_told_its_ranges_fetches_only_them() {
+    let Some(env) = common::env().await else {
+        return;
+    };
+    let store = env.store();
+    let key = format!("jobs/{}/rounds/1/updates/site-a.safetensors", unique("adv"));
+    // 256 KiB windows (1 MiB of read-ahead over 4), 40 of them.
+    let data = content(10 << 20, 9);
+    put(&env, &key, &data).await;
+    let stat = store.stat(&key).await.unwrap().unwrap();
+    let window = 256u64 << 10;
+    // Windows 2 to 5, then window 30.
+    let ranges = [2 * window + 100..5 * window + 7, 30 * window..31 * window];
+    let reader = store.reader_unhashed(&key, &stat, 1 << 20).unwrap();
+    let (r, expect) = (reader.clone(), data.clone());
+    let fetched = blocking(move || {
+        // A header read first, as the core opens an input.
+        let mut head = vec![0u8; 8];
+        r.read_exact_at(&mut head, 0).unwrap();
+        r.will_read(&ranges);
+        for range in &ranges {
+            for at in (range.start..range.end).step_by(65_536) {
+                let mut buf = vec![0u8; (range.end - at).min(65_536) as usize];
+                r.read_exact_at(&mut buf, at).unwrap();
+                assert!(buf[..] == expect[at as usize..at as usize + buf.len()]);
+            }
+        }
+        r.bytes_fetched()
+    })
+    .await;
+    assert_eq!(
+        fetched,
+        6 * window,
+        "window 0 for the header, 2 to 5, and 30"
+    );
+    let sha = blocking(move || reader.sha256().unwrap()).await;
+    assert_eq!(sha, hex(&Sha256::digest(&data)));
+}

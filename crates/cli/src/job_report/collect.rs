@@ -183,6 +183,7 @@ mod tests {
             lease_expires_at: None,
             global_model_key: "jobs/j/rounds/1/global.safetensors".into(),
             global_checksum: "ab".repeat(32),
+            global_store_checksum: None,
             result: None,
             failure: None,
             buffer: None,

@@ -222,6 +222,7 @@ impl SimClient {
             round,
             model_key: key,
             checksum: put.sha256,
+            store_checksum: put.store_checksum,
             num_examples: Value::from(trained.num_examples as u64),
             llm_type: Some(LLM_TYPE.to_string()),
             metrics: trained

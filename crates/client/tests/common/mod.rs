@@ -190,6 +190,7 @@ impl ObjectStore for DirStore {
         Ok(ObjectInfo {
             bytes: bytes.len() as u64,
             sha256,
+            store_checksum: None,
         })
     }
 
@@ -201,6 +202,7 @@ impl ObjectStore for DirStore {
         Ok(ObjectInfo {
             bytes: bytes.len() as u64,
             sha256: sha256_hex(&bytes),
+            store_checksum: None,
         })
     }
 
@@ -208,6 +210,7 @@ impl ObjectStore for DirStore {
         Ok(self.get_bytes(key).map(|b| ObjectInfo {
             bytes: b.len() as u64,
             sha256: sha256_hex(&b),
+            store_checksum: None,
         }))
     }
 }

@@ -180,6 +180,7 @@ async fn a_conflicting_row_stays_and_the_message_is_deleted() {
         round: 1,
         model_key: keys::update("j1", 1, "site-a"),
         checksum: "f".repeat(64),
+        store_checksum: None,
         num_examples: serde_json::json!(1),
         llm_type: None,
         metrics: Default::default(),

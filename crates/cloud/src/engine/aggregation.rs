@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use super::validate::CheckedUpdate;
 use super::RoundEngine;
+use crate::bounded::quote;
 use crate::capacity;
 use crate::error::{CloudError, Result};
 use crate::job::Job;
@@ -129,6 +130,20 @@ where
                 update.row().bytes,
                 stat.bytes
             )));
+        }
+        // Equal store checksums bind the pinned bytes to the row with no
+        // read; a different one means the object was replaced after the
+        // row. Either side without one: the shards hash the bytes instead.
+        if let (Some(row_says), Some(store_says)) =
+            (&update.row().store_checksum, &stat.store_checksum)
+        {
+            if row_says != store_says {
+                return Ok(Err(format!(
+                    "model: the object at `{key}` is not the upload its row names (the store's checksum `{}`, the row's `{}`)",
+                    quote(store_says),
+                    quote(row_says)
+                )));
+            }
         }
         Ok(Ok((update, stat)))
     }

@@ -160,6 +160,7 @@ mod tests {
                     round: 1,
                     model_key: String::new(),
                     checksum: String::new(),
+                    store_checksum: None,
                     num_examples: 1.into(),
                     llm_type: None,
                     metrics: metrics.iter().cloned().collect(),

@@ -81,6 +81,7 @@ where
             lease_expires_at: None,
             global_model_key: key,
             global_checksum: global.sha256,
+            global_store_checksum: global.store_checksum,
             result: None,
             failure: None,
             buffer: job.asynchronous().map(|a| VersionBuffer {

@@ -157,7 +157,30 @@ fn against_round(u: &UpdateRecord) -> Result<(), String> {
             quote(&u.checksum)
         ));
     }
+    if let Some(c) = u
+        .store_checksum
+        .as_deref()
+        .filter(|c| !is_store_checksum(c))
+    {
+        return Err(format!(
+            "store_checksum: `{}` is not a store checksum (1 to {MAX_STORE_CHECKSUM_BYTES} bytes of base64, `-` and digits)",
+            quote(c)
+        ));
+    }
     Ok(())
+}
+
+/// The longest store checksum a row may name (S3's SHA-256: 44 characters
+/// of base64, and `-N` for an upload in parts).
+const MAX_STORE_CHECKSUM_BYTES: usize = 64;
+
+/// What a store checksum is made of: it is only ever compared, but it is
+/// quoted in reasons and logs, so it must be short and plain.
+fn is_store_checksum(c: &str) -> bool {
+    !c.is_empty()
+        && c.len() <= MAX_STORE_CHECKSUM_BYTES
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-'))
 }
 
 #[cfg(test)]
@@ -184,5 +207,30 @@ mod tests {
         };
         assert!(reason.starts_with("llm_type:"), "{reason}");
         assert!(reason.len() <= bounded::REASON_BYTES);
+    }
+
+    #[test]
+    fn a_store_checksum_must_be_short_and_plain() {
+        let round: RoundRecord = serde_json::from_value(serde_json::json!({
+            "job_id": "j", "round": 1, "status": "OPEN", "expected_clients": ["c"],
+            "min_clients": 1, "deadline": 0, "global_model_key": "k", "global_checksum": "x"
+        }))
+        .unwrap();
+        let mut u: UpdateRecord = serde_json::from_value(serde_json::json!({
+            "client_id": "c", "job_round": keys::job_round("j", 1), "job_id": "j", "round": 1,
+            "model_key": keys::update("j", 1, "c"), "checksum": "a".repeat(64),
+            "num_examples": 1, "bytes": 1, "trained_at": "t",
+            "store_checksum": "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=-3"
+        }))
+        .unwrap();
+        assert!(CheckedUpdate::check(u.clone(), &round).is_ok());
+        for bad in ["", "a b", "\u{202e}x", &"A".repeat(65)] {
+            u.store_checksum = Some(bad.to_string());
+            let Err(Refusal::BreaksRule(reason)) = CheckedUpdate::check(u.clone(), &round) else {
+                panic!("store_checksum {bad:?} must break a rule")
+            };
+            assert!(reason.starts_with("store_checksum:"), "{reason}");
+            assert!(reason.len() <= bounded::REASON_BYTES);
+        }
     }
 }

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fedstep_core::bytes::temp_beside;
@@ -20,6 +21,8 @@ pub(super) struct FsReader {
     pub(super) path: PathBuf,
     /// The size the stat saw: a file that changed size since is refused.
     pub(super) bytes: u64,
+    /// Bytes read from the file so far.
+    pub(super) fetched: AtomicU64,
 }
 
 impl FsReader {
@@ -41,7 +44,9 @@ impl ByteSource for FsReader {
         Ok(self.bytes)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file()?.read_exact_at(buf, offset)
+        self.file()?.read_exact_at(buf, offset)?;
+        self.fetched.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
     fn describe(&self) -> String {
         self.key.clone()
@@ -51,7 +56,13 @@ impl ByteSource for FsReader {
 impl ObjectReader for FsReader {
     fn sha256(&self) -> std::io::Result<String> {
         self.file()?;
-        sha256_file(&self.path)
+        let sha = sha256_file(&self.path)?;
+        self.fetched.fetch_add(self.bytes, Ordering::Relaxed);
+        Ok(sha)
+    }
+
+    fn bytes_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
     }
 }
 
@@ -98,6 +109,7 @@ impl ObjectWriter for FsWriter {
         Ok(Some(ObjectInfo {
             bytes: std::fs::metadata(&self.dest)?.len(),
             sha256: sha256_file(&self.dest)?,
+            store_checksum: None,
         }))
     }
 }

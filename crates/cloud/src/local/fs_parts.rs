@@ -123,6 +123,7 @@ pub(super) fn complete(
             Ok(m) if m.is_file() => Ok(ObjectInfo {
                 bytes: m.len(),
                 sha256: sha256_file(dest)?,
+                store_checksum: None,
             }),
             _ => Err(CloudError::NotFound(format!("the upload of `{key}`"))),
         };
@@ -172,6 +173,7 @@ pub(super) fn complete(
         Ok(ObjectInfo {
             bytes,
             sha256: h.finish_hex(),
+            store_checksum: None,
         })
     })();
     if done.is_err() {

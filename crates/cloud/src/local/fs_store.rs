@@ -93,6 +93,7 @@ fn copy_atomic(from: &Path, to: &Path) -> std::io::Result<ObjectInfo> {
         Ok(ObjectInfo {
             bytes,
             sha256: h.finish_hex(),
+            store_checksum: None,
         })
     })();
     if result.is_err() {
@@ -131,6 +132,7 @@ impl ObjectStore for FsStore {
             Ok(m) if m.is_file() => Ok(Some(ObjectInfo {
                 bytes: m.len(),
                 sha256: sha256_file(&p)?,
+                store_checksum: None,
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -146,6 +148,9 @@ impl StreamingStore for FsStore {
             Ok(m) if m.is_file() => Ok(Some(ObjectStat {
                 bytes: m.len(),
                 pin: None,
+                // A directory verifies nothing when a file is written: the
+                // engine hashes what it reads instead.
+                store_checksum: None,
                 unreadable: None,
             })),
             Ok(_) => Ok(None),
@@ -164,6 +169,7 @@ impl StreamingStore for FsStore {
             key: key.to_string(),
             path: self.path_of(key)?,
             bytes: stat.bytes,
+            fetched: Default::default(),
         }))
     }
 

@@ -83,6 +83,7 @@ async fn submit(fed: &Fed, client: &str, delta: [f32; 2], commit: bool) -> Updat
         round: 1,
         model_key: keys::update(JOB, 1, client),
         checksum: up.sha256,
+        store_checksum: None,
         num_examples: 10.into(),
         llm_type: None,
         metrics: BTreeMap::new(),

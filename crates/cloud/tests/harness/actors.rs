@@ -110,10 +110,16 @@ impl<B: Backend> Sim<B> {
             job_id: self.job.job_id.clone(),
             round,
             model_key: key,
+            // A bad row names another upload: both its SHA-256 and (where
+            // the store keeps one) its store checksum are someone else's.
             checksum: if kind == Kind::BadChecksum {
                 "ab".repeat(32)
             } else {
                 info.sha256
+            },
+            store_checksum: match kind {
+                Kind::BadChecksum => info.store_checksum.map(|_| format!("{}=", "A".repeat(43))),
+                _ => info.store_checksum,
             },
             num_examples,
             llm_type: None,

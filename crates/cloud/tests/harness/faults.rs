@@ -223,6 +223,21 @@ impl<S: StreamingStore + Clone> StreamingStore for FaultStore<S> {
         }))
     }
 
+    fn reader_unhashed(
+        &self,
+        key: &str,
+        stat: &ObjectStat,
+        read_ahead: u64,
+    ) -> Result<Arc<dyn ObjectReader>> {
+        self.faults.alive(&self.owner)?;
+        Ok(Arc::new(FaultReader {
+            inner: self.inner.reader_unhashed(key, stat, read_ahead)?,
+            update: key.contains("/updates/"),
+            owner: self.owner.clone(),
+            faults: self.faults.clone(),
+        }))
+    }
+
     fn writer(&self, key: &str) -> Result<Arc<dyn ObjectWriter>> {
         self.faults.alive(&self.owner)?;
         Ok(Arc::new(FaultWriter {
@@ -334,6 +349,10 @@ impl ObjectReader for FaultReader {
     fn sha256(&self) -> std::io::Result<String> {
         self.faults.alive(&self.owner).map_err(as_io)?;
         self.inner.sha256()
+    }
+
+    fn bytes_fetched(&self) -> u64 {
+        self.inner.bytes_fetched()
     }
 }
 

@@ -76,7 +76,7 @@ pub enum Kind {
     BadNaN,
     /// One element too many.
     BadShape,
-    /// The row's checksum is well formed but not the object's.
+    /// The row's checksums are well formed but not the object's.
     BadChecksum,
     /// num_examples 0, negative, not a number or 10^12.
     BadExamples,
@@ -100,7 +100,9 @@ impl Kind {
         match self {
             Kind::BadNaN => "non-finite",
             Kind::BadShape => "shape",
-            Kind::BadChecksum => "checksum:",
+            // "checksum: the row says …" when the engine hashed it, "the
+            // store's checksum …" when the store's checksum told.
+            Kind::BadChecksum => "checksum",
             Kind::BadExamples => "num_examples",
             Kind::BadRow => "job_round:",
             _ => "",

@@ -514,6 +514,7 @@ async fn client_update(
         round: 1,
         model_key: key,
         checksum: up.sha256,
+        store_checksum: None,
         num_examples: 10.into(),
         llm_type: None,
         metrics: [("loss".to_string(), Value::from(0.5))].into(),

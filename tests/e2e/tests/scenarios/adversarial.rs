@@ -64,6 +64,7 @@ impl Evil<'_> {
             round,
             model_key: keys::update(&self.job, round, EVIL),
             checksum: sha256(body),
+            store_checksum: None,
             num_examples: json!(100),
             llm_type: None,
             metrics: BTreeMap::from([("accuracy".into(), json!(0.5))]),

@@ -92,6 +92,7 @@ async fn duplicates_and_racing_handlers_aggregate_and_call_back_once() {
             round: 1,
             model_key: key,
             checksum: up.sha256,
+            store_checksum: up.store_checksum,
             num_examples: (10 * (i + 1)).into(),
             llm_type: None,
             metrics: [("loss".to_string(), Value::from(0.5))].into(),

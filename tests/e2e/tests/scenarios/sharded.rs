@@ -92,6 +92,7 @@ async fn two_workers_aggregate_four_shards_into_the_weighted_mean() {
             round: 1,
             model_key: key,
             checksum: up.sha256,
+            store_checksum: up.store_checksum,
             num_examples: (10 * (i + 1)).into(),
             llm_type: None,
             metrics: [("loss".to_string(), Value::from(0.5))].into(),

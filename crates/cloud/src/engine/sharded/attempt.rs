@@ -33,14 +33,22 @@ pub(crate) struct Pinned {
     pub key: String,
     pub bytes: u64,
     pub pin: Option<String>,
+    /// The store's checksum of the pinned object equals the one its row
+    /// (the round, for the global model) committed to: its bytes are
+    /// bound without reading them, so no shard hashes it and its readers
+    /// hash nothing on the way.
+    #[serde(default)]
+    pub store_verified: bool,
 }
 
 impl Pinned {
-    pub fn new(key: &str, stat: &ObjectStat) -> Pinned {
+    /// `committed`: the store checksum a row or the round named, if any.
+    pub fn new(key: &str, stat: &ObjectStat, committed: Option<&str>) -> Pinned {
         Pinned {
             key: key.to_string(),
             bytes: stat.bytes,
             pin: stat.pin.clone(),
+            store_verified: committed.is_some() && committed == stat.store_checksum.as_deref(),
         }
     }
 
@@ -48,7 +56,22 @@ impl Pinned {
         ObjectStat {
             bytes: self.bytes,
             pin: self.pin.clone(),
+            store_checksum: None,
             unreadable: None,
+        }
+    }
+
+    /// A reader pinned to this object: one that hashes on the way unless
+    /// the object is store-verified.
+    pub fn reader<S: StreamingStore>(
+        &self,
+        store: &S,
+        read_ahead: u64,
+    ) -> Result<Arc<dyn ObjectReader>> {
+        if self.store_verified {
+            store.reader_unhashed(&self.key, &self.stat(), read_ahead)
+        } else {
+            store.reader(&self.key, &self.stat(), read_ahead)
         }
     }
 }
@@ -129,6 +152,10 @@ pub(crate) enum ShardOutcome {
         done: ShardDone,
         model: Vec<PartReceipt>,
         state: Vec<PartReceipt>,
+        /// Bytes the task fetched from the store: headers, its ranges of
+        /// every input, and whatever it read to hash its share.
+        #[serde(default)]
+        bytes_fetched: u64,
     },
     Rejected {
         client: String,
@@ -304,6 +331,9 @@ pub(crate) struct Opened {
     /// read.
     pub update_readers: Vec<Arc<dyn ObjectReader>>,
     pub global_reader: Arc<dyn ObjectReader>,
+    /// Every reader opened (rebased updates' models and the state too):
+    /// what the task fetched is their sum.
+    pub all_readers: Vec<Arc<dyn ObjectReader>>,
     pub global: Input,
     pub state_in: Option<Input>,
     pub out: NamedOutput,
@@ -323,17 +353,19 @@ impl Opened {
         let read_ahead = read_ahead_total / readers as u64;
         let mut sources = Vec::with_capacity(plan.updates.len());
         let mut update_readers = Vec::with_capacity(plan.updates.len());
+        let mut all_readers = Vec::with_capacity(readers);
         for u in &plan.updates {
-            let reader = store.reader(&u.object.key, &u.object.stat(), read_ahead)?;
+            let reader = u.object.reader(store, read_ahead)?;
             update_readers.push(reader.clone());
+            all_readers.push(reader.clone());
             // The hash is taken by `reader` whether or not the update is
             // rebased: a rebased read reads the same ranges of it.
             let input = match &u.rebase {
                 None => Input::new(reader),
                 Some(r) => {
-                    let base = store.reader(&r.model.key, &r.model.stat(), read_ahead)?;
-                    let current =
-                        store.reader(&plan.global.key, &plan.global.stat(), read_ahead)?;
+                    let base = r.model.reader(store, read_ahead)?;
+                    let current = plan.global.reader(store, read_ahead)?;
+                    all_readers.extend([base.clone(), current.clone()]);
                     Input::new(Arc::new(Rebased::new(
                         Input::new(reader),
                         Input::new(base),
@@ -353,14 +385,20 @@ impl Opened {
                 },
             });
         }
-        let global = store.reader(&plan.global.key, &plan.global.stat(), read_ahead)?;
+        let global = plan.global.reader(store, read_ahead)?;
+        all_readers.push(global.clone());
         let state_in = match &plan.state_in {
-            Some(p) => Some(Input::new(store.reader(&p.key, &p.stat(), read_ahead)?)),
+            Some(p) => {
+                let reader = p.reader(store, read_ahead)?;
+                all_readers.push(reader.clone());
+                Some(Input::new(reader))
+            }
             None => None,
         };
         Ok(Opened {
             sources,
             update_readers,
+            all_readers,
             global_reader: global.clone(),
             global: Input::new(global),
             state_in,

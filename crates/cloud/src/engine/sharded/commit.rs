@@ -93,6 +93,7 @@ where
         let mut rejected_now = BTreeMap::new();
         let mut done = Vec::with_capacity(plan.shards);
         let (mut model_receipts, mut state_receipts) = (Vec::new(), Vec::new());
+        let mut shard_bytes_fetched = Vec::with_capacity(plan.shards);
         if let Decided::Rejected { client, reason } = &decided {
             rejected_now.insert(client.clone(), reason.clone());
         }
@@ -103,8 +104,10 @@ where
                     done: d,
                     model,
                     state,
+                    bytes_fetched,
                 }) => {
                     done.push(d);
+                    shard_bytes_fetched.push(bytes_fetched);
                     model_receipts.extend(model);
                     state_receipts.extend(state);
                 }
@@ -217,6 +220,7 @@ where
                 .await?;
         }
         let mut stored = RoundMeasurements::new(job_id, round, measurements, &plan.engine_rejected);
+        stored.shard_bytes_fetched = shard_bytes_fetched;
         let rows: BTreeMap<String, UpdateRecord> = plan
             .updates
             .iter()

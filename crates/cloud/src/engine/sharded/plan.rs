@@ -147,7 +147,8 @@ where
         for client in participants(row) {
             match self.check_update(row, &client).await? {
                 Ok((checked, stat)) => {
-                    let object = Pinned::new(&checked.row().model_key, &stat);
+                    let row = checked.row();
+                    let object = Pinned::new(&row.model_key, &stat, row.store_checksum.as_deref());
                     let rebase = self.rebase_from(job, checked.row()).await?;
                     updates.push(PinnedUpdate {
                         row: checked.into_row(),
@@ -163,7 +164,7 @@ where
             .store
             .stat(&state_key)
             .await?
-            .map(|stat| Pinned::new(&state_key, &stat));
+            .map(|stat| Pinned::new(&state_key, &stat, None));
         let shards_requested = job.sharding.shards_for(global_stat.bytes);
         let mut plan = Plan {
             job_id: job_id.to_string(),
@@ -171,7 +172,11 @@ where
             attempt: attempt.to_string(),
             closed_by,
             started_ms: unix_ms(),
-            global: Pinned::new(global_key, &global_stat),
+            global: Pinned::new(
+                global_key,
+                &global_stat,
+                row.global_store_checksum.as_deref(),
+            ),
             global_checksum: row.global_checksum.clone(),
             state_in,
             updates,
@@ -306,7 +311,7 @@ where
             ))
         })?;
         Ok(Some(RebaseFrom {
-            model: Pinned::new(&key, &stat),
+            model: Pinned::new(&key, &stat, None),
             weight: settings.staleness.weight(row.round - base),
         }))
     }

@@ -214,7 +214,7 @@ where
                 )?;
                 let p = plan.clone();
                 let (m, st) = (model.clone(), state.clone());
-                let (combined, hashed) = blocking(move || {
+                let (combined, hashed, bytes_fetched) = blocking(move || {
                     let combined = with_attempt(&p, &job, &opened, |a| {
                         let outputs = a.outputs(&decision).map_err(super::core_error)?;
                         let model_dest: Arc<dyn PartStore> = m;
@@ -237,7 +237,8 @@ where
                     // After the pass, with its readers: what it read in
                     // order is hashed already.
                     let hashed = hash_share(&p, &opened, shard)?;
-                    Ok((combined, hashed))
+                    let fetched = opened.all_readers.iter().map(|r| r.bytes_fetched()).sum();
+                    Ok((combined, hashed, fetched))
                 })
                 .await?;
                 match (combined, hashed) {
@@ -248,6 +249,7 @@ where
                         done,
                         model: model.receipts(),
                         state: state.map(|s| s.receipts()).unwrap_or_default(),
+                        bytes_fetched,
                     },
                 }
             }
@@ -289,8 +291,9 @@ struct ToHash<'a> {
 fn hash_share(plan: &Plan, opened: &Opened, shard: usize) -> Result<Option<(String, String)>> {
     let mine = |i: usize| i % plan.shards == shard;
     let updates = plan.updates.iter().zip(&opened.update_readers).enumerate();
+    // A store-verified object is bound to its row already: never hashed.
     let mut share: Vec<ToHash<'_>> = updates
-        .filter(|(i, _)| mine(*i))
+        .filter(|(i, (u, _))| mine(*i) && !u.object.store_verified)
         .map(|(_, (u, reader))| ToHash {
             client: Some(u.row.client_id.as_str()),
             key: &u.object.key,
@@ -298,7 +301,7 @@ fn hash_share(plan: &Plan, opened: &Opened, shard: usize) -> Result<Option<(Stri
             reader,
         })
         .collect();
-    if mine(plan.updates.len()) {
+    if mine(plan.updates.len()) && !plan.global.store_verified {
         share.push(ToHash {
             client: None,
             key: &plan.global.key,
