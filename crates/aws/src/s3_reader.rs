@@ -293,21 +293,24 @@ impl ObjectReader for S3Reader {
         if let Some(done) = self.sha256.get() {
             return Ok(done.clone());
         }
-        let mut st = self.lock();
-        // Whatever the aggregation did not read in order: fetched now,
-        // window by window, outside the read-ahead.
-        while st.hashed < self.len {
-            let start = st.hashed;
-            let end = (start + self.window).min(self.len);
-            let bytes = self.handle.block_on(self.counted(get_range(
-                self.request(),
-                self.key.clone(),
-                start,
-                end,
-            )))?;
-            st.hasher.update(&bytes);
-            st.hashed = end;
+        // Whatever was not read in order: read now, front to back through
+        // the windows, so the read-ahead keeps DEPTH GETs in flight (the
+        // pass's announced ranges no longer apply).
+        self.lock().planned = None;
+        loop {
+            let start = self.lock().hashed;
+            if start >= self.len {
+                break;
+            }
+            let bytes = self.window_bytes(start / self.window)?;
+            let mut st = self.lock();
+            // An unhashed reader's windows were not hashed on the way.
+            if st.hashed == start {
+                st.hasher.update(&bytes);
+                st.hashed = start + bytes.len() as u64;
+            }
         }
+        let st = self.lock();
         let hex = hex(&st.hasher.clone().finalize());
         Ok(self.sha256.get_or_init(|| hex).clone())
     }
