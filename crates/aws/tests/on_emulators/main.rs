@@ -11,6 +11,7 @@ mod harness;
 mod emulators;
 mod fault_schedules_emulators;
 mod s3_streaming;
+mod store_checksums;
 
 use tokio::sync::{Mutex, MutexGuard};
 
