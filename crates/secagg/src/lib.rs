@@ -83,6 +83,7 @@ pub mod keys;
 pub mod masked_file;
 pub mod masked_sum;
 pub mod messages;
+pub mod model_vector;
 pub mod params;
 pub mod prg;
 pub mod quantize;
