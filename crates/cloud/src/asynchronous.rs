@@ -100,6 +100,13 @@ impl AsyncSettings {
     /// discount it then still weighs 1/√21 ≈ 0.22.
     pub const DEFAULT_MAX_STALENESS: u32 = 20;
 
+    /// The largest max_staleness a job may set. StartRound of each version
+    /// carries the late rows of the max_staleness + 1 versions before it,
+    /// reading each of those versions, so that look-back is bounded; a
+    /// larger setting would accept staleness no version ever carries (and
+    /// an update 31 versions old weighs 1/√32 ≈ 0.18 by default anyway).
+    pub const STALENESS_CAP: u32 = 31;
+
     /// η by default: a version is the buffer's discounted mean, FedBuff's
     /// η_g = 1. Measured on simulate's defaults (speeds 1,1,4, five seeds):
     /// η = 0.7 needed 1.5–2.3× the simulated time η = 1 needs to reach the
@@ -207,12 +214,21 @@ pub(crate) fn check(
                 .into(),
         );
     }
+    let max_staleness = spec
+        .max_staleness
+        .unwrap_or(AsyncSettings::DEFAULT_MAX_STALENESS);
+    if max_staleness > AsyncSettings::STALENESS_CAP {
+        return Err(format!(
+            "[async] max_staleness = {max_staleness} is more than {}: a version carries late \
+             updates from at most {} versions back, so older ones could never be counted",
+            AsyncSettings::STALENESS_CAP,
+            AsyncSettings::STALENESS_CAP + 1
+        ));
+    }
     Ok(Some(AsyncSettings {
         buffer_size,
         staleness,
-        max_staleness: spec
-            .max_staleness
-            .unwrap_or(AsyncSettings::DEFAULT_MAX_STALENESS),
+        max_staleness,
         server_learning_rate: spec
             .server_learning_rate
             .unwrap_or(AsyncSettings::DEFAULT_SERVER_LEARNING_RATE),

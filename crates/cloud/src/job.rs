@@ -661,6 +661,10 @@ local_epochs = 2
             ),
             (async_job("stale = 1"), "unknown field"),
             (
+                async_job("max_staleness = 32"),
+                "max_staleness = 32 is more than 31",
+            ),
+            (
                 format!(
                     "mode = \"async\"\n{}",
                     GOOD.replace("local_epochs = 2", "algorithm = \"scaffold\"")

@@ -392,6 +392,10 @@ impl Args {
         {
             bail!("--server-learning-rate must be positive, got {eta}");
         }
+        let cap = fedstep_cloud::asynchronous::AsyncSettings::STALENESS_CAP;
+        if let Some(v) = self.max_staleness.filter(|&v| v > cap) {
+            bail!("--max-staleness {v} is more than {cap}: a version carries late updates from at most {} versions back", cap + 1);
+        }
         Ok(Some(AsyncSim {
             buffer_size,
             client_speeds,
@@ -720,6 +724,10 @@ mod tests {
             (
                 &["--mode", "async", "--buffer-size", "4"][..],
                 "between 1 and the 3",
+            ),
+            (
+                &["--mode", "async", "--max-staleness", "32"][..],
+                "--max-staleness 32 is more than 31",
             ),
             (
                 &["--mode", "async", "--client-speeds", "1,2"][..],

@@ -32,6 +32,7 @@
 //! reason that is final; only a failed job can leave rows waiting.
 
 use super::RoundEngine;
+use crate::asynchronous::AsyncSettings;
 use crate::bounded;
 use crate::capacity;
 use crate::error::{CloudError, Result};
@@ -44,9 +45,10 @@ pub(super) const LATE: &str = "late:";
 /// What an async version's late reason ends with until StartRound of a
 /// later version carries the row.
 pub(super) const PENDING: &str = "waiting to be carried into the next version";
-/// Versions StartRound looks back for late rows: a row later than this is
-/// staler than any sensible max_staleness.
-pub(super) const MAX_LOOK_BACK: u32 = 32;
+/// Versions StartRound looks back for late rows: max_staleness + 1 for the
+/// largest max_staleness a job may set, so every row a version could
+/// accept is carried.
+pub(super) const MAX_LOOK_BACK: u32 = AsyncSettings::STALENESS_CAP + 1;
 
 impl<S, L, N, C, K> RoundEngine<S, L, N, C, K>
 where
@@ -164,9 +166,9 @@ where
             // StartRound of `newest` looked back to `version` before this
             // row was recorded, and every later one starts after it. (Were
             // that StartRound still running and carrying it, the copy in
-            // `newest` would be at least `look_back` versions stale there:
-            // rejected as stale unless max_staleness is past MAX_LOOK_BACK,
-            // the one case where this reason could outrun a late carry.)
+            // `newest` would be at least `look_back` = max_staleness + 1
+            // versions stale there, so rejected as stale: max_staleness is
+            // at most STALENESS_CAP, within the look-back.)
             format!(
                 "version {} had already opened, and a version carries late rows from at most \
                  {look_back} versions back",
