@@ -29,6 +29,11 @@ use crate::s3::hex;
 /// Windows fetched ahead of the one being read (itself included).
 const DEPTH: u64 = 4;
 const MIN_WINDOW: u64 = 256 << 10;
+/// The front of the object a read inside it fetches on its own, not as
+/// part of window 0: the core opens every input by reading its header, and
+/// a shard that aggregates a later slice should not fetch a whole window
+/// for it.
+const HEAD_BYTES: u64 = 64 << 10;
 const MAX_WINDOW: u64 = 16 << 20;
 
 /// What every GET of one reader is conditioned on.
@@ -68,6 +73,9 @@ struct State {
     /// ahead; a scan soon has [`DEPTH`] windows in flight).
     last_window: Option<u64>,
     run: u64,
+    /// The object's first [`HEAD_BYTES`], once a read inside them came
+    /// before window 0 was fetched.
+    head: Option<Bytes>,
     /// The byte ranges the reads to come fall in ([`ByteSource::will_read`]),
     /// sorted; read-ahead then fetches only windows that overlap them.
     planned: Option<Vec<std::ops::Range<u64>>>,
@@ -234,6 +242,33 @@ impl S3Reader {
         }
     }
 
+    /// The object's front for a read inside it: window 0 if it is at hand,
+    /// else [`HEAD_BYTES`] fetched once on their own; `None` when windows
+    /// are no larger (window 0 is then the cheaper fetch).
+    fn head(&self) -> std::io::Result<Option<Bytes>> {
+        if self.window <= HEAD_BYTES {
+            return Ok(None);
+        }
+        {
+            let st = self.lock();
+            if let Some(head) = &st.head {
+                return Ok(Some(head.clone()));
+            }
+            if let Some(Window::Ready(w0)) = st.windows.get(&0) {
+                return Ok(Some(w0.clone()));
+            }
+        }
+        let end = HEAD_BYTES.min(self.len);
+        let head = self.handle.block_on(self.counted(get_range(
+            self.request(),
+            self.key.clone(),
+            0,
+            end,
+        )))?;
+        self.lock().head = Some(head.clone());
+        Ok(Some(head))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -254,6 +289,12 @@ impl ByteSource for S3Reader {
                     offset, self.len
                 ),
             ));
+        }
+        if end <= HEAD_BYTES.min(self.len) {
+            if let Some(head) = self.head()? {
+                buf.copy_from_slice(&head[offset as usize..end as usize]);
+                return Ok(());
+            }
         }
         let mut pos = offset;
         while pos < end {

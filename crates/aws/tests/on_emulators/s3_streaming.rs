@@ -339,7 +339,7 @@ async fn an_uploads_store_checksum_is_what_head_and_stat_report_until_it_is_repl
     }
 }
 
-/// A reader told which ranges will be read fetches those and the window
+/// A reader told which ranges will be read fetches those and the 64 KiB
 /// its header read fell in, none of the read-ahead past them; an unhashed
 /// reader still hashes on request, by reading the object through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,8 +375,8 @@ async fn a_reader_told_its_ranges_fetches_only_them() {
     .await;
     assert_eq!(
         fetched,
-        6 * window,
-        "window 0 for the header, 2 to 5, and 30"
+        (64 << 10) + 5 * window,
+        "64 KiB for the header, windows 2 to 5 and 30"
     );
     let sha = blocking(move || reader.sha256().unwrap()).await;
     assert_eq!(sha, hex(&Sha256::digest(&data)));
