@@ -4,7 +4,7 @@
 #   scripts/bench.sh            # ~1-2 minutes, ~7 GB of temp files at peak
 #
 # 1. 8 clients × 25M f32 params, plain FedAvg, file → file: time vs reading
-#    the inputs once (target ≤ 2×), peak RSS (target ≤ 1.5 × model + 64 MB);
+#    the inputs once (target ≤ 1.5× for F32, 2× for BF16), peak RSS (target ≤ 1.5 × model + 64 MB);
 # 2. the same in bf16;
 # 3. peak RSS as the client count grows 2 → 8 → 64 (target: flat);
 # 4. one round against S3 on the emulators, streamed vs staged vs sharded,

@@ -190,7 +190,10 @@ fn aggregate_bench(b: AggregateBench) -> Result<()> {
         "  aggregate file → file : {agg_s:.3} s  ({:.2} GB/s of input)",
         gbps(agg_s)
     );
-    println!("  ratio aggregate/read  : {ratio:.2}×  (target ≤ 2×)");
+    // Issue #14's targets: F32 within 1.5× of reading the inputs once,
+    // BF16 (decoded and re-encoded per element) within 2×.
+    let target_ratio = if dtype == Dtype::BF16 { 2.0 } else { 1.5 };
+    println!("  ratio aggregate/read  : {ratio:.2}×  (target ≤ {target_ratio}×)");
     println!(
         "  peak RSS (aggregation): {}  (target ≤ 1.5 × model + 64 MB = {})",
         human_bytes(rss),
