@@ -114,7 +114,6 @@ fn run(n: u32, k: usize, len: u64, seed: u64, hooks: &mut Hooks) -> Outcome {
 fn run_with(n: u32, params: RoundParams, seed: u64, hooks: &mut Hooks) -> Outcome {
     let len = params.vector_len;
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let mut server = Server::new(params.clone());
     let ids: Vec<ClientId> = (0..n).map(|i| ClientId(10 + 3 * i)).collect();
     let mut inputs = BTreeMap::new();
     for &id in &ids {
@@ -124,6 +123,18 @@ fn run_with(n: u32, params: RoundParams, seed: u64, hooks: &mut Hooks) -> Outcom
         let weight = 1 + rng.next_u64() % 50;
         inputs.insert(id, (values, weight));
     }
+    run_on(params, inputs, rng, hooks)
+}
+
+/// The four phases over the given clients' vectors and weights.
+fn run_on(
+    params: RoundParams,
+    inputs: BTreeMap<ClientId, (Vec<f32>, u64)>,
+    mut rng: ChaCha20Rng,
+    hooks: &mut Hooks,
+) -> Outcome {
+    let mut server = Server::new(params.clone());
+    let ids: Vec<ClientId> = inputs.keys().copied().collect();
     let outcome = |result, server: Server, masked, holders, requests| Outcome {
         result,
         exclusions: server.exclusions().to_vec(),
@@ -777,5 +788,159 @@ fn a_masked_file_of_the_wrong_layout_is_refused_when_opened() {
             reason.contains(says) && reason.len() < 300,
             "{what}: {reason}"
         );
+    }
+}
+
+/// A model file as a client would upload it: a BF16 and an F32 tensor the
+/// aggregation averages, and an I64 step counter it carries.
+fn model_file(bf16: &[f64], f32s: &[f64], steps: i64) -> Vec<u8> {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let mut a = vec![0u8; 2 * bf16.len()];
+    fedstep_core::float::encode_from(Dtype::BF16, bf16, &mut a);
+    let mut b = vec![0u8; 4 * f32s.len()];
+    fedstep_core::float::encode_from(Dtype::F32, f32s, &mut b);
+    let c: Vec<u8> = [steps].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = [
+        (
+            "layer.weight",
+            TensorView::new(Dtype::BF16, vec![bf16.len()], &a).unwrap(),
+        ),
+        (
+            "layer.bias",
+            TensorView::new(Dtype::F32, vec![f32s.len()], &b).unwrap(),
+        ),
+        ("steps", TensorView::new(Dtype::I64, vec![1], &c).unwrap()),
+    ];
+    safetensors::serialize(views, None).unwrap()
+}
+
+/// From model files to model file: each client turns its local model into
+/// the round's vector (local − global over the global model's float
+/// tensors), the round masks it, the masked files are summed over two
+/// ranges that cut a tensor, and the mean is added back to the global
+/// model range by range. With one client dropped after phase 3, the result
+/// is FedAvg (examples-weighted) of the local models within the
+/// quantization bound, and the integer tensor is the global model's.
+#[test]
+fn local_models_through_the_protocol_give_fedavg_of_the_models() {
+    use fedstep_core::model::read_header_from;
+    use fedstep_secagg::model_vector::VectorLayout;
+
+    let (nb, nf) = (3000usize, 1001usize);
+    let mut rng = ChaCha20Rng::seed_from_u64(41);
+    let mut uniform = |scale: f64| (rng.next_u32() as f64 / u32::MAX as f64 - 0.5) * scale;
+    let gb: Vec<f64> = (0..nb).map(|_| uniform(2.0)).collect();
+    let gf: Vec<f64> = (0..nf).map(|_| uniform(2.0)).collect();
+    let global = Bytes(model_file(&gb, &gf, 7));
+    let layout =
+        VectorLayout::of(&read_header_from(&global, &fedstep_core::Limits::default()).unwrap());
+    assert_eq!(layout.len(), (nb + nf) as u64);
+
+    // Five clients: a neighbourhood of 4 needs 3 shares, so one may drop.
+    let ids: Vec<ClientId> = (0..5).map(|i| ClientId(10 + 3 * i)).collect();
+    let mut locals = BTreeMap::new();
+    let mut inputs = BTreeMap::new();
+    for (i, &id) in ids.iter().enumerate() {
+        let lb: Vec<f64> = gb.iter().map(|g| g + uniform(0.5)).collect();
+        let lf: Vec<f64> = gf.iter().map(|g| g + uniform(0.5)).collect();
+        let file = Bytes(model_file(&lb, &lf, 100 + i as i64));
+        let header = read_header_from(&file, &fedstep_core::Limits::default()).unwrap();
+        let vector = layout.update_vector(&global, &file, &header).unwrap();
+        let examples = 10 + 7 * i as u64;
+        inputs.insert(id, (vector, examples));
+        locals.insert(id, file);
+    }
+    let mut p = params(5, 100, layout.len());
+    p.quantization = QuantizationConfig::new(1.0, 16, 32, 50, 5).unwrap();
+    let mut hooks = Hooks {
+        unmask: Some(drop_clients(&[13])),
+        ..Hooks::default()
+    };
+    let o = run_on(
+        p.clone(),
+        inputs,
+        ChaCha20Rng::seed_from_u64(42),
+        &mut hooks,
+    );
+    let r = o.recovered();
+    assert!(
+        r.summed_clients.contains(&ClientId(13)),
+        "dropped after phase 3: still summed"
+    );
+
+    let files: BTreeMap<ClientId, MaskedFile> = r
+        .summed_clients
+        .iter()
+        .map(|c| {
+            (
+                *c,
+                open_masked(encode(&o.masked[c], p.quantization.ring()).unwrap(), &p).unwrap(),
+            )
+        })
+        .collect();
+    let mut next = global.0.clone();
+    let cut = 1234u64; // inside the first float tensor in file order
+    for range in [0..cut, cut..layout.len()] {
+        mean_over_range(&files, r, range, |start, mean| {
+            layout
+                .add_mean(&global, start, mean, |at, bytes| {
+                    next[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+                    Ok(())
+                })
+                .map_err(std::io::Error::other)
+        })
+        .unwrap();
+    }
+
+    // FedAvg of the models themselves, element by element.
+    let next = Bytes(next);
+    let header = read_header_from(&next, &fedstep_core::Limits::default()).unwrap();
+    let total: u64 = o.inputs.values().map(|(_, w)| w).sum();
+    let bound = p.quantization.error_bound();
+    for t in &header.tensors {
+        let values = |src: &Bytes| -> Vec<f64> {
+            let entry = read_header_from(src, &fedstep_core::Limits::default())
+                .unwrap()
+                .find(&t.name)
+                .unwrap()
+                .clone();
+            let mut raw = vec![0u8; (entry.end - entry.start) as usize];
+            fedstep_core::ByteSource::read_exact_at(src, &mut raw, entry.start).unwrap();
+            if t.dtype == safetensors::Dtype::I64 {
+                return raw
+                    .chunks(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect();
+            }
+            let mut out = vec![0f64; entry.elements()];
+            fedstep_core::float::decode_into(t.dtype, &raw, &mut out);
+            out
+        };
+        let got = values(&next);
+        if t.dtype == safetensors::Dtype::I64 {
+            assert_eq!(got, [7.0], "the global model's integers are kept");
+            continue;
+        }
+        let mut want = vec![0f64; got.len()];
+        for (id, file) in &locals {
+            let w = o.inputs[id].1 as f64 / total as f64;
+            for (acc, v) in want.iter_mut().zip(values(file)) {
+                *acc += w * v;
+            }
+        }
+        // BF16 stores 8 bits of mantissa: |x| < 2 rounds within 2^-8.
+        let storage = if t.dtype == safetensors::Dtype::BF16 {
+            1.0 / 128.0
+        } else {
+            1e-6
+        };
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= bound + storage,
+                "{} [{i}]: {g} vs FedAvg {w} (bound {bound} + {storage})",
+                t.name
+            );
+        }
     }
 }
