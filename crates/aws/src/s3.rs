@@ -84,6 +84,23 @@ impl S3Store {
         &self.bucket
     }
 
+    fn open_reader(
+        &self,
+        key: &str,
+        stat: &ObjectStat,
+        read_ahead: u64,
+        hash_on_the_way: bool,
+    ) -> Result<Arc<dyn ObjectReader>> {
+        Ok(Arc::new(S3Reader::new(
+            self.client.clone(),
+            self.bucket.clone(),
+            key.to_string(),
+            stat,
+            read_ahead,
+            hash_on_the_way,
+        )?))
+    }
+
     pub(crate) fn client(&self) -> &aws_sdk_s3::Client {
         &self.client
     }
@@ -507,14 +524,7 @@ impl StreamingStore for S3Store {
         stat: &ObjectStat,
         read_ahead: u64,
     ) -> Result<Arc<dyn ObjectReader>> {
-        Ok(Arc::new(S3Reader::new(
-            self.client.clone(),
-            self.bucket.clone(),
-            key.to_string(),
-            stat,
-            read_ahead,
-            true,
-        )?))
+        self.open_reader(key, stat, read_ahead, true)
     }
 
     fn reader_unhashed(
@@ -523,14 +533,7 @@ impl StreamingStore for S3Store {
         stat: &ObjectStat,
         read_ahead: u64,
     ) -> Result<Arc<dyn ObjectReader>> {
-        Ok(Arc::new(S3Reader::new(
-            self.client.clone(),
-            self.bucket.clone(),
-            key.to_string(),
-            stat,
-            read_ahead,
-            false,
-        )?))
+        self.open_reader(key, stat, read_ahead, false)
     }
 
     fn writer(&self, key: &str) -> Result<Arc<dyn ObjectWriter>> {

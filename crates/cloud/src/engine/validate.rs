@@ -187,20 +187,27 @@ fn is_store_checksum(c: &str) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_long_llm_type_is_refused_when_counted() {
+    /// Round 1 of job `j` expecting client `c`, and a good row of `c`.
+    fn round_and_row() -> (RoundRecord, UpdateRecord) {
         let round: RoundRecord = serde_json::from_value(serde_json::json!({
             "job_id": "j", "round": 1, "status": "OPEN", "expected_clients": ["c"],
             "min_clients": 1, "deadline": 0, "global_model_key": "k", "global_checksum": "x"
         }))
         .unwrap();
-        let mut u: UpdateRecord = serde_json::from_value(serde_json::json!({
+        let u: UpdateRecord = serde_json::from_value(serde_json::json!({
             "client_id": "c", "job_round": keys::job_round("j", 1), "job_id": "j", "round": 1,
             "model_key": keys::update("j", 1, "c"), "checksum": "a".repeat(64),
-            "num_examples": 1, "bytes": 1, "trained_at": "t", "llm_type": "llama"
+            "num_examples": 1, "bytes": 1, "trained_at": "t", "llm_type": "llama",
+            "store_checksum": "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=-3"
         }))
         .unwrap();
         assert!(CheckedUpdate::check(u.clone(), &round).is_ok());
+        (round, u)
+    }
+
+    #[test]
+    fn a_long_llm_type_is_refused_when_counted() {
+        let (round, mut u) = round_and_row();
         u.llm_type = Some("x".repeat(100_000));
         let Err(Refusal::BreaksRule(reason)) = CheckedUpdate::check(u, &round) else {
             panic!("a long llm_type must break a rule")
@@ -211,19 +218,7 @@ mod tests {
 
     #[test]
     fn a_store_checksum_must_be_short_and_plain() {
-        let round: RoundRecord = serde_json::from_value(serde_json::json!({
-            "job_id": "j", "round": 1, "status": "OPEN", "expected_clients": ["c"],
-            "min_clients": 1, "deadline": 0, "global_model_key": "k", "global_checksum": "x"
-        }))
-        .unwrap();
-        let mut u: UpdateRecord = serde_json::from_value(serde_json::json!({
-            "client_id": "c", "job_round": keys::job_round("j", 1), "job_id": "j", "round": 1,
-            "model_key": keys::update("j", 1, "c"), "checksum": "a".repeat(64),
-            "num_examples": 1, "bytes": 1, "trained_at": "t",
-            "store_checksum": "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=-3"
-        }))
-        .unwrap();
-        assert!(CheckedUpdate::check(u.clone(), &round).is_ok());
+        let (round, mut u) = round_and_row();
         for bad in ["", "a b", "\u{202e}x", &"A".repeat(65)] {
             u.store_checksum = Some(bad.to_string());
             let Err(Refusal::BreaksRule(reason)) = CheckedUpdate::check(u.clone(), &round) else {

@@ -202,6 +202,18 @@ impl<S: ObjectStore + Clone> ObjectStore for FaultStore<S> {
     }
 }
 
+impl<S> FaultStore<S> {
+    /// `inner`, a reader of `key`, with this store's faults injected.
+    fn faulty(&self, key: &str, inner: Arc<dyn ObjectReader>) -> Arc<dyn ObjectReader> {
+        Arc::new(FaultReader {
+            inner,
+            update: key.contains("/updates/"),
+            owner: self.owner.clone(),
+            faults: self.faults.clone(),
+        })
+    }
+}
+
 impl<S: StreamingStore + Clone> StreamingStore for FaultStore<S> {
     async fn stat(&self, key: &str) -> Result<Option<ObjectStat>> {
         self.faults.alive(&self.owner)?;
@@ -215,12 +227,7 @@ impl<S: StreamingStore + Clone> StreamingStore for FaultStore<S> {
         read_ahead: u64,
     ) -> Result<Arc<dyn ObjectReader>> {
         self.faults.alive(&self.owner)?;
-        Ok(Arc::new(FaultReader {
-            inner: self.inner.reader(key, stat, read_ahead)?,
-            update: key.contains("/updates/"),
-            owner: self.owner.clone(),
-            faults: self.faults.clone(),
-        }))
+        Ok(self.faulty(key, self.inner.reader(key, stat, read_ahead)?))
     }
 
     fn reader_unhashed(
@@ -230,12 +237,7 @@ impl<S: StreamingStore + Clone> StreamingStore for FaultStore<S> {
         read_ahead: u64,
     ) -> Result<Arc<dyn ObjectReader>> {
         self.faults.alive(&self.owner)?;
-        Ok(Arc::new(FaultReader {
-            inner: self.inner.reader_unhashed(key, stat, read_ahead)?,
-            update: key.contains("/updates/"),
-            owner: self.owner.clone(),
-            faults: self.faults.clone(),
-        }))
+        Ok(self.faulty(key, self.inner.reader_unhashed(key, stat, read_ahead)?))
     }
 
     fn writer(&self, key: &str) -> Result<Arc<dyn ObjectWriter>> {
