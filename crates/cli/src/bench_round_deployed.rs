@@ -59,8 +59,10 @@ pub(crate) struct DeployedFigures {
     /// Shards the round's plan made.
     pub shards: usize,
     /// The most any one shard task fetched from S3, as a share of the
-    /// inputs' bytes (the updates and the global model): 1/K plus headers
-    /// when no shard has to read inputs through to hash them.
+    /// inputs' bytes (the updates and the global model, which plain FedAvg
+    /// does not read): its slice, 64 KiB of each input for the header and
+    /// at most a read-ahead window past each edge of the slice, when no
+    /// shard has to read inputs through to hash them.
     pub max_read_share: f64,
     pub identical: bool,
 }
