@@ -17,7 +17,7 @@ idempotently (a second run changes nothing, a changed ASL is updated):
   IAM role         {prefix}-states        for the state machine (not enforced by LocalStack)
   SFN activities   {prefix}-start_round, {prefix}-plan_round, {prefix}-shard_statistics,
                    {prefix}-decide_round, {prefix}-aggregate_shard, {prefix}-commit_round,
-                   {prefix}-finalize (one per task action)
+                   {prefix}-finalize, {prefix}-report_failure (one per task action)
   State machine    {prefix}-federated-training (STANDARD), from
                    statemachine/federated_training.asl.json with its
                    placeholders substituted by the activity ARNs
@@ -70,11 +70,13 @@ PLACEHOLDERS = (
     "AggregateShardResource",
     "CommitRoundResource",
     "FinalizeResource",
+    "ReportFailureResource",
 )
 # One activity per task action (the "action" field of the task input), named
 # {prefix}-{action}: the local worker polls each with the handler of that action.
 ACTIVITIES = (
     "start_round", "plan_round", "shard_statistics", "decide_round", "aggregate_shard", "commit_round", "finalize",
+    "report_failure",
 )
 # Activities an older version of this script created; --delete removes them too.
 LEGACY_ACTIVITIES = ("close_round",)
@@ -87,6 +89,7 @@ ACTIVITY_PLACEHOLDERS = {
     "AggregateShardResource": "aggregate_shard",
     "CommitRoundResource": "commit_round",
     "FinalizeResource": "finalize",
+    "ReportFailureResource": "report_failure",
 }
 TOPICS = ("global_model_ready", "training_complete")
 ARTIFACTS_INDEX = "artifacts_by_type"
@@ -517,6 +520,7 @@ def deploy(prefix: str, clients: list[str]) -> dict:
         "FEDSTEP_AGGREGATE_SHARD_ACTIVITY_ARN": workflow["activities"]["aggregate_shard"],
         "FEDSTEP_COMMIT_ROUND_ACTIVITY_ARN": workflow["activities"]["commit_round"],
         "FEDSTEP_FINALIZE_ACTIVITY_ARN": workflow["activities"]["finalize"],
+        "FEDSTEP_REPORT_FAILURE_ACTIVITY_ARN": workflow["activities"]["report_failure"],
         "FEDSTEP_UPDATES_STREAM_ARN": tables["updates_stream_arn"],
     }
     return {

@@ -96,8 +96,9 @@ export interface AggregatorProps {
  * - `function`, the aggregator: the state machine's tasks (start_round;
  *   the round's aggregation as plan_round, shard_statistics, decide_round,
  *   aggregate_shard and commit_round, the shard tasks one invocation per
- *   shard; finalize). The memory and timeout of the settings; S3 under
- *   jobs/, the ledger, the topic, task callbacks.
+ *   shard; finalize; report_failure when a job fails). The memory and
+ *   timeout of the settings; S3 under jobs/, the ledger, the topic, task
+ *   callbacks.
  * - `streamFunction`: the `updates` stream. It validates and counts each row
  *   on the round's item and, once every expected client is in, answers
  *   StartRound's task token with the hand-over. It never reads or writes S3
@@ -204,7 +205,7 @@ export class Aggregator extends Construct {
       RUST_LOG: props.rustLog,
     };
     const common: lambda.FunctionOptions = {
-      description: 'fedstep round engine: start_round, the sharded aggregation\'s tasks, finalize',
+      description: 'fedstep round engine: start_round, the sharded aggregation\'s tasks, finalize, report_failure',
       architecture,
       memorySize: props.memoryMb,
       timeout,

@@ -34,6 +34,10 @@ export function definitionSubstitutions(fn: lambda.IFunction): Record<string, st
     AggregateShardResource: fn.functionArn,
     CommitRoundResource: fn.functionArn,
     FinalizeResource: fn.functionArn,
+    // A failed job (a task's error after its retries, or a round result
+    // without a boolean continue): the function tells the clients and fails
+    // the open round before the execution ends in Failed.
+    ReportFailureResource: fn.functionArn,
   };
 }
 

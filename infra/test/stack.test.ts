@@ -301,10 +301,11 @@ describe('aggregator Lambda', () => {
       .toBe(`arn:aws:states:eu-west-1:111122223333:stateMachine:${t.Resources[ids().sm].Properties.StateMachineName}`);
   });
 
-  test('the Lambda publishes training_complete to FEDSTEP_TOPIC_ARN when FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN is unset', () => {
-    // crates/aws/src/sns.rs: the one-topic layout (lib/messaging.ts) relies on this fallback.
+  test('the Lambda publishes the job ends (training_complete, job_failed) to FEDSTEP_TOPIC_ARN when FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN is unset', () => {
+    // crates/aws/src/sns.rs: the one-topic layout (lib/messaging.ts) relies on this fallback,
+    // for both kinds that end a job (job_failed: the state machine's ReportFailure).
     const sns = fs.readFileSync(path.resolve(__dirname, '..', '..', 'crates', 'aws', 'src', 'sns.rs'), 'utf8');
-    expect(sns).toMatch(/Notification::TrainingComplete\(_\) => self\s*\.training_complete_topic_arn\s*\.as_deref\(\)\s*\.unwrap_or\(&self\.topic_arn\)/);
+    expect(sns).toMatch(/Notification::TrainingComplete\(_\)\s*\|\s*Notification::JobFailed\(_\)\s*=>\s*self\s*\.training_complete_topic_arn\s*\.as_deref\(\)\s*\.unwrap_or\(&self\.topic_arn\)/);
     // Both kinds carry the attributes the subscriptions filter on (job_id) and operators may filter on (type).
     expect(sns).toContain('.message_attributes("job_id"');
     expect(sns).toContain('.message_attributes("type"');
@@ -539,7 +540,7 @@ describe('state machine', () => {
     const subs: Record<string, Json> = p.DefinitionSubstitutions;
     const lambdaArn = getAttArn(ids().fn);
     for (const name of ['AggregatorFunctionArn', 'PlanRoundResource', 'ShardStatisticsResource', 'DecideRoundResource',
-      'AggregateShardResource', 'CommitRoundResource', 'FinalizeResource']) {
+      'AggregateShardResource', 'CommitRoundResource', 'FinalizeResource', 'ReportFailureResource']) {
       expect([name, subs[name]]).toEqual([name, lambdaArn]);
     }
     expect(fakeResolve(subs.StartRoundResource)).toBe('arn:aws:states:::lambda:invoke.waitForTaskToken');
@@ -564,8 +565,8 @@ describe('state machine', () => {
     expect(deployed).not.toMatch(/\$\{[A-Za-z0-9_]+\}/);
     const asl = JSON.parse(deployed);
     const tasks = allStates(asl).filter((st) => st.Type === 'Task');
-    // StartRound, PlanRound, the two Maps' tasks, DecideRound, CommitRound, Finalize.
-    expect(tasks).toHaveLength(7);
+    // StartRound, PlanRound, the two Maps' tasks, DecideRound, CommitRound, Finalize, ReportFailure.
+    expect(tasks).toHaveLength(8);
     for (const task of tasks) {
       if (task.Resource === 'arn:aws:states:::lambda:invoke.waitForTaskToken') {
         expect(task.Parameters.FunctionName).toBe(fnArn);
@@ -602,11 +603,14 @@ describe('state machine', () => {
     expect(asl.States.DecideRound).toMatchObject({ Resource: fnArn, ResultPath: null, Next: 'AggregateShards' });
     expect(commit).toMatchObject({ Resource: fnArn, ResultPath: '$.result', Next: 'Committed' });
     expect(commit.Parameters['closed_by.$']).toBe('$.handover.closed_by');
+    // A failed job tells the clients through the function before it ends in Failed.
+    expect(asl.States.ReportFailure).toMatchObject({ Resource: fnArn, ResultPath: null, Next: 'Failed' });
+    expect(asl.States.ReportFailure.Parameters.action).toBe('report_failure');
     // Each invocation must be able to use the function's whole timeout (and
     // the lease is derived from it): every direct task outlasts it.
     const fnTimeout: number = t.Resources[ids().fn].Properties.Timeout;
     const direct = allStates(asl).filter((st) => st.Type === 'Task' && st.Resource === fnArn);
-    expect(direct).toHaveLength(6);
+    expect(direct).toHaveLength(7);
     for (const task of direct) expect(task.TimeoutSeconds).toBeGreaterThan(fnTimeout);
   });
 

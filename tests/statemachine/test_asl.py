@@ -79,7 +79,7 @@ def test_placeholders_are_known_and_documented():
 def test_task_resources_are_placeholders():
     assert set(TASKS) == {
         "StartRound", "PlanRound", "ShardStatisticsTask", "DecideRound", "AggregateShardTask", "CommitRound",
-        "Finalize",
+        "Finalize", "ReportFailure",
     }
     for name, state in TASKS.items():
         assert re.fullmatch(r"\$\{[A-Za-z0-9_]+\}", state["Resource"]), name
@@ -104,7 +104,9 @@ def test_aws_substitution_is_valid_json():
     assert "${" not in json.dumps(out)
 
 
-CATCH_TO_FAILED = [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Failed"}]
+# Every task's (and Map's) catch-all: the error to $.error, then ReportFailure
+# tells the clients before the execution ends in Failed.
+CATCH_TO_REPORT = [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "ReportFailure"}]
 
 
 def into(name: str) -> set[str]:
@@ -123,7 +125,7 @@ def test_round_shape():
     assert start["Next"] == "PlanRound"
     # The deadline: caught first (before States.ALL), state kept as it was.
     assert start["Catch"][0] == {"ErrorEquals": ["States.Timeout"], "ResultPath": None, "Next": "DeadlinePassed"}
-    assert start["Catch"][1:] == CATCH_TO_FAILED
+    assert start["Catch"][1:] == CATCH_TO_REPORT
     assert {k: v for k, v in STATES["DeadlinePassed"].items() if k != "Comment"} == {
         "Type": "Pass",
         "Result": {"closed_by": "deadline"},
@@ -182,7 +184,7 @@ def test_round_shape():
     assert STATES["Committed"]["Choices"] == [{"Variable": "$.result.replan", "IsPresent": True, "Next": "PlanRound"}]
     assert STATES["Committed"]["Default"] == "ShouldContinue"
     for name in ("PlanRound", "ShardStatistics", "DecideRound", "AggregateShards", "CommitRound", "Finalize"):
-        assert STATES[name]["Catch"] == CATCH_TO_FAILED, name
+        assert STATES[name]["Catch"] == CATCH_TO_REPORT, name
     # The ways into each step of the round: ShouldContinue only after a
     # commit or a closed plan, the commit only after the shards.
     assert into("PlanRound") == {"StartRound", "DeadlinePassed", "Committed"}
@@ -195,6 +197,61 @@ def test_round_shape():
     assert STATES["Init"]["Result"] == 1 and STATES["Init"]["ResultPath"] == "$.round"
     assert STATES["NextRound"]["Parameters"] == {"round.$": "States.MathAdd($.round, 1)"}
     assert STATES["Failed"]["CausePath"] == "$.error.Cause"
+
+
+def test_failure_path():
+    """Every way a job fails runs ReportFailure (the clients are told, the
+    open round failed) before Failed, which reports the original error: a
+    task's error after its retries (every catch-all), and a round result
+    without a boolean continue (BadResult). ReportFailure's own failure
+    still ends in Failed, with the original error."""
+    # The only Fail state; the only way into it is ReportFailure.
+    assert [name for name, st in all_states().items() if st["Type"] == "Fail"] == ["Failed"]
+    assert {k: v for k, v in STATES["Failed"].items() if k != "Comment"} == {
+        "Type": "Fail", "ErrorPath": "$.error.Error", "CausePath": "$.error.Cause",
+    }
+    assert into("Failed") == {"ReportFailure"}
+    # Every catch-all of the workflow leads to ReportFailure with the error
+    # in $.error (ReportFailure's own excepted); the Maps' inner tasks have
+    # none (the Map's Catch takes a failed iteration).
+    catchers = set()
+    for name, state in all_states().items():
+        for catch in state.get("Catch", []):
+            if "States.ALL" in catch["ErrorEquals"] and name != "ReportFailure":
+                assert catch == CATCH_TO_REPORT[0], name
+                catchers.add(name)
+    assert catchers == {"StartRound", "PlanRound", "ShardStatistics", "DecideRound", "AggregateShards", "CommitRound",
+                        "Finalize"}
+    assert into("ReportFailure") == catchers | {"BadResult"}
+
+    # No Fail state for a bad result any more: the same error, through ReportFailure.
+    assert {k: v for k, v in STATES["BadResult"].items() if k != "Comment"} == {
+        "Type": "Pass",
+        "Result": {"Error": "FedstepContractViolation", "Cause": "round result has no boolean field 'continue'"},
+        "ResultPath": "$.error",
+        "Next": "ReportFailure",
+    }
+    assert into("BadResult") == {"ShouldContinue"}
+
+    report = STATES["ReportFailure"]
+    assert report["Type"] == "Task"
+    assert report["Resource"] == "${ReportFailureResource}"
+    # Exactly these fields: error is the caught {Error, Cause}.
+    assert report["Parameters"] == {
+        "action": "report_failure",
+        "job_id.$": "$.job_id",
+        "round.$": "$.round",
+        "error.$": "$.error",
+        "context.$": "$$",
+    }
+    assert report["TimeoutSeconds"] == 960
+    # Its answer stays out of the state (and out of the execution's output).
+    assert report["ResultPath"] is None
+    # Retried like every task (test_every_task_retries_alike), then, if it
+    # still fails, Failed with the original error: its own goes elsewhere.
+    assert report["Retry"] == STATES["Finalize"]["Retry"]
+    assert report["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.report_error", "Next": "Failed"}]
+    assert report["Next"] == "Failed"
 
 
 def test_shard_maps():
@@ -218,7 +275,7 @@ def test_shard_maps():
         }
         # Outputs live in S3, never in the history's state (size; secrets).
         assert m["ResultPath"] is None
-        assert m["Catch"] == CATCH_TO_FAILED
+        assert m["Catch"] == CATCH_TO_REPORT
         # No Retry on the Map itself: it would rerun every shard.
         assert "Retry" not in m
         proc = m["ItemProcessor"]
@@ -259,6 +316,7 @@ SYSTEM_ERRORS = {"Transient", "AggregatorError"}
 PERMANENT_ERRORS = {
     "QuorumNotMet", "InvalidInput", "InvalidTaskInput", "NotFound", "ConditionFailed", "AggregationFailed",
     "NoUsableUpdate",  # a retried StartRound's SendTaskFailure on a FAILED round (crates/cloud/src/engine/start.rs)
+    "JobFailed",  # the same, on a round ReportFailure failed (the job failed while it was open)
     "UnknownEvent",  # crates/lambda/src/lambda.rs: neither a stream batch nor a task payload
 }
 LAMBDA_SERVICE_ERRORS = {

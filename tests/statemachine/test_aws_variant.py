@@ -3,7 +3,7 @@
 On AWS every task invokes the aggregator Lambda: StartRound through the
 lambda:invoke.waitForTaskToken integration, every other task (PlanRound,
 the Maps' ShardStatisticsTask and AggregateShardTask, DecideRound,
-CommitRound, Finalize) through the function ARN directly (the legacy form:
+CommitRound, Finalize, ReportFailure) through the function ARN directly (the legacy form:
 the task's output is the function's return value). The placeholder values come from
 statemachine/aws-substitutions.json, the table the CDK app's
 definitionSubstitutions is held to (infra/test/stack.test.ts).
@@ -93,7 +93,7 @@ LAMBDA_RETRIES = next(r for r in STATES["StartRound"]["Retry"] if "Lambda.Servic
 AGGREGATOR_RETRIES = next(r for r in STATES["Finalize"]["Retry"] if r["ErrorEquals"] == ["AggregatorError"])[
     "MaxAttempts"
 ]
-BAD_RESULT_CAUSE = STATES["BadResult"]["Cause"]
+BAD_RESULT_CAUSE = STATES["BadResult"]["Result"]["Cause"]
 
 
 # --- mocked answers -----------------------------------------------------------
@@ -134,6 +134,11 @@ def service_error(name: str) -> dict:
 
 def job_id_of(prefix: str, case: str) -> str:
     return f"{prefix}-{case}"
+
+
+def notified(job_id: str) -> dict:
+    """What report_failure returns (ReportFailure drops it: ResultPath null)."""
+    return {"job_id": job_id, "round": 1, "notified": True}
 
 
 # --- the test cases -----------------------------------------------------------
@@ -196,15 +201,18 @@ def cases(prefix: str) -> dict[str, Case]:
 
     def case(name: str, closed_by: str = "stream", the_plan: dict = DEFAULT_PLAN, commit: dict | None = None,
              finalize: bool = True, answers: dict | None = None, extra_input: dict | None = None,
-             batch: bool = True) -> Case:
+             batch: bool = True, fails: bool = False) -> Case:
         """A round handed over (or timed out: round_timeout_seconds 0), planned
         with `the_plan`, committed with `commit` (default: a result with
-        continue=false), finalized; `answers` replaces the answers of single
-        states."""
+        continue=false), finalized; `fails`: the execution fails, so
+        ReportFailure runs and answers that the clients were told;
+        `answers` replaces the answers of single states."""
         states = {"StartRound": ho(name) if closed_by == "stream" else not_used}
         states.update(attempt_answers(the_plan, rr(name, 1, False, closed_by) if commit is None else commit))
         if finalize:
             states["Finalize"] = [returns(final(name))]
+        if fails:
+            states["ReportFailure"] = [returns(notified(job_id_of(prefix, name)))]
         states.update(answers or {})
         job_input = {**({"round_timeout_seconds": 0} if closed_by == "deadline" else {}), **(extra_input or {})}
         return Case(states, job_input, batch, the_plan, closed_by)
@@ -241,28 +249,30 @@ def cases(prefix: str) -> dict[str, Case]:
             "Finalize": service_errors() + [returns(final("finalize_retried"))]}),
         # One service error more than the retrier allows; the answer after it
         # would succeed, so a retry too many shows as SUCCEEDED.
-        "lambda_retries_exhausted": case("lambda_retries_exhausted", answers={
+        "lambda_retries_exhausted": case("lambda_retries_exhausted", fails=True, answers={
             "StartRound": [service_error("Lambda.ServiceException")] * (LAMBDA_RETRIES + 1)
             + ho("lambda_retries_exhausted")}),
-        "aggregator_error_exhausted": case("aggregator_error_exhausted", answers={
+        "aggregator_error_exhausted": case("aggregator_error_exhausted", fails=True, answers={
             "Finalize": [function_error("AggregatorError", "AccessDenied on PutObject")] * (AGGREGATOR_RETRIES + 1)
             + [returns(final("aggregator_error_exhausted"))]}),
         # The same inside a Map: the iteration's retries run out, the Map fails.
-        "shard_aggregator_error_exhausted": case("shard_aggregator_error_exhausted", the_plan=one_shard, answers={
+        "shard_aggregator_error_exhausted": case("shard_aggregator_error_exhausted", the_plan=one_shard, fails=True,
+                                                 answers={
             "ShardStatisticsTask": [function_error("AggregatorError", "AccessDenied on GetObject")]
             * (AGGREGATOR_RETRIES + 1) + [returns(SHARD_DONE)]}),
         # The round's result decides, after a hand-over or the deadline,
         # from CommitRound or from a closed plan.
-        "bad_result_empty": case("bad_result_empty", finalize=False,
+        "bad_result_empty": case("bad_result_empty", finalize=False, fails=True,
                                  commit={"job_id": job_id_of(prefix, "bad_result_empty"), "round": 1}),
-        "bad_result_string": case("bad_result_string", commit=rr("bad_result_string", 1, "yes"), finalize=False),
-        "bad_result_deadline": case("bad_result_deadline", "deadline", finalize=False,
+        "bad_result_string": case("bad_result_string", commit=rr("bad_result_string", 1, "yes"), finalize=False,
+                                  fails=True),
+        "bad_result_deadline": case("bad_result_deadline", "deadline", finalize=False, fails=True,
                                     commit={"job_id": job_id_of(prefix, "bad_result_deadline"), "round": 1}),
-        "bad_result_closed": case("bad_result_closed", finalize=False, the_plan={
+        "bad_result_closed": case("bad_result_closed", finalize=False, fails=True, the_plan={
             "closed": {"job_id": job_id_of(prefix, "bad_result_closed"), "round": 1}}),
         # A hand-over without closed_by: PlanRound's "closed_by.$" path is
         # missing. PlanRound's answer would succeed, so an invocation shows.
-        "handover_without_closed_by": case("handover_without_closed_by", answers={
+        "handover_without_closed_by": case("handover_without_closed_by", fails=True, answers={
             "StartRound": [callback({k: v for k, v in handover(job_id_of(prefix, "handover_without_closed_by"), 1)
                                      .items() if k != "closed_by"})]}),
         # The round loops (see the module docstring): stopped by their tests.
@@ -297,8 +307,29 @@ def cases(prefix: str) -> dict[str, Case]:
                   "CommitRound": returns(rr(name, 1, False, closed_by or "stream")),
                   "Finalize": returns(final(name))}[state]
             answers = [function_error(error, message), ok]
-        out[name] = case(name, closed_by or "stream", the_plan=PERMANENT_PLAN, answers={state: answers})
+        out[name] = case(name, closed_by or "stream", the_plan=PERMANENT_PLAN, fails=True, answers={state: answers})
+    # ReportFailure itself failing: permanently (NotFound, not retried; the
+    # answer after it would succeed), or once with a Lambda service error
+    # (retried). Either way the execution fails with the original error.
+    # The first after CommitRound's error, the second after StartRound's.
+    out["report_failure_fails"] = case("report_failure_fails", answers={
+        "CommitRound": [function_error("AggregationFailed", REPORTED_MESSAGE),
+                        returns(rr("report_failure_fails", 1, False))],
+        "ReportFailure": [function_error("NotFound", REPORT_FAILURE_MESSAGE),
+                          returns(notified(job_id_of(prefix, "report_failure_fails")))],
+    })
+    out["report_failure_retried"] = case("report_failure_retried", answers={
+        "StartRound": [throw("InvalidTaskInput", lambda_error_cause("InvalidTaskInput", REPORTED_MESSAGE))]
+        + ho("report_failure_retried"),
+        "ReportFailure": [service_error("Lambda.TooManyRequestsException"),
+                          returns(notified(job_id_of(prefix, "report_failure_retried")))],
+    })
     return out
+
+
+# The report_failure_* cases: the original error's message, and ReportFailure's own.
+REPORTED_MESSAGE = "mocked failure before ReportFailure"
+REPORT_FAILURE_MESSAGE = "job not found: mocked ReportFailure failure"
 
 
 # One shard, with the statistics pass: every task state runs once per attempt,
@@ -710,6 +741,36 @@ def states_of(env: Variant, case: str) -> list[str]:
     return round_states(env.cases[case].closed_by, env.cases[case].plan)
 
 
+def check_reported(hist: History, env: Variant, case: str, desc: dict, retries: int = 0,
+                   report_error: dict | None = None) -> dict:
+    """A failed execution ran ReportFailure once, right before Failed: the
+    function invoked (1 + `retries` times) with exactly action, job_id,
+    round, context and error = the caught {Error, Cause}, which is what the
+    execution failed with. Its answer is dropped (ResultPath null), so
+    Failed gets ReportFailure's input; or, if it failed for good
+    (`report_error`), that input plus its own error in $.report_error.
+    Returns ReportFailure's state input."""
+    error = {"Error": desc["error"], "Cause": desc["cause"]}
+    entered = hist.entered()
+    assert entered[-2:] == ["ReportFailure", "Failed"] and entered.count("ReportFailure") == 1, entered
+    calls = hist.direct_calls("ReportFailure")
+    assert len(calls) == 1 + retries, calls
+    events = [check_direct_call(call, env, case, "ReportFailure", 1, retry_count=i, error=error)
+              for i, call in enumerate(calls)]
+    # A retry does not re-enter the state.
+    assert len({e["context"]["State"]["EnteredTime"] for e in events}) == 1
+    (report_in,) = hist.inputs("ReportFailure")
+    assert report_in["error"] == error and "report_error" not in report_in
+    (failed_in,) = hist.inputs("Failed")
+    if report_error is None:
+        assert len(hist.failures("ReportFailure")) == retries
+        assert failed_in == report_in
+    else:
+        assert hist.failures("ReportFailure")[-1] == (report_error["Error"], report_error["Cause"])
+        assert failed_in == {**report_in, "report_error": report_error}
+    return report_in
+
+
 # --- the tests -----------------------------------------------------------------------------
 
 
@@ -828,8 +889,9 @@ def test_hand_over_without_closed_by_fails_the_execution(sfn, aws_variant):
     entered = hist.entered()
     assert entered[:3] == ["Init", "StartRound", "PlanRound"], entered
     if desc["error"] == "Exception":  # LocalStack 4.8.1
-        assert entered[3:] == ["Failed"], entered
+        assert entered[3:] == ["ReportFailure", "Failed"], entered
         assert hist.failures("PlanRound") == [("Exception", desc["cause"])]
+        check_reported(hist, env, case, desc)
     else:  # AWS
         assert desc["error"] == "States.Runtime", desc
         assert entered[3:] == [], entered
@@ -1000,10 +1062,9 @@ def test_lambda_service_errors_exhaust_their_retrier(sfn, aws_variant):
     assert desc["status"] == "FAILED", desc
     assert desc["error"] == "Lambda.ServiceException"
     assert len(hist.start_round_calls()) == 1 + LAMBDA_RETRIES
-    assert hist.entered() == ["Init", "StartRound", "Failed"]
-    # Catch put the error in $.error; Failed reports it.
-    (failed_input,) = hist.inputs("Failed")
-    assert failed_input["error"] == {"Error": desc["error"], "Cause": desc["cause"]}
+    assert hist.entered() == ["Init", "StartRound", "ReportFailure", "Failed"]
+    # Catch put the error in $.error; ReportFailure gets it, Failed reports it.
+    check_reported(hist, env, case, desc)
 
 
 @pytest.mark.parametrize("case, state", [
@@ -1051,9 +1112,8 @@ def test_aggregator_error_exhausts_its_retrier(sfn, aws_variant, case, state, me
     assert json.loads(desc["cause"]) == {"errorType": "AggregatorError", "errorMessage": message}
     assert len(hist.direct_calls(state)) == 1 + AGGREGATOR_RETRIES
     full = ["Init"] + states_of(env, case) + ["Finalize"]
-    assert hist.entered() == full[:full.index(state) + 1] + ["Failed"]
-    (failed_input,) = hist.inputs("Failed")
-    assert failed_input["error"] == {"Error": desc["error"], "Cause": desc["cause"]}
+    assert hist.entered() == full[:full.index(state) + 1] + ["ReportFailure", "Failed"]
+    check_reported(hist, env, case, desc)
 
 
 @pytest.mark.parametrize("state, error, closed_by", permanent_error_cases())
@@ -1070,9 +1130,8 @@ def test_permanent_error_fails_at_once(sfn, aws_variant, state, error, closed_by
     assert hist.failures(state) == [(desc["error"], desc["cause"])]
     # Everything up to the failing task, then Failed.
     full = ["Init"] + states_of(env, case) + ["Finalize"]
-    assert hist.entered() == full[:full.index(state) + 1] + ["Failed"]
-    (failed_input,) = hist.inputs("Failed")
-    assert failed_input["error"] == {"Error": error, "Cause": desc["cause"]}
+    assert hist.entered() == full[:full.index(state) + 1] + ["ReportFailure", "Failed"]
+    assert check_reported(hist, env, case, desc)["error"]["Error"] == error
     if state != "StartRound":
         check_way_in(hist, env, case)
     if state in ("PlanRound", "CommitRound"):
@@ -1088,4 +1147,40 @@ def test_result_without_boolean_continue_fails(sfn, aws_variant, case):
     assert desc["status"] == "FAILED", desc
     assert desc["error"] == "FedstepContractViolation"
     assert desc["cause"] == BAD_RESULT_CAUSE
-    assert hist.entered() == ["Init"] + states_of(env, case) + ["BadResult"]
+    assert hist.entered() == ["Init"] + states_of(env, case) + ["BadResult", "ReportFailure", "Failed"]
+    # BadResult (a Pass) puts the contract violation where a task's Catch
+    # puts a task's error; ReportFailure then reports it like one.
+    (bad_in,) = hist.inputs("BadResult")
+    assert "error" not in bad_in
+    error = {"Error": "FedstepContractViolation", "Cause": BAD_RESULT_CAUSE}
+    assert hist.outputs("BadResult") == [{**bad_in, "error": error}]
+    assert check_reported(hist, env, case, desc) == {**bad_in, "error": error}
+
+
+def test_report_failure_failing_keeps_the_original_error(sfn, aws_variant):
+    """ReportFailure failing for good (NotFound: permanent, not retried): its
+    Catch keeps its error in $.report_error and goes to Failed, which still
+    reports CommitRound's error and cause."""
+    env, case = aws_variant, "report_failure_fails"
+    desc, hist = finished(sfn, env, case)
+    assert desc["status"] == "FAILED", desc
+    assert desc["error"] == "AggregationFailed"
+    assert json.loads(desc["cause"]) == {"errorType": "AggregationFailed", "errorMessage": REPORTED_MESSAGE}
+    round_ = states_of(env, case)
+    assert hist.entered() == ["Init"] + round_[:round_.index("CommitRound") + 1] + ["ReportFailure", "Failed"]
+    assert hist.failures("CommitRound") == [(desc["error"], desc["cause"])]
+    check_reported(hist, env, case, desc, report_error={
+        "Error": "NotFound", "Cause": lambda_error_cause("NotFound", REPORT_FAILURE_MESSAGE)})
+
+
+def test_report_failure_is_retried(sfn, aws_variant):
+    """A Lambda service error on ReportFailure is retried like on every task;
+    the execution then fails with the original error (StartRound's)."""
+    env, case = aws_variant, "report_failure_retried"
+    desc, hist = finished(sfn, env, case)
+    assert desc["status"] == "FAILED", desc
+    assert desc["error"] == "InvalidTaskInput"
+    assert desc["cause"] == lambda_error_cause("InvalidTaskInput", REPORTED_MESSAGE)
+    assert hist.entered() == ["Init", "StartRound", "ReportFailure", "Failed"]
+    check_reported(hist, env, case, desc, retries=1)
+    assert [e for e, _ in hist.failures("ReportFailure")] == ["Lambda.TooManyRequestsException"]

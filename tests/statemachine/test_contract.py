@@ -5,7 +5,8 @@ SendTaskFailure), i.e. it plays the part fedstep-lambda's local mode plays,
 and checks the task inputs and the execution's course against the contract
 in statemachine/README.md: StartRound, then PlanRound, the shard Maps
 (ShardStatistics and DecideRound when the plan asks for statistics, then
-AggregateShards), CommitRound, and ShouldContinue.
+AggregateShards), CommitRound, and ShouldContinue; and, when the execution
+fails, ReportFailure before Failed.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ TASK_FIELDS = {
     "decide_round": ("DecideRound", {"attempt"}),
     "aggregate_shard": ("AggregateShardTask", {"attempt", "shard"}),
     "commit_round": ("CommitRound", {"attempt", "closed_by"}),
+    "report_failure": ("ReportFailure", {"error"}),
 }
 
 
@@ -103,6 +105,25 @@ def check_task_input(task_input: dict, action: str, job_input: dict, rnd: int, *
     if "closed_by" in extra:
         assert task_input["closed_by"] in ("stream", "deadline")
     check_context(task_input["context"], job_input, state)
+
+
+def report_failure(worker, job_input: dict, rnd: int, error: str, cause: str | None = None,
+                   fail: tuple[str, str] | None = None) -> dict:
+    """The report_failure task a failing execution schedules before Failed:
+    its input carries the caught error ({Error, Cause}; `cause` None: not
+    checked); answered as report_failure answers (its answer is dropped),
+    or failed with `fail` = (error, cause). Returns the input."""
+    token, task_input = worker.poll("report_failure")
+    check_task_input(task_input, "report_failure", job_input, rnd)
+    assert set(task_input["error"]) == {"Error", "Cause"}, task_input["error"]
+    assert task_input["error"]["Error"] == error
+    if cause is not None:
+        assert task_input["error"]["Cause"] == cause
+    if fail:
+        worker.fail(token, *fail)
+    else:
+        worker.succeed(token, {"job_id": job_input["job_id"], "round": rnd, "notified": True})
+    return task_input
 
 
 def run_shards(worker, action: str, job_input: dict, rnd: int, the_plan: dict) -> list[dict]:
@@ -402,14 +423,16 @@ def test_quorum_not_met_fails_execution(sfn, start_job):
     check_task_input(task_input, "plan_round", job_input, 1, closed_by="deadline")
     cause = "quorum not met: 1 of min_clients 3 updates received"
     worker.fail(token, "QuorumNotMet", cause)
+    # The clients are told before the execution fails.
+    report_failure(worker, job_input, 1, "QuorumNotMet", cause)
 
     desc = wait_done(sfn, arn)
     assert desc["status"] == "FAILED", desc
     assert desc.get("error") == "QuorumNotMet"
     assert cause in desc.get("cause", "")
-    assert entered_states(sfn, arn) == ["Init", "StartRound", "DeadlinePassed", "PlanRound", "Failed"]
+    assert entered_states(sfn, arn) == ["Init", "StartRound", "DeadlinePassed", "PlanRound", "ReportFailure", "Failed"]
     # Not retried.
-    assert [act for act, _ in worker.seen] == ["start_round", "plan_round"]
+    assert [act for act, _ in worker.seen] == ["start_round", "plan_round", "report_failure"]
 
 
 @pytest.mark.parametrize("action, error, cause", [
@@ -430,6 +453,8 @@ def test_shard_failure_fails_execution(sfn, start_job, action, error, cause):
     bad_token, bad = worker.poll(action)
     check_task_input(bad, action, job_input, 1, attempt="a1")
     worker.fail(bad_token, error, cause)
+    # The Map's Catch: the shard's Error and Cause, unchanged, to ReportFailure.
+    reported = report_failure(worker, job_input, 1, error, cause)
 
     desc = wait_done(sfn, arn)
     assert desc["status"] == "FAILED", desc
@@ -438,13 +463,18 @@ def test_shard_failure_fails_execution(sfn, start_job, action, error, cause):
     map_state, task_state = {"shard_statistics": ("ShardStatistics", "ShardStatisticsTask"),
                              "aggregate_shard": ("AggregateShards", "AggregateShardTask")}[action]
     assert entered_states(sfn, arn) == (
-        ["Init", "StartRound", "PlanRound", "Planned", map_state, task_state, task_state, "Failed"]
+        ["Init", "StartRound", "PlanRound", "Planned", map_state, task_state, task_state, "ReportFailure", "Failed"]
     )
-    (failed_in,) = state_inputs(history(sfn, arn), "Failed")
+    events = history(sfn, arn)
+    (failed_in,) = state_inputs(events, "Failed")
     assert failed_in["error"] == {"Error": error, "Cause": cause}
+    # ReportFailure's answer is dropped (ResultPath null).
+    (report_in,) = state_inputs(events, "ReportFailure")
+    assert failed_in == report_in and reported["error"] == report_in["error"]
     # Not retried; the other shard's answer, after the Map failed, changes
     # nothing (AWS rejects it; LocalStack 4.8.1 may accept and drop it).
     assert [act for act, _ in worker.seen].count(action) == 2
+    assert [act for act, _ in worker.seen].count("report_failure") == 1
     try:
         worker.succeed(ok_token, {"shard": 0})
     except ClientError as err:
@@ -596,16 +626,38 @@ def test_second_hand_over_is_ignored(sfn, start_job):
     ("QuorumNotMet", "quorum not met: 1 of min_clients 3 updates received"),
 ])
 def test_start_round_task_failure_fails_execution(sfn, start_job, error, cause):
-    arn, worker, _ = start_job()
+    arn, worker, job_input = start_job()
     token, _ = worker.poll("start_round")
     worker.fail(token, error, cause)
+    report_failure(worker, job_input, 1, error, cause)
     desc = wait_done(sfn, arn)
     assert desc["status"] == "FAILED"
     assert desc.get("error") == error
     assert cause in desc.get("cause", "")
-    # Straight to Failed: no PlanRound.
-    assert entered_states(sfn, arn) == ["Init", "StartRound", "Failed"]
-    assert [act for act, _ in worker.seen] == ["start_round"]
+    # Straight to ReportFailure and Failed: no PlanRound.
+    assert entered_states(sfn, arn) == ["Init", "StartRound", "ReportFailure", "Failed"]
+    assert [act for act, _ in worker.seen] == ["start_round", "report_failure"]
+
+
+def test_failing_report_failure_keeps_the_original_error(sfn, start_job):
+    """report_failure failing (SendTaskFailure with a permanent error, not
+    retried): ReportFailure's Catch keeps its error apart ($.report_error)
+    and goes to Failed, which reports the original error and cause."""
+    arn, worker, job_input = start_job()
+    token, _ = worker.poll("start_round")
+    cause = "job config rejected: min_clients > clients"
+    worker.fail(token, "InvalidJob", cause)
+    report_failure(worker, job_input, 1, "InvalidJob", cause, fail=("NotFound", "job not found"))
+    desc = wait_done(sfn, arn)
+    assert desc["status"] == "FAILED", desc
+    assert desc.get("error") == "InvalidJob"
+    assert desc.get("cause") == cause
+    assert entered_states(sfn, arn) == ["Init", "StartRound", "ReportFailure", "Failed"]
+    assert [act for act, _ in worker.seen] == ["start_round", "report_failure"]
+    events = history(sfn, arn)
+    (report_in,) = state_inputs(events, "ReportFailure")
+    (failed_in,) = state_inputs(events, "Failed")
+    assert failed_in == {**report_in, "report_error": {"Error": "NotFound", "Cause": "job not found"}}
 
 
 @pytest.mark.parametrize("bad, closed_by, via", [
@@ -624,10 +676,14 @@ def test_result_without_boolean_continue_fails(sfn, start_job, bad, closed_by, v
     bad_result = {"job_id": job_id, "round": 1, **bad}
     the_plan = plan("a1") if via == "commit" else {"closed": bad_result}
     plan_and_commit(worker, job_input, 1, closed_by, the_plan, bad_result, poll_timeout=ROUND_TIMEOUT + 30)
+    report_failure(worker, job_input, 1, "FedstepContractViolation", "round result has no boolean field 'continue'")
     desc = wait_done(sfn, arn)
     assert desc["status"] == "FAILED"
     assert desc.get("error") == "FedstepContractViolation"
-    assert entered_states(sfn, arn) == ["Init"] + round_states(closed_by, the_plan) + ["BadResult"]
+    assert desc.get("cause") == "round result has no boolean field 'continue'"
+    assert entered_states(sfn, arn) == (
+        ["Init"] + round_states(closed_by, the_plan) + ["BadResult", "ReportFailure", "Failed"]
+    )
 
 
 def test_hand_over_continue_is_not_read(sfn, start_job):
@@ -660,21 +716,32 @@ def test_hand_over_without_closed_by_fails_with_runtime_error(sfn, start_job):
     Catch take it to Failed, whose ErrorPath then yields a States.* name,
     which it refuses: the execution fails with States.Runtime too, but with
     the cause "ValueError(Custom Error Names MUST NOT begin with the prefix
-    'States.', ...)". Asserted: the error, no plan_round task, no Finalize,
-    and the JSONPath message in the history.
+    'States.', ...)". (On LocalStack the Catch runs ReportFailure first,
+    which gets the States.Runtime error with the JSONPath message.)
+    Asserted: the error, no plan_round task, no Finalize, and the JSONPath
+    message in the history.
     """
     arn, worker, job_input = start_job()
     job_id = job_input["job_id"]
     token, _ = worker.poll("start_round")
     worker.succeed(token, {"job_id": job_id, "round": 1, "usable": 3, "expected": 3})
+    # LocalStack 4.8.1 schedules report_failure (PlanRound's Catch); AWS ends the execution.
+    deadline = time.monotonic() + 30
+    while not worker.scheduled("report_failure") and sfn.describe_execution(executionArn=arn)["status"] == "RUNNING":
+        assert time.monotonic() < deadline, "neither report_failure nor the end of the execution"
+        time.sleep(0.2)
+    if worker.scheduled("report_failure"):
+        reported = report_failure(worker, job_input, 1, "States.Runtime")
+        assert "$.handover.closed_by" in reported["error"]["Cause"]
     desc = wait_done(sfn, arn)
     assert desc["status"] == "FAILED", desc
     assert desc.get("error") == "States.Runtime"
     states = entered_states(sfn, arn)
     assert states[:3] == ["Init", "StartRound", "PlanRound"], states
-    assert states[3:] in ([], ["Failed"]), states  # AWS: [], LocalStack 4.8.1: ["Failed"]
+    # AWS: [], LocalStack 4.8.1: ["ReportFailure", "Failed"]
+    assert states[3:] in ([], ["ReportFailure", "Failed"]), states
     events = history(sfn, arn)
     assert not [ev for ev in events if ev["type"] == "ActivityScheduled" and "plan_round" in
                 ev["activityScheduledEventDetails"]["resource"]]
     assert "$.handover.closed_by" in json.dumps(events, default=str)
-    assert [act for act, _ in worker.seen] == ["start_round"]
+    assert [act for act, _ in worker.seen] == ["start_round"] + (["report_failure"] if states[3:] else [])

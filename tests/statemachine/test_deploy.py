@@ -84,7 +84,7 @@ def test_aggregator_env_points_at_the_deployment(deployment):
     assert env["FEDSTEP_STATE_MACHINE_ARN"] == deployment["state_machine"]["arn"]
     # One activity per task action; the local worker polls each.
     actions = ("start_round", "plan_round", "shard_statistics", "decide_round", "aggregate_shard", "commit_round",
-               "finalize")
+               "finalize", "report_failure")
     assert set(deployment["activities"]) == set(actions)
     prefix = deployment["prefix"]
     for action in actions:

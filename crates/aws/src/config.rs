@@ -28,7 +28,7 @@ pub struct Settings {
     /// Emulator worker only (fedstep-lambda local mode):
     /// `FEDSTEP_{ACTION}_ACTIVITY_ARN` for each task action (START_ROUND,
     /// PLAN_ROUND, SHARD_STATISTICS, DECIDE_ROUND, AGGREGATE_SHARD,
-    /// COMMIT_ROUND, FINALIZE), `FEDSTEP_UPDATES_STREAM_ARN`.
+    /// COMMIT_ROUND, FINALIZE, REPORT_FAILURE), `FEDSTEP_UPDATES_STREAM_ARN`.
     pub start_round_activity_arn: Option<String>,
     pub plan_round_activity_arn: Option<String>,
     pub shard_statistics_activity_arn: Option<String>,
@@ -36,6 +36,7 @@ pub struct Settings {
     pub aggregate_shard_activity_arn: Option<String>,
     pub commit_round_activity_arn: Option<String>,
     pub finalize_activity_arn: Option<String>,
+    pub report_failure_activity_arn: Option<String>,
     pub updates_stream_arn: Option<String>,
 }
 
@@ -66,6 +67,7 @@ impl Settings {
             aggregate_shard_activity_arn: get("FEDSTEP_AGGREGATE_SHARD_ACTIVITY_ARN"),
             commit_round_activity_arn: get("FEDSTEP_COMMIT_ROUND_ACTIVITY_ARN"),
             finalize_activity_arn: get("FEDSTEP_FINALIZE_ACTIVITY_ARN"),
+            report_failure_activity_arn: get("FEDSTEP_REPORT_FAILURE_ACTIVITY_ARN"),
             updates_stream_arn: get("FEDSTEP_UPDATES_STREAM_ARN"),
         }
     }

@@ -9,11 +9,12 @@ use fedstep_cloud::CloudError;
 use crate::config::{required, AwsConfig};
 use crate::error::sdk_error;
 
-/// Publishes both kinds to the clients' topic (the deployed stack has one
-/// topic for both, infra/lib/messaging.ts; operators filter on the `type`
-/// attribute), or `training_complete` to a topic of its own when one is
-/// configured (`FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN`, as the emulator
-/// deployment does).
+/// Publishes every kind to the clients' topic (the deployed stack has one
+/// topic for all, infra/lib/messaging.ts; operators filter on the `type`
+/// attribute), or the job ends (`training_complete`, `job_failed`) to a
+/// topic of their own when one is configured
+/// (`FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN`, as the emulator deployment does;
+/// every client queue is subscribed to both there).
 #[derive(Debug, Clone)]
 pub struct SnsNotifier {
     client: aws_sdk_sns::Client,
@@ -47,7 +48,8 @@ impl SnsNotifier {
     fn topic_for(&self, message: &Notification) -> &str {
         match message {
             Notification::GlobalModelReady(_) => &self.topic_arn,
-            Notification::TrainingComplete(_) => self
+            // Both end the job: wherever job ends go.
+            Notification::TrainingComplete(_) | Notification::JobFailed(_) => self
                 .training_complete_topic_arn
                 .as_deref()
                 .unwrap_or(&self.topic_arn),
@@ -70,6 +72,7 @@ impl Notifier for SnsNotifier {
         let kind = match message {
             Notification::GlobalModelReady(_) => "global_model_ready",
             Notification::TrainingComplete(_) => "training_complete",
+            Notification::JobFailed(_) => "job_failed",
         };
         let topic = self.topic_for(message);
         self.client

@@ -36,7 +36,8 @@ pub struct ClientConfig {
     /// SQS long-poll wait (0–20).
     #[serde(default = "default_wait")]
     pub wait_seconds: u32,
-    /// Exit (status 0) when `training_complete` arrives for a job of ours.
+    /// Exit when `training_complete` (status 0) or `job_failed` (status 3)
+    /// arrives for a job of ours.
     #[serde(default)]
     pub exit_on_complete: bool,
     /// Scratch space for downloaded and trained models.

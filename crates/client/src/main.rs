@@ -1,6 +1,6 @@
 //! `fedstep-client`: takes part in federated training over SQS, S3 and
 //! DynamoDB until stopped (SIGINT/SIGTERM) or, with `exit_on_complete`,
-//! until its job completes.
+//! until its job completes (exit status 0) or fails (exit status 3).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,10 @@ use fedstep_client::{AnyTrainer, ClientConfig, RunEnd, Worker, WorkerOptions};
 
 mod aws_setup;
 mod signals;
+
+/// The exit status when the job this client waited for failed (with
+/// `exit_on_complete`); 1 is this client's own error.
+const JOB_FAILED_EXIT: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -115,6 +119,12 @@ async fn run(config: PathBuf) -> Result<ExitCode> {
     match worker.run(shutdown).await? {
         RunEnd::Shutdown => tracing::info!("stopped"),
         RunEnd::JobComplete(job) => tracing::info!("job {job} is complete; exiting"),
+        // Not this client's error, but the job it was to finish did not:
+        // a non-zero exit lets a scheduler or script see that.
+        RunEnd::JobFailed { job_id, reason } => {
+            eprintln!("fedstep-client: job {job_id} failed: {reason}");
+            return Ok(ExitCode::from(JOB_FAILED_EXIT));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

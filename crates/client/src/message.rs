@@ -3,8 +3,8 @@
 //! without trusting its shape, and checked against the key layout before
 //! any of its fields is used as a key or a path.
 
-use fedstep_cloud::keys;
-use fedstep_cloud::records::{GlobalModelReady, Notification, TrainingComplete, SCHEMA};
+use fedstep_cloud::records::{GlobalModelReady, JobFailed, Notification, TrainingComplete, SCHEMA};
+use fedstep_cloud::{bounded, keys};
 use serde_json::Value;
 
 /// SQS's own maximum message size; anything larger was not sent by us.
@@ -62,9 +62,18 @@ pub fn decode(body: &str) -> Result<Notification, Rejection> {
     match &note {
         Notification::GlobalModelReady(m) => check_ready(m),
         Notification::TrainingComplete(m) => check_complete(m),
+        Notification::JobFailed(m) => check_failed(m),
     }
     .map_err(bad)?;
-    Ok(note)
+    Ok(match note {
+        // Text for the log: bounded and escaped here, once.
+        Notification::JobFailed(m) => Notification::JobFailed(JobFailed {
+            error: bounded::quote(&m.error),
+            cause: bounded::failure(&m.cause),
+            ..m
+        }),
+        other => other,
+    })
 }
 
 fn sns_envelope_message(v: &Value) -> Option<&str> {
@@ -134,6 +143,11 @@ fn check_complete(m: &TrainingComplete) -> Result<(), String> {
         return Err("artifact_id must be 1–200 characters".into());
     }
     Ok(())
+}
+
+fn check_failed(m: &JobFailed) -> Result<(), String> {
+    keys::check_id("job_id", &m.job_id)?;
+    check_round(m.round)
 }
 
 /// The checksum format rule lives with the checksums (fedstep-cloud);

@@ -14,7 +14,7 @@
 //! until a newer version is announced, or drops it if the job ends first.
 
 use fedstep_cloud::ports::{ClientQueue, Ledger, ObjectStore, QueueMessage};
-use fedstep_cloud::records::{GlobalModelReady, Notification};
+use fedstep_cloud::records::{GlobalModelReady, JobFailed, Notification, TrainingComplete};
 
 use crate::error::ClientError;
 use crate::message::decode;
@@ -63,6 +63,7 @@ where
                     0
                 }
                 Ok(Notification::TrainingComplete(t)) if t.job_id == m.job_id => 0,
+                Ok(Notification::JobFailed(f)) if f.job_id == m.job_id => 0,
                 _ => OTHER_MESSAGE_DELAY_SECONDS,
             };
             self.queue.extend_visibility(&q.receipt, delay).await?;
@@ -97,7 +98,12 @@ where
                             self.queue.delete(&q.receipt).await?;
                         }
                     }
-                    Ok(Notification::TrainingComplete(t)) if t.job_id == m.job_id => {
+                    // The job ended, completed or failed: no version to
+                    // submit to will come.
+                    Ok(Notification::TrainingComplete(TrainingComplete { job_id, .. }))
+                    | Ok(Notification::JobFailed(JobFailed { job_id, .. }))
+                        if job_id == m.job_id =>
+                    {
                         self.queue.extend_visibility(&q.receipt, 0).await?;
                         if let Some(a) = announced.take() {
                             self.queue.delete(&a.receipt).await?;

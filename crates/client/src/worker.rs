@@ -130,6 +130,13 @@ pub enum Outcome {
         /// FedSelect: the final global model with our personal values.
         personalized: Option<PathBuf>,
     },
+    /// The job's execution failed (`job_failed`): no round will follow.
+    JobFailed {
+        job_id: String,
+        round: u32,
+        /// The error's name and cause, as the workflow reported them.
+        reason: String,
+    },
     /// Left on the queue for a later attempt.
     Failed {
         reason: String,
@@ -152,6 +159,9 @@ pub enum RunEnd {
     Shutdown,
     /// `training_complete` for this job arrived and `exit_on_complete` is set.
     JobComplete(String),
+    /// `job_failed` for this job arrived and `exit_on_complete` is set:
+    /// the job, and why it failed.
+    JobFailed { job_id: String, reason: String },
 }
 
 pub struct Worker<Q, S, L, T> {
@@ -233,9 +243,15 @@ where
                         return Ok(RunEnd::Shutdown);
                     }
                 };
-                if let Outcome::JobComplete { job_id, .. } = outcome {
-                    if self.opts.exit_on_complete {
-                        return Ok(RunEnd::JobComplete(job_id));
+                if self.opts.exit_on_complete {
+                    match outcome {
+                        Outcome::JobComplete { job_id, .. } => {
+                            return Ok(RunEnd::JobComplete(job_id))
+                        }
+                        Outcome::JobFailed { job_id, reason, .. } => {
+                            return Ok(RunEnd::JobFailed { job_id, reason })
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -319,6 +335,18 @@ where
                 return Outcome::JobComplete {
                     job_id: t.job_id,
                     personalized,
+                };
+            }
+            Notification::JobFailed(f) => {
+                let reason = if f.cause.is_empty() {
+                    f.error
+                } else {
+                    format!("{}: {}", f.error, f.cause)
+                };
+                return Outcome::JobFailed {
+                    job_id: f.job_id,
+                    round: f.round,
+                    reason,
                 };
             }
             Notification::GlobalModelReady(g) => g,
@@ -472,6 +500,9 @@ fn log(o: &Outcome, me: &str, id: &str) {
             "{me}: job {job_id} is complete; personalized model: {}",
             path.display()
         ),
+        Outcome::JobFailed { job_id, round, reason } => {
+            tracing::error!("{me}: job {job_id} failed in round {round}: {reason}")
+        }
         Outcome::Failed { reason, retry_in_seconds } => {
             tracing::error!("{me}: {reason}; message {id} will be retried in {retry_in_seconds} s")
         }

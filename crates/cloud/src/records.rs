@@ -226,12 +226,27 @@ pub struct TrainingComplete {
     pub artifact_id: String,
 }
 
+/// Published when the job's execution fails (the ReportFailure task): the
+/// clients stop waiting for a round that will not come.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobFailed {
+    pub schema: u32,
+    pub job_id: String,
+    /// The round (async: version) the job was in when it failed.
+    pub round: u32,
+    /// The error's name (`QuorumNotMet`, `AggregatorError`, …).
+    pub error: String,
+    /// Its cause, as people read it (bounded).
+    pub cause: String,
+}
+
 /// Every message on the topic, tagged by `type`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Notification {
     GlobalModelReady(GlobalModelReady),
     TrainingComplete(TrainingComplete),
+    JobFailed(JobFailed),
 }
 
 impl Notification {
@@ -239,6 +254,7 @@ impl Notification {
         match self {
             Notification::GlobalModelReady(m) => &m.job_id,
             Notification::TrainingComplete(m) => &m.job_id,
+            Notification::JobFailed(m) => &m.job_id,
         }
     }
 }

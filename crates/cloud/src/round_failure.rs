@@ -11,9 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::bounded;
 use crate::error::CloudError;
+use crate::job_failure::JobFailure;
 
 const QUORUM_NOT_MET: &str = "quorum not met: ";
 const NO_USABLE_UPDATE: &str = "no usable update: ";
+const JOB_FAILED: &str = "job failed: ";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "String", from = "String")]
@@ -23,6 +25,9 @@ pub enum RoundFailure {
     /// Every update was rejected (before or by the aggregation); `detail`
     /// joins the clients' reasons.
     NoUsableUpdate { detail: String },
+    /// The job's execution failed while the round was open or being
+    /// aggregated (ReportFailure); `detail` is the error and its cause.
+    JobFailed { detail: String },
     /// Text this version does not recognize (a row written by another
     /// version, or by hand); reported as is.
     Other(String),
@@ -44,6 +49,16 @@ impl RoundFailure {
         }
     }
 
+    /// The round was still open (or aggregating) when the job failed.
+    pub fn job_failed(failure: &JobFailure) -> RoundFailure {
+        RoundFailure::JobFailed {
+            detail: bounded::bound(
+                &failure.to_string(),
+                bounded::FAILURE_BYTES - JOB_FAILED.len(),
+            ),
+        }
+    }
+
     /// The failure a stored row's text describes.
     fn from_stored(text: String) -> RoundFailure {
         if let Some(detail) = text.strip_prefix(QUORUM_NOT_MET) {
@@ -52,6 +67,10 @@ impl RoundFailure {
             }
         } else if let Some(detail) = text.strip_prefix(NO_USABLE_UPDATE) {
             RoundFailure::NoUsableUpdate {
+                detail: detail.to_string(),
+            }
+        } else if let Some(detail) = text.strip_prefix(JOB_FAILED) {
+            RoundFailure::JobFailed {
                 detail: detail.to_string(),
             }
         } else {
@@ -65,6 +84,7 @@ impl fmt::Display for RoundFailure {
         match self {
             RoundFailure::QuorumNotMet { detail } => write!(f, "{QUORUM_NOT_MET}{detail}"),
             RoundFailure::NoUsableUpdate { detail } => write!(f, "{NO_USABLE_UPDATE}{detail}"),
+            RoundFailure::JobFailed { detail } => write!(f, "{JOB_FAILED}{detail}"),
             RoundFailure::Other(text) => f.write_str(text),
         }
     }
@@ -91,7 +111,9 @@ impl From<RoundFailure> for CloudError {
             RoundFailure::NoUsableUpdate { detail } => {
                 CloudError::Aggregate(fedstep_core::AggregateError::NoUsableUpdate(detail))
             }
-            RoundFailure::Other(text) => CloudError::Other(text),
+            RoundFailure::JobFailed { .. } | RoundFailure::Other(_) => {
+                CloudError::Other(failure.to_string())
+            }
         }
     }
 }
@@ -110,6 +132,10 @@ mod tests {
             (
                 RoundFailure::no_usable_update("a: checksum: bad; b: late"),
                 "no usable update: a: checksum: bad; b: late",
+            ),
+            (
+                RoundFailure::job_failed(&JobFailure::new("AggregatorError", "AccessDenied")),
+                "job failed: AggregatorError: AccessDenied",
             ),
             (
                 RoundFailure::Other("round 1 of job `j` failed".into()),

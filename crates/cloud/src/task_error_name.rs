@@ -15,6 +15,10 @@ pub enum TaskErrorName {
     /// A retried StartRound that finds its round FAILED for want of a
     /// usable update (CloseRound reports that as `AggregationFailed`).
     NoUsableUpdate,
+    /// A StartRound that finds its round FAILED because the job failed
+    /// while the round was open (ReportFailure): a new execution of a
+    /// failed job does not reopen it.
+    JobFailed,
     /// Bad data the engine refused ([`CloudError::Invalid`]).
     InvalidInput,
     /// A task payload the handlers cannot run (no token, no job, ...).
@@ -36,6 +40,7 @@ impl TaskErrorName {
         match self {
             TaskErrorName::QuorumNotMet => "QuorumNotMet",
             TaskErrorName::NoUsableUpdate => "NoUsableUpdate",
+            TaskErrorName::JobFailed => "JobFailed",
             TaskErrorName::InvalidInput => "InvalidInput",
             TaskErrorName::InvalidTaskInput => "InvalidTaskInput",
             TaskErrorName::NotFound => "NotFound",
@@ -65,11 +70,12 @@ impl CloudError {
 
 impl RoundFailure {
     /// The name a retried StartRound task is failed with when it finds its
-    /// round FAILED: a quorum failure keeps its name, anything else is "no
-    /// usable update".
+    /// round FAILED: a quorum failure and a job's failure keep their name,
+    /// anything else is "no usable update".
     pub fn start_round_error_name(&self) -> TaskErrorName {
         match self {
             RoundFailure::QuorumNotMet { .. } => TaskErrorName::QuorumNotMet,
+            RoundFailure::JobFailed { .. } => TaskErrorName::JobFailed,
             RoundFailure::NoUsableUpdate { .. } | RoundFailure::Other(_) => {
                 TaskErrorName::NoUsableUpdate
             }

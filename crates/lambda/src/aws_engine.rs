@@ -8,7 +8,7 @@ use fedstep_cloud::engine::{
 };
 use fedstep_cloud::ports::{Clock, Ledger, Notifier, StreamingStore, SystemClock, TaskCallback};
 use fedstep_cloud::records::{ClosedBy, RoundRecord, RoundResult, UpdateRecord};
-use fedstep_cloud::{CloudError, Job, DEFAULT_READ_AHEAD_BYTES};
+use fedstep_cloud::{CloudError, Job, JobFailure, DEFAULT_READ_AHEAD_BYTES};
 use serde_json::Value;
 
 use crate::emf;
@@ -127,5 +127,14 @@ where
         result: &RoundResult,
     ) -> Result<Value, CloudError> {
         RoundEngine::finalize(self, job_id, round, result).await
+    }
+
+    async fn report_failure(
+        &self,
+        job_id: &str,
+        round: u32,
+        failure: &JobFailure,
+    ) -> Result<Value, CloudError> {
+        RoundEngine::report_failure(self, job_id, round, failure).await
     }
 }

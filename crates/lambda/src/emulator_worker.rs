@@ -98,6 +98,13 @@ pub async fn run<A: RoundTasks>(
             Action::Finalize,
             need(&s.finalize_activity_arn, "FEDSTEP_FINALIZE_ACTIVITY_ARN")?,
         ),
+        (
+            Action::ReportFailure,
+            need(
+                &s.report_failure_activity_arn,
+                "FEDSTEP_REPORT_FAILURE_ACTIVITY_ARN",
+            )?,
+        ),
     ];
     let stream_arn = need(&s.updates_stream_arn, "FEDSTEP_UPDATES_STREAM_ARN")?;
 
@@ -118,7 +125,7 @@ pub async fn run<A: RoundTasks>(
         idle: opts.idle_poll,
     };
     tasks.spawn(poller.run(Arc::clone(&engine), shutdown.clone()));
-    tracing::info!(worker = %opts.worker_name, "local worker polling 7 activities and the updates stream");
+    tracing::info!(worker = %opts.worker_name, "local worker polling {} activities and the updates stream", Action::ALL.len());
     while let Some(done) = tasks.join_next().await {
         if let Err(e) = done {
             return Err(format!("a poller panicked: {e}"));

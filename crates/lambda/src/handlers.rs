@@ -8,7 +8,7 @@ use std::future::Future;
 
 use fedstep_cloud::engine::{CommitOutcome, PlanOutcome, ShardTaskDone};
 use fedstep_cloud::records::{ClosedBy, RoundRecord, RoundResult, UpdateRecord};
-use fedstep_cloud::{CloudError, Job, JobSpec, TaskErrorName};
+use fedstep_cloud::{CloudError, Job, JobFailure, JobSpec, TaskErrorName};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -67,6 +67,12 @@ pub trait RoundTasks: Send + Sync + 'static {
         round: u32,
         result: &RoundResult,
     ) -> impl Future<Output = Result<Value, CloudError>> + Send;
+    fn report_failure(
+        &self,
+        job_id: &str,
+        round: u32,
+        failure: &JobFailure,
+    ) -> impl Future<Output = Result<Value, CloudError>> + Send;
 }
 
 /// A failed task: `error_type` becomes the Step Functions error name
@@ -112,10 +118,11 @@ pub enum Action {
     AggregateShard,
     CommitRound,
     Finalize,
+    ReportFailure,
 }
 
 impl Action {
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 8] = [
         Action::StartRound,
         Action::PlanRound,
         Action::ShardStatistics,
@@ -123,6 +130,7 @@ impl Action {
         Action::AggregateShard,
         Action::CommitRound,
         Action::Finalize,
+        Action::ReportFailure,
     ];
 
     pub fn name(self) -> &'static str {
@@ -134,6 +142,7 @@ impl Action {
             Action::AggregateShard => "aggregate_shard",
             Action::CommitRound => "commit_round",
             Action::Finalize => "finalize",
+            Action::ReportFailure => "report_failure",
         }
     }
 
@@ -160,6 +169,9 @@ struct TaskPayload {
     /// The shard of a Map iteration (shard_statistics, aggregate_shard).
     #[serde(default)]
     shard: Option<usize>,
+    /// report_failure: the `{"Error", "Cause"}` the workflow caught.
+    #[serde(default)]
+    error: Option<Value>,
     #[serde(default)]
     context: Value,
 }
@@ -243,6 +255,15 @@ pub async fn handle_task<A: RoundTasks>(engine: &A, payload: Value) -> Result<Va
             let result: RoundResult = serde_json::from_value(raw)
                 .map_err(|e| TaskError::invalid(format!("finalize `result`: {e}")))?;
             Ok(engine.finalize(&task.job_id, task.round, &result).await?)
+        }
+        Action::ReportFailure => {
+            let caught = task
+                .error
+                .ok_or_else(|| TaskError::invalid("report_failure without `error`"))?;
+            let failure = JobFailure::from_caught(&caught);
+            Ok(engine
+                .report_failure(&task.job_id, task.round, &failure)
+                .await?)
         }
     }
 }
@@ -510,6 +531,16 @@ pub(crate) mod tests {
                 .push(format!("finalize {job_id} {round} {}", r.global_model_key));
             Ok(serde_json::json!({"job_id": job_id}))
         }
+
+        async fn report_failure(
+            &self,
+            job_id: &str,
+            round: u32,
+            failure: &JobFailure,
+        ) -> Result<Value, CloudError> {
+            self.call(format!("report {job_id} {round} {failure}"));
+            Ok(serde_json::json!({"job_id": job_id, "round": round, "notified": true}))
+        }
     }
 
     pub fn job_json() -> Value {
@@ -606,6 +637,10 @@ pub(crate) mod tests {
                 serde_json::json!({"action": "commit_round", "job_id": "j1", "round": 1}),
                 "without `attempt`",
             ),
+            (
+                serde_json::json!({"action": "report_failure", "job_id": "j1", "round": 1}),
+                "without `error`",
+            ),
         ] {
             let err = handle_task(&fake, payload).await.unwrap_err();
             assert_eq!(err.error_type, TaskErrorName::InvalidTaskInput);
@@ -679,6 +714,29 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(out["job_id"], "j1");
+    }
+
+    #[tokio::test]
+    async fn report_failure_passes_the_caught_error_on() {
+        let fake = Fake::default();
+        let cause = serde_json::json!({"errorType": "AggregatorError", "errorMessage": "AccessDenied on GetObject"});
+        let out = handle_task(
+            &fake,
+            serde_json::json!({
+                "action": "report_failure", "job_id": "j1", "round": 2, "context": {},
+                "error": {"Error": "AggregatorError", "Cause": cause.to_string()},
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            out,
+            serde_json::json!({"job_id": "j1", "round": 2, "notified": true})
+        );
+        assert_eq!(
+            *fake.calls.lock().unwrap(),
+            vec!["report j1 2 AggregatorError: AccessDenied on GetObject"]
+        );
     }
 
     #[tokio::test]

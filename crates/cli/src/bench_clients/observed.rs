@@ -14,7 +14,7 @@ use fedstep_cloud::ports::{
 use fedstep_cloud::records::{
     Artifact, ClosedBy, Notification, RoundRecord, RoundResult, UpdateRecord,
 };
-use fedstep_cloud::{CloudError, Job, RoundFailure};
+use fedstep_cloud::{CloudError, Job, JobFailure, RoundFailure};
 use fedstep_lambda::handlers::RoundTasks;
 use serde_json::Value;
 
@@ -278,7 +278,7 @@ impl<N: Notifier> Notifier for ObservedNotifier<N> {
         self.inner.publish(message).await?;
         let next = match message {
             Notification::GlobalModelReady(m) => Next::Round(m.round),
-            Notification::TrainingComplete(_) => Next::Complete,
+            Notification::TrainingComplete(_) | Notification::JobFailed(_) => Next::Complete,
         };
         self.timeline.note(Event::Published { next });
         Ok(())
@@ -358,6 +358,15 @@ impl<A: RoundTasks> RoundTasks for CountingRoundTasks<A> {
 
     async fn finalize(&self, job_id: &str, round: u32, result: &RoundResult) -> Result<Value> {
         self.inner.finalize(job_id, round, result).await
+    }
+
+    async fn report_failure(
+        &self,
+        job_id: &str,
+        round: u32,
+        failure: &JobFailure,
+    ) -> Result<Value> {
+        self.inner.report_failure(job_id, round, failure).await
     }
 }
 

@@ -334,3 +334,55 @@ async fn other_jobs_late_rounds_and_completion() {
     assert_eq!(r.queue.len(), 0);
     only_row(&r.ledger);
 }
+
+#[tokio::test]
+async fn job_failed_ends_the_run_with_the_workflows_reason() {
+    let r = rig_with(CopyTrainer::default(), |o| {
+        o.jobs = Some(vec!["j1".into()]);
+        o.exit_on_complete = true;
+    });
+    // Another job's failure is not ours; then ours, with a cause holding a
+    // control character (the log line must not be forged through it).
+    r.queue.send(
+        serde_json::json!({"type": "job_failed", "schema": 1, "job_id": "j2", "round": 1,
+            "error": "QuorumNotMet", "cause": "quorum not met"})
+        .to_string(),
+    );
+    r.queue.send(
+        serde_json::json!({"type": "job_failed", "schema": 1, "job_id": "j1", "round": 2,
+            "error": "AggregatorError", "cause": "AccessDenied\non PutObject"})
+        .to_string(),
+    );
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let end = tokio::time::timeout(Duration::from_secs(20), r.worker.run(stopped))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        end,
+        RunEnd::JobFailed {
+            job_id: "j1".into(),
+            reason: "AggregatorError: AccessDenied\\non PutObject".into(),
+        }
+    );
+    assert_eq!(r.queue.len(), 0, "both messages deleted");
+    assert_eq!(r.trainer.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_malformed_job_failed_is_deleted_and_the_worker_goes_on() {
+    let r = rig(CopyTrainer::default());
+    r.queue.send(
+        serde_json::json!({"type": "job_failed", "schema": 1, "job_id": "../j1", "round": 1,
+            "error": "E", "cause": ""})
+        .to_string(),
+    );
+    assert!(matches!(one(&r).await, Outcome::Rejected { .. }));
+    r.queue.send(
+        serde_json::json!({"type": "job_failed", "schema": 1, "job_id": "j1", "round": 0,
+            "error": "E", "cause": ""})
+        .to_string(),
+    );
+    assert!(matches!(one(&r).await, Outcome::Rejected { .. }));
+    assert_eq!(r.queue.len(), 0);
+}

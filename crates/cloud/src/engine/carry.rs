@@ -104,11 +104,17 @@ where
         Ok(())
     }
 
-    /// Finalize of an async job that ended with version `last`: every row
-    /// still waiting to be carried in the versions up to `last` is
-    /// rejected for good, with a reason that says the job ended.
-    /// Idempotent (a retried Finalize finds nothing waiting).
-    pub(super) async fn settle_late_rows_at_end(&self, job_id: &str, last: u32) -> Result<()> {
+    /// Finalize (or ReportFailure) of an async job that ended with
+    /// version `last`: every row still waiting to be carried in the
+    /// versions up to `last` is rejected for good, with a reason that ends
+    /// with `why` ([`ended_with`], [`failed_at`]). Idempotent (a retry
+    /// finds nothing waiting).
+    pub(super) async fn settle_late_rows_at_end(
+        &self,
+        job_id: &str,
+        last: u32,
+        why: &str,
+    ) -> Result<()> {
         let first = last.saturating_sub(MAX_LOOK_BACK).max(1);
         for version in first..=last {
             let Some(row) = self.ledger.get_round(job_id, version).await? else {
@@ -117,8 +123,7 @@ where
             for (client, reason) in &row.rejections {
                 if reason.starts_with(LATE) && reason.ends_with(PENDING) {
                     let reason = bounded::reason(&format!(
-                        "{LATE} version {version} was being aggregated when it arrived; {}",
-                        ended_with(last)
+                        "{LATE} version {version} was being aggregated when it arrived; {why}"
                     ));
                     self.ledger
                         .record_rejection(job_id, version, client, &reason)
@@ -162,6 +167,9 @@ where
             && newest.result.as_ref().is_some_and(|r| !r.continue_training);
         let why = if ended {
             ended_with(newest.round)
+        } else if newest.status == RoundStatus::Failed {
+            // A FAILED version fails the job: no version follows it.
+            failed_at(newest.round)
         } else if newest.round >= version.saturating_add(look_back) {
             // StartRound of `newest` looked back to `version` before this
             // row was recorded, and every later one starts after it. (Were
@@ -202,4 +210,10 @@ where
 /// carried.
 pub(super) fn ended_with(last: u32) -> String {
     format!("the job ended with version {last}, so no later version took it")
+}
+
+/// Why a late row of an async job that failed in version `version` is not
+/// carried.
+pub(super) fn failed_at(version: u32) -> String {
+    format!("the job failed in version {version}, so no later version took it")
 }

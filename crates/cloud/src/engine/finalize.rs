@@ -5,6 +5,7 @@
 
 use serde_json::{json, Value};
 
+use super::carry::ended_with;
 use super::RoundEngine;
 use crate::error::{CloudError, Result};
 use crate::job::Job;
@@ -52,7 +53,8 @@ where
             }
         };
         if job.asynchronous().is_some() {
-            self.settle_late_rows_at_end(job_id, round).await?;
+            self.settle_late_rows_at_end(job_id, round, &ended_with(round))
+                .await?;
         }
         let key = stored.global_model_key.clone();
         let info = self.store.head(&key).await?.ok_or_else(|| {

@@ -14,6 +14,7 @@ mod close;
 mod finalize;
 mod hand_over;
 mod metrics;
+mod report_failure;
 mod scaffold;
 mod sharded;
 mod start;

@@ -7,7 +7,7 @@
 //! model size.
 
 use super::aggregation::participants;
-use super::carry::{ended_with, LATE, PENDING};
+use super::carry::{ended_with, failed_at, LATE, PENDING};
 use super::validate::{check_ids, CheckedUpdate, Refusal};
 use super::{hand_over, RoundEngine, UpdateOutcome};
 use crate::bounded;
@@ -131,6 +131,13 @@ where
                 None => format!(
                     "{LATE} round {} is {:?}; updates are no longer accepted",
                     row.round, row.status
+                ),
+                // A FAILED version failed the job: nothing follows it.
+                Some(_) if row.status == RoundStatus::Failed => format!(
+                    "{LATE} version {} is {:?}; {}",
+                    row.round,
+                    row.status,
+                    failed_at(row.round)
                 ),
                 // The job's last version: no later one will carry it.
                 Some(_) if row.result.as_ref().is_some_and(|r| !r.continue_training) => format!(

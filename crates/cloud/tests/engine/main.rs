@@ -19,6 +19,7 @@ mod foreign_rows;
 mod full_job;
 mod measurements_kept;
 mod rejections;
+mod report_failure;
 mod rewritten_rows;
 mod round_figures;
 mod scaffold;

@@ -1,7 +1,8 @@
 //! Issue #3, scenario (b): one client never answers. With min_clients = 2
 //! the round closes at its deadline with the other two (and the next global
 //! model is their weighted mean); with min_clients = 3 the job fails with
-//! QuorumNotMet and a cause that says so. Both jobs run at once on one
+//! QuorumNotMet and a cause that says so, and the workflow's ReportFailure
+//! step tells the clients (`job_failed`). Both jobs run at once on one
 //! deployment: two live clients, site-c never started.
 
 use std::time::{Duration, Instant};
@@ -99,6 +100,39 @@ async fn a_silent_client_closes_the_round_at_the_deadline_or_fails_the_quorum() 
         cause.contains("site-c"),
         "cause does not name the missing client: {cause}"
     );
+    // ReportFailure ran once before the execution failed; the round keeps
+    // the quorum as its reason, and both live clients heard of the failure.
+    let events = execution::events_by_state(&d.sfn, &d.execution_arn(&quorum3)).await;
+    assert_eq!(
+        execution::count(&events, "ReportFailure", "ActivitySucceeded"),
+        1,
+        "{events:?}"
+    );
+    let failed_round = d
+        .ledger()
+        .get_round(&quorum3, 1)
+        .await
+        .unwrap()
+        .expect("round 1");
+    assert_eq!(failed_round.status, RoundStatus::Failed);
+    assert!(
+        failed_round
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.to_string().starts_with("quorum not met")),
+        "{:?}",
+        failed_round.failure
+    );
+    let told = format!("job {quorum3} failed in round 1: QuorumNotMet: quorum not met");
+    let heard_by = Instant::now();
+    while !clients.iter().all(|c| c.log_text().contains(&told)) {
+        assert!(
+            heard_by.elapsed() < Duration::from_secs(60),
+            "not every client logged `{told}`:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     let done = execution::wait_until_done(
         &d.sfn,
