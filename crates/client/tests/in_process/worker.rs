@@ -67,6 +67,15 @@ async fn one<T: fedstep_client::Trainer>(r: &Rig<T>) -> Outcome {
     out.remove(0)
 }
 
+/// `Worker::run` until it ends by itself (within 20 s), never stopped.
+async fn run_to_end<T: fedstep_client::Trainer>(r: &Rig<T>) -> RunEnd {
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::time::timeout(Duration::from_secs(20), r.worker.run(stopped))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 fn only_row(r: &MemLedger) -> UpdateRecord {
     let rows = r.rows();
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -325,11 +334,7 @@ async fn other_jobs_late_rounds_and_completion() {
             "artifact_id": "j1:1"})
         .to_string(),
     );
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    let end = tokio::time::timeout(Duration::from_secs(20), r.worker.run(stopped))
-        .await
-        .unwrap()
-        .unwrap();
+    let end = run_to_end(&r).await;
     assert_eq!(end, RunEnd::JobComplete("j1".into()));
     assert_eq!(r.queue.len(), 0);
     only_row(&r.ledger);
@@ -353,11 +358,7 @@ async fn job_failed_ends_the_run_with_the_workflows_reason() {
             "error": "AggregatorError", "cause": "AccessDenied\non PutObject"})
         .to_string(),
     );
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    let end = tokio::time::timeout(Duration::from_secs(20), r.worker.run(stopped))
-        .await
-        .unwrap()
-        .unwrap();
+    let end = run_to_end(&r).await;
     assert_eq!(
         end,
         RunEnd::JobFailed {

@@ -5,10 +5,10 @@
 
 use fedstep_cloud::ports::{Clock, Ledger};
 use fedstep_cloud::records::ClosedBy;
-use fedstep_cloud::{JobSpec, UpdateOutcome};
+use fedstep_cloud::{Job, JobSpec, UpdateOutcome};
 use fedstep_test_support::federation::*;
 
-const JOB: &str = "buffered";
+pub(super) const JOB: &str = "buffered";
 
 /// Three clients, K = 2, s(τ) = 1/(1+τ), at most one version stale.
 fn async_job() -> fedstep_cloud::Job {
@@ -261,10 +261,11 @@ async fn an_async_job_stops_on_its_update_count_or_its_time() {
 /// carried when the job ends are rejected for good by Finalize, and a row
 /// late for the last version after its commit is told so at once. None is
 /// left waiting, none is carried into a version that never opens.
-#[tokio::test]
-async fn late_rows_of_the_last_version_are_settled_when_the_job_ends() {
-    let fed = Fed::new();
-    let engine = fed.engine("agg");
+/// A two-version async job (a, b, c, d; K = 2) whose version 1 is closed
+/// and whose version 2 is being aggregated by another engine (a lease of
+/// 10 s) with c's rows for versions 2 and 1 recorded after version 2's
+/// StartRound looked: both wait to be carried.
+pub(super) async fn c_waiting_while_version_two_aggregates(fed: &Fed, engine: &Engine) -> Job {
     let job = JobSpec::from_toml(&format!(
         "job_id = \"{JOB}\"\nrounds = 2\nclients = [\"a\", \"b\", \"c\", \"d\"]\nmin_clients = 1\n\
          round_timeout_seconds = 600\nmode = \"async\"\n[async]\nbuffer_size = 2\nmax_staleness = 1\n"
@@ -284,8 +285,6 @@ async fn late_rows_of_the_last_version_are_settled_when_the_job_ends() {
             .await;
         engine.on_update(&row).await.unwrap();
     }
-    // While version 2 is being aggregated: c's row for it, and c's row for
-    // version 1, recorded after version 2's StartRound looked. Both wait.
     let now = fed.clock.now();
     fed.ledger
         .claim_round(JOB, 2, "elsewhere", now, 10)
@@ -301,6 +300,16 @@ async fn late_rows_of_the_last_version_are_settled_when_the_job_ends() {
         };
         assert!(reason.contains("waiting to be carried"), "{reason}");
     }
+    job
+}
+
+#[tokio::test]
+async fn late_rows_of_the_last_version_are_settled_when_the_job_ends() {
+    let fed = Fed::new();
+    let engine = fed.engine("agg");
+    // While version 2 is being aggregated: c's row for it, and c's row for
+    // version 1, recorded after version 2's StartRound looked. Both wait.
+    let job = c_waiting_while_version_two_aggregates(&fed, &engine).await;
     // That aggregator's lease runs out; the close takes the version over.
     fed.clock.advance(60);
     let last = engine.close_round(JOB, 2, ClosedBy::Stream).await.unwrap();

@@ -2,11 +2,13 @@
 //! failed (unless it already failed or closed), an async job's waiting
 //! rows are settled, and `job_failed` tells the clients. Idempotent.
 
-use fedstep_cloud::ports::{Clock, Ledger};
+use fedstep_cloud::ports::Ledger;
 use fedstep_cloud::records::{ClosedBy, JobFailed, Notification, RoundStatus};
 use fedstep_cloud::round_failure::RoundFailure;
-use fedstep_cloud::{JobFailure, JobSpec, UpdateOutcome};
+use fedstep_cloud::{JobFailure, UpdateOutcome};
 use fedstep_test_support::federation::*;
+
+use crate::asynchronous::{c_waiting_while_version_two_aggregates, JOB};
 
 fn failures_published(fed: &Fed) -> Vec<JobFailed> {
     fed.bus
@@ -136,46 +138,9 @@ async fn a_job_or_round_that_does_not_exist_is_still_reported() {
 
 #[tokio::test]
 async fn an_async_jobs_waiting_rows_are_settled_and_later_ones_are_final_at_once() {
-    const JOB: &str = "async-broken";
     let fed = Fed::new();
     let engine = fed.engine("agg");
-    let job = JobSpec::from_toml(&format!(
-        "job_id = \"{JOB}\"\nrounds = 5\nclients = [\"a\", \"b\", \"c\", \"d\"]\nmin_clients = 1\n\
-         round_timeout_seconds = 600\nmode = \"async\"\n[async]\nbuffer_size = 2\nmax_staleness = 1\n"
-    ))
-    .unwrap();
-    fed.upload_initial(&job, &[0.0]).await;
-    engine.start_round(&job, 1, "t1").await.unwrap();
-    for client in ["a", "b"] {
-        let row = fed.submit(&job, 1, client, &[1.0], 1, &[]).await;
-        engine.on_update(&row).await.unwrap();
-    }
-    engine.close_round(JOB, 1, ClosedBy::Stream).await.unwrap();
-    engine.start_round(&job, 2, "t2").await.unwrap();
-    for client in ["a", "b"] {
-        let row = fed
-            .submit_from(&job, 2, Some(2), client, &[2.0], 1, &[])
-            .await;
-        engine.on_update(&row).await.unwrap();
-    }
-    // Version 2 is being aggregated; c's rows for it and for version 1
-    // wait to be carried into version 3.
-    let now = fed.clock.now();
-    fed.ledger
-        .claim_round(JOB, 2, "elsewhere", now, 600)
-        .await
-        .unwrap()
-        .expect("version 2 is open");
-    for (round, base) in [(2, 2), (1, 1)] {
-        let row = fed
-            .submit_from(&job, round, Some(base), "c", &[3.0], 1, &[])
-            .await;
-        let UpdateOutcome::Late(reason) = engine.on_update(&row).await.unwrap() else {
-            panic!("c's row for version {round} is late")
-        };
-        assert!(reason.contains("waiting to be carried"), "{reason}");
-    }
-
+    let job = c_waiting_while_version_two_aggregates(&fed, &engine).await;
     // Version 2's aggregation fails for good: no version 3 will carry them.
     let failure = JobFailure::new("AggregatorError", "AccessDenied on GetObject");
     engine.report_failure(JOB, 2, &failure).await.unwrap();
