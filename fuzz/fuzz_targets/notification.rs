@@ -13,7 +13,7 @@
 #[path = "../../crates/client/src/message.rs"]
 mod message;
 
-use fedstep_cloud::keys;
+use fedstep_cloud::{bounded, keys};
 use fedstep_cloud::records::{Notification, SCHEMA};
 use libfuzzer_sys::fuzz_target;
 use message::{decode, is_sha256_hex, Rejection, MAX_MESSAGE_BYTES, MAX_ROUND};
@@ -48,6 +48,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(keys::check_id("job_id", &m.job_id).is_ok(), "{m:?}");
             assert!(m.final_model_key.starts_with(&format!("jobs/{}/", m.job_id)));
             assert!(!m.final_model_key.contains(".."), "{m:?}");
+        }
+        Notification::JobFailed(m) => {
+            assert!(keys::check_id("job_id", &m.job_id).is_ok(), "{m:?}");
+            assert!((1..=MAX_ROUND).contains(&m.round), "{m:?}");
+            // The text a client logs: bounded, no control characters.
+            assert!(m.error.len() <= bounded::QUOTE_BYTES, "{m:?}");
+            assert!(m.cause.len() <= bounded::FAILURE_BYTES, "{m:?}");
+            assert!(!m.error.chars().chain(m.cause.chars()).any(char::is_control), "{m:?}");
         }
     }
     // What it accepted re-encodes to a message it accepts, equal.
