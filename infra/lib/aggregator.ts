@@ -190,7 +190,7 @@ export class Aggregator extends Construct {
       FEDSTEP_BUCKET: store.bucket.bucketName,
       FEDSTEP_ROUNDS_TABLE: ledger.rounds.tableName,
       FEDSTEP_UPDATES_TABLE: ledger.updates.tableName,
-      // No FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN: training_complete goes to the
+      // No FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN: job ends go to the
       // same topic (lib/messaging.ts; crates/aws/src/sns.rs falls back to it).
       FEDSTEP_TOPIC_ARN: messaging.topic.topicArn,
       FEDSTEP_STATE_MACHINE_ARN: props.stateMachineArn,

@@ -17,7 +17,7 @@ export interface ClientAccessProps {
   readonly client: ClientSettings;
   readonly store: ModelStore;
   readonly ledger: Ledger;
-  /** The notification topic: `global_model_ready` and `training_complete` (Messaging). */
+  /** The notification topic: `global_model_ready`, `training_complete`, `job_failed` (Messaging). */
   readonly topic: sns.ITopic;
   /** The dead-letter queue all client queues share (Messaging). */
   readonly deadLetterQueue: sqs.IQueue;
@@ -71,10 +71,11 @@ export class ClientAccess extends Construct {
       retentionPeriod: Duration.days(4),
       deadLetterQueue: { queue: props.deadLetterQueue, maxReceiveCount: CLIENT_MAX_RECEIVE_COUNT },
     });
-    // One subscription for both kinds (the topic carries both), raw
+    // One subscription for every kind (the topic carries them all), raw
     // delivery, the job filter: the client tells the kinds apart by the
-    // body's `type` (exit_on_complete needs training_complete; a client
-    // without it just deletes those messages).
+    // body's `type` (exit_on_complete needs training_complete and
+    // job_failed; a client without it deletes the first and logs the
+    // second).
     props.topic.addSubscription(new subs.SqsSubscription(this.queue, {
       rawMessageDelivery: true,
       filterPolicy: client.jobs

@@ -99,10 +99,11 @@ export class FedstepStack extends Stack {
       ['ModelBucketName', this.store.bucket.bucketName, 'S3 model bucket'],
       ['RoundsTableName', this.ledger.rounds.tableName, 'DynamoDB rounds table (ledger, artifact registry)'],
       ['UpdatesTableName', this.ledger.updates.tableName, 'DynamoDB updates table (written by clients)'],
-      ['GlobalModelReadyTopicArn', this.messaging.topic.topicArn, 'SNS topic of global_model_ready and training_complete (attribute "type")'],
+      ['GlobalModelReadyTopicArn', this.messaging.topic.topicArn, 'SNS topic of global_model_ready, training_complete and job_failed (attribute "type")'],
       // The same topic: kept for scripts that read this output. Subscribe
-      // with the filter policy {"type": ["training_complete"]} for job ends only.
-      ['TrainingCompleteTopicArn', this.messaging.topic.topicArn, 'SNS topic of training_complete (filter on the "type" attribute)'],
+      // with the filter policy {"type": ["training_complete", "job_failed"]}
+      // for job ends only.
+      ['TrainingCompleteTopicArn', this.messaging.topic.topicArn, 'SNS topic of training_complete and job_failed (filter on the "type" attribute)'],
       ['ClientDlqUrl', this.messaging.clientDlq.queueUrl, 'messages the clients failed to process (all client queues)'],
       ['StateMachineArn', this.workflow.stateMachine.stateMachineArn, 'Step Functions training state machine'],
       ['AggregatorFunctionName', this.aggregator.function.functionName, 'aggregator Lambda function'],

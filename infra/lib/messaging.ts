@@ -9,15 +9,16 @@ import { Construct } from 'constructs';
  * The notification topic, its customer managed KMS key, and the one
  * dead-letter queue all client queues share.
  *
- * One topic carries both kinds of notification the Lambda publishes:
- * `global_model_ready` (a round is open) and `training_complete` (a job
- * ended). Each message has the attributes `type` (the kind) and `job_id`.
+ * One topic carries every kind of notification the Lambda publishes:
+ * `global_model_ready` (a round is open), `training_complete` (a job
+ * ended) and `job_failed` (a job failed: the workflow's ReportFailure).
+ * Each message has the attributes `type` (the kind) and `job_id`.
  * Every client queue subscribes once (ClientAccess), optionally filtered on
  * `job_id`; the client tells the kinds apart by the body's `type`. Operators
- * who want only `training_complete` subscribe with the filter policy
- * `{"type": ["training_complete"]}`. One topic instead of two halves the
- * subscriptions per client, and the Lambda needs no change for it: without
- * FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN it publishes `training_complete` to
+ * who want only job ends subscribe with the filter policy
+ * `{"type": ["training_complete", "job_failed"]}`. One topic instead of two
+ * halves the subscriptions per client, and the Lambda needs no change for
+ * it: without FEDSTEP_TRAINING_COMPLETE_TOPIC_ARN it publishes job ends to
  * FEDSTEP_TOPIC_ARN (crates/aws/src/sns.rs).
  *
  * The construct id `GlobalModelReady` is kept from the two-topic layout so
@@ -29,7 +30,7 @@ import { Construct } from 'constructs';
  */
 export class Messaging extends Construct {
   readonly key: kms.Key;
-  /** `global_model_ready` and `training_complete`. */
+  /** `global_model_ready`, `training_complete` and `job_failed`. */
   readonly topic: sns.Topic;
   /**
    * Dead-letter queue of every client queue. A message there carries the
