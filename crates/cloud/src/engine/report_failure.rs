@@ -5,7 +5,9 @@
 //! lease), an async job's rows waiting to be carried are settled, and
 //! `job_failed` goes to the clients, which stop waiting for a round that
 //! will not come. Idempotent: a retry finds the round FAILED and nothing
-//! waiting, and publishes the same message again (clients drop repeats).
+//! waiting, and publishes the same message again (harmless: a client
+//! logs and deletes each, and one with `exit_on_complete` has left at the
+//! first).
 
 use serde_json::{json, Value};
 

@@ -71,10 +71,10 @@ async fn the_open_round_fails_and_the_clients_are_told_once_per_report() {
 async fn a_round_that_failed_or_closed_keeps_its_own_outcome() {
     let fed = Fed::new();
     let engine = fed.engine("agg");
-    let job = job("quorum", 2, &["a", "b", "c"], 3);
-    fed.upload_initial(&job, &[0.0]).await;
-    engine.start_round(&job, 1, "t1").await.unwrap();
-    let a = fed.submit(&job, 1, "a", &[1.0], 1, &[]).await;
+    let quorum = job("quorum", 2, &["a", "b", "c"], 3);
+    fed.upload_initial(&quorum, &[0.0]).await;
+    engine.start_round(&quorum, 1, "t1").await.unwrap();
+    let a = fed.submit(&quorum, 1, "a", &[1.0], 1, &[]).await;
     engine.on_update(&a).await.unwrap();
     let err = engine
         .close_round("quorum", 1, ClosedBy::Deadline)
@@ -91,10 +91,10 @@ async fn a_round_that_failed_or_closed_keeps_its_own_outcome() {
     assert_eq!(failures_published(&fed)[0].error, "QuorumNotMet");
 
     // A CLOSED round (the failure came after it, e.g. in Finalize).
-    let job = job_two();
-    fed.upload_initial(&job, &[0.0]).await;
-    engine.start_round(&job, 1, "t2").await.unwrap();
-    let a = fed.submit(&job, 1, "a", &[1.0], 1, &[]).await;
+    let closed = job("closed", 1, &["a"], 1);
+    fed.upload_initial(&closed, &[0.0]).await;
+    engine.start_round(&closed, 1, "t2").await.unwrap();
+    let a = fed.submit(&closed, 1, "a", &[1.0], 1, &[]).await;
     engine.on_update(&a).await.unwrap();
     engine
         .close_round("closed", 1, ClosedBy::Deadline)
@@ -107,10 +107,6 @@ async fn a_round_that_failed_or_closed_keeps_its_own_outcome() {
     let row = fed.ledger.get_round("closed", 1).await.unwrap().unwrap();
     assert_eq!(row.status, RoundStatus::Closed);
     assert_eq!(failures_published(&fed).len(), 2);
-}
-
-fn job_two() -> fedstep_cloud::Job {
-    job("closed", 1, &["a"], 1)
 }
 
 #[tokio::test]
