@@ -8,8 +8,11 @@ use std::collections::{BTreeSet, HashMap};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use fedstep_cloud::error::Result;
 use fedstep_cloud::keys;
-use fedstep_cloud::ports::{AddReceived, Ledger, OpenRound, PutUpdate};
-use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
+use fedstep_cloud::ports::{AddReceived, Ledger, OpenRound, PutSecureRow, PutUpdate};
+use fedstep_cloud::records::{
+    Artifact, ClosedSecurePhase, RoundRecord, RoundResult, RoundStatus, SecureAwaiting,
+    SecurePhase, SecureRow, UpdateRecord,
+};
 use fedstep_cloud::{CloudError, Job, RoundFailure};
 
 use crate::config::{required, AwsConfig};
@@ -160,27 +163,33 @@ fn round_to_item(round: &RoundRecord) -> Result<Item> {
     Ok(item)
 }
 
-fn round_from_item(mut item: Item) -> Result<RoundRecord> {
-    let received = match item.remove("received") {
-        None | Some(AttributeValue::Null(_)) => BTreeSet::new(),
-        Some(AttributeValue::Ss(set)) => set.into_iter().collect(),
+/// A string-set attribute that `ADD` grows (a string set) or that the
+/// round was written with (a list, serde's encoding of a set).
+fn string_set(item: &mut Item, name: &str) -> Result<BTreeSet<String>> {
+    match item.remove(name) {
+        None | Some(AttributeValue::Null(_)) => Ok(BTreeSet::new()),
+        Some(AttributeValue::Ss(set)) => Ok(set.into_iter().collect()),
         Some(AttributeValue::L(list)) => list
             .into_iter()
             .map(|v| match v {
                 AttributeValue::S(c) => Ok(c),
                 other => Err(CloudError::Invalid(format!(
-                    "round row: received holds {other:?}"
+                    "round row: {name} holds {other:?}"
                 ))),
             })
-            .collect::<Result<_>>()?,
-        Some(other) => {
-            return Err(CloudError::Invalid(format!(
-                "round row: received is {other:?}, not a string set"
-            )))
-        }
-    };
+            .collect(),
+        Some(other) => Err(CloudError::Invalid(format!(
+            "round row: {name} is {other:?}, not a string set"
+        ))),
+    }
+}
+
+fn round_from_item(mut item: Item) -> Result<RoundRecord> {
+    let received = string_set(&mut item, "received")?;
+    let secure_received = string_set(&mut item, "secure_received")?;
     let mut round: RoundRecord = decode("round", item)?;
     round.received = received;
+    round.secure_received = secure_received;
     if let Some(result) = &mut round.result {
         for (client, reason) in result.rejected.iter_mut() {
             if let (true, Some(stored)) = (reason.is_empty(), round.rejections.get(client)) {
@@ -614,6 +623,201 @@ impl Ledger for DynamoLedger {
         item.map(|i| decode("update", i)).transpose()
     }
 
+    async fn put_secure_row(&self, row: &SecureRow) -> Result<PutSecureRow> {
+        let item = encode("secure row", row)?;
+        let table = &self.updates_table;
+        let res = self
+            .client
+            .put_item()
+            .table_name(table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(client_id)")
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(PutSecureRow::Created),
+            Err(e) => match sdk_error(&format!("DynamoDB PutItem {table}"), e) {
+                CloudError::ConditionFailed(msg) => {
+                    match self
+                        .get_secure_row(&row.client_id, &row.job_id, row.round, row.phase)
+                        .await?
+                    {
+                        Some(existing) if existing.message == row.message => {
+                            Ok(PutSecureRow::AlreadyThere)
+                        }
+                        Some(_) => Ok(PutSecureRow::Conflict),
+                        None => Err(CloudError::ConditionFailed(msg)),
+                    }
+                }
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn get_secure_row(
+        &self,
+        client_id: &str,
+        job_id: &str,
+        round: u32,
+        phase: SecurePhase,
+    ) -> Result<Option<SecureRow>> {
+        let key = HashMap::from([
+            ("client_id".to_string(), s(client_id)),
+            (
+                "job_round".to_string(),
+                s(&keys::secure_job_round(job_id, round, phase)),
+            ),
+        ]);
+        let item = self.get_item(&self.updates_table, key).await?;
+        item.map(|i| decode("secure row", i)).transpose()
+    }
+
+    async fn close_secure_phase(
+        &self,
+        job_id: &str,
+        round: u32,
+        closed: &ClosedSecurePhase,
+    ) -> Result<RoundRecord> {
+        // The list's length is the number of phases closed: appending only
+        // at the expected length makes the first close of a phase the one.
+        let closed_before = if closed.phase.index() == 0 {
+            "attribute_not_exists(#sc)"
+        } else {
+            "size(#sc) = :n"
+        };
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.rounds_table)
+            .set_key(Some(Self::round_key(job_id, round)))
+            .update_expression("SET #sc = list_append(if_not_exists(#sc, :empty), :closed)")
+            .condition_expression(format!(
+                "attribute_exists(job_id) AND #st = :open AND {closed_before}"
+            ))
+            .expression_attribute_names("#sc", "secure_closed")
+            .expression_attribute_names("#st", "status")
+            .expression_attribute_values(":open", status("OPEN"))
+            .expression_attribute_values(":empty", AttributeValue::L(Vec::new()))
+            .expression_attribute_values(
+                ":closed",
+                AttributeValue::L(vec![encode_value("secure phase", closed)?]),
+            )
+            .return_values(ReturnValue::AllNew);
+        if closed.phase.index() > 0 {
+            update = update.expression_attribute_values(":n", n(closed.phase.index()));
+        }
+        match update.send().await {
+            Ok(out) => round_from_item(out.attributes.unwrap_or_default()),
+            Err(e) => match sdk_error(
+                &format!("DynamoDB UpdateItem {} (secure_closed)", self.rounds_table),
+                e,
+            ) {
+                // Closed before, or no longer OPEN: the row as it is says which.
+                CloudError::ConditionFailed(_) => self
+                    .get_round_item(job_id, round)
+                    .await?
+                    .ok_or_else(|| CloudError::NotFound(format!("round {job_id}/{round}"))),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn add_secure_received(
+        &self,
+        job_id: &str,
+        round: u32,
+        phase: SecurePhase,
+        client: &str,
+    ) -> Result<AddReceived> {
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.rounds_table)
+            .set_key(Some(Self::round_key(job_id, round)))
+            .update_expression("ADD #sr :c")
+            .condition_expression("attribute_exists(job_id) AND #st = :open")
+            .expression_attribute_names("#sr", "secure_received")
+            .expression_attribute_names("#st", "status")
+            .expression_attribute_values(
+                ":c",
+                AttributeValue::Ss(vec![phase.received_entry(client)]),
+            )
+            .expression_attribute_values(":open", status("OPEN"))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match res {
+            Ok(out) => Ok(AddReceived::Counted(Box::new(round_from_item(
+                out.attributes.unwrap_or_default(),
+            )?))),
+            Err(e) => match sdk_error(
+                &format!("DynamoDB UpdateItem {} (secure_received)", self.rounds_table),
+                e,
+            ) {
+                // Absent, or past OPEN (a round never returns to OPEN).
+                CloudError::ConditionFailed(_) => match self.get_round_item(job_id, round).await? {
+                    Some(row) if row.status != RoundStatus::Open => {
+                        Ok(AddReceived::PastOpen(Box::new(row)))
+                    }
+                    Some(_) => Err(CloudError::Other(format!(
+                        "round {job_id}/{round}: the ADD's condition failed, yet the round reads OPEN"
+                    ))),
+                    None => Err(CloudError::NotFound(format!("round {job_id}/{round}"))),
+                },
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn await_secure_phase(
+        &self,
+        job_id: &str,
+        round: u32,
+        awaiting: &SecureAwaiting,
+        task_token: &str,
+    ) -> Result<RoundRecord> {
+        let closed_before = if awaiting.phase.index() == 0 {
+            "attribute_not_exists(#sc)"
+        } else {
+            "size(#sc) = :n"
+        };
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.rounds_table)
+            .set_key(Some(Self::round_key(job_id, round)))
+            .update_expression("SET task_token = :t, #sa = :a")
+            .condition_expression(format!(
+                "attribute_exists(job_id) AND #st = :open AND {closed_before}"
+            ))
+            .expression_attribute_names("#sc", "secure_closed")
+            .expression_attribute_names("#sa", "secure_awaiting")
+            .expression_attribute_names("#st", "status")
+            .expression_attribute_values(":open", status("OPEN"))
+            .expression_attribute_values(":t", s(task_token))
+            .expression_attribute_values(":a", encode_value("secure phase", awaiting)?)
+            .return_values(ReturnValue::AllNew);
+        if awaiting.phase.index() > 0 {
+            update = update.expression_attribute_values(":n", n(awaiting.phase.index()));
+        }
+        match update.send().await {
+            Ok(out) => round_from_item(out.attributes.unwrap_or_default()),
+            Err(e) => match sdk_error(
+                &format!(
+                    "DynamoDB UpdateItem {} (secure_awaiting)",
+                    self.rounds_table
+                ),
+                e,
+            ) {
+                CloudError::ConditionFailed(_) => self
+                    .get_round_item(job_id, round)
+                    .await?
+                    .ok_or_else(|| CloudError::NotFound(format!("round {job_id}/{round}"))),
+                other => Err(other),
+            },
+        }
+    }
+
     async fn put_artifact(&self, artifact: &Artifact) -> Result<()> {
         // Its own partition (`artifact#<id>`; ids cannot contain '#', so it
         // never meets a job) keeps artifacts out of every job's rounds.
@@ -739,6 +943,9 @@ mod tests {
             result: None,
             failure: None,
             buffer: None,
+            secure_closed: Vec::new(),
+            secure_received: Default::default(),
+            secure_awaiting: None,
         }
     }
 

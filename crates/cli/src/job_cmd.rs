@@ -563,6 +563,9 @@ local_epochs = 2
             result: None,
             failure: None,
             buffer: None,
+            secure_closed: Vec::new(),
+            secure_received: Default::default(),
+            secure_awaiting: None,
         };
         closed.result = Some(RoundResult {
             job_id: "j".into(),

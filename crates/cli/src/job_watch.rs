@@ -139,6 +139,9 @@ mod tests {
             result: None,
             failure: None,
             buffer: None,
+            secure_closed: Vec::new(),
+            secure_received: Default::default(),
+            secure_awaiting: None,
         };
         let p = RoundProgress::of(&row, 959);
         assert_eq!((p.accounted, p.expected, p.seconds_left), (2, 4, 41));

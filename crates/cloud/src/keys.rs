@@ -1,6 +1,8 @@
 //! The S3 key layout (docs/design.md §2). Keys are deterministic so every step is
 //! safe to retry: writing the same object twice writes the same key.
 
+use crate::records::SecurePhase;
+
 pub fn global_model(job_id: &str, round: u32) -> String {
     format!("jobs/{job_id}/rounds/{round}/global.safetensors")
 }
@@ -39,6 +41,46 @@ pub fn variate_delta(job_id: &str, round: u32, client_id: &str) -> String {
 /// holds the DP noise key), never in the workflow's history.
 pub fn attempt_dir(job_id: &str, round: u32, attempt: &str) -> String {
     format!("jobs/{job_id}/rounds/{round}/attempts/{attempt}")
+}
+
+/// Secure rounds (issue #18): a client's masked input for round `round`,
+/// the phase-3 vector as integers (`fedstep_secagg::masked_file`).
+pub fn masked_input(job_id: &str, round: u32, client_id: &str) -> String {
+    format!("jobs/{job_id}/rounds/{round}/secagg/masked/{client_id}.safetensors")
+}
+
+/// The roster phase 1 closed with (every survivor's public keys): what
+/// every client reads when share_keys opens.
+pub fn secure_roster(job_id: &str, round: u32) -> String {
+    format!("jobs/{job_id}/rounds/{round}/secagg/roster.json")
+}
+
+/// What the aggregator tells `client_id` alone when `phase` opens: its
+/// forwarded shares (masked_input; sealed, so only it can open them) or the
+/// shares it is to reveal (unmask).
+pub fn secure_inbox(job_id: &str, round: u32, phase: SecurePhase, client_id: &str) -> String {
+    format!("jobs/{job_id}/rounds/{round}/secagg/{phase}/{client_id}.json")
+}
+
+/// The messages phase `phase` took when it closed, and (masked_input) the
+/// masked inputs as checked: named by the SHA-256 of the document, so two
+/// steps that took different rows never write the same key, and the round
+/// row names the one its close kept. Server-written, beside the attempts.
+pub fn secure_taken(job_id: &str, round: u32, phase: SecurePhase, sha256: &str) -> String {
+    format!("jobs/{job_id}/rounds/{round}/secagg/taken/{phase}-{sha256}.json")
+}
+
+/// The masks the last phase recovered (seeds, not secrets of any client
+/// in the sum), for the tasks that sum the masked inputs. Beside the
+/// attempts, where clients cannot read.
+pub fn recovered_masks(job_id: &str, round: u32) -> String {
+    format!("jobs/{job_id}/rounds/{round}/secagg/recovered_masks.json")
+}
+
+/// A secure round's row of `phase` in the `updates` table: its sort key,
+/// `{job_id}#{round:06}#{phase}`, beside the client's update rows.
+pub fn secure_job_round(job_id: &str, round: u32, phase: SecurePhase) -> String {
+    format!("{}#{phase}", job_round(job_id, round))
 }
 
 /// The `updates` table's sort key: `{job_id}#{round:06}`.

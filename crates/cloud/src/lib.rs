@@ -18,6 +18,7 @@ pub mod round_failure;
 pub mod round_figures;
 pub mod round_measurements;
 pub mod secure;
+pub mod secure_replay;
 pub mod task_error_name;
 pub mod timefmt;
 

@@ -17,7 +17,10 @@ use serde_json::Value;
 
 use crate::error::Result;
 use crate::job::Job;
-use crate::records::{Artifact, Notification, RoundRecord, RoundResult, UpdateRecord};
+use crate::records::{
+    Artifact, ClosedSecurePhase, Notification, RoundRecord, RoundResult, SecureAwaiting,
+    SecurePhase, SecureRow, UpdateRecord,
+};
 use crate::round_failure::RoundFailure;
 
 /// Size and SHA-256 (lowercase hex) of a stored object.
@@ -183,6 +186,17 @@ pub enum PutUpdate {
     Conflict(Box<UpdateRecord>),
 }
 
+/// What a conditional `put_secure_row` found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PutSecureRow {
+    Created,
+    /// The same message was already there: a retry, a no-op.
+    AlreadyThere,
+    /// Another message exists for this client and phase; it stays (a
+    /// client cannot take back what it told its neighbours).
+    Conflict,
+}
+
 /// What `open_round` found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpenRound {
@@ -292,6 +306,51 @@ pub trait Ledger: Send + Sync {
         job_id: &str,
         round: u32,
     ) -> impl Future<Output = Result<Option<UpdateRecord>>> + Send;
+
+    /// Conditional put: one row per client per phase of a secure round.
+    fn put_secure_row(&self, row: &SecureRow) -> impl Future<Output = Result<PutSecureRow>> + Send;
+    fn get_secure_row(
+        &self,
+        client_id: &str,
+        job_id: &str,
+        round: u32,
+        phase: SecurePhase,
+    ) -> impl Future<Output = Result<Option<SecureRow>>> + Send;
+    /// Appends `closed` to an OPEN round's `secure_closed` if it is the
+    /// next phase to close (`secure_closed` holds exactly
+    /// `closed.phase.index()` entries): the first close of a phase wins.
+    /// Returns the round as stored afterwards, whoever closed it (or
+    /// whatever else it became: FAILED, CLOSED). `NotFound` if the round
+    /// does not exist.
+    fn close_secure_phase(
+        &self,
+        job_id: &str,
+        round: u32,
+        closed: &ClosedSecurePhase,
+    ) -> impl Future<Output = Result<RoundRecord>> + Send;
+
+    /// Set-ADDs `{phase}#{client}` to the round's `secure_received` while
+    /// the round is OPEN (replays are harmless); past OPEN it adds nothing.
+    /// `NotFound` if the round does not exist.
+    fn add_secure_received(
+        &self,
+        job_id: &str,
+        round: u32,
+        phase: SecurePhase,
+        client: &str,
+    ) -> impl Future<Output = Result<AddReceived>> + Send;
+    /// Sets an OPEN round's `task_token` and `secure_awaiting` if
+    /// `awaiting.phase` is the open phase (`secure_closed` holds exactly
+    /// `awaiting.phase.index()` entries): the phase's hand-over will answer
+    /// this token. Returns the round as stored afterwards, changed or not.
+    /// `NotFound` if the round does not exist.
+    fn await_secure_phase(
+        &self,
+        job_id: &str,
+        round: u32,
+        awaiting: &SecureAwaiting,
+        task_token: &str,
+    ) -> impl Future<Output = Result<RoundRecord>> + Send;
 
     /// Registers a final model in the artifact registry.
     fn put_artifact(&self, artifact: &Artifact) -> impl Future<Output = Result<()>> + Send;

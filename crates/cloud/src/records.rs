@@ -66,6 +66,160 @@ pub struct RoundRecord {
     /// updates, however many clients are still training).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffer: Option<VersionBuffer>,
+    /// Secure rounds: the SecAgg+ phases closed so far, in order, each
+    /// with the clients whose rows it took (`crate::engine` replays the
+    /// protocol from exactly these). Appended by one conditional write per
+    /// phase, so the first close of a phase is the only one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secure_closed: Vec<ClosedSecurePhase>,
+    /// Secure rounds: every phase row counted, as `{phase}#{client}` (a
+    /// set: replays are harmless; neither part can hold a `#`).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub secure_received: BTreeSet<String>,
+    /// Secure rounds: the open phase and whose rows its hand-over waits
+    /// for, set with the task token that the hand-over answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_awaiting: Option<SecureAwaiting>,
+}
+
+/// The open phase of a secure round and the clients it waits for: every
+/// expected client in the first phase, the previous phase's survivors
+/// after it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecureAwaiting {
+    pub phase: SecurePhase,
+    pub clients: Vec<String>,
+}
+
+impl RoundRecord {
+    /// Whether `client`'s row for `phase` was counted.
+    pub fn secure_row_received(&self, phase: SecurePhase, client: &str) -> bool {
+        self.secure_received.contains(&phase.received_entry(client))
+    }
+
+    /// The open phase of a secure round whose hand-over is due: all the
+    /// clients it waits for have their row in.
+    pub fn secure_phase_complete(&self) -> Option<SecurePhase> {
+        let awaiting = self.secure_awaiting.as_ref()?;
+        awaiting
+            .clients
+            .iter()
+            .all(|c| self.secure_row_received(awaiting.phase, c))
+            .then_some(awaiting.phase)
+    }
+}
+
+/// One closed phase of a secure round.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClosedSecurePhase {
+    pub phase: SecurePhase,
+    /// The clients whose row for this phase was in the ledger when it
+    /// closed, sorted. A row written later is never read.
+    pub taken: Vec<String>,
+    /// Of those, the ones the aggregator itself refused, with why (a row
+    /// that breaks a rule, a masked input whose object is missing or does
+    /// not fit the round): the protocol treats them as dropped.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub refused: BTreeMap<String, String>,
+    /// Where the messages the phase took are kept (`keys::secure_taken`,
+    /// named by their digest): every later step replays these, never the
+    /// rows again, which their clients could rewrite.
+    pub document: String,
+}
+
+/// A phase of a SecAgg+ round in which clients write rows
+/// (`fedstep_secagg::Phase` without its end state).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurePhase {
+    /// 1: two public keys.
+    AdvertiseKeys,
+    /// 2: sealed shares for the neighbours.
+    ShareKeys,
+    /// 3: the masked input's metadata (the vector is an object).
+    MaskedInput,
+    /// 4: the shares the server asked for.
+    Unmask,
+}
+
+impl SecurePhase {
+    pub const ALL: [SecurePhase; 4] = [
+        SecurePhase::AdvertiseKeys,
+        SecurePhase::ShareKeys,
+        SecurePhase::MaskedInput,
+        SecurePhase::Unmask,
+    ];
+
+    /// 0 for the first phase: how many phases close before this one.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The stored name (also the last part of a row's sort key).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurePhase::AdvertiseKeys => "advertise_keys",
+            SecurePhase::ShareKeys => "share_keys",
+            SecurePhase::MaskedInput => "masked_input",
+            SecurePhase::Unmask => "unmask",
+        }
+    }
+
+    /// The phase after this one; `None` after the last.
+    pub fn next(self) -> Option<SecurePhase> {
+        SecurePhase::ALL.get(self.index() + 1).copied()
+    }
+
+    /// `client`'s entry in a round's `secure_received`.
+    pub fn received_entry(self, client: &str) -> String {
+        format!("{self}#{client}")
+    }
+
+    /// The protocol core's name for it.
+    pub fn protocol_phase(self) -> fedstep_secagg::Phase {
+        match self {
+            SecurePhase::AdvertiseKeys => fedstep_secagg::Phase::AdvertiseKeys,
+            SecurePhase::ShareKeys => fedstep_secagg::Phase::ShareKeys,
+            SecurePhase::MaskedInput => fedstep_secagg::Phase::MaskedInput,
+            SecurePhase::Unmask => fedstep_secagg::Phase::Unmask,
+        }
+    }
+}
+
+impl std::fmt::Display for SecurePhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One client's message in one phase of a secure round (issue #18): a row
+/// of the `updates` table beside its update rows (PK `client_id`, SK
+/// `{job_id}#{round:06}#{phase}`), so the IAM condition that lets a client
+/// write only rows under its own id (`LeadingKeys`) authenticates these
+/// too: the sender the protocol is told is the row's key, never a field of
+/// the message. Untrusted: the round's SecAgg+ server parses `message` and
+/// excludes the sender, with a reason, if anything is wrong with it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SecureRow {
+    pub client_id: String,
+    /// `{job_id}#{round:06}#{phase}` (`keys::secure_job_round`).
+    pub job_round: String,
+    pub job_id: String,
+    pub round: u32,
+    pub phase: SecurePhase,
+    /// The phase's message (`fedstep_secagg::messages`) as JSON, at most
+    /// [`SecureRow::MAX_MESSAGE_BYTES`].
+    pub message: String,
+    #[serde(default)]
+    pub schema: Option<u32>,
+}
+
+impl SecureRow {
+    /// Phase 2's shares are the largest message, one sealed bundle of two
+    /// 33-byte shares per neighbour (under 300 bytes of JSON each), so 255
+    /// neighbours (GF(2^8) Shamir's most) fit, and a row stays far under
+    /// DynamoDB's 400 KB item.
+    pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
 }
 
 /// An async round's buffer rules, fixed when it opens.

@@ -16,6 +16,7 @@ use crate::job_failure::JobFailure;
 const QUORUM_NOT_MET: &str = "quorum not met: ";
 const NO_USABLE_UPDATE: &str = "no usable update: ";
 const JOB_FAILED: &str = "job failed: ";
+const SECURE_AGGREGATION: &str = "secure aggregation failed: ";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "String", from = "String")]
@@ -28,6 +29,10 @@ pub enum RoundFailure {
     /// The job's execution failed while the round was open or being
     /// aggregated (ReportFailure); `detail` is the error and its cause.
     JobFailed { detail: String },
+    /// A secure round's phase closed with too few survivors, or too few
+    /// shares arrived to remove the masks (`fedstep_secagg::RoundError`);
+    /// `detail` names the phase and the missing clients.
+    SecureAggregation { detail: String },
     /// Text this version does not recognize (a row written by another
     /// version, or by hand); reported as is.
     Other(String),
@@ -59,6 +64,13 @@ impl RoundFailure {
         }
     }
 
+    /// `detail`: the protocol's error, bounded like every stored failure.
+    pub fn secure_aggregation(detail: &str) -> RoundFailure {
+        RoundFailure::SecureAggregation {
+            detail: bounded::bound(detail, bounded::FAILURE_BYTES - SECURE_AGGREGATION.len()),
+        }
+    }
+
     /// The failure a stored row's text describes.
     fn from_stored(text: String) -> RoundFailure {
         if let Some(detail) = text.strip_prefix(QUORUM_NOT_MET) {
@@ -73,6 +85,10 @@ impl RoundFailure {
             RoundFailure::JobFailed {
                 detail: detail.to_string(),
             }
+        } else if let Some(detail) = text.strip_prefix(SECURE_AGGREGATION) {
+            RoundFailure::SecureAggregation {
+                detail: detail.to_string(),
+            }
         } else {
             RoundFailure::Other(text)
         }
@@ -85,6 +101,9 @@ impl fmt::Display for RoundFailure {
             RoundFailure::QuorumNotMet { detail } => write!(f, "{QUORUM_NOT_MET}{detail}"),
             RoundFailure::NoUsableUpdate { detail } => write!(f, "{NO_USABLE_UPDATE}{detail}"),
             RoundFailure::JobFailed { detail } => write!(f, "{JOB_FAILED}{detail}"),
+            RoundFailure::SecureAggregation { detail } => {
+                write!(f, "{SECURE_AGGREGATION}{detail}")
+            }
             RoundFailure::Other(text) => f.write_str(text),
         }
     }
@@ -107,7 +126,11 @@ impl From<RoundFailure> for String {
 impl From<RoundFailure> for CloudError {
     fn from(failure: RoundFailure) -> CloudError {
         match failure {
-            RoundFailure::QuorumNotMet { .. } => CloudError::QuorumNotMet(failure.to_string()),
+            // Too few survivors is the secure round's quorum failure: the
+            // workflow treats both alike (the job's retry policy applies).
+            RoundFailure::QuorumNotMet { .. } | RoundFailure::SecureAggregation { .. } => {
+                CloudError::QuorumNotMet(failure.to_string())
+            }
             RoundFailure::NoUsableUpdate { detail } => {
                 CloudError::Aggregate(fedstep_core::AggregateError::NoUsableUpdate(detail))
             }
@@ -136,6 +159,10 @@ mod tests {
             (
                 RoundFailure::job_failed(&JobFailure::new("AggregatorError", "AccessDenied")),
                 "job failed: AggregatorError: AccessDenied",
+            ),
+            (
+                RoundFailure::secure_aggregation("phase share_keys: 2 clients survived, 3 needed"),
+                "secure aggregation failed: phase share_keys: 2 clients survived, 3 needed",
             ),
             (
                 RoundFailure::Other("round 1 of job `j` failed".into()),

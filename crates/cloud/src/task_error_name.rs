@@ -70,11 +70,14 @@ impl CloudError {
 
 impl RoundFailure {
     /// The name a retried StartRound task is failed with when it finds its
-    /// round FAILED: a quorum failure and a job's failure keep their name,
+    /// round FAILED: a quorum failure (a secure round's too few survivors is one) and a
+    /// job's failure keep their name,
     /// anything else is "no usable update".
     pub fn start_round_error_name(&self) -> TaskErrorName {
         match self {
-            RoundFailure::QuorumNotMet { .. } => TaskErrorName::QuorumNotMet,
+            RoundFailure::QuorumNotMet { .. } | RoundFailure::SecureAggregation { .. } => {
+                TaskErrorName::QuorumNotMet
+            }
             RoundFailure::JobFailed { .. } => TaskErrorName::JobFailed,
             RoundFailure::NoUsableUpdate { .. } | RoundFailure::Other(_) => {
                 TaskErrorName::NoUsableUpdate

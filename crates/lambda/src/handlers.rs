@@ -434,6 +434,9 @@ pub(crate) mod tests {
                 result: None,
                 failure: None,
                 buffer: None,
+                secure_closed: Vec::new(),
+                secure_received: Default::default(),
+                secure_awaiting: None,
             })
         }
 

@@ -84,6 +84,7 @@ pub mod masked_file;
 pub mod masked_sum;
 pub mod messages;
 pub mod model_vector;
+pub mod next_model;
 pub mod params;
 pub mod prg;
 pub mod quantize;

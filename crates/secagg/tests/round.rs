@@ -893,6 +893,23 @@ fn local_models_through_the_protocol_give_fedavg_of_the_models() {
         .unwrap();
     }
 
+    // The same model written whole, in file order, as an upload in parts
+    // takes it: byte for byte what the ranges wrote.
+    let sink = InOrderSink::new(global.0.len());
+    fedstep_secagg::next_model::write_next_model(
+        &global,
+        global.0.len() as u64,
+        &layout,
+        &files,
+        r,
+        &sink,
+    )
+    .unwrap();
+    assert!(
+        sink.bytes() == next,
+        "write_next_model differs from add_mean by ranges"
+    );
+
     // FedAvg of the models themselves, element by element.
     let next = Bytes(next);
     let header = read_header_from(&next, &fedstep_core::Limits::default()).unwrap();
@@ -942,5 +959,40 @@ fn local_models_through_the_protocol_give_fedavg_of_the_models() {
                 t.name
             );
         }
+    }
+}
+
+/// A sink that takes writes only at the end of what it holds (as an upload
+/// in parts does) and fails the test on any other.
+struct InOrderSink {
+    bytes: std::sync::Mutex<Vec<u8>>,
+    len: usize,
+}
+
+impl InOrderSink {
+    fn new(len: usize) -> InOrderSink {
+        InOrderSink {
+            bytes: std::sync::Mutex::new(Vec::with_capacity(len)),
+            len,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let bytes = self.bytes.lock().unwrap().clone();
+        assert_eq!(bytes.len(), self.len, "the whole model was written");
+        bytes
+    }
+}
+
+impl fedstep_core::bytes::ByteSink for InOrderSink {
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let mut held = self.bytes.lock().unwrap();
+        assert_eq!(offset as usize, held.len(), "a write out of file order");
+        held.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -257,6 +257,9 @@ fn round(job_id: &str, r: u32, token: &str) -> RoundRecord {
         result: None,
         failure: None,
         buffer: None,
+        secure_closed: Vec::new(),
+        secure_received: Default::default(),
+        secure_awaiting: None,
     }
 }
 

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use fedstep_cloud::engine::{CommitOutcome, PlanOutcome, ShardTaskDone};
 use fedstep_cloud::ports::{
-    AddReceived, ClientQueue, Ledger, Notifier, OpenRound, PutUpdate, QueueMessage,
+    AddReceived, ClientQueue, Ledger, Notifier, OpenRound, PutSecureRow, PutUpdate, QueueMessage,
 };
 use fedstep_cloud::records::{
-    Artifact, ClosedBy, Notification, RoundRecord, RoundResult, UpdateRecord,
+    Artifact, ClosedBy, ClosedSecurePhase, Notification, RoundRecord, RoundResult, SecureAwaiting,
+    SecurePhase, SecureRow, UpdateRecord,
 };
 use fedstep_cloud::{CloudError, Job, JobFailure, RoundFailure};
 use fedstep_lambda::handlers::RoundTasks;
@@ -201,6 +202,55 @@ impl<L: Ledger> Ledger for ObservedLedger<L> {
     ) -> Result<Option<UpdateRecord>> {
         self.count();
         self.inner.get_update(client_id, job_id, round).await
+    }
+    async fn put_secure_row(&self, row: &SecureRow) -> Result<PutSecureRow> {
+        self.count();
+        self.inner.put_secure_row(row).await
+    }
+    async fn get_secure_row(
+        &self,
+        client_id: &str,
+        job_id: &str,
+        round: u32,
+        phase: SecurePhase,
+    ) -> Result<Option<SecureRow>> {
+        self.count();
+        self.inner
+            .get_secure_row(client_id, job_id, round, phase)
+            .await
+    }
+    async fn close_secure_phase(
+        &self,
+        job_id: &str,
+        round: u32,
+        closed: &ClosedSecurePhase,
+    ) -> Result<RoundRecord> {
+        self.count();
+        self.inner.close_secure_phase(job_id, round, closed).await
+    }
+    async fn add_secure_received(
+        &self,
+        job_id: &str,
+        round: u32,
+        phase: SecurePhase,
+        client: &str,
+    ) -> Result<AddReceived> {
+        self.count();
+        self.inner
+            .add_secure_received(job_id, round, phase, client)
+            .await
+    }
+    async fn await_secure_phase(
+        &self,
+        job_id: &str,
+        round: u32,
+        awaiting: &SecureAwaiting,
+        task_token: &str,
+    ) -> Result<RoundRecord> {
+        self.count();
+        self.inner
+            .await_secure_phase(job_id, round, awaiting, task_token)
+            .await
     }
     async fn put_artifact(&self, artifact: &Artifact) -> Result<()> {
         self.count();

@@ -187,6 +187,9 @@ mod tests {
             result: None,
             failure: None,
             buffer: None,
+            secure_closed: Vec::new(),
+            secure_received: Default::default(),
+            secure_awaiting: None,
         }
     }
 

@@ -16,10 +16,13 @@ use fedstep_client::retry::Backoff;
 use fedstep_client::{TrainError, TrainReport, TrainRequest, Trainer, WorkerOptions};
 use fedstep_cloud::job::Job;
 use fedstep_cloud::ports::{
-    AddReceived, ClientQueue, Clock, Ledger, ObjectInfo, ObjectStore, OpenRound, PutUpdate,
-    QueueMessage,
+    AddReceived, ClientQueue, Clock, Ledger, ObjectInfo, ObjectStore, OpenRound, PutSecureRow,
+    PutUpdate, QueueMessage,
 };
-use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, UpdateRecord};
+use fedstep_cloud::records::{
+    Artifact, ClosedSecurePhase, RoundRecord, RoundResult, SecureAwaiting, SecurePhase, SecureRow,
+    UpdateRecord,
+};
 use fedstep_cloud::{keys, CloudError, RoundFailure};
 use fedstep_core::Limits;
 use sha2::{Digest, Sha256};
@@ -330,6 +333,44 @@ impl Ledger for MemLedger {
         Ok(self.rows.lock().unwrap().get(&k).cloned())
     }
 
+    async fn put_secure_row(&self, _: &SecureRow) -> Result<PutSecureRow, CloudError> {
+        unused()
+    }
+    async fn get_secure_row(
+        &self,
+        _: &str,
+        _: &str,
+        _: u32,
+        _: SecurePhase,
+    ) -> Result<Option<SecureRow>, CloudError> {
+        unused()
+    }
+    async fn close_secure_phase(
+        &self,
+        _: &str,
+        _: u32,
+        _: &ClosedSecurePhase,
+    ) -> Result<RoundRecord, CloudError> {
+        unused()
+    }
+    async fn add_secure_received(
+        &self,
+        _: &str,
+        _: u32,
+        _: SecurePhase,
+        _: &str,
+    ) -> Result<AddReceived, CloudError> {
+        unused()
+    }
+    async fn await_secure_phase(
+        &self,
+        _: &str,
+        _: u32,
+        _: &SecureAwaiting,
+        _: &str,
+    ) -> Result<RoundRecord, CloudError> {
+        unused()
+    }
     async fn put_artifact(&self, _: &Artifact) -> Result<(), CloudError> {
         unused()
     }

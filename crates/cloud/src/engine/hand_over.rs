@@ -48,9 +48,6 @@ where
         token: &str,
         closed_by: ClosedBy,
     ) -> Result<()> {
-        if self.answered.contains(&row.job_id, row.round, token) {
-            return Ok(());
-        }
         let hand_over = HandOver {
             job_id: row.job_id.clone(),
             round: row.round,
@@ -58,10 +55,19 @@ where
             usable: participants(row).len(),
             expected: row.expected_clients.len(),
         };
-        let output = serde_json::to_value(&hand_over)
+        self.answer(token, &hand_over).await
+    }
+
+    /// Answers `token` with `hand_over`, unless this engine already did.
+    pub(super) async fn answer(&self, token: &str, hand_over: &HandOver) -> Result<()> {
+        let (job_id, round) = (&hand_over.job_id, hand_over.round);
+        if self.answered.contains(job_id, round, token) {
+            return Ok(());
+        }
+        let output = serde_json::to_value(hand_over)
             .map_err(|e| CloudError::Other(format!("encoding the hand-over: {e}")))?;
         let _: Callback = self.callback.succeed(token, &output).await?;
-        self.answered.insert(&row.job_id, row.round, token);
+        self.answered.insert(job_id, round, token);
         Ok(())
     }
 }

@@ -16,6 +16,8 @@ mod hand_over;
 mod metrics;
 mod report_failure;
 mod scaffold;
+mod secure_phase;
+mod secure_rows;
 mod sharded;
 mod start;
 mod stop_rule;
@@ -23,6 +25,7 @@ mod update;
 mod validate;
 
 pub use finalize::UNTYPED;
+pub use secure_phase::{read_secure_document, SecurePhaseOutcome};
 pub use sharded::{CommitOutcome, PlanOutcome, ShardTaskDone};
 
 use std::sync::Arc;

@@ -88,6 +88,9 @@ where
                 size: a.buffer_size,
                 max_staleness: a.max_staleness,
             }),
+            secure_closed: Vec::new(),
+            secure_received: Default::default(),
+            secure_awaiting: None,
         };
         match self.ledger.open_round(&fresh).await? {
             opened @ (OpenRound::Created | OpenRound::TokenReplaced) => {

@@ -14,13 +14,32 @@ pub(super) const MAX_LLM_TYPE_BYTES: usize = 64;
 /// Checks that need no lookup. Failing these, the row cannot even be
 /// attributed to a round, so the rejection is not recorded anywhere.
 pub(super) fn check_ids(u: &UpdateRecord) -> Result<(), String> {
-    keys::check_id("client_id", &u.client_id)
+    check_client_and_job(&u.client_id, &u.job_id, u.round)
+}
+
+/// The ids of any row a client writes (update or phase row).
+pub(super) fn check_client_and_job(
+    client_id: &str,
+    job_id: &str,
+    round: u32,
+) -> Result<(), String> {
+    keys::check_id("client_id", client_id)
         .map_err(|e| bounded::reason(&format!("client_id: {e}")))?;
-    keys::check_id("job_id", &u.job_id).map_err(|e| bounded::reason(&format!("job_id: {e}")))?;
-    if u.round == 0 {
+    keys::check_id("job_id", job_id).map_err(|e| bounded::reason(&format!("job_id: {e}")))?;
+    if round == 0 {
         return Err("round: rounds are numbered from 1".into());
     }
     Ok(())
+}
+
+/// A row's schema version: none, or one this aggregator reads.
+pub(super) fn check_schema(schema: Option<u32>) -> Result<(), String> {
+    match schema.filter(|&s| s > SCHEMA) {
+        Some(s) => Err(format!(
+            "schema: row schema {s} is newer than this aggregator's {SCHEMA}"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// An `updates` row that passed every rule against the round it names.
@@ -111,11 +130,7 @@ fn base_round(u: &UpdateRecord, row: &RoundRecord) -> Result<(), String> {
 }
 
 fn against_round(u: &UpdateRecord) -> Result<(), String> {
-    if let Some(s) = u.schema.filter(|&s| s > SCHEMA) {
-        return Err(format!(
-            "schema: row schema {s} is newer than this aggregator's {SCHEMA}"
-        ));
-    }
+    check_schema(u.schema)?;
     let want = keys::job_round(&u.job_id, u.round);
     if u.job_round != want {
         return Err(format!(

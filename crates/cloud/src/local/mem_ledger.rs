@@ -10,8 +10,11 @@ use crate::capacity;
 use crate::error::{CloudError, Result};
 use crate::job::Job;
 use crate::keys;
-use crate::ports::{AddReceived, Ledger, OpenRound, PutUpdate};
-use crate::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
+use crate::ports::{AddReceived, Ledger, OpenRound, PutSecureRow, PutUpdate};
+use crate::records::{
+    Artifact, ClosedSecurePhase, RoundRecord, RoundResult, RoundStatus, SecureAwaiting,
+    SecurePhase, SecureRow, UpdateRecord,
+};
 use crate::round_failure::RoundFailure;
 
 #[derive(Default)]
@@ -21,6 +24,8 @@ struct Tables {
     rounds: BTreeMap<(String, u32), RoundRecord>,
     /// (client_id, job_round)
     updates: BTreeMap<(String, String), UpdateRecord>,
+    /// (client_id, job_round#phase): the same table's secure rows.
+    secure_rows: BTreeMap<(String, String), SecureRow>,
     artifacts: BTreeMap<String, Artifact>,
 }
 
@@ -285,6 +290,88 @@ impl Ledger for MemLedger {
             .updates
             .get(&(client_id.to_string(), keys::job_round(job_id, round)))
             .cloned())
+    }
+
+    async fn put_secure_row(&self, row: &SecureRow) -> Result<PutSecureRow> {
+        let mut t = self.lock();
+        let key = (row.client_id.clone(), row.job_round.clone());
+        match t.secure_rows.get(&key) {
+            None => {
+                t.secure_rows.insert(key, row.clone());
+                Ok(PutSecureRow::Created)
+            }
+            Some(existing) if existing.message == row.message => Ok(PutSecureRow::AlreadyThere),
+            Some(_) => Ok(PutSecureRow::Conflict),
+        }
+    }
+
+    async fn get_secure_row(
+        &self,
+        client_id: &str,
+        job_id: &str,
+        round: u32,
+        phase: SecurePhase,
+    ) -> Result<Option<SecureRow>> {
+        let key = (
+            client_id.to_string(),
+            keys::secure_job_round(job_id, round, phase),
+        );
+        Ok(self.lock().secure_rows.get(&key).cloned())
+    }
+
+    async fn close_secure_phase(
+        &self,
+        job_id: &str,
+        round: u32,
+        closed: &ClosedSecurePhase,
+    ) -> Result<RoundRecord> {
+        let mut t = self.lock();
+        let row = t
+            .rounds
+            .get_mut(&(job_id.to_string(), round))
+            .ok_or_else(|| not_found(job_id, round))?;
+        if row.status == RoundStatus::Open && row.secure_closed.len() == closed.phase.index() {
+            row.secure_closed.push(closed.clone());
+        }
+        Ok(row.clone())
+    }
+
+    async fn add_secure_received(
+        &self,
+        job_id: &str,
+        round: u32,
+        phase: SecurePhase,
+        client: &str,
+    ) -> Result<AddReceived> {
+        let mut t = self.lock();
+        let row = t
+            .rounds
+            .get_mut(&(job_id.to_string(), round))
+            .ok_or_else(|| not_found(job_id, round))?;
+        if row.status != RoundStatus::Open {
+            return Ok(AddReceived::PastOpen(Box::new(row.clone())));
+        }
+        row.secure_received.insert(phase.received_entry(client));
+        Ok(AddReceived::Counted(Box::new(row.clone())))
+    }
+
+    async fn await_secure_phase(
+        &self,
+        job_id: &str,
+        round: u32,
+        awaiting: &SecureAwaiting,
+        task_token: &str,
+    ) -> Result<RoundRecord> {
+        let mut t = self.lock();
+        let row = t
+            .rounds
+            .get_mut(&(job_id.to_string(), round))
+            .ok_or_else(|| not_found(job_id, round))?;
+        if row.status == RoundStatus::Open && row.secure_closed.len() == awaiting.phase.index() {
+            row.task_token = Some(task_token.to_string());
+            row.secure_awaiting = Some(awaiting.clone());
+        }
+        Ok(row.clone())
     }
 
     async fn put_artifact(&self, artifact: &Artifact) -> Result<()> {

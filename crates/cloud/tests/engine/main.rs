@@ -23,6 +23,7 @@ mod report_failure;
 mod rewritten_rows;
 mod round_figures;
 mod scaffold;
+mod secure_phases;
 mod sharded;
 mod stop_and_restart;
 mod takeover;

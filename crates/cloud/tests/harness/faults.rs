@@ -19,9 +19,12 @@ use fedstep_cloud::error::{CloudError, Result};
 use fedstep_cloud::local::RecordingCallback;
 use fedstep_cloud::ports::{
     AddReceived, Callback, Ledger, ObjectInfo, ObjectReader, ObjectStat, ObjectStore, ObjectWriter,
-    OpenRound, PartReceipt, PutUpdate, StreamingStore, TaskCallback, UploadParts,
+    OpenRound, PartReceipt, PutSecureRow, PutUpdate, StreamingStore, TaskCallback, UploadParts,
 };
-use fedstep_cloud::records::{Artifact, RoundRecord, RoundResult, RoundStatus, UpdateRecord};
+use fedstep_cloud::records::{
+    Artifact, ClosedSecurePhase, RoundRecord, RoundResult, RoundStatus, SecureAwaiting,
+    SecurePhase, SecureRow, UpdateRecord,
+};
 use fedstep_cloud::{Job, RoundFailure};
 use fedstep_core::bytes::Unavailable;
 use fedstep_core::shard::PartStore;
@@ -582,6 +585,58 @@ impl<L: Ledger + Clone> Ledger for FaultLedger<L> {
         self.inner.get_update(client_id, job_id, round).await
     }
 
+    async fn put_secure_row(&self, row: &SecureRow) -> Result<PutSecureRow> {
+        self.faults.step(&self.owner).await?;
+        self.inner.put_secure_row(row).await
+    }
+
+    async fn get_secure_row(
+        &self,
+        client_id: &str,
+        job_id: &str,
+        round: u32,
+        phase: SecurePhase,
+    ) -> Result<Option<SecureRow>> {
+        self.faults.step(&self.owner).await?;
+        self.inner
+            .get_secure_row(client_id, job_id, round, phase)
+            .await
+    }
+
+    async fn close_secure_phase(
+        &self,
+        job_id: &str,
+        round: u32,
+        closed: &ClosedSecurePhase,
+    ) -> Result<RoundRecord> {
+        self.faults.step(&self.owner).await?;
+        self.inner.close_secure_phase(job_id, round, closed).await
+    }
+
+    async fn add_secure_received(
+        &self,
+        job_id: &str,
+        round: u32,
+        phase: SecurePhase,
+        client: &str,
+    ) -> Result<AddReceived> {
+        self.faults.step(&self.owner).await?;
+        self.inner
+            .add_secure_received(job_id, round, phase, client)
+            .await
+    }
+    async fn await_secure_phase(
+        &self,
+        job_id: &str,
+        round: u32,
+        awaiting: &SecureAwaiting,
+        task_token: &str,
+    ) -> Result<RoundRecord> {
+        self.faults.step(&self.owner).await?;
+        self.inner
+            .await_secure_phase(job_id, round, awaiting, task_token)
+            .await
+    }
     async fn put_artifact(&self, artifact: &Artifact) -> Result<()> {
         self.faults.step(&self.owner).await?;
         self.inner.put_artifact(artifact).await

@@ -20,7 +20,8 @@ pub use commit::CommitOutcome;
 pub use plan::PlanOutcome;
 pub use tasks::ShardTaskDone;
 
-pub(super) use attempt::put_bytes;
+pub(super) use attempt::{get_json, put_bytes, put_json};
+pub(super) use tasks::blocking;
 
 use fedstep_core::AggregateError;
 

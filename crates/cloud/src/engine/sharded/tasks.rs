@@ -351,7 +351,7 @@ fn check_shard(plan: &Plan, shard: usize) -> Result<()> {
 
 /// Runs `f` on a blocking thread (the core is synchronous and its reads
 /// block on the store).
-pub(super) async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)
